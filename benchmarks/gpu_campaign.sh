@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One device call on a lent GPU: build the CUDA extension there, check every backend against the
+# reference (the GPU rows of the test suite), time every op against its baselines, and write the
+# results file, the logs and a Markdown table to $OUT (first argument, default $OUT).
+#
+#   bash benchmarks/gpu_campaign.sh "$OUT" [topic ...]        # topics: bench_<topic>.py, default all
+#
+# Outside baselines (Captum, flash-kmeans) travel as wheels in .whl/ (see README: Benchmarks).
+set -uo pipefail
+OUT=${1:-${OUT:-/tmp/gig_fast_gpu}}
+shift || true
+TOPICS=("$@")
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 GIG_FAST_RESULTS="$OUT/results.jsonl"
+t0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
+
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  nvcc --version | tail -1
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  git rev-parse --short HEAD 2>/dev/null; } > "$OUT/device.txt" 2>&1
+cat "$OUT/device.txt"
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+stamp "building the extensions (sm_90, register report in build.log)"
+GIG_FAST_CUDA_ARCH=90 GIG_FAST_PTXAS_VERBOSE=1 MAX_JOBS=16 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
+  || { stamp "BUILD FAILED"; grep -a -E "error" "$OUT/build.log" | head -40; exit 1; }
+grep -a -E "registers|spill" "$OUT/build.log" | grep -a -v " 0 bytes spill" | head -5
+python3 -c "import gig_fast; print(gig_fast.ops.available_backends(), gig_fast._extensions.extension_errors())"
+
+stamp "GPU correctness: the test suite's cuda rows"
+python3 -m pytest tests -q -x -p no:cacheprovider -k "cuda" --timeout=240 > "$OUT/tests_gpu.log" 2>&1 \
+  || python3 -m pytest tests -q -p no:cacheprovider -k "cuda" > "$OUT/tests_gpu.log" 2>&1
+tail -3 "$OUT/tests_gpu.log"
+
+stamp "benchmarks"
+if [ ${#TOPICS[@]} -gt 0 ]; then
+  python3 benchmarks/run.py --device cuda --only "${TOPICS[@]}" 2>&1 | tee "$OUT/bench.log"
+else
+  python3 benchmarks/run.py --device cuda 2>&1 | tee "$OUT/bench.log"
+fi
+GIG_FAST_RESULTS="$OUT/results.jsonl" python3 benchmarks/run.py --table > "$OUT/table.md"
+stamp "done"

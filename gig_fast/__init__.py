@@ -1,0 +1,11 @@
+"""gig_fast — Generalized Integrated Gradients on compiled kernels.
+
+Decomposes every analysed layer of a CNN into dataset-wide concept vectors and traces, with
+integrated gradients between layers, how concepts build each other up to the class decision.
+"""
+from . import ops
+from ._extensions import has_cpp_extension, has_cuda_extension, has_triton
+
+__version__ = "0.1.0"
+
+__all__ = ["ops", "has_cpp_extension", "has_cuda_extension", "has_triton", "__version__"]

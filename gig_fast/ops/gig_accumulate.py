@@ -1,0 +1,66 @@
+"""``gig_accumulate``: the fused quadrature sum and active-concept projection of GIG (DESIGN.md §1.5).
+
+``attr[..., p, j] = val[p,j]·⟨Σ_k weights[k]·grads[..., k, p, :], V[idx[p,j]]⟩`` — one pass over the
+α-gradients, touching only the active concepts of each position (paper Eq. 4 with the integral
+replaced by the quadrature rule whose weights are given).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _validate as v
+from ._backend import resolve
+from .reference import gig_accumulate_ref
+
+__all__ = ["gig_accumulate"]
+
+IMPLEMENTED = ["torch"]  # the kernel modules add "cpp", "triton", "cuda" as they are built
+PREFERENCE = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "triton", "torch")}
+IMPLS = {"torch": gig_accumulate_ref}  # backend → fn(grads [T, m, P, C], weights, idx, val, V) -> [T, P, s]
+
+
+@torch.library.custom_op("gig_fast::gig_accumulate", mutates_args=())
+def _gig_accumulate_op(grads: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, val: torch.Tensor,
+                       V: torch.Tensor, backend: str) -> torch.Tensor:
+    return IMPLS[backend](grads, weights, idx, val, V)
+
+
+@_gig_accumulate_op.register_fake
+def _(grads, weights, idx, val, V, backend):
+    acc = torch.float64 if grads.dtype == torch.float64 else torch.float32
+    return grads.new_empty(grads.shape[0], idx.shape[0], idx.shape[1], dtype=acc)
+
+
+def gig_accumulate(grads: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, val: torch.Tensor,
+                   V: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """Weighted α-sum of gradients projected onto the active concepts.
+
+    Args:
+        grads: ``[m, P, C]`` or ``[T, m, P, C]`` (T targets) gradients at the m quadrature nodes.
+        weights: ``[m]`` quadrature weights.
+        idx, val: ``[P, s]`` padded codes of the source layer.
+        V: ``[K, C]`` concepts.
+
+    Returns:
+        ``[P, s]`` (or ``[T, P, s]``) float32 attributions (float64 for float64 grads), 0 at padding.
+    """
+    v.check_tensor("V", V, 2, v.FLOAT_DTYPES)
+    v.check_tensor("grads", grads, None, v.FLOAT_DTYPES, V.device)
+    if grads.dim() not in (3, 4):
+        raise ValueError(f"grads must be [m, P, C] or [T, m, P, C], got shape {tuple(grads.shape)}")
+    v.check_tensor("weights", weights, 1, v.FLOAT_DTYPES, V.device)
+    v.check_codes(idx, val, V.shape[0], V.device)
+    multi = grads.dim() == 4
+    g4 = grads if multi else grads.unsqueeze(0)
+    T, m, P, C = g4.shape
+    if weights.shape[0] != m:
+        raise ValueError(f"weights has {weights.shape[0]} entries but grads has m={m} quadrature nodes")
+    if idx.shape[0] != P:
+        raise ValueError(f"idx has P={idx.shape[0]} rows but grads has P={P} positions")
+    if V.shape[1] != C:
+        raise ValueError(f"V has C={V.shape[1]} channels but grads has C={C}")
+    v.check_finite("grads", grads)
+    name = resolve("gig_accumulate", IMPLEMENTED, PREFERENCE, V.device, backend)
+    out = _gig_accumulate_op(g4.contiguous(), weights.contiguous(), idx.contiguous(), val.contiguous(),
+                             V.contiguous(), name)
+    return out if multi else out[0]

@@ -1,0 +1,315 @@
+"""``sparse_code``: Lasso / OMP coding of vectors on a concept dictionary (DESIGN.md §1.4, paper §3.2.2).
+
+Every PFV ``x`` of a layer is coded against the concepts ``V [K, C]`` (rows):
+
+    u* = argmin_u ½‖(x − β) − Vᵀu‖² + λ‖u‖₁        (optionally u ≥ 0)
+
+with ``λ = λ_rel·‖V(x − β)‖_∞`` by default (a fraction of λ_max, the smallest λ giving u = 0; for
+``positive=True`` λ_max is ``max(V(x − β))₊``), so one setting fits every layer. OMP with a fixed
+number of atoms is the fast greedy alternative.
+
+Every backend solves the *Gram form* (see :mod:`gig_fast.ops.sparse_code_reference`): correlations
+``c = V y`` come from one GEMM per chunk of vectors and the Gram matrix ``G = V Vᵀ`` from one per call;
+the solvers then touch only the few concepts that matter:
+
+* ``torch``  — batched FISTA over all K (the reference; slow, obviously right) and batched OMP;
+* ``cpp``    — per vector (OpenMP over vectors): working-set covariance-update coordinate descent,
+  the working set grown from the largest KKT violators, stopped by the duality gap; OMP with an
+  incremental Cholesky factor (``csrc/sparse_code``);
+* ``triton`` — the same working-set scheme batched on the GPU: the full residual correlations
+  ``q = c − G u`` are a ``sparse_reconstruct`` of the codes on ``G`` (G is symmetric), violators are a
+  top-k, and one Triton kernel runs the coordinate descent on every vector's working set
+  (``kernels/sparse_code.py``).
+
+Convergence: a vector is done when its duality gap ``≤ tol·‖y‖²``; vectors that hit ``max_iter``
+first are reported (``SparseCodeConvergenceWarning`` and ``info.gap``), never silently returned.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+
+import torch
+
+from . import _validate as v
+from ._backend import resolve
+from .sparse_code_reference import dense_to_padded, duality_gap, lasso_gram_ref, omp_gram_ref
+
+__all__ = ["sparse_code", "SparseCodeInfo", "SparseCodeConvergenceWarning", "DEFAULT_LAM_REL"]
+
+# Chosen on PFV-like data (non-negative, correlated; ``benchmarks/bench_sparse_code.py --calibrate``):
+# at K = 8C it leaves ≤ 1% of the coefficients non-zero (l0 ratio ≥ 0.99) with room to spare.
+DEFAULT_LAM_REL = 0.2
+DEFAULT_TOL = 1e-6
+DEFAULT_MAX_ITER = 5000
+
+IMPLEMENTED = ["torch", "cpp", "triton"]
+PREFERENCE = {"cpu": ("cpp", "torch"), "cuda": ("triton", "torch")}
+
+# Gram matrices larger than this are not formed on the CPU (K = 16384 in fp32 would be 1 GiB);
+# the C++ solver then computes the few entries it needs from V.
+CPU_GRAM_LIMIT_BYTES = 512 * 2**20
+# Rows of X per solver chunk: bounds the [chunk, K] correlation buffer.
+CHUNK_ELEMENTS = 2**24
+
+
+class SparseCodeConvergenceWarning(UserWarning):
+    """Some vectors reached ``max_iter`` before their duality gap fell below ``tol·‖y‖²``."""
+
+
+@dataclasses.dataclass
+class SparseCodeInfo:
+    """Diagnostics of one :func:`sparse_code` call (all tensors ``[N]`` over the flattened rows).
+
+    Attributes:
+        method, backend: what ran.
+        lam: the absolute λ of every row (0 for OMP).
+        gap: Lasso duality gap ``P − D ≥ 0`` (an upper bound of the objective's distance to the optimum);
+            for OMP the squared residual norm ``‖y − Vᵀu‖²``.
+        rel_gap: ``gap / ‖y‖²`` (0 for a zero vector).
+        iterations: FISTA steps (torch) or coordinate-descent sweeps (cpp, triton); OMP: atoms chosen.
+        converged: every row reached ``tol`` (always True for OMP).
+        n_unconverged: rows that hit ``max_iter`` first.
+        tol, max_iter: the settings used.
+    """
+    method: str
+    backend: str
+    lam: torch.Tensor
+    gap: torch.Tensor
+    rel_gap: torch.Tensor
+    iterations: torch.Tensor
+    converged: bool
+    n_unconverged: int
+    tol: float
+    max_iter: int
+
+    @property
+    def max_rel_gap(self) -> float:
+        return float(self.rel_gap.max()) if self.rel_gap.numel() else 0.0
+
+
+# ----------------------------------------------------------------------------------------- backends
+# Lasso solvers: fn(c [n, K], G [K, K] or None, Y [n, C], V [K, C], y2 [n], lam [n], positive, max_iter, tol)
+#   -> (idx [n, s], val [n, s], gap [n], iterations [n]); G is None only where the backend accepts it.
+# OMP solvers:   fn(c, G, Y, V, n_nonzero) -> (idx, val, steps [n]).
+
+def _lasso_torch(c, G, Y, V, y2, lam, positive, max_iter, tol):
+    u, gap, iters = lasso_gram_ref(c, G, y2, lam, positive, max_iter, tol)
+    idx, val = dense_to_padded(u)
+    return idx, val, gap, iters
+
+
+def _omp_torch(c, G, Y, V, n_nonzero):
+    u, steps = omp_gram_ref(c, G, n_nonzero)
+    idx, val = dense_to_padded(u)
+    return idx, val, steps
+
+
+def _empty_if_none(G, like):
+    return like.new_empty(0) if G is None else G
+
+
+def _lasso_cpp(c, G, Y, V, y2, lam, positive, max_iter, tol):
+    return torch.ops.gig_fast_cpp.sparse_code_lasso(c, _empty_if_none(G, c), Y, V, y2, lam, positive, max_iter, tol)
+
+
+def _omp_cpp(c, G, Y, V, n_nonzero):
+    return torch.ops.gig_fast_cpp.sparse_code_omp(c, _empty_if_none(G, c), Y, V, n_nonzero)
+
+
+def _lasso_triton(c, G, Y, V, y2, lam, positive, max_iter, tol):
+    from gig_fast.kernels import sparse_code as tk
+    return tk.lasso_working_set(c, G, y2, lam, positive, max_iter, tol)
+
+
+def _omp_triton(c, G, Y, V, n_nonzero):
+    from gig_fast.kernels import sparse_code as tk
+    return tk.omp_batched(c, G, n_nonzero)
+
+
+LASSO_IMPLS = {"torch": _lasso_torch, "cpp": _lasso_cpp, "triton": _lasso_triton}
+OMP_IMPLS = {"torch": _omp_torch, "cpp": _omp_cpp, "triton": _omp_triton}
+# Backends that can work without the Gram matrix (computing its few needed entries from V).
+GRAMLESS = {"cpp"}
+
+
+# ------------------------------------------------------------------------------------ the driver
+def _gram(V: torch.Tensor, backend: str) -> torch.Tensor | None:
+    K = V.shape[0]
+    if backend in GRAMLESS and V.device.type == "cpu" and K * K * V.element_size() > CPU_GRAM_LIMIT_BYTES:
+        return None
+    return V @ V.T
+
+
+def _lambda(c: torch.Tensor, lam: float, relative: bool, positive: bool) -> torch.Tensor:
+    if not relative:
+        return torch.full((c.shape[0],), lam, dtype=c.dtype, device=c.device)
+    lam_max = c.amax(1).clamp_min(0) if positive else c.abs().amax(1)
+    return lam * lam_max
+
+
+def _pad_cat(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    s = max((p[0].shape[1] for p in parts), default=0)
+    idx = torch.cat([torch.nn.functional.pad(i, (0, s - i.shape[1]), value=-1) for i, _ in parts])
+    val = torch.cat([torch.nn.functional.pad(x, (0, s - x.shape[1]), value=0.0) for _, x in parts])
+    return idx, val
+
+
+def _solve(Y: torch.Tensor, V: torch.Tensor, lam: float, relative: bool, method: str, positive: bool,
+           max_iter: int, tol: float, n_nonzero: int, backend: str):
+    """Chunked driver: ``Y [N, C]`` centred rows in the compute dtype → padded codes + diagnostics."""
+    N, K = Y.shape[0], V.shape[0]
+    G = _gram(V, backend)
+    chunk = max(1, CHUNK_ELEMENTS // max(K, 1))
+    codes, lams, gaps, iters = [], [], [], []
+    for n0 in range(0, N, chunk):
+        y = Y[n0:n0 + chunk]
+        c = y @ V.T
+        y2 = (y * y).sum(1)
+        if method == "lasso":
+            lam_vec = _lambda(c, lam, relative, positive)
+            idx, val, gap, it = LASSO_IMPLS[backend](c.contiguous(), G, y.contiguous(), V, y2, lam_vec,
+                                                      positive, max_iter, tol)
+        else:
+            lam_vec = torch.zeros_like(y2)
+            idx, val, it = OMP_IMPLS[backend](c.contiguous(), G, y.contiguous(), V, n_nonzero)
+            gap = _omp_residual(c, G, V, y2, idx, val)
+        codes.append((idx, val))
+        lams.append(lam_vec)
+        gaps.append(gap.to(y2.dtype))
+        iters.append(it.to(torch.int64))
+    idx, val = _pad_cat(codes) if codes else (Y.new_zeros(0, 0, dtype=torch.int64), Y.new_zeros(0, 0))
+    cat = lambda xs, dt: torch.cat(xs) if xs else torch.zeros(0, dtype=dt, device=Y.device)  # noqa: E731
+    return idx, val, cat(lams, Y.dtype), cat(gaps, Y.dtype), cat(iters, torch.int64)
+
+
+def _omp_residual(c, G, V, y2, idx, val):
+    """``‖y − Vᵀu‖² = ‖y‖² − 2cᵀu + uᵀGu`` from the padded code (OMP's reported error)."""
+    ok = idx >= 0
+    safe = idx.clamp_min(0)
+    w = torch.where(ok, val.to(c.dtype), 0)
+    cu = (c.gather(1, safe) * w).sum(1)
+    if G is not None:
+        Gss = G[safe[:, :, None], safe[:, None, :]]
+        uGu = torch.einsum("ns,nst,nt->n", w, Gss, w)
+    else:
+        r = torch.einsum("ns,nsc->nc", w, V[safe])
+        uGu = (r * r).sum(1)
+    return (y2 - 2 * cu + uGu).clamp_min(0)
+
+
+@torch.library.custom_op("gig_fast::sparse_code", mutates_args=())
+def _sparse_code_op(Y: torch.Tensor, V: torch.Tensor, lam: float, relative: bool, method: str, positive: bool,
+                    max_iter: int, tol: float, n_nonzero: int, backend: str
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _solve(Y, V, lam, relative, method, positive, max_iter, tol, n_nonzero, backend)
+
+
+@_sparse_code_op.register_fake
+def _(Y, V, lam, relative, method, positive, max_iter, tol, n_nonzero, backend):
+    s = torch.library.get_ctx().new_dynamic_size()  # the largest active count is data-dependent
+    N = Y.shape[0]
+    return (Y.new_empty(N, s, dtype=torch.int64), Y.new_empty(N, s), Y.new_empty(N), Y.new_empty(N),
+            Y.new_empty(N, dtype=torch.int64))
+
+
+def _check_args(X, V, bias, lam, method, lam_mode, positive, max_iter, tol, n_nonzero):
+    v.check_tensor("V", V, 2, v.FLOAT_DTYPES)
+    v.check_tensor("X", X, None, v.FLOAT_DTYPES, V.device)
+    if X.dim() < 1 or X.shape[-1] != V.shape[1]:
+        raise ValueError(f"X {tuple(X.shape)} must end in C={V.shape[1]} channels like V [K, C]")
+    if V.shape[0] == 0:
+        raise ValueError("V has no concepts (K = 0)")
+    v.check_same_dtype(X=X, V=V, bias=bias)
+    if bias is not None:
+        v.check_tensor("bias", bias, 1, None, V.device)
+        if bias.shape[0] != V.shape[1]:
+            raise ValueError(f"bias has {bias.shape[0]} entries but V has C={V.shape[1]} channels")
+        v.check_finite("bias", bias)
+    v.check_finite("X", X)
+    v.check_finite("V", V)
+    if method not in ("lasso", "omp"):
+        raise ValueError(f"method must be 'lasso' or 'omp', got {method!r}")
+    if lam_mode not in ("relative", "absolute"):
+        raise ValueError(f"lam_mode must be 'relative' or 'absolute', got {lam_mode!r}")
+    if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not math.isfinite(lam) or lam < 0:
+        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+    if method == "lasso" and lam == 0:
+        raise ValueError("lam = 0 is least squares, not a sparse code; use lam > 0 (or method='omp')")
+    if not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+    if not isinstance(tol, (int, float)) or not tol > 0:
+        raise ValueError(f"tol must be > 0, got {tol!r}")
+    if method == "omp":
+        if positive:
+            raise ValueError("positive=True is supported by method='lasso' only")
+        if not isinstance(n_nonzero, int) or isinstance(n_nonzero, bool) or n_nonzero < 1:
+            raise ValueError(f"n_nonzero (OMP atoms) must be a positive int, got {n_nonzero!r}")
+
+
+def sparse_code(X: torch.Tensor, V: torch.Tensor, *, lam: float | None = None, method: str = "lasso",
+                bias: torch.Tensor | None = None, positive: bool = False, max_iter: int = DEFAULT_MAX_ITER,
+                tol: float = DEFAULT_TOL, lam_mode: str = "relative", n_nonzero: int | None = None,
+                backend: str | None = None, return_info: bool = False):
+    """Sparse codes of the rows of ``X`` on the concepts ``V`` (DESIGN.md §1.4).
+
+    Lasso: ``u = argmin ½‖(x − β) − Vᵀu‖² + λ‖u‖₁`` per row. OMP: ``n_nonzero`` greedy atoms,
+    least-squares coefficients (scikit-learn's ``orthogonal_mp_gram`` rules).
+
+    Args:
+        X: ``[..., C]`` vectors (PFVs); leading dims are flattened into N. fp32/fp64/fp16/bf16 (the
+            half types are solved in fp32).
+        V: ``[K, C]`` concepts (rows), X's dtype. Need not be normalised; duplicates and K < C are fine.
+        lam: λ (Lasso only). ``lam_mode="relative"`` (default): the fraction of λ_max,
+            ``λ = lam·‖V(x − β)‖_∞`` per row (``lam ≥ 1`` gives empty codes); ``"absolute"``: λ itself.
+            Default :data:`DEFAULT_LAM_REL` (l0 ratio ≥ 0.99 at K = 8C on PFV-like data).
+        method: ``"lasso"`` or ``"omp"``.
+        bias: ``[C]`` β subtracted from every row first (the BN shift), or None.
+        positive: constrain the Lasso codes to ``u ≥ 0``.
+        max_iter: iteration cap (FISTA steps for ``torch``, coordinate-descent sweeps for ``cpp`` and
+            ``triton``); rows that hit it before ``tol`` raise a :class:`SparseCodeConvergenceWarning`.
+        tol: stop a row when its duality gap ``≤ tol·‖x − β‖²``.
+        n_nonzero: OMP atoms per row (default ``max(1, K // 100)``).
+        backend: force ``"torch"``, ``"cpp"`` or ``"triton"`` (default: the fastest for the device).
+        return_info: also return a :class:`SparseCodeInfo`.
+
+    Returns:
+        ``(idx, val)``: ``idx [..., s]`` int64 concept indices sorted increasingly, −1 = padding;
+        ``val [..., s]`` coefficients in X's dtype, 0 at padding; ``s`` = the largest active count of the
+        batch (0 when every code is empty). With ``return_info``: ``(idx, val, info)``.
+    """
+    if lam is None:
+        lam = DEFAULT_LAM_REL
+    if isinstance(lam, torch.Tensor) and lam.numel() == 1:
+        lam = float(lam)
+    K = V.shape[0] if isinstance(V, torch.Tensor) and V.dim() == 2 else 0
+    if n_nonzero is None:
+        n_nonzero = max(1, K // 100)
+    _check_args(X, V, bias, lam, method, lam_mode, positive, max_iter, tol, n_nonzero)
+    name = resolve("sparse_code", IMPLEMENTED, PREFERENCE, V.device, backend)
+    compute = torch.float64 if X.dtype == torch.float64 else torch.float32
+    lead = X.shape[:-1]
+    Y = X.reshape(-1, X.shape[-1]).to(compute)
+    if bias is not None:
+        Y = Y - bias.to(compute)
+    idx, val, lam_vec, gap, iters = _sparse_code_op(
+        Y.contiguous(), V.to(compute).contiguous(), float(lam), lam_mode == "relative", method, bool(positive),
+        int(max_iter), float(tol), int(min(n_nonzero, K)), name)
+    val = val.to(X.dtype)
+    y2 = (Y * Y).sum(1)
+    rel_gap = torch.where(y2 > 0, gap / y2.clamp_min(torch.finfo(y2.dtype).tiny), torch.zeros_like(gap))
+    unconverged = int((rel_gap > tol).sum()) if method == "lasso" else 0
+    if unconverged:
+        warnings.warn(
+            f"sparse_code: {unconverged} of {Y.shape[0]} vectors reached max_iter={max_iter} before the duality "
+            f"gap fell below tol={tol:g}·‖x − β‖² (largest relative gap {float(rel_gap.max()):.3g}); "
+            "raise max_iter or tol, or see info.gap", SparseCodeConvergenceWarning, stacklevel=2)
+    s = idx.shape[1]
+    idx, val = idx.reshape(tuple(lead) + (s,)), val.reshape(tuple(lead) + (s,))
+    if not return_info:
+        return idx, val
+    info = SparseCodeInfo(method=method, backend=name, lam=lam_vec, gap=gap, rel_gap=rel_gap, iterations=iters,
+                          converged=unconverged == 0, n_unconverged=unconverged, tol=float(tol),
+                          max_iter=int(max_iter))
+    return idx, val, info

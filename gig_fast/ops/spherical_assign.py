@@ -1,0 +1,59 @@
+"""``spherical_assign``: cosine argmax of every point against the centroids (k-means assignment step).
+
+``labels[n] = argmax_k cos(X[n], centroids[k])``, ties to the smaller k, never materialising ``N×K``.
+Used by the bisecting spherical k-means of the concept extractor (DESIGN.md §1.3).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _validate as v
+from ._backend import resolve
+from .reference import spherical_assign_ref
+
+__all__ = ["spherical_assign"]
+
+IMPLEMENTED = ["torch"]  # the kernel modules add "cpp", "triton", "cuda" as they are built
+PREFERENCE = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "triton", "torch")}
+IMPLS = {"torch": spherical_assign_ref}  # backend → fn(X [N, C], centroids [K, C]) -> (labels, best)
+
+
+@torch.library.custom_op("gig_fast::spherical_assign", mutates_args=())
+def _spherical_assign_op(X: torch.Tensor, centroids: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    labels, best = IMPLS[backend](X, centroids)
+    return labels, best
+
+
+@_spherical_assign_op.register_fake
+def _(X, centroids, backend):
+    acc = torch.float64 if X.dtype == torch.float64 else torch.float32
+    return X.new_empty(X.shape[0], dtype=torch.int64), X.new_empty(X.shape[0], dtype=acc)
+
+
+def spherical_assign(X: torch.Tensor, centroids: torch.Tensor, *, backend: str | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centroid by cosine similarity.
+
+    Args:
+        X: ``[..., C]`` points (any float dtype); leading dims are flattened into N.
+        centroids: ``[K, C]`` (need not be unit length), same dtype as X.
+        backend: force one backend for this call.
+
+    Returns:
+        ``(labels int64 [...], best cosine float32 [...])``; an all-zero point has cosine 0 with every
+        centroid and goes to centroid 0; an all-zero centroid scores 0.
+    """
+    v.check_tensor("centroids", centroids, 2, v.FLOAT_DTYPES)
+    v.check_tensor("X", X, None, v.FLOAT_DTYPES, centroids.device)
+    if X.dim() < 1 or X.shape[-1] != centroids.shape[1]:
+        raise ValueError(f"X {tuple(X.shape)} must end in C={centroids.shape[1]} channels like centroids")
+    if centroids.shape[0] == 0:
+        raise ValueError("centroids is empty (K = 0)")
+    v.check_same_dtype(X=X, centroids=centroids)
+    v.check_finite("X", X)
+    v.check_finite("centroids", centroids)
+    lead = X.shape[:-1]
+    X2 = X.reshape(-1, X.shape[-1]).contiguous()
+    name = resolve("spherical_assign", IMPLEMENTED, PREFERENCE, X.device, backend)
+    labels, best = _spherical_assign_op(X2, centroids.contiguous(), name)
+    return labels.reshape(lead), best.reshape(lead)
