@@ -16,6 +16,7 @@ __all__ = [
     "spherical_assign_ref",
     "centroid_update_ref",
     "gig_accumulate_ref",
+    "segment_sum",
 ]
 
 
@@ -64,8 +65,26 @@ def sparse_reconstruct_backward_ref(grad_out: torch.Tensor, idx: torch.Tensor, v
     grad_val = torch.where(active, grad_val, torch.zeros((), dtype=acc, device=V.device))
     rows, cols = active.nonzero(as_tuple=True)
     contrib = val[rows, cols].to(acc)[:, None] * g[rows]
-    grad_V = torch.zeros(V.shape, dtype=acc, device=V.device).index_add_(0, idx[rows, cols], contrib)
+    grad_V = segment_sum(contrib, idx[rows, cols], V.shape[0])
     return grad_val.to(val.dtype), grad_V.to(V.dtype)
+
+
+def segment_sum(values: torch.Tensor, keys: torch.Tensor, K: int) -> torch.Tensor:
+    """``out[k] = Σ_{i: keys[i]=k} values[i]`` in a fixed order, so the result is bit-reproducible.
+
+    Args: values ``[E, C]``, keys int64 ``[E]`` in ``[0, K)``. Returns ``[K, C]`` in values' dtype.
+    On CUDA ``index_add_`` sums with float atomics (run-to-run differences); there the entries are
+    stably sorted by key and reduced per segment instead.
+    """
+    out = torch.zeros(K, values.shape[1], dtype=values.dtype, device=values.device)
+    if values.device.type != "cuda":
+        return out.index_add_(0, keys, values)
+    order = torch.argsort(keys, stable=True)
+    counts = torch.bincount(keys, minlength=K)
+    used = counts > 0
+    if bool(used.any()):
+        out[used] = torch.segment_reduce(values[order], "sum", lengths=counts[used], axis=0)
+    return out
 
 
 def _unit_rows(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -99,16 +118,7 @@ def centroid_update_ref(X: torch.Tensor, labels: torch.Tensor, K: int) -> tuple[
     Returns: ``(sums [K, C] float32 (float64 for float64 input), counts int64 [K])``.
     """
     acc = accumulation_dtype(X.dtype)
-    sums = torch.zeros(K, X.shape[1], dtype=acc, device=X.device)
-    if X.device.type == "cuda":  # index_add_ uses float atomics there: sum in a fixed order instead
-        order = torch.argsort(labels, stable=True)
-        counts = torch.bincount(labels, minlength=K)
-        lengths = counts[counts > 0]
-        seg = torch.segment_reduce(X[order].to(acc), "sum", lengths=lengths, axis=0)
-        sums[counts > 0] = seg
-        return sums, counts
-    sums.index_add_(0, labels, X.to(acc))
-    return sums, torch.bincount(labels, minlength=K)
+    return segment_sum(X.to(acc), labels, K), torch.bincount(labels, minlength=K)
 
 
 def gig_accumulate_ref(grads: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, val: torch.Tensor,
