@@ -8,11 +8,30 @@ grad_V:   entries stably sorted by concept (torch.sort), then a program per (con
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
+# On a GPU the forward kernel is tuned per (C, s) among a few tile shapes; the interpreter (tests on
+# the CPU) uses the first one only.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_FORWARD_CONFIGS = [
+    triton.Config({"BLOCK_P": 16, "BLOCK_C": 256}, num_warps=4),
+    triton.Config({"BLOCK_P": 8, "BLOCK_C": 512}, num_warps=8),
+    triton.Config({"BLOCK_P": 4, "BLOCK_C": 1024}, num_warps=8),
+    triton.Config({"BLOCK_P": 32, "BLOCK_C": 128}, num_warps=4),
+    triton.Config({"BLOCK_P": 16, "BLOCK_C": 512}, num_warps=8),
+]
 
+
+def _tuned(configs, key):
+    """``triton.autotune`` on a GPU; the first config alone under the interpreter."""
+    return triton.autotune(configs=configs[:1] if _INTERPRET else configs, key=key)
+
+
+@_tuned(_FORWARD_CONFIGS, key=["C", "s"])
 @triton.jit
 def _forward_kernel(idx_ptr, val_ptr, V_ptr, bias_ptr, out_ptr, P, s, C,
                     HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -92,10 +111,8 @@ def sparse_reconstruct_forward(idx: torch.Tensor, val: torch.Tensor, V: torch.Te
     out = torch.empty(P, C, dtype=V.dtype, device=V.device)
     if P == 0 or C == 0:
         return out
-    BLOCK_P, BLOCK_C = 16, _block_c(C)
-    grid = (triton.cdiv(P, BLOCK_P), triton.cdiv(C, BLOCK_C))
-    _forward_kernel[grid](idx, val, V, bias if bias is not None else V, out, P, s, C,
-                          HAS_BIAS=bias is not None, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+    grid = lambda meta: (triton.cdiv(P, meta["BLOCK_P"]), triton.cdiv(C, meta["BLOCK_C"]))  # noqa: E731
+    _forward_kernel[grid](idx, val, V, bias if bias is not None else V, out, P, s, C, HAS_BIAS=bias is not None)
     return out
 
 
