@@ -8,6 +8,8 @@ LOCK = flock /tmp/gig_fast_build.lock
 
 deps:
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	# Fashion-MNIST (the demo's data set) ships in Debian; nothing is downloaded at run time.
+	[ -d /usr/share/datasets/fashion-mnist ] || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
 	$(PIP) install -q -r requirements-dev.txt
 
 # A non-editable install, so packaging mistakes fail here and in CI.
