@@ -14,7 +14,7 @@ deps:
 
 # A non-editable install, so packaging mistakes fail here and in CI.
 install: deps
-	$(LOCK) $(PIP) install --no-build-isolation --no-deps .
+	$(PIP) install --no-build-isolation --no-deps .
 
 setup: install
 
