@@ -5,7 +5,9 @@ integrated gradients between layers, how concepts build each other up to the cla
 """
 from . import ops
 from ._extensions import has_cpp_extension, has_cuda_extension, has_triton
+from .gig import ClassTarget, ConceptTarget, GIGResult, gig
+from .pipeline import Pipeline
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "has_cpp_extension", "has_cuda_extension", "has_triton", "__version__"]
+__all__ = ["ops", "Pipeline", "gig", "GIGResult", "ConceptTarget", "ClassTarget", "has_cpp_extension", "has_cuda_extension", "has_triton", "__version__"]

@@ -13,9 +13,26 @@ from .reference import centroid_update_ref
 
 __all__ = ["centroid_update"]
 
-IMPLEMENTED = ["torch"]  # the kernel modules add "cpp", "triton", "cuda" as they are built
+IMPLEMENTED = ["torch", "cpp", "triton", "cuda"]
 PREFERENCE = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "triton", "torch")}
-IMPLS = {"torch": centroid_update_ref}  # backend → fn(X [N, C], labels [N], K) -> (sums, counts)
+
+
+def _cpp(X: torch.Tensor, labels: torch.Tensor, K: int):
+    return torch.ops.gig_fast_cpp.centroid_update(X, labels, K)
+
+
+def _cuda(X: torch.Tensor, labels: torch.Tensor, K: int):
+    return torch.ops.gig_fast_cuda.centroid_update(X, labels, K)
+
+
+def _triton(X: torch.Tensor, labels: torch.Tensor, K: int):
+    from gig_fast.kernels import centroid_update as tk
+    return tk.centroid_update(X, labels, K)
+
+
+# backend → fn(X [N, C], labels [N], K) -> (sums [K, C], counts [K]); the callables assume validated
+# inputs (gig_fast.concepts calls them directly inside its k-means loops).
+IMPLS = {"torch": centroid_update_ref, "cpp": _cpp, "triton": _triton, "cuda": _cuda}
 
 
 @torch.library.custom_op("gig_fast::centroid_update", mutates_args=())

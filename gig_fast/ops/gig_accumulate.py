@@ -3,6 +3,9 @@
 ``attr[..., p, j] = val[p,j]·⟨Σ_k weights[k]·grads[..., k, p, :], V[idx[p,j]]⟩`` — one pass over the
 α-gradients, touching only the active concepts of each position (paper Eq. 4 with the integral
 replaced by the quadrature rule whose weights are given).
+
+Backends: ``torch`` (reference), ``cpp`` (C++/OpenMP), ``triton``, ``cuda``; formulas and kernel layout
+in ``csrc/gig_accumulate/gig_accumulate.h``.
 """
 from __future__ import annotations
 
@@ -14,14 +17,39 @@ from .reference import gig_accumulate_ref
 
 __all__ = ["gig_accumulate"]
 
-IMPLEMENTED = ["torch"]  # the kernel modules add "cpp", "triton", "cuda" as they are built
+
+def _cpp(grads, weights, idx, val, V):
+    return torch.ops.gig_fast_cpp.gig_accumulate(grads, weights, idx, val, V)
+
+
+def _cuda(grads, weights, idx, val, V):
+    return torch.ops.gig_fast_cuda.gig_accumulate(grads, weights, idx, val, V)
+
+
+def _triton(grads, weights, idx, val, V):
+    from gig_fast.kernels import gig_accumulate as tk
+    return tk.gig_accumulate(grads, weights, idx, val, V)
+
+
+IMPLEMENTED = ["torch", "cpp", "triton", "cuda"]
 PREFERENCE = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "triton", "torch")}
-IMPLS = {"torch": gig_accumulate_ref}  # backend → fn(grads [T, m, P, C], weights, idx, val, V) -> [T, P, s]
+IMPLS = {"torch": gig_accumulate_ref, "cpp": _cpp, "triton": _triton, "cuda": _cuda}
+# backend → fn(grads [T, m, P, C], weights [m], idx [P, s], val [P, s], V [K, C]) -> [T, P, s]
+
+
+def _check_finite_fast(name: str, t: torch.Tensor) -> None:
+    """NaN/Inf check in one reduction: a float64 sum is finite iff every entry is (float64 does not
+    overflow on gradients); only when it is not do we pay for the element-wise scan and its message.
+    (``torch.isfinite`` over the whole gradient tensor costs more than the kernel itself on CPU.)"""
+    if t.numel() and not bool(torch.isfinite(t.sum(dtype=torch.float64))):
+        v.check_finite(name, t)
 
 
 @torch.library.custom_op("gig_fast::gig_accumulate", mutates_args=())
 def _gig_accumulate_op(grads: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, val: torch.Tensor,
                        V: torch.Tensor, backend: str) -> torch.Tensor:
+    if idx.shape[1] == 0 or grads.shape[1] == 0:  # no active code, or no node: nothing to launch
+        return gig_accumulate_ref(grads, weights, idx, val, V)
     return IMPLS[backend](grads, weights, idx, val, V)
 
 
@@ -40,6 +68,7 @@ def gig_accumulate(grads: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor
         weights: ``[m]`` quadrature weights.
         idx, val: ``[P, s]`` padded codes of the source layer.
         V: ``[K, C]`` concepts.
+        backend: force one backend for this call (default: the fastest for the device).
 
     Returns:
         ``[P, s]`` (or ``[T, P, s]``) float32 attributions (float64 for float64 grads), 0 at padding.
@@ -59,7 +88,7 @@ def gig_accumulate(grads: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor
         raise ValueError(f"idx has P={idx.shape[0]} rows but grads has P={P} positions")
     if V.shape[1] != C:
         raise ValueError(f"V has C={V.shape[1]} channels but grads has C={C}")
-    v.check_finite("grads", grads)
+    _check_finite_fast("grads", grads)
     name = resolve("gig_accumulate", IMPLEMENTED, PREFERENCE, V.device, backend)
     out = _gig_accumulate_op(g4.contiguous(), weights.contiguous(), idx.contiguous(), val.contiguous(),
                              V.contiguous(), name)

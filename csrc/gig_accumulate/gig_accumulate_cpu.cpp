@@ -1,0 +1,82 @@
+// CPU kernel of gig_accumulate (formula in gig_accumulate.h). Positions are split across OpenMP threads
+// with at::parallel_for; per (t, p) the weighted alpha-sum is formed in a thread-local row (contiguous,
+// `omp simd`), then dotted with the active concept rows of p.
+#include "gig_accumulate/gig_accumulate.h"
+
+#include <ATen/Parallel.h>
+#include <vector>
+
+#include "common.h"
+
+namespace gig_fast {
+namespace {
+
+template <typename scalar_t>
+void accumulate_rows(const scalar_t* grads, const acc_t<scalar_t>* w, const int64_t* idx,
+                     const acc_t<scalar_t>* val, const acc_t<scalar_t>* V, acc_t<scalar_t>* out,
+                     int64_t T, int64_t m, int64_t P, int64_t s, int64_t C) {
+  using acc = acc_t<scalar_t>;
+  at::parallel_for(0, P, 8, [&](int64_t begin, int64_t end) {
+    std::vector<acc> g(C);
+    for (int64_t p = begin; p < end; ++p) {
+      for (int64_t t = 0; t < T; ++t) {
+        acc* gr = g.data();
+        std::fill(g.begin(), g.end(), acc(0));
+        for (int64_t k = 0; k < m; ++k) {
+          const acc wk = w[k];
+          const scalar_t* src = grads + ((t * m + k) * P + p) * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) gr[c] += wk * static_cast<acc>(src[c]);
+        }
+        acc* o = out + (t * P + p) * s;
+        for (int64_t j = 0; j < s; ++j) {
+          const int64_t q = idx[p * s + j];
+          if (q < 0) {
+            o[j] = acc(0);
+            continue;
+          }
+          const acc* v = V + q * C;
+          acc dot = 0;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t c = 0; c < C; ++c) dot += gr[c] * v[c];
+          o[j] = val[p * s + j] * dot;
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor gig_accumulate_cpu(const at::Tensor& grads, const at::Tensor& weights, const at::Tensor& idx,
+                              const at::Tensor& val, const at::Tensor& V) {
+  GIG_CHECK_CPU(grads); GIG_CHECK_CPU(weights); GIG_CHECK_CPU(idx); GIG_CHECK_CPU(val); GIG_CHECK_CPU(V);
+  TORCH_CHECK(grads.dim() == 4, "grads must be [T, m, P, C]");
+  TORCH_CHECK(idx.scalar_type() == at::kLong, "idx must be int64");
+  TORCH_CHECK(idx.dim() == 2 && val.sizes() == idx.sizes(), "idx and val must both be [P, s]");
+  const int64_t T = grads.size(0), m = grads.size(1), P = grads.size(2), C = grads.size(3), s = idx.size(1);
+  TORCH_CHECK(weights.numel() == m, "weights must be [m]");
+  TORCH_CHECK(idx.size(0) == P, "idx must have P rows");
+  TORCH_CHECK(V.dim() == 2 && V.size(1) == C, "V must be [K, C]");
+  const auto acc_type = grads.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto g = grads.contiguous();
+  auto w = weights.to(acc_type).contiguous();
+  auto vl = val.to(acc_type).contiguous();
+  auto Vc = V.to(acc_type).contiguous();
+  auto ix = idx.contiguous();
+  auto out = at::empty({T, P, s}, grads.options().dtype(acc_type));
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads.scalar_type(), "gig_accumulate_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    accumulate_rows<scalar_t>(g.data_ptr<scalar_t>(), w.data_ptr<acc>(), ix.data_ptr<int64_t>(),
+                              vl.data_ptr<acc>(), Vc.data_ptr<acc>(), out.data_ptr<acc>(), T, m, P, s, C);
+  });
+  return out;
+}
+
+TORCH_LIBRARY_FRAGMENT(gig_fast_cpp, m) {
+  m.def("gig_accumulate(Tensor grads, Tensor weights, Tensor idx, Tensor val, Tensor V) -> Tensor",
+        &gig_accumulate_cpu);
+}
+
+}  // namespace gig_fast

@@ -1,0 +1,157 @@
+// CPU kernel of spherical_assign (formula in spherical_assign.h).
+//
+// Two paths, chosen by K only (so a given problem always takes the same one):
+//  * K <= kDirectMaxK (the 2-means splits of the bisecting extractor): rows are split across OpenMP
+//    threads; each row is read once and its K dot products (and its norm) are accumulated together
+//    in one pass over C. This case is memory-bound, so one pass over X is the whole cost.
+//  * larger K: row blocks are spread over the threads; each block is normalised into an fp32/fp64
+//    scratch tile and multiplied with one tile of unit centroids at a time by at::mm (BLAS, on the
+//    owning thread), then each row folds the tile into its running best. Scratch per thread is
+//    [kRowBlock, C] + [kRowBlock, kColTile], never N x K.
+#include "spherical_assign/spherical_assign.h"
+
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "common.h"
+
+namespace gig_fast {
+namespace {
+
+constexpr int64_t kDirectMaxK = 8;
+constexpr int64_t kRowBlock = 256;
+constexpr int64_t kColTile = 1024;
+constexpr int64_t kMinTaskWork = int64_t(1) << 18;  // multiply-adds per thread below which we stay serial
+
+// Same guard as the reference: rows are divided by max(|x|, 1e-12), so zero rows stay zero.
+template <typename acc>
+acc inv_norm(acc sq) {
+  return acc(1) / std::max(static_cast<acc>(std::sqrt(sq)), static_cast<acc>(1e-12));
+}
+
+// Unit rows of `centroids` in the accumulation dtype: [K, C].
+at::Tensor unit_rows(const at::Tensor& t, at::ScalarType acc_type) {
+  auto a = t.to(acc_type).contiguous();
+  auto n = a.norm(2, {1}, /*keepdim=*/true).clamp_min(1e-12);
+  return (a / n).contiguous();
+}
+
+template <typename scalar_t>
+void assign_direct(const scalar_t* X, const acc_t<scalar_t>* Cn, int64_t N, int64_t K, int64_t C,
+                   int64_t* labels, acc_t<scalar_t>* best) {
+  using acc = acc_t<scalar_t>;
+  // Threads only for enough work: a fork/join costs more than a small cluster's whole pass, and far
+  // more on a loaded machine, where a descheduled thread stalls the barrier.
+  const int64_t grain = std::max<int64_t>(64, kMinTaskWork / std::max<int64_t>(1, C * (K + 1)));
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc> row(C);
+    for (int64_t n = begin; n < end; ++n) {
+      const scalar_t* x = X + n * C;
+      acc* r = row.data();
+      acc sq = 0;
+#pragma omp simd reduction(+ : sq)
+      for (int64_t c = 0; c < C; ++c) {
+        r[c] = static_cast<acc>(x[c]);
+        sq += r[c] * r[c];
+      }
+      const acc inv = inv_norm(sq);
+      acc top = 0;
+      int64_t arg = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        const acc* ck = Cn + k * C;
+        acc dot = 0;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t c = 0; c < C; ++c) dot += r[c] * ck[c];
+        const acc cosv = dot * inv;
+        if (k == 0 || cosv > top) {  // strict: ties keep the smaller k
+          top = cosv;
+          arg = k;
+        }
+      }
+      labels[n] = arg;
+      best[n] = top;
+    }
+  });
+}
+
+template <typename scalar_t>
+void assign_tiled(const at::Tensor& X, const at::Tensor& Cn, int64_t* labels, acc_t<scalar_t>* best) {
+  using acc = acc_t<scalar_t>;
+  const int64_t N = X.size(0), C = X.size(1), K = Cn.size(0);
+  const scalar_t* Xp = X.data_ptr<scalar_t>();
+  const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
+  // One parallel region over row blocks (a fork/join per tile costs a lot on a busy machine); each
+  // thread owns its scratch, and at::mm inside the region runs on that thread alone.
+  at::parallel_for(0, blocks, 1, [&](int64_t b_begin, int64_t b_end) {
+    auto xb = at::empty({std::min(N, kRowBlock), C}, Cn.options());
+    acc* xbp = xb.data_ptr<acc>();
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      const int64_t r0 = b * kRowBlock, rows = std::min(kRowBlock, N - r0);
+      for (int64_t i = 0; i < rows; ++i) {  // normalise the row block
+        const scalar_t* x = Xp + (r0 + i) * C;
+        acc* o = xbp + i * C;
+        acc sq = 0;
+        for (int64_t c = 0; c < C; ++c) {
+          o[c] = static_cast<acc>(x[c]);
+          sq += o[c] * o[c];
+        }
+        const acc inv = inv_norm(sq);
+        for (int64_t c = 0; c < C; ++c) o[c] *= inv;
+        labels[r0 + i] = 0;
+        best[r0 + i] = -std::numeric_limits<acc>::infinity();
+      }
+      auto xrows = xb.narrow(0, 0, rows);
+      for (int64_t k0 = 0; k0 < K; k0 += kColTile) {
+        const int64_t cols = std::min(kColTile, K - k0);
+        auto scores = at::mm(xrows, Cn.narrow(0, k0, cols).t()).contiguous();  // [rows, cols]
+        const acc* s = scores.data_ptr<acc>();
+        for (int64_t i = 0; i < rows; ++i) {
+          const acc* si = s + i * cols;
+          acc top = best[r0 + i];
+          int64_t arg = labels[r0 + i];
+          for (int64_t j = 0; j < cols; ++j)
+            if (si[j] > top) {  // strict: ties keep the smaller k (earlier tiles hold smaller k)
+              top = si[j];
+              arg = k0 + j;
+            }
+          best[r0 + i] = top;
+          labels[r0 + i] = arg;
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> spherical_assign_cpu(const at::Tensor& X, const at::Tensor& centroids) {
+  GIG_CHECK_CPU(X); GIG_CHECK_CPU(centroids);
+  GIG_CHECK_CONTIGUOUS(X); GIG_CHECK_CONTIGUOUS(centroids);
+  TORCH_CHECK(X.dim() == 2 && centroids.dim() == 2 && X.size(1) == centroids.size(1),
+              "X must be [N, C] and centroids [K, C]");
+  TORCH_CHECK(X.scalar_type() == centroids.scalar_type(), "X and centroids must share a dtype");
+  TORCH_CHECK(centroids.size(0) > 0, "centroids is empty (K = 0)");
+  const int64_t N = X.size(0), C = X.size(1), K = centroids.size(0);
+  const auto acc_type = X.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto labels = at::empty({N}, X.options().dtype(at::kLong));
+  auto best = at::empty({N}, X.options().dtype(acc_type));
+  if (N == 0) return {labels, best};
+  auto Cn = unit_rows(centroids, acc_type);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "spherical_assign_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    if (K <= kDirectMaxK || C == 0)
+      assign_direct<scalar_t>(X.data_ptr<scalar_t>(), Cn.data_ptr<acc>(), N, K, C, labels.data_ptr<int64_t>(),
+                              best.data_ptr<acc>());
+    else
+      assign_tiled<scalar_t>(X, Cn, labels.data_ptr<int64_t>(), best.data_ptr<acc>());
+  });
+  return {labels, best};
+}
+
+TORCH_LIBRARY_FRAGMENT(gig_fast_cpp, m) {
+  m.def("spherical_assign(Tensor X, Tensor centroids) -> (Tensor, Tensor)", &spherical_assign_cpu);
+}
+
+}  // namespace gig_fast

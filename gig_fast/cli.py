@@ -1,0 +1,208 @@
+"""``gig-fast``: run the pipeline, the demo, train the demo network, or explain one image.
+
+    gig-fast demo [--out DIR]                      # train/load the demo net, full run on Fashion-MNIST
+    gig-fast run --config FILE [--out DIR] ...     # YAML/JSON config; flags override it
+    gig-fast train-demo [--epochs N] [--force]     # train and cache the demo network
+    gig-fast explain --image FILE --run DIR        # one image's graph on a finished run's concepts
+    gig-fast show --run DIR --classes A B          # shared concepts of two classes in a run's graph.json
+
+Common flags: ``--device cpu|cuda``, ``--backend torch|cpp|triton|cuda`` (forces the op backend).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu or cuda (default: the config's, cpu)")
+    p.add_argument("--backend", default=None, help="force the op backend: torch, cpp, triton or cuda")
+    p.add_argument("--out", default=None, help="output folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="gig-fast", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run (or resume) the pipeline from a config file")
+    run.add_argument("--config", required=False, help="YAML or JSON file of PipelineConfig options")
+    run.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                     help="override any option (VALUE parsed as YAML), e.g. --set k_factor=4 gig_steps=8")
+    run.add_argument("--layers", default=None, help="comma-separated analysed points (default: all)")
+    run.add_argument("--seed", type=int, default=None)
+    _common(run)
+    demo = sub.add_parser("demo", help="the README demo: demo net on Fashion-MNIST, all 16 blocks")
+    demo.add_argument("--weights", default=None, help="demo weights file (default: the cache; trained if missing)")
+    demo.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override demo options")
+    _common(demo)
+    tr = sub.add_parser("train-demo", help="train and cache the demo network on Fashion-MNIST")
+    tr.add_argument("--epochs", type=int, default=None)
+    tr.add_argument("--train-limit", type=int, default=None, help="train on the first N images only")
+    tr.add_argument("--weights", default=None, help="where to write the weights (default: the cache)")
+    tr.add_argument("--force", action="store_true", help="retrain even if cached")
+    ex = sub.add_parser("explain", help="one image's concept graph on a finished run's concepts")
+    ex.add_argument("--image", required=True, help="image file")
+    ex.add_argument("--run", default=None, help="output folder of a finished run (default: --out or gig_demo)")
+    ex.add_argument("--target", type=int, default=None, help="class to explain (default: predicted)")
+    ex.add_argument("--json", default=None, help="write the graph here (default: stdout)")
+    _common(ex)
+    sh = sub.add_parser("show", help="print the shared concepts of two classes from a run's graph.json")
+    sh.add_argument("--run", default="gig_demo")
+    sh.add_argument("--classes", nargs=2, required=True, help="two class names or ids")
+    return ap
+
+
+def _overrides(pairs) -> dict:
+    import yaml
+
+    out = {}
+    for item in pairs:
+        if "=" not in item:
+            raise SystemExit(f"gig-fast: --set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def _train_defaults():
+    # sized for the 15-minute demo budget on two CPU cores (see README)
+    return {"epochs": 1, "train_limit": 20000}
+
+
+def cmd_train_demo(args) -> int:
+    from .models import train_demo
+
+    d = _train_defaults()
+    t0 = time.perf_counter()
+    _, info = train_demo(args.weights, epochs=args.epochs or d["epochs"], force=args.force,
+                         train_limit=args.train_limit if args.train_limit is not None else d["train_limit"])
+    print(json.dumps({**info, "wall_s": round(time.perf_counter() - t0, 1)}, indent=1))
+    return 0
+
+
+def _run_pipeline(cfg, label: str) -> Path:
+    from .pipeline import Pipeline
+
+    t0 = time.perf_counter()
+    out = Pipeline(cfg).run()
+    print(f"{label}: wrote {out}/graph.json, metrics.json, report.html in {time.perf_counter() - t0:.1f} s")
+    return out
+
+
+def _summary(out: Path) -> None:
+    m = json.loads((out / "metrics.json").read_text())
+    print(f"{'layer':10s} {'rel-L2':>8s} {'l0 ratio':>9s}")
+    for name, v in m["layers"].items():
+        print(f"{name:10s} {v['rel_l2']:8.4f} {v['l0_ratio']:9.4f}")
+    print(f"completeness |delta|: max {m['completeness_max_abs']:.3g}; relative: max {m['completeness_max_rel']:.3g}, "
+          f"median {m['completeness_median_rel']:.3g}")
+    print("timings (s):", json.dumps(m["timings_s"]))
+
+
+def cmd_run(args) -> int:
+    from .pipeline import load_config
+
+    over = _overrides(args.set)
+    over.update({k: v for k, v in {"device": args.device, "backend": args.backend, "out": args.out,
+                                    "layers": args.layers, "seed": args.seed}.items() if v is not None})
+    if args.no_progress:
+        over["progress"] = False
+    cfg = load_config(args.config, **over)
+    _summary(_run_pipeline(cfg, "run"))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .models import default_demo_path, train_demo
+    from .pipeline import demo_config
+
+    t0 = time.perf_counter()
+    weights = Path(args.weights) if args.weights else default_demo_path()
+    d = _train_defaults()
+    _, info = train_demo(weights, epochs=d["epochs"], train_limit=d["train_limit"], progress=not args.no_progress)
+    t_train = time.perf_counter() - t0
+    print(f"demo network: test accuracy {info['test_accuracy']:.4f} ({t_train:.1f} s to train or load)")
+    over = _overrides(args.set)
+    over.update({k: v for k, v in {"device": args.device, "backend": args.backend, "out": args.out}.items()
+                 if v is not None})
+    if args.no_progress:
+        over["progress"] = False
+    cfg = demo_config(weights=str(weights), **over)
+    out = _run_pipeline(cfg, "demo")
+    _summary(out)
+    _show(out, "Sneaker", "Ankle boot")
+    _show(out, "Shirt", "T-shirt/top")
+    print(f"demo wall time {time.perf_counter() - t0:.1f} s (training/loading included)")
+    return 0
+
+
+def _show(out: Path, c1: str, c2: str) -> None:
+    graph = json.loads((Path(out) / "graph.json").read_text())
+    names = {c["name"]: c["id"] for c in graph["classes"]}
+    ids = []
+    for c in (c1, c2):
+        if c in names:
+            ids.append(names[c])
+        elif str(c).isdigit() and int(c) < len(graph["classes"]):
+            ids.append(int(c))
+        else:
+            raise ValueError(f"unknown class {c!r}; valid: {', '.join(names)}")
+    a, b = sorted(ids)
+    pg = graph["pair_graphs"].get(f"{a}-{b}")
+    if pg is None:
+        raise ValueError("a class cannot be paired with itself")
+    print(f"shared concepts of {graph['classes'][a]['name']} / {graph['classes'][b]['name']} "
+          "(layer: concept (min normalised importance)):")
+    for layer in [lay["name"] for lay in graph["layers"]][::-1]:
+        if layer in pg["shared"]:
+            print(f"  {layer}: " + ", ".join(f"#{s['concept']} ({s['score']:.2f})" for s in pg["shared"][layer]))
+
+
+def cmd_show(args) -> int:
+    _show(Path(args.run), *args.classes)
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from .data import load_image
+    from .pipeline.config import PipelineConfig
+    from .pipeline.explain import _find_work, explain_image
+    from .pipeline.store import load_json
+
+    run_dir = Path(args.run or args.out or "gig_demo")
+    cfg = PipelineConfig(**load_json(_find_work(run_dir) / "config.json")["config"])
+    if cfg.dataset == "fashion-mnist":
+        from .models import DEMO_MEAN, DEMO_STD
+        image = load_image(args.image, 28, 1, (DEMO_MEAN,), (DEMO_STD,))
+    else:
+        image = load_image(args.image, cfg.image_size, cfg.channels, cfg.mean, cfg.std)
+    from .ops import use_backend
+    import contextlib
+    with use_backend(args.backend) if args.backend else contextlib.nullcontext():
+        result = explain_image(run_dir, image, target=args.target, device=args.device)
+    text = json.dumps(result, indent=1)
+    if args.json:
+        Path(args.json).write_text(text)
+        print(f"explain: {result['class_name']} (prediction {result['prediction']}) → {args.json}")
+    else:
+        print(text)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"run": cmd_run, "demo": cmd_demo, "train-demo": cmd_train_demo, "explain": cmd_explain,
+                "show": cmd_show}[args.command](args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"gig-fast: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Datasets: Fashion-MNIST (Debian's ``dataset-fashion-mnist``) and image folders (class per sub-folder).
+
+Every dataset yields ``(image [C, H, W] float32 normalised, label int)``. Corrupt or unreadable images
+in a folder are skipped, counted and reported (``ImageFolderDataset.skipped``), never fatal; an empty
+or missing dataset raises a ValueError / FileNotFoundError saying where it looked.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["FASHION_MNIST_DIRS", "fashion_mnist", "ImageFolderDataset", "IMAGE_EXTENSIONS", "load_image"]
+
+FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _find_fashion_root(root: str | os.PathLike | None) -> Path:
+    candidates = [Path(root)] if root else []
+    if os.environ.get("GIG_FAST_FMNIST"):
+        candidates.append(Path(os.environ["GIG_FAST_FMNIST"]))
+    candidates += [Path(p) for p in FASHION_MNIST_DIRS]
+    for c in candidates:
+        for sub in (c, c / "FashionMNIST" / "raw"):
+            if any((sub / f"train-images-idx3-ubyte{ext}").exists() for ext in (".gz", "")):
+                return sub
+    raise FileNotFoundError(
+        "Fashion-MNIST not found in " + ", ".join(str(c) for c in candidates)
+        + " — install Debian's `dataset-fashion-mnist` (apt-get install -y dataset-fashion-mnist) "
+        "or pass root= / set GIG_FAST_FMNIST to a folder with the idx files")
+
+
+def fashion_mnist(split: str = "train", root: str | os.PathLike | None = None,
+                  normalize: bool = True) -> torch.utils.data.TensorDataset:
+    """Fashion-MNIST as a ``TensorDataset`` of ``[N, 1, 28, 28]`` float32 images and int64 labels.
+
+    Args:
+        split: ``"train"`` (60k) or ``"test"`` (10k).
+        root: folder with the idx files (``.gz`` or not); default: the Debian package's folder.
+        normalize: subtract the demo mean and divide by its std (what :class:`DemoResNet` expects).
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    base = _find_fashion_root(root)
+    prefix = "train" if split == "train" else "t10k"
+
+    def pick(kind):
+        for ext in (".gz", ""):
+            p = base / f"{prefix}-{kind}-idx{3 if kind == 'images' else 1}-ubyte{ext}"
+            if p.exists():
+                return p
+        raise FileNotFoundError(f"missing {prefix}-{kind} file in {base}")
+
+    images = torch.from_numpy(_read_idx(pick("images")).copy()).float().div_(255.0).unsqueeze(1)
+    labels = torch.from_numpy(_read_idx(pick("labels")).astype(np.int64))
+    if normalize:
+        from .models.demo import DEMO_MEAN, DEMO_STD
+        images = (images - DEMO_MEAN) / DEMO_STD
+    return torch.utils.data.TensorDataset(images, labels)
+
+
+def load_image(path: str | os.PathLike, size: int | tuple[int, int] | None = None, channels: int = 3,
+               mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)) -> torch.Tensor:
+    """Read one image file → ``[channels, H, W]`` float32, resized (shorter side then centre crop) and normalised.
+
+    Raises ValueError if the file is not a readable image.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB")
+            im.load()
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from e
+    if size is not None:
+        h, w = (size, size) if isinstance(size, int) else size
+        scale = max(h / im.height, w / im.width)
+        im = im.resize((max(w, round(im.width * scale)), max(h, round(im.height * scale))), Image.BILINEAR)
+        left, top = (im.width - w) // 2, (im.height - h) // 2
+        im = im.crop((left, top, left + w, top + h))
+    arr = np.asarray(im, dtype=np.float32) / 255.0
+    t = torch.from_numpy(arr.copy())
+    t = t.unsqueeze(0) if channels == 1 else t.permute(2, 0, 1)
+    mean = torch.as_tensor(mean, dtype=torch.float32).reshape(-1, 1, 1)[:channels]
+    std = torch.as_tensor(std, dtype=torch.float32).reshape(-1, 1, 1)[:channels]
+    return (t - mean) / std
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Images in ``root/<class>/<file>`` (ImageNet-val style); classes sorted by folder name.
+
+    Unreadable files are found up front (each is opened once), skipped and counted in ``skipped``
+    (list of ``(path, reason)``), with one warning summarising them.
+
+    Args:
+        root: the dataset folder.
+        size: output size (int or ``(H, W)``); channels, mean, std as in :func:`load_image`.
+    """
+
+    def __init__(self, root: str | os.PathLike, size=224, channels: int = 3,
+                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"dataset folder {root} does not exist")
+        self.classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+        if not self.classes:
+            raise ValueError(f"dataset folder {root} has no class sub-folders (expected root/<class>/<image>)")
+        self.size, self.channels, self.mean, self.std = size, channels, mean, std
+        self.samples: list[tuple[Path, int]] = []
+        self.skipped: list[tuple[str, str]] = []
+        for label, cls in enumerate(self.classes):
+            for f in sorted((root / cls).iterdir()):
+                if not f.is_file() or f.suffix.lower() not in IMAGE_EXTENSIONS:
+                    continue
+                try:
+                    self._verify(f)
+                    self.samples.append((f, label))
+                except ValueError as e:
+                    self.skipped.append((str(f), str(e)))
+        if self.skipped:
+            warnings.warn(f"skipped {len(self.skipped)} unreadable image(s) in {root}, "
+                          f"e.g. {self.skipped[0][0]}", stacklevel=2)
+        if not self.samples:
+            raise ValueError(f"dataset folder {root} has no readable images "
+                             f"({len(self.skipped)} unreadable skipped)")
+
+    @staticmethod
+    def _verify(path: Path) -> None:
+        from PIL import Image, UnidentifiedImageError
+        try:
+            with Image.open(path) as im:
+                im.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise ValueError(f"unreadable image: {e}") from e
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        return load_image(path, self.size, self.channels, self.mean, self.std), label

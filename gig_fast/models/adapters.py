@@ -1,0 +1,192 @@
+"""Model adapters: name the analysed points of a network, their BN shift β, and walk its forward.
+
+An analysed point of a ResNet is a residual block (``layer3.5``); its PFVs are the block output
+*before* the final ReLU (``bn3(conv3(·)) + identity``, DESIGN.md §1.1) and its β is the net shift of
+the BN feeding that sum. :meth:`ResNetAdapter.record` runs the forward once and keeps every
+intermediate that SRD (``gig_fast.srd``) needs; :meth:`ResNetAdapter.run_from` runs the network from
+one point's pre-activation to another's (or to the logits) without recomputing the prefix.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+__all__ = ["BlockRecord", "ForwardRecord", "ResNetAdapter", "get_adapter", "bn_affine", "ensure_eval"]
+
+
+def ensure_eval(model: nn.Module) -> nn.Module:
+    """Put ``model`` in eval mode, warning if it was training (BN statistics would move)."""
+    if model.training:
+        warnings.warn("model was in train mode; switching it to eval() (BN running statistics are used)",
+                      stacklevel=3)
+        model.eval()
+    return model
+
+
+def bn_affine(bn: nn.Module | None, channels: int, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``(scale, shift)`` of an eval-mode BN: ``bn(y) = scale·y + shift``; identity if None."""
+    if bn is None:
+        return torch.ones(channels, dtype=ref.dtype, device=ref.device), torch.zeros(
+            channels, dtype=ref.dtype, device=ref.device)
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    shift = bn.bias - bn.running_mean * scale
+    return scale.to(ref.dtype), shift.to(ref.dtype)
+
+
+@dataclass
+class BlockRecord:
+    """Intermediates of one residual block: ``x`` block input (post-ReLU), ``pre``/``post`` of each
+    main-branch conv+BN, ``r`` main-branch output, ``s`` skip, ``v = r + s`` (the analysed PFVs)."""
+    x: torch.Tensor
+    pre: list[torch.Tensor]
+    post: list[torch.Tensor]
+    s: torch.Tensor
+    v: torch.Tensor
+
+
+@dataclass
+class ForwardRecord:
+    """One forward pass: the image, the stem, every block, the final feature map and the logits."""
+    image: torch.Tensor
+    stem_pre: torch.Tensor
+    stem_post: torch.Tensor
+    pooled: torch.Tensor
+    pool_indices: torch.Tensor | None
+    blocks: dict[str, BlockRecord] = field(default_factory=dict)
+    logits: torch.Tensor | None = None
+
+    def preact(self, point: str) -> torch.Tensor:
+        """``[B, C, H, W]`` pre-activation of a block point."""
+        return self.blocks[point].v
+
+
+def _branch_modules(block: nn.Module) -> list[tuple[nn.Conv2d, nn.Module]]:
+    if isinstance(block, Bottleneck):
+        return [(block.conv1, block.bn1), (block.conv2, block.bn2), (block.conv3, block.bn3)]
+    return [(block.conv1, block.bn1), (block.conv2, block.bn2)]
+
+
+class ResNetAdapter:
+    """Adapter for torchvision-style ResNets (18 … 152, wide/ResNeXt layouts) and the demo network.
+
+    Attributes:
+        points: analysed points in forward order (``layer1.0 … layer4.2`` for ResNet-50).
+        classifier: name of the class layer (``fc``), the last target of GIG.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = ensure_eval(model)
+        self.blocks: dict[str, nn.Module] = {}
+        for stage in ("layer1", "layer2", "layer3", "layer4"):
+            for i, block in enumerate(getattr(model, stage)):
+                if not isinstance(block, (Bottleneck, BasicBlock)):
+                    raise ValueError(f"{stage}.{i} is a {type(block).__name__}, not a ResNet block")
+                self.blocks[f"{stage}.{i}"] = block
+        self.points = list(self.blocks)
+        self.classifier = "fc"
+
+    # -- naming -------------------------------------------------------------------------------
+    def check_points(self, names) -> list[str]:
+        """Validate point names (None → all) and return them in forward order."""
+        if names is None:
+            return list(self.points)
+        names = [names] if isinstance(names, str) else list(names)
+        unknown = [n for n in names if n not in self.blocks]
+        if unknown:
+            raise ValueError(f"unknown layer name(s) {unknown}; valid names: {', '.join(self.points)}")
+        return sorted(set(names), key=self.points.index)
+
+    def channels(self, point: str) -> int:
+        """Number of channels C of a point's PFVs."""
+        return _branch_modules(self.blocks[point])[-1][1].num_features
+
+    def bn_shift(self, point: str) -> torch.Tensor:
+        """β ``[C]``: the net shift of the BN feeding the block's residual sum (DESIGN.md §1.1)."""
+        conv, bn = _branch_modules(self.blocks[point])[-1]
+        with torch.no_grad():
+            return bn_affine(bn, conv.out_channels, conv.weight)[1].detach().clone()
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.fc.out_features
+
+    # -- forward ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def record(self, x: torch.Tensor, keep: str = "all") -> ForwardRecord:
+        """Run the forward once, keeping intermediates.
+
+        Args:
+            x: ``[B, C_in, H, W]`` images (normalised as the model expects).
+            keep: ``"all"`` (everything SRD needs) or ``"preact"`` (only the block pre-activations).
+        """
+        m = self.model
+        stem_pre = m.bn1(m.conv1(x))
+        stem_post = torch.relu(stem_pre)
+        indices = None
+        if isinstance(m.maxpool, nn.MaxPool2d):
+            mp = m.maxpool
+            pooled, indices = nn.functional.max_pool2d(stem_post, mp.kernel_size, mp.stride, mp.padding,
+                                                       mp.dilation, ceil_mode=mp.ceil_mode, return_indices=True)
+        else:
+            pooled = m.maxpool(stem_post)
+        rec = ForwardRecord(image=x, stem_pre=stem_pre, stem_post=stem_post, pooled=pooled, pool_indices=indices)
+        h = pooled
+        for name, block in self.blocks.items():
+            pre, post, y = [], [], h
+            branch = _branch_modules(block)
+            for k, (conv, bn) in enumerate(branch):
+                p = bn(conv(y))
+                pre.append(p)
+                if k < len(branch) - 1:
+                    y = torch.relu(p)
+                    post.append(y)
+            s = block.downsample(h) if block.downsample is not None else h
+            v = pre[-1] + s
+            if keep == "all":
+                rec.blocks[name] = BlockRecord(x=h, pre=pre, post=post, s=s, v=v)
+            else:
+                rec.blocks[name] = BlockRecord(x=None, pre=[], post=[], s=None, v=v)
+            h = torch.relu(v)
+        rec.logits = m.fc(torch.flatten(m.avgpool(h), 1))
+        return rec
+
+    def run_from(self, point: str, preact: torch.Tensor, to: str | None = None) -> torch.Tensor:
+        """``F_ab``: from the pre-activation of ``point`` to that of ``to`` (or the logits if None).
+
+        Differentiable (no ``no_grad``): GIG back-propagates through it.
+        """
+        start = self.points.index(point)
+        stop = len(self.points) if to is None else self.points.index(to) + 1
+        if stop <= start:
+            raise ValueError(f"target {to!r} is not after {point!r}")
+        h = torch.relu(preact)
+        for name in self.points[start + 1:stop]:
+            block = self.blocks[name]
+            v = self._block_preact(block, h)
+            if name == to:
+                return v
+            h = torch.relu(v)
+        m = self.model
+        return m.fc(torch.flatten(m.avgpool(h), 1))
+
+    @staticmethod
+    def _block_preact(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        branch = _branch_modules(block)
+        y = h
+        for k, (conv, bn) in enumerate(branch):
+            y = bn(conv(y))
+            if k < len(branch) - 1:
+                y = torch.relu(y)
+        return y + (block.downsample(h) if block.downsample is not None else h)
+
+
+def get_adapter(model: nn.Module) -> ResNetAdapter:
+    """Adapter for ``model``; raises ValueError naming what is supported when none fits."""
+    if all(hasattr(model, s) for s in ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc")):
+        return ResNetAdapter(model)
+    raise ValueError(f"no adapter for {type(model).__name__}: supported are torchvision ResNets "
+                     "(resnet18 … resnet152, wide_resnet, resnext) and gig_fast's DemoResNet")

@@ -1,0 +1,13 @@
+"""The GIG pipeline (DESIGN.md §1): PFV–iERF dataset → concepts → decomposition → GIG → graph.
+
+``Pipeline(config).run()`` runs (or resumes) everything; each stage is also a function of a
+``Pipeline``: :func:`pfv_dataset`, :func:`extract_concepts`, :func:`decompose`, :func:`attribute`,
+:func:`build_graph`.
+"""
+from .config import PipelineConfig, demo_config, load_config
+from .graph import SCHEMA, SCHEMA_VERSION, build_graph
+from .run import Pipeline
+from .stages import attribute, decompose, extract_concepts, pfv_dataset
+
+__all__ = ["Pipeline", "PipelineConfig", "load_config", "demo_config", "pfv_dataset", "extract_concepts",
+           "decompose", "attribute", "build_graph", "SCHEMA", "SCHEMA_VERSION"]

@@ -1,0 +1,131 @@
+"""Pipeline configuration: one dataclass, read from YAML/JSON, overridable by flags, hashed for resume."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["PipelineConfig", "load_config", "demo_config"]
+
+# Fields that do not change any result: excluded from the run key, so changing them resumes.
+_NOT_HASHED = {"out", "device", "backend", "progress", "batch_size", "gig_batch_size", "chunk_images"}
+
+
+@dataclass
+class PipelineConfig:
+    """Everything a run depends on (DESIGN.md §1). Defaults follow the paper where it fixes them.
+
+    Model/data: ``model`` (``demo`` or a torchvision ResNet name), ``weights`` (file or torchvision
+    name), ``dataset`` (``fashion-mnist`` or an image folder), ``split``, ``image_size``/``channels``/
+    ``mean``/``std`` for folders, ``class_names`` (optional).
+    Stage 1: ``concept_images`` (images sampled for the PFV–iERF dataset), ``pfvs_per_image``,
+    ``attribution`` (``srd`` | ``gradxinput``), ``ierf_dtype``, ``store_ierf`` (False: contributions
+    only, no iERF maps — for benchmarks).
+    Stage 2: ``layers`` (None = all points), ``k_factor`` (K = k_factor·C) or ``k`` (fixed),
+    ``kmeans_mode`` (passed to the concept extractor), ``representatives`` (samples kept per concept).
+    Stage 3: ``explain_images`` (≥ ``per_class`` of each class), ``lam`` (λ relative to λ_max; None =
+    the coder's default), ``code_method``, ``positive``.
+    Stage 4: ``gig_steps``, ``gig_rule``, ``top_concepts`` (per class per layer), ``top_shared``
+    (per pair of classes), ``class_by`` (``label`` | ``prediction``), ``class_probability``.
+    Execution: ``seed``, ``device``, ``backend``, ``batch_size``, ``gig_batch_size``,
+    ``chunk_images`` (checkpoint granularity), ``out``, ``progress``.
+    """
+    model: str = "demo"
+    weights: str | None = None
+    dataset: str = "fashion-mnist"
+    split: str = "test"
+    image_size: int = 224
+    channels: int = 3
+    mean: tuple = (0.485, 0.456, 0.406)
+    std: tuple = (0.229, 0.224, 0.225)
+    class_names: list | None = None
+    concept_images: int = 5000
+    pfvs_per_image: int = 1
+    attribution: str = "srd"
+    ierf_dtype: str = "float16"
+    store_ierf: bool = True
+    layers: list | None = None
+    k_factor: float = 8.0
+    k: int | None = None
+    kmeans_mode: str | None = None
+    representatives: int = 5
+    explain_images: int = 1000
+    per_class: int = 100
+    lam: float | None = None
+    code_method: str = "lasso"
+    positive: bool = False
+    gig_steps: int = 16
+    gig_rule: str = "gausslegendre"
+    top_concepts: int = 5
+    top_shared: int = 3
+    class_by: str = "label"
+    class_probability: bool = True
+    seed: int = 0
+    device: str = "cpu"
+    backend: str | None = None
+    batch_size: int = 256
+    gig_batch_size: int | None = None
+    chunk_images: int = 500
+    out: str = "gig_out"
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.attribution not in ("srd", "gradxinput"):
+            raise ValueError(f"attribution must be 'srd' or 'gradxinput', got {self.attribution!r}")
+        if self.class_by not in ("label", "prediction"):
+            raise ValueError(f"class_by must be 'label' or 'prediction', got {self.class_by!r}")
+        for name in ("concept_images", "explain_images", "pfvs_per_image", "gig_steps", "top_concepts",
+                     "chunk_images", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.k is None and self.k_factor <= 0:
+            raise ValueError(f"k_factor must be > 0, got {self.k_factor}")
+        if self.layers is not None and isinstance(self.layers, str):
+            self.layers = [s.strip() for s in self.layers.split(",") if s.strip()]
+        self.mean, self.std = tuple(self.mean), tuple(self.std)
+
+    def key(self) -> str:
+        """Hash of every field that changes results (the run key for resuming)."""
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_HASHED}
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **kw) -> "PipelineConfig":
+        return dataclasses.replace(self, **kw)
+
+
+def load_config(path: str | Path | None = None, **overrides) -> PipelineConfig:
+    """Read a YAML or JSON config file (unknown keys are an error) and apply non-None ``overrides``."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        text = path.read_text()
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+            data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold a mapping of options")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    valid = {f.name for f in dataclasses.fields(PipelineConfig)}
+    unknown = sorted(set(data) - valid)
+    if unknown:
+        raise ValueError(f"unknown config option(s) {unknown}; valid: {', '.join(sorted(valid))}")
+    return PipelineConfig(**data)
+
+
+def demo_config(**overrides) -> PipelineConfig:
+    """The README demo: the trained demo net on Fashion-MNIST test, all 16 blocks (sized for 2 CPU cores)."""
+    base = dict(model="demo", dataset="fashion-mnist", split="test", concept_images=5000,
+                explain_images=1000, per_class=100, k_factor=8.0, gig_steps=8, kmeans_mode="fast",
+                gig_batch_size=2048, batch_size=250, chunk_images=500, out="gig_demo")
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return PipelineConfig(**base)

@@ -1,0 +1,133 @@
+"""The dataset-wide concept graph (DESIGN.md §1.6) and its files: ``graph.json``, ``metrics.json``.
+
+Schema: ``docs/graph_schema.md`` (``schema = "gig_fast.graph"``, ``version = 1``). Built only from
+the stage files, so a resumed run writes the same graph as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .stages import CLASSES, class_pair_weights, class_scores, load_concepts, top_sets, transitions
+
+__all__ = ["build_graph", "SCHEMA", "SCHEMA_VERSION"]
+
+SCHEMA, SCHEMA_VERSION = "gig_fast.graph", 1
+
+
+def _norm(weights: np.ndarray) -> np.ndarray:
+    """Display weight in [0, 1]: |w| / max |w| over one layer pair of one graph."""
+    m = np.abs(weights).max() if weights.size else 0.0
+    return np.abs(weights) / m if m > 0 else np.zeros_like(weights, dtype=np.float64)
+
+
+def _r(x: float) -> float:
+    return float(f"{float(x):.6g}")
+
+
+def _concepts_section(pipe) -> dict:
+    out = {}
+    for point in pipe.points:
+        c = load_concepts(pipe, point)
+        V, sizes, reps = c["V"], c["sizes"], c["representatives"]
+        data = pipe.stage1_index(point)  # rows → (image, position)
+        norms = V.norm(dim=1)
+        out[point] = [
+            {"id": j, "size": int(sizes[j]), "norm": _r(norms[j]),
+             "samples": [[int(data["image"][r]), int(data["position"][r])] for r in reps[j].tolist() if r >= 0]}
+            for j in range(V.shape[0])]
+    return out
+
+
+def build_graph(pipe) -> dict:
+    """Assemble ``graph.json`` from the stage-4 files (see ``docs/graph_schema.md``)."""
+    cfg = pipe.config
+    pts = pipe.points
+    n_cls = pipe.num_classes
+    trans = transitions(pipe)  # top-down
+    tops = {p: top_sets(pipe, p) for p in pts}
+    scores = {a: class_scores(pipe, a, b) for a, b in trans}  # [n_classes, K_a]
+    layers = [{"name": p, "channels": pipe.adapter.channels(p), "n_concepts": int(scores[p].shape[1]),
+               "spatial": list(pipe.spatial[p])} for p in pts] + [{"name": CLASSES, "n_concepts": n_cls}]
+
+    class_graphs = {}
+    for c in range(n_cls):
+        nodes, edges = {}, []
+        for a, b in trans:
+            s = scores[a][c]
+            top = tops[a][c]
+            nodes[a] = [{"concept": int(q), "score": _r(s[q]), "normalized": _r(v)}
+                        for q, v in zip(top, _norm(s[top]))]
+            if b == CLASSES:
+                w = s[top]
+                pairs = [(int(q), c, w[i]) for i, q in enumerate(top)]
+            else:
+                W = class_pair_weights(pipe, a, b)[c]  # [T, K_a]
+                pairs = [(int(q), int(t), W[ti, q]) for ti, t in enumerate(tops[b][c]) for q in top]
+            norm = _norm(np.array([p[2] for p in pairs]))
+            edges += [{"source": [a, q], "target": [b, t], "weight": _r(w), "normalized": _r(n)}
+                      for (q, t, w), n in zip(pairs, norm)]
+        class_graphs[str(c)] = {"nodes": nodes, "edges": edges}
+
+    pair_graphs = {}
+    for c1 in range(n_cls):
+        for c2 in range(c1 + 1, n_cls):
+            shared = {}
+            for a, _ in trans:
+                s1, s2 = np.clip(scores[a][c1], 0, None), np.clip(scores[a][c2], 0, None)
+                if s1.max() <= 0 or s2.max() <= 0:
+                    continue
+                both = np.minimum(s1 / s1.max(), s2 / s2.max())
+                order = np.argsort(-both, kind="stable")[:cfg.top_shared]
+                keep = [{"concept": int(q), "score": _r(both[q]), "importance": [_r(scores[a][c1][q]),
+                                                                                 _r(scores[a][c2][q])]}
+                        for q in order if both[q] > 0]
+                if keep:
+                    shared[a] = keep
+            pair_graphs[f"{c1}-{c2}"] = {"classes": [c1, c2], "shared": shared}
+
+    images = _image_graphs(pipe, trans, tops)
+    return {
+        "schema": SCHEMA, "version": SCHEMA_VERSION, "run_key": pipe.config.key(),
+        "model": {"arch": cfg.model, "weights": cfg.weights, "dataset": cfg.dataset, "split": cfg.split},
+        "settings": {"top_concepts": cfg.top_concepts, "top_shared": cfg.top_shared, "gig_steps": cfg.gig_steps,
+                     "gig_rule": cfg.gig_rule, "class_by": cfg.class_by, "attribution": cfg.attribution,
+                     "class_probability": cfg.class_probability},
+        "classes": [{"id": c, "name": pipe.class_names[c], "n_images": int(pipe.explained_per_class[c])}
+                    for c in range(n_cls)],
+        "layers": layers,
+        "concepts": _concepts_section(pipe),
+        "class_graphs": class_graphs,
+        "pair_graphs": pair_graphs,
+        "images": images,
+    }
+
+
+def _image_graphs(pipe, trans, tops) -> list:
+    """Per explained image: its strongest concepts per layer and edges to its class's top targets."""
+    from .stages import _trans_dir
+
+    per_image: dict[int, dict] = {}
+    meta = pipe.explained_meta()  # image id → (label, prediction)
+    for a, b in trans:
+        for path in sorted(_trans_dir(pipe, a, b).glob("chunk_*.npz")):
+            with np.load(path, allow_pickle=False) as z:
+                imgs, tidx, tval = z["image"], z["top_idx"], z["top_val"]
+            for r, img in enumerate(imgs.tolist()):
+                label, pred = meta[img]
+                c = label if pipe.config.class_by == "label" else pred
+                g = per_image.setdefault(img, {"id": img, "label": label, "prediction": pred, "class": c,
+                                               "nodes": {}, "edges": []})
+                vals = tval[r]  # [M, T]
+                strength = vals.sum(1)
+                k = min(pipe.config.top_concepts, len(strength))
+                sel = np.argsort(-strength, kind="stable")[:k]
+                g["nodes"][a] = [{"concept": int(tidx[r, i]), "score": _r(strength[i])} for i in sel]
+                targets = [c] if b == CLASSES else [int(t) for t in tops[b][c]]
+                # the image's strongest edges of this layer pair (as many as top_concepts)
+                cand = [(int(tidx[r, i]), t, float(vals[i, ti])) for i in sel for ti, t in enumerate(targets)]
+                cand.sort(key=lambda e: -abs(e[2]))
+                cand = cand[:pipe.config.top_concepts]
+                norm = _norm(np.array([e[2] for e in cand]))
+                g["edges"] += [{"source": [a, q], "target": [b, t], "weight": _r(w), "normalized": _r(n)}
+                               for (q, t, w), n in zip(cand, norm)]
+    return [per_image[k] for k in sorted(per_image)]

@@ -1,0 +1,80 @@
+"""``metrics.json`` (per-layer rel-L2, l0 ratio, completeness deltas, timings) and a static ``report.html``."""
+from __future__ import annotations
+
+import html
+
+import numpy as np
+
+from .stages import _trans_dir, transitions
+
+__all__ = ["collect_metrics", "render_report"]
+
+
+def collect_metrics(pipe, timings: dict) -> dict:
+    """Per-layer decomposition quality (paper Table 1 form) and per-transition completeness deltas."""
+    layers = {}
+    sums: dict[str, np.ndarray] = {}
+    for path in sorted((pipe.work / "codes").glob("chunk_*.npz")):
+        with np.load(path, allow_pickle=False) as z:
+            for p in pipe.points:
+                for key in ("rel_l2_sum", "l0_sum", "count", "not_converged"):
+                    k = f"{p}|{key}"
+                    if k in z.files:
+                        sums[k] = sums.get(k, 0) + z[k].astype(np.float64)
+    for p in pipe.points:
+        n = float(sums[f"{p}|count"].sum())
+        layers[p] = {"rel_l2": float(sums[f"{p}|rel_l2_sum"].sum() / n), "l0_ratio": float(sums[f"{p}|l0_sum"].sum() / n),
+                     "pfvs": int(n), "not_converged": int(np.sum(sums.get(f"{p}|not_converged", 0)))}
+    deltas = {}
+    for a, b in transitions(pipe):
+        files = sorted(_trans_dir(pipe, a, b).glob("chunk_*.npz"))
+        ad = np.abs(np.concatenate([np.load(f, allow_pickle=False)["delta"].ravel() for f in files]))
+        rd = np.concatenate([np.load(f, allow_pickle=False)["rel_delta"].ravel() for f in files])
+        deltas[f"{a}->{b}"] = {"max_abs": float(ad.max()), "median_abs": float(np.median(ad)),
+                               "max_rel": float(rd.max()), "median_rel": float(np.median(rd)), "n": int(ad.size)}
+    all_d = np.array([v["max_abs"] for v in deltas.values()])
+    all_r = np.concatenate([[v["max_rel"], v["median_rel"]] for v in deltas.values()]) if deltas else np.array([])
+    meta = pipe.explained_meta()
+    acc = float(np.mean([lab == pred for lab, pred in meta.values()]))
+    return {"run_key": pipe.config.key(), "layers": layers, "completeness": deltas,
+            "completeness_max_abs": float(all_d.max()) if all_d.size else None,
+            "completeness_median_of_max": float(np.median(all_d)) if all_d.size else None,
+            "completeness_max_rel": float(all_r[0::2].max()) if all_r.size else None,
+            "completeness_median_rel": float(np.median(all_r[1::2])) if all_r.size else None,
+            "explained_images": len(meta), "concept_images": int(len(pipe.concept_ids)),
+            "accuracy_on_explained": acc, "skipped_images": pipe.skipped, "timings_s": timings}
+
+
+def render_report(graph: dict, metrics: dict) -> str:
+    """A static HTML summary; every string from the data is escaped."""
+    e = lambda s: html.escape(str(s), quote=True)  # noqa: E731
+    names = {c["id"]: c["name"] for c in graph["classes"]}
+    rows = "".join(f"<tr><td>{e(p)}</td><td>{m['rel_l2']:.4f}</td><td>{m['l0_ratio']:.4f}</td><td>{m['pfvs']}</td></tr>"
+                   for p, m in metrics["layers"].items())
+    drows = "".join(f"<tr><td>{e(k)}</td><td>{v['max_abs']:.3g}</td><td>{v['median_abs']:.3g}</td>"
+                    f"<td>{v['max_rel']:.3g}</td><td>{v['median_rel']:.3g}</td></tr>"
+                    for k, v in metrics["completeness"].items())
+    classes = []
+    for cid, g in graph["class_graphs"].items():
+        items = "".join(f"<li>{e(layer)}: " + ", ".join(f"#{n['concept']} ({n['normalized']:.2f})" for n in nodes) + "</li>"
+                        for layer, nodes in list(g["nodes"].items())[:4])
+        classes.append(f"<h3>{e(names[int(cid)])}</h3><ul>{items}</ul>")
+    pairs = []
+    for key, pg in graph["pair_graphs"].items():
+        c1, c2 = pg["classes"]
+        last = pg["shared"].get(graph["layers"][-2]["name"], [])
+        if last:
+            pairs.append(f"<tr><td>{e(names[c1])} / {e(names[c2])}</td><td>"
+                         + ", ".join(f"#{s['concept']} ({s['score']:.2f})" for s in last) + "</td></tr>")
+    timing = "".join(f"<tr><td>{e(k)}</td><td>{v:.1f}</td></tr>" for k, v in metrics["timings_s"].items())
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>gig_fast report</title>
+<style>body{{font-family:sans-serif;max-width:60em;margin:auto}}td,th{{padding:2px 8px;text-align:left}}</style></head><body>
+<h1>gig_fast run {e(graph['run_key'])}</h1>
+<p>Model {e(graph['model']['arch'])} on {e(graph['model']['dataset'])}; {metrics['explained_images']} explained images,
+{metrics['concept_images']} concept images; accuracy on explained images {metrics['accuracy_on_explained']:.3f}.</p>
+<h2>Decomposition per layer</h2><table><tr><th>layer</th><th>rel-L2</th><th>l0 ratio</th><th>PFVs</th></tr>{rows}</table>
+<h2>Completeness deltas (|Σ GIG − ΔT|)</h2><table><tr><th>transition</th><th>max</th><th>median</th><th>max rel.</th><th>median rel.</th></tr>{drows}</table>
+<h2>Top concepts per class (upper layers)</h2>{''.join(classes)}
+<h2>Shared concepts at the last layer</h2><table><tr><th>classes</th><th>concepts (score)</th></tr>{''.join(pairs)}</table>
+<h2>Timings (s)</h2><table>{timing}</table></body></html>
+"""

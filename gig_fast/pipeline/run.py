@@ -1,0 +1,175 @@
+"""``Pipeline``: ties the stages together, holds the model, data and the run's work folder."""
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..models import FASHION_CLASSES, get_adapter, load_model
+from .config import PipelineConfig
+from .graph import build_graph
+from .report import collect_metrics, render_report
+from .stages import attribute, decompose, extract_concepts, pfv_dataset
+from .store import atomic_write_text, load_json, save_json
+
+__all__ = ["Pipeline"]
+
+
+def _dataset_labels(ds) -> np.ndarray:
+    if isinstance(ds, torch.utils.data.TensorDataset):
+        return ds.tensors[1].numpy().astype(np.int64)
+    if hasattr(ds, "samples"):
+        return np.array([lab for _, lab in ds.samples], dtype=np.int64)
+    if hasattr(ds, "targets"):
+        return np.asarray(ds.targets, dtype=np.int64)
+    return np.array([int(ds[i][1]) for i in range(len(ds))], dtype=np.int64)
+
+
+class Pipeline:
+    """A GIG run: ``Pipeline(config).run()`` → the output folder (DESIGN.md §1).
+
+    Args:
+        config: a :class:`PipelineConfig` (or a dict of its fields).
+        model: optional model object (overrides ``config.model``/``weights``).
+        dataset: optional dataset yielding ``(image [C, H, W], label)`` (overrides ``config.dataset``).
+        class_names: optional names (else from the config / dataset).
+
+    Each stage is also a function of this object: :func:`pfv_dataset`, :func:`extract_concepts`,
+    :func:`decompose`, :func:`attribute`, :func:`build_graph`.
+    """
+
+    def __init__(self, config: PipelineConfig | dict, model: torch.nn.Module | None = None, dataset=None,
+                 class_names: list[str] | None = None):
+        self.config = config if isinstance(config, PipelineConfig) else PipelineConfig(**config)
+        cfg = self.config
+        self.device = torch.device(cfg.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but CUDA is not available")
+        self.model = (model if model is not None else load_model(cfg.model, cfg.weights))
+        self.adapter = get_adapter(self.model)
+        self.model.to(self.device)
+        self.points = self.adapter.check_points(cfg.layers)
+        self.dataset, self.skipped = self._open_dataset(dataset)
+        if len(self.dataset) == 0:
+            raise ValueError(f"dataset {cfg.dataset!r} is empty")
+        self.labels = _dataset_labels(self.dataset)
+        self.num_classes = self.adapter.num_classes
+        self.class_names = list(class_names or cfg.class_names or getattr(self.dataset, "classes", None)
+                                or (FASHION_CLASSES if cfg.dataset == "fashion-mnist" else
+                                    [str(i) for i in range(self.num_classes)]))
+        if len(self.class_names) < self.num_classes:
+            self.class_names += [str(i) for i in range(len(self.class_names), self.num_classes)]
+        if self.labels.max() >= self.num_classes:
+            raise ValueError(f"dataset has label {self.labels.max()} but the model has {self.num_classes} classes")
+        self.concept_ids, self.explain_ids = self._select_images()
+        self.out = Path(cfg.out)
+        self.work = self.out / f"work-{cfg.key()}"
+        x0, _ = self.load_images(self.concept_ids[:1])
+        with torch.no_grad():
+            rec = self.adapter.record(x0, keep="preact")
+        self.spatial = {p: tuple(rec.preact(p).shape[-2:]) for p in self.points}
+        self._stage1_index: dict = {}
+
+    # -- data -------------------------------------------------------------------------------------
+    def _open_dataset(self, dataset):
+        cfg = self.config
+        if dataset is not None:
+            return dataset, list(getattr(dataset, "skipped", []))
+        if cfg.dataset == "fashion-mnist":
+            from ..data import fashion_mnist
+            return fashion_mnist(cfg.split), []
+        from ..data import ImageFolderDataset
+        ds = ImageFolderDataset(cfg.dataset, size=cfg.image_size, channels=cfg.channels, mean=cfg.mean, std=cfg.std)
+        return ds, [list(s) for s in ds.skipped]
+
+    def _select_images(self) -> tuple[np.ndarray, np.ndarray]:
+        cfg = self.config
+        n = len(self.dataset)
+        rng = np.random.default_rng(cfg.seed)
+        concept = rng.permutation(n)[:cfg.concept_images]
+        if cfg.concept_images > n:
+            warnings.warn(f"concept_images={cfg.concept_images} > dataset size {n}; using all {n}", stacklevel=3)
+        order = np.random.default_rng(cfg.seed + 1).permutation(n)
+        chosen: list[int] = []
+        for c in range(self.num_classes):
+            chosen += order[self.labels[order] == c][:cfg.per_class].tolist()
+        taken = set(chosen)
+        for i in order.tolist():
+            if len(chosen) >= cfg.explain_images:
+                break
+            if i not in taken:
+                chosen.append(i)
+                taken.add(i)
+        return np.sort(concept), np.array(sorted(chosen), dtype=np.int64)
+
+    def load_images(self, ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, C, H, W]`` images on the device and ``[B]`` labels for dataset indices ``ids``."""
+        ids = np.asarray(ids)
+        if isinstance(self.dataset, torch.utils.data.TensorDataset):
+            x, y = self.dataset.tensors[0][ids], self.dataset.tensors[1][ids]
+        else:
+            items = [self.dataset[int(i)] for i in ids]
+            x = torch.stack([it[0] for it in items])
+            y = torch.tensor([int(it[1]) for it in items])
+        return x.to(self.device, torch.float32), y.to(self.device)
+
+    def explained_class(self, x, y):
+        """Class explained in stage 1: the label (``class_by='label'``) or None (the prediction)."""
+        return y if self.config.class_by == "label" else None
+
+    def stage1_index(self, point: str) -> dict:
+        if point not in self._stage1_index:
+            from .stages import load_pfvs
+            d = load_pfvs(self, point)
+            self._stage1_index[point] = {"image": d["image"], "position": d["position"]}
+        return self._stage1_index[point]
+
+    def explained_meta(self) -> dict[int, tuple[int, int]]:
+        meta = {}
+        for path in sorted((self.work / "codes").glob("chunk_*.npz")):
+            with np.load(path, allow_pickle=False) as z:
+                for i, lab, pred in zip(z["image"].tolist(), z["label"].tolist(), z["prediction"].tolist()):
+                    meta[i] = (lab, pred)
+        return meta
+
+    @property
+    def explained_per_class(self) -> np.ndarray:
+        return np.bincount(self.labels[self.explain_ids], minlength=self.num_classes)
+
+    # -- run --------------------------------------------------------------------------------------
+    def _check_work(self):
+        run_file = self.work / "config.json"
+        if run_file.exists():
+            if load_json(run_file).get("key") != self.config.key():
+                raise ValueError(f"{self.work} belongs to another configuration")
+        else:
+            save_json(run_file, {"key": self.config.key(), "config": self.config.to_dict()})
+
+    def run(self) -> Path:
+        """Run (or resume) every stage; write ``graph.json``, ``metrics.json``, ``report.html``.
+
+        Returns the output folder.
+        """
+        from ..ops import use_backend
+        import contextlib
+
+        self._check_work()
+        timings = {}
+        ctx = use_backend(self.config.backend) if self.config.backend else contextlib.nullcontext()
+        with ctx:
+            for name, stage in (("stage1_pfv_dataset", pfv_dataset), ("stage2_concepts", extract_concepts),
+                                ("stage3_decomposition", decompose), ("stage4_gig", attribute)):
+                t0 = time.perf_counter()
+                stage(self)
+                timings[name] = round(time.perf_counter() - t0, 2)
+            t0 = time.perf_counter()
+            graph = build_graph(self)
+            timings["graph"] = round(time.perf_counter() - t0, 2)
+        metrics = collect_metrics(self, timings)
+        save_json(self.out / "graph.json", graph, compact=True)
+        save_json(self.out / "metrics.json", metrics)
+        atomic_write_text(self.out / "report.html", render_report(graph, metrics))
+        return self.out

@@ -1,0 +1,351 @@
+"""The four stages of a GIG run (DESIGN.md §1.2–1.5), each resumable per layer / per chunk of images.
+
+Work files live in ``<out>/work-<config key>/``; every file is written atomically, so a run killed
+at any point (SIGKILL included) resumes from the last finished chunk and ends with the same results.
+Chunks have their own seeds (``seed``, chunk index), so results do not depend on where a run stopped.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import deps
+from .store import load_npz, save_npz
+
+__all__ = ["pfv_dataset", "extract_concepts", "decompose", "attribute", "chunk_ids", "CLASSES"]
+
+CLASSES = "classes"  # the name of the last graph layer (the class targets)
+
+
+def chunk_ids(ids: np.ndarray, size: int) -> list[np.ndarray]:
+    return [ids[i:i + size] for i in range(0, len(ids), size)]
+
+
+def _bar(pipe, it, desc, total=None):
+    return tqdm(it, desc=desc, total=total, disable=not pipe.config.progress, leave=False)
+
+
+def _batches(ids: np.ndarray, size: int):
+    for i in range(0, len(ids), size):
+        yield ids[i:i + size]
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 1: PFV–iERF dataset
+# ---------------------------------------------------------------------------------------------
+def _sampler(k: int, gen: torch.Generator):
+    """``select`` for SRD: k positions per image with probability ∝ max(contribution, 0) (uniform
+    when no position contributes positively), without replacement."""
+    def select(point, contrib):
+        w = contrib.detach().flatten(1).double().clamp_min(0).cpu()
+        if k > w.shape[1]:
+            raise ValueError(f"pfvs_per_image={k} exceeds the {w.shape[1]} positions of {point}")
+        dead = w.sum(1) <= 0
+        w[dead] = 1.0
+        return torch.multinomial(w, k, replacement=False, generator=gen).to(contrib.device)
+    return select
+
+
+def pfv_dataset(pipe) -> list[Path]:
+    """Stage 1: for each concept image and analysed layer, sample ``pfvs_per_image`` PFVs by their
+    contribution to the class logit and keep each with its iERF (DESIGN.md §1.2).
+
+    Writes ``stage1/chunk_XXXXX.npz`` with, per layer ``L``: ``L|pfv [n, C]`` float32,
+    ``L|ierf [n, H_in, W_in]`` (``ierf_dtype``; only with ``store_ierf``), ``L|position [n]``, and ``image [n]``, ``label [n]``,
+    ``target [n]`` (the explained class). Returns the chunk files in order.
+    """
+    from ..srd import explain
+
+    cfg, files = pipe.config, []
+    ids = pipe.concept_ids
+    chunks = chunk_ids(ids, cfg.chunk_images)
+    for ci, chunk in enumerate(_bar(pipe, chunks, "stage 1: PFV–iERF dataset")):
+        path = pipe.work / "stage1" / f"chunk_{ci:05d}.npz"
+        files.append(path)
+        if path.exists():
+            continue
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + ci)
+        k = cfg.pfvs_per_image
+        parts: dict[str, list] = {}
+        for batch in _batches(chunk, cfg.batch_size):
+            x, y = pipe.load_images(batch)
+            select = _sampler(k, gen)
+            res = explain(pipe.adapter, x, pipe.explained_class(x, y), method=cfg.attribution,
+                          select=select if cfg.store_ierf else None, points=pipe.points)
+            if not cfg.store_ierf:  # contributions only: sample top-down as the SRD pass would
+                res.positions = {p: select(p, res.contributions[p]) for p in reversed(pipe.points)}
+            for point in pipe.points:
+                v = res.record.preact(point).flatten(2)  # [B, C, P]
+                pos = res.positions[point].reshape(len(batch), k)
+                pfv = torch.gather(v, 2, pos[:, None, :].expand(-1, v.shape[1], -1)).permute(0, 2, 1)
+                parts.setdefault(f"{point}|pfv", []).append(pfv.reshape(-1, v.shape[1]).float().cpu())
+                parts.setdefault(f"{point}|position", []).append(pos.reshape(-1).cpu())
+                if cfg.store_ierf:
+                    ierf = res.ierf[point].reshape(len(batch) * k, *x.shape[-2:])
+                    parts.setdefault(f"{point}|ierf", []).append(ierf.to(getattr(torch, cfg.ierf_dtype)).cpu())
+            parts.setdefault("image", []).append(torch.as_tensor(batch).repeat_interleave(k))
+            parts.setdefault("label", []).append(y.cpu().repeat_interleave(k))
+            parts.setdefault("target", []).append(res.target.cpu().repeat_interleave(k))
+        save_npz(path, **{key: torch.cat(v) for key, v in parts.items()})
+    return files
+
+
+def load_pfvs(pipe, point: str) -> dict[str, np.ndarray]:
+    """The stage-1 samples of one layer: ``pfv [N, C]``, ``position``, ``image``, ``label`` (no iERFs)."""
+    out: dict[str, list] = {}
+    for ci in range(len(chunk_ids(pipe.concept_ids, pipe.config.chunk_images))):
+        with np.load(pipe.work / "stage1" / f"chunk_{ci:05d}.npz", allow_pickle=False) as z:
+            for key in ("pfv", "position"):
+                out.setdefault(key, []).append(z[f"{point}|{key}"])
+            for key in ("image", "label"):
+                out.setdefault(key, []).append(z[key])
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 2: concepts
+# ---------------------------------------------------------------------------------------------
+def n_concepts(pipe, point: str) -> int:
+    cfg = pipe.config
+    return int(cfg.k) if cfg.k is not None else max(1, int(round(cfg.k_factor * pipe.adapter.channels(point))))
+
+
+def extract_concepts(pipe) -> dict[str, Path]:
+    """Stage 2: bisecting spherical k-means per layer (DESIGN.md §1.3) on the stage-1 PFVs.
+
+    Writes ``concepts/<layer>.npz``: ``V [K, C]`` (concept vectors = cluster means of ``x − β``),
+    ``beta [C]``, ``labels [N]``, ``sizes [K]``, ``representatives [K, r]`` (stage-1 row indices of the
+    members closest in cosine, −1 padded) and ``rep_cosine [K, r]``.
+    """
+    cfg, files = pipe.config, {}
+    for point in _bar(pipe, pipe.points, "stage 2: concepts"):
+        path = pipe.work / "concepts" / f"{point}.npz"
+        files[point] = path
+        if path.exists():
+            continue
+        data = load_pfvs(pipe, point)
+        X = torch.from_numpy(data["pfv"]).to(pipe.device)
+        N, K = X.shape[0], n_concepts(pipe, point)
+        if K > N:
+            raise ValueError(f"K={K} concepts requested at {point} but only N={N} PFVs were sampled; "
+                             "lower k / k_factor or raise concept_images / pfvs_per_image")
+        if not torch.isfinite(X).all():
+            raise ValueError(f"non-finite (NaN/inf) PFVs at {point}: check the model weights and inputs")
+        beta = pipe.adapter.bn_shift(point).to(X)
+        V, labels = deps.bisecting_kmeans(X, K, beta, cfg.seed, cfg.kmeans_mode)
+        V, labels = V.to(X).detach(), labels.to(X.device).long()
+        reps, cos = _representatives(X - beta, V, labels, cfg.representatives)
+        save_npz(path, V=V.float(), beta=beta.float(), labels=labels,
+                 sizes=torch.bincount(labels, minlength=K), representatives=reps, rep_cosine=cos)
+    return files
+
+
+def _representatives(Xc: torch.Tensor, V: torch.Tensor, labels: torch.Tensor, r: int):
+    """Per concept the ``r`` members closest in cosine to its vector (``[K, r]`` indices, −1 padded)."""
+    K = V.shape[0]
+    cos = torch.nn.functional.cosine_similarity(Xc, V[labels], dim=1).double().cpu()
+    labels = labels.cpu()
+    order = torch.argsort(labels * 4.0 - cos, stable=True)  # by label, then cosine descending
+    reps = torch.full((K, r), -1, dtype=torch.long)
+    rcos = torch.zeros(K, r)
+    sorted_labels = labels[order]
+    starts = torch.searchsorted(sorted_labels, torch.arange(K))
+    counts = torch.bincount(sorted_labels, minlength=K)
+    for j in torch.nonzero(counts).flatten().tolist():
+        n = int(min(r, counts[j]))
+        sel = order[starts[j]: starts[j] + n]
+        reps[j, :n] = sel
+        rcos[j, :n] = cos[sel].float()
+    return reps, rcos
+
+
+def load_concepts(pipe, point: str) -> dict[str, torch.Tensor]:
+    d = load_npz(pipe.work / "concepts" / f"{point}.npz")
+    return {k: torch.from_numpy(v) for k, v in d.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 3: decomposition
+# ---------------------------------------------------------------------------------------------
+def _code_counting_warnings(X, V, beta, cfg):
+    """Sparse-code ``X``; the coder's per-batch convergence warnings are counted (reported per layer in
+    metrics.json as ``not_converged``) instead of flooding the console; other warnings pass through."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        idx, val = deps.sparse_code(X, V, cfg.lam, beta, cfg.code_method, cfg.positive)
+    n = 0
+    for w in caught:
+        m = re.search(r"(\d+) of \d+ vectors", str(w.message))
+        if type(w.message).__name__ == "SparseCodeConvergenceWarning" and m:
+            n += int(m.group(1))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return idx, val, n
+
+
+def decompose(pipe) -> list[Path]:
+    """Stage 3: code every PFV of the explained images on its layer's concepts (DESIGN.md §1.4).
+
+    Writes ``codes/chunk_XXXXX.npz`` with ``image``, ``label``, ``prediction`` and, per layer ``L``:
+    ``L|idx [B, P, s]`` int64 (−1 padded), ``L|val [B, P, s]`` float32, ``L|rel_l2_sum``,
+    ``L|l0_sum``, ``L|count`` (for the per-layer rel-L2 and l0 ratio), ``L|not_converged`` (rows the
+    coder stopped at its iteration cap).
+    """
+    from ..ops import sparse_reconstruct
+
+    cfg, files = pipe.config, []
+    concepts = {p: load_concepts(pipe, p) for p in pipe.points}
+    for ci, chunk in enumerate(_bar(pipe, chunk_ids(pipe.explain_ids, cfg.chunk_images), "stage 3: decomposition")):
+        path = pipe.work / "codes" / f"chunk_{ci:05d}.npz"
+        files.append(path)
+        if path.exists():
+            continue
+        out: dict[str, list] = {}
+        for batch in _batches(chunk, cfg.batch_size):
+            x, y = pipe.load_images(batch)
+            with torch.no_grad():
+                rec = pipe.adapter.record(x, keep="preact")
+            out.setdefault("image", []).append(torch.as_tensor(batch))
+            out.setdefault("label", []).append(y.cpu())
+            out.setdefault("prediction", []).append(rec.logits.argmax(1).cpu())
+            for point in pipe.points:
+                v = rec.preact(point)
+                if not torch.isfinite(v).all():
+                    raise ValueError(f"non-finite (NaN/inf) activations at {point} for images {batch.tolist()[:5]}…")
+                B, C, H, W = v.shape
+                X = v.permute(0, 2, 3, 1).reshape(-1, C)
+                V, beta = concepts[point]["V"].to(X), concepts[point]["beta"].to(X)
+                idx, val, not_converged = _code_counting_warnings(X, V, beta, cfg)
+                recon = sparse_reconstruct(idx, val.to(X), V, beta)
+                rel = (X - recon).norm(dim=1) / X.norm(dim=1).clamp_min(1e-12)
+                l0 = 1.0 - (idx >= 0).sum(1).double() / V.shape[0]
+                s = idx.shape[1]
+                out.setdefault(f"{point}|idx", []).append(idx.reshape(B, H * W, s).cpu())
+                out.setdefault(f"{point}|val", []).append(val.reshape(B, H * W, s).float().cpu())
+                out.setdefault(f"{point}|rel_l2_sum", []).append(rel.double().sum().reshape(1).cpu())
+                out.setdefault(f"{point}|l0_sum", []).append(l0.sum().reshape(1).cpu())
+                out.setdefault(f"{point}|count", []).append(torch.tensor([X.shape[0]]))
+                out.setdefault(f"{point}|not_converged", []).append(torch.tensor([not_converged]))
+        arrays = {}
+        for key, parts in out.items():
+            if key.endswith("|idx") or key.endswith("|val"):
+                s = max(p.shape[-1] for p in parts)
+                fill = -1 if key.endswith("|idx") else 0.0
+                parts = [torch.nn.functional.pad(p, (0, s - p.shape[-1]), value=fill) for p in parts]
+                arrays[key] = torch.cat(parts)
+            elif key.endswith("_sum") or key.endswith("|count") or key.endswith("|not_converged"):
+                arrays[key] = torch.stack(parts).sum(0)
+            else:
+                arrays[key] = torch.cat(parts)
+        save_npz(path, **arrays)
+    return files
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 4: GIG
+# ---------------------------------------------------------------------------------------------
+def transitions(pipe) -> list[tuple[str, str]]:
+    """Layer pairs (a, b) top-down: (last, classes), then (previous, last), …"""
+    pts = pipe.points
+    pairs = [(pts[-1], CLASSES)] + [(pts[i], pts[i + 1]) for i in range(len(pts) - 2, -1, -1)]
+    return pairs
+
+
+def _trans_dir(pipe, a, b) -> Path:
+    return pipe.work / "gig" / f"{a}__{b}"
+
+
+def class_scores(pipe, a: str, b: str) -> np.ndarray:
+    """``[n_classes, K_a]`` score of each concept of ``a`` per class: Σ over the class's images of its
+    GIG to the class (b = classes) or to the class's top concepts of ``b`` (summed over those)."""
+    total = None
+    for path in sorted(_trans_dir(pipe, a, b).glob("chunk_*.npz")):
+        with np.load(path, allow_pickle=False) as z:
+            s = z["class_sum"].sum(1)  # [n_classes, T, K] → [n_classes, K]
+        total = s if total is None else total + s
+    return total
+
+
+def class_pair_weights(pipe, a: str, b: str) -> np.ndarray:
+    """``[n_classes, T, K_a]``: Σ over each class's images of GIG(q → t-th top target of b)."""
+    total = None
+    for path in sorted(_trans_dir(pipe, a, b).glob("chunk_*.npz")):
+        with np.load(path, allow_pickle=False) as z:
+            s = z["class_sum"]
+        total = s if total is None else total + s
+    return total
+
+
+def top_sets(pipe, point: str) -> np.ndarray:
+    """``[n_classes, top]`` the top concepts of ``point`` per class (by the score from the layer above)."""
+    pts = pipe.points
+    above = CLASSES if point == pts[-1] else pts[pts.index(point) + 1]
+    scores = class_scores(pipe, point, above)
+    k = min(pipe.config.top_concepts, scores.shape[1])
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+def attribute(pipe) -> None:
+    """Stage 4: GIG per explained image, top-down (DESIGN.md §1.5–1.6).
+
+    For (last layer → classes) the target is the image's class (``class_by``); for (a → b) the
+    targets are the top concepts of ``b`` for the image's class, all computed together. Writes
+    ``gig/<a>__<b>/chunk_XXXXX.npz``: ``class_sum [n_classes, T, K_a]``, ``image [B]``,
+    ``top_idx [B, M]``/``top_val [B, M, T]`` (each image's M strongest sources), ``delta [T, B]``
+    and ``rel_delta [T, B]`` (``|delta| / |T(X(1)) − T(X(0))|``).
+    """
+    cfg = pipe.config
+    code_files = sorted((pipe.work / "codes").glob("chunk_*.npz"))
+    n_cls = pipe.num_classes
+    for a, b in _bar(pipe, transitions(pipe), "stage 4: GIG"):
+        ca = load_concepts(pipe, a)
+        V, beta = ca["V"].to(pipe.device), ca["beta"].to(pipe.device)
+        if b == CLASSES:
+            targets_per_class = None
+        else:
+            tops = top_sets(pipe, b)
+            Vb = load_concepts(pipe, b)["V"].to(pipe.device)
+        f_ab = deps.make_f_ab(pipe.adapter, a, None if b == CLASSES else b)
+        for ci, cpath in enumerate(code_files):
+            path = _trans_dir(pipe, a, b) / f"chunk_{ci:05d}.npz"
+            if path.exists():
+                continue
+            with np.load(cpath, allow_pickle=False) as z:
+                idx_all, val_all = torch.from_numpy(z[f"{a}|idx"]), torch.from_numpy(z[f"{a}|val"])
+                images, groups = z["image"], z["label" if cfg.class_by == "label" else "prediction"]
+            T = 1 if b == CLASSES else tops.shape[1]
+            M = min(32, V.shape[0])
+            class_sum = np.zeros((n_cls, T, V.shape[0]), dtype=np.float64)
+            top_idx = np.zeros((len(images), M), dtype=np.int64)
+            top_val = np.zeros((len(images), M, T), dtype=np.float32)
+            delta = np.zeros((T, len(images)), dtype=np.float64)
+            rel_delta = np.zeros((T, len(images)), dtype=np.float64)
+            for c in np.unique(groups):
+                rows = np.nonzero(groups == c)[0]
+                if b == CLASSES:
+                    target = deps.class_target(int(c), cfg.class_probability)
+                else:
+                    target = [deps.concept_target(Vb[t]) for t in tops[c]]
+                for sub in _batches(rows, cfg.batch_size):
+                    codes = (idx_all[sub].to(pipe.device), val_all[sub].to(pipe.device).to(V.dtype))
+                    res = deps.gig(f_ab, codes, V, beta, target, cfg.gig_steps, cfg.gig_rule, cfg.gig_batch_size,
+                                   pipe.spatial[a])
+                    pc = res.per_concept.detach().double().cpu().reshape(T, len(sub), V.shape[0])
+                    d = res.delta.detach().double().cpu().reshape(T, len(sub))
+                    span = (res.value_at_input - res.value_at_baseline).detach().double().cpu().reshape(T, len(sub))
+                    if not torch.isfinite(pc).all():
+                        raise ValueError(f"non-finite GIG attributions for {a} → {b}")
+                    class_sum[c] += pc.sum(1).numpy()
+                    strength = pc.abs().sum(0)  # [B, K]
+                    order = torch.argsort(strength, dim=1, descending=True, stable=True)[:, :M]
+                    top_idx[sub] = order.numpy()
+                    top_val[sub] = torch.gather(pc.permute(1, 2, 0), 1, order[:, :, None].expand(-1, -1, T)).numpy()
+                    delta[:, sub] = d.numpy()
+                    rel_delta[:, sub] = (d.abs() / span.abs().clamp_min(1e-12)).numpy()
+            save_npz(path, class_sum=class_sum, image=images, top_idx=top_idx, top_val=top_val, delta=delta,
+                     rel_delta=rel_delta)

@@ -1,0 +1,180 @@
+"""The pipeline end to end on a tiny net and data: artifacts, schema, resume after SIGKILL, bad input."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gig_fast.models import DemoResNet
+from gig_fast.cli import main
+from gig_fast.pipeline import Pipeline, PipelineConfig, extract_concepts, load_config, pfv_dataset
+from gig_fast.pipeline.explain import explain_image
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYERS = ["layer3.5", "layer4.0", "layer4.2"]
+
+
+def tiny_model(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    m = DemoResNet(base=2, num_classes=3)
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.normal_(0, 0.3, generator=g)
+            mod.running_var.uniform_(0.5, 2.0, generator=g)
+            mod.weight.data.normal_(1.0, 0.3, generator=g)
+            mod.bias.data.normal_(0.0, 0.3, generator=g)
+    return m.eval()
+
+
+def tiny_data(n=24, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.utils.data.TensorDataset(torch.randn(n, 1, 28, 28, generator=g), torch.arange(n) % 3)
+
+
+def tiny_config(out, **kw):
+    base = dict(model="demo", dataset="tiny", layers=LAYERS, concept_images=18, explain_images=6, per_class=2,
+                k=4, gig_steps=3, chunk_images=6, batch_size=6, out=str(out), progress=False,
+                class_names=["<b>tee</b>", "boot & shoe", "bag"])
+    base.update(kw)
+    return PipelineConfig(**base)
+
+
+def run_tiny(out, **kw):
+    return Pipeline(tiny_config(out, **kw), model=tiny_model(), dataset=tiny_data()).run()
+
+
+def test_tiny_run_writes_graph_metrics_report(tmp_path):
+    out = run_tiny(tmp_path / "run")
+    graph = json.loads((out / "graph.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    report = (out / "report.html").read_text()
+    assert graph["schema"] == "gig_fast.graph" and graph["version"] == 1
+    assert [layer["name"] for layer in graph["layers"]] == LAYERS + ["classes"]
+    assert [c["name"] for c in graph["classes"]] == ["<b>tee</b>", "boot & shoe", "bag"]
+    assert set(graph["concepts"]) == set(LAYERS) and len(graph["concepts"]["layer4.0"]) == 4
+    assert sum(c["size"] for c in graph["concepts"]["layer4.0"]) == 18  # every sampled PFV in one cluster
+    for cid, cg in graph["class_graphs"].items():
+        assert set(cg["nodes"]) == set(LAYERS)
+        targets = {tuple(e["target"]) for e in cg["edges"] if e["target"][0] == "classes"}
+        assert targets == {("classes", int(cid))}
+        for e in cg["edges"]:
+            assert 0.0 <= e["normalized"] <= 1.0
+    assert set(graph["pair_graphs"]) == {"0-1", "0-2", "1-2"}
+    assert len(graph["images"]) == 6 and all(img["edges"] for img in graph["images"])
+    assert set(metrics["layers"]) == set(LAYERS)
+    for m in metrics["layers"].values():
+        assert 0.0 <= m["rel_l2"] < 1.0 and 0.0 <= m["l0_ratio"] <= 1.0 and m["pfvs"] > 0
+    assert set(metrics["completeness"]) == {"layer4.2->classes", "layer4.0->layer4.2", "layer3.5->layer4.0"}
+    assert all(k in metrics["timings_s"] for k in ("stage1_pfv_dataset", "stage4_gig"))
+    assert "<b>tee</b>" not in report and "&lt;b&gt;tee&lt;/b&gt;" in report and "boot &amp; shoe" in report
+    # stage files are safe formats only
+    work = next(out.glob("work-*"))
+    assert {p.suffix for p in work.rglob("*") if p.is_file()} <= {".npz", ".json"}
+    # same config and seed again in the same folder: nothing recomputed, same graph
+    before = (out / "graph.json").read_bytes()
+    run_tiny(tmp_path / "run")
+    assert (out / "graph.json").read_bytes() == before
+    # one image against the stored concepts (the library-backend use), and the CLI's pair view
+    one = explain_image(out, tiny_data()[0][0], model=tiny_model(), target=1)
+    assert one["class"] == 1 and one["class_name"] == "boot & shoe"
+    assert set(one["nodes"]) == set(LAYERS) and all(np.isfinite(d) for d in one["completeness_max_abs"].values())
+    assert main(["show", "--run", str(out), "--classes", "bag", "0"]) == 0
+    assert main(["show", "--run", str(out), "--classes", "bag", "nope"]) != 0
+
+
+_CHILD = """
+import sys
+sys.path[:0] = {path!r}  # the parent's import path: same gig_fast (checkout or installed)
+sys.path.insert(0, {tests!r})
+import test_pipeline as t
+pipe = t.Pipeline(t.tiny_config({out!r}), model=t.tiny_model(), dataset=t.tiny_data())
+print("started", flush=True)
+pipe.run()
+"""
+
+
+def test_sigkill_then_resume_gives_the_same_graph(tmp_path):
+    t0 = time.perf_counter()
+    reference = run_tiny(tmp_path / "reference")
+    full = time.perf_counter() - t0
+    killed = tmp_path / "killed"
+    env = dict(os.environ)
+    child = subprocess.Popen([sys.executable, "-c", _CHILD.format(path=list(sys.path), tests=str(ROOT / "tests"), out=str(killed))],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert child.stdout.readline().strip() == "started"
+    time.sleep(random.uniform(0.1, 0.8) * full)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not (killed / "graph.json").exists() or child.returncode == 0
+    run_tiny(killed)  # resume
+    assert (killed / "graph.json").read_bytes() == (reference / "graph.json").read_bytes()
+
+
+def test_config_files_and_overrides(tmp_path):
+    (tmp_path / "c.yaml").write_text("k: 7\nlayers: [layer1.0, layer4.2]\ngig_steps: 3\n")
+    cfg = load_config(tmp_path / "c.yaml", gig_steps=5, out=None)
+    assert cfg.k == 7 and cfg.gig_steps == 5 and cfg.layers == ["layer1.0", "layer4.2"]
+    (tmp_path / "c.json").write_text(json.dumps({"k_factor": 2}))
+    assert load_config(tmp_path / "c.json").k_factor == 2
+    assert load_config(tmp_path / "c.json").key() != load_config(tmp_path / "c.yaml").key()
+    assert load_config(tmp_path / "c.json", out="x").key() == load_config(tmp_path / "c.json").key()
+    (tmp_path / "bad.yaml").write_text("kk: 1\n")
+    with pytest.raises(ValueError, match="unknown config option.*kk"):
+        load_config(tmp_path / "bad.yaml")
+    with pytest.raises(FileNotFoundError):
+        load_config(tmp_path / "none.yaml")
+    with pytest.raises(ValueError, match="attribution"):
+        PipelineConfig(attribution="lrp")
+
+
+def test_unknown_layer_lists_valid_names(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown layer name.*'layer9\.0'.*valid names: layer1\.0"):
+        Pipeline(tiny_config(tmp_path, layers=["layer9.0"]), model=tiny_model(), dataset=tiny_data())
+
+
+def test_empty_or_missing_dataset(tmp_path):
+    empty = torch.utils.data.TensorDataset(torch.zeros(0, 1, 28, 28), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="empty"):
+        Pipeline(tiny_config(tmp_path), model=tiny_model(), dataset=empty)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Pipeline(tiny_config(tmp_path, dataset=str(tmp_path / "missing")), model=tiny_model())
+
+
+def test_corrupt_images_are_skipped_and_reported(tmp_path):
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (tmp_path / "data" / f"c{c}").mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(tmp_path / "data" / f"c{c}" / f"{i}.png")
+    (tmp_path / "data" / "c1" / "bad.png").write_bytes(b"garbage")
+    cfg = tiny_config(tmp_path / "out", dataset=str(tmp_path / "data"), image_size=28, channels=1, mean=[0.5],
+                      std=[0.5], concept_images=9, layers=["layer4.2"])
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        pipe = Pipeline(cfg, model=tiny_model())
+    assert len(pipe.dataset) == 9 and len(pipe.skipped) == 1 and "bad.png" in pipe.skipped[0][0]
+    files = pfv_dataset(pipe)
+    assert sum(len(np.load(f)["image"]) for f in files) == 9
+
+
+def test_k_larger_than_the_number_of_pfvs(tmp_path):
+    pipe = Pipeline(tiny_config(tmp_path, k=50, layers=["layer4.2"]), model=tiny_model(), dataset=tiny_data())
+    pfv_dataset(pipe)
+    with pytest.raises(ValueError, match=r"K=50 concepts requested at layer4.2 but only N=18 PFVs"):
+        extract_concepts(pipe)
+
+
+def test_nan_activations_are_a_clear_error(tmp_path):
+    model = tiny_model()
+    model.layer2[1].bn2.running_var[0] = float("nan")
+    pipe = Pipeline(tiny_config(tmp_path, layers=["layer4.2"]), model=model, dataset=tiny_data())
+    with pytest.raises(ValueError, match="non-finite"):
+        pfv_dataset(pipe)

@@ -1,0 +1,252 @@
+"""Tests of ``sparse_code`` (Lasso / OMP coding on a concept dictionary, DESIGN.md §1.4).
+
+Oracles: scikit-learn's converged ``Lasso`` (alpha = λ/C) for the objective, scikit-learn's OMP for the
+supports, and the ``torch`` backend (the reference) for the other backends. Triton runs under its
+interpreter on the CPU, so its problems are tiny.
+"""
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from gig_fast.ops import available_backends, sparse_code
+from gig_fast.ops.sparse_code import SparseCodeConvergenceWarning, _sparse_code_op
+from gig_fast.testing_sparse_code import (dense_codes, lasso_objective, pfv_like, random_problem,
+                                          sklearn_lasso_objective, sklearn_omp_supports)
+
+sc = sys.modules["gig_fast.ops.sparse_code"]  # the module (gig_fast.ops.sparse_code is the function)
+
+
+def _runs(backend, device="cpu"):
+    state = available_backends()[backend]
+    if backend == "triton" and device == "cpu":
+        return state == "runs (interpreter)"
+    return state == "runs"
+
+
+BACKENDS = [b for b in ("torch", "cpp", "triton") if _runs(b)]
+# (N, C, K) per backend: the interpreter is slow, so Triton gets the smallest problems
+SIZES = {"torch": [(5, 12, 30), (4, 20, 9)], "cpp": [(9, 12, 30), (7, 20, 9), (5, 33, 129)],
+         "triton": [(2, 8, 6)]}  # K < C: the interpreter needs few sweeps (K > C runs on the GPU test)
+# duality-gap tolerance of the checks against scikit-learn (relative to ‖y‖²; 1e-8 keeps the objective
+# well inside 1e-4 and spares the Triton interpreter)
+TIGHT = {"torch": 1e-9, "cpp": 1e-10, "triton": 1e-8}
+
+
+def _objectives(X, V, idx, val, lam, bias=None):
+    Y = (X if bias is None else X - bias).double().numpy()
+    U = dense_codes(idx, val, V.shape[0]).numpy()
+    return lasso_objective(Y, V.double().numpy(), U, lam.double().numpy())
+
+
+@pytest.mark.parametrize("positive", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lasso_objective_matches_sklearn(backend, positive):
+    for N, C, K in SIZES[backend]:
+        X, V = random_problem(N, C, K)
+        if positive:
+            X = X + 0.5  # more positive correlations, so the codes are not all empty
+        idx, val, info = sparse_code(X, V, lam=0.15, positive=positive, tol=TIGHT[backend], max_iter=100_000,
+                                     backend=backend, return_info=True)
+        assert info.backend == backend and info.converged
+        ours = _objectives(X, V, idx, val, info.lam)
+        ref = sklearn_lasso_objective(X.numpy(), V.numpy(), info.lam.numpy(), positive=positive)
+        np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=0)
+        assert (ours >= ref * (1 - 1e-9)).all() or np.allclose(ours, ref, rtol=1e-8)
+        assert idx.dtype == torch.int64 and val.dtype == X.dtype
+        if positive:
+            assert (val >= 0).all()
+        # padding layout: sorted concept indices first, then −1 with value 0
+        ok = idx >= 0
+        assert (val[~ok] == 0).all()
+        for row, okr in zip(idx, ok):
+            real = row[okr]
+            assert bool((real[1:] > real[:-1]).all()) and not bool(okr[okr.sum():].any())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_omp_supports_match_sklearn(backend):
+    N, C, K, atoms = (40, 16, 48, 5) if backend != "triton" else (2, 6, 10, 3)
+    X, V = random_problem(N, C, K)
+    idx, val = sparse_code(X, V, method="omp", n_nonzero=atoms, backend=backend)
+    ours = [set(r[r >= 0].tolist()) for r in idx]
+    ref = sklearn_omp_supports(X.numpy(), V.numpy(), atoms)
+    agree = np.mean([a == b for a, b in zip(ours, ref)])
+    assert agree >= 0.99, f"{agree:.3f} of the OMP supports match scikit-learn"
+    assert idx.shape[1] == atoms
+    # OMP coefficients are the least-squares fit on the support
+    from sklearn.decomposition import sparse_encode
+    ref_code = sparse_encode(X.numpy(), V.numpy(), algorithm="omp", n_nonzero_coefs=atoms)
+    np.testing.assert_allclose(dense_codes(idx, val, K).numpy(), ref_code, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_backends_match_reference_low_precision(backend):
+    N, C, K = (13, 24, 64) if backend == "cpp" else (2, 8, 6)
+    X, V, beta = pfv_like(N, C, K, dtype=torch.float64)
+    ref_idx, ref_val, ref_info = sparse_code(X, V, bias=beta, lam=0.2, tol=1e-9, max_iter=100_000,
+                                             backend="torch", return_info=True)
+    ref = _objectives(X, V, ref_idx, ref_val, ref_info.lam, beta)
+    grid = ((torch.float32, 1e-4), (torch.float16, 2e-2), (torch.bfloat16, 5e-2))
+    for dtype, rtol in grid if backend != "triton" else grid[::2]:  # the interpreter is slow: fp32, bf16
+        Xl, Vl, bl = X.to(dtype), V.to(dtype), beta.to(dtype)
+        idx, val, info = sparse_code(Xl, Vl, bias=bl, lam=0.2, backend=backend, return_info=True)
+        assert val.dtype == dtype and info.converged
+        # objective of the rounded problem, evaluated in float64
+        ours = _objectives(Xl.double(), Vl.double(), idx, val.double(), info.lam, bl.double())
+        np.testing.assert_allclose(ours, ref, rtol=rtol, err_msg=str(dtype))
+
+
+def test_cpp_without_gram_matches_with_gram(monkeypatch):
+    if "cpp" not in BACKENDS:
+        pytest.skip("cpp extension not built")
+    X, V = random_problem(11, 20, 50)
+    for method in ("lasso", "omp"):
+        a = sparse_code(X, V, lam=0.1, method=method, n_nonzero=6, tol=1e-10, max_iter=50_000, backend="cpp")
+        monkeypatch.setattr(sc, "CPU_GRAM_LIMIT_BYTES", 0)
+        b = sparse_code(X, V, lam=0.1, method=method, n_nonzero=6, tol=1e-10, max_iter=50_000, backend="cpp")
+        monkeypatch.undo()
+        assert torch.equal(a[0], b[0])
+        torch.testing.assert_close(a[1], b[1], rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_edge_cases(backend):
+    C, K = (6, 10) if backend != "triton" else (8, 6)
+    X, V = random_problem(3, C, K)
+    X[1] = 0  # a zero vector: all padding
+    idx, val, info = sparse_code(X, V, lam=0.2, backend=backend, return_info=True)
+    assert (idx[1] == -1).all() and (val[1] == 0).all() and info.gap[1] == 0
+    assert (idx[0] >= 0).any()
+    # λ ≥ λ_max: every code empty, s = 0
+    idx, val = sparse_code(X, V, lam=1.0, backend=backend)
+    assert idx.shape == (3, 0) and val.shape == (3, 0)
+    lam_max = (X @ V.T).abs().amax(1)
+    idx, val = sparse_code(X, V, lam=float(lam_max.max()) * 1.01, lam_mode="absolute", backend=backend)
+    assert idx.shape == (3, 0)
+    # OMP of a zero vector is empty too
+    idx, val = sparse_code(X, V, method="omp", n_nonzero=3, backend=backend)
+    assert (idx[1] == -1).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_duplicate_concepts_and_zero_concept(backend):
+    N, C, K = (4, 10, 14) if backend != "triton" else (2, 10, 8)
+    X, V = random_problem(N, C, K)
+    V[3] = V[7]  # duplicate concept rows: the Lasso solution is not unique, its objective is
+    V[5] = 0  # an all-zero concept never enters a code
+    idx, val, info = sparse_code(X, V, lam=0.1, tol=TIGHT[backend], max_iter=100_000, backend=backend,
+                                 return_info=True)
+    assert not (idx == 5).any()
+    ours = _objectives(X, V, idx, val, info.lam)
+    ref = sklearn_lasso_objective(X.numpy(), V.numpy(), info.lam.numpy())
+    np.testing.assert_allclose(ours, ref, rtol=1e-4)
+    idx, val = sparse_code(X, V, method="omp", n_nonzero=4, backend=backend)
+    assert not (idx == 5).any()
+    assert all(not ({3, 7} <= set(r.tolist())) for r in idx)  # a duplicate adds nothing after its twin
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bias_and_leading_dims(backend):
+    C, K = (8, 20) if backend != "triton" else (8, 6)
+    X, V = random_problem(6 if backend != "triton" else 2, C, K)
+    beta = torch.randn(C, dtype=X.dtype)
+    a_idx, a_val = sparse_code(X, V, bias=beta, lam=0.2, tol=TIGHT[backend], max_iter=50_000, backend=backend)
+    b_idx, b_val = sparse_code(X - beta, V, lam=0.2, tol=TIGHT[backend], max_iter=50_000, backend=backend)
+    assert torch.equal(a_idx, b_idx)
+    torch.testing.assert_close(a_val, b_val, rtol=1e-6, atol=TIGHT[backend])
+    c_idx, c_val = sparse_code(X.reshape(2, -1, C), V, bias=beta, lam=0.2, tol=TIGHT[backend], max_iter=50_000,
+                               backend=backend)
+    assert c_idx.shape == (2, X.shape[0] // 2, a_idx.shape[1])
+    assert torch.equal(c_idx.reshape(X.shape[0], -1), a_idx)
+
+
+def test_lam_modes_and_info():
+    X, V = random_problem(5, 10, 25)
+    c = X @ V.T
+    _, _, info = sparse_code(X, V, lam=0.3, backend="torch", return_info=True)
+    torch.testing.assert_close(info.lam, 0.3 * c.abs().amax(1))
+    _, _, info = sparse_code(X, V, lam=0.3, positive=True, backend="torch", return_info=True)
+    torch.testing.assert_close(info.lam, 0.3 * c.amax(1).clamp_min(0))
+    _, _, info = sparse_code(X, V, lam=0.7, lam_mode="absolute", backend="torch", return_info=True)
+    assert torch.all(info.lam == 0.7)
+    assert info.max_rel_gap <= info.tol and (info.iterations > 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_max_iter_hit_is_reported(backend):
+    X, V = pfv_like(3, 8, 24, dtype=torch.float64)[:2]
+    with pytest.warns(SparseCodeConvergenceWarning, match="max_iter"):
+        _, _, info = sparse_code(X, V, lam=0.01, tol=1e-14, max_iter=1, backend=backend, return_info=True)
+    assert not info.converged and info.n_unconverged > 0 and info.max_rel_gap > 1e-14
+
+
+def test_bad_inputs_raise():
+    X, V = random_problem(4, 6, 10)
+    bad = X.clone()
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        sparse_code(bad, V)
+    Vbad = V.clone()
+    Vbad[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="V contains"):
+        sparse_code(X, Vbad)
+    cases = [
+        (dict(X=X[:, :5], V=V), "channels"),
+        (dict(X=X.float(), V=V), "dtype"),
+        (dict(X=X, V=V, method="lars"), "method"),
+        (dict(X=X, V=V, lam=-1.0), "lam"),
+        (dict(X=X, V=V, lam=0.0), "lam"),
+        (dict(X=X, V=V, lam_mode="scaled"), "lam_mode"),
+        (dict(X=X, V=V, method="omp", positive=True), "positive"),
+        (dict(X=X, V=V, method="omp", n_nonzero=0), "n_nonzero"),
+        (dict(X=X, V=V, max_iter=0), "max_iter"),
+        (dict(X=X, V=V, tol=0.0), "tol"),
+        (dict(X=X, V=V, bias=torch.zeros(5, dtype=X.dtype)), "bias"),
+        (dict(X=X, V=V[:0]), "K = 0"),
+    ]
+    for kwargs, msg in cases:
+        Xa, Va = kwargs.pop("X"), kwargs.pop("V")
+        with pytest.raises(ValueError, match=msg):
+            sparse_code(Xa, Va, **kwargs)
+
+
+def test_default_lambda_reaches_paper_sparsity():
+    """DEFAULT_LAM_REL leaves ≤ 1% of the coefficients non-zero at K = 8C on PFV-like data."""
+    backend = "cpp" if "cpp" in BACKENDS else "torch"
+    N, C = 48, 128  # the pipeline's layers have C ≥ 256; the l0 ratio grows with C at a fixed λ_rel
+    X, V, beta = pfv_like(N, C, 8 * C)
+    idx, val = sparse_code(X, V, bias=beta, backend=backend)
+    nnz = int((idx >= 0).sum())
+    l0_ratio = 1 - nnz / (N * 8 * C)
+    assert l0_ratio >= 0.99, l0_ratio
+    assert nnz > 0
+
+
+def test_opcheck():
+    X, V = random_problem(5, 8, 12)
+    backend = "cpp" if "cpp" in BACKENDS else "torch"
+    for method in ("lasso", "omp"):
+        args = (X, V, 0.2, True, method, False, 1000, 1e-8, 3, backend)
+        torch.library.opcheck(_sparse_code_op, args, test_utils=("test_schema", "test_autograd_registration",
+                                                                  "test_faketensor"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("positive", [False, True])
+def test_triton_gpu_matches_sklearn(positive):
+    X, V, beta = pfv_like(64, 32, 256, dtype=torch.float64)
+    Xg, Vg, bg = X.cuda(), V.cuda(), beta.cuda()
+    idx, val, info = sparse_code(Xg, Vg, bias=bg, lam=0.1, positive=positive, tol=1e-9, max_iter=100_000,
+                                 backend="triton", return_info=True)
+    ours = _objectives(X, V, idx.cpu(), val.cpu(), info.lam.cpu(), beta)
+    ref = sklearn_lasso_objective((X - beta).numpy(), V.numpy(), info.lam.cpu().numpy(), positive=positive)
+    np.testing.assert_allclose(ours, ref, rtol=1e-4)
+    # fp32 on the GPU at the default tolerance, against the float64 reference objective
+    idx, val, info = sparse_code(Xg.float(), Vg.float(), bias=bg.float(), lam=0.1, positive=positive,
+                                 backend="triton", return_info=True)
+    assert info.converged
+    ours = _objectives(X.float().double(), V.float().double(), idx.cpu(), val.cpu().double(), info.lam.cpu(),
+                       beta.float().double())
+    np.testing.assert_allclose(ours, ref, rtol=1e-4)
