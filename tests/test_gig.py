@@ -316,4 +316,7 @@ def test_cuda_engine_matches_cpu(backend):
     got = gig(f_gpu, tuple(c.cuda() for c in codes), V.cuda(), beta.cuda(), targets, steps=6, spatial=hw,
               backend=backend)
     _assert_rel(got.per_position.cpu(), ref.per_position, 1e-8)
-    torch.testing.assert_close(got.delta.cpu(), ref.delta, rtol=1e-8, atol=1e-12)
+    # delta is a difference of near-equal sums: its rounding error scales with the attributions' size
+    # (seen on an H200: 2.6e-10 absolute on sums of ~2e-5 relative size), not with delta itself.
+    scale = float(ref.per_position.abs().sum())
+    torch.testing.assert_close(got.delta.cpu(), ref.delta, rtol=0, atol=1e-8 * max(scale, 1.0))
