@@ -26,7 +26,7 @@ build-cpu:
 	$(LOCK) env GIG_FAST_SKIP_CUDA=1 $(PYTHON) setup.py build_ext --inplace
 
 demo: setup
-	cd /tmp && gig-fast demo
+	gig-fast demo --out gig_demo
 
 test: setup
 	cd tests && $(PYTHON) -m pytest -q -p no:cacheprovider .
