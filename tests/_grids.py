@@ -27,3 +27,12 @@ def backend_params(implemented):
                                     marks=() if ok else pytest.mark.skip(reason=f"{be} cannot run on {dev} here "
                                                                               f"({available_backends()})")))
     return out
+
+
+def device_backend_pairs():
+    """``(device, backend)`` pairs that run here: CPU rows always, CUDA rows where there is a GPU."""
+    avail = available_backends()
+    out = [("cpu", b) for b in ("torch", "cpp", "triton") if avail[b].startswith("runs")]
+    if torch.cuda.is_available():
+        out += [("cuda", b) for b in ("torch", "triton", "cuda") if avail[b] == "runs"]
+    return out

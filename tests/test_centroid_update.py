@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from _grids import device_backend_pairs
 from gig_fast.ops import available_backends, centroid_update
 from gig_fast.ops.centroid_update import _centroid_update_op
 
@@ -11,10 +12,7 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
 def _device_backends():
-    out = [("cpu", b) for b in CPU_BACKENDS]
-    if torch.cuda.is_available():
-        out += [("cuda", b) for b in ("torch", "triton", "cuda") if AVAIL[b] == "runs"]
-    return out
+    return device_backend_pairs()
 
 
 def _shapes(backend):

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from _grids import device_backend_pairs
 from gig_fast.ops import available_backends, spherical_assign
 from gig_fast.ops.spherical_assign import _spherical_assign_op
 from gig_fast.ops.reference import spherical_assign_ref
@@ -16,10 +17,7 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
 def _device_backends():
-    out = [("cpu", b) for b in CPU_BACKENDS]
-    if torch.cuda.is_available():
-        out += [("cuda", b) for b in ("torch", "triton", "cuda") if AVAIL[b] == "runs"]
-    return out
+    return device_backend_pairs()
 
 
 def _shapes(backend):
