@@ -187,7 +187,8 @@ def cmd_explain(args) -> int:
         result = explain_image(run_dir, image, target=args.target, device=args.device)
     text = json.dumps(result, indent=1)
     if args.json:
-        Path(args.json).write_text(text)
+        from .pipeline.store import atomic_write_text
+        atomic_write_text(args.json, text)
         print(f"explain: {result['class_name']} (prediction {result['prediction']}) → {args.json}")
     else:
         print(text)

@@ -121,11 +121,11 @@ def sparse_reconstruct(idx: torch.Tensor, val: torch.Tensor, V: torch.Tensor,
     idx2 = v.flatten_leading(idx, 1) if idx.dim() > 1 else idx.reshape(1, -1)
     val2 = v.flatten_leading(val, 1) if val.dim() > 1 else val.reshape(1, -1)
     v.check_codes(idx2, val2, V.shape[0], V.device)
-    v.check_same_dtype(V=V, val=val2, bias=bias)
     if bias is not None:
         v.check_tensor("bias", bias, 1, None, V.device)
         if bias.shape[0] != V.shape[1]:
             raise ValueError(f"bias has {bias.shape[0]} entries but V has C={V.shape[1]} channels")
+    v.check_same_dtype(V=V, val=val2, bias=bias)
     name = resolve("sparse_reconstruct", IMPLEMENTED, PREFERENCE, V.device, backend)
     out = _sparse_reconstruct_op(idx2.contiguous(), val2.contiguous(), V.contiguous(),
                                  None if bias is None else bias.contiguous(), name)
