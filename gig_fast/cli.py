@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--weights", default=None, help="where to write the weights (default: the cache)")
     tr.add_argument("--force", action="store_true", help="retrain even if cached")
     ex = sub.add_parser("explain", help="one image's concept graph on a finished run's concepts")
-    ex.add_argument("--image", required=True, help="image file")
+    ex.add_argument("--image", required=True, help="image file, or photo:NAME for a photo that ships offline (photo:chelsea)")
     ex.add_argument("--run", default=None, help="output folder of a finished run (default: --out or gig_demo)")
     ex.add_argument("--target", type=int, default=None, help="class to explain (default: predicted)")
     ex.add_argument("--json", default=None, help="write the graph here (default: stdout)")
@@ -180,7 +180,13 @@ def cmd_explain(args) -> int:
         from .models import DEMO_MEAN, DEMO_STD
         image = load_image(args.image, 28, 1, (DEMO_MEAN,), (DEMO_STD,))
     else:
-        image = load_image(args.image, cfg.image_size, cfg.channels, cfg.mean, cfg.std)
+        pre = cfg.preprocessing()
+        kw = dict(size=pre["image_size"], channels=pre["channels"], mean=pre["mean"], std=pre["std"])
+        if args.image.startswith("photo:"):  # a photo that ships offline, e.g. photo:chelsea
+            from .data import OfflinePhotos
+            image = OfflinePhotos([args.image[len("photo:"):]], **kw)[0][0]
+        else:
+            image = load_image(args.image, **kw)
     from .ops import use_backend
     import contextlib
     with use_backend(args.backend) if args.backend else contextlib.nullcontext():

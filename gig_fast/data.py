@@ -1,4 +1,5 @@
-"""Datasets: Fashion-MNIST (Debian's ``dataset-fashion-mnist``) and image folders (class per sub-folder).
+"""Datasets: Fashion-MNIST (Debian's ``dataset-fashion-mnist``), image folders (class per sub-folder)
+and the unlabelled photos that ship offline with scikit-image, scikit-learn and matplotlib.
 
 Every dataset yields ``(image [C, H, W] float32 normalised, label int)``. Corrupt or unreadable images
 in a folder are skipped, counted and reported (``ImageFolderDataset.skipped``), never fatal; an empty
@@ -14,7 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["FASHION_MNIST_DIRS", "fashion_mnist", "ImageFolderDataset", "IMAGE_EXTENSIONS", "load_image"]
+__all__ = ["FASHION_MNIST_DIRS", "fashion_mnist", "ImageFolderDataset", "IMAGE_EXTENSIONS", "load_image",
+           "OfflinePhotos", "OFFLINE_PHOTOS", "UNLABELLED"]
+
+UNLABELLED = -1  # label of an image without a class (explained for its predicted class)
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -87,7 +91,15 @@ def load_image(path: str | os.PathLike, size: int | tuple[int, int] | None = Non
             im.load()
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
+    return pil_to_tensor(im, size, channels, mean, std)
+
+
+def pil_to_tensor(im, size=None, channels: int = 3, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+    """A PIL image → ``[channels, H, W]`` float32: shorter side resized to ``size``, centre crop, normalised."""
+    im = im.convert("L" if channels == 1 else "RGB")
     if size is not None:
+        from PIL import Image
+
         h, w = (size, size) if isinstance(size, int) else size
         scale = max(h / im.height, w / im.width)
         im = im.resize((max(w, round(im.width * scale)), max(h, round(im.height * scale))), Image.BILINEAR)
@@ -99,6 +111,70 @@ def load_image(path: str | os.PathLike, size: int | tuple[int, int] | None = Non
     mean = torch.as_tensor(mean, dtype=torch.float32).reshape(-1, 1, 1)[:channels]
     std = torch.as_tensor(std, dtype=torch.float32).reshape(-1, 1, 1)[:channels]
     return (t - mean) / std
+
+
+def _skimage(name):
+    def read():
+        import skimage.data
+        return getattr(skimage.data, name)()
+    return read
+
+
+def _sklearn(name):
+    def read():
+        from sklearn.datasets import load_sample_image
+        return load_sample_image(name)
+    return read
+
+
+def _grace_hopper():
+    import matplotlib.cbook
+    from PIL import Image
+    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+        return np.asarray(Image.open(f).convert("RGB"))
+
+
+# name → reader of an RGB uint8 array; all ship inside the packages (no download)
+OFFLINE_PHOTOS = {"chelsea": _skimage("chelsea"), "coffee": _skimage("coffee"), "astronaut": _skimage("astronaut"),
+                  "rocket": _skimage("rocket"), "china": _sklearn("china.jpg"), "flower": _sklearn("flower.jpg"),
+                  "grace_hopper": _grace_hopper}
+
+
+class OfflinePhotos(torch.utils.data.Dataset):
+    """The photos that ship offline (skimage's ``chelsea`` cat, ``coffee``, ``astronaut``, ``rocket``;
+    scikit-learn's ``china``/``flower``; matplotlib's ``grace_hopper``), unlabelled (label
+    :data:`UNLABELLED`: a run explains each for its predicted class).
+
+    Args:
+        names: which photos (default all of :data:`OFFLINE_PHOTOS` whose package is installed).
+        size, channels, mean, std: as in :func:`load_image`.
+    """
+
+    def __init__(self, names=None, size=224, channels: int = 3, mean=(0.485, 0.456, 0.406),
+                 std=(0.229, 0.224, 0.225)):
+        from PIL import Image
+
+        unknown = sorted(set(names or ()) - set(OFFLINE_PHOTOS))
+        if unknown:
+            raise ValueError(f"unknown photo(s) {unknown}; valid: {', '.join(OFFLINE_PHOTOS)}")
+        self.names, self.images, self.skipped = [], [], []
+        for name in names or OFFLINE_PHOTOS:
+            try:
+                arr = OFFLINE_PHOTOS[name]()
+            except ImportError as e:  # the package holding it is not installed
+                self.skipped.append((name, f"not available: {e}"))
+                continue
+            self.names.append(name)
+            self.images.append(pil_to_tensor(Image.fromarray(arr), size, channels, mean, std))
+        if not self.images:
+            raise ValueError("no offline photo is available: install scikit-image, scikit-learn or matplotlib")
+        self.samples = [(name, UNLABELLED) for name in self.names]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.images[i], UNLABELLED
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):

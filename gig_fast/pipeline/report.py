@@ -35,7 +35,8 @@ def collect_metrics(pipe, timings: dict) -> dict:
     all_d = np.array([v["max_abs"] for v in deltas.values()])
     all_r = np.concatenate([[v["max_rel"], v["median_rel"]] for v in deltas.values()]) if deltas else np.array([])
     meta = pipe.explained_meta()
-    acc = float(np.mean([lab == pred for lab, pred in meta.values()]))
+    labelled = [(lab, pred) for lab, pred in meta.values() if lab >= 0]
+    acc = float(np.mean([lab == pred for lab, pred in labelled])) if labelled else None
     return {"run_key": pipe.config.key(), "layers": layers, "completeness": deltas,
             "completeness_max_abs": float(all_d.max()) if all_d.size else None,
             "completeness_median_of_max": float(np.median(all_d)) if all_d.size else None,
@@ -49,6 +50,7 @@ def render_report(graph: dict, metrics: dict) -> str:
     """A static HTML summary; every string from the data is escaped."""
     e = lambda s: html.escape(str(s), quote=True)  # noqa: E731
     names = {c["id"]: c["name"] for c in graph["classes"]}
+    acc = "n/a (unlabelled)" if metrics["accuracy_on_explained"] is None else f"{metrics['accuracy_on_explained']:.3f}"
     rows = "".join(f"<tr><td>{e(p)}</td><td>{m['rel_l2']:.4f}</td><td>{m['l0_ratio']:.4f}</td><td>{m['pfvs']}</td></tr>"
                    for p, m in metrics["layers"].items())
     drows = "".join(f"<tr><td>{e(k)}</td><td>{v['max_abs']:.3g}</td><td>{v['median_abs']:.3g}</td>"
@@ -71,7 +73,7 @@ def render_report(graph: dict, metrics: dict) -> str:
 <style>body{{font-family:sans-serif;max-width:60em;margin:auto}}td,th{{padding:2px 8px;text-align:left}}</style></head><body>
 <h1>gig_fast run {e(graph['run_key'])}</h1>
 <p>Model {e(graph['model']['arch'])} on {e(graph['model']['dataset'])}; {metrics['explained_images']} explained images,
-{metrics['concept_images']} concept images; accuracy on explained images {metrics['accuracy_on_explained']:.3f}.</p>
+{metrics['concept_images']} concept images; accuracy on explained images {acc}.</p>
 <h2>Decomposition per layer</h2><table><tr><th>layer</th><th>rel-L2</th><th>l0 ratio</th><th>PFVs</th></tr>{rows}</table>
 <h2>Completeness deltas (|Σ GIG − ΔT|)</h2><table><tr><th>transition</th><th>max</th><th>median</th><th>max rel.</th><th>median rel.</th></tr>{drows}</table>
 <h2>Top concepts per class (upper layers)</h2>{''.join(classes)}

@@ -57,7 +57,10 @@ class Pipeline:
             raise ValueError(f"dataset {cfg.dataset!r} is empty")
         self.labels = _dataset_labels(self.dataset)
         self.num_classes = self.adapter.num_classes
+        if (self.labels < 0).any() and cfg.class_by == "label":
+            raise ValueError(f"dataset {cfg.dataset!r} has unlabelled images: use class_by='prediction'")
         self.class_names = list(class_names or cfg.class_names or getattr(self.dataset, "classes", None)
+                                or getattr(self.model, "class_names", None)
                                 or (FASHION_CLASSES if cfg.dataset == "fashion-mnist" else
                                     [str(i) for i in range(self.num_classes)]))
         if len(self.class_names) < self.num_classes:
@@ -81,8 +84,10 @@ class Pipeline:
         if cfg.dataset == "fashion-mnist":
             from ..data import fashion_mnist
             return fashion_mnist(cfg.split), []
-        from ..data import ImageFolderDataset
-        ds = ImageFolderDataset(cfg.dataset, size=cfg.image_size, channels=cfg.channels, mean=cfg.mean, std=cfg.std)
+        from ..data import ImageFolderDataset, OfflinePhotos
+        pre = cfg.preprocessing()
+        kw = dict(size=pre["image_size"], channels=pre["channels"], mean=pre["mean"], std=pre["std"])
+        ds = OfflinePhotos(**kw) if cfg.dataset == "photos" else ImageFolderDataset(cfg.dataset, **kw)
         return ds, [list(s) for s in ds.skipped]
 
     def _select_images(self) -> tuple[np.ndarray, np.ndarray]:
@@ -137,7 +142,11 @@ class Pipeline:
 
     @property
     def explained_per_class(self) -> np.ndarray:
-        return np.bincount(self.labels[self.explain_ids], minlength=self.num_classes)
+        """``[n_classes]`` explained images per class (by label, or by prediction with ``class_by``)."""
+        if self.config.class_by == "label":
+            return np.bincount(self.labels[self.explain_ids], minlength=self.num_classes)
+        preds = [pred for _, pred in self.explained_meta().values()]
+        return np.bincount(np.asarray(preds, dtype=np.int64), minlength=self.num_classes)
 
     # -- run --------------------------------------------------------------------------------------
     def _check_work(self):
