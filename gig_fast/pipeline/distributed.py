@@ -36,7 +36,8 @@ def _dist():
 
 
 def setup(device: torch.device) -> tuple[int, int, torch.device]:
-    """Join the process group that ``torchrun`` describes in the environment (once per process).
+    """Join the process group that ``torchrun`` describes in the environment (once per process; a
+    group the caller initialised itself is used as it is).
 
     Args:
         device: the run's device; ``cuda`` becomes ``cuda:LOCAL_RANK`` in a multi-process run.
@@ -44,6 +45,11 @@ def setup(device: torch.device) -> tuple[int, int, torch.device]:
     Returns:
         ``(rank, world, device)``; ``(0, 1, device)`` in a single process.
     """
+    d = _dist()
+    if d is not None:  # the caller already joined a group (its own launcher): use it
+        if device.type == "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+        return d.get_rank(), d.get_world_size(), device
     n = env_world()
     if n <= 1:
         return 0, 1, device
@@ -56,11 +62,10 @@ def setup(device: torch.device) -> tuple[int, int, torch.device]:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        # a long timeout: a rank waits at a barrier while the others finish a whole stage
-        dist.init_process_group(backend, init_method="env://", timeout=datetime.timedelta(hours=6))
-        atexit.register(_shutdown)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    # a long timeout: a rank waits at a barrier while the others finish a whole stage
+    dist.init_process_group(backend, init_method="env://", timeout=datetime.timedelta(hours=6))
+    atexit.register(_shutdown)
     if dist.get_world_size() != n:
         raise RuntimeError(f"process group has {dist.get_world_size()} ranks but WORLD_SIZE={n}")
     return dist.get_rank(), n, device

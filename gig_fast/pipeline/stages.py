@@ -32,7 +32,8 @@ def chunk_ids(ids: np.ndarray, size: int) -> list[np.ndarray]:
 
 
 def _bar(pipe, it, desc, total=None):
-    return tqdm(it, desc=desc, total=total, disable=not pipe.config.progress, leave=False)
+    # one bar per job, not one per rank
+    return tqdm(it, desc=desc, total=total, disable=not pipe.config.progress or not dist.is_main(), leave=False)
 
 
 def _batches(ids: np.ndarray, size: int):
