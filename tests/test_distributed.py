@@ -157,3 +157,12 @@ def test_killed_rank_then_relaunch_resumes_to_the_same_graph(tmp_path, single):
     # the finished chunks were kept, not recomputed, and the result is the uninterrupted one
     assert {n: (work / "stage1" / n).stat().st_mtime_ns for n in done} == done
     assert (tmp_path / "run" / "graph.json").read_bytes() == (single / "graph.json").read_bytes()
+
+
+def test_streamed_graph_has_the_bytes_of_the_whole_graph(single):
+    from gig_fast.pipeline import build_graph
+    from gig_fast.pipeline.store import save_json
+
+    pipe = Pipeline(child.tiny_config(single), model=child.tp.tiny_model(), dataset=child.tp.tiny_data())
+    save_json(single.parent / "whole.json", build_graph(pipe), compact=True)
+    assert (single.parent / "whole.json").read_bytes() == (single / "graph.json").read_bytes()
