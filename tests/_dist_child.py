@@ -19,7 +19,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import test_pipeline as tp  # noqa: E402  (the tiny model, data and config)
 
-from gig_fast.concepts_distributed import distributed_bisecting_kmeans  # noqa: E402
 from gig_fast.pipeline import Pipeline  # noqa: E402
 from gig_fast.pipeline import distributed as dist  # noqa: E402
 
@@ -40,12 +39,20 @@ def tiny_config(out):
 
 
 def run_kmeans(out: Path) -> None:
+    import gig_fast.concepts_distributed as cd
+
     X, beta = kmeans_data()
-    res = {}
+    res = {"sharded_lloyd_calls": np.zeros(1, dtype=np.int64)}
+    lloyd = cd._lloyd_sharded
+
+    def counting(*a, **kw):  # count the data-parallel refinements (the all-reduced sums path)
+        res["sharded_lloyd_calls"] += 1
+        return lloyd(*a, **kw)
+    cd._lloyd_sharded = counting
     for mode in ("sequential", "fast"):
-        V, labels = distributed_bisecting_kmeans(X, KMEANS["K"], rank=dist.rank(), world=dist.world(),
-                                                 all_reduce=dist.all_reduce, beta=beta, seed=KMEANS["seed"],
-                                                 init_sample=KMEANS["init_sample"], mode=mode)
+        V, labels = cd.distributed_bisecting_kmeans(X, KMEANS["K"], rank=dist.rank(), world=dist.world(),
+                                                    all_reduce=dist.all_reduce, beta=beta, seed=KMEANS["seed"],
+                                                    init_sample=KMEANS["init_sample"], mode=mode)
         res[f"{mode}_V"], res[f"{mode}_labels"] = V.numpy(), labels.numpy()
     if dist.rank() == 0:
         np.savez(out / "kmeans.npz", **res)
