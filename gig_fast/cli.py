@@ -7,6 +7,9 @@
     gig-fast show --run DIR --classes A B          # shared concepts of two classes in a run's graph.json
 
 Common flags: ``--device cpu|cuda``, ``--backend torch|cpp|triton|cuda`` (forces the op backend).
+
+Several processes: ``torchrun --nproc_per_node=N -m gig_fast.cli run --config FILE`` (gloo on the CPU,
+NCCL with ``--device cuda``, one GPU per rank); rank 0 prints and writes the shared files.
 """
 from __future__ import annotations
 
@@ -88,9 +91,12 @@ def cmd_train_demo(args) -> int:
 def _run_pipeline(cfg, label: str) -> Path:
     from .pipeline import Pipeline
 
+    from .pipeline import distributed as dist
+
     t0 = time.perf_counter()
     out = Pipeline(cfg).run()
-    print(f"{label}: wrote {out}/graph.json, metrics.json, report.html in {time.perf_counter() - t0:.1f} s")
+    if dist.is_main():  # one report per job, not one per torchrun rank
+        print(f"{label}: wrote {out}/graph.json, metrics.json, report.html in {time.perf_counter() - t0:.1f} s")
     return out
 
 
@@ -113,7 +119,10 @@ def cmd_run(args) -> int:
     if args.no_progress:
         over["progress"] = False
     cfg = load_config(args.config, **over)
-    _summary(_run_pipeline(cfg, "run"))
+    out = _run_pipeline(cfg, "run")
+    from .pipeline import distributed as dist
+    if dist.is_main():
+        _summary(out)
     return 0
 
 

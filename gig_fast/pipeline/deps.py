@@ -10,12 +10,19 @@ __all__ = ["bisecting_kmeans", "sparse_code", "gig", "concept_target", "class_ta
 
 
 def bisecting_kmeans(X: torch.Tensor, K: int, beta: torch.Tensor, seed: int, mode: str | None):
-    """``gig_fast.concepts.bisecting_spherical_kmeans`` → ``(V [K, C], labels [N])``."""
+    """``gig_fast.concepts.bisecting_spherical_kmeans`` → ``(V [K, C], labels [N])``; under ``torchrun``
+    (several ranks) its collective twin ``gig_fast.concepts_distributed.distributed_bisecting_kmeans``,
+    which every rank calls with the same ``X`` and which returns the same concepts."""
     from ..concepts import bisecting_spherical_kmeans
+    from . import distributed as dist
 
     kw = {"beta": beta, "seed": seed}
     if mode is not None:
         kw["mode"] = mode
+    if dist.world() > 1:
+        from ..concepts_distributed import distributed_bisecting_kmeans
+        return distributed_bisecting_kmeans(X, K, rank=dist.rank(), world=dist.world(), all_reduce=dist.all_reduce,
+                                            **kw)
     return bisecting_spherical_kmeans(X, K, **kw)
 
 

@@ -1,15 +1,21 @@
 """The dataset-wide concept graph (DESIGN.md §1.6) and its files: ``graph.json``, ``metrics.json``.
 
 Schema: ``docs/graph_schema.md`` (``schema = "gig_fast.graph"``, ``version = 1``). Built only from
-the stage files, so a resumed run writes the same graph as an uninterrupted one.
+the stage files, so a resumed run writes the same graph as an uninterrupted one. :func:`write_graph`
+streams the per-image part chunk by chunk (memory independent of the number of explained images);
+:func:`build_graph` returns the same content as one dict.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 
-from .stages import CLASSES, class_pair_weights, class_scores, load_concepts, top_sets, transitions
+from .stages import CLASSES, _trans_dir, class_pair_weights, class_scores, load_concepts, top_sets, transitions
+from .store import atomic_write_parts
 
-__all__ = ["build_graph", "SCHEMA", "SCHEMA_VERSION"]
+__all__ = ["build_graph", "write_graph", "SCHEMA", "SCHEMA_VERSION"]
 
 SCHEMA, SCHEMA_VERSION = "gig_fast.graph", 1
 
@@ -39,7 +45,34 @@ def _concepts_section(pipe) -> dict:
 
 
 def build_graph(pipe) -> dict:
-    """Assemble ``graph.json`` from the stage-4 files (see ``docs/graph_schema.md``)."""
+    """Assemble ``graph.json`` from the stage-4 files (see ``docs/graph_schema.md``) as one dict."""
+    graph = graph_summary(pipe)
+    graph["images"] = [g for part in _image_graph_chunks(pipe) for g in part]
+    return graph
+
+
+def write_graph(pipe, path: str | Path) -> dict:
+    """Write ``graph.json`` to ``path`` (atomically, the per-image entries streamed one chunk at a time)
+    with the same bytes as compact ``json.dumps(build_graph(pipe))``; returns the graph without
+    ``images`` (what the report needs)."""
+    head = graph_summary(pipe)
+    dumps = lambda o: json.dumps(o, separators=(",", ":"), allow_nan=False)  # noqa: E731  (as save_json)
+
+    def parts():
+        yield dumps(head)[:-1] + ',"images":['  # "images" is the last key of the graph
+        first = True
+        for chunk in _image_graph_chunks(pipe):
+            for g in chunk:
+                yield ("" if first else ",") + dumps(g)
+                first = False
+        yield "]}"
+    atomic_write_parts(path, parts())
+    return head
+
+
+def graph_summary(pipe) -> dict:
+    """Every section of ``graph.json`` except the per-image ``images`` (its size does not grow with
+    the number of explained images)."""
     cfg = pipe.config
     pts = pipe.points
     n_cls = pipe.num_classes
@@ -50,7 +83,10 @@ def build_graph(pipe) -> dict:
                "spatial": list(pipe.spatial[p])} for p in pts] + [{"name": CLASSES, "n_concepts": n_cls}]
 
     # graphs only for the classes that have explained images (1,000 ImageNet classes × pairs otherwise)
-    present = [c for c in range(n_cls) if pipe.explained_per_class[c] > 0]
+    per_class = pipe.explained_per_class
+    present = [c for c in range(n_cls) if per_class[c] > 0]
+    # [n_classes, T, K_a] per transition, read once (not once per class: it sums every chunk file)
+    pair_w = {(a, b): class_pair_weights(pipe, a, b) for a, b in trans if b != CLASSES}
     class_graphs = {}
     for c in present:
         nodes, edges = {}, []
@@ -63,7 +99,7 @@ def build_graph(pipe) -> dict:
                 w = s[top]
                 pairs = [(int(q), c, w[i]) for i, q in enumerate(top)]
             else:
-                W = class_pair_weights(pipe, a, b)[c]  # [T, K_a]
+                W = pair_w[(a, b)][c]  # [T, K_a]
                 pairs = [(int(q), int(t), W[ti, q]) for ti, t in enumerate(tops[b][c]) for q in top]
             norm = _norm(np.array([p[2] for p in pairs]))
             edges += [{"source": [a, q], "target": [b, t], "weight": _r(w), "normalized": _r(n)}
@@ -87,49 +123,59 @@ def build_graph(pipe) -> dict:
                     shared[a] = keep
             pair_graphs[f"{c1}-{c2}"] = {"classes": [c1, c2], "shared": shared}
 
-    images = _image_graphs(pipe, trans, tops)
     return {
         "schema": SCHEMA, "version": SCHEMA_VERSION, "run_key": pipe.config.key(),
         "model": {"arch": cfg.model, "weights": cfg.weights, "dataset": cfg.dataset, "split": cfg.split},
         "settings": {"top_concepts": cfg.top_concepts, "top_shared": cfg.top_shared, "gig_steps": cfg.gig_steps,
                      "gig_rule": cfg.gig_rule, "class_by": cfg.class_by, "attribution": cfg.attribution,
                      "class_probability": cfg.class_probability},
-        "classes": [{"id": c, "name": pipe.class_names[c], "n_images": int(pipe.explained_per_class[c])}
+        "classes": [{"id": c, "name": pipe.class_names[c], "n_images": int(per_class[c])}
                     for c in range(n_cls)],
         "layers": layers,
         "concepts": _concepts_section(pipe),
         "class_graphs": class_graphs,
         "pair_graphs": pair_graphs,
-        "images": images,
     }
 
 
-def _image_graphs(pipe, trans, tops) -> list:
-    """Per explained image: its strongest concepts per layer and edges to its class's top targets."""
-    from .stages import _trans_dir
-
-    per_image: dict[int, dict] = {}
-    meta = pipe.explained_meta()  # image id → (label, prediction)
-    for a, b in trans:
-        for path in sorted(_trans_dir(pipe, a, b).glob("chunk_*.npz")):
-            with np.load(path, allow_pickle=False) as z:
+def _image_graph_chunks(pipe):
+    """Per explained image its strongest concepts per layer and edges to its class's top targets:
+    yields one list per stage-3/4 chunk (images ascending), reading only that chunk's files."""
+    trans = transitions(pipe)
+    tops = {p: top_sets(pipe, p) for p in pipe.points}
+    last = -1
+    for cpath in sorted((pipe.work / "codes").glob("chunk_*.npz")):
+        with np.load(cpath, allow_pickle=False) as z:
+            meta = dict(zip(z["image"].tolist(), zip(z["label"].tolist(), z["prediction"].tolist())))
+        per_image: dict[int, dict] = {}
+        for a, b in trans:
+            with np.load(_trans_dir(pipe, a, b) / cpath.name, allow_pickle=False) as z:
                 imgs, tidx, tval = z["image"], z["top_idx"], z["top_val"]
-            for r, img in enumerate(imgs.tolist()):
-                label, pred = meta[img]
-                c = label if pipe.config.class_by == "label" else pred
-                g = per_image.setdefault(img, {"id": img, "label": label, "prediction": pred, "class": c,
-                                               "nodes": {}, "edges": []})
-                vals = tval[r]  # [M, T]
-                strength = vals.sum(1)
-                k = min(pipe.config.top_concepts, len(strength))
-                sel = np.argsort(-strength, kind="stable")[:k]
-                g["nodes"][a] = [{"concept": int(tidx[r, i]), "score": _r(strength[i])} for i in sel]
-                targets = [c] if b == CLASSES else [int(t) for t in tops[b][c]]
-                # the image's strongest edges of this layer pair (as many as top_concepts)
-                cand = [(int(tidx[r, i]), t, float(vals[i, ti])) for i in sel for ti, t in enumerate(targets)]
-                cand.sort(key=lambda e: -abs(e[2]))
-                cand = cand[:pipe.config.top_concepts]
-                norm = _norm(np.array([e[2] for e in cand]))
-                g["edges"] += [{"source": [a, q], "target": [b, t], "weight": _r(w), "normalized": _r(n)}
-                               for (q, t, w), n in zip(cand, norm)]
-    return [per_image[k] for k in sorted(per_image)]
+            _add_image_entries(pipe, per_image, meta, a, b, tops, imgs, tidx, tval)
+        ids = sorted(per_image)
+        if ids and ids[0] <= last:  # chunks hold ascending, disjoint image ranges (chunk_ids of sorted ids)
+            raise ValueError(f"{cpath} repeats or reorders explained images; delete {pipe.work} and rerun")
+        last = ids[-1] if ids else last
+        yield [per_image[k] for k in ids]
+
+
+def _add_image_entries(pipe, per_image, meta, a, b, tops, imgs, tidx, tval) -> None:
+    """Add the nodes and edges of layer pair (a, b) of the images of one chunk to ``per_image``."""
+    for r, img in enumerate(imgs.tolist()):
+        label, pred = meta[img]
+        c = label if pipe.config.class_by == "label" else pred
+        g = per_image.setdefault(img, {"id": img, "label": label, "prediction": pred, "class": c,
+                                       "nodes": {}, "edges": []})
+        vals = tval[r]  # [M, T]
+        strength = vals.sum(1)
+        k = min(pipe.config.top_concepts, len(strength))
+        sel = np.argsort(-strength, kind="stable")[:k]
+        g["nodes"][a] = [{"concept": int(tidx[r, i]), "score": _r(strength[i])} for i in sel]
+        targets = [c] if b == CLASSES else [int(t) for t in tops[b][c]]
+        # the image's strongest edges of this layer pair (as many as top_concepts)
+        cand = [(int(tidx[r, i]), t, float(vals[i, ti])) for i in sel for ti, t in enumerate(targets)]
+        cand.sort(key=lambda e: -abs(e[2]))
+        cand = cand[:pipe.config.top_concepts]
+        norm = _norm(np.array([e[2] for e in cand]))
+        g["edges"] += [{"source": [a, q], "target": [b, t], "weight": _r(w), "normalized": _r(n)}
+                       for (q, t, w), n in zip(cand, norm)]

@@ -34,15 +34,20 @@ def collect_metrics(pipe, timings: dict) -> dict:
                                "max_rel": float(rd.max()), "median_rel": float(np.median(rd)), "n": int(ad.size)}
     all_d = np.array([v["max_abs"] for v in deltas.values()])
     all_r = np.concatenate([[v["max_rel"], v["median_rel"]] for v in deltas.values()]) if deltas else np.array([])
-    meta = pipe.explained_meta()
-    labelled = [(lab, pred) for lab, pred in meta.values() if lab >= 0]
-    acc = float(np.mean([lab == pred for lab, pred in labelled])) if labelled else None
+    n_explained, n_labelled, n_correct = 0, 0, 0  # streamed over the chunks: no per-image table in memory
+    for path in sorted((pipe.work / "codes").glob("chunk_*.npz")):
+        with np.load(path, allow_pickle=False) as z:
+            n_explained += len(z["image"])
+            labelled = z["label"] >= 0  # offline photos carry no label
+            n_labelled += int(labelled.sum())
+            n_correct += int((z["label"] == z["prediction"])[labelled].sum())
+    acc = n_correct / n_labelled if n_labelled else None
     return {"run_key": pipe.config.key(), "layers": layers, "completeness": deltas,
             "completeness_max_abs": float(all_d.max()) if all_d.size else None,
             "completeness_median_of_max": float(np.median(all_d)) if all_d.size else None,
             "completeness_max_rel": float(all_r[0::2].max()) if all_r.size else None,
             "completeness_median_rel": float(np.median(all_r[1::2])) if all_r.size else None,
-            "explained_images": len(meta), "concept_images": int(len(pipe.concept_ids)),
+            "explained_images": n_explained, "concept_images": int(len(pipe.concept_ids)),
             "accuracy_on_explained": acc, "skipped_images": pipe.skipped, "timings_s": timings}
 
 

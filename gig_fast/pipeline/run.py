@@ -9,8 +9,9 @@ import numpy as np
 import torch
 
 from ..models import FASHION_CLASSES, get_adapter, load_model
+from . import distributed as dist
 from .config import PipelineConfig
-from .graph import build_graph
+from .graph import write_graph
 from .report import collect_metrics, render_report
 from .stages import attribute, decompose, extract_concepts, pfv_dataset
 from .store import atomic_write_text, load_json, save_json
@@ -39,6 +40,11 @@ class Pipeline:
 
     Each stage is also a function of this object: :func:`pfv_dataset`, :func:`extract_concepts`,
     :func:`decompose`, :func:`attribute`, :func:`build_graph`.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the constructor joins the process group
+    (:mod:`.distributed`; gloo on the CPU, NCCL on ``cuda:LOCAL_RANK``) and ``rank``/``world`` say which
+    share of the chunks this process computes; every rank builds the same ``Pipeline`` from the same
+    config. In a single process ``rank = 0``, ``world = 1``.
     """
 
     def __init__(self, config: PipelineConfig | dict, model: torch.nn.Module | None = None, dataset=None,
@@ -48,6 +54,7 @@ class Pipeline:
         self.device = torch.device(cfg.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but CUDA is not available")
+        self.rank, self.world, self.device = dist.setup(self.device)
         self.model = (model if model is not None else load_model(cfg.model, cfg.weights))
         self.adapter = get_adapter(self.model)
         self.model.to(self.device)
@@ -75,6 +82,7 @@ class Pipeline:
             rec = self.adapter.record(x0, keep="preact")
         self.spatial = {p: tuple(rec.preact(p).shape[-2:]) for p in self.points}
         self._stage1_index: dict = {}
+        self._per_class: np.ndarray | None = None
 
     # -- data -------------------------------------------------------------------------------------
     def _open_dataset(self, dataset):
@@ -133,6 +141,8 @@ class Pipeline:
         return self._stage1_index[point]
 
     def explained_meta(self) -> dict[int, tuple[int, int]]:
+        """``{image id: (label, prediction)}`` of every explained image (one entry per image: the
+        pipeline itself streams the chunks instead)."""
         meta = {}
         for path in sorted((self.work / "codes").glob("chunk_*.npz")):
             with np.load(path, allow_pickle=False) as z:
@@ -142,23 +152,32 @@ class Pipeline:
 
     @property
     def explained_per_class(self) -> np.ndarray:
-        """``[n_classes]`` explained images per class (by label, or by prediction with ``class_by``)."""
+        """``[n_classes]`` explained images per class (by label, or by prediction with ``class_by``);
+        computed once, after stage 3 for predictions (streamed over the code chunks)."""
         if self.config.class_by == "label":
             return np.bincount(self.labels[self.explain_ids], minlength=self.num_classes)
-        preds = [pred for _, pred in self.explained_meta().values()]
-        return np.bincount(np.asarray(preds, dtype=np.int64), minlength=self.num_classes)
+        if self._per_class is None:
+            counts = np.zeros(self.num_classes, dtype=np.int64)
+            for path in sorted((self.work / "codes").glob("chunk_*.npz")):
+                with np.load(path, allow_pickle=False) as z:
+                    counts += np.bincount(z["prediction"], minlength=self.num_classes)
+            self._per_class = counts
+        return self._per_class
 
     # -- run --------------------------------------------------------------------------------------
     def _check_work(self):
         run_file = self.work / "config.json"
-        if run_file.exists():
-            if load_json(run_file).get("key") != self.config.key():
-                raise ValueError(f"{self.work} belongs to another configuration")
-        else:
+        if not run_file.exists() and dist.is_main():
             save_json(run_file, {"key": self.config.key(), "config": self.config.to_dict()})
+        dist.barrier()  # the other ranks read rank 0's file
+        if load_json(run_file).get("key") != self.config.key():
+            raise ValueError(f"{self.work} belongs to another configuration")
 
     def run(self) -> Path:
         """Run (or resume) every stage; write ``graph.json``, ``metrics.json``, ``report.html``.
+
+        Under ``torchrun`` every rank calls it: the chunks are shared out, rank 0 writes the shared
+        files, and every rank returns once they exist.
 
         Returns the output folder.
         """
@@ -174,11 +193,16 @@ class Pipeline:
                 t0 = time.perf_counter()
                 stage(self)
                 timings[name] = round(time.perf_counter() - t0, 2)
-            t0 = time.perf_counter()
-            graph = build_graph(self)
-            timings["graph"] = round(time.perf_counter() - t0, 2)
+            if dist.is_main():
+                self._write_outputs(timings)
+        dist.barrier()  # every rank returns with the outputs written
+        return self.out
+
+    def _write_outputs(self, timings: dict) -> None:
+        """``graph.json`` (streamed), ``metrics.json`` and ``report.html`` from the stage files."""
+        t0 = time.perf_counter()
+        graph = write_graph(self, self.out / "graph.json")  # without "images": the report needs none
+        timings["graph"] = round(time.perf_counter() - t0, 2)
         metrics = collect_metrics(self, timings)
-        save_json(self.out / "graph.json", graph, compact=True)
         save_json(self.out / "metrics.json", metrics)
         atomic_write_text(self.out / "report.html", render_report(graph, metrics))
-        return self.out

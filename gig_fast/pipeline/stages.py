@@ -3,6 +3,10 @@
 Work files live in ``<out>/work-<config key>/``; every file is written atomically, so a run killed
 at any point (SIGKILL included) resumes from the last finished chunk and ends with the same results.
 Chunks have their own seeds (``seed``, chunk index), so results do not depend on where a run stopped.
+
+Under ``torchrun`` (:mod:`.distributed`) chunk ``ci`` of stages 1, 3 and 4 is computed by rank
+``ci % world`` only, every stage (and every GIG layer transition) ends at a barrier, stage 2 runs the
+k-means collectively, and rank 0 writes the concept files. A single process computes every chunk.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from . import deps
+from . import distributed as dist
 from .store import load_npz, save_npz
 
 __all__ = ["pfv_dataset", "extract_concepts", "decompose", "attribute", "chunk_ids", "CLASSES"]
@@ -27,7 +32,8 @@ def chunk_ids(ids: np.ndarray, size: int) -> list[np.ndarray]:
 
 
 def _bar(pipe, it, desc, total=None):
-    return tqdm(it, desc=desc, total=total, disable=not pipe.config.progress, leave=False)
+    # one bar per job, not one per rank
+    return tqdm(it, desc=desc, total=total, disable=not pipe.config.progress or not dist.is_main(), leave=False)
 
 
 def _batches(ids: np.ndarray, size: int):
@@ -67,7 +73,7 @@ def pfv_dataset(pipe) -> list[Path]:
     for ci, chunk in enumerate(_bar(pipe, chunks, "stage 1: PFV–iERF dataset")):
         path = pipe.work / "stage1" / f"chunk_{ci:05d}.npz"
         files.append(path)
-        if path.exists():
+        if path.exists() or not dist.owns(ci):  # done (resume), or another rank's chunk
             continue
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + ci)
         k = cfg.pfvs_per_image
@@ -92,6 +98,7 @@ def pfv_dataset(pipe) -> list[Path]:
             parts.setdefault("label", []).append(y.cpu().repeat_interleave(k))
             parts.setdefault("target", []).append(res.target.cpu().repeat_interleave(k))
         save_npz(path, **{key: torch.cat(v) for key, v in parts.items()})
+    dist.barrier()  # stage 2 reads every rank's chunks
     return files
 
 
@@ -126,7 +133,7 @@ def extract_concepts(pipe) -> dict[str, Path]:
     for point in _bar(pipe, pipe.points, "stage 2: concepts"):
         path = pipe.work / "concepts" / f"{point}.npz"
         files[point] = path
-        if path.exists():
+        if path.exists():  # written by rank 0 before the last barrier, so every rank agrees
             continue
         data = load_pfvs(pipe, point)
         X = torch.from_numpy(data["pfv"]).to(pipe.device)
@@ -139,9 +146,12 @@ def extract_concepts(pipe) -> dict[str, Path]:
         beta = pipe.adapter.bn_shift(point).to(X)
         V, labels = deps.bisecting_kmeans(X, K, beta, cfg.seed, cfg.kmeans_mode)
         V, labels = V.to(X).detach(), labels.to(X.device).long()
-        reps, cos = _representatives(X - beta, V, labels, cfg.representatives)
-        save_npz(path, V=V.float(), beta=beta.float(), labels=labels,
-                 sizes=torch.bincount(labels, minlength=K), representatives=reps, rep_cosine=cos)
+        if dist.is_main():  # every rank holds the same concepts; one writes them
+            reps, cos = _representatives(X - beta, V, labels, cfg.representatives)
+            save_npz(path, V=V.float(), beta=beta.float(), labels=labels,
+                     sizes=torch.bincount(labels, minlength=K), representatives=reps, rep_cosine=cos)
+        del X, data
+        dist.barrier()
     return files
 
 
@@ -203,7 +213,7 @@ def decompose(pipe) -> list[Path]:
     for ci, chunk in enumerate(_bar(pipe, chunk_ids(pipe.explain_ids, cfg.chunk_images), "stage 3: decomposition")):
         path = pipe.work / "codes" / f"chunk_{ci:05d}.npz"
         files.append(path)
-        if path.exists():
+        if path.exists() or not dist.owns(ci):
             continue
         out: dict[str, list] = {}
         for batch in _batches(chunk, cfg.batch_size):
@@ -243,6 +253,7 @@ def decompose(pipe) -> list[Path]:
             else:
                 arrays[key] = torch.cat(parts)
         save_npz(path, **arrays)
+    dist.barrier()  # stage 4 reads every rank's codes
     return files
 
 
@@ -313,7 +324,7 @@ def attribute(pipe) -> None:
         f_ab = deps.make_f_ab(pipe.adapter, a, None if b == CLASSES else b)
         for ci, cpath in enumerate(code_files):
             path = _trans_dir(pipe, a, b) / f"chunk_{ci:05d}.npz"
-            if path.exists():
+            if path.exists() or not dist.owns(ci):
                 continue
             with np.load(cpath, allow_pickle=False) as z:
                 idx_all, val_all = torch.from_numpy(z[f"{a}|idx"]), torch.from_numpy(z[f"{a}|val"])
@@ -349,3 +360,4 @@ def attribute(pipe) -> None:
                     rel_delta[:, sub] = (d.abs() / span.abs().clamp_min(1e-12)).numpy()
             save_npz(path, class_sum=class_sum, image=images, top_idx=top_idx, top_val=top_val, delta=delta,
                      rel_delta=rel_delta)
+        dist.barrier()  # the next transition's targets are the class scores summed over all chunks

@@ -1,0 +1,189 @@
+"""Bisecting spherical k-means over several processes (DESIGN.md §1.3, §6): the same concepts as
+:func:`gig_fast.concepts.bisecting_spherical_kmeans` with the same seed, the work shared by the ranks.
+
+Every rank passes the same per-layer PFV sample ``X`` (the documented per-layer memory bound) and
+runs the same split schedule; the work of each round is shared two ways:
+
+* clusters larger than ``init_sample`` are split one after the other, *data-parallel*: the
+  initialisations are chosen on the cluster's random subsample (identical on every rank), then the
+  Lloyd refinement on the whole cluster gives each rank a contiguous slice of its members, whose
+  ``centroid_update`` sums (cast to float64, so the reduction order barely matters) and label changes
+  are all-reduced;
+* smaller clusters of a round (most splits; fast mode has many per round) are split whole, each by
+  one rank (round-robin), and the resulting sides are exchanged with one all-reduce per round.
+
+The random draws of a split depend only on (seed, cluster) as in the single-process code, and the
+final concept means are computed from the shared labels exactly as there, so the labels and concepts
+are identical to the single-process ones up to float32 rounding of the all-reduced refinement sums
+(identical outright when no cluster exceeds ``init_sample``).
+"""
+from __future__ import annotations
+
+import heapq
+from typing import Callable
+
+import torch
+
+from .concepts import (BisectingInfo, _check_inputs, _init_pair, _Kernels, _lloyd, _split_generator,
+                       _threads_for, _two_means, _unit_rows, bisecting_spherical_kmeans)
+
+__all__ = ["distributed_bisecting_kmeans"]
+
+AllReduce = Callable[[torch.Tensor], torch.Tensor]  # sum over ranks → a new tensor
+
+
+def _slice(n: int, rank: int, world: int) -> tuple[int, int]:
+    """This rank's contiguous part ``[lo, hi)`` of ``n`` rows (sizes differ by at most one)."""
+    return n * rank // world, n * (rank + 1) // world
+
+
+def _lloyd_sharded(Us: torch.Tensor, centroids: torch.Tensor, kern: _Kernels, max_iter: int, rank: int,
+                   world: int, reduce: AllReduce) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """:func:`gig_fast.concepts._lloyd` with the points shared by the ranks (same loop, same stop rule).
+
+    Returns ``(side int64 [n], sums float64 [2, C], inertia)`` on every rank.
+    """
+    n = Us.shape[0]
+    lo, hi = _slice(n, rank, world)
+    mine = Us[lo:hi]
+    side = None
+    for _ in range(max_iter):
+        new_side, _ = kern.assign(mine, centroids)
+        sums = reduce(kern.update(mine, new_side, 2)[0].to(torch.float64))
+        changed = 1 if side is None else int((new_side != side).sum())
+        converged = side is not None and int(reduce(torch.tensor([changed], dtype=torch.int64))) == 0
+        side = new_side
+        if converged:
+            break
+        centroids = sums.to(Us.dtype)
+    full = torch.zeros(n, dtype=torch.int64, device=Us.device)
+    full[lo:hi] = side
+    full = reduce(full)  # every rank's slice → the whole side vector
+    return full, sums, n - float(sums.norm(dim=1).sum())
+
+
+def _two_means_sharded(Us, kern, gen, n_init, max_iter, init_sample, rank, world, reduce):
+    """:func:`gig_fast.concepts._two_means` for a cluster larger than ``init_sample``: the initialisations
+    on the (identical) subsample on every rank, the refinement on the whole cluster data-parallel."""
+    n = Us.shape[0]
+    pick = torch.randperm(n, generator=gen)[:init_sample].sort().values.to(Us.device)
+    sample = Us[pick]
+    best = None
+    for _ in range(n_init):
+        side, sums, inertia = _lloyd(sample, _init_pair(sample, gen, kern), kern, max_iter)
+        if best is None or inertia < best[2] - 1e-9 * n:
+            best = (side, sums, inertia)
+    side, _, inertia = _lloyd_sharded(Us, best[1].to(Us.dtype), kern, max_iter, rank, world, reduce)
+    size1 = int(side.sum())
+    if size1 == 0 or size1 == n:  # inseparable: split by member order, as the single-process code does
+        side = (torch.arange(n, device=Us.device) >= (n + 1) // 2).to(torch.int64)
+        sums, _ = kern.update(Us, side, 2)
+        return side, n - float(sums.norm(dim=1).sum()), True
+    return side, inertia, False
+
+
+def _split_small(U, members, batch, kern, seed, n_init, max_iter, init_sample, rank, world, reduce):
+    """Split the clusters of ``batch`` (all ≤ ``init_sample``) round-robin over the ranks and share the
+    sides: ``{cluster id: (side, fell_back)}`` on every rank."""
+    sizes = [members[cid].shape[0] for _, cid in batch]
+    offsets = [0]
+    for s in sizes:
+        offsets.append(offsets[-1] + s)
+    buf = torch.zeros(offsets[-1] + len(batch), dtype=torch.int64)  # sides, then one fallback flag each
+    for j, (neg_size, cid) in enumerate(batch):
+        if j % world != rank:
+            continue
+        idx = members[cid]
+        gen = _split_generator(seed, int(idx[0]), -neg_size)
+        with _threads_for(-neg_size * U.shape[1], U.device):
+            side, _, fell_back = _two_means(U[idx], kern, gen, n_init, max_iter, init_sample)
+        buf[offsets[j]:offsets[j + 1]] = side.cpu()
+        buf[offsets[-1] + j] = int(fell_back)
+    buf = reduce(buf)
+    return {cid: (buf[offsets[j]:offsets[j + 1]].to(U.device), bool(buf[offsets[-1] + j]))
+            for j, (_, cid) in enumerate(batch)}
+
+
+def distributed_bisecting_kmeans(X: torch.Tensor, K: int, *, rank: int, world: int, all_reduce: AllReduce,
+                                 beta: torch.Tensor | None = None, seed: int = 0, n_init: int = 3,
+                                 max_iter: int = 30, init_sample: int = 1024, mode: str = "sequential",
+                                 backend: str | None = None, return_info: bool = False):
+    """Bisecting spherical k-means run together by ``world`` processes (collective: every rank calls it
+    with the same ``X``, ``K`` and options).
+
+    Args:
+        X, K, beta, seed, n_init, max_iter, init_sample, mode, backend, return_info: as in
+            :func:`gig_fast.concepts.bisecting_spherical_kmeans`.
+        rank, world: this process's rank and the number of processes.
+        all_reduce: ``tensor → tensor`` summed over the ranks (e.g.
+            :func:`gig_fast.pipeline.distributed.all_reduce`); it must return a new tensor.
+
+    Returns:
+        ``(concepts [K, C], labels int64 [N])`` (and a :class:`BisectingInfo`), the same on every rank
+        and the same as the single-process function's (see the module docstring).
+    """
+    if world <= 1:
+        return bisecting_spherical_kmeans(X, K, beta=beta, seed=seed, n_init=n_init, max_iter=max_iter,
+                                          init_sample=init_sample, mode=mode, backend=backend,
+                                          return_info=return_info)
+    if not 0 <= rank < world:
+        raise ValueError(f"rank must be in [0, {world}), got {rank}")
+    _check_inputs(X, K, beta, n_init, max_iter, mode)
+    if not isinstance(init_sample, int) or init_sample < 2:
+        raise ValueError(f"init_sample must be an int >= 2, got {init_sample!r}")
+    N, C = X.shape
+    acc = torch.float64 if X.dtype == torch.float64 else torch.float32
+    kern = _Kernels(X.device, backend)
+    Xc = X.to(acc) - (beta.to(acc) if beta is not None else 0)
+    U = _unit_rows(Xc).contiguous()
+
+    members: list[torch.Tensor] = [torch.arange(N, device=X.device)]
+    heap = [(-N, 0)]
+    rounds = fallbacks = 0
+    while len(members) < K:
+        batch = _next_batch(heap, mode, K - len(members))
+        rounds += 1
+        small = [item for item in batch if -item[0] <= init_sample]
+        splits = _split_small(U, members, small, kern, seed, n_init, max_iter, init_sample, rank, world,
+                              all_reduce) if small else {}
+        for neg_size, cid in batch:
+            if cid not in splits:
+                idx = members[cid]
+                gen = _split_generator(seed, int(idx[0]), -neg_size)
+                side, _, fell_back = _two_means_sharded(U[idx], kern, gen, n_init, max_iter, init_sample, rank,
+                                                        world, all_reduce)
+                splits[cid] = (side, fell_back)
+        for neg_size, cid in batch:  # apply in batch order: the same cluster ids as the single process
+            side, fell_back = splits[cid]
+            idx = members[cid]
+            left, right = idx[side == 0], idx[side == 1]
+            fallbacks += int(fell_back)
+            members[cid] = left
+            members.append(right)
+            heapq.heappush(heap, (-left.shape[0], cid))
+            heapq.heappush(heap, (-right.shape[0], len(members) - 1))
+
+    labels = torch.empty(N, dtype=torch.int64, device=X.device)
+    for cid, idx in enumerate(members):
+        labels[idx] = cid
+    # the concept means from the shared labels, computed as the single-process code does (bit-identical)
+    sums, counts = kern.update(Xc.contiguous(), labels, K)
+    concepts = (sums / counts.clamp_min(1).to(sums.dtype)[:, None]).to(X.dtype)
+    if not return_info:
+        return concepts, labels
+    usums, _ = kern.update(U, labels, K)
+    info = BisectingInfo(inertia=float((counts.to(usums.dtype) - usums.norm(dim=1)).sum()), sizes=counts,
+                         splits=K - 1, rounds=rounds, fallback_splits=fallbacks, mode=mode,
+                         backends={"spherical_assign": kern.assign_name, "centroid_update": kern.update_name})
+    return concepts, labels, info
+
+
+def _next_batch(heap: list, mode: str, budget: int) -> list[tuple[int, int]]:
+    """The clusters split in the next round, popped from ``heap`` as the single-process loop does."""
+    if mode == "sequential":
+        return [heapq.heappop(heap)]
+    largest = -heap[0][0]
+    batch = []
+    while heap and len(batch) < budget and -heap[0][0] * 2 >= largest:
+        batch.append(heapq.heappop(heap))
+    return batch
