@@ -4,12 +4,17 @@ PIP ?= $(PYTHON) -m pip
 # Serialise builds: several shells (or helpers) may build in this tree at once.
 LOCK = flock /tmp/gig_fast_build.lock
 
-.PHONY: setup deps install build build-cpu demo test test-fast bench-cpu clean
+.PHONY: setup deps-run deps install install-demo build build-cpu demo test test-fast bench-cpu clean
 
-deps:
+# What the demo needs: torch, Fashion-MNIST, the runtime and build requirements.
+deps-run:
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	# Fashion-MNIST (the demo's data set) ships in Debian; nothing is downloaded at run time.
 	[ -d /usr/share/datasets/fashion-mnist ] || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
+	$(PIP) install -q -r requirements.txt
+
+# ... plus the test and benchmark tools and the optional extras the tests cover.
+deps: deps-run
 	$(PIP) install -q -r requirements-dev.txt
 
 # A non-editable install, so packaging mistakes fail here and in CI.
@@ -18,6 +23,12 @@ install: deps
 
 setup: install
 
+# The demo runs on the CPU where no GPU is visible: there, skip the CUDA extension's ~10-minute
+# compile (the tests' install still builds it, so CI proves it compiles).
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+install-demo: deps-run
+	$(if $(HAS_GPU),,GIG_FAST_SKIP_CUDA=1) $(PIP) install --no-build-isolation --no-deps .
+
 # In-tree builds for development (editable work in this checkout).
 build:
 	$(LOCK) $(PYTHON) setup.py build_ext --inplace
@@ -25,7 +36,7 @@ build:
 build-cpu:
 	$(LOCK) env GIG_FAST_SKIP_CUDA=1 $(PYTHON) setup.py build_ext --inplace
 
-demo: setup
+demo: install-demo
 	gig-fast demo --out gig_demo
 
 test: setup
