@@ -9,11 +9,12 @@ import numpy as np
 import torch
 
 from ..models import FASHION_CLASSES, get_adapter, load_model
+from ..explorer import write_report
 from .config import PipelineConfig
 from .graph import build_graph
-from .report import collect_metrics, render_report
+from .report import collect_metrics
 from .stages import attribute, decompose, extract_concepts, pfv_dataset
-from .store import atomic_write_text, load_json, save_json
+from .store import load_json, save_json
 
 __all__ = ["Pipeline"]
 
@@ -170,6 +171,8 @@ class Pipeline:
             timings["graph"] = round(time.perf_counter() - t0, 2)
         metrics = collect_metrics(self, timings)
         save_json(self.out / "graph.json", graph, compact=True)
+        t0 = time.perf_counter()
+        write_report(self, graph, metrics)
+        timings["report"] = round(time.perf_counter() - t0, 2)  # in metrics.json (the page was already written)
         save_json(self.out / "metrics.json", metrics)
-        atomic_write_text(self.out / "report.html", render_report(graph, metrics))
         return self.out
