@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gig_fast.explorer import collect_pictures, embed_json, render_explorer
+from gig_fast.cli import main
+from gig_fast.explorer import collect_pictures, embed_json, rebuild_report, render_explorer
 from gig_fast.explorer.render import compact_graph, concept_usage
 from gig_fast.pipeline import Pipeline
 
@@ -169,6 +170,16 @@ def test_pictures_of_a_real_run(tiny_run):
     page = (out / "report.html").read_text()
     assert pipe.config.representatives == 10  # the card's "top-10" (graph.json samples)
     assert len(page) < 3_000_000 and "Decomposition per layer" in page
+
+
+def test_rebuild_report_gives_the_same_page(tiny_run, tmp_path):
+    out, _ = tiny_run
+    again = rebuild_report(out, html=tmp_path / "again.html", max_images=4, model=tiny_model(), dataset=tiny_data())
+    # same data and pictures (the summary differs: metrics.json now also holds the report's own timing)
+    assert _data_blocks(again.read_text()) == _data_blocks((out / "report.html").read_text())
+    with pytest.raises(FileNotFoundError, match="no graph.json"):
+        rebuild_report(tmp_path)
+    assert main(["report", "--run", str(tmp_path)]) == 2
 
 
 def test_package_ships_the_page_assets():
