@@ -19,6 +19,7 @@
   const ROW = 118;         // vertical distance between layers
   const LEFT = 120;        // room for the layer names
   const CLS_W = 150, CLS_H = 40;
+  const MIN_SCALE = 0.7;   // first view: pictures at least ~45 px; "fit" shows everything
 
   const $ = (id) => document.getElementById(id);
   const readJSON = (id) => { const el = $(id); return el ? JSON.parse(el.textContent) : null; };
@@ -230,6 +231,18 @@
     return g;
   }
 
+  function inputPicture(view) {
+    // the explained image itself, left of its class node (paper Fig. 3)
+    const pics = pictures.images[String(view.image)];
+    const cls = view.nodes.get(CLASSES + "|" + view.classes[0]);
+    const g = svg("g", { class: "input-picture", transform: `translate(${cls.x - CLS_W / 2 - 20 - PIC},${cls.y - PIC / 2})` });
+    if (pics) g.append(svg("image", { href: pics.picture, width: PIC, height: PIC, style: "image-rendering:pixelated" }));
+    const t = svg("text", { class: "row-label", x: PIC / 2, y: PIC + 14, "text-anchor": "middle" });
+    t.textContent = "image #" + view.image;
+    g.append(t);
+    return g;
+  }
+
   function graphStyle() {
     // the stylesheet rules that draw the graph, copied into the SVG so exports look the same
     const rules = [];
@@ -259,10 +272,11 @@
     const nodes = svg("g", { class: "nodes" });
     for (const node of view.nodes.values()) nodes.append(drawNode(view, node));
     scene.append(labels, edges, nodes);
+    if (view.kind === "image") scene.append(inputPicture(view));
     root.append(scene);
     state.view = view;
     indexAdjacency(view);
-    fit();
+    fit(true);
   }
 
   function indexAdjacency(view) {
@@ -280,13 +294,16 @@
     $("graph").setAttribute("viewBox", `${v.x} ${v.y} ${v.w} ${v.h}`);
   }
 
-  function fit() {
+  function fit(readable) {
+    // the whole graph; with `readable`, no smaller than MIN_SCALE, from the classifier down
     const box = $("graph").getBoundingClientRect();
     const view = state.view;
-    const aspect = (box.width || 800) / (box.height || 600);
-    let w = view.width + 20, h = view.height + 20;
-    if (w / h > aspect) h = w / aspect; else w = h * aspect;
-    state.vb = { x: (view.width - w) / 2, y: (view.height - h) / 2 + 10, w, h };
+    const W = box.width || 800, H = box.height || 600;
+    let scale = Math.min(W / (view.width + 20), H / (view.height + 20));
+    const top = readable && scale < MIN_SCALE;
+    if (top) scale = Math.min(MIN_SCALE, W / (view.width + 20));
+    const w = W / scale, h = H / scale;
+    state.vb = { x: (view.width - w) / 2, y: top ? 0 : (view.height - h) / 2 + 10, w, h };
     applyViewBox();
   }
 
@@ -308,9 +325,11 @@
   function wirePanZoom() {
     const root = $("graph");
     root.addEventListener("wheel", (evt) => {
+      // wheel scrolls (the graph is tall); ctrl + wheel (and trackpad pinch) zooms at the pointer
       evt.preventDefault();
       const p = toGraph(evt);
-      zoom(Math.exp(-evt.deltaY * 0.0015), p.x, p.y);
+      if (evt.ctrlKey || evt.metaKey) zoom(Math.exp(-evt.deltaY * 0.004), p.x, p.y);
+      else { state.vb.x += evt.deltaX * p.s; state.vb.y += evt.deltaY * p.s; applyViewBox(); }
     }, { passive: false });
     let drag = null;
     root.addEventListener("pointerdown", (evt) => {
@@ -345,8 +364,8 @@
     });
     $("zoom-in").addEventListener("click", () => zoom(1.25));
     $("zoom-out").addEventListener("click", () => zoom(0.8));
-    $("zoom-fit").addEventListener("click", fit);
-    window.addEventListener("resize", () => state.view && fit());
+    $("zoom-fit").addEventListener("click", () => fit(false));
+    window.addEventListener("resize", () => state.view && fit(true));
   }
 
   function highlight(key) {
@@ -479,12 +498,14 @@
     body.append(el("h2", {}, `Concept #${node.q}`),
       el("p", { class: "facts" }, `layer ${layers[node.li].name} · id ${node.q}` +
         (size !== null ? ` · ${size} PFVs in its cluster · ‖v‖ ${fmt(norm)}` : "")));
-    const scores = Object.entries(node.score).map(([tag, s]) =>
-      `${tag === "a" ? className(view.classes[0]) : tag === "b" ? className(view.classes[1]) : "pair"}: ${fmt(s)}`);
-    if (scores.length) body.append(el("p", { class: "facts" }, "score " + scores.join(" · ")));
+    const scores = Object.entries(node.score).filter(([tag]) => tag !== "pair").map(([tag, s]) =>
+      `${className(view.classes[tag === "b" ? 1 : 0])}: ${fmt(s)}`);
+    if (scores.length) body.append(el("p", { class: "facts" }, "score (Σ GIG to the layer above) " + scores.join(" · ")));
     if (node.shared) {
-      body.append(el("p", { class: "facts" }, "shared by both classes" +
-        (node.shared.score !== null ? ` (min normalised importance ${fmt(node.shared.score)})` : " (in both top sets)")));
+      const s = node.shared;
+      body.append(el("p", { class: "facts" }, "shared by both classes" + (s.score === null ? " (in both top sets)"
+        : ` (min normalised importance ${fmt(s.score)}; importance ${className(view.classes[0])} ` +
+          `${fmt(s.importance[0])}, ${className(view.classes[1])} ${fmt(s.importance[1])})`)));
     }
     body.append(el("h3", {}, "Nearest PFV samples (iERF with context)"), cropsSection(node.li, node.q));
     body.append(el("h3", {}, "Localisation"), ...localisationSection(view, node.li, node.q));

@@ -103,7 +103,7 @@ def _script_tag(element_id: str, obj) -> str:
 
 
 def render_explorer(graph: dict, metrics: dict | None = None, pictures: dict | None = None, *,
-                    max_images: int = 30, summary_html: str = "", title: str = "gig_fast concept graph") -> str:
+                    max_images: int = 20, summary_html: str = "", title: str = "gig_fast concept graph") -> str:
     """The explorer page for one run.
 
     Args:

@@ -74,7 +74,7 @@ class PipelineConfig:
     chunk_images: int = 500
     out: str = "gig_out"
     progress: bool = True
-    report_images: int = 30
+    report_images: int = 20
     report_crops: int = 10
     extra: dict = field(default_factory=dict)
 
