@@ -161,6 +161,18 @@ def test_pictures_of_a_real_run(tiny_run):
                 assert len(samples) == 10 and all(s[0] >= 0 for s in samples)
                 cos = [s[3] for s in samples]
                 assert cos == sorted(cos, reverse=True)  # nearest first
+    # the nearest samples are the stage-1 PFVs of highest cosine to the concept vector (brute force)
+    from gig_fast.pipeline.stages import load_concepts, load_pfvs
+    layer, q = LAYERS[1], graph["class_graphs"]["0"]["nodes"][LAYERS[1]][0]["concept"]
+    c, X = load_concepts(pipe, layer), load_pfvs(pipe, layer)["pfv"].astype(np.float64)
+    Xc = X - c["beta"].double().numpy()
+    v = c["V"][q].double().numpy()
+    cos = Xc @ v / np.linalg.norm(Xc, axis=1) / np.linalg.norm(v)
+    samples = pics["concepts"][f"{layer}|{q}"]
+    np.testing.assert_allclose([s[3] for s in samples], np.sort(cos)[::-1][:10], atol=1e-4)
+    labels = c["labels"].numpy()
+    order = np.argsort(-cos, kind="stable")[:10]
+    assert [s[4] for s in samples] == [int(labels[r] == q) for r in order] or len(set(np.round(cos, 4))) < len(cos)
     assert all(uri.startswith("data:image/png;base64,") for uri in pics["crops"])
     png = base64.b64decode(pics["crops"][0].split(",", 1)[1])
     assert png[:8] == b"\x89PNG\r\n\x1a\n"

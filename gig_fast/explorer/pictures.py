@@ -177,19 +177,29 @@ def _stage1_rows(work: Path):
     return files, np.array(starts + [n])
 
 
-def _nearest(pipe, layer: str, concepts: list[int], k: int):
-    """``[len(concepts), k]`` stage-1 rows nearest in cosine to each concept, their cosines and
-    whether each row belongs to the concept's cluster."""
-    from ..pipeline.stages import load_concepts, load_pfvs
+def _nearest(pipe, layer: str, concepts: list[int], k: int, files: list[Path]):
+    """``[len(concepts), k]`` stage-1 rows nearest in cosine to each concept (``x − β`` against
+    ``v_j``), their cosines, and whether each row belongs to the concept's cluster. Streams the
+    stage-1 chunks, so memory stays at one chunk of PFVs."""
+    from ..pipeline.stages import load_concepts
 
     c = load_concepts(pipe, layer)
-    X = torch.from_numpy(load_pfvs(pipe, layer)["pfv"]).double() - c["beta"].double()
-    V = c["V"].double()[concepts]
-    cos = torch.nn.functional.normalize(X, dim=1) @ torch.nn.functional.normalize(V, dim=1).T  # [N, Q]
-    k = min(k, X.shape[0])
-    val, rows = torch.topk(cos.T, k, dim=1)  # ties: topk order; equal-cosine samples are interchangeable
-    member = c["labels"].long()[rows] == torch.tensor(concepts)[:, None]
-    return rows.numpy(), val.numpy(), member.numpy()
+    V = torch.nn.functional.normalize(c["V"].double()[concepts], dim=1)  # [Q, C]
+    beta = c["beta"].double()
+    best_val = torch.empty(len(concepts), 0, dtype=torch.float64)
+    best_row = torch.empty(len(concepts), 0, dtype=torch.long)
+    start = 0
+    for f in files:
+        with np.load(f, allow_pickle=False) as z:
+            X = torch.from_numpy(z[f"{layer}|pfv"]).double() - beta
+        cos = V @ torch.nn.functional.normalize(X, dim=1).T  # [Q, n]
+        rows = torch.arange(start, start + X.shape[0]).expand(len(concepts), -1)
+        start += X.shape[0]
+        vals, pick = torch.topk(torch.cat([best_val, cos], 1), min(k, best_val.shape[1] + cos.shape[1]), dim=1)
+        best_row = torch.gather(torch.cat([best_row, rows], 1), 1, pick)
+        best_val = vals
+    member = c["labels"].long()[best_row] == torch.tensor(concepts)[:, None]
+    return best_row.numpy(), best_val.numpy(), member.numpy()
 
 
 def _images(pipe, ids) -> dict[int, np.ndarray]:
@@ -212,7 +222,7 @@ def _concept_pictures(pipe, need: dict[str, set[int]], crops: int, max_px: int):
     stored_ierf = True
     for layer, qs in need.items():
         qs = sorted(qs)
-        rows, cos, member = _nearest(pipe, layer, qs, crops)
+        rows, cos, member = _nearest(pipe, layer, qs, crops, files)
         wanted = sorted(set(rows.ravel().tolist()))
         meta: dict[int, tuple[int, int, int]] = {}  # row → (image, position, label)
         maps: dict[int, np.ndarray] = {}
