@@ -183,11 +183,15 @@
     const s = view.nodes.get(e.s), t = view.nodes.get(e.t);
     const sy = s.y - PIC / 2 - 2, ty = t.y + (t.li === CLASSES ? CLS_H / 2 : PIC / 2 + 16);
     const my = (sy + ty) / 2;
-    return svg("path", {
+    const path = svg("path", {
       class: "edge", d: `M${s.x},${sy} C${s.x},${my} ${t.x},${my} ${t.x},${ty}`,
       stroke: edgeColour(e), "stroke-width": (0.6 + 6 * e.n).toFixed(2),
       "stroke-opacity": (0.35 + 0.65 * e.n).toFixed(2), "data-key": e.key,
     });
+    const title = svg("title");
+    title.textContent = `${nodeName(e.s)} → ${nodeName(e.t)}: GIG ${fmt(e.w)} (normalised ${fmt(e.n)})`;
+    path.append(title);
+    return path;
   }
 
   function nodePicture(node) {
@@ -507,7 +511,10 @@
         : ` (min normalised importance ${fmt(s.score)}; importance ${className(view.classes[0])} ` +
           `${fmt(s.importance[0])}, ${className(view.classes[1])} ${fmt(s.importance[1])})`)));
     }
-    body.append(el("h3", {}, "Nearest PFV samples (iERF with context)"), cropsSection(node.li, node.q));
+    body.append(el("h3", {}, "Nearest PFV samples (iERF with context)"),
+      el("p", { class: "facts" }, "The PFVs of the PFV–iERF dataset nearest to the concept vector (cosine), " +
+        "nearest first: iERF tinted blue, context dimmed; dashed frame: outside the concept's cluster."),
+      cropsSection(node.li, node.q));
     body.append(el("h3", {}, "Localisation"), ...localisationSection(view, node.li, node.q));
     body.append(el("h3", {}, "Used by classes"), ...usageSection(node.li, node.q));
     body.append(el("h3", {}, "GIG to parents (layer above)"), gigTable(view, key, "up"));

@@ -126,28 +126,23 @@ def graph_concepts(graph: dict, image_ids=()) -> dict[str, set[int]]:
     """layer → concept ids drawn anywhere: class graphs, shared concepts, and the given images' graphs."""
     need: dict[str, set[int]] = {}
 
-    def add(layer, q):
-        if layer != "classes":
-            need.setdefault(layer, set()).add(int(q))
-
     def add_graph(g):
         for layer, nodes in g["nodes"].items():
-            for n in nodes:
-                add(layer, n["concept"])
-        for e in g["edges"]:
-            add(*e["source"])
-            add(*e["target"])
+            need.setdefault(layer, set()).update(n["concept"] for n in nodes)
+        for e in g["edges"]:  # edge ends are nodes of the same graph, except image edges' targets
+            for layer, q in (e["source"], e["target"]):
+                need.setdefault(layer, set()).add(q)
 
     for g in graph["class_graphs"].values():
         add_graph(g)
     for pg in graph["pair_graphs"].values():
         for layer, items in pg["shared"].items():
-            for s in items:
-                add(layer, s["concept"])
+            need.setdefault(layer, set()).update(s["concept"] for s in items)
     wanted = set(int(i) for i in image_ids)
     for g in graph["images"]:
         if g["id"] in wanted:
             add_graph(g)
+    need.pop("classes", None)
     return need
 
 

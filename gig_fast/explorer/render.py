@@ -18,7 +18,7 @@ import html
 import json
 from importlib import resources
 
-from .pictures import pick_images
+from .pictures import graph_concepts, pick_images
 
 __all__ = ["render_explorer", "embed_json", "compact_graph", "concept_usage"]
 
@@ -86,8 +86,9 @@ def _main_data(graph: dict, pictures: dict | None, max_images: int, title: str) 
     shown = set(pictures["images"]) if pictures else {str(i) for i in pick_images(graph, max_images)}
     images = [{"id": g["id"], "label": g["label"], "prediction": g["prediction"], "class": g["class"],
                **compact_graph(g, layer_index)} for g in graph["images"] if str(g["id"]) in shown]
+    drawn = graph_concepts(graph, [g["id"] for g in images])  # only concepts a view can show get facts
     concepts = {f"{layer}|{c['id']}": [c["size"], c["norm"]] for layer, items in graph.get("concepts", {}).items()
-                for c in items}
+                for c in items if c["id"] in drawn.get(layer, ())}
     return {"title": title, "run_key": graph["run_key"], "model": graph["model"], "settings": graph["settings"],
             "layers": [{"name": lay["name"], "spatial": lay.get("spatial"), "n_concepts": lay["n_concepts"]}
                        for lay in graph["layers"]],
