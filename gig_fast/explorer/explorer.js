@@ -425,7 +425,8 @@
       fig.append(el("figcaption", {}, `cos ${Number(cos).toFixed(2)}`));
       box.append(fig);
     }
-    if (!samples.length) return el("p", { class: "note" }, "No iERF pictures in this report.");
+    if (!samples.length) return el("p", { class: "note" }, "No samples in this report.");
+    if (!main.ierf) return el("div", {}, el("p", { class: "note" }, "The run kept no iERF maps (store_ierf = False): samples without pictures."), box);
     return box;
   }
 
