@@ -420,9 +420,14 @@ def test_exports_csv_svg_png(tiny_run, browser):
     assert png.startswith("data:image/png") and data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     # the CSV button downloads the same text
     browser.find_element(By.ID, "export-csv").click()
-    deadline = time.time() + 10
-    while not list(browser.downloads.glob("*.csv")) and time.time() < deadline:
-        time.sleep(0.05)
-    files = list(browser.downloads.glob("*.csv"))
-    assert files and files[0].read_text(encoding="utf-8").count("\n") == len(rows) + 1
+    expected_lines = len(rows) + 1  # header + rows
+
+    def downloaded_lines():
+        files = list(browser.downloads.glob("*.csv"))
+        return files[0].read_text(encoding="utf-8").count("\n") if files else None
+
+    deadline = time.time() + 20
+    while downloaded_lines() != expected_lines and time.time() < deadline:
+        time.sleep(0.05)  # Chrome may still be writing or renaming the file
+    assert downloaded_lines() == expected_lines, sorted(p.name for p in browser.downloads.iterdir())
     assert _errors(browser) == []
