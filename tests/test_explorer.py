@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from gig_fast.cli import main
 from gig_fast.explorer import embed_json, rebuild_report, render_explorer
@@ -179,9 +180,19 @@ def test_pictures_of_a_real_run(tiny_run):
     assert all(uri.startswith("data:image/png;base64,") for uri in pics["crops"])
     png = base64.b64decode(pics["crops"][0].split(",", 1)[1])
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    # heat-map values: the code value of the concept at each position (here: the strongest one)
-    heat = next(iter(pics["images"].values()))["heat"]
-    assert heat and all(k.split("|")[0] in LAYERS for k in heat)
+    # heat-maps: the concept's code value at each position of the layer, drawn at its resolution
+    image_id, drawn = next(iter(pics["images"].items()))
+    assert drawn["heat"] and all(k.split("|")[0] in LAYERS for k in drawn["heat"])
+    key = sorted(drawn["heat"])[0]
+    layer, q = key.split("|")
+    with np.load(sorted((next(out.glob("work-*")) / "codes").glob("chunk_*.npz"))[0]) as z:
+        r = z["image"].tolist().index(int(image_id))
+        values = np.where(z[f"{layer}|idx"][r] == int(q), z[f"{layer}|val"][r], 0).sum(1)
+    spatial = next(lay["spatial"] for lay in graph["layers"] if lay["name"] == layer)
+    heat = Image.open(io.BytesIO(base64.b64decode(drawn["heat"][key].split(",", 1)[1])))
+    assert list(heat.size[::-1]) == spatial and heat.mode == "RGBA"
+    alpha = np.asarray(heat)[..., 3].ravel()
+    assert ((alpha > 0) == (values != 0)).all() and alpha.max() == alpha[np.argmax(np.abs(values))]
     assert pipe.config.representatives == 10  # the card's "top-10" (graph.json samples)
     assert len(page) < 3_000_000 and "Decomposition per layer" in page
 

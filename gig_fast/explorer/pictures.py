@@ -26,6 +26,7 @@ __all__ = ["collect_pictures", "png_data_uri", "ierf_crop", "heat_map_png", "gra
 IERF_TINT = np.array([0.12, 0.35, 1.0])  # the paper's blue iERF area
 IERF_MASS = 0.6  # the crop's core holds this share of the |iERF| mass
 IERF_DECADES = 2.0  # iERF values down to 1 % of the peak are tinted
+IMAGE_PX = 192  # longest side of an embedded input image (the heat-map underlay)
 PALETTE_COLOURS = 32  # palette PNGs: ~35 % of the RGB size; 32 colours look the same as 64 here
 
 
@@ -118,7 +119,7 @@ def heat_map_png(values: np.ndarray) -> str | None:
     rgba[..., 0] = np.where(values > 0, 230, 30)
     rgba[..., 1] = 40
     rgba[..., 2] = np.where(values > 0, 40, 230)
-    rgba[..., 3] = np.round(np.sqrt(a) * 210).astype(np.uint8)
+    rgba[..., 3] = np.where(values != 0, np.maximum(np.round(np.sqrt(a) * 210), 1), 0).astype(np.uint8)
     return png_data_uri(rgba)
 
 
@@ -207,31 +208,40 @@ def _images(pipe, ids) -> dict[int, np.ndarray]:
     return out
 
 
+def _stage1_samples(files: list[Path], starts: np.ndarray, layer: str, rows) -> tuple[dict, dict]:
+    """For global stage-1 ``rows`` of ``layer``: ``{row: (image, position, label)}`` and
+    ``{row: iERF map [H, W]}`` (empty when the run kept no iERFs, ``store_ierf=False``)."""
+    meta: dict[int, tuple[int, int, int]] = {}
+    maps: dict[int, np.ndarray] = {}
+    wanted = sorted(set(int(r) for r in rows))
+    for fi, f in enumerate(files):
+        local = [r - int(starts[fi]) for r in wanted if starts[fi] <= r < starts[fi + 1]]
+        if not local:
+            continue
+        with np.load(f, allow_pickle=False) as z:
+            img, pos, lab = z["image"], z[f"{layer}|position"], z["label"]
+            ierf = z[f"{layer}|ierf"] if f"{layer}|ierf" in z.files else None
+        for r in local:
+            row = r + int(starts[fi])
+            meta[row] = (int(img[r]), int(pos[r]), int(lab[r]))
+            if ierf is not None:
+                maps[row] = ierf[r]
+    return meta, maps
+
+
 def _concept_pictures(pipe, need: dict[str, set[int]], crops: int, max_px: int):
-    """Per concept its nearest samples (crop index, image, position, cosine, member, label) and the crop table."""
-    work = pipe.work
-    files, starts = _stage1_rows(work)
+    """Per concept (``"layer|q"``) its nearest samples ``[crop, image, position, cosine, member,
+    label]`` (crop = index into the returned crop table, −1 without iERFs), the crop table of PNG
+    data URIs (each stage-1 sample drawn once), and whether iERFs were stored."""
+    files, starts = _stage1_rows(pipe.work)
     table: list[str] = []
     crop_index: dict[tuple[str, int], int] = {}
-    concepts: dict[str, dict] = {}
+    concepts: dict[str, list] = {}
     stored_ierf = True
     for layer, qs in need.items():
         qs = sorted(qs)
         rows, cos, member = _nearest(pipe, layer, qs, crops, files)
-        wanted = sorted(set(rows.ravel().tolist()))
-        meta: dict[int, tuple[int, int, int]] = {}  # row → (image, position, label)
-        maps: dict[int, np.ndarray] = {}
-        for fi, f in enumerate(files):
-            local = [r - starts[fi] for r in wanted if starts[fi] <= r < starts[fi + 1]]
-            if not local:
-                continue
-            with np.load(f, allow_pickle=False) as z:
-                img, pos, lab = z["image"], z[f"{layer}|position"], z["label"]
-                ierf = z[f"{layer}|ierf"] if f"{layer}|ierf" in z.files else None
-            for r in local:
-                meta[r + starts[fi]] = (int(img[r]), int(pos[r]), int(lab[r]))
-                if ierf is not None:
-                    maps[r + starts[fi]] = ierf[r]
+        meta, maps = _stage1_samples(files, starts, layer, rows.ravel())
         stored_ierf &= bool(maps)
         pics = _images(pipe, [m[0] for m in meta.values()]) if maps else {}
         for qi, q in enumerate(qs):
@@ -261,17 +271,24 @@ def _heat_maps(pipe, graph: dict, image_ids: list[int]) -> dict[str, dict]:
             if not row_of:
                 continue
             for img, r in row_of.items():
-                heat: dict[str, str] = {}
-                for layer, qs in want[img].items():
-                    idx, val = z[f"{layer}|idx"][r], z[f"{layer}|val"][r]  # [P, s]
-                    for q in sorted(qs):
-                        values = np.where(idx == q, val, 0.0).sum(1).reshape(spatial[layer])
-                        uri = heat_map_png(values)
-                        if uri is not None:
-                            heat[f"{layer}|{q}"] = uri
-                out[str(img)] = {"picture": png_data_uri((pics[img] * 255).astype(np.uint8), palette=True),
-                                 "heat": heat}
+                picture = _fit((pics[img] * 255).astype(np.uint8), IMAGE_PX)
+                out[str(img)] = {"picture": png_data_uri(picture, palette=True),
+                                 "heat": _image_heat_maps(z, r, want[img], spatial)}
     return out
+
+
+def _image_heat_maps(codes, row: int, concepts: dict[str, set[int]], spatial: dict) -> dict[str, str]:
+    """``"layer|q"`` → heat-map of concept q in one explained image (row ``row`` of a stage-3 codes
+    file): its code value at each position ``[P]`` (0 where q is not among the position's codes),
+    reshaped to the layer's ``[H, W]``. Concepts the image does not use are left out."""
+    heat: dict[str, str] = {}
+    for layer, qs in concepts.items():
+        idx, val = codes[f"{layer}|idx"][row], codes[f"{layer}|val"][row]  # [P, s]
+        for q in sorted(qs):
+            uri = heat_map_png(np.where(idx == q, val, 0.0).sum(1).reshape(spatial[layer]))
+            if uri is not None:
+                heat[f"{layer}|{q}"] = uri
+    return heat
 
 
 def collect_pictures(pipe, graph: dict, *, crops: int = 10, max_images: int = 20, max_px: int = 96) -> dict:
