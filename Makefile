@@ -16,6 +16,9 @@ deps-run:
 # ... plus the test and benchmark tools and the optional extras the tests cover.
 deps: deps-run
 	$(PIP) install -q -r requirements-dev.txt
+	# the browser tests of report.html drive Debian's chromium headless with the system chromedriver
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ apt-get update -qq && apt-get install -y -qq chromium chromium-driver; }
 
 # A non-editable install, so packaging mistakes fail here and in CI.
 install: deps

@@ -5,6 +5,7 @@
     gig-fast train-demo [--epochs N] [--force]     # train and cache the demo network
     gig-fast explain --image FILE --run DIR        # one image's graph on a finished run's concepts
     gig-fast show --run DIR --classes A B          # shared concepts of two classes in a run's graph.json
+    gig-fast report --run DIR [--html FILE]        # rewrite a finished run's interactive report.html
 
 Common flags: ``--device cpu|cuda``, ``--backend torch|cpp|triton|cuda`` (forces the op backend).
 
@@ -57,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     sh = sub.add_parser("show", help="print the shared concepts of two classes from a run's graph.json")
     sh.add_argument("--run", default="gig_demo")
     sh.add_argument("--classes", nargs=2, required=True, help="two class names or ids")
+    rp = sub.add_parser("report", help="rewrite a finished run's report.html (the interactive graph explorer)")
+    rp.add_argument("--run", default="gig_demo", help="output folder of a finished run")
+    rp.add_argument("--html", default=None, help="where to write the page (default: RUN/report.html)")
+    rp.add_argument("--images", type=int, default=None,
+                    help="explained images embedded for the image view (default: the config's report_images)")
     return ap
 
 
@@ -210,11 +216,20 @@ def cmd_explain(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .explorer import rebuild_report
+
+    t0 = time.perf_counter()
+    path = rebuild_report(args.run, html=args.html, max_images=args.images)
+    print(f"report: wrote {path} ({path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         return {"run": cmd_run, "demo": cmd_demo, "train-demo": cmd_train_demo, "explain": cmd_explain,
-                "show": cmd_show}[args.command](args)
+                "show": cmd_show, "report": cmd_report}[args.command](args)
     except (ValueError, FileNotFoundError) as e:
         print(f"gig-fast: error: {e}", file=sys.stderr)
         return 2

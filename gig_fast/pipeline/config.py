@@ -12,7 +12,8 @@ __all__ = ["PipelineConfig", "load_config", "demo_config"]
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 # Fields that do not change any result: excluded from the run key, so changing them resumes.
-_NOT_HASHED = {"out", "device", "backend", "progress", "batch_size", "gig_batch_size", "chunk_images"}
+_NOT_HASHED = {"out", "device", "backend", "progress", "batch_size", "gig_batch_size", "chunk_images",
+               "report_images", "report_crops"}
 
 
 @dataclass
@@ -28,13 +29,16 @@ class PipelineConfig:
     ``attribution`` (``srd`` | ``gradxinput``), ``ierf_dtype``, ``store_ierf`` (False: contributions
     only, no iERF maps — for benchmarks).
     Stage 2: ``layers`` (None = all points), ``k_factor`` (K = k_factor·C) or ``k`` (fixed),
-    ``kmeans_mode`` (passed to the concept extractor), ``representatives`` (samples kept per concept).
+    ``kmeans_mode`` (passed to the concept extractor), ``representatives`` (samples kept per concept;
+    10, the paper's "top-10 nearest embeddings").
     Stage 3: ``explain_images`` (≥ ``per_class`` of each class), ``lam`` (λ relative to λ_max; None =
     the coder's default), ``code_method``, ``positive``.
     Stage 4: ``gig_steps``, ``gig_rule``, ``top_concepts`` (per class per layer), ``top_shared``
     (per pair of classes), ``class_by`` (``label`` | ``prediction``), ``class_probability``.
     Execution: ``seed``, ``device``, ``backend``, ``batch_size``, ``gig_batch_size``,
     ``chunk_images`` (checkpoint granularity), ``out``, ``progress``.
+    Report (``report.html``, not hashed): ``report_images`` (explained images embedded with their
+    picture and concept heat-maps for the image view), ``report_crops`` (nearest samples per concept).
     """
     model: str = "demo"
     weights: str | None = None
@@ -54,7 +58,7 @@ class PipelineConfig:
     k_factor: float = 8.0
     k: int | None = None
     kmeans_mode: str | None = None
-    representatives: int = 5
+    representatives: int = 10
     explain_images: int = 1000
     per_class: int = 100
     lam: float | None = None
@@ -74,6 +78,8 @@ class PipelineConfig:
     chunk_images: int = 500
     out: str = "gig_out"
     progress: bool = True
+    report_images: int = 20
+    report_crops: int = 10
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):

@@ -70,6 +70,20 @@ def write_graph(pipe, path: str | Path) -> dict:
     return head
 
 
+def sample_image_graphs(pipe, limit: int) -> tuple[list, int]:
+    """Up to ``limit`` per-image graphs per explained class (``images[]`` entries, streamed; memory does
+    not grow with the number of explained images) and the number of explained images."""
+    kept: dict[int, list] = {}
+    total = 0
+    for chunk in _image_graph_chunks(pipe):
+        total += len(chunk)
+        for g in chunk:
+            per_class = kept.setdefault(int(g["class"]), [])
+            if len(per_class) < limit:
+                per_class.append(g)
+    return sorted((g for v in kept.values() for g in v), key=lambda g: g["id"]), total
+
+
 def graph_summary(pipe) -> dict:
     """Every section of ``graph.json`` except the per-image ``images`` (its size does not grow with
     the number of explained images)."""

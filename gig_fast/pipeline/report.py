@@ -1,4 +1,5 @@
-"""``metrics.json`` (per-layer rel-L2, l0 ratio, completeness deltas, timings) and a static ``report.html``."""
+"""``metrics.json`` (per-layer rel-L2, l0 ratio, completeness deltas, timings) and the static run summary
+(a section of ``report.html``, whose interactive part is :mod:`gig_fast.explorer`)."""
 from __future__ import annotations
 
 import html
@@ -7,7 +8,7 @@ import numpy as np
 
 from .stages import _trans_dir, transitions
 
-__all__ = ["collect_metrics", "render_report"]
+__all__ = ["collect_metrics", "render_report", "summary_html"]
 
 
 def collect_metrics(pipe, timings: dict) -> dict:
@@ -57,8 +58,10 @@ def collect_metrics(pipe, timings: dict) -> dict:
             "accuracy_on_explained": acc, "skipped_images": pipe.skipped, "timings_s": timings}
 
 
-def render_report(graph: dict, metrics: dict) -> str:
-    """A static HTML summary; every string from the data is escaped."""
+def summary_html(graph: dict, metrics: dict) -> str:
+    """The static run summary (HTML fragment): decomposition quality per layer (paper Table 1 form),
+    completeness deltas, top concepts per class, shared concepts at the last layer, timings.
+    Every string from the data is escaped."""
     e = lambda s: html.escape(str(s), quote=True)  # noqa: E731
     names = {c["id"]: c["name"] for c in graph["classes"]}
     acc = "n/a (unlabelled)" if metrics["accuracy_on_explained"] is None else f"{metrics['accuracy_on_explained']:.3f}"
@@ -80,14 +83,21 @@ def render_report(graph: dict, metrics: dict) -> str:
             pairs.append(f"<tr><td>{e(names[c1])} / {e(names[c2])}</td><td>"
                          + ", ".join(f"#{s['concept']} ({s['score']:.2f})" for s in last) + "</td></tr>")
     timing = "".join(f"<tr><td>{e(k)}</td><td>{v:.1f}</td></tr>" for k, v in metrics["timings_s"].items())
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>gig_fast report</title>
-<style>body{{font-family:sans-serif;max-width:60em;margin:auto}}td,th{{padding:2px 8px;text-align:left}}</style></head><body>
-<h1>gig_fast run {e(graph['run_key'])}</h1>
+    return f"""<h2>gig_fast run {e(graph['run_key'])}</h2>
 <p>Model {e(graph['model']['arch'])} on {e(graph['model']['dataset'])}; {metrics['explained_images']} explained images,
 {metrics['concept_images']} concept images; accuracy on explained images {acc}.</p>
 <h2>Decomposition per layer</h2><table><tr><th>layer</th><th>rel-L2</th><th>l0 ratio</th><th>PFVs</th></tr>{rows}</table>
 <h2>Completeness deltas (|Σ GIG − ΔT|)</h2><table><tr><th>transition</th><th>max</th><th>median</th><th>max rel.</th><th>median rel.</th></tr>{drows}</table>
 <h2>Top concepts per class (upper layers)</h2>{''.join(classes)}
 <h2>Shared concepts at the last layer</h2><table><tr><th>classes</th><th>concepts (score)</th></tr>{''.join(pairs)}</table>
-<h2>Timings (s)</h2><table>{timing}</table></body></html>
+<h2>Timings (s)</h2><table>{timing}</table>
+"""
+
+
+def render_report(graph: dict, metrics: dict) -> str:
+    """A static HTML summary without the interactive graph (see :func:`gig_fast.explorer.render_explorer`
+    for ``report.html``); every string from the data is escaped."""
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>gig_fast report</title>
+<style>body{{font-family:sans-serif;max-width:60em;margin:auto}}td,th{{padding:2px 8px;text-align:left}}</style></head><body>
+{summary_html(graph, metrics)}</body></html>
 """
