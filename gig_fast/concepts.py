@@ -253,14 +253,7 @@ def bisecting_spherical_kmeans(X: torch.Tensor, K: int, *, beta: torch.Tensor | 
     heap = [(-N, 0)]  # (−size, id): the largest first, ties to the lower id
     rounds = fallbacks = 0
     while len(members) < K:
-        budget = K - len(members)
-        if mode == "sequential":
-            batch = [heapq.heappop(heap)]
-        else:
-            largest = -heap[0][0]
-            batch = []
-            while heap and len(batch) < budget and -heap[0][0] * 2 >= largest:
-                batch.append(heapq.heappop(heap))
+        batch = _next_batch(heap, mode, K - len(members))
         rounds += 1
         for neg_size, cid in batch:
             idx = members[cid]
@@ -274,7 +267,25 @@ def bisecting_spherical_kmeans(X: torch.Tensor, K: int, *, beta: torch.Tensor | 
             heapq.heappush(heap, (-left.shape[0], cid))
             heapq.heappush(heap, (-right.shape[0], len(members) - 1))
 
-    labels = torch.empty(N, dtype=torch.int64, device=X.device)
+    return _concepts_from_members(X, Xc, U, members, kern, K, return_info, rounds, fallbacks, mode)
+
+
+def _next_batch(heap: list, mode: str, budget: int) -> list[tuple[int, int]]:
+    """The clusters split in the next round: the largest (``sequential``), or every cluster at least half
+    the largest's size, at most ``budget`` of them (``fast``)."""
+    if mode == "sequential":
+        return [heapq.heappop(heap)]
+    largest = -heap[0][0]
+    batch = []
+    while heap and len(batch) < budget and -heap[0][0] * 2 >= largest:
+        batch.append(heapq.heappop(heap))
+    return batch
+
+
+def _concepts_from_members(X, Xc, U, members, kern, K, return_info, rounds, fallbacks, mode):
+    """Labels ``[N]`` from the member lists, concepts ``[K, C]`` = cluster means of the centred ``Xc``
+    (and the :class:`BisectingInfo` with ``return_info``)."""
+    labels = torch.empty(X.shape[0], dtype=torch.int64, device=X.device)
     for cid, idx in enumerate(members):
         labels[idx] = cid
     sums, counts = kern.update(Xc.contiguous(), labels, K)

@@ -24,8 +24,8 @@ from typing import Callable
 
 import torch
 
-from .concepts import (BisectingInfo, _check_inputs, _init_pair, _Kernels, _lloyd, _split_generator,
-                       _threads_for, _two_means, _unit_rows, bisecting_spherical_kmeans)
+from .concepts import (_check_inputs, _concepts_from_members, _init_pair, _Kernels, _lloyd, _next_batch,
+                       _split_generator, _threads_for, _two_means, _unit_rows, bisecting_spherical_kmeans)
 
 __all__ = ["distributed_bisecting_kmeans"]
 
@@ -163,27 +163,5 @@ def distributed_bisecting_kmeans(X: torch.Tensor, K: int, *, rank: int, world: i
             heapq.heappush(heap, (-left.shape[0], cid))
             heapq.heappush(heap, (-right.shape[0], len(members) - 1))
 
-    labels = torch.empty(N, dtype=torch.int64, device=X.device)
-    for cid, idx in enumerate(members):
-        labels[idx] = cid
     # the concept means from the shared labels, computed as the single-process code does (bit-identical)
-    sums, counts = kern.update(Xc.contiguous(), labels, K)
-    concepts = (sums / counts.clamp_min(1).to(sums.dtype)[:, None]).to(X.dtype)
-    if not return_info:
-        return concepts, labels
-    usums, _ = kern.update(U, labels, K)
-    info = BisectingInfo(inertia=float((counts.to(usums.dtype) - usums.norm(dim=1)).sum()), sizes=counts,
-                         splits=K - 1, rounds=rounds, fallback_splits=fallbacks, mode=mode,
-                         backends={"spherical_assign": kern.assign_name, "centroid_update": kern.update_name})
-    return concepts, labels, info
-
-
-def _next_batch(heap: list, mode: str, budget: int) -> list[tuple[int, int]]:
-    """The clusters split in the next round, popped from ``heap`` as the single-process loop does."""
-    if mode == "sequential":
-        return [heapq.heappop(heap)]
-    largest = -heap[0][0]
-    batch = []
-    while heap and len(batch) < budget and -heap[0][0] * 2 >= largest:
-        batch.append(heapq.heappop(heap))
-    return batch
+    return _concepts_from_members(X, Xc, U, members, kern, K, return_info, rounds, fallbacks, mode)
