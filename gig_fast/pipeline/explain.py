@@ -74,6 +74,7 @@ def explain_image(run_dir: str | Path, image: torch.Tensor, *, target: int | Non
         edges += [{"source": [a, q], "target": [b, t], "weight": wt, "normalized": abs(wt) / m} for q, t, wt in w]
         targets = [int(q) for q in sel]
     from ..models import FASHION_CLASSES
-    names = cfg.class_names or (FASHION_CLASSES if cfg.dataset == "fashion-mnist" else None)
+    names = cfg.class_names or getattr(model, "class_names", None) or (
+        FASHION_CLASSES if cfg.dataset == "fashion-mnist" else None)
     return {"prediction": pred, "class": cls, "class_name": names[cls] if names and cls < len(names) else str(cls),
             "nodes": nodes, "edges": edges, "completeness_max_abs": deltas}
