@@ -5,6 +5,8 @@
     gig-fast train-demo [--epochs N] [--force]     # train and cache the demo network
     gig-fast explain --image FILE --run DIR        # one image's graph on a finished run's concepts
     gig-fast show --run DIR --classes A B          # shared concepts of two classes in a run's graph.json
+    gig-fast validate --config FILE [--vset K=V]   # run/resume the pipeline, then the validation suite
+    gig-fast validate --demo [--out DIR]           # the same on the demo configuration
 
 Common flags: ``--device cpu|cuda``, ``--backend torch|cpp|triton|cuda`` (forces the op backend).
 """
@@ -54,6 +56,14 @@ def _parser() -> argparse.ArgumentParser:
     sh = sub.add_parser("show", help="print the shared concepts of two classes from a run's graph.json")
     sh.add_argument("--run", default="gig_demo")
     sh.add_argument("--classes", nargs=2, required=True, help="two class names or ids")
+    va = sub.add_parser("validate", help="run/resume the pipeline, then the validation suite (paper §4.2)")
+    va.add_argument("--config", default=None,
+                    help="pipeline config (YAML/JSON); an optional 'validation:' mapping in it holds validation options")
+    va.add_argument("--demo", action="store_true", help="use the demo configuration (trains/loads the demo net)")
+    va.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override pipeline options")
+    va.add_argument("--vset", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="override validation options (see gig_fast.validation.ValidationOptions), e.g. images=20")
+    _common(va)
     return ap
 
 
@@ -195,11 +205,70 @@ def cmd_explain(args) -> int:
     return 0
 
 
+def _split_validation(path):
+    """Pipeline options and the ``validation:`` mapping of a config file (either may be empty)."""
+    import yaml
+
+    if path is None:
+        return {}, {}
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"config file {p} does not exist")
+    data = json.loads(p.read_text()) if p.suffix.lower() == ".json" else (yaml.safe_load(p.read_text()) or {})
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {p} must hold a mapping of options")
+    val = data.pop("validation", None) or {}
+    if not isinstance(val, dict):
+        raise ValueError(f"'validation' in {p} must be a mapping of validation options")
+    return data, val
+
+
+def cmd_validate(args) -> int:
+    from .pipeline import Pipeline, PipelineConfig, demo_config
+    from .validation import ValidationOptions, validate
+
+    t0 = time.perf_counter()
+    data, vopts = _split_validation(args.config)
+    data.update(_overrides(args.set))
+    data.update({k: v for k, v in {"device": args.device, "backend": args.backend, "out": args.out}.items()
+                 if v is not None})
+    if args.no_progress:
+        data["progress"] = False
+    if args.demo:
+        from .models import default_demo_path, train_demo
+        d = _train_defaults()
+        weights = data.pop("weights", None) or str(default_demo_path())
+        train_demo(weights, epochs=d["epochs"], train_limit=d["train_limit"], progress=not args.no_progress)
+        cfg = demo_config(weights=weights, **data)
+    elif args.config is None:
+        raise ValueError("validate needs --config FILE or --demo")
+    else:
+        cfg = PipelineConfig(**_checked(data))
+    vopts.update(_overrides(args.vset))
+    if args.no_progress:
+        vopts["progress"] = False
+    opts = ValidationOptions.from_dict(vopts)
+    pipe = Pipeline(cfg)
+    pipe.run()
+    t1 = time.perf_counter()
+    doc = validate(pipe, opts)
+    print((Path(cfg.out) / "validation.md").read_text())
+    print(f"validate: wrote {cfg.out}/validation.json, validation.md, validation_plots/ "
+          f"(pipeline {t1 - t0:.1f} s, validation {time.perf_counter() - t1:.1f} s, wall {time.perf_counter() - t0:.1f} s)")
+    return 0 if doc else 1
+
+
+def _checked(data: dict) -> dict:
+    from .pipeline.config import load_config
+
+    return load_config(None, **data).to_dict()
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         return {"run": cmd_run, "demo": cmd_demo, "train-demo": cmd_train_demo, "explain": cmd_explain,
-                "show": cmd_show}[args.command](args)
+                "show": cmd_show, "validate": cmd_validate}[args.command](args)
     except (ValueError, FileNotFoundError) as e:
         print(f"gig-fast: error: {e}", file=sys.stderr)
         return 2
