@@ -35,8 +35,8 @@ def curve_summary(curves: np.ndarray) -> dict:
 
 
 @torch.no_grad()
-def layer_inputs(pipe, ids, points, noise_std: float = 0.0, seed: int = 0) -> tuple[dict, torch.Tensor]:
-    """Pre-activations ``{point: [B, C, H, W]}`` and labels ``[B]`` of dataset images ``ids``.
+def layer_inputs(pipe, ids, points, noise_std: float = 0.0, seed: int = 0) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Pre-activations ``{point: [B, C, H, W]}``, labels ``[B]`` and logits ``[B, n_classes]`` of images ``ids``.
 
     ``noise_std`` > 0 adds Gaussian noise of that std (in the model's normalised input units).
     """
@@ -179,7 +179,8 @@ def noise_robustness(pipe, point: str, dec, clean: tuple, noisy: tuple, opts) ->
     Per image: share of its top-k concepts by GIG to its label (clean) that stay in the top-k with noise;
     per class: the same for the class-wide top-k (Eq. 7 sums). Chance level for a random top-k: k/K.
     """
-    k = opts.noise_top
+    K = dec.V.shape[0]
+    k = min(opts.noise_top, K)
     X0, lab, log0 = clean
     X1, _, log1 = noisy
     B, C, H, W = X0.shape
@@ -190,8 +191,7 @@ def noise_robustness(pipe, point: str, dec, clean: tuple, noisy: tuple, opts) ->
     per_image = [top_overlap(g[0][i], g[1][i], k) for i in range(B)]
     lab_np = lab.numpy()
     classes = [c for c in range(pipe.num_classes) if (lab_np == c).any()]
-    per_class = {int(c): top_overlap(g[0][lab_np == c].sum(0), g[1][lab_np == c].sum(0), k) for c in classes}
-    K = dec.V.shape[0]
+    per_class = {str(c): top_overlap(g[0][lab_np == c].sum(0), g[1][lab_np == c].sum(0), k) for c in classes}
     return {"top": k, "K": K, "chance": k / K, "image_overlap": float(np.mean(per_image)),
             "class_overlap": float(np.mean(list(per_class.values()))), "class_overlap_per_class": per_class,
             "accuracy_clean": float((log0.argmax(1) == lab).float().mean()),
