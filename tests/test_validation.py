@@ -164,8 +164,9 @@ def test_tiny_validate_writes_outputs_and_resumes(tmp_path, monkeypatch):
     assert {"c_deletion", "inter_layer", "ablation", "noise", "timings_s", "options", "layers"} <= set(saved)
     layers = saved["layers"]["layers"]
     assert layers == ["layer4.0", "layer4.2"]  # the paper's Table-1 layers among the analysed ones
+    assert saved["layers"]["baseline_layers"] == ["layer4.2"]  # one block per stage by default
     for m in ("ours", "dictionary_learning", "sae"):
-        for p in layers:
+        for p in (layers if m == "ours" else ["layer4.2"]):
             r = saved["c_deletion"][m][p]
             assert 0 <= r["deletion"]["auc"] <= 1 and 0 <= r["insertion"]["auc"] <= 1
             assert r["auc_difference"] == pytest.approx(r["insertion"]["auc"] - r["deletion"]["auc"])

@@ -25,6 +25,7 @@ from .baselines import METHODS, fit_dictionary_learning, fit_sae, load_decomposi
 __all__ = ["ValidationOptions", "validate", "PAPER_TABLE1_LAYERS", "PAPER_TABLE3_LAYERS"]
 
 PAPER_TABLE1_LAYERS = ["layer1.1", "layer2.0", "layer2.2", "layer3.0", "layer3.2", "layer3.4", "layer4.0", "layer4.2"]
+DEFAULT_BASELINE_LAYERS = ["layer1.1", "layer2.2", "layer3.2", "layer4.2"]  # one per stage: the 2-core budget
 PAPER_TABLE3_LAYERS = ["layer1.2", "layer2.2", "layer3.0", "layer3.5", "layer4.2"]
 _NOT_HASHED = {"progress"}
 
@@ -38,8 +39,9 @@ class ValidationOptions:
     images; rel-L2 / l0 ratio are measured on all their PFVs at the layer), ``curve_concepts`` (top
     concepts edited, N), ``curve_steps``.
     Baselines: ``baselines`` (subset of ``dictionary_learning``, ``sae``), ``baseline_layers`` (None:
-    ``layers``), ``baseline_k_factor`` (8), ``baseline_train`` (stage-1 PFVs used to fit; 0 = all),
-    ``dl_iter``, ``sae_steps``, ``sae_lambda``.
+    :data:`DEFAULT_BASELINE_LAYERS` — one block per stage — among ``layers``), ``baseline_k_factor``
+    (8), ``baseline_train`` (stage-1 PFVs used to fit; 0 = all), ``dl_iter`` (epochs), ``sae_steps``
+    (Adam mini-batches of 256), ``sae_lambda``.
     Inter-layer: ``inter_layers`` (None: every analysed point; consecutive pairs), ``inter_images``,
     ``inter_targets`` (top target concepts per image), ``inter_steps``.
     Ablation: ``k_factors``, ``ablation_layers`` (None: the paper's Table-3 layers that are analysed, else
@@ -54,9 +56,9 @@ class ValidationOptions:
     baselines: list = field(default_factory=lambda: ["dictionary_learning", "sae"])
     baseline_layers: list | None = None
     baseline_k_factor: float = 8.0
-    baseline_train: int = 2000
-    dl_iter: int = 3
-    sae_steps: int = 1500
+    baseline_train: int = 1000
+    dl_iter: int = 2
+    sae_steps: int = 600
     sae_lambda: float = 5.0
     inter_layers: list | None = None
     inter_images: int = 10
@@ -137,7 +139,8 @@ def _resolve_layers(pipe, opts: ValidationOptions) -> dict:
     paper1 = [p for p in PAPER_TABLE1_LAYERS if p in pipe.points] or list(pipe.points)
     layers = pick(opts.layers, paper1)
     paper3 = [p for p in PAPER_TABLE3_LAYERS if p in pipe.points] or layers
-    return {"layers": layers, "baseline_layers": pick(opts.baseline_layers, layers),
+    base = [p for p in DEFAULT_BASELINE_LAYERS if p in layers] or layers
+    return {"layers": layers, "baseline_layers": pick(opts.baseline_layers, base),
             "inter_layers": pick(opts.inter_layers, list(pipe.points)),
             "ablation_layers": pick(opts.ablation_layers, paper3), "noise_layers": pick(opts.noise_layers, layers)}
 
