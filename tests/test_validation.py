@@ -174,9 +174,15 @@ def test_tiny_validate_writes_outputs_and_resumes(tmp_path, monkeypatch):
     assert set(saved["inter_layer"]) == {"images", "layer3.5->layer4.0", "layer4.0->layer4.2"}
     assert saved["ablation"]["layer3.5"]["0.1"]["K"] == 3
     assert "Table 1" in (out / "validation.md").read_text() and 'id="validation"' in (out / "report.html").read_text()
-    # resume: every unit is on disk, so no experiment runs again and the results are the same
-    for fn in ("c_deletion", "inter_layer", "noise_robustness", "ablation_point"):
-        monkeypatch.setattr(ex, fn, lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    # resume: every unit is on disk, so no experiment runs again and the results are the same; other
+    # inter-layer options recompute only the inter-layer units
+    def boom(*a, **k):
+        raise AssertionError("recomputed")
+    for fn in ("c_deletion", "noise_robustness", "ablation_point"):
+        monkeypatch.setattr(ex, fn, boom)
+    other = validate(pipe, _opts(inter_steps=3))
+    assert len(other["inter_layer"]["layer4.0->layer4.2"]["gig"]["deletion"]["curve"]) == 4
+    monkeypatch.setattr(ex, "inter_layer", boom)
     again = validate(pipe, _opts())
     for key in ("c_deletion", "inter_layer", "ablation", "noise"):
         assert again[key] == doc[key]

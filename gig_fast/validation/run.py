@@ -3,7 +3,8 @@
 Outputs in the run's ``out`` folder: ``validation.json``, ``validation.md`` (tables in the paper's
 layout), ``validation_section.html`` (also inserted into ``report.html``) and ``validation_plots/*.png``.
 Each unit of work (one method × layer, one transition, …) is saved atomically under
-``work-<run key>/validation-<options key>/`` as it finishes and skipped when the command is run again.
+``work-<run key>/validation/units/<group>-<key of the group's options>/`` as it finishes and skipped
+when the command is run again (with any options that leave the group's options unchanged).
 """
 from __future__ import annotations
 
@@ -28,6 +29,13 @@ PAPER_TABLE1_LAYERS = ["layer1.1", "layer2.0", "layer2.2", "layer3.0", "layer3.2
 DEFAULT_BASELINE_LAYERS = ["layer1.1", "layer2.2", "layer3.2", "layer4.2"]  # one per stage: the 2-core budget
 PAPER_TABLE3_LAYERS = ["layer1.2", "layer2.2", "layer3.0", "layer3.5", "layer4.2"]
 _NOT_HASHED = {"progress"}
+# the options each kind of unit depends on: a unit is keyed by these only, so changing (say) the
+# inter-layer options reuses every finished C-Deletion unit
+_GROUPS = {"c_deletion": ("images", "curve_concepts", "curve_steps", "seed"),
+           "baseline": ("baseline_k_factor", "baseline_train", "dl_iter", "sae_steps", "sae_lambda", "seed"),
+           "inter_layer": ("inter_images", "inter_targets", "inter_steps", "seed"),
+           "ablation": ("images", "seed"),
+           "noise": ("noise_sigma", "noise_images", "noise_top", "seed")}
 
 
 @dataclass
@@ -43,7 +51,7 @@ class ValidationOptions:
     (8), ``baseline_train`` (stage-1 PFVs used to fit; 0 = all), ``dl_iter`` (epochs), ``sae_steps``
     (Adam mini-batches of 256), ``sae_lambda``.
     Inter-layer: ``inter_layers`` (None: every analysed point; consecutive pairs), ``inter_images``,
-    ``inter_targets`` (top target concepts per image), ``inter_steps``.
+    ``inter_targets`` (5 top target concepts per image, as the paper), ``inter_steps``.
     Ablation: ``k_factors``, ``ablation_layers`` (None: the paper's Table-3 layers that are analysed, else
     ``layers``). Noise (App. J): ``noise_sigma`` (pixel units in [0, 1]), ``noise_images``, ``noise_top``,
     ``noise_layers`` (None: ``layers``). ``experiments``: which of ``c_deletion``, ``inter_layer``,
@@ -61,8 +69,8 @@ class ValidationOptions:
     sae_steps: int = 600
     sae_lambda: float = 5.0
     inter_layers: list | None = None
-    inter_images: int = 10
-    inter_targets: int = 3
+    inter_images: int = 20
+    inter_targets: int = 5
     inter_steps: int = 20
     k_factors: list = field(default_factory=lambda: [0.5, 1, 2, 4, 8])
     ablation_layers: list | None = None
@@ -93,8 +101,10 @@ class ValidationOptions:
         if any(float(f) <= 0 for f in self.k_factors) or self.noise_sigma < 0:
             raise ValueError("k_factors must be > 0 and noise_sigma ≥ 0")
 
-    def key(self, run_key: str) -> str:
-        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_HASHED}
+    def key(self, run_key: str, group: str | None = None) -> str:
+        """Hash of the options (all, or those of one unit ``group``) with the pipeline run key."""
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_HASHED
+             and (group is None or k in _GROUPS[group])}
         return hashlib.sha256(json.dumps([run_key, d], sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     @classmethod
@@ -109,13 +119,18 @@ class ValidationOptions:
 
 # ---------------------------------------------------------------------------------------------
 class _Units:
-    """Atomic per-unit JSON results under the validation work folder; ``get`` computes missing ones."""
+    """Atomic per-unit JSON results under ``<work>/validation/units/<group>-<key>/``; ``get`` computes
+    missing ones. A unit name is ``<group>/<method or layer>/...``; its key hashes the group's options."""
 
-    def __init__(self, root: Path):
-        self.root = root
+    def __init__(self, root: Path, opts: "ValidationOptions", run_key: str):
+        self.root, self.opts, self.run_key = root, opts, run_key
 
     def path(self, name: str) -> Path:
-        return self.root / "units" / f"{name.replace('/', '__')}.json"
+        group, rest = name.split("/", 1)
+        key = self.opts.key(self.run_key, group)
+        if group == "c_deletion" and not rest.startswith("ours/"):
+            key += "-" + self.opts.key(self.run_key, "baseline")
+        return self.root / "units" / f"{group}-{key}" / f"{rest.replace('/', '__')}.json"
 
     def get(self, name: str, compute):
         p = self.path(name)
@@ -175,7 +190,7 @@ def _baseline(pipe, vwork: Path, name: str, point: str, opts):
     from ..pipeline.stages import load_pfvs
     from ..ops.sparse_code import DEFAULT_LAM_REL
 
-    path = vwork / "models" / name / f"{point}.npz"
+    path = vwork / "models" / f"{name}-{opts.key(pipe.config.key(), 'baseline')}" / f"{point}.npz"
     if path.exists():
         return load_decomposition(name, load_npz(path))
     X = torch.from_numpy(load_pfvs(pipe, point)["pfv"])
@@ -298,9 +313,10 @@ def validate(pipe, opts: ValidationOptions | None = None) -> dict:
     if not (pipe.work / "config.json").exists() or not (pipe.out / "graph.json").exists():
         raise ValueError(f"missing pipeline outputs in {pipe.out} (work folder {pipe.work.name}): run the pipeline first")
     L = _resolve_layers(pipe, opts)
-    vwork = pipe.work / f"validation-{opts.key(pipe.config.key())}"
-    save_json(vwork / "options.json", {"options": dataclasses.asdict(opts), "resolved_layers": L})
-    units = _Units(vwork)
+    vwork = pipe.work / "validation"
+    vkey = opts.key(pipe.config.key())
+    save_json(vwork / f"options-{vkey}.json", {"options": dataclasses.asdict(opts), "resolved_layers": L})
+    units = _Units(vwork, opts, pipe.config.key())
     t0 = time.perf_counter()
     timings, result = {}, {}
     runners = {"c_deletion": lambda b: _run_c_deletion(pipe, units, vwork, L, opts, b),
@@ -315,7 +331,7 @@ def validate(pipe, opts: ValidationOptions | None = None) -> dict:
                     result[name] = runners[name](bar)
                 timings[name] = round(time.perf_counter() - t, 2)
     doc = {"schema": "gig_fast.validation", "version": 1, "run_key": pipe.config.key(),
-           "validation_key": vwork.name.split("-", 1)[1], "options": dataclasses.asdict(opts), "layers": L,
+           "validation_key": vkey, "options": dataclasses.asdict(opts), "layers": L,
            "score": "softmax probability of the image's label class" if pipe.config.class_probability
            else "logit of the image's label class",
            **result, "timings_s": {**timings, "total": round(time.perf_counter() - t0, 2)}}
