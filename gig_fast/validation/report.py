@@ -11,6 +11,7 @@ __all__ = ["write_outputs", "tables_markdown"]
 
 _NAMES = {"dictionary_learning": "DictionaryLearning", "sae": "SAE", "ours": "Ours"}
 _ORDER = ("dictionary_learning", "sae", "ours")
+_COLORS = {"dictionary_learning": "tab:orange", "sae": "tab:red", "ours": "tab:blue"}
 
 
 def _f(x) -> str:
@@ -108,6 +109,18 @@ def tables_markdown(doc: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+def _grid(plt, n: int, cols: int = 4):
+    """A figure of ``n`` panels × (deletion, insertion), ``cols`` panels per row: ``grid(j, mode) → axes``."""
+    rows = (n + cols - 1) // cols
+    c = min(n, cols)
+    fig, axes = plt.subplots(2 * rows, c, figsize=(2.8 * c, 2.3 * 2 * rows), squeeze=False)
+    for k in range(n, rows * c):
+        for i in range(2):
+            axes[2 * (k // c) + i, k % c].axis("off")
+    fig.subplots_adjust(hspace=0.55, wspace=0.3)
+    return fig, lambda j, i: axes[2 * (j // c) + i, j % c]
+
+
 def _plots(doc: dict, folder: Path) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -128,19 +141,19 @@ def _plots(doc: dict, folder: Path) -> list[str]:
     if "c_deletion" in doc:
         cd = doc["c_deletion"]
         layers = doc["layers"]["layers"]
-        fig, axes = plt.subplots(2, len(layers), figsize=(2.6 * len(layers), 5), squeeze=False)
+        fig, grid = _grid(plt, len(layers))
         for j, p in enumerate(layers):
             for i, mode in enumerate(("deletion", "insertion")):
-                ax = axes[i, j]
+                ax = grid(j, i)
                 for m in _ORDER:
                     if m in cd and p in cd[m]:
                         y = cd[m][p][mode]["curve"]
-                        ax.plot(np.linspace(0, 1, len(y)), y, label=_NAMES[m])
+                        ax.plot(np.linspace(0, 1, len(y)), y, color=_COLORS[m], label=_NAMES[m])
                 ax.set_title(f"{p} {mode}", fontsize=8)
-                ax.set_ylim(0, 1.05)
-        axes[0, 0].legend(fontsize=7)
-        axes[1, 0].set_xlabel("fraction of top concepts edited")
-        axes[0, 0].set_ylabel("class probability")
+                ax.tick_params(labelsize=6)
+        grid(0, 0).legend(fontsize=7)
+        grid(0, 0).set_ylabel("class probability", fontsize=7)
+        grid(0, 1).set_xlabel("fraction of the top concepts edited", fontsize=7)
         save(fig, "c_deletion_insertion_curves.png")
         fig, axes = plt.subplots(1, 3, figsize=(14, 3.5))
         for ax, (lab, get) in zip(axes, (("Deletion AUC (↓)", lambda r: r["deletion"]["auc"]),
@@ -149,7 +162,7 @@ def _plots(doc: dict, folder: Path) -> list[str]:
             for m in _ORDER:
                 if m in cd:
                     xs = [k for k, p in enumerate(layers) if p in cd[m]]
-                    ax.plot(xs, [get(cd[m][layers[k]]) for k in xs], "o-", label=_NAMES[m])
+                    ax.plot(xs, [get(cd[m][layers[k]]) for k in xs], "o-", color=_COLORS[m], label=_NAMES[m])
             ax.set_xticks(range(len(layers)), layers, rotation=60, fontsize=7)
             ax.set_title(lab)
         axes[0].legend(fontsize=7)
@@ -158,18 +171,18 @@ def _plots(doc: dict, folder: Path) -> list[str]:
         tr = [(t, r) for t, r in doc["inter_layer"].items() if t != "images" and r.get("pairs")]
         if tr:
             n = len(tr)
-            fig, axes = plt.subplots(2, n, figsize=(2.2 * n, 4.4), squeeze=False)
+            fig, grid = _grid(plt, n)
             for j, (t, r) in enumerate(tr):
                 for i, mode in enumerate(("deletion", "insertion")):
-                    ax = axes[i, j]
+                    ax = grid(j, i)
                     for name, col in (("gig", "tab:blue"), ("random", "tab:green")):
                         y = r[name][mode]["curve"]
                         ax.plot(np.linspace(0, 1, len(y)), y, color=col, label=name.upper() if name == "gig" else name)
-                    ax.set_title(t.replace("->", "→"), fontsize=6)
+                    ax.set_title(f"{t.replace('->', '→')} {mode[:3]}.", fontsize=7)
                     ax.tick_params(labelsize=6)
-            axes[0, 0].legend(fontsize=6)
-            axes[0, 0].set_ylabel("deletion: projection score", fontsize=7)
-            axes[1, 0].set_ylabel("insertion: projection score", fontsize=7)
+            grid(0, 0).legend(fontsize=6)
+            grid(0, 0).set_ylabel("projection score", fontsize=7)
+            grid(0, 1).set_xlabel("fraction of active source concepts edited", fontsize=7)
             save(fig, "fig5_inter_layer_curves.png")
             fig, ax = plt.subplots(figsize=(max(6, 0.5 * n), 3.5))
             x = np.arange(n)
