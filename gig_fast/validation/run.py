@@ -124,6 +124,7 @@ class _Units:
 
     def __init__(self, root: Path, opts: "ValidationOptions", run_key: str):
         self.root, self.opts, self.run_key = root, opts, run_key
+        self.compute_s: dict[str, float] = {}  # per group: seconds the units took when computed
 
     def path(self, name: str) -> Path:
         group, rest = name.split("/", 1)
@@ -135,9 +136,14 @@ class _Units:
     def get(self, name: str, compute):
         p = self.path(name)
         if p.exists():
-            return load_json(p)
-        res = compute()
-        save_json(p, res)
+            res = load_json(p)
+        else:
+            t0 = time.perf_counter()
+            res = compute()
+            res["unit_seconds"] = round(time.perf_counter() - t0, 2)
+            save_json(p, res)
+        group = name.split("/", 1)[0]
+        self.compute_s[group] = round(self.compute_s.get(group, 0.0) + res.get("unit_seconds", 0.0), 2)
         return res
 
 
@@ -334,6 +340,7 @@ def validate(pipe, opts: ValidationOptions | None = None) -> dict:
            "validation_key": vkey, "options": dataclasses.asdict(opts), "layers": L,
            "score": "softmax probability of the image's label class" if pipe.config.class_probability
            else "logit of the image's label class",
-           **result, "timings_s": {**timings, "total": round(time.perf_counter() - t0, 2)}}
+           **result, "timings_s": {**timings, "total": round(time.perf_counter() - t0, 2)},
+           "compute_s": {**units.compute_s, "total": round(sum(units.compute_s.values()), 2)}}
     write_outputs(pipe.out, doc)
     return doc
