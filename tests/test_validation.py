@@ -12,7 +12,7 @@ from gig_fast.validation import experiments as ex
 from gig_fast.validation.baselines import fit_dictionary_learning, fit_sae, load_decomposition
 from gig_fast.validation.metrics import dense_to_padded
 
-from test_pipeline import LAYERS, run_tiny, tiny_config, tiny_data, tiny_model
+from test_pipeline import run_tiny, tiny_config, tiny_data, tiny_model
 
 
 # ------------------------------------------------------------------ curves and AUC

@@ -82,7 +82,7 @@ def _table_noise(doc) -> str:
             continue
         rows.append([p, _f(r["image_overlap"]), _f(r["class_overlap"]), _f(r["chance"]),
                      _f(r["accuracy_clean"]), _f(r["accuracy_noisy"])])
-    return _md_table([f"Layer", f"top-{doc['options']['noise_top']} kept per image", "per class (Eq. 7)",
+    return _md_table(["Layer", f"top-{doc['options']['noise_top']} kept per image", "per class (Eq. 7)",
                       "chance k/K", "accuracy clean", "accuracy noisy"], rows)
 
 
