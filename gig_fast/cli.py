@@ -6,6 +6,8 @@
     gig-fast explain --image FILE --run DIR        # one image's graph on a finished run's concepts
     gig-fast show --run DIR --classes A B          # shared concepts of two classes in a run's graph.json
     gig-fast report --run DIR [--html FILE]        # rewrite a finished run's interactive report.html
+    gig-fast validate --config FILE [--vset K=V]   # run/resume the pipeline, then the validation suite
+    gig-fast validate --demo [--out DIR]           # the same on the demo configuration
 
 Common flags: ``--device cpu|cuda``, ``--backend torch|cpp|triton|cuda`` (forces the op backend).
 
@@ -63,6 +65,14 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--html", default=None, help="where to write the page (default: RUN/report.html)")
     rp.add_argument("--images", type=int, default=None,
                     help="explained images embedded for the image view (default: the config's report_images)")
+    va = sub.add_parser("validate", help="run/resume the pipeline, then the validation suite (paper §4.2)")
+    va.add_argument("--config", default=None,
+                    help="pipeline config (YAML/JSON); an optional 'validation:' mapping in it holds validation options")
+    va.add_argument("--demo", action="store_true", help="use the demo configuration (trains/loads the demo net)")
+    va.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override pipeline options")
+    va.add_argument("--vset", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="override validation options (see gig_fast.validation.ValidationOptions), e.g. images=20")
+    _common(va)
     return ap
 
 
@@ -223,13 +233,70 @@ def cmd_report(args) -> int:
     path = rebuild_report(args.run, html=args.html, max_images=args.images)
     print(f"report: wrote {path} ({path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s")
     return 0
+def _split_validation(path):
+    """Pipeline options and the ``validation:`` mapping of a config file (either may be empty)."""
+    import yaml
+
+    if path is None:
+        return {}, {}
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"config file {p} does not exist")
+    data = json.loads(p.read_text()) if p.suffix.lower() == ".json" else (yaml.safe_load(p.read_text()) or {})
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {p} must hold a mapping of options")
+    val = data.pop("validation", None) or {}
+    if not isinstance(val, dict):
+        raise ValueError(f"'validation' in {p} must be a mapping of validation options")
+    return data, val
+
+
+def cmd_validate(args) -> int:
+    from .pipeline import Pipeline, PipelineConfig, demo_config
+    from .validation import ValidationOptions, validate
+
+    t0 = time.perf_counter()
+    data, vopts = _split_validation(args.config)
+    data.update(_overrides(args.set))
+    data.update({k: v for k, v in {"device": args.device, "backend": args.backend, "out": args.out}.items()
+                 if v is not None})
+    if args.no_progress:
+        data["progress"] = False
+    if args.demo:
+        from .models import default_demo_path, train_demo
+        d = _train_defaults()
+        weights = data.pop("weights", None) or str(default_demo_path())
+        train_demo(weights, epochs=d["epochs"], train_limit=d["train_limit"], progress=not args.no_progress)
+        cfg = demo_config(weights=weights, **data)
+    elif args.config is None:
+        raise ValueError("validate needs --config FILE or --demo")
+    else:
+        cfg = PipelineConfig(**_checked(data))
+    vopts.update(_overrides(args.vset))
+    if args.no_progress:
+        vopts["progress"] = False
+    opts = ValidationOptions.from_dict(vopts)
+    pipe = Pipeline(cfg)
+    pipe.run()
+    t1 = time.perf_counter()
+    doc = validate(pipe, opts)
+    print((Path(cfg.out) / "validation.md").read_text())
+    print(f"validate: wrote {cfg.out}/validation.json, validation.md, validation_plots/ "
+          f"(pipeline {t1 - t0:.1f} s, validation {time.perf_counter() - t1:.1f} s, wall {time.perf_counter() - t0:.1f} s)")
+    return 0 if doc else 1
+
+
+def _checked(data: dict) -> dict:
+    from .pipeline.config import load_config
+
+    return load_config(None, **data).to_dict()
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         return {"run": cmd_run, "demo": cmd_demo, "train-demo": cmd_train_demo, "explain": cmd_explain,
-                "show": cmd_show, "report": cmd_report}[args.command](args)
+                "show": cmd_show, "report": cmd_report, "validate": cmd_validate}[args.command](args)
     except (ValueError, FileNotFoundError) as e:
         print(f"gig-fast: error: {e}", file=sys.stderr)
         return 2
