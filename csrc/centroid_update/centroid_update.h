@@ -8,7 +8,7 @@
 // Inputs (label range included) are validated in Python (gig_fast.ops); the host code re-checks
 // what would otherwise crash.
 #pragma once
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
 #include <tuple>
 
 namespace gig_fast {

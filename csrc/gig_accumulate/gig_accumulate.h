@@ -12,7 +12,7 @@
 // Inputs are validated in Python (gig_fast.ops.gig_accumulate); the host code only re-checks what would
 // otherwise crash.
 #pragma once
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
 
 namespace gig_fast {
 

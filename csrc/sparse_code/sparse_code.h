@@ -23,7 +23,7 @@
 // Returns padded codes idx [N, s] int64 (−1 padding, sorted increasingly), val [N, s] (0 at padding),
 // and per vector the duality gap and CD sweeps (Lasso) or atoms chosen (OMP).
 #pragma once
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
 #include <tuple>
 
 namespace gig_fast {

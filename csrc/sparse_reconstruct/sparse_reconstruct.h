@@ -11,7 +11,7 @@
 // two runs give bit-identical results. Inputs are validated in Python (gig_fast.ops); the host code
 // here only re-checks what would otherwise crash.
 #pragma once
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
 #include <tuple>
 
 namespace gig_fast {

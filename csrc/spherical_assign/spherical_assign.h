@@ -10,7 +10,7 @@
 // each row keeps a running (best, label) that later tiles only replace on a strictly larger score.
 // Inputs are validated in Python (gig_fast.ops); the host code re-checks only what would crash.
 #pragma once
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
 #include <tuple>
 
 namespace gig_fast {

@@ -35,7 +35,7 @@ acc inv_norm(acc sq) {
 at::Tensor unit_rows(const at::Tensor& t, at::ScalarType acc_type) {
   auto a = t.to(acc_type).contiguous();
   auto n = a.norm(2, {1}, /*keepdim=*/true).clamp_min(1e-12);
-  return (a / n).contiguous();
+  return a.div(n).contiguous();
 }
 
 template <typename scalar_t>
