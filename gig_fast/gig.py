@@ -12,8 +12,9 @@ over the m nodes/weights of a quadrature rule on [0, 1]. Completeness:
 
 How it is fast: all m α-points of a chunk of images run through ``F_ab`` as one batch — one forward
 shared by every target, then one backward per target (``batch_size`` bounds the rows per batch, so
-memory does not grow with m); the weighted α-sum of the gradients and its projection onto only the *active* concepts of
-each position are one fused op (:func:`gig_fast.ops.gig_accumulate`); the prefix up to a is never run.
+memory does not grow with m); the weighted α-sum of the gradients and its projection onto only the
+*active* concepts of each position are one fused op (:func:`gig_fast.ops.gig_accumulate`); the prefix
+up to a is never run.
 The path tensor is laid out ``[n, H_a, W_a, C_a]`` (channels-last) so the sparse reconstruction, the
 gradients and ``gig_accumulate`` share one layout with no transposes; ``F_ab`` sees a
 ``[n, C_a, H_a, W_a]`` view of it.
