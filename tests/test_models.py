@@ -135,3 +135,26 @@ def test_adapter_agrees_with_fx_slicing():
     torch.testing.assert_close(f(rec.preact("layer2.3")), rec.preact("layer3.0"))
     torch.testing.assert_close(make_f_ab(model, "layer4.2", "logits")(rec.preact("layer4.2")), rec.logits)
     torch.testing.assert_close(bn_shift(model, "layer1.1"), adapter.bn_shift("layer1.1"))
+
+
+def test_folded_f_ab_is_the_same_function_without_batchnorms():
+    from gig_fast.models.adapters import fold_batchnorm
+    from gig_fast.slicing import make_f_ab
+
+    model = _randomise_bn(DemoResNet(base=4)).eval()
+    adapter = get_adapter(model)
+    f = make_f_ab(model, "layer2.0", "layer3.1")
+    folded = adapter.f_ab("layer2.0", "layer3.1")
+    def bn_calls(gm):
+        return sum(n.op == "call_module" and isinstance(gm.get_submodule(n.target), torch.nn.BatchNorm2d)
+                   for n in gm.graph.nodes)
+
+    assert bn_calls(folded) == 0 and bn_calls(f) > 0  # the cached slice itself is untouched
+    x = torch.randn(3, adapter.channels("layer2.0"), 4, 4)
+    torch.testing.assert_close(folded(x), f(x), rtol=1e-5, atol=1e-5)
+    x.requires_grad_(True)
+    (g_folded,) = torch.autograd.grad(folded(x).square().sum(), x)
+    (g_plain,) = torch.autograd.grad(f(x).square().sum(), x)
+    torch.testing.assert_close(g_folded, g_plain, rtol=1e-4, atol=1e-4)
+    model.train()  # train mode: nothing is folded (BN would use batch statistics)
+    assert bn_calls(fold_batchnorm(make_f_ab(model, "layer2.0", "layer3.1"))) > 0

@@ -213,8 +213,8 @@ def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
     """
     from torch.fx.experimental.optimization import fuse
 
-    if any(m.training for m in gm.modules()):
-        return gm
+    if any(m.training for m in gm.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+        return gm  # train-mode BN normalises by batch statistics: nothing to fold
     return fuse(gm, inplace=False)
 
 
