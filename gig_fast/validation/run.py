@@ -180,7 +180,7 @@ def _pixel_std(pipe) -> float:
     if pipe.config.dataset == "fashion-mnist":
         from ..models import DEMO_STD
         return float(DEMO_STD)
-    return float(np.mean(pipe.config.std))
+    return float(np.mean(pipe.config.preprocessing()["std"]))  # the model's own normalisation when unset
 
 
 def _our_dec(pipe, point):
