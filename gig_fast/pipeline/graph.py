@@ -99,8 +99,9 @@ def graph_summary(pipe) -> dict:
     # graphs only for the classes that have explained images (1,000 ImageNet classes × pairs otherwise)
     per_class = pipe.explained_per_class
     present = [c for c in range(n_cls) if per_class[c] > 0]
-    # [n_classes, T, K_a] per transition, read once (not once per class: it sums every chunk file)
-    pair_w = {(a, b): class_pair_weights(pipe, a, b) for a, b in trans if b != CLASSES}
+    # [n_classes, T, top] per transition: the GIG of each class's top sources to its top targets, read
+    # once (not once per class: it sums every chunk file)
+    pair_w = {(a, b): class_pair_weights(pipe, a, b, tops[a]) for a, b in trans if b != CLASSES}
     class_graphs = {}
     for c in present:
         nodes, edges = {}, []
@@ -113,8 +114,8 @@ def graph_summary(pipe) -> dict:
                 w = s[top]
                 pairs = [(int(q), c, w[i]) for i, q in enumerate(top)]
             else:
-                W = pair_w[(a, b)][c]  # [T, K_a]
-                pairs = [(int(q), int(t), W[ti, q]) for ti, t in enumerate(tops[b][c]) for q in top]
+                W = pair_w[(a, b)][c]  # [T, top]: columns in the order of `top`
+                pairs = [(int(q), int(t), W[ti, qi]) for ti, t in enumerate(tops[b][c]) for qi, q in enumerate(top)]
             norm = _norm(np.array([p[2] for p in pairs]))
             edges += [{"source": [a, q], "target": [b, t], "weight": _r(w), "normalized": _r(n)}
                       for (q, t, w), n in zip(pairs, norm)]

@@ -271,24 +271,34 @@ def _trans_dir(pipe, a, b) -> Path:
     return pipe.work / "gig" / f"{a}__{b}"
 
 
+def _class_sums(pipe, a: str, b: str):
+    """Per chunk file of (a → b): ``(classes [n], class_sum [n, T, K_a])`` (older files hold every class)."""
+    for path in sorted(_trans_dir(pipe, a, b).glob("chunk_*.npz")):
+        with np.load(path, allow_pickle=False) as z:
+            sums = z["class_sum"]
+            classes = z["classes"] if "classes" in z.files else np.arange(sums.shape[0])
+        yield classes, sums
+
+
 def class_scores(pipe, a: str, b: str) -> np.ndarray:
     """``[n_classes, K_a]`` score of each concept of ``a`` per class: Σ over the class's images of its
     GIG to the class (b = classes) or to the class's top concepts of ``b`` (summed over those)."""
     total = None
-    for path in sorted(_trans_dir(pipe, a, b).glob("chunk_*.npz")):
-        with np.load(path, allow_pickle=False) as z:
-            s = z["class_sum"].sum(1)  # [n_classes, T, K] → [n_classes, K]
-        total = s if total is None else total + s
+    for classes, sums in _class_sums(pipe, a, b):
+        if total is None:
+            total = np.zeros((pipe.num_classes, sums.shape[2]), dtype=np.float64)
+        total[classes] += sums.sum(1)  # [n, T, K] → [n, K]
     return total
 
 
-def class_pair_weights(pipe, a: str, b: str) -> np.ndarray:
-    """``[n_classes, T, K_a]``: Σ over each class's images of GIG(q → t-th top target of b)."""
+def class_pair_weights(pipe, a: str, b: str, sources: np.ndarray) -> np.ndarray:
+    """``[n_classes, T, S]``: Σ over each class's images of GIG(q → t-th top target of b) for its
+    ``sources [n_classes, S]`` concepts q of ``a`` (gathered chunk by chunk: never ``[n_classes, T, K_a]``)."""
     total = None
-    for path in sorted(_trans_dir(pipe, a, b).glob("chunk_*.npz")):
-        with np.load(path, allow_pickle=False) as z:
-            s = z["class_sum"]
-        total = s if total is None else total + s
+    for classes, sums in _class_sums(pipe, a, b):
+        if total is None:
+            total = np.zeros((pipe.num_classes, sums.shape[1], sources.shape[1]), dtype=np.float64)
+        total[classes] += np.take_along_axis(sums, sources[classes][:, None, :], axis=2)
     return total
 
 
@@ -306,7 +316,8 @@ def attribute(pipe) -> None:
 
     For (last layer → classes) the target is the image's class (``class_by``); for (a → b) the
     targets are the top concepts of ``b`` for the image's class, all computed together. Writes
-    ``gig/<a>__<b>/chunk_XXXXX.npz``: ``class_sum [n_classes, T, K_a]``, ``image [B]``,
+    ``gig/<a>__<b>/chunk_XXXXX.npz``: ``classes [n]`` (the classes with images in the chunk),
+    ``class_sum [n, T, K_a]`` (Σ of GIG over each one's images), ``image [B]``,
     ``top_idx [B, M]``/``top_val [B, M, T]`` (each image's M strongest sources), ``delta [T, B]``
     and ``rel_delta [T, B]`` (``|delta| / |T(X(1)) − T(X(0))|``).
     """
@@ -331,12 +342,13 @@ def attribute(pipe) -> None:
                 images, groups = z["image"], z["label" if cfg.class_by == "label" else "prediction"]
             T = 1 if b == CLASSES else tops.shape[1]
             M = min(32, V.shape[0])
-            class_sum = np.zeros((n_cls, T, V.shape[0]), dtype=np.float64)
+            present = np.unique(groups)  # only the classes of this chunk: [n_classes, T, K] would be
+            class_sum = np.zeros((len(present), T, V.shape[0]), dtype=np.float64)  # GBs for 1,000 classes
             top_idx = np.zeros((len(images), M), dtype=np.int64)
             top_val = np.zeros((len(images), M, T), dtype=np.float32)
             delta = np.zeros((T, len(images)), dtype=np.float64)
             rel_delta = np.zeros((T, len(images)), dtype=np.float64)
-            for c in np.unique(groups):
+            for slot, c in enumerate(present):
                 rows = np.nonzero(groups == c)[0]
                 if b == CLASSES:
                     target = deps.class_target(int(c), cfg.class_probability)
@@ -351,13 +363,13 @@ def attribute(pipe) -> None:
                     span = (res.value_at_input - res.value_at_baseline).detach().double().cpu().reshape(T, len(sub))
                     if not torch.isfinite(pc).all():
                         raise ValueError(f"non-finite GIG attributions for {a} → {b}")
-                    class_sum[c] += pc.sum(1).numpy()
+                    class_sum[slot] += pc.sum(1).numpy()
                     strength = pc.abs().sum(0)  # [B, K]
                     order = torch.argsort(strength, dim=1, descending=True, stable=True)[:, :M]
                     top_idx[sub] = order.numpy()
                     top_val[sub] = torch.gather(pc.permute(1, 2, 0), 1, order[:, :, None].expand(-1, -1, T)).numpy()
                     delta[:, sub] = d.numpy()
                     rel_delta[:, sub] = (d.abs() / span.abs().clamp_min(1e-12)).numpy()
-            save_npz(path, class_sum=class_sum, image=images, top_idx=top_idx, top_val=top_val, delta=delta,
+            save_npz(path, classes=present.astype(np.int64), class_sum=class_sum, image=images, top_idx=top_idx, top_val=top_val, delta=delta,
                      rel_delta=rel_delta)
         dist.barrier()  # the next transition's targets are the class scores summed over all chunks
