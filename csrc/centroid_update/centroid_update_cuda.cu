@@ -13,6 +13,10 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "common.h"
+#include <ATen/ops/arange.h>
+#include <ATen/ops/bincount.h>
+#include <ATen/ops/searchsorted.h>
+#include <ATen/ops/sort.h>
 
 namespace gig_fast {
 namespace {

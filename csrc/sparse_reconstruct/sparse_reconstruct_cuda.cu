@@ -17,6 +17,9 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "common.h"
+#include <ATen/ops/arange.h>
+#include <ATen/ops/searchsorted.h>
+#include <ATen/ops/sort.h>
 
 namespace gig_fast {
 namespace {

@@ -15,6 +15,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "common.h"
+#include <ATen/ops/linalg_vector_norm.h>
 
 namespace gig_fast {
 namespace {
