@@ -15,6 +15,8 @@ import pytest
 import torch
 import torch.distributed
 
+import gig_fast
+
 import _dist_child as child
 from gig_fast.concepts import bisecting_spherical_kmeans
 from gig_fast.pipeline import Pipeline
@@ -32,15 +34,18 @@ def _free_port() -> int:
 
 
 def _torchrun(out: Path, *args: str) -> subprocess.Popen:
-    """2 CPU ranks of ``tests/_dist_child.py`` (this checkout's gig_fast first on the path)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    """2 CPU ranks of ``tests/_dist_child.py``, importing the very gig_fast this test process imported
+    (the installed package in CI, whose compiled backends the in-tree copy lacks; this checkout in
+    development), so ranks and the single-process reference run the same kernels."""
+    package_root = str(Path(gig_fast.__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "--max-restarts=0",
            str(ROOT / "tests" / "_dist_child.py"), str(out), *args]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(cmd, cwd=out.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 120) -> str:
