@@ -260,14 +260,20 @@ def bisecting_spherical_kmeans(X: torch.Tensor, K: int, *, beta: torch.Tensor | 
             gen = _split_generator(seed, int(idx[0]), -neg_size)
             with _threads_for(-neg_size * C, X.device):
                 side, _, fell_back = _two_means(U[idx], kern, gen, n_init, max_iter, init_sample)
-                left, right = idx[side == 0], idx[side == 1]
             fallbacks += int(fell_back)
-            members[cid] = left
-            members.append(right)
-            heapq.heappush(heap, (-left.shape[0], cid))
-            heapq.heappush(heap, (-right.shape[0], len(members) - 1))
+            _apply_split(members, heap, cid, side)
 
     return _concepts_from_members(X, Xc, U, members, kern, K, return_info, rounds, fallbacks, mode)
+
+
+def _apply_split(members: list, heap: list, cid: int, side: torch.Tensor) -> None:
+    """Cluster ``cid`` keeps its ``side == 0`` members; the ``side == 1`` ones become a new last cluster."""
+    idx = members[cid]
+    left, right = idx[side == 0], idx[side == 1]
+    members[cid] = left
+    members.append(right)
+    heapq.heappush(heap, (-left.shape[0], cid))
+    heapq.heappush(heap, (-right.shape[0], len(members) - 1))
 
 
 def _next_batch(heap: list, mode: str, budget: int) -> list[tuple[int, int]]:

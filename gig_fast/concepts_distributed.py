@@ -19,13 +19,13 @@ are identical to the single-process ones up to float32 rounding of the all-reduc
 """
 from __future__ import annotations
 
-import heapq
 from typing import Callable
 
 import torch
 
-from .concepts import (_check_inputs, _concepts_from_members, _init_pair, _Kernels, _lloyd, _next_batch,
-                       _split_generator, _threads_for, _two_means, _unit_rows, bisecting_spherical_kmeans)
+from .concepts import (_apply_split, _check_inputs, _concepts_from_members, _init_pair, _Kernels, _lloyd,
+                       _next_batch, _split_generator, _threads_for, _two_means, _unit_rows,
+                       bisecting_spherical_kmeans)
 
 __all__ = ["distributed_bisecting_kmeans"]
 
@@ -155,13 +155,8 @@ def distributed_bisecting_kmeans(X: torch.Tensor, K: int, *, rank: int, world: i
                 splits[cid] = (side, fell_back)
         for neg_size, cid in batch:  # apply in batch order: the same cluster ids as the single process
             side, fell_back = splits[cid]
-            idx = members[cid]
-            left, right = idx[side == 0], idx[side == 1]
             fallbacks += int(fell_back)
-            members[cid] = left
-            members.append(right)
-            heapq.heappush(heap, (-left.shape[0], cid))
-            heapq.heappush(heap, (-right.shape[0], len(members) - 1))
+            _apply_split(members, heap, cid, side)
 
     # the concept means from the shared labels, computed as the single-process code does (bit-identical)
     return _concepts_from_members(X, Xc, U, members, kern, K, return_info, rounds, fallbacks, mode)
