@@ -59,8 +59,15 @@ def _finish(proc: subprocess.Popen, timeout: float = 120) -> str:
 
 
 def _single_run(out: Path) -> Path:
+    """The one-process reference, with one intra-op thread like each rank (OMP_NUM_THREADS=1): the
+    thread count changes the float reduction order of convolutions, hence the last bits of GIG sums."""
     cfg = child.tiny_config(out)
-    return Pipeline(cfg, model=child.tp.tiny_model(), dataset=child.tp.tiny_data()).run()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return Pipeline(cfg, model=child.tp.tiny_model(), dataset=child.tp.tiny_data()).run()
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
