@@ -51,37 +51,33 @@ def build_graph(pipe) -> dict:
     return graph
 
 
-def write_graph(pipe, path: str | Path) -> dict:
+def write_graph(pipe, path: str | Path, sample_per_class: int = 0) -> dict:
     """Write ``graph.json`` to ``path`` (atomically, the per-image entries streamed one chunk at a time)
-    with the same bytes as compact ``json.dumps(build_graph(pipe))``; returns the graph without
-    ``images`` (what the report needs)."""
+    with the same bytes as compact ``json.dumps(build_graph(pipe))``.
+
+    Returns the graph with ``images`` cut down to the first ``sample_per_class`` entries of each class
+    (kept while streaming: memory does not grow with the number of explained images) and
+    ``images_total``, the number written — what the report needs.
+    """
     head = graph_summary(pipe)
     dumps = lambda o: json.dumps(o, separators=(",", ":"), allow_nan=False)  # noqa: E731  (as save_json)
-
-    def parts():
-        yield dumps(head)[:-1] + ',"images":['  # "images" is the last key of the graph
-        first = True
-        for chunk in _image_graph_chunks(pipe):
-            for g in chunk:
-                yield ("" if first else ",") + dumps(g)
-                first = False
-        yield "]}"
-    atomic_write_parts(path, parts())
-    return head
-
-
-def sample_image_graphs(pipe, limit: int) -> tuple[list, int]:
-    """Up to ``limit`` per-image graphs per explained class (``images[]`` entries, streamed; memory does
-    not grow with the number of explained images) and the number of explained images."""
     kept: dict[int, list] = {}
     total = 0
-    for chunk in _image_graph_chunks(pipe):
-        total += len(chunk)
-        for g in chunk:
-            per_class = kept.setdefault(int(g["class"]), [])
-            if len(per_class) < limit:
-                per_class.append(g)
-    return sorted((g for v in kept.values() for g in v), key=lambda g: g["id"]), total
+
+    def parts():
+        nonlocal total
+        yield dumps(head)[:-1] + ',"images":['  # "images" is the last key of the graph
+        for chunk in _image_graph_chunks(pipe):
+            for g in chunk:
+                yield ("" if total == 0 else ",") + dumps(g)
+                total += 1
+                per_class = kept.setdefault(int(g["class"]), [])
+                if len(per_class) < sample_per_class:
+                    per_class.append(g)
+        yield "]}"
+    atomic_write_parts(path, parts())
+    sample = sorted((g for v in kept.values() for g in v), key=lambda g: g["id"])
+    return {**head, "images": sample, "images_total": total}
 
 
 def graph_summary(pipe) -> dict:

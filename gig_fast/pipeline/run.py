@@ -12,7 +12,7 @@ from ..models import FASHION_CLASSES, get_adapter, load_model
 from ..explorer import write_report
 from . import distributed as dist
 from .config import PipelineConfig
-from .graph import sample_image_graphs, write_graph
+from .graph import write_graph
 from .report import collect_metrics
 from .stages import attribute, decompose, extract_concepts, pfv_dataset
 from .store import load_json, save_json
@@ -202,12 +202,11 @@ class Pipeline:
     def _write_outputs(self, timings: dict) -> None:
         """``graph.json`` (streamed), ``metrics.json`` and ``report.html`` from the stage files."""
         t0 = time.perf_counter()
-        graph = write_graph(self, self.out / "graph.json")  # returned without "images"
+        # returned with a sample of the per-image graphs (report_images per class) for the page
+        graph = write_graph(self, self.out / "graph.json", sample_per_class=self.config.report_images)
         timings["graph"] = round(time.perf_counter() - t0, 2)
         metrics = collect_metrics(self, timings)
-        # the page shows a sample of the per-image graphs (report_images), read back chunk by chunk
-        images, total = sample_image_graphs(self, self.config.report_images)
         t0 = time.perf_counter()
-        write_report(self, {**graph, "images": images, "images_total": total}, metrics)
+        write_report(self, graph, metrics)
         timings["report"] = round(time.perf_counter() - t0, 2)  # in metrics.json (the page was already written)
         save_json(self.out / "metrics.json", metrics)
