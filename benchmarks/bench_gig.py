@@ -152,7 +152,7 @@ def bench_engine(device: str, quick: bool) -> None:
             err = float((res.per_concept - ref.sum((2, 3))).abs().max() / ref.sum((2, 3)).abs().max())
             # interleaved runs (load swings hit all alike) and a fixed call count: the whole GPU run of
             # this script must stay under a minute, and single calls take up to seconds at m = 300
-            t_captum, t_ours, t_loop = _interleaved([captum, ours, loop], reps=1 if quick else 3,
+            t_captum, t_ours, t_loop = _interleaved([captum, ours, loop], reps=5 if quick else 3,
                                                     warm=0, device=device)  # the check above warmed up
             for impl, t, fn in (("captum_lig", t_captum, captum), ("alpha_loop", t_loop, loop), ("gig_fast", t_ours, ours)):
                 per_image = {**t, "ms": t["ms"] / B, "ms_p20": t["ms_p20"] / B, "ms_p80": t["ms_p80"] / B}

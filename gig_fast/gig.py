@@ -263,25 +263,40 @@ def gig(f_ab: Callable[[torch.Tensor], torch.Tensor], codes: tuple[torch.Tensor,
     with torch.no_grad():  # U V of every position, once; the path only rescales it
         UV = sparse_reconstruct(idx.reshape(B * P, s), val.reshape(B * P, s), V, backend=backend)
         UV = UV.reshape(B, P, C)
-    value_1, value_0 = _endpoint_values(f_ab, targets, UV, beta, H, W, batch_size)
+    # The endpoints X(1) and X(0) ride along as two extra nodes of weight 0 (α = 1, then α = 0): one
+    # forward through f_ab serves the integral and the completeness check; a separate forward of 2·B
+    # rows costs far more than its share of the batch (on the CPU it is mostly weight traffic).
+    all_nodes = torch.cat([nodes, nodes.new_tensor([1.0, 0.0])])
+    all_weights = torch.cat([weights, weights.new_zeros(2)])
+    endpoint_values = torch.empty(T, 2, B, dtype=acc, device=V.device)  # [T, (α = 1, α = 0), B]
 
     attr = torch.zeros(T, B, P, s, dtype=acc, device=V.device)
-    for b0, b1, k0, k1 in _chunks(B, steps, batch_size):
+    for b0, b1, k0, k1 in _chunks(B, steps + 2, batch_size):
         nb, mk = b1 - b0, k1 - k0
-        path = beta + nodes[k0:k1, None, None, None] * UV[b0:b1]  # [mk, nb, P, C]
-        leaf = path.detach().reshape(mk * nb, H, W, C).requires_grad_(True)
+        path = beta + all_nodes[k0:k1, None, None, None] * UV[b0:b1]  # [mk, nb, P, C]
+        # f_ab gets the path as a channels-last view (no copy; its gradient has gig_accumulate's layout)
+        leaf = path.reshape(mk * nb, H, W, C).permute(0, 3, 1, 2)
+        image = torch.arange(b0, b1, device=V.device).repeat(mk)  # rows are (k, b), b fastest
+        ends = [(k, k - steps) for k in range(max(k0, steps), k1)]  # (node, endpoint 0: α = 1 / 1: α = 0)
+        if k0 >= steps:  # endpoints only: no gradient needed
+            with torch.no_grad():
+                out = f_ab(leaf)
+            _record_endpoints(endpoint_values, targets, out, image, ends, k0, nb, b0, b1, acc)
+            continue
+        leaf = leaf.detach().requires_grad_(True)
         grads = torch.empty(T, mk, nb * P, C, dtype=leaf.dtype, device=leaf.device)
         with torch.enable_grad():
             # one forward for every target, then one backward per target through the kept graph: the
             # T targets share the α-path, so replicating it T times would redo T−1 identical forwards
-            out = f_ab(leaf.permute(0, 3, 1, 2))
-            image = torch.arange(b0, b1, device=V.device).repeat(mk)  # rows are (k, b), b fastest
+            out = f_ab(leaf)
+            _record_endpoints(endpoint_values, targets, out.detach(), image, ends, k0, nb, b0, b1, acc)
             for t, tgt in enumerate(targets):
                 (grad,) = torch.autograd.grad(_evaluate(tgt, out, image).sum(), leaf, retain_graph=t < T - 1)
-                grads[t] = grad.reshape(mk, nb * P, C)
-        part = gig_accumulate(grads, weights[k0:k1], idx[b0:b1].reshape(nb * P, s),
+                grads[t] = grad.permute(0, 2, 3, 1).reshape(mk, nb * P, C)
+        part = gig_accumulate(grads, all_weights[k0:k1], idx[b0:b1].reshape(nb * P, s),
                               val[b0:b1].reshape(nb * P, s), V, backend=backend)
         attr[:, b0:b1] += part.reshape(T, nb, P, s)
+    value_1, value_0 = endpoint_values[:, 0], endpoint_values[:, 1]
 
     per_concept = torch.zeros(T, B, K, dtype=acc, device=V.device)
     active = idx >= 0
@@ -295,21 +310,13 @@ def gig(f_ab: Callable[[torch.Tensor], torch.Tensor], codes: tuple[torch.Tensor,
     return result
 
 
-def _endpoint_values(f_ab, targets, UV, beta, H, W, batch_size):
-    """``T(F_ab(X(1)))`` and ``T(F_ab(X(0)))`` for every target and image: ``([T, B], [T, B])``."""
-    B, P, C = UV.shape
-    acc = torch.float64 if UV.dtype == torch.float64 else torch.float32
-    v1 = torch.empty(len(targets), B, dtype=acc, device=UV.device)
-    v0 = torch.empty_like(v1)
-    per = B if batch_size is None else max(1, batch_size // 2)
+def _record_endpoints(values, targets, out, image, ends, k0, nb, b0, b1, acc):
+    """Store ``T(out)`` of the endpoint rows of a chunk in ``values [T, 2, B]``; ``ends`` lists the
+    chunk's endpoint nodes as ``(node index, 0 for α = 1 / 1 for α = 0)``."""
+    if not ends:
+        return
     with torch.no_grad():
-        for b0 in range(0, B, per):
-            b1 = min(B, b0 + per)
-            n = b1 - b0
-            X = torch.cat([UV[b0:b1] + beta, beta.expand(n, P, C)]).reshape(2 * n, H, W, C)
-            out = f_ab(X.permute(0, 3, 1, 2))
-            image = torch.arange(b0, b1, device=UV.device).repeat(2)
-            for t, tgt in enumerate(targets):
-                val = _evaluate(tgt, out, image).to(acc)
-                v1[t, b0:b1], v0[t, b0:b1] = val[:n], val[n:]
-    return v1, v0
+        for t, tgt in enumerate(targets):
+            per_row = _evaluate(tgt, out, image).to(acc)
+            for k, which in ends:
+                values[t, which, b0:b1] = per_row[(k - k0) * nb:(k - k0 + 1) * nb]
