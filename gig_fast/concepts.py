@@ -17,7 +17,11 @@ cluster ``j``; it equals ``Σ_j (n_j − ‖S_j‖)`` where ``S_j`` is the sum o
 The heavy work is the ops of :mod:`gig_fast.ops`: ``spherical_assign`` (the 2-means assignment) and
 ``centroid_update`` (the 2-means update, the segmented update of fast mode and the final concept
 means). Their inputs are validated once here and the chosen backend's kernels are called directly in
-the loops (the per-call checks would otherwise cost more than the work on small clusters).
+the loops (the per-call checks would otherwise cost more than the work on small clusters). On the
+``cpp`` backend (the CPU default) a whole split — sample, initialisations, Lloyd, refinement, fallback —
+is one C++ call (``csrc/two_means``: the same algorithm with its own random generator, so its concepts
+differ from the ``torch`` backend's by the random draws), and the splits of a fast-mode round run in
+parallel: per-split dispatch from Python, not arithmetic, was the cost of the 2,047 small splits.
 
 Determinism: the random draws of a split depend only on ``seed`` and on the cluster being split (its
 size and first member), not on when it is split, so the same seed gives the same concepts, and the
@@ -82,6 +86,8 @@ class _Kernels:
         self.update_name = resolve("centroid_update", _cu_mod.IMPLEMENTED, _cu_mod.PREFERENCE, device, backend)
         self.assign = _sa_mod.IMPLS[self.assign_name]
         self.update = _cu_mod.IMPLS[self.update_name]
+        # on the cpp backend a whole split is one C++ call (csrc/two_means): same algorithm, its own RNG
+        self.fused = self.assign_name == "cpp" and self.update_name == "cpp" and device.type == "cpu"
 
 
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:
@@ -121,10 +127,16 @@ def _threads_for(elems: int, device: torch.device):
         torch.set_num_threads(threads)
 
 
+def _split_seed(seed: int, first: int, size: int) -> int:
+    """The random seed of one split: a function of the seed and of the cluster (its first member and its
+    size) only, not of the split order."""
+    return (seed * 1_000_003 + first * 7_919 + size) % (2**63 - 1)
+
+
 def _split_generator(seed: int, first: int, size: int) -> torch.Generator:
-    """The RNG of one split: a function of the seed and of the cluster only (not of the split order)."""
+    """The RNG of one split of the PyTorch path (see :func:`_split_seed`)."""
     g = torch.Generator()
-    g.manual_seed((seed * 1_000_003 + first * 7_919 + size) % (2**63 - 1))
+    g.manual_seed(_split_seed(seed, first, size))
     return g
 
 
@@ -255,15 +267,31 @@ def bisecting_spherical_kmeans(X: torch.Tensor, K: int, *, beta: torch.Tensor | 
     while len(members) < K:
         batch = _next_batch(heap, mode, K - len(members))
         rounds += 1
-        for neg_size, cid in batch:
-            idx = members[cid]
-            gen = _split_generator(seed, int(idx[0]), -neg_size)
-            with _threads_for(-neg_size * C, X.device):
-                side, _, fell_back = _two_means(U[idx], kern, gen, n_init, max_iter, init_sample)
+        for cid, side, fell_back in _split_batch(U, members, batch, kern, seed, n_init, max_iter, init_sample):
             fallbacks += int(fell_back)
             _apply_split(members, heap, cid, side)
 
     return _concepts_from_members(X, Xc, U, members, kern, K, return_info, rounds, fallbacks, mode)
+
+
+def _split_batch(U: torch.Tensor, members: list, batch: list, kern: _Kernels, seed: int, n_init: int,
+                 max_iter: int, init_sample: int) -> list[tuple[int, torch.Tensor, bool]]:
+    """2-means splits of the clusters ``batch`` (``(−size, id)`` pairs): ``(id, side int64 [n], fell_back)``
+    each. The cpp backend splits them all in one C++ call (in parallel when there are several); the
+    other backends run :func:`_two_means` on each."""
+    if kern.fused:
+        seeds = [_split_seed(seed, int(members[cid][0]), -neg_size) for neg_size, cid in batch]
+        sides, _, _, fell_back = torch.ops.gig_fast_cpp.two_means_splits(
+            U, [members[cid] for _, cid in batch], seeds, n_init, max_iter, init_sample, True)
+        return [(cid, side, fell) for (_, cid), side, fell in zip(batch, sides, fell_back.tolist())]
+    out = []
+    for neg_size, cid in batch:
+        idx = members[cid]
+        gen = _split_generator(seed, int(idx[0]), -neg_size)
+        with _threads_for(-neg_size * U.shape[1], U.device):
+            side, _, fell_back = _two_means(U[idx], kern, gen, n_init, max_iter, init_sample)
+        out.append((cid, side, fell_back))
+    return out
 
 
 def _apply_split(members: list, heap: list, cid: int, side: torch.Tensor) -> None:
@@ -301,6 +329,7 @@ def _concepts_from_members(X, Xc, U, members, kern, K, return_info, rounds, fall
     usums, _ = kern.update(U, labels, K)
     info = BisectingInfo(inertia=float((counts.to(usums.dtype) - usums.norm(dim=1)).sum()), sizes=counts,
                          splits=K - 1, rounds=rounds, fallback_splits=fallbacks, mode=mode,
-                         backends={"spherical_assign": kern.assign_name, "centroid_update": kern.update_name})
+                         backends={"spherical_assign": kern.assign_name, "centroid_update": kern.update_name,
+                                   "splits": "cpp fused" if kern.fused else "ops"})
     return concepts, labels, info
 

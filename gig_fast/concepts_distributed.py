@@ -7,14 +7,14 @@ runs the same split schedule; the work of each round is shared two ways:
 * clusters larger than ``init_sample`` are split one after the other, *data-parallel*: the
   initialisations are chosen on the cluster's random subsample (identical on every rank), then the
   Lloyd refinement on the whole cluster gives each rank a contiguous slice of its members, whose
-  ``centroid_update`` sums (cast to float64, so the reduction order barely matters) and label changes
-  are all-reduced;
+  float64 sums (the fused C++ step ``two_means_step`` on the cpp backend, ``centroid_update`` cast to
+  float64 on the others, so the reduction order barely matters) and label changes are all-reduced;
 * smaller clusters of a round (most splits; fast mode has many per round) are split whole, each by
   one rank (round-robin), and the resulting sides are exchanged with one all-reduce per round.
 
 The random draws of a split depend only on (seed, cluster) as in the single-process code, and the
 final concept means are computed from the shared labels exactly as there, so the labels and concepts
-are identical to the single-process ones up to float32 rounding of the all-reduced refinement sums
+are identical to the single-process ones up to the rounding of the all-reduced refinement sums
 (identical outright when no cluster exceeds ``init_sample``).
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from .concepts import (_apply_split, _check_inputs, _concepts_from_members, _init_pair, _Kernels, _lloyd,
-                       _next_batch, _split_generator, _threads_for, _two_means, _unit_rows,
+                       _next_batch, _split_batch, _split_generator, _split_seed, _unit_rows,
                        bisecting_spherical_kmeans)
 
 __all__ = ["distributed_bisecting_kmeans"]
@@ -62,24 +62,54 @@ def _lloyd_sharded(Us: torch.Tensor, centroids: torch.Tensor, kern: _Kernels, ma
     return full, sums, n - float(sums.norm(dim=1).sum())
 
 
-def _two_means_sharded(Us, kern, gen, n_init, max_iter, init_sample, rank, world, reduce):
-    """:func:`gig_fast.concepts._two_means` for a cluster larger than ``init_sample``: the initialisations
-    on the (identical) subsample on every rank, the refinement on the whole cluster data-parallel."""
-    n = Us.shape[0]
-    pick = torch.randperm(n, generator=gen)[:init_sample].sort().values.to(Us.device)
-    sample = Us[pick]
-    best = None
-    for _ in range(n_init):
-        side, sums, inertia = _lloyd(sample, _init_pair(sample, gen, kern), kern, max_iter)
-        if best is None or inertia < best[2] - 1e-9 * n:
-            best = (side, sums, inertia)
-    side, _, inertia = _lloyd_sharded(Us, best[1].to(Us.dtype), kern, max_iter, rank, world, reduce)
+def _lloyd_sharded_fused(U: torch.Tensor, idx: torch.Tensor, sums: torch.Tensor, max_iter: int, rank: int,
+                        world: int, reduce: AllReduce) -> torch.Tensor:
+    """The fused C++ refinement (``csrc/two_means``) with the members shared by the ranks: the same Lloyd
+    steps from the fp64 ``sums [2, C]``, each rank's step on its slice, sums and changes all-reduced.
+
+    Returns ``side int64 [n]`` on every rank.
+    """
+    n = idx.shape[0]
+    lo, hi = _slice(n, rank, world)
+    mine = idx[lo:hi].contiguous()
+    side = None
+    for _ in range(max_iter):
+        new_side, part = torch.ops.gig_fast_cpp.two_means_step(U, mine, sums)
+        sums = reduce(part)
+        changed = 1 if side is None else int((new_side != side).sum())
+        converged = side is not None and int(reduce(torch.tensor([changed], dtype=torch.int64))) == 0
+        side = new_side
+        if converged:
+            break
+    full = torch.zeros(n, dtype=torch.int64, device=U.device)
+    full[lo:hi] = side
+    return reduce(full)
+
+
+def _two_means_sharded(U, idx, kern, seed, n_init, max_iter, init_sample, rank, world, reduce):
+    """:func:`gig_fast.concepts._two_means` for a cluster ``U[idx]`` larger than ``init_sample``: the
+    initialisations on the (identical) subsample on every rank, the refinement on the whole cluster
+    data-parallel. Returns ``(side int64 [n], fell_back)``."""
+    n = idx.shape[0]
+    if kern.fused:
+        _, sums, _, _ = torch.ops.gig_fast_cpp.two_means_splits(
+            U, [idx], [_split_seed(seed, int(idx[0]), n)], n_init, max_iter, init_sample, False)
+        side = _lloyd_sharded_fused(U, idx, sums[0], max_iter, rank, world, reduce)
+    else:
+        Us = U[idx]
+        gen = _split_generator(seed, int(idx[0]), n)
+        pick = torch.randperm(n, generator=gen)[:init_sample].sort().values.to(Us.device)
+        sample = Us[pick]
+        best = None
+        for _ in range(n_init):
+            side, sums, inertia = _lloyd(sample, _init_pair(sample, gen, kern), kern, max_iter)
+            if best is None or inertia < best[2] - 1e-9 * n:
+                best = (side, sums, inertia)
+        side, _, _ = _lloyd_sharded(Us, best[1].to(Us.dtype), kern, max_iter, rank, world, reduce)
     size1 = int(side.sum())
     if size1 == 0 or size1 == n:  # inseparable: split by member order, as the single-process code does
-        side = (torch.arange(n, device=Us.device) >= (n + 1) // 2).to(torch.int64)
-        sums, _ = kern.update(Us, side, 2)
-        return side, n - float(sums.norm(dim=1).sum()), True
-    return side, inertia, False
+        return (torch.arange(n, device=U.device) >= (n + 1) // 2).to(torch.int64), True
+    return side, False
 
 
 def _split_small(U, members, batch, kern, seed, n_init, max_iter, init_sample, rank, world, reduce):
@@ -90,13 +120,9 @@ def _split_small(U, members, batch, kern, seed, n_init, max_iter, init_sample, r
     for s in sizes:
         offsets.append(offsets[-1] + s)
     buf = torch.zeros(offsets[-1] + len(batch), dtype=torch.int64)  # sides, then one fallback flag each
-    for j, (neg_size, cid) in enumerate(batch):
-        if j % world != rank:
-            continue
-        idx = members[cid]
-        gen = _split_generator(seed, int(idx[0]), -neg_size)
-        with _threads_for(-neg_size * U.shape[1], U.device):
-            side, _, fell_back = _two_means(U[idx], kern, gen, n_init, max_iter, init_sample)
+    mine = [j for j in range(len(batch)) if j % world == rank]
+    done = _split_batch(U, members, [batch[j] for j in mine], kern, seed, n_init, max_iter, init_sample)
+    for j, (_, side, fell_back) in zip(mine, done):
         buf[offsets[j]:offsets[j + 1]] = side.cpu()
         buf[offsets[-1] + j] = int(fell_back)
     buf = reduce(buf)
@@ -148,11 +174,8 @@ def distributed_bisecting_kmeans(X: torch.Tensor, K: int, *, rank: int, world: i
                               all_reduce) if small else {}
         for neg_size, cid in batch:
             if cid not in splits:
-                idx = members[cid]
-                gen = _split_generator(seed, int(idx[0]), -neg_size)
-                side, _, fell_back = _two_means_sharded(U[idx], kern, gen, n_init, max_iter, init_sample, rank,
-                                                        world, all_reduce)
-                splits[cid] = (side, fell_back)
+                splits[cid] = _two_means_sharded(U, members[cid], kern, seed, n_init, max_iter, init_sample, rank,
+                                                 world, all_reduce)
         for neg_size, cid in batch:  # apply in batch order: the same cluster ids as the single process
             side, fell_back = splits[cid]
             fallbacks += int(fell_back)

@@ -43,12 +43,14 @@ def run_kmeans(out: Path) -> None:
 
     X, beta = kmeans_data()
     res = {"sharded_lloyd_calls": np.zeros(1, dtype=np.int64)}
-    lloyd = cd._lloyd_sharded
 
-    def counting(*a, **kw):  # count the data-parallel refinements (the all-reduced sums path)
-        res["sharded_lloyd_calls"] += 1
-        return lloyd(*a, **kw)
-    cd._lloyd_sharded = counting
+    def counting(lloyd):  # count the data-parallel refinements (the all-reduced sums paths)
+        def wrapped(*a, **kw):
+            res["sharded_lloyd_calls"] += 1
+            return lloyd(*a, **kw)
+        return wrapped
+    cd._lloyd_sharded = counting(cd._lloyd_sharded)  # the ops path (torch/triton/cuda backends)
+    cd._lloyd_sharded_fused = counting(cd._lloyd_sharded_fused)  # the fused C++ path (cpp backend)
     for mode in ("sequential", "fast"):
         V, labels = cd.distributed_bisecting_kmeans(X, KMEANS["K"], rank=dist.rank(), world=dist.world(),
                                                     all_reduce=dist.all_reduce, beta=beta, seed=KMEANS["seed"],

@@ -135,3 +135,59 @@ def test_cuda_matches_cpu_quality(mode):
     c, l, gpu = bisecting_spherical_kmeans(X.cuda(), 64, beta=beta.cuda(), mode=mode, return_info=True)
     _check_partition(X, 64, beta, c.cpu(), l.cpu())
     assert abs(gpu.inertia - cpu.inertia) <= 0.01 * cpu.inertia
+
+
+# ------------------------------------------------------------------ the fused C++ splits (cpp backend)
+
+needs_cpp = pytest.mark.skipif(AVAIL["cpp"] != "runs", reason="needs the compiled CPU extension")
+
+
+@needs_cpp
+def test_fused_step_matches_formula():
+    """two_means_step: side = [<x, S1/|S1| − S0/|S0|> > 0] and the fp64 sums of each side, on a subset of
+    rows given by index (odd sizes, one side empty, float32 and float64)."""
+    g = torch.Generator().manual_seed(5)
+    for dtype, n, C in ((torch.float32, 1031, 37), (torch.float64, 3, 5), (torch.float32, 2500, 256)):
+        U = torch.randn(n + 7, C, generator=g, dtype=dtype)
+        U = (U / U.norm(dim=1, keepdim=True)).contiguous()
+        idx = torch.randperm(n + 7, generator=g)[:n].sort().values
+        for S in (torch.randn(2, C, generator=g, dtype=torch.float64),
+                  torch.stack([torch.randn(C, generator=g, dtype=torch.float64), torch.zeros(C, dtype=torch.float64)])):
+            side, sums = torch.ops.gig_fast_cpp.two_means_step(U, idx, S)
+            unit = S / S.norm(dim=1, keepdim=True).clamp_min(1e-300)
+            score = U[idx].double() @ (unit[1] - unit[0])
+            clear = score.abs() > 1e-5  # the kernel scores in the input dtype: skip near-ties
+            assert torch.equal(side[clear], (score[clear] > 0).long())
+            expect = torch.stack([U[idx][side == k].double().sum(0) for k in (0, 1)])
+            torch.testing.assert_close(sums, expect, rtol=1e-6, atol=1e-5)
+
+
+@needs_cpp
+@pytest.mark.parametrize("mode", ["sequential", "fast"])
+def test_fused_splits_do_not_depend_on_threads(mode):
+    X = clustered_points(3000, 24, 40)
+    beta = torch.full((24,), 2.0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        c1, l1 = bisecting_spherical_kmeans(X, 50, beta=beta, mode=mode, init_sample=300)
+        torch.set_num_threads(2)
+        c2, l2 = bisecting_spherical_kmeans(X, 50, beta=beta, mode=mode, init_sample=300)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(l1, l2) and torch.equal(c1, c2)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_subsample_and_refine_quality(dtype):
+    """Clusters larger than init_sample (sampled initialisations, then refined on all members): the fused
+    C++ path reaches the PyTorch path's inertia (within 1%), and both paths report it exactly."""
+    X = clustered_points(2000, 16, 25, dtype=dtype)
+    beta = torch.full((16,), 2.0, dtype=dtype)
+    c, l, fused = bisecting_spherical_kmeans(X, 40, beta=beta, init_sample=64, return_info=True)
+    _check_partition(X, 40, beta, c, l, fused)
+    assert fused.backends["splits"] == "cpp fused"
+    _, _, ops = bisecting_spherical_kmeans(X, 40, beta=beta, init_sample=64, backend="torch", return_info=True)
+    assert ops.backends["splits"] == "ops"
+    assert fused.inertia <= 1.01 * ops.inertia, (fused.inertia, ops.inertia)

@@ -22,9 +22,11 @@ def check_finite(name: str, t: torch.Tensor) -> None:
     """Reject NaN/Inf: a NaN in activations would silently poison every attribution downstream."""
     if not t.is_floating_point() or not t.numel():
         return
-    # A float64 sum is finite iff every entry is (barring overflow, which the full scan then rules
-    # on); it is far cheaper than torch.isfinite over the whole tensor.
-    if bool(torch.isfinite(t.sum(dtype=torch.float64))):
+    # A sum is finite iff every entry is (barring overflow, which the full scan then rules on); it is
+    # far cheaper than torch.isfinite over the whole tensor. Summed in the tensor's own dtype (fp32 for
+    # fp16/bf16): a float64 sum of fp32 data is ~20x slower on the CPU (78 vs 3.7 ms for 50k x 256).
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    if bool(torch.isfinite(t.sum(dtype=acc))):
         return
     bad = int((~torch.isfinite(t)).sum())
     if bad:
