@@ -1,7 +1,8 @@
 """Benchmark of ``sparse_code`` (Lasso / OMP coding of PFVs on the concept dictionary).
 
 CPU: our ``cpp`` backend against scikit-learn's ``sparse_encode(algorithm="lasso_cd" | "omp")`` on the
-same vectors (300 at C=256, K=2048; quick: 30), on a random dictionary and on PFV-like data. One λ for
+same vectors (300 at C=256, K=2048; quick: 30), on a random dictionary, on PFV-like data and on real PFVs
+of the demo network (layer4.1, C=256) coded against their own K=2048 concepts (when its weights are cached). One λ for
 the whole batch (sparse_encode takes one): ``λ = λ_rel · mean λ_max``; sparse_encode's ``alpha`` for
 lasso_cd is divided by n_features internally, so ``alpha = λ`` gives the same problem. Each row reports
 both objectives (summed over the batch); ours is stopped at a tighter tolerance, so "equal objective"
@@ -52,8 +53,33 @@ def _objective(Y: torch.Tensor, V: torch.Tensor, U: torch.Tensor, lam: torch.Ten
     return float((0.5 * (R * R).sum(1) + lam.double() * U.abs().sum(1)).sum())
 
 
+def _demo_problem(N: int, layer: str = "layer4.1", fit_images: int = 3000):
+    """Real PFVs: ``layer`` pre-activations (C = 256, 2×2 positions) of the demo network on Fashion-MNIST
+    test images; K = 8·C concepts by bisecting k-means on the PFVs of the first ``fit_images`` images, and
+    ``N`` PFVs of later images, centred by β, to code. None when the demo weights are not cached."""
+    from gig_fast.concepts import bisecting_spherical_kmeans
+    from gig_fast.data import fashion_mnist
+    from gig_fast.models.demo import load_demo
+    from gig_fast.slicing import bn_shift, preactivation
+    try:
+        model = load_demo()
+    except FileNotFoundError as e:
+        print(f"  {e}: the demo-PFV rows are skipped")
+        return None
+    images = fashion_mnist("test").tensors[0][:fit_images + N]
+    with torch.no_grad():
+        xa = preactivation(model, layer, images)
+    C = xa.shape[1]
+    pfv = xa.permute(0, 2, 3, 1).reshape(images.shape[0], -1, C)  # [images, positions, C]
+    beta = bn_shift(model, layer).to(pfv.dtype)
+    V, _ = bisecting_spherical_kmeans(pfv[:fit_images].reshape(-1, C), 8 * C, beta=beta, mode="fast")
+    return pfv[fit_images:].reshape(-1, C)[:N] - beta, V
+
+
 def _cpu_problem(kind: str, N: int, C: int, K: int):
     g = torch.Generator().manual_seed(0)
+    if kind == "demo":
+        return _demo_problem(N)
     if kind == "random":
         X, V = random_problem(N, C, K, dtype=torch.float32, generator=g)
         return X, V
@@ -68,8 +94,12 @@ def run_cpu(quick: bool) -> None:
     shape = {"N": N, "C": C, "K": K}
     have_cpp = available_backends()["cpp"] == "runs"
     ours = "cpp" if have_cpp else "torch"
-    for kind in ("random", "pfv"):
-        Y, V = _cpu_problem(kind, N, C, K)
+    for kind in ("random", "pfv", "demo"):
+        problem = _cpu_problem(kind, N, C, K)
+        if problem is None:
+            continue
+        Y, V = problem
+        assert Y.shape[1] == C and V.shape[0] == K, (Y.shape, V.shape)
         lam = float(DEFAULT_LAM_REL * (Y @ V.T).abs().amax(1).mean())
         lam_vec = torch.full((N,), lam)
         Yn, Vn = Y.double().numpy(), V.double().numpy()

@@ -19,7 +19,28 @@
 #define GIG_CHECK_CPU(x) TORCH_CHECK((x).device().is_cpu(), #x " must be a CPU tensor")
 #define GIG_CHECK_CUDA(x) TORCH_CHECK((x).device().is_cuda(), #x " must be a CUDA tensor")
 
+// The build targets baseline x86-64 (SSE2: 4 floats per instruction) so the wheel runs anywhere. A hot
+// loop written as an always-inline body can also be compiled for AVX2 (8) through a wrapper marked
+// GIG_TARGET_AVX2, called when cpu_has_avx2(): measured 1.5-3x on the gather/axpy loops here.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define GIG_TARGET_AVX2 __attribute__((target("avx2")))
+#define GIG_HAVE_AVX2_PATH 1
+#else
+#define GIG_TARGET_AVX2
+#define GIG_HAVE_AVX2_PATH 0
+#endif
+#define GIG_INLINE inline __attribute__((always_inline))
+
 namespace gig_fast {
+
+inline bool cpu_has_avx2() {
+#if GIG_HAVE_AVX2_PATH
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+#else
+  return false;
+#endif
+}
 
 // Accumulation type: double for double, float for float/half/bfloat16.
 template <typename scalar_t>

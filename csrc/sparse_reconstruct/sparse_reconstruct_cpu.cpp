@@ -18,55 +18,121 @@ void check_inputs(const at::Tensor& idx, const at::Tensor& val, const at::Tensor
   TORCH_CHECK(V.dim() == 2 && val.scalar_type() == V.scalar_type(), "V must be [K, C] with val's dtype");
 }
 
+// Rows [begin, end) of the forward; `row` is a [C] scratch of the accumulation type.
+template <typename scalar_t>
+GIG_INLINE void forward_range(int64_t begin, int64_t end, const int64_t* idx, const scalar_t* val,
+                              const scalar_t* V, const scalar_t* bias, scalar_t* out, int64_t s, int64_t C,
+                              acc_t<scalar_t>* row) {
+  using acc = acc_t<scalar_t>;
+  for (int64_t p = begin; p < end; ++p) {
+    for (int64_t c = 0; c < C; ++c) row[c] = bias ? static_cast<acc>(bias[c]) : acc(0);
+    for (int64_t j = 0; j < s; ++j) {
+      const int64_t k = idx[p * s + j];
+      const acc w = static_cast<acc>(val[p * s + j]);
+      if (k < 0 || w == acc(0)) continue;
+      const scalar_t* v = V + k * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) row[c] += w * static_cast<acc>(v[c]);
+    }
+    scalar_t* o = out + p * C;
+    for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(row[c]);
+  }
+}
+
+template <typename scalar_t>
+GIG_TARGET_AVX2 void forward_range_avx2(int64_t begin, int64_t end, const int64_t* idx, const scalar_t* val,
+                                        const scalar_t* V, const scalar_t* bias, scalar_t* out, int64_t s,
+                                        int64_t C, acc_t<scalar_t>* row) {
+  forward_range(begin, end, idx, val, V, bias, out, s, C, row);
+}
+
 template <typename scalar_t>
 void forward_rows(const int64_t* idx, const scalar_t* val, const scalar_t* V, const scalar_t* bias,
                   scalar_t* out, int64_t P, int64_t s, int64_t C) {
   using acc = acc_t<scalar_t>;
+  const bool avx2 = cpu_has_avx2();
   at::parallel_for(0, P, 16, [&](int64_t begin, int64_t end) {
     std::vector<acc> row(C);
-    for (int64_t p = begin; p < end; ++p) {
-      for (int64_t c = 0; c < C; ++c) row[c] = bias ? static_cast<acc>(bias[c]) : acc(0);
-      for (int64_t j = 0; j < s; ++j) {
-        const int64_t k = idx[p * s + j];
-        const acc w = static_cast<acc>(val[p * s + j]);
-        if (k < 0 || w == acc(0)) continue;
-        const scalar_t* v = V + k * C;
-        acc* r = row.data();
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) r[c] += w * static_cast<acc>(v[c]);
-      }
-      scalar_t* o = out + p * C;
-      for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(row[c]);
+    if (avx2) {
+      forward_range_avx2(begin, end, idx, val, V, bias, out, s, C, row.data());
+    } else {
+      forward_range(begin, end, idx, val, V, bias, out, s, C, row.data());
     }
   });
+}
+
+// Rows [begin, end) of grad_val (the SDDMM): <grad[p], V[idx[p, j]]> at the active entries, 0 at padding.
+template <typename scalar_t>
+GIG_INLINE void grad_val_range(int64_t begin, int64_t end, const scalar_t* grad, const int64_t* idx,
+                               const scalar_t* V, scalar_t* grad_val, int64_t s, int64_t C, acc_t<scalar_t>* g) {
+  using acc = acc_t<scalar_t>;
+  for (int64_t p = begin; p < end; ++p) {
+    for (int64_t c = 0; c < C; ++c) g[c] = static_cast<acc>(grad[p * C + c]);
+    for (int64_t j = 0; j < s; ++j) {
+      const int64_t k = idx[p * s + j];
+      acc dot = 0;
+      if (k >= 0) {
+        const scalar_t* v = V + k * C;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t c = 0; c < C; ++c) dot += g[c] * static_cast<acc>(v[c]);
+      }
+      grad_val[p * s + j] = static_cast<scalar_t>(dot);
+    }
+  }
+}
+
+template <typename scalar_t>
+GIG_TARGET_AVX2 void grad_val_range_avx2(int64_t begin, int64_t end, const scalar_t* grad, const int64_t* idx,
+                                         const scalar_t* V, scalar_t* grad_val, int64_t s, int64_t C,
+                                         acc_t<scalar_t>* g) {
+  grad_val_range(begin, end, grad, idx, V, grad_val, s, C, g);
 }
 
 template <typename scalar_t>
 void grad_val_rows(const scalar_t* grad, const int64_t* idx, const scalar_t* V, scalar_t* grad_val,
                    int64_t P, int64_t s, int64_t C) {
   using acc = acc_t<scalar_t>;
+  const bool avx2 = cpu_has_avx2();
   at::parallel_for(0, P, 16, [&](int64_t begin, int64_t end) {
     std::vector<acc> g(C);
-    for (int64_t p = begin; p < end; ++p) {
-      for (int64_t c = 0; c < C; ++c) g[c] = static_cast<acc>(grad[p * C + c]);
-      for (int64_t j = 0; j < s; ++j) {
-        const int64_t k = idx[p * s + j];
-        acc dot = 0;
-        if (k >= 0) {
-          const scalar_t* v = V + k * C;
-          const acc* gr = g.data();
-#pragma omp simd reduction(+ : dot)
-          for (int64_t c = 0; c < C; ++c) dot += gr[c] * static_cast<acc>(v[c]);
-        }
-        grad_val[p * s + j] = static_cast<scalar_t>(dot);
-      }
+    if (avx2) {
+      grad_val_range_avx2(begin, end, grad, idx, V, grad_val, s, C, g.data());
+    } else {
+      grad_val_range(begin, end, grad, idx, V, grad_val, s, C, g.data());
     }
   });
 }
 
+// Concepts [begin, end) of grad_V: each the sum of val[e]·grad[row of e] over its entries, in order.
+template <typename scalar_t>
+GIG_INLINE void grad_V_range(int64_t begin, int64_t end, const scalar_t* grad, const scalar_t* val,
+                             const int64_t* start, const int64_t* order, scalar_t* grad_V, int64_t s, int64_t C,
+                             acc_t<scalar_t>* row) {
+  using acc = acc_t<scalar_t>;
+  for (int64_t k = begin; k < end; ++k) {
+    for (int64_t c = 0; c < C; ++c) row[c] = acc(0);
+    for (int64_t i = start[k]; i < start[k + 1]; ++i) {
+      const int64_t e = order[i];
+      const acc w = static_cast<acc>(val[e]);
+      const scalar_t* g = grad + (e / s) * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) row[c] += w * static_cast<acc>(g[c]);
+    }
+    scalar_t* o = grad_V + k * C;
+    for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(row[c]);
+  }
+}
+
+template <typename scalar_t>
+GIG_TARGET_AVX2 void grad_V_range_avx2(int64_t begin, int64_t end, const scalar_t* grad, const scalar_t* val,
+                                       const int64_t* start, const int64_t* order, scalar_t* grad_V, int64_t s,
+                                       int64_t C, acc_t<scalar_t>* row) {
+  grad_V_range(begin, end, grad, val, start, order, grad_V, s, C, row);
+}
+
 // grad_V by a counting sort of the entries on their concept (stable: entries keep their (p, j)
 // order inside a concept), then one independent sum per concept — the result does not depend on the
-// number of threads.
+// number of threads (nor on the instruction set: the per-channel sums run in the same order).
 template <typename scalar_t>
 void grad_V_rows(const scalar_t* grad, const int64_t* idx, const scalar_t* val, scalar_t* grad_V,
                  int64_t P, int64_t s, int64_t K, int64_t C) {
@@ -80,20 +146,13 @@ void grad_V_rows(const scalar_t* grad, const int64_t* idx, const scalar_t* val, 
   std::vector<int64_t> fill(start.begin(), start.end() - 1);
   for (int64_t e = 0; e < E; ++e)
     if (idx[e] >= 0) order[fill[idx[e]]++] = e;
+  const bool avx2 = cpu_has_avx2();
   at::parallel_for(0, K, 4, [&](int64_t begin, int64_t end) {
     std::vector<acc> row(C);
-    for (int64_t k = begin; k < end; ++k) {
-      std::fill(row.begin(), row.end(), acc(0));
-      for (int64_t i = start[k]; i < start[k + 1]; ++i) {
-        const int64_t e = order[i];
-        const acc w = static_cast<acc>(val[e]);
-        const scalar_t* g = grad + (e / s) * C;
-        acc* r = row.data();
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) r[c] += w * static_cast<acc>(g[c]);
-      }
-      scalar_t* o = grad_V + k * C;
-      for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(row[c]);
+    if (avx2) {
+      grad_V_range_avx2(begin, end, grad, val, start.data(), order.data(), grad_V, s, C, row.data());
+    } else {
+      grad_V_range(begin, end, grad, val, start.data(), order.data(), grad_V, s, C, row.data());
     }
   });
 }

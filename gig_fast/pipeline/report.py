@@ -37,6 +37,7 @@ def collect_metrics(pipe, timings: dict) -> dict:
         deltas[f"{a}->{b}"] = {"max_abs": float(ad.max()), "median_abs": float(np.median(ad)),
                                "max_rel": float(rd.max()), "median_rel": float(np.median(rd)),
                                "p99_rel": float(np.quantile(rd, 0.99)),
+                               "share_rel_within_1pct": float(np.mean(rd <= 0.01)),  # the paper's bar
                                "max_rel_to_median_span": float(ad.max() / max(float(np.median(span)), 1e-30)),
                                "n": int(ad.size)}
     all_d = np.array([v["max_abs"] for v in deltas.values()])
