@@ -12,7 +12,6 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
-#include <omp.h>
 
 #include "common.h"
 
@@ -46,8 +45,7 @@ struct Rows {
 };
 
 template <typename scalar_t>
-inline __attribute__((always_inline)) scalar_t dot(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
-                                                   int64_t C) {
+GIG_INLINE scalar_t dot(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, int64_t C) {
   scalar_t s = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t c = 0; c < C; ++c) s += a[c] * b[c];
@@ -63,7 +61,7 @@ double norm(const double* v, int64_t C) {
 // Rows [lo, hi) of one Lloyd step: side[i] = <x_i, w> > 0, and the sums of the rows into part [2, C]
 // (full) or the moves of the rows whose side changed (otherwise). Returns the number of changed sides.
 template <typename scalar_t>
-inline __attribute__((always_inline)) int64_t chunk_pass(const Rows<scalar_t>& r, const scalar_t* w, int64_t lo,
+GIG_INLINE int64_t chunk_pass(const Rows<scalar_t>& r, const scalar_t* w, int64_t lo,
                                                          int64_t hi, int64_t* side, bool full,
                                                          acc_t<scalar_t>* part) {
   using acc = acc_t<scalar_t>;
@@ -86,28 +84,23 @@ inline __attribute__((always_inline)) int64_t chunk_pass(const Rows<scalar_t>& r
   return changed;
 }
 
-// The pass is the whole cost, and the build targets baseline x86-64 (SSE2, 4 floats per instruction):
-// GCC builds it twice more, for AVX2 (8) and the baseline, and the loader picks one per machine
-// (function multiversioning; measured 1.5x on the whole bisecting run here).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define GIG_ISA_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define GIG_ISA_CLONES
-#endif
-
-GIG_ISA_CLONES int64_t chunk_pass_isa(const Rows<float>& r, const float* w, int64_t lo, int64_t hi, int64_t* side,
-                                      bool full, float* part) {
+// The pass is the whole cost: it also runs as an AVX2 build where the CPU has it (common.h; measured
+// 1.5x on the whole bisecting run here).
+template <typename scalar_t>
+GIG_TARGET_AVX2 int64_t chunk_pass_avx2(const Rows<scalar_t>& r, const scalar_t* w, int64_t lo, int64_t hi,
+                                        int64_t* side, bool full, acc_t<scalar_t>* part) {
   return chunk_pass(r, w, lo, hi, side, full, part);
 }
 
-GIG_ISA_CLONES int64_t chunk_pass_isa(const Rows<double>& r, const double* w, int64_t lo, int64_t hi,
-                                      int64_t* side, bool full, double* part) {
-  return chunk_pass(r, w, lo, hi, side, full, part);
+template <typename scalar_t>
+int64_t chunk_pass_isa(const Rows<scalar_t>& r, const scalar_t* w, int64_t lo, int64_t hi, int64_t* side, bool full,
+                       acc_t<scalar_t>* part) {
+  return cpu_has_avx2() ? chunk_pass_avx2(r, w, lo, hi, side, full, part) : chunk_pass(r, w, lo, hi, side, full, part);
 }
 
 // Cosine distances 1 − <x_i, x> (clamped at 0) of every row to x, into dist [n]; returns their sum.
 template <typename scalar_t>
-inline __attribute__((always_inline)) double distances(const Rows<scalar_t>& r, const scalar_t* x, double* dist) {
+GIG_INLINE double distances(const Rows<scalar_t>& r, const scalar_t* x, double* dist) {
   double total = 0;
   for (int64_t i = 0; i < r.n; ++i) {
     dist[i] = std::max(0.0, 1.0 - static_cast<double>(dot(r.row(i), x, r.C)));
@@ -116,10 +109,14 @@ inline __attribute__((always_inline)) double distances(const Rows<scalar_t>& r, 
   return total;
 }
 
-GIG_ISA_CLONES double distances_isa(const Rows<float>& r, const float* x, double* dist) { return distances(r, x, dist); }
-
-GIG_ISA_CLONES double distances_isa(const Rows<double>& r, const double* x, double* dist) {
+template <typename scalar_t>
+GIG_TARGET_AVX2 double distances_avx2(const Rows<scalar_t>& r, const scalar_t* x, double* dist) {
   return distances(r, x, dist);
+}
+
+template <typename scalar_t>
+double distances_isa(const Rows<scalar_t>& r, const scalar_t* x, double* dist) {
+  return cpu_has_avx2() ? distances_avx2(r, x, dist) : distances(r, x, dist);
 }
 
 // One Lloyd step: the sides of the rows for the direction w = S1/|S1| − S0/|S0| of `S_dir` [2, C]
