@@ -21,6 +21,7 @@ gradients and ``gig_accumulate`` share one layout with no transposes; ``F_ab`` s
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence, Union
@@ -221,7 +222,7 @@ def _chunks(B: int, m: int, batch_size: int | None):
 def gig(f_ab: Callable[[torch.Tensor], torch.Tensor], codes: tuple[torch.Tensor, torch.Tensor],
         V: torch.Tensor, beta: torch.Tensor, target: Union[Target, Sequence[Target]], *, steps: int = 32,
         rule: str = "gausslegendre", batch_size: int | None = None, backend: str | None = None,
-        spatial: tuple[int, int] | None = None) -> GIGResult:
+        spatial: tuple[int, int] | None = None, autocast: torch.dtype | None = None) -> GIGResult:
     """Generalized Integrated Gradients from the concepts of layer a to ``target`` (DESIGN.md §1.5).
 
     Args:
@@ -239,11 +240,20 @@ def gig(f_ab: Callable[[torch.Tensor], torch.Tensor], codes: tuple[torch.Tensor,
             beyond float rounding.
         backend: force a backend for the ops (``sparse_reconstruct``, ``gig_accumulate``).
         spatial: ``(H_a, W_a)``; default: a square ``P_a``.
+        autocast: ``torch.bfloat16`` or ``torch.float16`` runs f_ab's forward and backward under
+            ``torch.autocast`` (tensor cores on GPUs); the path, the targets, the weighted gradient
+            sum and the attributions stay in V's dtype. The endpoint values come from the same
+            low-precision forward, so ``delta`` measures the completeness of what was computed; compare
+            with a full-precision call before relying on it (the GPU benchmark reports both).
 
     Returns:
         :class:`GIGResult`; with a list of targets each field has a leading ``[T]`` axis.
     """
     H, W = _check_inputs(f_ab, codes, V, beta, steps, batch_size, spatial)
+    if autocast not in (None, torch.bfloat16, torch.float16):
+        raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}")
+    low_precision = (torch.autocast(V.device.type, dtype=autocast) if autocast is not None
+                     else contextlib.nullcontext())
     idx, val = codes
     # attributions are not differentiable through the engine: cut any graph the caller's tensors carry
     val, V, beta = val.detach(), V.detach(), beta.detach()
@@ -279,8 +289,9 @@ def gig(f_ab: Callable[[torch.Tensor], torch.Tensor], codes: tuple[torch.Tensor,
         image = torch.arange(b0, b1, device=V.device).repeat(mk)  # rows are (k, b), b fastest
         ends = [(k, k - steps) for k in range(max(k0, steps), k1)]  # (node, endpoint 0: α = 1 / 1: α = 0)
         if k0 >= steps:  # endpoints only: no gradient needed
-            with torch.no_grad():
+            with torch.no_grad(), low_precision:
                 out = f_ab(leaf)
+            out = out.to(leaf.dtype)
             _record_endpoints(endpoint_values, targets, out, image, ends, k0, nb, b0, b1, acc)
             continue
         leaf = leaf.detach().requires_grad_(True)
@@ -288,7 +299,9 @@ def gig(f_ab: Callable[[torch.Tensor], torch.Tensor], codes: tuple[torch.Tensor,
         with torch.enable_grad():
             # one forward for every target, then one backward per target through the kept graph: the
             # T targets share the α-path, so replicating it T times would redo T−1 identical forwards
-            out = f_ab(leaf)
+            with low_precision:
+                out = f_ab(leaf)
+            out = out.to(leaf.dtype)  # targets in full precision (a no-op without autocast)
             _record_endpoints(endpoint_values, targets, out.detach(), image, ends, k0, nb, b0, b1, acc)
             for t, tgt in enumerate(targets):
                 (grad,) = torch.autograd.grad(_evaluate(tgt, out, image).sum(), leaf, retain_graph=t < T - 1)

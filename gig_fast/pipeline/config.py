@@ -7,9 +7,13 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 __all__ = ["PipelineConfig", "load_config", "demo_config"]
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+AUTOCAST = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}  # gig_autocast → torch dtype
 
 # Fields that do not change any result: excluded from the run key, so changing them resumes.
 _NOT_HASHED = {"out", "device", "backend", "progress", "batch_size", "gig_batch_size", "chunk_images",
@@ -33,7 +37,8 @@ class PipelineConfig:
     10, the paper's "top-10 nearest embeddings").
     Stage 3: ``explain_images`` (≥ ``per_class`` of each class), ``lam`` (λ relative to λ_max; None =
     the coder's default), ``code_method``, ``positive``.
-    Stage 4: ``gig_steps``, ``gig_rule``, ``top_concepts`` (per class per layer), ``top_shared``
+    Stage 4: ``gig_steps``, ``gig_rule``, ``gig_autocast`` (None | ``bf16`` | ``fp16``: F_ab in low
+    precision, see :func:`gig_fast.gig`), ``top_concepts`` (per class per layer), ``top_shared``
     (per pair of classes), ``class_by`` (``label`` | ``prediction``), ``class_probability``.
     Execution: ``seed``, ``device``, ``backend``, ``batch_size``, ``gig_batch_size``,
     ``chunk_images`` (checkpoint granularity), ``out``, ``progress``.
@@ -66,6 +71,7 @@ class PipelineConfig:
     positive: bool = False
     gig_steps: int = 16
     gig_rule: str = "gausslegendre"
+    gig_autocast: str | None = None
     top_concepts: int = 5
     top_shared: int = 3
     class_by: str = "label"
@@ -91,6 +97,9 @@ class PipelineConfig:
                      "chunk_images", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.gig_autocast not in AUTOCAST:
+            raise ValueError(f"gig_autocast must be one of {sorted(k for k in AUTOCAST if k)} or None, "
+                             f"got {self.gig_autocast!r}")
         if self.k is None and self.k_factor <= 0:
             raise ValueError(f"k_factor must be > 0, got {self.k_factor}")
         if self.layers is not None and isinstance(self.layers, str):
@@ -110,6 +119,8 @@ class PipelineConfig:
     def key(self) -> str:
         """Hash of every field that changes results (the run key for resuming)."""
         d = {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_HASHED}
+        if d["gig_autocast"] is None:  # added later: runs made before it keep their key
+            del d["gig_autocast"]
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:

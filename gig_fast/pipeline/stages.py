@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from . import deps
+from .config import AUTOCAST
 from . import distributed as dist
 from .store import load_npz, save_npz
 
@@ -323,13 +324,10 @@ def attribute(pipe) -> None:
     """
     cfg = pipe.config
     code_files = sorted((pipe.work / "codes").glob("chunk_*.npz"))
-    n_cls = pipe.num_classes
     for a, b in _bar(pipe, transitions(pipe), "stage 4: GIG"):
         ca = load_concepts(pipe, a)
         V, beta = ca["V"].to(pipe.device), ca["beta"].to(pipe.device)
-        if b == CLASSES:
-            targets_per_class = None
-        else:
+        if b != CLASSES:
             tops = top_sets(pipe, b)
             Vb = load_concepts(pipe, b)["V"].to(pipe.device)
         f_ab = deps.make_f_ab(pipe.adapter, a, None if b == CLASSES else b)
@@ -357,7 +355,7 @@ def attribute(pipe) -> None:
                 for sub in _batches(rows, cfg.batch_size):
                     codes = (idx_all[sub].to(pipe.device), val_all[sub].to(pipe.device).to(V.dtype))
                     res = deps.gig(f_ab, codes, V, beta, target, cfg.gig_steps, cfg.gig_rule, cfg.gig_batch_size,
-                                   pipe.spatial[a])
+                                   pipe.spatial[a], AUTOCAST[cfg.gig_autocast])
                     pc = res.per_concept.detach().double().cpu().reshape(T, len(sub), V.shape[0])
                     d = res.delta.detach().double().cpu().reshape(T, len(sub))
                     span = (res.value_at_input - res.value_at_baseline).detach().double().cpu().reshape(T, len(sub))

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..pipeline import deps
+from ..pipeline.config import AUTOCAST
 from .metrics import auc, class_score, concept_curve, edited_inputs, max_projection, reconstruction_quality, \
     step_counts, top_overlap
 
@@ -61,7 +62,8 @@ def class_gig(pipe, point: str, dec, idx, val, labels, spatial) -> np.ndarray:
     cfg = pipe.config
     rest = deps.make_f_ab(pipe.adapter, point, None)
     target = deps.class_target(torch.as_tensor(labels, dtype=torch.long), cfg.class_probability)
-    res = deps.gig(rest, (idx, val), dec.V, dec.bias, target, cfg.gig_steps, cfg.gig_rule, cfg.gig_batch_size, spatial)
+    res = deps.gig(rest, (idx, val), dec.V, dec.bias, target, cfg.gig_steps, cfg.gig_rule, cfg.gig_batch_size, spatial,
+                   AUTOCAST[cfg.gig_autocast])
     return res.per_concept.detach().double().cpu().numpy()
 
 
@@ -149,7 +151,7 @@ def inter_layer(pipe, a: str, b: str, dec, X: torch.Tensor, labels: torch.Tensor
         targets = tops[int(labels[i])][:opts.inter_targets]
         res = deps.gig(f_ab, (idx[i:i + 1], val[i:i + 1]), dec.V, dec.bias,
                        [deps.concept_target(Vb[t]) for t in targets], pipe.config.gig_steps, pipe.config.gig_rule,
-                       pipe.config.gig_batch_size, (H, W))
+                       pipe.config.gig_batch_size, (H, W), AUTOCAST[pipe.config.gig_autocast])
         pc = res.per_concept.detach().double().cpu().numpy()[:, 0]  # [T, K]
         active = np.unique(idx[i][idx[i] >= 0].numpy())
         counts = step_counts(len(active), opts.inter_steps)
