@@ -63,7 +63,8 @@ class BisectingInfo:
         rounds: number of rounds (= splits in sequential mode; fewer in fast mode).
         fallback_splits: splits made by member order because 2-means could not separate the points.
         mode: "sequential" or "fast".
-        backends: the backends used for ``spherical_assign`` and ``centroid_update``.
+        backends: the backends used for ``spherical_assign`` and ``centroid_update``, and ``splits``:
+            "cpp fused" (one C++ call per split) or "ops" (the Python loop over those ops).
     """
     inertia: float
     sizes: torch.Tensor

@@ -10,6 +10,11 @@ AVAIL = available_backends()
 BACKENDS = [b for b in ("torch", "cpp", "triton") if AVAIL[b].startswith("runs")]
 
 
+def _gen(seed: int = 0) -> torch.Generator:
+    """Data of its own generator: a test's points must not depend on which tests ran before it."""
+    return torch.Generator().manual_seed(seed)
+
+
 def _check_partition(X, K, beta, concepts, labels, info=None):
     N, C = X.shape
     assert concepts.shape == (K, C) and concepts.dtype == X.dtype
@@ -29,7 +34,7 @@ def _check_partition(X, K, beta, concepts, labels, info=None):
 @pytest.mark.parametrize("mode", ["sequential", "fast"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_contract_and_determinism(mode, dtype):
-    X = clustered_points(400, 12, 10, dtype=dtype)
+    X = clustered_points(400, 12, 10, dtype=dtype, generator=_gen())
     beta = torch.full((12,), 2.0, dtype=dtype)
     c1, l1, info = bisecting_spherical_kmeans(X, 37, beta=beta, seed=3, mode=mode, return_info=True)
     _check_partition(X, 37, beta, c1, l1, info)
@@ -38,7 +43,7 @@ def test_contract_and_determinism(mode, dtype):
 
 
 def test_fast_mode_inertia_within_one_percent():
-    X = clustered_points(1500, 16, 30)
+    X = clustered_points(1500, 16, 30, generator=_gen())
     beta = torch.full((16,), 2.0)
     _, ls, seq = bisecting_spherical_kmeans(X, 64, beta=beta, mode="sequential", return_info=True)
     _, lf, fast = bisecting_spherical_kmeans(X, 64, beta=beta, mode="fast", return_info=True)
@@ -59,7 +64,7 @@ def test_recovers_separated_clusters():
 
 def test_sequential_splits_largest_and_matches_sklearn_quality():
     sklearn = pytest.importorskip("sklearn.cluster")
-    X = clustered_points(800, 16, 20)
+    X = clustered_points(800, 16, 20, generator=_gen())
     beta = torch.full((16,), 2.0)
     K = 32
     _, labels = bisecting_spherical_kmeans(X, K, beta=beta, seed=0)
@@ -73,14 +78,20 @@ def test_sequential_splits_largest_and_matches_sklearn_quality():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backends_agree(backend):
-    X = clustered_points(60 if backend == "triton" else 300, 8, 4)
+    """The ops path with each backend's kernels gives the PyTorch path's partition quality (same random
+    draws: within 1%); the cpp backend runs the fused C++ splits, whose random draws differ — its quality
+    is compared over seeds in test_fused_subsample_and_refine_quality, here it must not be worse by > 5%."""
+    X = clustered_points(60 if backend == "triton" else 300, 8, 4, generator=_gen())
     beta = torch.full((8,), 2.0)
     K = 4 if backend == "triton" else 12
     c_ref, l_ref, i_ref = bisecting_spherical_kmeans(X, K, beta=beta, backend="torch", n_init=2, return_info=True)
     c, l, info = bisecting_spherical_kmeans(X, K, beta=beta, backend=backend, n_init=2, return_info=True)
     _check_partition(X, K, beta, c, l, info)
     assert info.backends["spherical_assign"] == backend
-    assert abs(info.inertia - i_ref.inertia) <= 0.01 * i_ref.inertia + 1e-6
+    if info.backends["splits"] == "cpp fused":
+        assert info.inertia <= 1.05 * i_ref.inertia, (info.inertia, i_ref.inertia)
+    else:
+        assert abs(info.inertia - i_ref.inertia) <= 0.01 * i_ref.inertia + 1e-6
 
 
 def test_K_equals_1_and_N():
@@ -129,7 +140,7 @@ def test_bad_input(bad):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("mode", ["sequential", "fast"])
 def test_cuda_matches_cpu_quality(mode):
-    X = clustered_points(2000, 32, 20)
+    X = clustered_points(2000, 32, 20, generator=_gen())
     beta = torch.full((32,), 2.0)
     _, _, cpu = bisecting_spherical_kmeans(X, 64, beta=beta, mode=mode, return_info=True)
     c, l, gpu = bisecting_spherical_kmeans(X.cuda(), 64, beta=beta.cuda(), mode=mode, return_info=True)
@@ -165,7 +176,7 @@ def test_fused_step_matches_formula():
 @needs_cpp
 @pytest.mark.parametrize("mode", ["sequential", "fast"])
 def test_fused_splits_do_not_depend_on_threads(mode):
-    X = clustered_points(3000, 24, 40)
+    X = clustered_points(3000, 24, 40, generator=_gen())
     beta = torch.full((24,), 2.0)
     threads = torch.get_num_threads()
     try:
@@ -184,7 +195,7 @@ def test_fused_subsample_and_refine_quality(dtype):
     """Clusters larger than init_sample (sampled initialisations, then refined on all members): the fused
     C++ path is as good as the PyTorch path — their random draws differ, and one run's inertia varies by
     ±3% across seeds here, so the means over four seeds are compared."""
-    X = clustered_points(2000, 16, 25, dtype=dtype)
+    X = clustered_points(2000, 16, 25, dtype=dtype, generator=_gen())
     beta = torch.full((16,), 2.0, dtype=dtype)
     fused, ops = [], []
     for seed in range(4):
