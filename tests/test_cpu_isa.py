@@ -32,8 +32,15 @@ out = sparse_reconstruct(idx, val, V, torch.randn(37, generator=g), backend="cpp
 out.backward(torch.randn(300, 37, generator=g))
 X = clustered_points(2000, 24, 30, generator=g)
 _, labels, info = bisecting_spherical_kmeans(X, 40, beta=torch.full((24,), 2.0), init_sample=200, return_info=True)
+from gig_fast.ops import sparse_code
+from gig_fast.testing_sparse_code import dense_codes, random_problem
+Y, D = random_problem(40, 32, 256, dtype=torch.float64, generator=g)
+codes = {}
+for method, kw in (("lasso", dict(tol=1e-10)), ("omp", dict(n_nonzero=6))):
+    i, v = sparse_code(Y, D, method=method, backend="cpp", **kw)
+    codes[method] = dense_codes(i, v, 256).numpy()
 np.savez(sys.argv[1], out=out.detach().numpy(), grad_val=val.grad.numpy(), grad_V=V.grad.numpy(),
-         inertia=np.array([info.inertia]))
+         inertia=np.array([info.inertia]), lasso=codes["lasso"], omp=codes["omp"])
 """
 
 
@@ -57,3 +64,6 @@ def test_baseline_and_default_isa_agree(tmp_path):
     # dot products reduce over more SIMD lanes on AVX2: equal up to rounding
     np.testing.assert_allclose(base["grad_val"], default["grad_val"], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(base["inertia"], default["inertia"], rtol=1e-3)
+    # sparse_code: the same converged Lasso codes (tight tolerance) and the same OMP codes
+    np.testing.assert_allclose(base["lasso"], default["lasso"], atol=1e-6)
+    np.testing.assert_allclose(base["omp"], default["omp"], atol=1e-9)
