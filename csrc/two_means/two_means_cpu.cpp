@@ -5,7 +5,9 @@
 // of the time in dispatch. Here a whole split (sampling, initialisations, Lloyd, refinement, fallback)
 // is one C++ call, and a batch of splits (fast mode) runs the clusters in parallel.
 // One pass of a Lloyd step reads each row once: its dot with the side direction w = S1/|S1| − S0/|S0|
-// (one dot instead of two cosines) and its fp64 addition to its side's sum.
+// (one dot instead of two cosines), then — in the first step for every row, later only for the rows that
+// changed side — its addition to (and removal from) the per-chunk side sums, which are added to the fp64
+// sums in chunk order.
 #include "two_means/two_means.h"
 
 #include <ATen/Parallel.h>
