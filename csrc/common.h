@@ -25,7 +25,7 @@
 // The build targets baseline x86-64 (SSE2: 4 floats per instruction) so the wheel runs anywhere. A hot
 // loop written as an always-inline body can also be compiled for AVX2 (8) through a wrapper marked
 // GIG_TARGET_AVX2, called when cpu_has_avx2(): measured 1.5-2x on the gather/axpy loops here.
-// (sparse_reconstruct, two_means; sparse_code compiles its solvers twice instead, under `#pragma GCC
+// (sparse_reconstruct, two_means, centroid_update; sparse_code compiles its solvers twice instead, under `#pragma GCC
 // target`, as they call helpers an always-inline body would not reach.) GIG_FAST_CPU_ISA=baseline (read
 // once) keeps the baseline build, so tests can check both paths (tests/test_cpu_isa.py).
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))

@@ -39,8 +39,11 @@ codes = {}
 for method, kw in (("lasso", dict(tol=1e-10)), ("omp", dict(n_nonzero=6))):
     i, v = sparse_code(Y, D, method=method, backend="cpp", **kw)
     codes[method] = dense_codes(i, v, 256).numpy()
+from gig_fast.ops import centroid_update
+P = torch.randn(5000, 40, generator=g)
+sums = {K: centroid_update(P, torch.randint(K, (5000,), generator=g), K, backend="cpp")[0].numpy() for K in (2, 300)}
 np.savez(sys.argv[1], out=out.detach().numpy(), grad_val=val.grad.numpy(), grad_V=V.grad.numpy(),
-         inertia=np.array([info.inertia]), lasso=codes["lasso"], omp=codes["omp"])
+         inertia=np.array([info.inertia]), lasso=codes["lasso"], omp=codes["omp"], sums2=sums[2], sums300=sums[300])
 """
 
 
@@ -61,6 +64,8 @@ def test_baseline_and_default_isa_agree(tmp_path):
     # per-channel sums run in the same order on both paths (no FMA contraction): bit-identical
     np.testing.assert_array_equal(base["out"], default["out"])
     np.testing.assert_array_equal(base["grad_V"], default["grad_V"])
+    np.testing.assert_array_equal(base["sums2"], default["sums2"])  # centroid_update, both schedules
+    np.testing.assert_array_equal(base["sums300"], default["sums300"])
     # dot products reduce over more SIMD lanes on AVX2: equal up to rounding
     np.testing.assert_allclose(base["grad_val"], default["grad_val"], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(base["inertia"], default["inertia"], rtol=1e-3)

@@ -27,9 +27,39 @@ int64_t num_chunks(int64_t N) {
 }
 
 template <typename scalar_t>
-void add_row(acc_t<scalar_t>* __restrict__ dst, const scalar_t* __restrict__ x, int64_t C) {
+GIG_INLINE void add_row(acc_t<scalar_t>* __restrict__ dst, const scalar_t* __restrict__ x, int64_t C) {
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) dst[c] += static_cast<acc_t<scalar_t>>(x[c]);
+}
+
+// dst[label or k] += X[row] for rows = lo..hi-1 (order == nullptr: row n itself, into part + labels[n]·C)
+// or rows = order[lo..hi-1] (all into dst): the whole cost of the update, also built for AVX2 (common.h).
+template <typename scalar_t>
+GIG_INLINE void add_rows(const scalar_t* X, const int64_t* labels, const int64_t* order, int64_t lo, int64_t hi,
+                         int64_t C, acc_t<scalar_t>* dst) {
+  for (int64_t i = lo; i < hi; ++i) {
+    if (order) {
+      add_row<scalar_t>(dst, X + order[i] * C, C);
+    } else {
+      add_row<scalar_t>(dst + labels[i] * C, X + i * C, C);
+    }
+  }
+}
+
+template <typename scalar_t>
+GIG_TARGET_AVX2 void add_rows_avx2(const scalar_t* X, const int64_t* labels, const int64_t* order, int64_t lo,
+                                   int64_t hi, int64_t C, acc_t<scalar_t>* dst) {
+  add_rows(X, labels, order, lo, hi, C, dst);
+}
+
+template <typename scalar_t>
+void add_rows_isa(const scalar_t* X, const int64_t* labels, const int64_t* order, int64_t lo, int64_t hi, int64_t C,
+                  acc_t<scalar_t>* dst) {
+  if (cpu_has_avx2()) {
+    add_rows_avx2(X, labels, order, lo, hi, C, dst);
+  } else {
+    add_rows(X, labels, order, lo, hi, C, dst);
+  }
 }
 
 template <typename scalar_t>
@@ -45,7 +75,7 @@ void sums_chunked(const scalar_t* X, const int64_t* labels, int64_t N, int64_t K
     for (int64_t ch = begin; ch < end; ++ch) {
       acc* part = partial.data() + ch * K * C;
       const int64_t lo = ch * rows_per, hi = std::min(N, lo + rows_per);
-      for (int64_t n = lo; n < hi; ++n) add_row<scalar_t>(part + labels[n] * C, X + n * C, C);
+      add_rows_isa<scalar_t>(X, labels, nullptr, lo, hi, C, part);
     }
   });
   // Fixed-order reduction over chunks, parallel over the K*C outputs.
@@ -72,7 +102,7 @@ void sums_sorted(const scalar_t* X, const int64_t* labels, const int64_t* start,
     for (int64_t k = begin; k < end; ++k) {
       acc* dst = sums + k * C;
       std::fill(dst, dst + C, acc(0));
-      for (int64_t i = start[k]; i < start[k + 1]; ++i) add_row<scalar_t>(dst, X + order[i] * C, C);
+      add_rows_isa<scalar_t>(X, nullptr, order.data(), start[k], start[k + 1], C, dst);
     }
   });
 }
