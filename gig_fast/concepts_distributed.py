@@ -157,7 +157,7 @@ def distributed_bisecting_kmeans(X: torch.Tensor, K: int, *, rank: int, world: i
     _check_inputs(X, K, beta, n_init, max_iter, mode)
     if not isinstance(init_sample, int) or init_sample < 2:
         raise ValueError(f"init_sample must be an int >= 2, got {init_sample!r}")
-    N, C = X.shape
+    N = X.shape[0]
     acc = torch.float64 if X.dtype == torch.float64 else torch.float32
     kern = _Kernels(X.device, backend)
     Xc = X.to(acc) - (beta.to(acc) if beta is not None else 0)

@@ -325,11 +325,9 @@ def gig(f_ab: Callable[[torch.Tensor], torch.Tensor], codes: tuple[torch.Tensor,
 
 def _record_endpoints(values, targets, out, image, ends, k0, nb, b0, b1, acc):
     """Store ``T(out)`` of the endpoint rows of a chunk in ``values [T, 2, B]``; ``ends`` lists the
-    chunk's endpoint nodes as ``(node index, 0 for α = 1 / 1 for α = 0)``."""
-    if not ends:
-        return
+    chunk's endpoint nodes as ``(node index, 0 for α = 1 / 1 for α = 0)``. Only those rows are evaluated."""
     with torch.no_grad():
-        for t, tgt in enumerate(targets):
-            per_row = _evaluate(tgt, out, image).to(acc)
-            for k, which in ends:
-                values[t, which, b0:b1] = per_row[(k - k0) * nb:(k - k0 + 1) * nb]
+        for k, which in ends:
+            rows = slice((k - k0) * nb, (k - k0 + 1) * nb)
+            for t, tgt in enumerate(targets):
+                values[t, which, b0:b1] = _evaluate(tgt, out[rows], image[rows]).to(acc)
