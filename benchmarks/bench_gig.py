@@ -2,7 +2,10 @@
 
 Same model, same f_ab, same codes, same steps and rule for every implementation, timed side by side:
 
-* ``gig_fast``  — :func:`gig_fast.gig` (all α in one batch, one backward, fused sparse projection);
+* ``gig_fast``  — :func:`gig_fast.gig` (all α in one batch, one backward, fused sparse projection) with
+  the fixed m-node rule (``tolerance=None``: the same work as the others);
+* ``gig_fast adaptive`` — the same with the default completeness refinement (``tolerance=0.01``): what a
+  user gets by default, its cost over the fixed rule and its worst delta;
 * ``captum_lig`` — Captum ``LayerIntegratedGradients`` on the paper's formulation (App.): the codes as a
   dense ``U [B, K, H, W]`` fed through a 1×1 "concept conv" with weights ``Vᵀ`` (+β) into f_ab, attributing
   to that layer's input (``attribute_to_layer_input=True``) — dense GIG for every concept and position;
@@ -145,17 +148,19 @@ def bench_engine(device: str, quick: bool) -> None:
                      "P": H * W}
             # GPU: bound the rows per batch so m = 300 on layer1 fits; the CPU runs everything at once
             bs = None if quick else (256 if a.startswith("layer1") else 1024)
-            ours = lambda: gig(f, (idx, val), V, beta, target, steps=m, batch_size=bs)  # noqa: E731
+            ours = lambda: gig(f, (idx, val), V, beta, target, steps=m, batch_size=bs, tolerance=None)  # noqa: E731
+            adaptive = lambda: gig(f, (idx, val), V, beta, target, steps=m, batch_size=bs)  # noqa: E731
             captum = lambda: _captum_lig(f, V, beta, target, m, U, bs)  # noqa: E731
             loop = lambda: _alpha_loop(f, idx, val, V, beta, target, m, H, W)  # noqa: E731
             res = ours()
             ref = captum()
             # interleaved runs (load swings hit all alike) and a fixed call count: the whole GPU run of
             # this script must stay under a minute, and single calls take up to seconds at m = 300
-            impls = [("captum_lig", captum, None), ("alpha_loop", loop, None), ("gig_fast", ours, res)]
+            impls = [("captum_lig", captum, None), ("alpha_loop", loop, None), ("gig_fast", ours, res),
+                     ("gig_fast adaptive", adaptive, adaptive())]
             if device.startswith("cuda"):  # f_ab in bf16 (tensor cores); CPUs without bf16 units only slow down
                 bf16 = lambda: gig(f, (idx, val), V, beta, target, steps=m, batch_size=bs,  # noqa: E731
-                                   autocast=torch.bfloat16)
+                                   tolerance=None, autocast=torch.bfloat16)
                 impls.append(("gig_fast bf16", bf16, bf16()))
             times = _interleaved([fn for _, fn, _ in impls], reps=5 if quick else 3,
                                  warm=0, device=device)  # the check above warmed up
@@ -165,7 +170,8 @@ def bench_engine(device: str, quick: bool) -> None:
                 extra = {"per_image": True, "peak_mb": _peak_mb(fn, device)}
                 if result is not None:
                     rel = float((result.per_concept - ref.sum((2, 3))).abs().max() / ref.sum((2, 3)).abs().max())
-                    extra.update(rel_err_vs_captum=rel, max_rel_delta=float(result.relative_delta().max()))
+                    extra.update(rel_err_vs_captum=rel, max_rel_delta=float(result.relative_delta().max()),
+                                 mean_steps=float(result.steps.float().mean()))
                 record("gig_engine", impl, device, shape, per_image, extra=extra,
                        baseline=None if impl == "captum_lig" else "captum_lig",
                        baseline_ms=t_captum["ms"] / B)

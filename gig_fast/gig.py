@@ -72,6 +72,8 @@ class GIGResult:
         value_at_input: ``[B]`` T(F_ab(X(1))), the target at the reconstruction.
         value_at_baseline: ``[B]`` T(F_ab(X(0))), the target at the baseline β.
         nodes, weights: ``[m]`` the quadrature rule used (float64).
+        steps: ``[B]`` int64, the nodes each image's attributions used: ``m``, or more where the
+            adaptive refinement (``tolerance``) integrated it again.
     """
     per_position: torch.Tensor
     per_concept: torch.Tensor
@@ -80,6 +82,7 @@ class GIGResult:
     value_at_baseline: torch.Tensor
     nodes: torch.Tensor
     weights: torch.Tensor
+    steps: torch.Tensor
 
     def relative_delta(self) -> torch.Tensor:
         """``|delta| / |T(X(1)) − T(X(0))|`` per image (the completeness check of the tests)."""
@@ -219,10 +222,26 @@ def _chunks(B: int, m: int, batch_size: int | None):
 
 # ---------------------------------------------------------------------------------------------- engine
 
+@dataclass
+class _Pass:
+    """What every evaluation of F_ab in one :func:`gig` call shares."""
+    f_ab: Callable[[torch.Tensor], torch.Tensor]
+    H: int
+    W: int
+    V: torch.Tensor
+    beta: torch.Tensor
+    targets: list
+    backend: str | None
+    batch_size: int | None
+    low_precision: object  # a torch.autocast context, or a null context
+    acc: torch.dtype       # accumulation dtype of the attributions and targets
+
+
 def gig(f_ab: Callable[[torch.Tensor], torch.Tensor], codes: tuple[torch.Tensor, torch.Tensor],
         V: torch.Tensor, beta: torch.Tensor, target: Union[Target, Sequence[Target]], *, steps: int = 32,
-        rule: str = "gausslegendre", batch_size: int | None = None, backend: str | None = None,
-        spatial: tuple[int, int] | None = None, autocast: torch.dtype | None = None) -> GIGResult:
+        rule: str = "gausslegendre", tolerance: float | None = 0.01, max_steps: int | None = None,
+        batch_size: int | None = None, backend: str | None = None, spatial: tuple[int, int] | None = None,
+        autocast: torch.dtype | None = None) -> GIGResult:
     """Generalized Integrated Gradients from the concepts of layer a to ``target`` (DESIGN.md §1.5).
 
     Args:
@@ -235,6 +254,14 @@ def gig(f_ab: Callable[[torch.Tensor], torch.Tensor], codes: tuple[torch.Tensor,
         target: a :class:`ConceptTarget`, a :class:`ClassTarget`, or a list of them (computed together).
         steps: number m of quadrature nodes.
         rule: one of :data:`RULES`.
+        tolerance: completeness bar. An image whose ``|delta|`` exceeds ``tolerance·|T(X(1)) − T(X(0))|``
+            (plus a float-rounding floor) for some target is integrated again by an adaptive composite
+            rule (the same rule on subintervals, bisected where their exact local completeness gap is
+            largest: see :func:`_refine`) until it is within the bar or uses ``max_steps`` nodes; it keeps
+            whichever result is more complete, and ``GIGResult.steps`` says how many nodes each image
+            used. ReLU kinks along the path are what a fixed rule misses. None: the plain m-node rule
+            for every image (what Captum computes).
+        max_steps: most nodes of an adaptive rule (default ``8·steps``).
         batch_size: most rows (images × α-nodes) per forward through f_ab (the T gradients of a chunk
             are held together: T× its input's size); None = all at once. Results do not depend on it
             beyond float rounding.
@@ -252,8 +279,7 @@ def gig(f_ab: Callable[[torch.Tensor], torch.Tensor], codes: tuple[torch.Tensor,
     H, W = _check_inputs(f_ab, codes, V, beta, steps, batch_size, spatial)
     if autocast not in (None, torch.bfloat16, torch.float16):
         raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}")
-    low_precision = (torch.autocast(V.device.type, dtype=autocast) if autocast is not None
-                     else contextlib.nullcontext())
+    max_steps = _check_refinement(tolerance, max_steps) or 8 * int(steps)
     idx, val = codes
     # attributions are not differentiable through the engine: cut any graph the caller's tensors carry
     val, V, beta = val.detach(), V.detach(), beta.detach()
@@ -265,69 +291,218 @@ def gig(f_ab: Callable[[torch.Tensor], torch.Tensor], codes: tuple[torch.Tensor,
         raise ValueError("target must be a ConceptTarget, a ClassTarget or a non-empty list of them")
     targets = [_check_target(t, B, V.device) for t in targets]
     T = len(targets)
-    nodes64, weights64 = quadrature(rule, steps)
     acc = torch.float64 if V.dtype == torch.float64 else torch.float32
-    nodes = nodes64.to(device=V.device, dtype=V.dtype)
-    weights = weights64.to(device=V.device, dtype=acc)
+    low_precision = (torch.autocast(V.device.type, dtype=autocast) if autocast is not None
+                     else contextlib.nullcontext())
+    run = _Pass(f_ab, H, W, V, beta, targets, backend, batch_size, low_precision, acc)
+    nodes64, weights64 = quadrature(rule, steps)
 
     with torch.no_grad():  # U V of every position, once; the path only rescales it
         UV = sparse_reconstruct(idx.reshape(B * P, s), val.reshape(B * P, s), V, backend=backend)
         UV = UV.reshape(B, P, C)
-    # The endpoints X(1) and X(0) ride along as two extra nodes of weight 0 (α = 1, then α = 0): one
-    # forward through f_ab serves the integral and the completeness check; a separate forward of 2·B
-    # rows costs far more than its share of the batch (on the CPU it is mostly weight traffic).
-    all_nodes = torch.cat([nodes, nodes.new_tensor([1.0, 0.0])])
-    all_weights = torch.cat([weights, weights.new_zeros(2)])
-    endpoint_values = torch.empty(T, 2, B, dtype=acc, device=V.device)  # [T, (α = 1, α = 0), B]
-
-    attr = torch.zeros(T, B, P, s, dtype=acc, device=V.device)
-    for b0, b1, k0, k1 in _chunks(B, steps + 2, batch_size):
-        nb, mk = b1 - b0, k1 - k0
-        path = beta + all_nodes[k0:k1, None, None, None] * UV[b0:b1]  # [mk, nb, P, C]
-        # f_ab gets the path as a channels-last view (no copy; its gradient has gig_accumulate's layout)
-        leaf = path.reshape(mk * nb, H, W, C).permute(0, 3, 1, 2)
-        image = torch.arange(b0, b1, device=V.device).repeat(mk)  # rows are (k, b), b fastest
-        ends = [(k, k - steps) for k in range(max(k0, steps), k1)]  # (node, endpoint 0: α = 1 / 1: α = 0)
-        if k0 >= steps:  # endpoints only: no gradient needed
-            with torch.no_grad(), low_precision:
-                out = f_ab(leaf)
-            out = out.to(leaf.dtype)
-            _record_endpoints(endpoint_values, targets, out, image, ends, k0, nb, b0, b1, acc)
-            continue
-        leaf = leaf.detach().requires_grad_(True)
-        grads = torch.empty(T, mk, nb * P, C, dtype=leaf.dtype, device=leaf.device)
-        with torch.enable_grad():
-            # one forward for every target, then one backward per target through the kept graph: the
-            # T targets share the α-path, so replicating it T times would redo T−1 identical forwards
-            with low_precision:
-                out = f_ab(leaf)
-            out = out.to(leaf.dtype)  # targets in full precision (a no-op without autocast)
-            _record_endpoints(endpoint_values, targets, out.detach(), image, ends, k0, nb, b0, b1, acc)
-            for t, tgt in enumerate(targets):
-                (grad,) = torch.autograd.grad(_evaluate(tgt, out, image).sum(), leaf, retain_graph=t < T - 1)
-                grads[t] = grad.permute(0, 2, 3, 1).reshape(mk, nb * P, C)
-        part = gig_accumulate(grads, all_weights[k0:k1], idx[b0:b1].reshape(nb * P, s),
-                              val[b0:b1].reshape(nb * P, s), V, backend=backend)
-        attr[:, b0:b1] += part.reshape(T, nb, P, s)
-    value_1, value_0 = endpoint_values[:, 0], endpoint_values[:, 1]
+    attr, value_1, value_0 = _integrate(run, UV, idx, val, nodes64, weights64)
+    steps_used = torch.full((B,), steps, dtype=torch.int64, device=V.device)
+    if tolerance is not None:
+        eps = torch.finfo(autocast or acc).eps
+        excess = (attr.sum((2, 3)) - (value_1 - value_0)).abs() / _bar(attr, value_1, value_0, tolerance, eps)
+        flagged = torch.nonzero(excess.amax(0) > 1)[:, 0].tolist()
+        n_start = max(1, steps // (2 * _SUB_NODES))  # an adaptive rule starts with half the fixed rule's nodes
+        refined = _refine(run, UV, idx, val, flagged, rule, tolerance, eps, n_start, max_steps)
+        for b, (a, v1, v0, used, worst) in refined.items():
+            if worst < float(excess[:, b].max()):  # keep whichever is more complete
+                attr[:, b], value_1[:, b], value_0[:, b], steps_used[b] = a, v1, v0, used
 
     per_concept = torch.zeros(T, B, K, dtype=acc, device=V.device)
     active = idx >= 0
     per_concept.scatter_add_(2, idx.clamp_min(0).reshape(1, B, P * s).expand(T, B, P * s),
                              torch.where(active, attr, torch.zeros((), dtype=acc, device=V.device)).reshape(T, B, P * s))
     delta = attr.sum(dim=(2, 3)) - (value_1 - value_0)
-    result = GIGResult(attr, per_concept, delta, value_1, value_0, nodes64, weights64)
+    result = GIGResult(attr, per_concept, delta, value_1, value_0, nodes64, weights64, steps_used)
     if single:
         for name in ("per_position", "per_concept", "delta", "value_at_input", "value_at_baseline"):
             setattr(result, name, getattr(result, name)[0])
     return result
 
 
-def _record_endpoints(values, targets, out, image, ends, k0, nb, b0, b1, acc):
-    """Store ``T(out)`` of the endpoint rows of a chunk in ``values [T, 2, B]``; ``ends`` lists the
-    chunk's endpoint nodes as ``(node index, 0 for α = 1 / 1 for α = 0)``. Only those rows are evaluated."""
+def _through_f_ab(run: _Pass, path: torch.Tensor, image: torch.Tensor, need_grad: bool):
+    """F_ab on path rows ``path [n, P, C]`` (row i belongs to image ``image[i]``, for per-image classes).
+
+    Returns F_ab's output (detached, in the path's dtype) and, with ``need_grad``, ``[T, n, P, C]`` the
+    gradient of each target (summed over rows) with respect to the path: one forward for every target,
+    then one backward per target through the kept graph — the targets share the path, so replicating it
+    T times would redo T−1 identical forwards. F_ab gets the path as a channels-last view (no copy), so
+    its gradient comes back in ``gig_accumulate``'s layout.
+    """
+    n, P, C = path.shape
+    leaf = path.reshape(n, run.H, run.W, C).permute(0, 3, 1, 2)
+    if not need_grad:
+        with torch.no_grad(), run.low_precision:
+            out = run.f_ab(leaf)
+        return out.to(leaf.dtype), None
+    leaf = leaf.detach().requires_grad_(True)
+    T = len(run.targets)
+    grads = torch.empty(T, n, P, C, dtype=leaf.dtype, device=leaf.device)
+    with torch.enable_grad():
+        with run.low_precision:
+            out = run.f_ab(leaf)
+        out = out.to(leaf.dtype)  # targets in full precision (a no-op without autocast)
+        for t, tgt in enumerate(run.targets):
+            (grad,) = torch.autograd.grad(_evaluate(tgt, out, image).sum(), leaf, retain_graph=t < T - 1)
+            grads[t] = grad.permute(0, 2, 3, 1).reshape(n, P, C)
+    return out.detach(), grads
+
+
+def _values(run: _Pass, out: torch.Tensor, image: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``[T, len(rows)]`` every target on the given rows of F_ab's output (only those are evaluated)."""
     with torch.no_grad():
-        for k, which in ends:
-            rows = slice((k - k0) * nb, (k - k0 + 1) * nb)
-            for t, tgt in enumerate(targets):
-                values[t, which, b0:b1] = _evaluate(tgt, out[rows], image[rows]).to(acc)
+        return torch.stack([_evaluate(t, out[rows], image[rows]).to(run.acc) for t in run.targets])
+
+
+def _integrate(run: _Pass, UV, idx, val, nodes64, weights64):
+    """The m-node rule for every image at once (``UV [B, P, C]``, codes ``[B, P, s]``, float64 nodes and
+    weights ``[m]``). Returns ``attr [T, B, P, s]``, ``T(X(1))`` and ``T(X(0))`` ``[T, B]``.
+
+    The endpoints X(1) and X(0) ride along as two extra nodes of weight 0 (α = 1, then α = 0): one forward
+    through f_ab serves the integral and the completeness check; a separate forward of 2·B rows costs far
+    more than its share of the batch (on the CPU it is mostly weight traffic).
+    """
+    V = run.V
+    B, P, C = UV.shape
+    s, T, m = idx.shape[2], len(run.targets), nodes64.shape[0]
+    nodes = torch.cat([nodes64, nodes64.new_tensor([1.0, 0.0])]).to(device=V.device, dtype=V.dtype)
+    weights = torch.cat([weights64, weights64.new_zeros(2)]).to(device=V.device, dtype=run.acc)
+    attr = torch.zeros(T, B, P, s, dtype=run.acc, device=V.device)
+    ends = torch.empty(T, 2, B, dtype=run.acc, device=V.device)  # [T, (α = 1, α = 0), B]
+    for b0, b1, k0, k1 in _chunks(B, m + 2, run.batch_size):
+        nb, mk = b1 - b0, k1 - k0
+        path = (run.beta + nodes[k0:k1, None, None, None] * UV[b0:b1]).reshape(mk * nb, P, C)  # rows (k, b)
+        image = torch.arange(b0, b1, device=V.device).repeat(mk)
+        out, grads = _through_f_ab(run, path, image, need_grad=k0 < m)
+        for k in range(max(k0, m), k1):  # the endpoint nodes of this chunk
+            rows = torch.arange((k - k0) * nb, (k - k0 + 1) * nb, device=V.device)
+            ends[:, k - m, b0:b1] = _values(run, out, image, rows)
+        if grads is not None:
+            part = gig_accumulate(grads.reshape(T, mk, nb * P, C), weights[k0:k1], idx[b0:b1].reshape(nb * P, s),
+                                  val[b0:b1].reshape(nb * P, s), V, backend=run.backend)
+            attr[:, b0:b1] += part.reshape(T, nb, P, s)
+    return attr, ends[:, 0], ends[:, 1]
+
+
+# ---------------------------------------------------------------------------------- adaptive refinement
+
+_SUB_NODES = 4           # nodes of the rule on each subinterval of an adaptive rule
+_MIN_WIDTH = 2.0 ** -20  # subintervals narrower than this are not bisected
+_MAX_ROUNDS = 40
+
+
+def _check_refinement(tolerance, max_steps) -> int | None:
+    if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float))
+                                  or not tolerance > 0):
+        raise ValueError(f"tolerance must be None or a positive float, got {tolerance!r}")
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer))
+                                  or max_steps < _SUB_NODES):
+        raise ValueError(f"max_steps must be None or an int >= {_SUB_NODES}, got {max_steps!r}")
+    return max_steps
+
+
+def _bar(attr, value_1, value_0, tolerance, eps):
+    """The completeness bar ``tolerance·|T(X(1)) − T(X(0))|`` plus a rounding floor (a few ulps of the
+    magnitudes summed, so a target that barely changes is not refined forever). ``attr [T, n, P, s]``,
+    values ``[T, n]``; returns ``[T, n]``."""
+    floor = 4 * eps * (attr.abs().sum((2, 3)) + value_1.abs() + value_0.abs())
+    return (tolerance * (value_1 - value_0).abs() + floor).clamp_min(torch.finfo(attr.dtype).tiny)
+
+
+def _refine(run: _Pass, UV, idx, val, images, rule, tolerance, eps, n_start, max_steps):
+    """Adaptive composite rules for the given images (indices into ``UV [B, P, C]`` and the codes).
+
+    [0, 1] is cut into ``n_start`` subintervals, each integrated by ``rule`` with :data:`_SUB_NODES` nodes,
+    and T is evaluated at every subinterval boundary, so each subinterval has an exact completeness check:
+    its attributions must sum to ``T(X(hi)) − T(X(lo))``. Rounds bisect the subintervals with the largest
+    local gaps (where ReLUs switch along the path) until an image's whole gap is within the bar or its
+    rule has ``max_steps`` nodes; only the new halves are evaluated, all images in one batch.
+
+    Returns ``{image: (attr [T, P, s], T(X(1)) [T], T(X(0)) [T], nodes used, excess)}`` where ``excess``
+    is the worst target's ``|delta|`` over its :func:`_bar` (≤ 1: complete).
+    """
+    pieces = {b: {} for b in images}  # image → {(lo, hi): attributions [T, P, s]}
+    value = {b: {} for b in images}   # image → {α: T(X(α)) [T]}
+    pending = [(b, i / n_start, (i + 1) / n_start if i + 1 < n_start else 1.0)
+               for b in images for i in range(n_start)]
+    result = {}
+    for _ in range(_MAX_ROUNDS):
+        if not pending:
+            break
+        points = sorted({(b, a) for b, lo, hi in pending for a in (lo, hi)} - {(b, a) for b in images for a in value[b]})
+        got, vals = _integrate_pieces(run, UV, idx, val, pending, points, rule)
+        for (b, lo, hi), a in zip(pending, got):
+            pieces[b][(lo, hi)] = a
+        for (b, a), v in zip(points, vals.unbind(1)):
+            value[b][a] = v
+        touched, pending = sorted({b for b, _, _ in pending}), []
+        for b in touched:
+            order = sorted(pieces[b])
+            local = torch.stack([pieces[b][p].sum((1, 2)) - (value[b][p[1]] - value[b][p[0]]) for p in order])  # [n, T]
+            attr = torch.stack([pieces[b][p] for p in order]).sum(0)
+            v1, v0 = value[b][1.0], value[b][0.0]
+            bar = _bar(attr[:, None], v1[:, None], v0[:, None], tolerance, eps)[:, 0]  # [T]
+            excess = float((local.sum(0).abs() / bar).max())
+            result[b] = (attr, v1, v0, len(order) * _SUB_NODES, excess)
+            room = (max_steps - len(order) * _SUB_NODES) // _SUB_NODES  # bisections that still fit
+            for lo, hi in (_worst(order, local, bar, room) if excess > 1 else []):
+                del pieces[b][(lo, hi)]
+                mid = 0.5 * (lo + hi)
+                pending += [(b, lo, mid), (b, mid, hi)]
+    return result
+
+
+def _worst(order, local, bar, room):
+    """The fewest subintervals, worst first, whose local gaps ``local [n, T]`` leave less than half of
+    ``bar [T]`` for every target if they were closed; at most ``room`` of them."""
+    badness = (local.abs() / bar).amax(1)
+    rest = local.abs().sum(0)
+    chosen = []
+    for i in torch.argsort(badness, descending=True).tolist():
+        if len(chosen) >= room or bool((rest <= 0.5 * bar).all()):
+            break
+        lo, hi = order[i]
+        if hi - lo >= _MIN_WIDTH:
+            chosen.append((lo, hi))
+            rest = rest - local[i].abs()
+    return chosen
+
+
+def _integrate_pieces(run: _Pass, UV, idx, val, pieces, points, rule):
+    """The rule with :data:`_SUB_NODES` nodes on each piece ``(image, lo, hi)``, and T at each point
+    ``(image, α)``; pieces of different images share the batches (``batch_size`` rows at most).
+
+    Returns ``[n_pieces, T, P, s]`` the attributions of each piece and ``[T, n_points]`` the values.
+    """
+    V = run.V
+    P, C = UV.shape[1:]
+    s, T, q = idx.shape[2], len(run.targets), _SUB_NODES
+    base_nodes, base_weights = quadrature(rule, q)
+    lo = torch.tensor([p[1] for p in pieces], dtype=torch.float64)
+    width = torch.tensor([p[2] for p in pieces], dtype=torch.float64) - lo
+    alpha = torch.cat([(lo[:, None] + width[:, None] * base_nodes).reshape(-1),
+                       torch.tensor([a for _, a in points], dtype=torch.float64)]).to(V.device, V.dtype)
+    weight = (width[:, None] * base_weights).reshape(-1).to(V.device, run.acc)
+    image = torch.tensor([p[0] for p in pieces for _ in range(q)] + [b for b, _ in points], device=V.device)
+    n_grad = len(pieces) * q  # rows before this one carry a weight; the point rows after it do not
+    attr = torch.zeros(len(pieces), T, P, s, dtype=run.acc, device=V.device)
+    values = torch.empty(T, len(points), dtype=run.acc, device=V.device)
+    step = run.batch_size or len(alpha)
+    for r0 in range(0, len(alpha), step):
+        r1 = min(len(alpha), r0 + step)
+        path = run.beta + alpha[r0:r1, None, None] * UV[image[r0:r1]]  # [n, P, C]
+        out, grads = _through_f_ab(run, path, image[r0:r1], need_grad=r0 < n_grad)
+        if r1 > n_grad:
+            rows = torch.arange(max(r0, n_grad), r1, device=V.device)
+            values[:, rows - n_grad] = _values(run, out, image[r0:r1], rows - r0)
+        if grads is None:
+            continue
+        for i in range(r0 // q, (min(r1, n_grad) - 1) // q + 1):  # the pieces with rows in this batch
+            g0, g1 = max(r0, i * q), min(r1, (i + 1) * q)
+            b = pieces[i][0]
+            attr[i] += gig_accumulate(grads[:, g0 - r0:g1 - r0], weight[g0:g1], idx[b], val[b], V, backend=run.backend)
+    return attr, values

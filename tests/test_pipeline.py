@@ -74,6 +74,8 @@ def test_tiny_run_writes_graph_metrics_report(tmp_path):
     for m in metrics["layers"].values():
         assert 0.0 <= m["rel_l2"] < 1.0 and 0.0 <= m["l0_ratio"] <= 1.0 and m["pfvs"] > 0
     assert set(metrics["completeness"]) == {"layer4.2->classes", "layer4.0->layer4.2", "layer3.5->layer4.0"}
+    for c in metrics["completeness"].values():  # gig_steps=3 with the default refinement bar of 1%
+        assert 0.0 <= c["refined_share"] <= 1.0 and 3 <= c["mean_steps"] <= c["max_steps"] <= 8 * 3
     assert all(k in metrics["timings_s"] for k in ("stage1_pfv_dataset", "stage4_gig"))
     assert "<b>tee</b>" not in report and "&lt;b&gt;tee&lt;/b&gt;" in report and "boot &amp; shoe" in report
     # stage files are safe formats only
@@ -125,6 +127,16 @@ def test_config_gig_autocast():
     assert PipelineConfig(gig_autocast="bf16").key() != base.key()
     with pytest.raises(ValueError, match="gig_autocast"):
         PipelineConfig(gig_autocast="int8")
+
+
+def test_config_gig_tolerance():
+    base = PipelineConfig()
+    assert base.gig_tolerance == 0.01
+    assert PipelineConfig(gig_tolerance=None).key() != base.key()  # the fixed rule gives other results
+    assert PipelineConfig(gig_tolerance=0.05).key() != base.key()
+    for bad in (0, -0.01):
+        with pytest.raises(ValueError, match="gig_tolerance"):
+            PipelineConfig(gig_tolerance=bad)
 
 
 def test_tiny_run_with_bf16_gig_matches_float32(tmp_path):

@@ -37,8 +37,9 @@ class PipelineConfig:
     10, the paper's "top-10 nearest embeddings").
     Stage 3: ``explain_images`` (≥ ``per_class`` of each class), ``lam`` (λ relative to λ_max; None =
     the coder's default), ``code_method``, ``positive``.
-    Stage 4: ``gig_steps``, ``gig_rule``, ``gig_autocast`` (None | ``bf16`` | ``fp16``: F_ab in low
-    precision, see :func:`gig_fast.gig`), ``top_concepts`` (per class per layer), ``top_shared``
+    Stage 4: ``gig_steps``, ``gig_rule``, ``gig_tolerance`` (completeness bar of the adaptive
+    refinement, None = the fixed rule), ``gig_autocast`` (None | ``bf16`` | ``fp16``: F_ab in low
+    precision; both see :func:`gig_fast.gig`), ``top_concepts`` (per class per layer), ``top_shared``
     (per pair of classes), ``class_by`` (``label`` | ``prediction``), ``class_probability``.
     Execution: ``seed``, ``device``, ``backend``, ``batch_size``, ``gig_batch_size``,
     ``chunk_images`` (checkpoint granularity), ``out``, ``progress``.
@@ -71,6 +72,7 @@ class PipelineConfig:
     positive: bool = False
     gig_steps: int = 16
     gig_rule: str = "gausslegendre"
+    gig_tolerance: float | None = 0.01
     gig_autocast: str | None = None
     top_concepts: int = 5
     top_shared: int = 3
@@ -97,6 +99,8 @@ class PipelineConfig:
                      "chunk_images", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.gig_tolerance is not None and not float(self.gig_tolerance) > 0:
+            raise ValueError(f"gig_tolerance must be None or > 0, got {self.gig_tolerance!r}")
         if self.gig_autocast not in AUTOCAST:
             raise ValueError(f"gig_autocast must be one of {sorted(k for k in AUTOCAST if k)} or None, "
                              f"got {self.gig_autocast!r}")
@@ -119,8 +123,9 @@ class PipelineConfig:
     def key(self) -> str:
         """Hash of every field that changes results (the run key for resuming)."""
         d = {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_HASHED}
-        if d["gig_autocast"] is None:  # added later: runs made before it keep their key
-            del d["gig_autocast"]
+        for name in ("gig_autocast", "gig_tolerance"):  # added later: None is what runs made before them did,
+            if d[name] is None:                          # and those runs keep their key
+                del d[name]
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:

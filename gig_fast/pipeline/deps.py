@@ -33,13 +33,13 @@ def sparse_code(X: torch.Tensor, V: torch.Tensor, lam: float, beta: torch.Tensor
     return op(X, V, lam=lam, method=method, bias=beta, positive=positive)
 
 
-def gig(f_ab, codes, V, beta, target, steps: int, rule: str, batch_size, spatial, autocast=None):
-    """``gig_fast.gig.gig`` → GIGResult with ``.per_concept`` and ``.delta`` (``spatial = (H_a, W_a)``,
-    ``autocast`` a torch dtype or None)."""
+def gig(f_ab, codes, V, beta, target, steps: int, rule: str, batch_size, spatial, autocast=None, tolerance=0.01):
+    """``gig_fast.gig.gig`` → GIGResult with ``.per_concept``, ``.delta`` and ``.steps`` (``spatial =
+    (H_a, W_a)``, ``autocast`` a torch dtype or None, ``tolerance`` the refinement bar or None)."""
     from ..gig import gig as engine
 
     return engine(f_ab, codes, V, beta, target, steps=steps, rule=rule, batch_size=batch_size, spatial=spatial,
-                  autocast=autocast)
+                  autocast=autocast, tolerance=tolerance)
 
 
 def concept_target(vector: torch.Tensor):

@@ -63,7 +63,8 @@ def explain_image(run_dir: str | Path, image: torch.Tensor, *, target: int | Non
             tgt = [deps.concept_target(concepts[b]["V"][t]) for t in targets]
         f_ab = deps.make_f_ab(adapter, a, None if b == CLASSES else b)
         res = deps.gig(f_ab, codes[a], concepts[a]["V"], concepts[a]["beta"], tgt, cfg.gig_steps, cfg.gig_rule,
-                       cfg.gig_batch_size, tuple(rec.preact(a).shape[-2:]), AUTOCAST[cfg.gig_autocast])
+                       cfg.gig_batch_size, tuple(rec.preact(a).shape[-2:]), AUTOCAST[cfg.gig_autocast],
+                       cfg.gig_tolerance)
         pc = res.per_concept.detach().double().cpu().reshape(len(targets), -1)  # [T, K_a]
         deltas[f"{a}->{b}"] = float(res.delta.detach().abs().max())
         score = pc.sum(0).numpy()

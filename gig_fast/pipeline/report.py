@@ -28,9 +28,11 @@ def collect_metrics(pipe, timings: dict) -> dict:
                      "pfvs": int(n), "not_converged": int(np.sum(sums.get(f"{p}|not_converged", 0)))}
     deltas = {}
     for a, b in transitions(pipe):
-        files = sorted(_trans_dir(pipe, a, b).glob("chunk_*.npz"))
-        ad = np.abs(np.concatenate([np.load(f, allow_pickle=False)["delta"].ravel() for f in files]))
-        rd = np.concatenate([np.load(f, allow_pickle=False)["rel_delta"].ravel() for f in files])
+        chunks = [np.load(f, allow_pickle=False) for f in sorted(_trans_dir(pipe, a, b).glob("chunk_*.npz"))]
+        ad = np.abs(np.concatenate([z["delta"].ravel() for z in chunks]))
+        rd = np.concatenate([z["rel_delta"].ravel() for z in chunks])
+        # quadrature nodes per image (more than gig_steps where the refinement ran; absent before it existed)
+        steps = np.concatenate([z["steps"] for z in chunks if "steps" in z.files] or [np.zeros(0, np.int64)])
         # max_rel is set by targets whose span |T(X(1)) − T(X(0))| is ~0 (a concept the image barely
         # has): p99_rel and max_rel_to_median_span tell those apart from a real quadrature error
         span = ad / np.maximum(rd, 1e-30)
@@ -40,6 +42,9 @@ def collect_metrics(pipe, timings: dict) -> dict:
                                "share_rel_within_1pct": float(np.mean(rd <= 0.01)),  # the paper's bar
                                "max_rel_to_median_span": float(ad.max() / max(float(np.median(span)), 1e-30)),
                                "n": int(ad.size)}
+        if steps.size:
+            deltas[f"{a}->{b}"].update(refined_share=float(np.mean(steps != pipe.config.gig_steps)),
+                                       mean_steps=float(steps.mean()), max_steps=int(steps.max()))
     all_d = np.array([v["max_abs"] for v in deltas.values()])
     all_r = np.concatenate([[v["max_rel"], v["median_rel"]] for v in deltas.values()]) if deltas else np.array([])
     n_explained, n_labelled, n_correct = 0, 0, 0  # streamed over the chunks: no per-image table in memory

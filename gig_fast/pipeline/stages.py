@@ -320,7 +320,8 @@ def attribute(pipe) -> None:
     ``gig/<a>__<b>/chunk_XXXXX.npz``: ``classes [n]`` (the classes with images in the chunk),
     ``class_sum [n, T, K_a]`` (Σ of GIG over each one's images), ``image [B]``,
     ``top_idx [B, M]``/``top_val [B, M, T]`` (each image's M strongest sources), ``delta [T, B]``
-    and ``rel_delta [T, B]`` (``|delta| / |T(X(1)) − T(X(0))|``).
+    and ``rel_delta [T, B]`` (``|delta| / |T(X(1)) − T(X(0))|``), ``steps [B]`` (the quadrature nodes
+    each image used: ``gig_steps``, or more where the adaptive refinement ran).
     """
     cfg = pipe.config
     code_files = sorted((pipe.work / "codes").glob("chunk_*.npz"))
@@ -346,6 +347,7 @@ def attribute(pipe) -> None:
             top_val = np.zeros((len(images), M, T), dtype=np.float32)
             delta = np.zeros((T, len(images)), dtype=np.float64)
             rel_delta = np.zeros((T, len(images)), dtype=np.float64)
+            steps = np.zeros(len(images), dtype=np.int64)
             for slot, c in enumerate(present):
                 rows = np.nonzero(groups == c)[0]
                 if b == CLASSES:
@@ -355,7 +357,7 @@ def attribute(pipe) -> None:
                 for sub in _batches(rows, cfg.batch_size):
                     codes = (idx_all[sub].to(pipe.device), val_all[sub].to(pipe.device).to(V.dtype))
                     res = deps.gig(f_ab, codes, V, beta, target, cfg.gig_steps, cfg.gig_rule, cfg.gig_batch_size,
-                                   pipe.spatial[a], AUTOCAST[cfg.gig_autocast])
+                                   pipe.spatial[a], AUTOCAST[cfg.gig_autocast], cfg.gig_tolerance)
                     pc = res.per_concept.detach().double().cpu().reshape(T, len(sub), V.shape[0])
                     d = res.delta.detach().double().cpu().reshape(T, len(sub))
                     span = (res.value_at_input - res.value_at_baseline).detach().double().cpu().reshape(T, len(sub))
@@ -368,6 +370,7 @@ def attribute(pipe) -> None:
                     top_val[sub] = torch.gather(pc.permute(1, 2, 0), 1, order[:, :, None].expand(-1, -1, T)).numpy()
                     delta[:, sub] = d.numpy()
                     rel_delta[:, sub] = (d.abs() / span.abs().clamp_min(1e-12)).numpy()
+                    steps[sub] = res.steps.cpu().numpy()
             save_npz(path, classes=present.astype(np.int64), class_sum=class_sum, image=images, top_idx=top_idx, top_val=top_val, delta=delta,
-                     rel_delta=rel_delta)
+                     rel_delta=rel_delta, steps=steps)
         dist.barrier()  # the next transition's targets are the class scores summed over all chunks

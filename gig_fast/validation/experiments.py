@@ -63,7 +63,7 @@ def class_gig(pipe, point: str, dec, idx, val, labels, spatial) -> np.ndarray:
     rest = deps.make_f_ab(pipe.adapter, point, None)
     target = deps.class_target(torch.as_tensor(labels, dtype=torch.long), cfg.class_probability)
     res = deps.gig(rest, (idx, val), dec.V, dec.bias, target, cfg.gig_steps, cfg.gig_rule, cfg.gig_batch_size, spatial,
-                   AUTOCAST[cfg.gig_autocast])
+                   AUTOCAST[cfg.gig_autocast], cfg.gig_tolerance)
     return res.per_concept.detach().double().cpu().numpy()
 
 
@@ -151,7 +151,8 @@ def inter_layer(pipe, a: str, b: str, dec, X: torch.Tensor, labels: torch.Tensor
         targets = tops[int(labels[i])][:opts.inter_targets]
         res = deps.gig(f_ab, (idx[i:i + 1], val[i:i + 1]), dec.V, dec.bias,
                        [deps.concept_target(Vb[t]) for t in targets], pipe.config.gig_steps, pipe.config.gig_rule,
-                       pipe.config.gig_batch_size, (H, W), AUTOCAST[pipe.config.gig_autocast])
+                       pipe.config.gig_batch_size, (H, W), AUTOCAST[pipe.config.gig_autocast],
+                       pipe.config.gig_tolerance)
         pc = res.per_concept.detach().double().cpu().numpy()[:, 0]  # [T, K]
         active = np.unique(idx[i][idx[i] >= 0].numpy())
         counts = step_counts(len(active), opts.inter_steps)
