@@ -255,7 +255,8 @@ def gig(f_ab: Callable[[torch.Tensor], torch.Tensor], codes: tuple[torch.Tensor,
         steps: number m of quadrature nodes.
         rule: one of :data:`RULES`.
         tolerance: completeness bar. An image whose ``|delta|`` exceeds ``tolerance·|T(X(1)) − T(X(0))|``
-            (plus a float-rounding floor) for some target is integrated again by an adaptive composite
+            (plus a rounding floor of a few ulps of the precision f_ab runs in, so under ``autocast`` it
+            rarely triggers) for some target is integrated again by an adaptive composite
             rule (the same rule on subintervals, bisected where their exact local completeness gap is
             largest: see :func:`_refine`) until it is within the bar or uses ``max_steps`` nodes; it keeps
             whichever result is more complete, and ``GIGResult.steps`` says how many nodes each image
@@ -306,7 +307,7 @@ def gig(f_ab: Callable[[torch.Tensor], torch.Tensor], codes: tuple[torch.Tensor,
         eps = torch.finfo(autocast or acc).eps
         excess = (attr.sum((2, 3)) - (value_1 - value_0)).abs() / _bar(attr, value_1, value_0, tolerance, eps)
         flagged = torch.nonzero(excess.amax(0) > 1)[:, 0].tolist()
-        n_start = max(1, steps // (2 * _SUB_NODES))  # an adaptive rule starts with half the fixed rule's nodes
+        n_start = max(1, steps // _SUB_NODES)  # an adaptive rule starts with as many nodes as the fixed one
         refined = _refine(run, UV, idx, val, flagged, rule, tolerance, eps, n_start, max_steps)
         for b, (a, v1, v0, used, worst) in refined.items():
             if worst < float(excess[:, b].max()):  # keep whichever is more complete
