@@ -123,6 +123,10 @@ def _summary(out: Path) -> None:
         print(f"{name:10s} {v['rel_l2']:8.4f} {v['l0_ratio']:9.4f}")
     print(f"completeness |delta|: max {m['completeness_max_abs']:.3g}; relative: max {m['completeness_max_rel']:.3g}, "
           f"median {m['completeness_median_rel']:.3g}")
+    shares = {k: v["share_rel_within_1pct"] for k, v in m["completeness"].items() if "share_rel_within_1pct" in v}
+    if shares:
+        worst = min(shares, key=shares.get)
+        print(f"(image, target) pairs with |delta| <= 1% of the span: {100 * min(shares.values()):.2f}% at worst ({worst})")
     print("timings (s):", json.dumps(m["timings_s"]))
 
 

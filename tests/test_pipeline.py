@@ -78,6 +78,7 @@ def test_tiny_run_writes_graph_metrics_report(tmp_path):
         assert 0.0 <= c["refined_share"] <= 1.0 and 3 <= c["mean_steps"] <= c["max_steps"] <= 8 * 3
     assert all(k in metrics["timings_s"] for k in ("stage1_pfv_dataset", "stage4_gig"))
     assert "<b>tee</b>" not in report and "&lt;b&gt;tee&lt;/b&gt;" in report and "boot &amp; shoe" in report
+    assert "<th>within 1%</th><th>images refined</th>" in report  # the completeness table of the summary
     # stage files are safe formats only
     work = next(out.glob("work-*"))
     assert {p.suffix for p in work.rglob("*") if p.is_file()} <= {".npz", ".json"}

@@ -73,8 +73,10 @@ def summary_html(graph: dict, metrics: dict) -> str:
     acc = "n/a (unlabelled)" if metrics["accuracy_on_explained"] is None else f"{metrics['accuracy_on_explained']:.3f}"
     rows = "".join(f"<tr><td>{e(p)}</td><td>{m['rel_l2']:.4f}</td><td>{m['l0_ratio']:.4f}</td><td>{m['pfvs']}</td></tr>"
                    for p, m in metrics["layers"].items())
+    share = lambda v, key: f"{100 * v[key]:.2f}%" if key in v else "n/a"  # noqa: E731 (older runs lack them)
     drows = "".join(f"<tr><td>{e(k)}</td><td>{v['max_abs']:.3g}</td><td>{v['median_abs']:.3g}</td>"
-                    f"<td>{v['max_rel']:.3g}</td><td>{v['median_rel']:.3g}</td></tr>"
+                    f"<td>{v['max_rel']:.3g}</td><td>{v['median_rel']:.3g}</td>"
+                    f"<td>{share(v, 'share_rel_within_1pct')}</td><td>{share(v, 'refined_share')}</td></tr>"
                     for k, v in metrics["completeness"].items())
     classes = []
     for cid, g in graph["class_graphs"].items():
@@ -93,7 +95,7 @@ def summary_html(graph: dict, metrics: dict) -> str:
 <p>Model {e(graph['model']['arch'])} on {e(graph['model']['dataset'])}; {metrics['explained_images']} explained images,
 {metrics['concept_images']} concept images; accuracy on explained images {acc}.</p>
 <h2>Decomposition per layer</h2><table><tr><th>layer</th><th>rel-L2</th><th>l0 ratio</th><th>PFVs</th></tr>{rows}</table>
-<h2>Completeness deltas (|Σ GIG − ΔT|)</h2><table><tr><th>transition</th><th>max</th><th>median</th><th>max rel.</th><th>median rel.</th></tr>{drows}</table>
+<h2>Completeness deltas (|Σ GIG − ΔT|)</h2><table><tr><th>transition</th><th>max</th><th>median</th><th>max rel.</th><th>median rel.</th><th>within 1%</th><th>images refined</th></tr>{drows}</table>
 <h2>Top concepts per class (upper layers)</h2>{''.join(classes)}
 <h2>Shared concepts at the last layer</h2><table><tr><th>classes</th><th>concepts (score)</th></tr>{''.join(pairs)}</table>
 <h2>Timings (s)</h2><table>{timing}</table>
