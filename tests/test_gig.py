@@ -365,16 +365,19 @@ def test_input_validation():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("tolerance", [None, 0.01])
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_cuda_engine_matches_cpu(backend):
+def test_cuda_engine_matches_cpu(backend, tolerance):
+    """The whole engine on the GPU, the fixed rule and the adaptive refinement (same images refined)."""
     model = tiny_resnet()
     f, codes, V, beta, hw = _setup(model, "layer1.1", "logits", B=2)
     targets = [ClassTarget(1), ClassTarget(torch.tensor([0, 2]), probability=False)]
-    ref = gig(f, codes, V, beta, targets, steps=6, tolerance=None, spatial=hw)
+    ref = gig(f, codes, V, beta, targets, steps=6, tolerance=tolerance, spatial=hw)
     model.cuda()
     f_gpu = make_f_ab(model, "layer1.1", "logits")
-    got = gig(f_gpu, tuple(c.cuda() for c in codes), V.cuda(), beta.cuda(), targets, steps=6, tolerance=None, spatial=hw,
-              backend=backend)
+    got = gig(f_gpu, tuple(c.cuda() for c in codes), V.cuda(), beta.cuda(), targets, steps=6, tolerance=tolerance,
+              spatial=hw, backend=backend)
+    assert torch.equal(got.steps.cpu(), ref.steps)
     _assert_rel(got.per_position.cpu(), ref.per_position, 1e-8)
     # delta is a difference of near-equal sums: its rounding error scales with the attributions' size
     # (seen on an H200: 2.6e-10 absolute on sums of ~2e-5 relative size), not with delta itself.
