@@ -72,8 +72,8 @@ class GIGResult:
         value_at_input: ``[B]`` T(F_ab(X(1))), the target at the reconstruction.
         value_at_baseline: ``[B]`` T(F_ab(X(0))), the target at the baseline β.
         nodes, weights: ``[m]`` the quadrature rule used (float64).
-        steps: ``[B]`` int64, the nodes each image's attributions used: ``m``, or more where the
-            adaptive refinement (``tolerance``) integrated it again.
+        steps: ``[B]`` int64, the nodes each image's attributions used (``m`` unless refined).
+        refined: ``[B]`` bool, the images whose result comes from the adaptive refinement (``tolerance``).
     """
     per_position: torch.Tensor
     per_concept: torch.Tensor
@@ -83,6 +83,7 @@ class GIGResult:
     nodes: torch.Tensor
     weights: torch.Tensor
     steps: torch.Tensor
+    refined: torch.Tensor
 
     def relative_delta(self) -> torch.Tensor:
         """``|delta| / |T(X(1)) − T(X(0))|`` per image (the completeness check of the tests)."""
@@ -303,22 +304,23 @@ def gig(f_ab: Callable[[torch.Tensor], torch.Tensor], codes: tuple[torch.Tensor,
         UV = UV.reshape(B, P, C)
     attr, value_1, value_0 = _integrate(run, UV, idx, val, nodes64, weights64)
     steps_used = torch.full((B,), steps, dtype=torch.int64, device=V.device)
+    refined = torch.zeros(B, dtype=torch.bool, device=V.device)
     if tolerance is not None:
         eps = torch.finfo(autocast or acc).eps
         excess = (attr.sum((2, 3)) - (value_1 - value_0)).abs() / _bar(attr, value_1, value_0, tolerance, eps)
         flagged = torch.nonzero(excess.amax(0) > 1)[:, 0].tolist()
         n_start = max(1, steps // _SUB_NODES)  # an adaptive rule starts with as many nodes as the fixed one
-        refined = _refine(run, UV, idx, val, flagged, rule, tolerance, eps, n_start, max_steps)
-        for b, (a, v1, v0, used, worst) in refined.items():
+        for b, (a, v1, v0, used, worst) in _refine(run, UV, idx, val, flagged, rule, tolerance, eps, n_start,
+                                                   max_steps).items():
             if worst < float(excess[:, b].max()):  # keep whichever is more complete
-                attr[:, b], value_1[:, b], value_0[:, b], steps_used[b] = a, v1, v0, used
+                attr[:, b], value_1[:, b], value_0[:, b], steps_used[b], refined[b] = a, v1, v0, used, True
 
     per_concept = torch.zeros(T, B, K, dtype=acc, device=V.device)
     active = idx >= 0
     per_concept.scatter_add_(2, idx.clamp_min(0).reshape(1, B, P * s).expand(T, B, P * s),
                              torch.where(active, attr, torch.zeros((), dtype=acc, device=V.device)).reshape(T, B, P * s))
     delta = attr.sum(dim=(2, 3)) - (value_1 - value_0)
-    result = GIGResult(attr, per_concept, delta, value_1, value_0, nodes64, weights64, steps_used)
+    result = GIGResult(attr, per_concept, delta, value_1, value_0, nodes64, weights64, steps_used, refined)
     if single:
         for name in ("per_position", "per_concept", "delta", "value_at_input", "value_at_baseline"):
             setattr(result, name, getattr(result, name)[0])

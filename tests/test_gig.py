@@ -63,7 +63,7 @@ def test_equals_captum_ig_resnet_block_to_block(rule):
     res = gig(f, codes, V, beta, ConceptTarget(vec), steps=7, rule=rule, tolerance=None, spatial=hw)
     expected = _captum_ig(f, codes, V, beta, _concept_fn(vec), 7, rule, hw)
     _assert_rel(res.per_position, expected, 1e-4)
-    assert res.steps.tolist() == [7, 7]  # tolerance=None: the fixed rule for every image
+    assert res.steps.tolist() == [7, 7] and not res.refined.any()  # tolerance=None: the fixed rule for every image
 
 
 def test_equals_captum_ig_resnet_to_class_per_image_index():
@@ -209,8 +209,9 @@ def test_refinement_meets_the_bar_and_moves_toward_exact_ig(a, b):
     adaptive = gig(f, codes, V, beta, targets, steps=4, max_steps=1024, spatial=hw)
     exact = gig(f, codes, V, beta, targets, steps=4096, rule="riemann_middle", tolerance=None, spatial=hw)
     assert torch.all(adaptive.relative_delta() <= 0.01), (seed, adaptive.relative_delta())
-    refined = adaptive.steps > 4
+    refined = adaptive.refined
     assert torch.equal(refined, fixed.relative_delta().amax(0) > 0.01), seed  # exactly the images that missed
+    assert torch.all(adaptive.steps[refined] >= 8) and torch.all(adaptive.steps[~refined] == 4)
     assert torch.all(adaptive.steps <= 1024) and torch.all(adaptive.steps % 4 == 0)
     torch.testing.assert_close(adaptive.per_position[:, ~refined], fixed.per_position[:, ~refined], rtol=0, atol=0)
 
@@ -224,14 +225,14 @@ def test_refinement_is_per_image_and_chunk_independent():
     calls give, with the same node counts, and bounded chunks give the unchunked result."""
     f, codes, V, beta, targets, hw = _refinement_problem("layer2.0", "logits", torch.Generator().manual_seed(0))
     batch = gig(f, codes, V, beta, targets, steps=8, spatial=hw)
-    assert 0 < int((batch.steps > 8).sum()) < 4  # this setting refines some images, not all (1 of 4 here)
+    assert 0 < int(batch.refined.sum()) < 4  # this setting refines some images, not all (1 of 4 here)
     for b in range(4):
         mine = [ClassTarget(t.index[b:b + 1], t.probability) for t in targets]
         one = gig(f, (codes[0][b:b + 1], codes[1][b:b + 1]), V, beta, mine, steps=8, spatial=hw)
-        assert int(one.steps[0]) == int(batch.steps[b])
+        assert int(one.steps[0]) == int(batch.steps[b]) and bool(one.refined[0]) == bool(batch.refined[b])
         torch.testing.assert_close(one.per_position[:, 0], batch.per_position[:, b], rtol=1e-9, atol=1e-12)
     chunked = gig(f, codes, V, beta, targets, steps=8, spatial=hw, batch_size=7)
-    assert torch.equal(chunked.steps, batch.steps)
+    assert torch.equal(chunked.steps, batch.steps) and torch.equal(chunked.refined, batch.refined)
     torch.testing.assert_close(chunked.per_position, batch.per_position, rtol=1e-9, atol=1e-12)
 
 
@@ -377,7 +378,7 @@ def test_cuda_engine_matches_cpu(backend, tolerance):
     f_gpu = make_f_ab(model, "layer1.1", "logits")
     got = gig(f_gpu, tuple(c.cuda() for c in codes), V.cuda(), beta.cuda(), targets, steps=6, tolerance=tolerance,
               spatial=hw, backend=backend)
-    assert torch.equal(got.steps.cpu(), ref.steps)
+    assert torch.equal(got.steps.cpu(), ref.steps) and torch.equal(got.refined.cpu(), ref.refined)
     _assert_rel(got.per_position.cpu(), ref.per_position, 1e-8)
     # delta is a difference of near-equal sums: its rounding error scales with the attributions' size
     # (seen on an H200: 2.6e-10 absolute on sums of ~2e-5 relative size), not with delta itself.

@@ -31,8 +31,9 @@ def collect_metrics(pipe, timings: dict) -> dict:
         chunks = [np.load(f, allow_pickle=False) for f in sorted(_trans_dir(pipe, a, b).glob("chunk_*.npz"))]
         ad = np.abs(np.concatenate([z["delta"].ravel() for z in chunks]))
         rd = np.concatenate([z["rel_delta"].ravel() for z in chunks])
-        # quadrature nodes per image (more than gig_steps where the refinement ran; absent before it existed)
-        steps = np.concatenate([z["steps"] for z in chunks if "steps" in z.files] or [np.zeros(0, np.int64)])
+        # quadrature nodes per image and whether the refinement ran (absent in runs made before it existed)
+        steps = np.concatenate([z["steps"] for z in chunks if "refined" in z.files] or [np.zeros(0, np.int64)])
+        refined = np.concatenate([z["refined"] for z in chunks if "refined" in z.files] or [np.zeros(0, bool)])
         # max_rel is set by targets whose span |T(X(1)) − T(X(0))| is ~0 (a concept the image barely
         # has): p99_rel and max_rel_to_median_span tell those apart from a real quadrature error
         span = ad / np.maximum(rd, 1e-30)
@@ -43,7 +44,7 @@ def collect_metrics(pipe, timings: dict) -> dict:
                                "max_rel_to_median_span": float(ad.max() / max(float(np.median(span)), 1e-30)),
                                "n": int(ad.size)}
         if steps.size:
-            deltas[f"{a}->{b}"].update(refined_share=float(np.mean(steps != pipe.config.gig_steps)),
+            deltas[f"{a}->{b}"].update(refined_share=float(np.mean(refined)),
                                        mean_steps=float(steps.mean()), max_steps=int(steps.max()))
     all_d = np.array([v["max_abs"] for v in deltas.values()])
     all_r = np.concatenate([[v["max_rel"], v["median_rel"]] for v in deltas.values()]) if deltas else np.array([])

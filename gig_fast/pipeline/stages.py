@@ -321,7 +321,7 @@ def attribute(pipe) -> None:
     ``class_sum [n, T, K_a]`` (Σ of GIG over each one's images), ``image [B]``,
     ``top_idx [B, M]``/``top_val [B, M, T]`` (each image's M strongest sources), ``delta [T, B]``
     and ``rel_delta [T, B]`` (``|delta| / |T(X(1)) − T(X(0))|``), ``steps [B]`` (the quadrature nodes
-    each image used: ``gig_steps``, or more where the adaptive refinement ran).
+    each image used) and ``refined [B]`` (whether the adaptive refinement gave its result).
     """
     cfg = pipe.config
     code_files = sorted((pipe.work / "codes").glob("chunk_*.npz"))
@@ -348,6 +348,7 @@ def attribute(pipe) -> None:
             delta = np.zeros((T, len(images)), dtype=np.float64)
             rel_delta = np.zeros((T, len(images)), dtype=np.float64)
             steps = np.zeros(len(images), dtype=np.int64)
+            refined = np.zeros(len(images), dtype=bool)
             for slot, c in enumerate(present):
                 rows = np.nonzero(groups == c)[0]
                 if b == CLASSES:
@@ -370,7 +371,7 @@ def attribute(pipe) -> None:
                     top_val[sub] = torch.gather(pc.permute(1, 2, 0), 1, order[:, :, None].expand(-1, -1, T)).numpy()
                     delta[:, sub] = d.numpy()
                     rel_delta[:, sub] = (d.abs() / span.abs().clamp_min(1e-12)).numpy()
-                    steps[sub] = res.steps.cpu().numpy()
+                    steps[sub], refined[sub] = res.steps.cpu().numpy(), res.refined.cpu().numpy()
             save_npz(path, classes=present.astype(np.int64), class_sum=class_sum, image=images, top_idx=top_idx, top_val=top_val, delta=delta,
-                     rel_delta=rel_delta, steps=steps)
+                     rel_delta=rel_delta, steps=steps, refined=refined)
         dist.barrier()  # the next transition's targets are the class scores summed over all chunks
