@@ -190,6 +190,11 @@ def _check_inputs(f_ab, codes, V, beta, steps, batch_size, spatial):
     for name, t in (("idx", idx), ("val", val), ("beta", beta)):
         if t.device != V.device:
             raise ValueError(f"{name} is on {t.device} but V is on {V.device}")
+    if isinstance(f_ab, torch.nn.Module):  # e.g. make_f_ab's slices: its weights must match the path
+        weight = next((w for w in f_ab.parameters() if w.is_floating_point()), None)
+        if weight is not None and (weight.dtype != V.dtype or weight.device != V.device):
+            raise ValueError(f"f_ab's parameters are {weight.dtype} on {weight.device} but V is {V.dtype} on "
+                             f"{V.device}: the path X(α) is built in V's dtype and device")
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))

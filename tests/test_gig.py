@@ -363,6 +363,8 @@ def test_input_validation():
         gig(f, non_square, V, beta, tgt, steps=3)
     with pytest.raises(ValueError, match="trapezoid rule needs"):
         gig(f, (idx, val), V, beta, tgt, steps=1, rule="trapezoid", spatial=hw)
+    with pytest.raises(ValueError, match="f_ab's parameters are torch.float64"):  # a float64 model, float32 codes
+        gig(f, (idx, val.float()), V.float(), beta.float(), tgt, steps=3, spatial=hw)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
