@@ -286,7 +286,8 @@ def gig(f_ab: Callable[[torch.Tensor], torch.Tensor], codes: tuple[torch.Tensor,
     H, W = _check_inputs(f_ab, codes, V, beta, steps, batch_size, spatial)
     if autocast not in (None, torch.bfloat16, torch.float16):
         raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}")
-    max_steps = _check_refinement(tolerance, max_steps) or 8 * int(steps)
+    _check_refinement(tolerance, max_steps)
+    max_steps = 8 * int(steps) if max_steps is None else int(max_steps)
     idx, val = codes
     # attributions are not differentiable through the engine: cut any graph the caller's tensors carry
     val, V, beta = val.detach(), V.detach(), beta.detach()
@@ -403,14 +404,13 @@ _MIN_WIDTH = 2.0 ** -20  # subintervals narrower than this are not bisected
 _MAX_ROUNDS = 40
 
 
-def _check_refinement(tolerance, max_steps) -> int | None:
+def _check_refinement(tolerance, max_steps) -> None:
     if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float))
                                   or not tolerance > 0):
         raise ValueError(f"tolerance must be None or a positive float, got {tolerance!r}")
     if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer))
                                   or max_steps < _SUB_NODES):
         raise ValueError(f"max_steps must be None or an int >= {_SUB_NODES}, got {max_steps!r}")
-    return max_steps
 
 
 def _bar(attr, value_1, value_0, tolerance, eps):
