@@ -33,10 +33,10 @@ from harness import record, time_ms  # noqa: E402
 from gig_fast.gig import ClassTarget, ConceptTarget, gig, quadrature  # noqa: E402
 from gig_fast.ops import gig_accumulate, sparse_reconstruct  # noqa: E402
 from gig_fast.ops.gig_accumulate import IMPLEMENTED, IMPLS  # noqa: E402
-from gig_fast.ops._backend import backend_runs_on  # noqa: E402
+from gig_fast.ops.registry import backend_runs_on  # noqa: E402
 from gig_fast.ops.reference import gig_accumulate_ref  # noqa: E402
 from gig_fast.slicing import bn_shift, make_f_ab, preactivation  # noqa: E402
-from gig_fast.testing_gig import random_codes, randomize_bn  # noqa: E402
+from gig_fast.testing import random_codes, randomize_bn  # noqa: E402
 
 
 class _ConceptConv(nn.Module):
@@ -138,7 +138,7 @@ def bench_engine(device: str, quick: bool) -> None:
         f = make_f_ab(model, a, b)
         beta = bn_shift(model, a).to(device)
         V = torch.randn(K, C, device=device) / C ** 0.5
-        idx, val = random_codes(B, H * W, K, s, dtype=torch.float32, device=device)
+        idx, val = random_codes((B, H * W), s, K, dtype=torch.float32, pad_frac=0.25, scale=0.5, device=device)
         with torch.no_grad():
             out = f(xa)
         target = ClassTarget(0) if out.dim() == 2 else ConceptTarget(torch.randn(out.shape[1], device=device))

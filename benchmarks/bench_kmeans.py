@@ -29,7 +29,7 @@ from harness import record, time_ms  # noqa: E402
 
 from gig_fast.concepts import bisecting_spherical_kmeans, cosine_inertia  # noqa: E402
 from gig_fast.ops import available_backends, centroid_update, spherical_assign  # noqa: E402
-from gig_fast.testing_kmeans import clustered_points, label_quality, random_unit  # noqa: E402
+from gig_fast.testing import clustered_points, label_quality, random_unit  # noqa: E402
 
 
 def _backends(device: str) -> list[str]:

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.harness import record, time_ms  # noqa: E402
 from gig_fast.ops import available_backends, sparse_code  # noqa: E402
 from gig_fast.ops.sparse_code import DEFAULT_LAM_REL  # noqa: E402
-from gig_fast.testing_sparse_code import dense_codes, pfv_like, random_problem  # noqa: E402
+from gig_fast.testing import dense_codes, pfv_like, random_problem  # noqa: E402
 
 GPU_SHAPES = {"layer1": (256, 2048), "layer3": (1024, 8192), "layer4": (2048, 16384)}
 

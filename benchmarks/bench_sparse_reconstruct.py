@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import harness  # noqa: E402
 from gig_fast.ops import available_backends, sparse_reconstruct  # noqa: E402
-from gig_fast.ops._backend import backend_runs_on  # noqa: E402
+from gig_fast.ops.registry import backend_runs_on  # noqa: E402
 from gig_fast.ops.reference import sparse_reconstruct_ref  # noqa: E402
 from gig_fast.testing import RECON_SHAPES, random_codes  # noqa: E402
 

@@ -200,11 +200,11 @@ def cmd_show(args) -> int:
 def cmd_explain(args) -> int:
     from .data import load_image
     from .pipeline.config import PipelineConfig
-    from .pipeline.explain import _find_work, explain_image
+    from .pipeline.explain import explain_image, find_work
     from .pipeline.store import load_json
 
     run_dir = Path(args.run or args.out or "gig_demo")
-    cfg = PipelineConfig(**load_json(_find_work(run_dir) / "config.json")["config"])
+    cfg = PipelineConfig(**load_json(find_work(run_dir) / "config.json")["config"])
     if cfg.dataset == "fashion-mnist":
         from .models import DEMO_MEAN, DEMO_STD
         image = load_image(args.image, 28, 1, (DEMO_MEAN,), (DEMO_STD,))
@@ -231,7 +231,7 @@ def cmd_explain(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .explorer import rebuild_report
+    from .pipeline import rebuild_report
 
     t0 = time.perf_counter()
     path = rebuild_report(args.run, html=args.html, max_images=args.images)

@@ -15,12 +15,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["FASHION_MNIST_DIRS", "fashion_mnist", "ImageFolderDataset", "IMAGE_EXTENSIONS", "load_image",
+__all__ = ["FASHION_MNIST_DIRS", "FASHION_CLASSES", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "fashion_mnist", "ImageFolderDataset", "IMAGE_EXTENSIONS", "load_image",
            "OfflinePhotos", "OFFLINE_PHOTOS", "UNLABELLED"]
 
 UNLABELLED = -1  # label of an image without a class (explained for its predicted class)
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+# Fashion-MNIST pixel statistics (train split): the normalisation of `fashion_mnist(normalize=True)`,
+# which is what the demo network expects.
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
@@ -55,7 +60,7 @@ def fashion_mnist(split: str = "train", root: str | os.PathLike | None = None,
     Args:
         split: ``"train"`` (60k) or ``"test"`` (10k).
         root: folder with the idx files (``.gz`` or not); default: the Debian package's folder.
-        normalize: subtract the demo mean and divide by its std (what :class:`DemoResNet` expects).
+        normalize: subtract the data set's mean and divide by its std (what the demo network expects).
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -72,8 +77,7 @@ def fashion_mnist(split: str = "train", root: str | os.PathLike | None = None,
     images = torch.from_numpy(_read_idx(pick("images")).copy()).float().div_(255.0).unsqueeze(1)
     labels = torch.from_numpy(_read_idx(pick("labels")).astype(np.int64))
     if normalize:
-        from .models.demo import DEMO_MEAN, DEMO_STD
-        images = (images - DEMO_MEAN) / DEMO_STD
+        images = (images - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
     return torch.utils.data.TensorDataset(images, labels)
 
 

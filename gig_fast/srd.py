@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models.adapters import ForwardRecord, ResNetAdapter, _branch_modules, bn_affine
+from .models.adapters import ForwardRecord, ResNetAdapter
+from .models.bn import bn_affine, branch_modules
 
 __all__ = ["SRDResult", "srd_explain", "gradxinput_explain", "explain", "conv_step_ratios", "propagate"]
 
@@ -171,7 +172,7 @@ def _maxpool_back(R, x, v, indices, pool: nn.MaxPool2d, eps):
 
 def _block_back(R, block, rec_block, eps):
     """Relevance at a block's pre-activation ``v`` → relevance at its input (= previous block's)."""
-    branch = _branch_modules(block)
+    branch = branch_modules(block)
     v = rec_block.v
     inputs = [rec_block.x] + rec_block.post  # input of each conv of the main branch
     # the last conv carries r = v - s; its ratios are taken against the full sum v

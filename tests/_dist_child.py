@@ -39,23 +39,16 @@ def tiny_config(out):
 
 
 def run_kmeans(out: Path) -> None:
-    import gig_fast.concepts_distributed as cd
+    import gig_fast.concepts.distributed as cd
 
     X, beta = kmeans_data()
-    res = {"sharded_lloyd_calls": np.zeros(1, dtype=np.int64)}
-
-    def counting(lloyd):  # count the data-parallel refinements (the all-reduced sums paths)
-        def wrapped(*a, **kw):
-            res["sharded_lloyd_calls"] += 1
-            return lloyd(*a, **kw)
-        return wrapped
-    cd._lloyd_sharded = counting(cd._lloyd_sharded)  # the ops path (torch/triton/cuda backends)
-    cd._lloyd_sharded_fused = counting(cd._lloyd_sharded_fused)  # the fused C++ path (cpp backend)
+    res = {"sharded_splits": np.zeros(1, dtype=np.int64)}
     for mode in ("sequential", "fast"):
-        V, labels = cd.distributed_bisecting_kmeans(X, KMEANS["K"], rank=dist.rank(), world=dist.world(),
-                                                    all_reduce=dist.all_reduce, beta=beta, seed=KMEANS["seed"],
-                                                    init_sample=KMEANS["init_sample"], mode=mode)
+        V, labels, info = cd.distributed_bisecting_kmeans(X, KMEANS["K"], rank=dist.rank(), world=dist.world(),
+                                                          all_reduce=dist.all_reduce, beta=beta, seed=KMEANS["seed"],
+                                                          init_sample=KMEANS["init_sample"], mode=mode, return_info=True)
         res[f"{mode}_V"], res[f"{mode}_labels"] = V.numpy(), labels.numpy()
+        res["sharded_splits"] += info.sharded_splits  # clusters > init_sample refined data-parallel
     if dist.rank() == 0:
         np.savez(out / "kmeans.npz", **res)
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from gig_fast.ops import available_backends
-from gig_fast.ops._backend import backend_runs_on
+from gig_fast.ops.registry import backend_runs_on
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

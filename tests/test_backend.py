@@ -6,7 +6,7 @@ import torch
 
 import gig_fast
 from gig_fast.ops import available_backends, forced_backend, sparse_reconstruct, use_backend
-from gig_fast.ops._backend import resolve
+from gig_fast.ops.registry import resolve
 
 
 def test_available_backends_lists_all_four():

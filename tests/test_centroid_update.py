@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from _grids import device_backend_pairs
+from gig_fast import ops
 from gig_fast.ops import available_backends, centroid_update
-from gig_fast.ops.centroid_update import _centroid_update_op
 
 AVAIL = available_backends()
 CPU_BACKENDS = [b for b in ("torch", "cpp", "triton") if AVAIL[b].startswith("runs")]
@@ -84,7 +84,7 @@ def test_cpp_thread_count_does_not_change_sums():
 def test_opcheck():
     X, labels = torch.randn(9, 5), torch.randint(3, (9,))
     for backend in CPU_BACKENDS:
-        torch.library.opcheck(_centroid_update_op, (X, labels, 3, backend))
+        torch.library.opcheck(ops.spec("centroid_update").custom_op, (X, labels, 3, backend))
 
 
 @pytest.mark.parametrize("bad", ["label_high", "label_negative", "length", "K0", "label_dtype", "nan", "rank"])

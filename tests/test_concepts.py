@@ -4,7 +4,7 @@ import torch
 
 from gig_fast.concepts import bisecting_spherical_kmeans, cosine_inertia
 from gig_fast.ops import available_backends
-from gig_fast.testing_kmeans import clustered_points
+from gig_fast.testing import clustered_points
 
 AVAIL = available_backends()
 BACKENDS = [b for b in ("torch", "cpp", "triton") if AVAIL[b].startswith("runs")]

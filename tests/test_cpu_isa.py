@@ -21,7 +21,7 @@ import torch
 from gig_fast.concepts import bisecting_spherical_kmeans
 from gig_fast.ops import sparse_reconstruct
 from gig_fast.testing import random_codes
-from gig_fast.testing_kmeans import clustered_points
+from gig_fast.testing import clustered_points
 
 g = torch.Generator().manual_seed(0)
 idx, val = random_codes(300, 7, 50, dtype=torch.float32, generator=g)
@@ -33,7 +33,7 @@ out.backward(torch.randn(300, 37, generator=g))
 X = clustered_points(2000, 24, 30, generator=g)
 _, labels, info = bisecting_spherical_kmeans(X, 40, beta=torch.full((24,), 2.0), init_sample=200, return_info=True)
 from gig_fast.ops import sparse_code
-from gig_fast.testing_sparse_code import dense_codes, random_problem
+from gig_fast.testing import dense_codes, random_problem
 Y, D = random_problem(40, 32, 256, dtype=torch.float64, generator=g)
 codes = {}
 for method, kw in (("lasso", dict(tol=1e-10)), ("omp", dict(n_nonzero=6))):

@@ -118,7 +118,7 @@ def test_distributed_kmeans_equals_single_process(two_ranks):
     X, beta = child.kmeans_data()
     got = np.load(two_ranks / "kmeans.npz")
     K, seed, init_sample = child.KMEANS["K"], child.KMEANS["seed"], child.KMEANS["init_sample"]
-    assert got["sharded_lloyd_calls"][0] >= 2  # clusters > init_sample were refined data-parallel
+    assert got["sharded_splits"][0] >= 2  # clusters > init_sample were refined data-parallel
     for mode in ("sequential", "fast"):
         V, labels = bisecting_spherical_kmeans(X, K, beta=beta, seed=seed, init_sample=init_sample, mode=mode)
         np.testing.assert_array_equal(got[f"{mode}_labels"], labels.numpy())

@@ -23,7 +23,8 @@ import pytest
 from PIL import Image
 
 from gig_fast.cli import main
-from gig_fast.explorer import embed_json, rebuild_report, render_explorer
+from gig_fast.explorer import embed_json, render_explorer
+from gig_fast.pipeline import rebuild_report
 from gig_fast.explorer.render import compact_graph, concept_usage
 from gig_fast.pipeline import Pipeline
 

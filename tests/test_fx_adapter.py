@@ -9,7 +9,7 @@ from gig_fast import slicing
 from gig_fast.models import get_adapter
 from gig_fast.models.fx_adapter import FXAdapter
 from gig_fast.srd import explain, gradxinput_explain
-from gig_fast.testing_gig import tiny_resnet
+from gig_fast.testing import tiny_resnet
 
 
 class _InvertedResidual(nn.Module):

@@ -7,7 +7,7 @@ import torch
 from gig_fast.gig import RULES, ClassTarget, ConceptTarget, GIGResult, gig, quadrature
 from gig_fast.ops import available_backends, sparse_reconstruct
 from gig_fast.slicing import bn_shift, make_f_ab, preactivation
-from gig_fast.testing_gig import captum_rule, fitted_codes, random_codes, tiny_residual_cnn, tiny_resnet
+from gig_fast.testing import captum_rule, fitted_codes, random_codes, tiny_residual_cnn, tiny_resnet
 
 captum_attr = pytest.importorskip("captum.attr")
 
@@ -17,7 +17,7 @@ def _setup(model, a, b, B=2, size=8, K_factor=3, s=4):
     xa = preactivation(model, a, x)
     _, C, H, W = xa.shape
     V = torch.randn(K_factor * C, C, dtype=torch.float64) / C ** 0.5
-    idx, val = random_codes(B, H * W, K_factor * C, s)
+    idx, val = random_codes((B, H * W), s, K_factor * C, dtype=torch.float64, pad_frac=0.25, scale=0.5)
     return make_f_ab(model, a, b), (idx, val), V, bn_shift(model, a).to(torch.float64), (H, W)
 
 
@@ -151,7 +151,7 @@ def test_completeness_class_target_default_steps():
     T(X(1)) ≈ T(X(0))); the refinement and convergence in m are checked on random models below."""
     import torchvision
 
-    from gig_fast.testing_gig import randomize_bn
+    from gig_fast.testing import randomize_bn
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     model = randomize_bn(torchvision.models.resnet18(num_classes=10), g).eval()
@@ -313,7 +313,7 @@ def test_float32_model_matches_float64():
     xa = preactivation(model, "layer2.0", x)
     C, H, W = xa.shape[1:]
     V = torch.randn(2 * C, C, dtype=torch.float64) / C ** 0.5
-    idx, val = random_codes(2, H * W, 2 * C, 3)
+    idx, val = random_codes((2, H * W), 3, 2 * C, dtype=torch.float64, pad_frac=0.25, scale=0.5)
     beta = bn_shift(model, "layer2.0")
     ref = gig(make_f_ab(model, "layer2.0", "logits"), (idx, val), V, beta, ClassTarget(1), tolerance=None, spatial=(H, W))
     model32 = model.float()

@@ -7,7 +7,7 @@ import torch
 import torchvision
 
 from gig_fast.models import DemoResNet, get_adapter, load_demo, load_model
-from gig_fast.models.adapters import bn_affine
+from gig_fast.models.bn import bn_affine
 
 RESNET50_POINTS = [f"layer{s}.{i}" for s, n in zip((1, 2, 3, 4), (3, 4, 6, 3)) for i in range(n)]
 
@@ -139,7 +139,7 @@ def test_adapter_agrees_with_fx_slicing():
 
 
 def test_folded_f_ab_is_the_same_function_without_batchnorms():
-    from gig_fast.models.adapters import fold_batchnorm
+    from gig_fast.models.bn import fold_batchnorm
     from gig_fast.slicing import make_f_ab
 
     model = _randomise_bn(DemoResNet(base=4)).eval()

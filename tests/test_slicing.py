@@ -6,7 +6,7 @@ import torch
 import torchvision
 
 from gig_fast.slicing import bn_shift, make_f_ab, preact_points, preactivation
-from gig_fast.testing_gig import randomize_bn, tiny_residual_cnn, tiny_resnet
+from gig_fast.testing import randomize_bn, tiny_residual_cnn, tiny_resnet
 
 
 def _resnet18():

@@ -4,18 +4,17 @@ Oracles: scikit-learn's converged ``Lasso`` (alpha = λ/C) for the objective, sc
 supports, and the ``torch`` backend (the reference) for the other backends. Triton runs under its
 interpreter on the CPU, so its problems are tiny.
 """
-import sys
 
 import numpy as np
 import pytest
 import torch
 
+from gig_fast import ops
 from gig_fast.ops import available_backends, sparse_code
-from gig_fast.ops.sparse_code import SparseCodeConvergenceWarning, _sparse_code_op
-from gig_fast.testing_sparse_code import (dense_codes, lasso_objective, pfv_like, random_problem,
+from gig_fast.ops.sparse_code import SparseCodeConvergenceWarning
+from gig_fast.testing import (dense_codes, lasso_objective, pfv_like, random_problem,
                                           sklearn_lasso_objective, sklearn_omp_supports)
 
-sc = sys.modules["gig_fast.ops.sparse_code"]  # the module (gig_fast.ops.sparse_code is the function)
 
 
 def _runs(backend, device="cpu"):
@@ -104,7 +103,7 @@ def test_cpp_without_gram_matches_with_gram(monkeypatch):
     X, V = random_problem(11, 20, 50)
     for method in ("lasso", "omp"):
         a = sparse_code(X, V, lam=0.1, method=method, n_nonzero=6, tol=1e-10, max_iter=50_000, backend="cpp")
-        monkeypatch.setattr(sc, "CPU_GRAM_LIMIT_BYTES", 0)
+        monkeypatch.setitem(ops.spec("sparse_code").defaults, "cpu_gram_limit_bytes", 0)
         b = sparse_code(X, V, lam=0.1, method=method, n_nonzero=6, tol=1e-10, max_iter=50_000, backend="cpp")
         monkeypatch.undo()
         assert torch.equal(a[0], b[0])
@@ -229,7 +228,7 @@ def test_opcheck():
     backend = "cpp" if "cpp" in BACKENDS else "torch"
     for method in ("lasso", "omp"):
         args = (X, V, 0.2, True, method, False, 1000, 1e-8, 3, backend)
-        torch.library.opcheck(_sparse_code_op, args, test_utils=("test_schema", "test_autograd_registration",
+        torch.library.opcheck(ops.spec("sparse_code").custom_op, args, test_utils=("test_schema", "test_autograd_registration",
                                                                   "test_faketensor"))
 
 

@@ -3,10 +3,9 @@ import numpy as np
 import pytest
 import torch
 
+from gig_fast import ops
 from gig_fast.ops import sparse_reconstruct
-from gig_fast.ops import sparse_reconstruct as sr_module  # noqa: F401
 from gig_fast.ops.reference import sparse_reconstruct_ref
-from gig_fast.ops.sparse_reconstruct import IMPLEMENTED, _sparse_reconstruct_op
 from gig_fast.testing import random_codes
 
 from _grids import TOL, backend_params
@@ -53,7 +52,7 @@ def test_reference_matches_float64_numpy():
             assert abs(gval[p, j].item() - want) < 1e-10
 
 
-@pytest.mark.parametrize("backend,device", backend_params(IMPLEMENTED))
+@pytest.mark.parametrize("backend,device", backend_params(ops.spec("sparse_reconstruct").implemented))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_forward_and_gradients_match_reference(backend, device, dtype, shape):
@@ -82,7 +81,7 @@ def test_forward_and_gradients_match_reference(backend, device, dtype, shape):
     assert (vals[0].grad[idx < 0] == 0).all()
 
 
-@pytest.mark.parametrize("backend,device", backend_params(IMPLEMENTED))
+@pytest.mark.parametrize("backend,device", backend_params(ops.spec("sparse_reconstruct").implemented))
 def test_all_padding_rows_give_bias(backend, device):
     idx = torch.full((5, 4), -1, dtype=torch.int64, device=device)
     val = torch.zeros(5, 4, device=device)
@@ -93,7 +92,7 @@ def test_all_padding_rows_give_bias(backend, device):
     assert (sparse_reconstruct(idx, val, V, backend=backend) == 0).all()
 
 
-@pytest.mark.parametrize("backend,device", backend_params(IMPLEMENTED))
+@pytest.mark.parametrize("backend,device", backend_params(ops.spec("sparse_reconstruct").implemented))
 def test_grad_V_is_bit_identical_across_runs(backend, device):
     idx, val, V, _ = _inputs(200, 16, 10, 33, torch.float32, device, duplicates=True)  # heavy collisions
     grads = []
@@ -118,8 +117,8 @@ def test_opcheck(backend, device):
     idx, val, V, b = _inputs(9, 4, 7, 6, torch.float32, device)
     val.requires_grad_()
     V.requires_grad_()
-    torch.library.opcheck(_sparse_reconstruct_op, (idx, val, V, b, backend))
-    torch.library.opcheck(_sparse_reconstruct_op, (idx, val, V, None, backend))
+    torch.library.opcheck(ops.spec("sparse_reconstruct").custom_op, (idx, val, V, b, backend))
+    torch.library.opcheck(ops.spec("sparse_reconstruct").custom_op, (idx, val, V, None, backend))
 
 
 def test_torch_compile():

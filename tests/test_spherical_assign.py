@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from _grids import device_backend_pairs
+from gig_fast import ops
 from gig_fast.ops import available_backends, spherical_assign
-from gig_fast.ops.spherical_assign import _spherical_assign_op
 from gig_fast.ops.reference import spherical_assign_ref
-from gig_fast.testing_kmeans import cosine_scores64, label_quality, random_unit
+from gig_fast.testing import cosine_scores64, label_quality, random_unit
 
 AVAIL = available_backends()
 CPU_BACKENDS = [b for b in ("torch", "cpp", "triton") if AVAIL[b].startswith("runs")]
@@ -115,7 +115,7 @@ def test_agreement_with_float64_gpu(backend):
 def test_opcheck():
     X, cents = torch.randn(9, 5), torch.randn(3, 5)
     for backend in CPU_BACKENDS:
-        torch.library.opcheck(_spherical_assign_op, (X, cents, backend))
+        torch.library.opcheck(ops.spec("spherical_assign").custom_op, (X, cents, backend))
 
 
 @pytest.mark.parametrize("bad", ["channels", "dtype", "nan", "empty", "not_tensor", "rank"])

@@ -1,4 +1,5 @@
-"""Pictures for the explorer page, as small PNG data URIs built from a run's work files.
+"""Pictures for the explorer page, as small PNG data URIs (pure functions of arrays and graph dicts;
+:mod:`gig_fast.pipeline.pictures` reads a run's work files and calls them).
 
 * **iERF crops with context** (paper §3.1, Fig. 2): for a PFV sample, the input image with its iERF
   tinted blue and the rest dimmed, cropped to the region that holds most of the iERF mass plus a
@@ -16,12 +17,12 @@ from __future__ import annotations
 
 import base64
 import io
-from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["collect_pictures", "png_data_uri", "ierf_crop", "heat_map_png", "graph_concepts", "pick_images"]
+__all__ = ["png_data_uri", "display_rgb", "ierf_crop", "fit", "heat_map_png", "graph_concepts", "pick_images",
+           "IMAGE_PX"]
 
 IERF_TINT = np.array([0.12, 0.35, 1.0])  # the paper's blue iERF area
 IERF_MASS = 0.6  # the crop's core holds this share of the |iERF| mass
@@ -94,10 +95,11 @@ def ierf_crop(rgb: np.ndarray, ierf: np.ndarray, context: float = 0.2, max_px: i
     pic = rgb[y0:y1, x0:x1] * (0.35 + 0.65 * m)  # dim the context
     pic = pic * (1 - 0.5 * m) + IERF_TINT * 0.5 * m  # tint the iERF
     out = (np.clip(pic, 0, 1) * 255).astype(np.uint8)
-    return _fit(out, max_px)
+    return fit(out, max_px)
 
 
-def _fit(pixels: np.ndarray, max_px: int) -> np.ndarray:
+def fit(pixels: np.ndarray, max_px: int) -> np.ndarray:
+    """``pixels`` (uint8 ``[H, W(, 3)]``) shrunk to at most ``max_px`` on the longest side."""
     if max(pixels.shape[:2]) <= max_px:
         return pixels
     from PIL import Image
@@ -160,153 +162,3 @@ def pick_images(graph: dict, limit: int) -> list[int]:
                 chosen.append(per_class[c][depth])
         depth += 1
     return sorted(chosen)
-
-
-def _stage1_rows(work: Path):
-    """Stage-1 chunk files with their first global row (rows are numbered across chunks in order)."""
-    files = sorted((work / "stage1").glob("chunk_*.npz"))
-    starts, n = [], 0
-    for f in files:
-        starts.append(n)
-        with np.load(f, allow_pickle=False) as z:
-            n += len(z["image"])
-    return files, np.array(starts + [n])
-
-
-def _nearest(pipe, layer: str, concepts: list[int], k: int, files: list[Path]):
-    """``[len(concepts), k]`` stage-1 rows nearest in cosine to each concept (``x − β`` against
-    ``v_j``), their cosines, and whether each row belongs to the concept's cluster. Streams the
-    stage-1 chunks, so memory stays at one chunk of PFVs."""
-    from ..pipeline.stages import load_concepts
-
-    c = load_concepts(pipe, layer)
-    V = torch.nn.functional.normalize(c["V"].double()[concepts], dim=1)  # [Q, C]
-    beta = c["beta"].double()
-    best_val = torch.empty(len(concepts), 0, dtype=torch.float64)
-    best_row = torch.empty(len(concepts), 0, dtype=torch.long)
-    start = 0
-    for f in files:
-        with np.load(f, allow_pickle=False) as z:
-            X = torch.from_numpy(z[f"{layer}|pfv"]).double() - beta
-        cos = V @ torch.nn.functional.normalize(X, dim=1).T  # [Q, n]
-        rows = torch.arange(start, start + X.shape[0]).expand(len(concepts), -1)
-        start += X.shape[0]
-        vals, pick = torch.topk(torch.cat([best_val, cos], 1), min(k, best_val.shape[1] + cos.shape[1]), dim=1)
-        best_row = torch.gather(torch.cat([best_row, rows], 1), 1, pick)
-        best_val = vals
-    member = c["labels"].long()[best_row] == torch.tensor(concepts)[:, None]
-    return best_row.numpy(), best_val.numpy(), member.numpy()
-
-
-def _images(pipe, ids) -> dict[int, np.ndarray]:
-    ids = sorted(set(int(i) for i in ids))
-    out = {}
-    for i in range(0, len(ids), 256):
-        part = ids[i:i + 256]
-        x, _ = pipe.load_images(part)
-        out.update({img: display_rgb(x[j]) for j, img in enumerate(part)})
-    return out
-
-
-def _stage1_samples(files: list[Path], starts: np.ndarray, layer: str, rows) -> tuple[dict, dict]:
-    """For global stage-1 ``rows`` of ``layer``: ``{row: (image, position, label)}`` and
-    ``{row: iERF map [H, W]}`` (empty when the run kept no iERFs, ``store_ierf=False``)."""
-    meta: dict[int, tuple[int, int, int]] = {}
-    maps: dict[int, np.ndarray] = {}
-    wanted = sorted(set(int(r) for r in rows))
-    for fi, f in enumerate(files):
-        local = [r - int(starts[fi]) for r in wanted if starts[fi] <= r < starts[fi + 1]]
-        if not local:
-            continue
-        with np.load(f, allow_pickle=False) as z:
-            img, pos, lab = z["image"], z[f"{layer}|position"], z["label"]
-            ierf = z[f"{layer}|ierf"] if f"{layer}|ierf" in z.files else None
-        for r in local:
-            row = r + int(starts[fi])
-            meta[row] = (int(img[r]), int(pos[r]), int(lab[r]))
-            if ierf is not None:
-                maps[row] = ierf[r]
-    return meta, maps
-
-
-def _concept_pictures(pipe, need: dict[str, set[int]], crops: int, max_px: int):
-    """Per concept (``"layer|q"``) its nearest samples ``[crop, image, position, cosine, member,
-    label]`` (crop = index into the returned crop table, −1 without iERFs), the crop table of PNG
-    data URIs (each stage-1 sample drawn once), and whether iERFs were stored."""
-    files, starts = _stage1_rows(pipe.work)
-    table: list[str] = []
-    crop_index: dict[tuple[str, int], int] = {}
-    concepts: dict[str, list] = {}
-    stored_ierf = True
-    for layer, qs in need.items():
-        qs = sorted(qs)
-        rows, cos, member = _nearest(pipe, layer, qs, crops, files)
-        meta, maps = _stage1_samples(files, starts, layer, rows.ravel())
-        stored_ierf &= bool(maps)
-        pics = _images(pipe, [m[0] for m in meta.values()]) if maps else {}
-        for qi, q in enumerate(qs):
-            samples = []
-            for r, cv, mem in zip(rows[qi].tolist(), cos[qi].tolist(), member[qi].tolist()):
-                key = (layer, r)
-                if key not in crop_index and r in maps:
-                    crop_index[key] = len(table)
-                    table.append(png_data_uri(ierf_crop(pics[meta[r][0]], maps[r], max_px=max_px), palette=True))
-                samples.append([crop_index.get(key, -1), *meta[r][:2], round(float(cv), 4), int(mem), meta[r][2]])
-            concepts[f"{layer}|{q}"] = samples
-    return concepts, table, stored_ierf
-
-
-def _heat_maps(pipe, graph: dict, image_ids: list[int]) -> dict[str, dict]:
-    """Per chosen explained image: its picture and, per layer, heat-maps of the concepts of its own
-    graph and of its class's graph (the concepts a card can show while that image is selected)."""
-    spatial = {lay["name"]: lay.get("spatial") for lay in graph["layers"]}
-    by_id = {g["id"]: g for g in graph["images"]}
-    want = {i: graph_concepts({"class_graphs": {"c": graph["class_graphs"][str(by_id[i]["class"])]},
-                               "pair_graphs": {}, "images": [by_id[i]]}, [i]) for i in image_ids}
-    pics = _images(pipe, image_ids)
-    out: dict[str, dict] = {}
-    for f in sorted((pipe.work / "codes").glob("chunk_*.npz")):
-        with np.load(f, allow_pickle=False) as z:
-            row_of = {int(i): r for r, i in enumerate(z["image"].tolist()) if int(i) in want}
-            if not row_of:
-                continue
-            for img, r in row_of.items():
-                picture = _fit((pics[img] * 255).astype(np.uint8), IMAGE_PX)
-                out[str(img)] = {"picture": png_data_uri(picture, palette=True),
-                                 "heat": _image_heat_maps(z, r, want[img], spatial)}
-    return out
-
-
-def _image_heat_maps(codes, row: int, concepts: dict[str, set[int]], spatial: dict) -> dict[str, str]:
-    """``"layer|q"`` → heat-map of concept q in one explained image (row ``row`` of a stage-3 codes
-    file): its code value at each position ``[P]`` (0 where q is not among the position's codes),
-    reshaped to the layer's ``[H, W]``. Concepts the image does not use are left out."""
-    heat: dict[str, str] = {}
-    for layer, qs in concepts.items():
-        idx, val = codes[f"{layer}|idx"][row], codes[f"{layer}|val"][row]  # [P, s]
-        for q in sorted(qs):
-            uri = heat_map_png(np.where(idx == q, val, 0.0).sum(1).reshape(spatial[layer]))
-            if uri is not None:
-                heat[f"{layer}|{q}"] = uri
-    return heat
-
-
-def collect_pictures(pipe, graph: dict, *, crops: int = 10, max_images: int = 20, max_px: int = 96) -> dict:
-    """Every picture the explorer page shows for a finished run.
-
-    Args:
-        pipe: the run's :class:`~gig_fast.pipeline.Pipeline` (work folder, model-free image loading).
-        graph: its ``graph.json`` dict.
-        crops: nearest samples per concept (the card shows them; the first is the node picture).
-        max_images: explained images embedded with their picture and heat-maps (round-robin over
-            classes); the page offers only these in its image view.
-        max_px: longest side of a crop.
-    Returns:
-        JSON-able ``{"crops": [data URI, …], "concepts": {"layer|q": [[crop, image, position, cosine,
-        member, label], …]}, "images": {"id": {"picture", "heat": {"layer|q": data URI}}}, "ierf": bool,
-        "images_total": n}``.
-    """
-    image_ids = pick_images(graph, max_images)
-    concepts, table, stored = _concept_pictures(pipe, graph_concepts(graph, image_ids), crops, max_px)
-    return {"crops": table, "concepts": concepts, "images": _heat_maps(pipe, graph, image_ids),
-            "ierf": stored, "images_total": graph.get("images_total", len(graph["images"]))}

@@ -19,6 +19,7 @@ import json
 from importlib import resources
 
 from .pictures import graph_concepts, pick_images
+from .summary import summary_html as metrics_summary
 
 __all__ = ["render_explorer", "embed_json", "compact_graph", "concept_usage"]
 
@@ -114,14 +115,13 @@ def render_explorer(graph: dict, metrics: dict | None = None, pictures: dict | N
             the image view then offers up to ``max_images`` images without heat-maps).
         max_images: images offered in the image view when ``pictures`` is None.
         summary_html: trusted, already escaped HTML for the static summary section; default: the
-            metrics tables of :func:`gig_fast.pipeline.report.summary_html` when ``metrics`` is given.
+            metrics tables of :func:`gig_fast.explorer.summary_html` when ``metrics`` is given.
         title: page title (escaped).
     Returns:
         The HTML text (UTF-8; write it with ``atomic_write_text``).
     """
     if not summary_html and metrics is not None:
-        from ..pipeline.report import summary_html as _summary
-        summary_html = _summary(graph, metrics)
+        summary_html = metrics_summary(graph, metrics)
     layer_index = {lay["name"]: i for i, lay in enumerate(graph["layers"])}
     script = _asset("explorer.js")
     digest = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii")

@@ -8,33 +8,16 @@ one point's pre-activation to another's (or to the logits) without recomputing t
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-__all__ = ["BlockRecord", "ForwardRecord", "ResNetAdapter", "get_adapter", "bn_affine", "ensure_eval", "fold_batchnorm"]
+from .bn import bn_affine, branch_modules, ensure_eval, fold_batchnorm
+from .fx_adapter import FXAdapter
 
-
-def ensure_eval(model: nn.Module) -> nn.Module:
-    """Put ``model`` in eval mode, warning if it was training (BN statistics would move)."""
-    if model.training:
-        warnings.warn("model was in train mode; switching it to eval() (BN running statistics are used)",
-                      stacklevel=3)
-        model.eval()
-    return model
-
-
-def bn_affine(bn: nn.Module | None, channels: int, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel ``(scale, shift)`` of an eval-mode BN: ``bn(y) = scale·y + shift``; identity if None."""
-    if bn is None:
-        return torch.ones(channels, dtype=ref.dtype, device=ref.device), torch.zeros(
-            channels, dtype=ref.dtype, device=ref.device)
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    shift = bn.bias - bn.running_mean * scale
-    return scale.to(ref.dtype), shift.to(ref.dtype)
+__all__ = ["BlockRecord", "ForwardRecord", "ResNetAdapter", "get_adapter"]
 
 
 @dataclass
@@ -62,12 +45,6 @@ class ForwardRecord:
     def preact(self, point: str) -> torch.Tensor:
         """``[B, C, H, W]`` pre-activation of a block point."""
         return self.blocks[point].v
-
-
-def _branch_modules(block: nn.Module) -> list[tuple[nn.Conv2d, nn.Module]]:
-    if isinstance(block, Bottleneck):
-        return [(block.conv1, block.bn1), (block.conv2, block.bn2), (block.conv3, block.bn3)]
-    return [(block.conv1, block.bn1), (block.conv2, block.bn2)]
 
 
 class ResNetAdapter:
@@ -104,11 +81,11 @@ class ResNetAdapter:
 
     def channels(self, point: str) -> int:
         """Number of channels C of a point's PFVs."""
-        return _branch_modules(self.blocks[point])[-1][1].num_features
+        return branch_modules(self.blocks[point])[-1][1].num_features
 
     def bn_shift(self, point: str) -> torch.Tensor:
         """β ``[C]``: the net shift of the BN feeding the block's residual sum (DESIGN.md §1.1)."""
-        conv, bn = _branch_modules(self.blocks[point])[-1]
+        conv, bn = branch_modules(self.blocks[point])[-1]
         with torch.no_grad():
             return bn_affine(bn, conv.out_channels, conv.weight)[1].detach().clone()
 
@@ -139,7 +116,7 @@ class ResNetAdapter:
         h = pooled
         for name, block in self.blocks.items():
             pre, post, y = [], [], h
-            branch = _branch_modules(block)
+            branch = branch_modules(block)
             for k, (conv, bn) in enumerate(branch):
                 p = bn(conv(y))
                 pre.append(p)
@@ -194,28 +171,13 @@ class ResNetAdapter:
 
     @staticmethod
     def _block_preact(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        branch = _branch_modules(block)
+        branch = branch_modules(block)
         y = h
         for k, (conv, bn) in enumerate(branch):
             y = bn(conv(y))
             if k < len(branch) - 1:
                 y = torch.relu(y)
         return y + (block.downsample(h) if block.downsample is not None else h)
-
-
-def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of ``gm`` with each eval-mode ``Conv2d → BatchNorm2d`` pair folded into one conv.
-
-    The same function up to float rounding, ~30% less work in GIG's forward and backward (no BN
-    passes). The copy holds the weights of this moment: analysis runs on a fixed model, and the
-    adapters build it per call (the slice itself is cached by ``gig_fast.slicing``). Modules that cannot
-    be folded (train mode, no running statistics) are left as they are.
-    """
-    from torch.fx.experimental.optimization import fuse
-
-    if any(m.training for m in gm.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
-        return gm  # train-mode BN normalises by batch statistics: nothing to fold
-    return fuse(gm, inplace=False)
 
 
 def get_adapter(model: nn.Module, points=None):
@@ -227,8 +189,6 @@ def get_adapter(model: nn.Module, points=None):
     """
     if points is None and all(hasattr(model, s) for s in ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc")):
         return ResNetAdapter(model)
-    from .fx_adapter import FXAdapter
-
     points = points if points is not None else getattr(model, "gig_points", None)
     try:
         if isinstance(points, str):  # a block container such as EfficientNet's "_blocks"

@@ -18,10 +18,10 @@ from torchvision.models.resnet import Bottleneck
 
 __all__ = ["DemoResNet", "FASHION_CLASSES", "default_demo_path", "train_demo", "load_demo", "DEMO_MEAN", "DEMO_STD"]
 
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-# Fashion-MNIST pixel statistics (train split), used to normalise the inputs.
-DEMO_MEAN, DEMO_STD = 0.2860, 0.3530
+from ..data import FASHION_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD, fashion_mnist
+
+# The demo network's input normalisation: Fashion-MNIST's own pixel statistics.
+DEMO_MEAN, DEMO_STD = FASHION_MNIST_MEAN, FASHION_MNIST_STD
 
 
 class DemoResNet(nn.Module):
@@ -102,8 +102,6 @@ def train_demo(path: str | os.PathLike | None = None, *, epochs: int = 2, base: 
         ``(model in eval mode, info dict)``.
     """
     from tqdm import tqdm
-
-    from ..data import fashion_mnist
 
     path = Path(path) if path is not None else default_demo_path()
     meta_path = path.with_suffix(path.suffix + ".json")

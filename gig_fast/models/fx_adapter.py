@@ -22,7 +22,7 @@ import torch
 from torch import fx, nn
 
 from .. import slicing
-from .adapters import ensure_eval, fold_batchnorm
+from .bn import ensure_eval, fold_batchnorm
 
 __all__ = ["FXAdapter", "FXRecord", "container_points"]
 

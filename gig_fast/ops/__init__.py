@@ -10,8 +10,10 @@ Five ops, each with a pure-PyTorch reference (``torch`` backend) and compiled ba
 * :func:`sparse_code` — Lasso / OMP coding of vectors on a concept dictionary.
 
 ``available_backends()`` says what is built; :func:`use_backend` or ``GIG_FAST_BACKEND`` forces one.
+The registry (:mod:`gig_fast.ops.registry`) is the public way to an op's backends, bare kernels and
+registered ``torch.library`` op: ``spec("sparse_code").defaults``, ``kernel("spherical_assign", device)``.
 """
-from ._backend import BACKENDS, available_backends, forced_backend, use_backend
+from .registry import BACKENDS, OpSpec, available_backends, forced_backend, kernel, spec, specs, use_backend
 from .centroid_update import centroid_update
 from .gig_accumulate import gig_accumulate
 from .sparse_code import sparse_code
@@ -23,6 +25,10 @@ __all__ = [
     "available_backends",
     "forced_backend",
     "use_backend",
+    "OpSpec",
+    "spec",
+    "specs",
+    "kernel",
     "sparse_reconstruct",
     "spherical_assign",
     "centroid_update",

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import torch
 
-from . import _validate as v
-from ._backend import resolve
+from . import checks as v
+from .registry import OpSpec, register, resolve
 from .reference import centroid_update_ref
 
 __all__ = ["centroid_update"]
 
-IMPLEMENTED = ["torch", "cpp", "triton", "cuda"]
+IMPLEMENTED = ("torch", "cpp", "triton", "cuda")
 PREFERENCE = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "triton", "torch")}
 
 
@@ -31,7 +31,7 @@ def _triton(X: torch.Tensor, labels: torch.Tensor, K: int):
 
 
 # backend → fn(X [N, C], labels [N], K) -> (sums [K, C], counts [K]); the callables assume validated
-# inputs (gig_fast.concepts calls them directly inside its k-means loops).
+# inputs (the k-means loops of gig_fast.concepts call them through gig_fast.ops.kernel).
 IMPLS = {"torch": centroid_update_ref, "cpp": _cpp, "triton": _triton, "cuda": _cuda}
 
 
@@ -46,6 +46,9 @@ def _centroid_update_op(X: torch.Tensor, labels: torch.Tensor, K: int, backend: 
 def _(X, labels, K, backend):
     acc = torch.float64 if X.dtype == torch.float64 else torch.float32
     return X.new_empty(K, X.shape[1], dtype=acc), X.new_empty(K, dtype=torch.int64)
+
+
+SPEC = register(OpSpec("centroid_update", IMPLEMENTED, PREFERENCE, IMPLS, _centroid_update_op))
 
 
 def centroid_update(X: torch.Tensor, labels: torch.Tensor, K: int, *, backend: str | None = None

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _validate as v
-from ._backend import resolve
+from . import checks as v
+from .registry import OpSpec, register, resolve
 from .reference import gig_accumulate_ref
 
 __all__ = ["gig_accumulate"]
@@ -31,7 +31,7 @@ def _triton(grads, weights, idx, val, V):
     return tk.gig_accumulate(grads, weights, idx, val, V)
 
 
-IMPLEMENTED = ["torch", "cpp", "triton", "cuda"]
+IMPLEMENTED = ("torch", "cpp", "triton", "cuda")
 PREFERENCE = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "triton", "torch")}
 IMPLS = {"torch": gig_accumulate_ref, "cpp": _cpp, "triton": _triton, "cuda": _cuda}
 # backend → fn(grads [T, m, P, C], weights [m], idx [P, s], val [P, s], V [K, C]) -> [T, P, s]
@@ -49,6 +49,9 @@ def _gig_accumulate_op(grads: torch.Tensor, weights: torch.Tensor, idx: torch.Te
 def _(grads, weights, idx, val, V, backend):
     acc = torch.float64 if grads.dtype == torch.float64 else torch.float32
     return grads.new_empty(grads.shape[0], idx.shape[0], idx.shape[1], dtype=acc)
+
+
+SPEC = register(OpSpec("gig_accumulate", IMPLEMENTED, PREFERENCE, IMPLS, _gig_accumulate_op))
 
 
 def gig_accumulate(grads: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, val: torch.Tensor,

@@ -32,13 +32,13 @@ import warnings
 
 import torch
 
-from . import _validate as v
-from ._backend import resolve
+from . import checks as v
+from .registry import OpSpec, register, resolve
 from .sparse_code_reference import dense_to_padded, lasso_gram_ref, omp_gram_ref
 
 __all__ = ["sparse_code", "SparseCodeInfo", "SparseCodeConvergenceWarning", "DEFAULT_LAM_REL"]
 
-# Chosen on PFV-like data (gig_fast.testing_sparse_code.pfv_like: non-negative, correlated; see
+# Chosen on PFV-like data (gig_fast.testing.pfv_like: non-negative, correlated; see
 # ``benchmarks/bench_sparse_code.py --calibrate``). At K = 8C, λ_rel = 0.2 gave l0 ratios of 0.990–0.991
 # at C = 64, 0.992 at C = 128 and 0.994 at C = 256 (the analysed layers have C ≥ 256), i.e. ≤ 1% of the
 # coefficients non-zero, with a relative reconstruction error of ≈ 0.36. Lower it for finer codes.
@@ -46,7 +46,7 @@ DEFAULT_LAM_REL = 0.2
 DEFAULT_TOL = 1e-6
 DEFAULT_MAX_ITER = 5000
 
-IMPLEMENTED = ["torch", "cpp", "triton"]
+IMPLEMENTED = ("torch", "cpp", "triton")
 PREFERENCE = {"cpu": ("cpp", "torch"), "cuda": ("triton", "torch")}
 
 # Gram matrices larger than this are not formed on the CPU (K = 16384 in fp32 would be 1 GiB);
@@ -140,7 +140,8 @@ GRAMLESS = {"cpp"}
 # ------------------------------------------------------------------------------------ the driver
 def _gram(V: torch.Tensor, backend: str) -> torch.Tensor | None:
     K = V.shape[0]
-    if backend in GRAMLESS and V.device.type == "cpu" and K * K * V.element_size() > CPU_GRAM_LIMIT_BYTES:
+    limit = SPEC.defaults["cpu_gram_limit_bytes"]  # read per call: tests lower it to force the Gram-less path
+    if backend in GRAMLESS and V.device.type == "cpu" and K * K * V.element_size() > limit:
         return None
     return V @ V.T
 
@@ -215,6 +216,12 @@ def _(Y, V, lam, relative, method, positive, max_iter, tol, n_nonzero, backend):
     N = Y.shape[0]
     return (Y.new_empty(N, s, dtype=torch.int64), Y.new_empty(N, s), Y.new_empty(N), Y.new_empty(N),
             Y.new_empty(N, dtype=torch.int64))
+
+
+# The bare kernels are the Lasso solvers (signature above); the OMP ones are ``OMP_IMPLS``.
+SPEC = register(OpSpec("sparse_code", IMPLEMENTED, PREFERENCE, LASSO_IMPLS, _sparse_code_op,
+                       defaults={"lam_rel": DEFAULT_LAM_REL, "tol": DEFAULT_TOL, "max_iter": DEFAULT_MAX_ITER,
+                                 "cpu_gram_limit_bytes": CPU_GRAM_LIMIT_BYTES}))
 
 
 def _check_args(X, V, bias, lam, method, lam_mode, positive, max_iter, tol, n_nonzero):

@@ -14,8 +14,8 @@ from typing import Optional
 
 import torch
 
-from . import _validate as v
-from ._backend import resolve
+from . import checks as v
+from .registry import OpSpec, register, resolve
 from .reference import sparse_reconstruct_backward_ref, sparse_reconstruct_ref
 
 __all__ = ["sparse_reconstruct"]
@@ -98,6 +98,17 @@ def _backward_fn(ctx, grad_out):
 
 
 _sparse_reconstruct_op.register_autograd(_backward_fn, setup_context=_setup_context)
+
+
+def _bare_forward(backend: str):
+    """The forward of ``backend``, looked up when called (the extensions load lazily)."""
+    return lambda idx, val, V, bias: _forward(backend)(idx, val, V, bias)
+
+
+# The bare kernels are the forwards (``(idx [P, s], val [P, s], V [K, C], bias [C] or None) -> [P, C]``);
+# the backward op is ``torch.ops.gig_fast.sparse_reconstruct_backward``.
+SPEC = register(OpSpec("sparse_reconstruct", IMPLEMENTED, PREFERENCE, {b: _bare_forward(b) for b in IMPLEMENTED},
+                       _sparse_reconstruct_op))
 
 
 def sparse_reconstruct(idx: torch.Tensor, val: torch.Tensor, V: torch.Tensor,

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import torch
 
-from . import _validate as v
-from ._backend import resolve
+from . import checks as v
+from .registry import OpSpec, register, resolve
 from .reference import spherical_assign_ref
 
 __all__ = ["spherical_assign"]
 
-IMPLEMENTED = ["torch", "cpp", "triton", "cuda"]
+IMPLEMENTED = ("torch", "cpp", "triton", "cuda")
 # Triton first on the GPU: it scores in bf16 on tensor cores and re-scores the top-2 in fp32, while the
 # CUDA kernel is a plain tiled fp32 kernel (exact but slower).
 PREFERENCE = {"cpu": ("cpp", "torch"), "cuda": ("triton", "cuda", "torch")}
@@ -33,7 +33,8 @@ def _triton(X: torch.Tensor, centroids: torch.Tensor):
 
 
 # backend → fn(X [N, C] contiguous, centroids [K, C] contiguous) -> (labels int64 [N], best [N]); the
-# callables assume validated inputs (gig_fast.concepts calls them directly inside its k-means loops).
+# callables assume validated inputs (the k-means loops of gig_fast.concepts call them through
+# gig_fast.ops.kernel).
 IMPLS = {"torch": spherical_assign_ref, "cpp": _cpp, "triton": _triton, "cuda": _cuda}
 
 
@@ -47,6 +48,9 @@ def _spherical_assign_op(X: torch.Tensor, centroids: torch.Tensor, backend: str)
 def _(X, centroids, backend):
     acc = torch.float64 if X.dtype == torch.float64 else torch.float32
     return X.new_empty(X.shape[0], dtype=torch.int64), X.new_empty(X.shape[0], dtype=acc)
+
+
+SPEC = register(OpSpec("spherical_assign", IMPLEMENTED, PREFERENCE, IMPLS, _spherical_assign_op))
 
 
 def spherical_assign(X: torch.Tensor, centroids: torch.Tensor, *, backend: str | None = None

@@ -6,8 +6,9 @@
 """
 from .config import PipelineConfig, demo_config, load_config
 from .graph import SCHEMA, SCHEMA_VERSION, build_graph, write_graph
-from .run import Pipeline
+from .report import write_report
+from .run import Pipeline, rebuild_report
 from .stages import attribute, decompose, extract_concepts, pfv_dataset
 
 __all__ = ["Pipeline", "PipelineConfig", "load_config", "demo_config", "pfv_dataset", "extract_concepts",
-           "decompose", "attribute", "build_graph", "write_graph", "SCHEMA", "SCHEMA_VERSION"]
+           "decompose", "attribute", "build_graph", "write_graph", "write_report", "rebuild_report", "SCHEMA", "SCHEMA_VERSION"]

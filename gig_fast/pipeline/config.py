@@ -120,6 +120,15 @@ class PipelineConfig:
         return {"image_size": self.image_size, "channels": self.channels,
                 "mean": self.mean or own.get("mean", IMAGENET_MEAN), "std": self.std or own.get("std", IMAGENET_STD)}
 
+    def gig_options(self) -> dict:
+        """The keyword arguments of :func:`gig_fast.gig` that this configuration sets (stage 4's rule)."""
+        return {"steps": self.gig_steps, "rule": self.gig_rule, "batch_size": self.gig_batch_size,
+                "autocast": AUTOCAST[self.gig_autocast], "tolerance": self.gig_tolerance}
+
+    def code_options(self) -> dict:
+        """The keyword arguments of :func:`gig_fast.ops.sparse_code` that this configuration sets (stage 3)."""
+        return {"lam": self.lam, "method": self.code_method, "positive": self.positive}
+
     def key(self) -> str:
         """Hash of every field that changes results (the run key for resuming)."""
         d = {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_HASHED}

@@ -8,7 +8,7 @@ here is a no-op, so a single process needs no launcher and runs exactly as befor
 How the pipeline uses it: stage-1/3/4 chunk ``ci`` belongs to rank ``ci % world`` (each rank writes
 its own chunk files, every file atomically) and all ranks meet at a barrier after each stage (and
 after each GIG layer transition, whose targets depend on all chunks of the level above); stage 2
-runs the bisecting k-means together (:mod:`gig_fast.concepts_distributed`); rank 0 alone writes the
+runs the bisecting k-means together (:func:`bisecting_kmeans`); rank 0 alone writes the
 shared artifacts (concept files, ``graph.json``, ``metrics.json``, ``report.html``).
 """
 from __future__ import annotations
@@ -19,7 +19,9 @@ import os
 
 import torch
 
-__all__ = ["setup", "env_world", "rank", "world", "is_main", "barrier", "all_reduce", "owns"]
+from ..concepts import bisecting_spherical_kmeans, distributed_bisecting_kmeans
+
+__all__ = ["setup", "env_world", "rank", "world", "is_main", "barrier", "all_reduce", "owns", "bisecting_kmeans"]
 
 
 def env_world() -> int:
@@ -126,3 +128,16 @@ def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     buf = t.detach().to(_comm_device(t.device), copy=True).contiguous()
     d.all_reduce(buf, op=ops[op])
     return buf.to(t.device)
+
+
+def bisecting_kmeans(X: torch.Tensor, K: int, beta: torch.Tensor, seed: int, mode: str | None):
+    """The concepts of one layer, ``(V [K, C], labels [N])``: :func:`~gig_fast.concepts.bisecting_spherical_kmeans`
+    in one process; under ``torchrun`` its collective twin
+    :func:`~gig_fast.concepts.distributed_bisecting_kmeans`, which every rank calls with the same ``X``
+    and which returns the same concepts. ``mode`` None: the extractor's default."""
+    kw = {"beta": beta, "seed": seed}
+    if mode is not None:
+        kw["mode"] = mode
+    if world() > 1:
+        return distributed_bisecting_kmeans(X, K, rank=rank(), world=world(), all_reduce=all_reduce, **kw)
+    return bisecting_spherical_kmeans(X, K, **kw)

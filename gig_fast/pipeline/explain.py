@@ -6,15 +6,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import deps
-from .config import AUTOCAST, PipelineConfig
+from ..gig import ClassTarget, ConceptTarget, gig
+from ..ops import sparse_code
+from .config import PipelineConfig
 from .stages import CLASSES
 from .store import load_json, load_npz
 
-__all__ = ["explain_image"]
+__all__ = ["explain_image", "find_work"]
 
 
-def _find_work(out: Path) -> Path:
+def find_work(out: Path) -> Path:
+    """The work folder (``<out>/work-<key>``) of the newest finished run in the output folder ``out``."""
     works = sorted(out.glob("work-*/concepts"))
     if not works:
         raise FileNotFoundError(f"no finished run with concepts under {out}; run `gig-fast run` or `gig-fast demo` first")
@@ -31,7 +33,7 @@ def explain_image(run_dir: str | Path, image: torch.Tensor, *, target: int | Non
     """
     from ..models import get_adapter, load_model
 
-    work = _find_work(Path(run_dir))
+    work = find_work(Path(run_dir))
     cfg = PipelineConfig(**{k: v for k, v in load_json(work / "config.json")["config"].items()})
     dev = torch.device(device or cfg.device)
     model = model if model is not None else load_model(cfg.model, cfg.weights)
@@ -50,7 +52,7 @@ def explain_image(run_dir: str | Path, image: torch.Tensor, *, target: int | Non
         concepts[p] = c
         v = rec.preact(p)
         X = v.permute(0, 2, 3, 1).reshape(-1, v.shape[1])
-        idx, val = deps.sparse_code(X, c["V"].to(X), cfg.lam, c["beta"].to(X), cfg.code_method, cfg.positive)
+        idx, val = sparse_code(X, c["V"].to(X), bias=c["beta"].to(X), **cfg.code_options())
         codes[p] = (idx.reshape(1, X.shape[0], -1), val.reshape(1, X.shape[0], -1).to(X))
     nodes, edges, deltas = {}, [], {}
     targets: list[int] = [cls]
@@ -58,13 +60,12 @@ def explain_image(run_dir: str | Path, image: torch.Tensor, *, target: int | Non
         a = points[i]
         b = CLASSES if i == len(points) - 1 else points[i + 1]
         if b == CLASSES:
-            tgt = deps.class_target(cls, cfg.class_probability)
+            tgt = ClassTarget(cls, probability=cfg.class_probability)
         else:
-            tgt = [deps.concept_target(concepts[b]["V"][t]) for t in targets]
-        f_ab = deps.make_f_ab(adapter, a, None if b == CLASSES else b)
-        res = deps.gig(f_ab, codes[a], concepts[a]["V"], concepts[a]["beta"], tgt, cfg.gig_steps, cfg.gig_rule,
-                       cfg.gig_batch_size, tuple(rec.preact(a).shape[-2:]), AUTOCAST[cfg.gig_autocast],
-                       cfg.gig_tolerance)
+            tgt = [ConceptTarget(concepts[b]["V"][t]) for t in targets]
+        f_ab = adapter.f_ab(a, None if b == CLASSES else b)
+        res = gig(f_ab, codes[a], concepts[a]["V"], concepts[a]["beta"], tgt, spatial=tuple(rec.preact(a).shape[-2:]),
+                  **cfg.gig_options())
         pc = res.per_concept.detach().double().cpu().reshape(len(targets), -1)  # [T, K_a]
         deltas[f"{a}->{b}"] = float(res.delta.detach().abs().max())
         score = pc.sum(0).numpy()

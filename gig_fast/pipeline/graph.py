@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .stages import CLASSES, _trans_dir, class_pair_weights, class_scores, load_concepts, top_sets, transitions
+from .stages import CLASSES, trans_dir, class_pair_weights, class_scores, load_concepts, top_sets, transitions
 from .store import atomic_write_parts
 
 __all__ = ["build_graph", "write_graph", "SCHEMA", "SCHEMA_VERSION"]
@@ -160,7 +160,7 @@ def _image_graph_chunks(pipe):
             meta = dict(zip(z["image"].tolist(), zip(z["label"].tolist(), z["prediction"].tolist())))
         per_image: dict[int, dict] = {}
         for a, b in trans:
-            with np.load(_trans_dir(pipe, a, b) / cpath.name, allow_pickle=False) as z:
+            with np.load(trans_dir(pipe, a, b) / cpath.name, allow_pickle=False) as z:
                 imgs, tidx, tval = z["image"], z["top_idx"], z["top_val"]
             _add_image_entries(pipe, per_image, meta, a, b, tops, imgs, tidx, tval)
         ids = sorted(per_image)

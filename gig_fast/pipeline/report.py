@@ -1,14 +1,18 @@
-"""``metrics.json`` (per-layer rel-L2, l0 ratio, completeness deltas, timings) and the static run summary
-(a section of ``report.html``, whose interactive part is :mod:`gig_fast.explorer`)."""
+"""A finished run's ``metrics.json`` (per-layer rel-L2, l0 ratio, completeness deltas, timings) and its
+``report.html`` (drawn by :mod:`gig_fast.explorer` from the graph, the metrics and the pictures that
+:mod:`.pictures` reads from the work files)."""
 from __future__ import annotations
 
-import html
+from pathlib import Path
 
 import numpy as np
 
-from .stages import _trans_dir, transitions
+from ..explorer import render_explorer
+from .pictures import collect_pictures
+from .stages import trans_dir, transitions
+from .store import atomic_write_text
 
-__all__ = ["collect_metrics", "render_report", "summary_html"]
+__all__ = ["collect_metrics", "write_report"]
 
 
 def collect_metrics(pipe, timings: dict) -> dict:
@@ -28,7 +32,7 @@ def collect_metrics(pipe, timings: dict) -> dict:
                      "pfvs": int(n), "not_converged": int(np.sum(sums.get(f"{p}|not_converged", 0)))}
     deltas = {}
     for a, b in transitions(pipe):
-        chunks = [np.load(f, allow_pickle=False) for f in sorted(_trans_dir(pipe, a, b).glob("chunk_*.npz"))]
+        chunks = [np.load(f, allow_pickle=False) for f in sorted(trans_dir(pipe, a, b).glob("chunk_*.npz"))]
         ad = np.abs(np.concatenate([z["delta"].ravel() for z in chunks]))
         rd = np.concatenate([z["rel_delta"].ravel() for z in chunks])
         # quadrature nodes per image and whether the refinement ran (absent in runs made before it existed)
@@ -65,48 +69,11 @@ def collect_metrics(pipe, timings: dict) -> dict:
             "accuracy_on_explained": acc, "skipped_images": pipe.skipped, "timings_s": timings}
 
 
-def summary_html(graph: dict, metrics: dict) -> str:
-    """The static run summary (HTML fragment): decomposition quality per layer (paper Table 1 form),
-    completeness deltas, top concepts per class, shared concepts at the last layer, timings.
-    Every string from the data is escaped."""
-    e = lambda s: html.escape(str(s), quote=True)  # noqa: E731
-    names = {c["id"]: c["name"] for c in graph["classes"]}
-    acc = "n/a (unlabelled)" if metrics["accuracy_on_explained"] is None else f"{metrics['accuracy_on_explained']:.3f}"
-    rows = "".join(f"<tr><td>{e(p)}</td><td>{m['rel_l2']:.4f}</td><td>{m['l0_ratio']:.4f}</td><td>{m['pfvs']}</td></tr>"
-                   for p, m in metrics["layers"].items())
-    share = lambda v, key: f"{100 * v[key]:.2f}%" if key in v else "n/a"  # noqa: E731 (older runs lack them)
-    drows = "".join(f"<tr><td>{e(k)}</td><td>{v['max_abs']:.3g}</td><td>{v['median_abs']:.3g}</td>"
-                    f"<td>{v['max_rel']:.3g}</td><td>{v['median_rel']:.3g}</td>"
-                    f"<td>{share(v, 'share_rel_within_1pct')}</td><td>{share(v, 'refined_share')}</td></tr>"
-                    for k, v in metrics["completeness"].items())
-    classes = []
-    for cid, g in graph["class_graphs"].items():
-        items = "".join(f"<li>{e(layer)}: " + ", ".join(f"#{n['concept']} ({n['normalized']:.2f})" for n in nodes) + "</li>"
-                        for layer, nodes in list(g["nodes"].items())[:4])
-        classes.append(f"<h3>{e(names[int(cid)])}</h3><ul>{items}</ul>")
-    pairs = []
-    for key, pg in graph["pair_graphs"].items():
-        c1, c2 = pg["classes"]
-        last = pg["shared"].get(graph["layers"][-2]["name"], [])
-        if last:
-            pairs.append(f"<tr><td>{e(names[c1])} / {e(names[c2])}</td><td>"
-                         + ", ".join(f"#{s['concept']} ({s['score']:.2f})" for s in last) + "</td></tr>")
-    timing = "".join(f"<tr><td>{e(k)}</td><td>{v:.1f}</td></tr>" for k, v in metrics["timings_s"].items())
-    return f"""<h2>gig_fast run {e(graph['run_key'])}</h2>
-<p>Model {e(graph['model']['arch'])} on {e(graph['model']['dataset'])}; {metrics['explained_images']} explained images,
-{metrics['concept_images']} concept images; accuracy on explained images {acc}.</p>
-<h2>Decomposition per layer</h2><table><tr><th>layer</th><th>rel-L2</th><th>l0 ratio</th><th>PFVs</th></tr>{rows}</table>
-<h2>Completeness deltas (|Σ GIG − ΔT|)</h2><table><tr><th>transition</th><th>max</th><th>median</th><th>max rel.</th><th>median rel.</th><th>within 1%</th><th>images refined</th></tr>{drows}</table>
-<h2>Top concepts per class (upper layers)</h2>{''.join(classes)}
-<h2>Shared concepts at the last layer</h2><table><tr><th>classes</th><th>concepts (score)</th></tr>{''.join(pairs)}</table>
-<h2>Timings (s)</h2><table>{timing}</table>
-"""
+def write_report(pipe, graph: dict, metrics: dict, *, max_images: int | None = None, path=None) -> Path:
+    """Write ``report.html`` (default ``<out>/report.html``) for a finished run, atomically; return its path."""
+    limit = pipe.config.report_images if max_images is None else max_images
+    pictures = collect_pictures(pipe, graph, crops=pipe.config.report_crops, max_images=limit)
+    path = Path(path) if path is not None else pipe.out / "report.html"
+    atomic_write_text(path, render_explorer(graph, metrics, pictures, max_images=limit))
+    return path
 
-
-def render_report(graph: dict, metrics: dict) -> str:
-    """A static HTML summary without the interactive graph (see :func:`gig_fast.explorer.render_explorer`
-    for ``report.html``); every string from the data is escaped."""
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>gig_fast report</title>
-<style>body{{font-family:sans-serif;max-width:60em;margin:auto}}td,th{{padding:2px 8px;text-align:left}}</style></head><body>
-{summary_html(graph, metrics)}</body></html>
-"""

@@ -9,15 +9,14 @@ import numpy as np
 import torch
 
 from ..models import FASHION_CLASSES, get_adapter, load_model
-from ..explorer import write_report
 from . import distributed as dist
 from .config import PipelineConfig
 from .graph import write_graph
-from .report import collect_metrics
+from .report import collect_metrics, write_report
 from .stages import attribute, decompose, extract_concepts, pfv_dataset
 from .store import load_json, save_json
 
-__all__ = ["Pipeline"]
+__all__ = ["Pipeline", "rebuild_report"]
 
 
 def _dataset_labels(ds) -> np.ndarray:
@@ -210,3 +209,26 @@ class Pipeline:
         write_report(self, graph, metrics)
         timings["report"] = round(time.perf_counter() - t0, 2)  # in metrics.json (the page was already written)
         save_json(self.out / "metrics.json", metrics)
+
+
+def rebuild_report(run_dir, *, html=None, max_images: int | None = None, device: str = "cpu", model=None,
+                   dataset=None) -> Path:
+    """Rewrite a finished run's report from its ``graph.json``, ``metrics.json`` and work folder.
+
+    The model and data set are reopened from the run's stored configuration (only images are read;
+    nothing is recomputed). ``html``: where to write (default ``<run_dir>/report.html``); ``model`` /
+    ``dataset``: the objects the run was given, when it was not run from names in its configuration.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "graph.json").exists():
+        raise FileNotFoundError(f"no graph.json in {run_dir}; is it the output folder of a finished run?")
+    graph, metrics = load_json(run_dir / "graph.json"), load_json(run_dir / "metrics.json")
+    work = run_dir / f"work-{graph['run_key']}"
+    if not work.exists():
+        raise FileNotFoundError(f"{work} (the work folder of this graph) does not exist")
+    stored = load_json(work / "config.json")["config"]
+    cfg = PipelineConfig(**{**stored, "out": str(run_dir), "device": device, "progress": False})
+    if cfg.key() != graph["run_key"]:
+        raise ValueError(f"{work}/config.json does not match graph.json (run key {graph['run_key']})")
+    pipe = Pipeline(cfg, model=model, dataset=dataset)
+    return write_report(pipe, graph, metrics, max_images=max_images, path=html)

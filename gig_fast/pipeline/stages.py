@@ -10,7 +10,6 @@ k-means collectively, and rank 0 writes the concept files. A single process comp
 """
 from __future__ import annotations
 
-import re
 import warnings
 from pathlib import Path
 
@@ -18,8 +17,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import deps
-from .config import AUTOCAST
+from ..gig import ClassTarget, ConceptTarget, gig
+from ..ops import sparse_code, sparse_reconstruct
+from ..ops.sparse_code import SparseCodeConvergenceWarning
+from ..srd import explain
 from . import distributed as dist
 from .store import load_npz, save_npz
 
@@ -66,8 +67,6 @@ def pfv_dataset(pipe) -> list[Path]:
     ``L|ierf [n, H_in, W_in]`` (``ierf_dtype``; only with ``store_ierf``), ``L|position [n]``, and ``image [n]``, ``label [n]``,
     ``target [n]`` (the explained class). Returns the chunk files in order.
     """
-    from ..srd import explain
-
     cfg, files = pipe.config, []
     ids = pipe.concept_ids
     chunks = chunk_ids(ids, cfg.chunk_images)
@@ -145,7 +144,7 @@ def extract_concepts(pipe) -> dict[str, Path]:
         if not torch.isfinite(X).all():
             raise ValueError(f"non-finite (NaN/inf) PFVs at {point}: check the model weights and inputs")
         beta = pipe.adapter.bn_shift(point).to(X)
-        V, labels = deps.bisecting_kmeans(X, K, beta, cfg.seed, cfg.kmeans_mode)
+        V, labels = dist.bisecting_kmeans(X, K, beta, cfg.seed, cfg.kmeans_mode)
         V, labels = V.to(X).detach(), labels.to(X.device).long()
         if dist.is_main():  # every rank holds the same concepts; one writes them
             reps, cos = _representatives(X - beta, V, labels, cfg.representatives)
@@ -183,20 +182,13 @@ def load_concepts(pipe, point: str) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 # stage 3: decomposition
 # ---------------------------------------------------------------------------------------------
-def _code_counting_warnings(X, V, beta, cfg):
-    """Sparse-code ``X``; the coder's per-batch convergence warnings are counted (reported per layer in
-    metrics.json as ``not_converged``) instead of flooding the console; other warnings pass through."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        idx, val = deps.sparse_code(X, V, cfg.lam, beta, cfg.code_method, cfg.positive)
-    n = 0
-    for w in caught:
-        m = re.search(r"(\d+) of \d+ vectors", str(w.message))
-        if type(w.message).__name__ == "SparseCodeConvergenceWarning" and m:
-            n += int(m.group(1))
-        else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return idx, val, n
+def _code(X, V, beta, cfg):
+    """Sparse codes of ``X [n, C]`` on ``V`` and the number of rows the coder stopped at its iteration cap
+    (reported per layer in metrics.json as ``not_converged``, instead of a warning per batch)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SparseCodeConvergenceWarning)
+        idx, val, info = sparse_code(X, V, bias=beta, return_info=True, **cfg.code_options())
+    return idx, val, info.n_unconverged
 
 
 def decompose(pipe) -> list[Path]:
@@ -207,8 +199,6 @@ def decompose(pipe) -> list[Path]:
     ``L|l0_sum``, ``L|count`` (for the per-layer rel-L2 and l0 ratio), ``L|not_converged`` (rows the
     coder stopped at its iteration cap).
     """
-    from ..ops import sparse_reconstruct
-
     cfg, files = pipe.config, []
     concepts = {p: load_concepts(pipe, p) for p in pipe.points}
     for ci, chunk in enumerate(_bar(pipe, chunk_ids(pipe.explain_ids, cfg.chunk_images), "stage 3: decomposition")):
@@ -231,7 +221,7 @@ def decompose(pipe) -> list[Path]:
                 B, C, H, W = v.shape
                 X = v.permute(0, 2, 3, 1).reshape(-1, C)
                 V, beta = concepts[point]["V"].to(X), concepts[point]["beta"].to(X)
-                idx, val, not_converged = _code_counting_warnings(X, V, beta, cfg)
+                idx, val, not_converged = _code(X, V, beta, cfg)
                 recon = sparse_reconstruct(idx, val.to(X), V, beta)
                 rel = (X - recon).norm(dim=1) / X.norm(dim=1).clamp_min(1e-12)
                 l0 = 1.0 - (idx >= 0).sum(1).double() / V.shape[0]
@@ -268,13 +258,14 @@ def transitions(pipe) -> list[tuple[str, str]]:
     return pairs
 
 
-def _trans_dir(pipe, a, b) -> Path:
+def trans_dir(pipe, a, b) -> Path:
+    """The folder of the GIG chunk files of the transition ``a → b``."""
     return pipe.work / "gig" / f"{a}__{b}"
 
 
 def _class_sums(pipe, a: str, b: str):
     """Per chunk file of (a → b): ``(classes [n], class_sum [n, T, K_a])`` (older files hold every class)."""
-    for path in sorted(_trans_dir(pipe, a, b).glob("chunk_*.npz")):
+    for path in sorted(trans_dir(pipe, a, b).glob("chunk_*.npz")):
         with np.load(path, allow_pickle=False) as z:
             sums = z["class_sum"]
             classes = z["classes"] if "classes" in z.files else np.arange(sums.shape[0])
@@ -312,6 +303,11 @@ def top_sets(pipe, point: str) -> np.ndarray:
     return np.argsort(-scores, axis=1, kind="stable")[:, :k]
 
 
+# Each image keeps its strongest sources (by Σ_t |GIG|) per transition for its own graph (graph.py
+# then draws the top ``top_concepts`` of them by signed strength): a pool of 32, or more when more are drawn.
+IMAGE_CANDIDATES = 32
+
+
 def attribute(pipe) -> None:
     """Stage 4: GIG per explained image, top-down (DESIGN.md §1.5–1.6).
 
@@ -323,55 +319,78 @@ def attribute(pipe) -> None:
     and ``rel_delta [T, B]`` (``|delta| / |T(X(1)) − T(X(0))|``), ``steps [B]`` (the quadrature nodes
     each image used) and ``refined [B]`` (whether the adaptive refinement gave its result).
     """
-    cfg = pipe.config
     code_files = sorted((pipe.work / "codes").glob("chunk_*.npz"))
     for a, b in _bar(pipe, transitions(pipe), "stage 4: GIG"):
-        ca = load_concepts(pipe, a)
-        V, beta = ca["V"].to(pipe.device), ca["beta"].to(pipe.device)
-        if b != CLASSES:
-            tops = top_sets(pipe, b)
-            Vb = load_concepts(pipe, b)["V"].to(pipe.device)
-        f_ab = deps.make_f_ab(pipe.adapter, a, None if b == CLASSES else b)
-        for ci, cpath in enumerate(code_files):
-            path = _trans_dir(pipe, a, b) / f"chunk_{ci:05d}.npz"
-            if path.exists() or not dist.owns(ci):
-                continue
-            with np.load(cpath, allow_pickle=False) as z:
-                idx_all, val_all = torch.from_numpy(z[f"{a}|idx"]), torch.from_numpy(z[f"{a}|val"])
-                images, groups = z["image"], z["label" if cfg.class_by == "label" else "prediction"]
-            T = 1 if b == CLASSES else tops.shape[1]
-            M = min(32, V.shape[0])
-            present = np.unique(groups)  # only the classes of this chunk: [n_classes, T, K] would be
-            class_sum = np.zeros((len(present), T, V.shape[0]), dtype=np.float64)  # GBs for 1,000 classes
-            top_idx = np.zeros((len(images), M), dtype=np.int64)
-            top_val = np.zeros((len(images), M, T), dtype=np.float32)
-            delta = np.zeros((T, len(images)), dtype=np.float64)
-            rel_delta = np.zeros((T, len(images)), dtype=np.float64)
-            steps = np.zeros(len(images), dtype=np.int64)
-            refined = np.zeros(len(images), dtype=bool)
-            for slot, c in enumerate(present):
-                rows = np.nonzero(groups == c)[0]
-                if b == CLASSES:
-                    target = deps.class_target(int(c), cfg.class_probability)
-                else:
-                    target = [deps.concept_target(Vb[t]) for t in tops[c]]
-                for sub in _batches(rows, cfg.batch_size):
-                    codes = (idx_all[sub].to(pipe.device), val_all[sub].to(pipe.device).to(V.dtype))
-                    res = deps.gig(f_ab, codes, V, beta, target, cfg.gig_steps, cfg.gig_rule, cfg.gig_batch_size,
-                                   pipe.spatial[a], AUTOCAST[cfg.gig_autocast], cfg.gig_tolerance)
-                    pc = res.per_concept.detach().double().cpu().reshape(T, len(sub), V.shape[0])
-                    d = res.delta.detach().double().cpu().reshape(T, len(sub))
-                    span = (res.value_at_input - res.value_at_baseline).detach().double().cpu().reshape(T, len(sub))
-                    if not torch.isfinite(pc).all():
-                        raise ValueError(f"non-finite GIG attributions for {a} → {b}")
-                    class_sum[slot] += pc.sum(1).numpy()
-                    strength = pc.abs().sum(0)  # [B, K]
-                    order = torch.argsort(strength, dim=1, descending=True, stable=True)[:, :M]
-                    top_idx[sub] = order.numpy()
-                    top_val[sub] = torch.gather(pc.permute(1, 2, 0), 1, order[:, :, None].expand(-1, -1, T)).numpy()
-                    delta[:, sub] = d.numpy()
-                    rel_delta[:, sub] = (d.abs() / span.abs().clamp_min(1e-12)).numpy()
-                    steps[sub], refined[sub] = res.steps.cpu().numpy(), res.refined.cpu().numpy()
-            save_npz(path, classes=present.astype(np.int64), class_sum=class_sum, image=images, top_idx=top_idx, top_val=top_val, delta=delta,
-                     rel_delta=rel_delta, steps=steps, refined=refined)
+        _attribute_transition(pipe, a, b, code_files)
         dist.barrier()  # the next transition's targets are the class scores summed over all chunks
+
+
+def _attribute_transition(pipe, a: str, b: str, code_files: list[Path]) -> None:
+    """Stage 4 for one layer pair: every code chunk that is not done yet and belongs to this rank."""
+    ca = load_concepts(pipe, a)
+    V, beta = ca["V"].to(pipe.device), ca["beta"].to(pipe.device)
+    targets = _class_targets(pipe, b)
+    f_ab = pipe.adapter.f_ab(a, None if b == CLASSES else b)
+    for ci, cpath in enumerate(code_files):
+        path = trans_dir(pipe, a, b) / f"chunk_{ci:05d}.npz"
+        if path.exists() or not dist.owns(ci):
+            continue
+        with np.load(cpath, allow_pickle=False) as z:
+            idx_all, val_all = torch.from_numpy(z[f"{a}|idx"]), torch.from_numpy(z[f"{a}|val"])
+            images, groups = z["image"], z["label" if pipe.config.class_by == "label" else "prediction"]
+        acc = _ChunkAttributions(images, groups, T=len(targets(int(groups[0]))) if len(groups) else 1,
+                                 K=V.shape[0], M=min(max(IMAGE_CANDIDATES, pipe.config.top_concepts), V.shape[0]))
+        for slot, c in enumerate(acc.classes):
+            for sub in _batches(np.nonzero(groups == c)[0], pipe.config.batch_size):
+                codes = (idx_all[sub].to(pipe.device), val_all[sub].to(pipe.device).to(V.dtype))
+                res = gig(f_ab, codes, V, beta, targets(int(c)), spatial=pipe.spatial[a], **pipe.config.gig_options())
+                acc.add(slot, sub, res, f"{a} → {b}")
+        save_npz(path, **acc.arrays())
+
+
+def _class_targets(pipe, b: str):
+    """``class id → GIG target(s)`` of the transition into ``b``: the class itself (b = classes) or the
+    class's top concepts of ``b`` (a list of :class:`~gig_fast.ConceptTarget`)."""
+    if b == CLASSES:
+        return lambda c: [ClassTarget(c, probability=pipe.config.class_probability)]
+    tops = top_sets(pipe, b)
+    Vb = load_concepts(pipe, b)["V"].to(pipe.device)
+    return lambda c: [ConceptTarget(Vb[t]) for t in tops[c]]
+
+
+class _ChunkAttributions:
+    """The arrays of one stage-4 chunk file (see :func:`attribute`), filled batch by batch."""
+
+    def __init__(self, images: np.ndarray, groups: np.ndarray, T: int, K: int, M: int):
+        B = len(images)
+        self.images, self.T, self.M = images, T, M
+        # only the classes of this chunk: [n_classes, T, K] would be GBs for 1,000 classes
+        self.classes = np.unique(groups)
+        self.class_sum = np.zeros((len(self.classes), T, K), dtype=np.float64)
+        self.top_idx = np.zeros((B, M), dtype=np.int64)
+        self.top_val = np.zeros((B, M, T), dtype=np.float32)
+        self.delta = np.zeros((T, B), dtype=np.float64)
+        self.rel_delta = np.zeros((T, B), dtype=np.float64)
+        self.steps = np.zeros(B, dtype=np.int64)
+        self.refined = np.zeros(B, dtype=bool)
+
+    def add(self, slot: int, rows: np.ndarray, res, where: str) -> None:
+        """Store the :class:`~gig_fast.GIGResult` of the chunk rows ``rows`` (images of class ``classes[slot]``)."""
+        T, n = self.T, len(rows)
+        pc = res.per_concept.detach().double().cpu().reshape(T, n, -1)  # [T, n, K]
+        if not torch.isfinite(pc).all():
+            raise ValueError(f"non-finite GIG attributions for {where}")
+        d = res.delta.detach().double().cpu().reshape(T, n)
+        span = (res.value_at_input - res.value_at_baseline).detach().double().cpu().reshape(T, n)
+        self.class_sum[slot] += pc.sum(1).numpy()
+        order = torch.argsort(pc.abs().sum(0), dim=1, descending=True, stable=True)[:, :self.M]  # [n, M]
+        self.top_idx[rows] = order.numpy()
+        self.top_val[rows] = torch.gather(pc.permute(1, 2, 0), 1, order[:, :, None].expand(-1, -1, T)).numpy()
+        self.delta[:, rows] = d.numpy()
+        self.rel_delta[:, rows] = (d.abs() / span.abs().clamp_min(1e-12)).numpy()
+        self.steps[rows], self.refined[rows] = res.steps.cpu().numpy(), res.refined.cpu().numpy()
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"classes": self.classes.astype(np.int64), "class_sum": self.class_sum, "image": self.images,
+                "top_idx": self.top_idx, "top_val": self.top_val, "delta": self.delta, "rel_delta": self.rel_delta,
+                "steps": self.steps, "refined": self.refined}

@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..ops import sparse_code
 from .metrics import dense_to_padded
 
 __all__ = ["Decomposition", "ours", "fit_dictionary_learning", "fit_sae", "load_decomposition", "METHODS"]
@@ -41,10 +42,8 @@ class Decomposition:
 
 def ours(V: torch.Tensor, beta: torch.Tensor, lam, method: str = "lasso", positive: bool = False) -> Decomposition:
     """The pipeline's decomposition: Lasso codes on ``V [K, C]`` with bias ``beta [C]`` (stage 3's coder)."""
-    from ..pipeline import deps
-
     def encode(X):
-        return deps.sparse_code(X, V, lam, beta, method, positive)
+        return sparse_code(X, V, lam=lam, method=method, bias=beta, positive=positive)
     return Decomposition("ours", V, beta, encode, {"V": V, "beta": beta})
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..pipeline import deps
-from ..pipeline.config import AUTOCAST
+from ..gig import ClassTarget, ConceptTarget, gig
+from ..pipeline.distributed import bisecting_kmeans
 from .metrics import auc, class_score, concept_curve, edited_inputs, max_projection, reconstruction_quality, \
     step_counts, top_overlap
 
@@ -60,10 +60,9 @@ def flat_codes(dec, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
 def class_gig(pipe, point: str, dec, idx, val, labels, spatial) -> np.ndarray:
     """``[B, K]`` GIG of each concept of ``point`` to the softmax probability of each image's label (Eq. 7)."""
     cfg = pipe.config
-    rest = deps.make_f_ab(pipe.adapter, point, None)
-    target = deps.class_target(torch.as_tensor(labels, dtype=torch.long), cfg.class_probability)
-    res = deps.gig(rest, (idx, val), dec.V, dec.bias, target, cfg.gig_steps, cfg.gig_rule, cfg.gig_batch_size, spatial,
-                   AUTOCAST[cfg.gig_autocast], cfg.gig_tolerance)
+    rest = pipe.adapter.f_ab(point, None)
+    target = ClassTarget(torch.as_tensor(labels, dtype=torch.long), probability=cfg.class_probability)
+    res = gig(rest, (idx, val), dec.V, dec.bias, target, spatial=spatial, **cfg.gig_options())
     return res.per_concept.detach().double().cpu().numpy()
 
 
@@ -89,7 +88,7 @@ def c_deletion(pipe, point: str, dec, X: torch.Tensor, labels: torch.Tensor, opt
     importance = np.stack([per_image[lab == c].sum(0) for c in range(pipe.num_classes)])  # [n_classes, K]
     N = min(opts.curve_concepts, K)
     counts = step_counts(N, opts.curve_steps)
-    rest = deps.make_f_ab(pipe.adapter, point, None)
+    rest = pipe.adapter.f_ab(point, None)
     curves = {m: [] for m in ("deletion", "insertion")}
     for i in range(B):
         c = int(lab[i])
@@ -143,16 +142,14 @@ def inter_layer(pipe, a: str, b: str, dec, X: torch.Tensor, labels: torch.Tensor
     """
     B, C, H, W = X.shape
     _, idx, val = flat_codes(dec, X)
-    f_ab = deps.make_f_ab(pipe.adapter, a, b)
+    f_ab = pipe.adapter.f_ab(a, b)
     rng = np.random.default_rng([opts.seed, B, H, W, C])
     curves: dict = {}
     skipped = 0
     for i in range(B):
         targets = tops[int(labels[i])][:opts.inter_targets]
-        res = deps.gig(f_ab, (idx[i:i + 1], val[i:i + 1]), dec.V, dec.bias,
-                       [deps.concept_target(Vb[t]) for t in targets], pipe.config.gig_steps, pipe.config.gig_rule,
-                       pipe.config.gig_batch_size, (H, W), AUTOCAST[pipe.config.gig_autocast],
-                       pipe.config.gig_tolerance)
+        res = gig(f_ab, (idx[i:i + 1], val[i:i + 1]), dec.V, dec.bias, [ConceptTarget(Vb[t]) for t in targets],
+                  spatial=(H, W), **pipe.config.gig_options())
         pc = res.per_concept.detach().double().cpu().numpy()[:, 0]  # [T, K]
         active = np.unique(idx[i][idx[i] >= 0].numpy())
         counts = step_counts(len(active), opts.inter_steps)
@@ -215,7 +212,7 @@ def ablation_point(pipe, point: str, K: int, X_train: torch.Tensor, rows: torch.
     if stored is not None and stored["V"].shape[0] == K:
         V = stored["V"].to(X_train)
     else:
-        V, _ = deps.bisecting_kmeans(X_train, K, beta, cfg.seed, cfg.kmeans_mode)
+        V, _ = bisecting_kmeans(X_train, K, beta, cfg.seed, cfg.kmeans_mode)
         V = V.to(X_train).detach()
     dec = ours(V, beta, cfg.lam, cfg.code_method, cfg.positive)
     idx, val = dec.encode(rows)

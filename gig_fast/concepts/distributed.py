@@ -23,9 +23,9 @@ from typing import Callable
 
 import torch
 
-from .concepts import (_apply_split, _check_inputs, _concepts_from_members, _init_pair, _Kernels, _lloyd,
-                       _next_batch, _split_batch, _split_generator, _split_seed, _unit_rows,
-                       bisecting_spherical_kmeans)
+from .bisecting import bisecting_spherical_kmeans
+from .core import (Kernels, apply_split, check_inputs, concepts_from_members, init_pair, lloyd, next_batch,
+                   split_batch, split_generator, split_seed, unit_rows)
 
 __all__ = ["distributed_bisecting_kmeans"]
 
@@ -37,7 +37,7 @@ def _slice(n: int, rank: int, world: int) -> tuple[int, int]:
     return n * rank // world, n * (rank + 1) // world
 
 
-def _lloyd_sharded(Us: torch.Tensor, centroids: torch.Tensor, kern: _Kernels, max_iter: int, rank: int,
+def _lloyd_sharded(Us: torch.Tensor, centroids: torch.Tensor, kern: Kernels, max_iter: int, rank: int,
                    world: int, reduce: AllReduce) -> tuple[torch.Tensor, torch.Tensor, float]:
     """:func:`gig_fast.concepts._lloyd` with the points shared by the ranks (same loop, same stop rule).
 
@@ -93,16 +93,16 @@ def _two_means_sharded(U, idx, kern, seed, n_init, max_iter, init_sample, rank, 
     n = idx.shape[0]
     if kern.fused:
         _, sums, _, _ = torch.ops.gig_fast_cpp.two_means_splits(
-            U, [idx], [_split_seed(seed, int(idx[0]), n)], n_init, max_iter, init_sample, False)
+            U, [idx], [split_seed(seed, int(idx[0]), n)], n_init, max_iter, init_sample, False)
         side = _lloyd_sharded_fused(U, idx, sums[0], max_iter, rank, world, reduce)
     else:
         Us = U[idx]
-        gen = _split_generator(seed, int(idx[0]), n)
+        gen = split_generator(seed, int(idx[0]), n)
         pick = torch.randperm(n, generator=gen)[:init_sample].sort().values.to(Us.device)
         sample = Us[pick]
         best = None
         for _ in range(n_init):
-            side, sums, inertia = _lloyd(sample, _init_pair(sample, gen, kern), kern, max_iter)
+            side, sums, inertia = lloyd(sample, init_pair(sample, gen, kern), kern, max_iter)
             if best is None or inertia < best[2] - 1e-9 * n:
                 best = (side, sums, inertia)
         side, _, _ = _lloyd_sharded(Us, best[1].to(Us.dtype), kern, max_iter, rank, world, reduce)
@@ -121,7 +121,7 @@ def _split_small(U, members, batch, kern, seed, n_init, max_iter, init_sample, r
         offsets.append(offsets[-1] + s)
     buf = torch.zeros(offsets[-1] + len(batch), dtype=torch.int64)  # sides, then one fallback flag each
     mine = [j for j in range(len(batch)) if j % world == rank]
-    done = _split_batch(U, members, [batch[j] for j in mine], kern, seed, n_init, max_iter, init_sample)
+    done = split_batch(U, members, [batch[j] for j in mine], kern, seed, n_init, max_iter, init_sample)
     for j, (_, side, fell_back) in zip(mine, done):
         buf[offsets[j]:offsets[j + 1]] = side.cpu()
         buf[offsets[-1] + j] = int(fell_back)
@@ -154,32 +154,33 @@ def distributed_bisecting_kmeans(X: torch.Tensor, K: int, *, rank: int, world: i
                                           return_info=return_info)
     if not 0 <= rank < world:
         raise ValueError(f"rank must be in [0, {world}), got {rank}")
-    _check_inputs(X, K, beta, n_init, max_iter, mode)
+    check_inputs(X, K, beta, n_init, max_iter, mode)
     if not isinstance(init_sample, int) or init_sample < 2:
         raise ValueError(f"init_sample must be an int >= 2, got {init_sample!r}")
     N = X.shape[0]
     acc = torch.float64 if X.dtype == torch.float64 else torch.float32
-    kern = _Kernels(X.device, backend)
+    kern = Kernels(X.device, backend)
     Xc = X.to(acc) - (beta.to(acc) if beta is not None else 0)
-    U = _unit_rows(Xc).contiguous()
+    U = unit_rows(Xc).contiguous()
 
     members: list[torch.Tensor] = [torch.arange(N, device=X.device)]
     heap = [(-N, 0)]
-    rounds = fallbacks = 0
+    rounds = fallbacks = sharded = 0
     while len(members) < K:
-        batch = _next_batch(heap, mode, K - len(members))
+        batch = next_batch(heap, mode, K - len(members))
         rounds += 1
         small = [item for item in batch if -item[0] <= init_sample]
         splits = _split_small(U, members, small, kern, seed, n_init, max_iter, init_sample, rank, world,
                               all_reduce) if small else {}
         for neg_size, cid in batch:
             if cid not in splits:
+                sharded += 1
                 splits[cid] = _two_means_sharded(U, members[cid], kern, seed, n_init, max_iter, init_sample, rank,
                                                  world, all_reduce)
         for neg_size, cid in batch:  # apply in batch order: the same cluster ids as the single process
             side, fell_back = splits[cid]
             fallbacks += int(fell_back)
-            _apply_split(members, heap, cid, side)
+            apply_split(members, heap, cid, side)
 
     # the concept means from the shared labels, computed as the single-process code does (bit-identical)
-    return _concepts_from_members(X, Xc, U, members, kern, K, return_info, rounds, fallbacks, mode)
+    return concepts_from_members(X, Xc, U, members, kern, K, return_info, rounds, fallbacks, mode, sharded)

@@ -1,4 +1,9 @@
-"""Backend selection for the ops in `gig_fast.ops`.
+"""The op registry of `gig_fast.ops`: which backends each op has, and which one a call uses.
+
+Every op module registers an :class:`OpSpec` (its backends, their order of preference per device, its
+bare kernels and its ``torch.library`` custom op); :func:`spec` and :func:`kernel` are the public way to
+reach them, e.g. for a k-means loop that validates its inputs once and then calls the bare kernels, or
+for a test that runs ``torch.library.opcheck`` on the registered op.
 
 Four backends exist: ``torch`` (pure-PyTorch reference: the oracle of every test, runs anywhere),
 ``cpp`` (C++/OpenMP on CPU tensors), ``triton`` (GPU, or CPU under ``TRITON_INTERPRET=1`` for tests)
@@ -15,7 +20,8 @@ import contextlib
 import contextvars
 import os
 import warnings
-from typing import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -23,6 +29,9 @@ from .. import _extensions as ext
 
 BACKENDS = ("torch", "cpp", "triton", "cuda")
 ENV_VAR = "GIG_FAST_BACKEND"
+
+__all__ = ["BACKENDS", "OpSpec", "register", "spec", "specs", "kernel", "resolve", "available_backends",
+           "backend_runs_on", "use_backend", "forced_backend"]
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("gig_fast_backend", default=None)
 _warned: set[tuple[str, str]] = set()
@@ -118,3 +127,65 @@ def resolve(op: str, implemented: Sequence[str], preference: dict[str, Sequence[
         if cand in implemented and backend_runs_on(cand, device):
             return cand
     return "torch"
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """What the registry knows of one op.
+
+    Attributes:
+        name: the op's name (``gig_fast.ops.<name>`` is its public function).
+        implemented: the backends it has, a subset of :data:`BACKENDS` in that order.
+        preference: device type → backends in order of speed (the first that runs is the default).
+        kernels: backend → bare kernel: the computation without input checks or dispatch (callers
+            validate once, then call it in their loops). Its signature is the op's own, documented in
+            the op's module.
+        custom_op: the ``torch.library`` op of the public function (``torch.ops.gig_fast.<name>``), for
+            ``torch.library.opcheck``; its last argument is the backend name.
+        defaults: the op's documented default settings (e.g. ``tol`` of ``sparse_code``).
+    """
+    name: str
+    implemented: tuple[str, ...]
+    preference: Mapping[str, tuple[str, ...]]
+    kernels: Mapping[str, Callable] = field(default_factory=dict)
+    custom_op: Any = None
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        unknown = [b for b in self.implemented if b not in BACKENDS]
+        if unknown or "torch" not in self.implemented:
+            raise ValueError(f"{self.name}: implemented backends must include 'torch' and lie in {BACKENDS}, "
+                             f"got {self.implemented}")
+
+
+_REGISTRY: dict[str, OpSpec] = {}
+
+
+def register(op_spec: OpSpec) -> OpSpec:
+    """Add an op to the registry (each op module calls it once, at import)."""
+    if op_spec.name in _REGISTRY:
+        raise ValueError(f"op {op_spec.name!r} is already registered")
+    _REGISTRY[op_spec.name] = op_spec
+    return op_spec
+
+
+def spec(op: str) -> OpSpec:
+    """The :class:`OpSpec` of ``op`` (e.g. ``spec("sparse_code").defaults["tol"]``)."""
+    if op not in _REGISTRY:
+        raise ValueError(f"unknown op {op!r}; registered: {sorted(_REGISTRY)}")
+    return _REGISTRY[op]
+
+
+def specs() -> dict[str, OpSpec]:
+    """Every registered op, by name."""
+    return dict(_REGISTRY)
+
+
+def kernel(op: str, device: torch.device | str, backend: str | None = None) -> tuple[str, Callable]:
+    """``(backend, bare kernel)`` that a call of ``op`` on ``device`` would use (``backend`` forces one, as
+    on the public function). The kernel skips the public function's input checks: validate first."""
+    s = spec(op)
+    name = resolve(op, s.implemented, s.preference, torch.device(device), backend)
+    if name not in s.kernels:
+        raise ValueError(f"{op} has no bare {name!r} kernel (it has {sorted(s.kernels)})")
+    return name, s.kernels[name]

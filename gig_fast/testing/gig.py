@@ -1,4 +1,4 @@
-"""Input builders shared by the GIG tests and benchmarks: tiny models and random sparse codes.
+"""Input builders shared by the GIG tests and benchmarks: tiny models and fitted codes.
 
 Not part of the public API. The models are small enough for float64 on two CPU cores, keep torchvision's
 point names (``layer1.0`` …) where they are ResNets, and get random BN statistics so that the BN shift
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["fitted_codes", "tiny_resnet", "tiny_residual_cnn", "TinyResidualCNN", "randomize_bn", "random_codes", "captum_rule"]
+__all__ = ["fitted_codes", "tiny_resnet", "tiny_residual_cnn", "TinyResidualCNN", "randomize_bn", "captum_rule"]
 
 
 def randomize_bn(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
@@ -93,15 +93,6 @@ def tiny_residual_cnn(num_classes: int = 4, dtype: torch.dtype = torch.float64, 
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     return randomize_bn(TinyResidualCNN(num_classes), g).to(dtype).eval()
-
-
-def random_codes(B: int, P: int, K: int, s: int, dtype: torch.dtype = torch.float64, pad_frac: float = 0.25,
-                 scale: float = 0.5, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded codes ``(idx, val)`` ``[B, P, s]``: distinct concepts per position, ≈pad_frac padding."""
-    idx = torch.argsort(torch.rand(B * P, K, device=device), dim=1)[:, :s].reshape(B, P, s)
-    val = scale * torch.randn(B, P, s, device=device, dtype=dtype)
-    pad = torch.rand(B, P, s, device=device) < pad_frac
-    return idx.masked_fill(pad, -1), val.masked_fill(pad, 0)
 
 
 def captum_rule(rule: str) -> str:

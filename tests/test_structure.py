@@ -1,0 +1,170 @@
+"""The package's seams: no import cycle (function-local imports included), no reach-in through
+``sys.modules``/``importlib``, no private name used outside its module (a private module's names stay
+in its package). Read from the source with ``ast``; nothing is imported."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "gig_fast"
+
+
+def _modules() -> dict[str, Path]:
+    """Dotted module name → file, for every module of the package (``kernels`` is a link to ``/kernels``)."""
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = path
+    return out
+
+
+MODULES = _modules()
+
+
+def _known(name: str) -> str | None:
+    """The longest prefix of ``name`` that is a module of the package (None: outside it)."""
+    while name:
+        if name in MODULES:
+            return name
+        name = name.rpartition(".")[0]
+    return None
+
+
+def _imports(importer: str, path: Path):
+    """``(lineno, imported module, imported name or None)`` for every import statement of a file,
+    function-local ones included; relative imports resolved against ``importer``."""
+    is_pkg = path.name == "__init__.py"
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name, None
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = importer if is_pkg else importer.rpartition(".")[0]
+                for _ in range(node.level - 1):
+                    base = base.rpartition(".")[0]
+                mod = f"{base}.{node.module}" if node.module else base
+            else:
+                mod = node.module or ""
+            for alias in node.names:
+                yield node.lineno, mod, alias.name
+
+
+def _graph() -> dict[str, set[str]]:
+    """Import edges between the package's modules. A module importing a package that contains it (its
+    parents) is not an edge: Python has always started those first."""
+    graph: dict[str, set[str]] = {m: set() for m in MODULES}
+    for name, path in MODULES.items():
+        for _, mod, what in _imports(name, path):
+            for target in ({_known(mod)} | ({_known(f"{mod}.{what}")} if what else set())) - {None}:
+                if target != name and not name.startswith(target + "."):
+                    graph[name].add(target)
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_import_graph_has_no_cycle():
+    cycles = _cycles(_graph())
+    assert not cycles, f"import cycles (function-local imports count): {cycles}"
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def _sources() -> list[tuple[str, Path]]:
+    """Every Python file of the package, the tests and the benchmarks, with its module name."""
+    files = [(name, path) for name, path in MODULES.items()]
+    for folder in ("tests", "benchmarks"):
+        files += [(f"{folder}.{p.stem}", p) for p in sorted((ROOT / folder).glob("*.py"))]
+    return files
+
+
+def _reach_ins(path: Path) -> list[str]:
+    bad = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Subscript) and ast.unparse(node.value) == "sys.modules":
+            bad.append(f"{path}:{node.lineno}: sys.modules[...] reaches into a module; import it or use its API")
+        if isinstance(node, ast.Call) and ast.unparse(node.func) in ("importlib.import_module", "import_module"):
+            arg = node.args[0] if node.args else None
+            if isinstance(arg, ast.Constant) and str(arg.value).startswith("gig_fast"):
+                bad.append(f"{path}:{node.lineno}: importlib reaches into {arg.value}; import it or use its API")
+    return bad
+
+
+def test_no_reach_in_through_sys_modules_or_importlib():
+    bad = [msg for _, path in _sources() for msg in _reach_ins(path)]
+    assert not bad, "\n".join(bad)
+
+
+def _private_violation(importer: str, mod: str, what: str | None) -> str | None:
+    """Why ``from mod import what`` (or ``import mod``) in ``importer`` breaks the privacy rule, or None."""
+    target = _known(mod)
+    if target is None:
+        return None
+    # a private module (a part starting with "_") stays inside the package that holds it
+    parts = target.split(".")
+    for i, part in enumerate(parts):
+        if part.startswith("_") and part != "__init__":
+            owner = ".".join(parts[:i])
+            if importer != owner and not importer.startswith(owner + "."):
+                return f"imports the private module {'.'.join(parts[:i + 1])} from outside {owner}"
+    if what and what.startswith("_") and not what.startswith("__") and f"{target}.{what}" not in MODULES:
+        return f"imports the private name {what} of {target}"
+    return None
+
+
+def test_no_private_name_is_imported_from_another_module():
+    bad = [f"{path}:{line}: {why}" for name, path in _sources() for line, mod, what in _imports(name, path)
+           if (why := _private_violation(name, mod, what))]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_checks_catch_what_they_should(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import sys, importlib\nm = sys.modules['gig_fast.ops.sparse_code']\n"
+                   "n = importlib.import_module('gig_fast.ops.sparse_code')\n")
+    assert len(_reach_ins(bad)) == 2
+    assert _private_violation("tests.test_x", "gig_fast.ops.sparse_code", "_sparse_code_op")
+    assert _private_violation("gig_fast.concepts.core", "gig_fast.ops.checks", None) is None
+    assert _private_violation("gig_fast.pipeline.run", "gig_fast._extensions", "has_triton") is None
+    assert _private_violation("tests.test_x", "gig_fast._extensions", "has_triton")
+    assert _private_violation("gig_fast.ops.registry", "gig_fast", "_extensions") is None
