@@ -21,6 +21,9 @@
 #define GIG_CHECK_CONTIGUOUS(x) TORCH_CHECK((x).is_contiguous(), #x " must be contiguous")
 #define GIG_CHECK_CPU(x) TORCH_CHECK((x).device().is_cpu(), #x " must be a CPU tensor")
 #define GIG_CHECK_CUDA(x) TORCH_CHECK((x).device().is_cuda(), #x " must be a CUDA tensor")
+// The device check of the host checks that each op's header shares between its CPU and CUDA entry points.
+#define GIG_CHECK_DEVICE(x, dev) \
+  TORCH_CHECK((x).device().type() == (dev), #x " must be a ", c10::DeviceTypeName(dev), " tensor")
 
 // The build targets baseline x86-64 (SSE2: 4 floats per instruction) so the wheel runs anywhere. A hot
 // loop written as an always-inline body can also be compiled for AVX2 (8) through a wrapper marked

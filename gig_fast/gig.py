@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .ops import gig_accumulate, sparse_reconstruct
+from .ops.reference import accumulation_dtype
 
 __all__ = ["gig", "GIGResult", "ConceptTarget", "ClassTarget", "quadrature", "RULES"]
 
@@ -299,7 +300,7 @@ def gig(f_ab: Callable[[torch.Tensor], torch.Tensor], codes: tuple[torch.Tensor,
         raise ValueError("target must be a ConceptTarget, a ClassTarget or a non-empty list of them")
     targets = [_check_target(t, B, V.device) for t in targets]
     T = len(targets)
-    acc = torch.float64 if V.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(V.dtype)
     low_precision = (torch.autocast(V.device.type, dtype=autocast) if autocast is not None
                      else contextlib.nullcontext())
     run = _Pass(f_ab, H, W, V, beta, targets, backend, batch_size, low_precision, acc)

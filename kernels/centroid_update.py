@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gig_fast.ops.reference import accumulation_dtype
+
 _SMALL_K = 64
 
 
@@ -57,7 +59,7 @@ def _segment_sum_kernel(X_ptr, order_ptr, start_ptr, sums_ptr, C, BLOCK_C: tl.co
 def centroid_update(X: torch.Tensor, labels: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
     """X ``[N, C]``, labels int64 ``[N]`` in ``[0, K)`` → ``(sums [K, C] fp32 (fp64 for fp64), counts [K])``."""
     N, C = X.shape
-    acc = torch.float64 if X.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(X.dtype)
     counts = torch.bincount(labels, minlength=K)
     sums = torch.zeros(K, C, dtype=acc, device=X.device)
     if N == 0 or C == 0:

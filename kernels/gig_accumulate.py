@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gig_fast.ops.reference import accumulation_dtype
+
 
 @triton.jit
 def _gig_accumulate_kernel(grads_ptr, w_ptr, idx_ptr, val_ptr, V_ptr, out_ptr, m, P, s, C,
@@ -56,7 +58,7 @@ def gig_accumulate(grads: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor
     (float32; float64 for float64 grads)."""
     T, m, P, C = grads.shape
     s = idx.shape[1]
-    acc = torch.float64 if grads.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(grads.dtype)
     out = torch.empty(T, P, s, dtype=acc, device=grads.device)
     if out.numel() == 0:
         return out

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gig_fast.ops.sparse_code_reference import dense_to_padded, omp_gram_ref
+from gig_fast.ops.reference import dense_to_padded, omp_gram_ref
 
 MIN_GROW = 8
 INNER_SWEEPS = 64  # sweeps per kernel launch at most: the outer loop re-syncs q and re-checks the gap

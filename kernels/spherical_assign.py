@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gig_fast.ops.reference import accumulation_dtype
+
 
 @triton.jit
 def _top2_kernel(X_ptr, C_ptr, xinv_ptr, cinv_ptr, i1_ptr, i2_ptr, N, K, C,
@@ -124,7 +126,7 @@ def spherical_assign(X: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Te
     """X ``[N, C]``, centroids ``[K, C]`` (contiguous, same dtype) → ``(labels int64 [N], best [N])``."""
     N, C = X.shape
     K = centroids.shape[0]
-    acc = torch.float64 if X.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(X.dtype)
     labels = torch.empty(N, dtype=torch.int64, device=X.device)
     best = torch.empty(N, dtype=acc, device=X.device)
     if N == 0:

@@ -11,7 +11,20 @@
 #include <ATen/core/Tensor.h>
 #include <tuple>
 
+#include "common.h"
+
 namespace gig_fast {
+
+// Host checks shared by the CPU and CUDA entry points (`dev`: where the tensors must be): only what would
+// otherwise crash a kernel; the Python op validates everything else with named ValueErrors.
+inline void check_centroid_update_inputs(const at::Tensor& X, const at::Tensor& labels, int64_t K, c10::DeviceType dev) {
+  GIG_CHECK_DEVICE(X, dev); GIG_CHECK_DEVICE(labels, dev);
+  GIG_CHECK_CONTIGUOUS(X); GIG_CHECK_CONTIGUOUS(labels);
+  TORCH_CHECK(X.dim() == 2 && labels.dim() == 1 && labels.size(0) == X.size(0), "X must be [N, C], labels [N]");
+  TORCH_CHECK(labels.scalar_type() == at::kLong, "labels must be int64");
+  TORCH_CHECK(K >= 1, "K must be >= 1");
+}
+
 
 std::tuple<at::Tensor, at::Tensor> centroid_update_cpu(const at::Tensor& X, const at::Tensor& labels, int64_t K);
 std::tuple<at::Tensor, at::Tensor> centroid_update_cuda(const at::Tensor& X, const at::Tensor& labels, int64_t K);

@@ -110,11 +110,7 @@ void sums_sorted(const scalar_t* X, const int64_t* labels, const int64_t* start,
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> centroid_update_cpu(const at::Tensor& X, const at::Tensor& labels, int64_t K) {
-  GIG_CHECK_CPU(X); GIG_CHECK_CPU(labels);
-  GIG_CHECK_CONTIGUOUS(X); GIG_CHECK_CONTIGUOUS(labels);
-  TORCH_CHECK(X.dim() == 2 && labels.dim() == 1 && labels.size(0) == X.size(0), "X must be [N, C], labels [N]");
-  TORCH_CHECK(labels.scalar_type() == at::kLong, "labels must be int64");
-  TORCH_CHECK(K >= 1, "K must be >= 1");
+  check_centroid_update_inputs(X, labels, K, c10::DeviceType::CPU);
   const int64_t N = X.size(0), C = X.size(1);
   const auto acc_type = X.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto sums = at::empty({K, C}, X.options().dtype(acc_type));

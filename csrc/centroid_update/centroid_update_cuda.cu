@@ -66,11 +66,7 @@ __global__ void segment_sum_kernel(const scalar_t* __restrict__ X, const int64_t
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> centroid_update_cuda(const at::Tensor& X, const at::Tensor& labels, int64_t K) {
-  GIG_CHECK_CUDA(X); GIG_CHECK_CUDA(labels);
-  GIG_CHECK_CONTIGUOUS(X); GIG_CHECK_CONTIGUOUS(labels);
-  TORCH_CHECK(X.dim() == 2 && labels.dim() == 1 && labels.size(0) == X.size(0), "X must be [N, C], labels [N]");
-  TORCH_CHECK(labels.scalar_type() == at::kLong, "labels must be int64");
-  TORCH_CHECK(K >= 1, "K must be >= 1");
+  check_centroid_update_inputs(X, labels, K, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(X.device());
   const int64_t N = X.size(0), C = X.size(1);
   const auto acc_type = X.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

@@ -14,7 +14,24 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include "common.h"
+
 namespace gig_fast {
+
+// Host checks shared by the CPU and CUDA entry points (`dev`: where the tensors must be): only what would
+// otherwise crash a kernel; the Python op validates everything else with named ValueErrors.
+inline void check_gig_accumulate_inputs(const at::Tensor& grads, const at::Tensor& weights, const at::Tensor& idx,
+                                        const at::Tensor& val, const at::Tensor& V, c10::DeviceType dev) {
+  GIG_CHECK_DEVICE(grads, dev); GIG_CHECK_DEVICE(weights, dev); GIG_CHECK_DEVICE(idx, dev);
+  GIG_CHECK_DEVICE(val, dev); GIG_CHECK_DEVICE(V, dev);
+  TORCH_CHECK(grads.dim() == 4, "grads must be [T, m, P, C]");
+  TORCH_CHECK(idx.scalar_type() == at::kLong, "idx must be int64");
+  TORCH_CHECK(idx.dim() == 2 && val.sizes() == idx.sizes(), "idx and val must both be [P, s]");
+  TORCH_CHECK(weights.numel() == grads.size(1), "weights must be [m]");
+  TORCH_CHECK(idx.size(0) == grads.size(2), "idx must have P rows");
+  TORCH_CHECK(V.dim() == 2 && V.size(1) == grads.size(3), "V must be [K, C]");
+}
+
 
 at::Tensor gig_accumulate_cpu(const at::Tensor& grads, const at::Tensor& weights, const at::Tensor& idx,
                               const at::Tensor& val, const at::Tensor& V);

@@ -50,14 +50,8 @@ void accumulate_rows(const scalar_t* grads, const acc_t<scalar_t>* w, const int6
 
 at::Tensor gig_accumulate_cpu(const at::Tensor& grads, const at::Tensor& weights, const at::Tensor& idx,
                               const at::Tensor& val, const at::Tensor& V) {
-  GIG_CHECK_CPU(grads); GIG_CHECK_CPU(weights); GIG_CHECK_CPU(idx); GIG_CHECK_CPU(val); GIG_CHECK_CPU(V);
-  TORCH_CHECK(grads.dim() == 4, "grads must be [T, m, P, C]");
-  TORCH_CHECK(idx.scalar_type() == at::kLong, "idx must be int64");
-  TORCH_CHECK(idx.dim() == 2 && val.sizes() == idx.sizes(), "idx and val must both be [P, s]");
+  check_gig_accumulate_inputs(grads, weights, idx, val, V, c10::DeviceType::CPU);
   const int64_t T = grads.size(0), m = grads.size(1), P = grads.size(2), C = grads.size(3), s = idx.size(1);
-  TORCH_CHECK(weights.numel() == m, "weights must be [m]");
-  TORCH_CHECK(idx.size(0) == P, "idx must have P rows");
-  TORCH_CHECK(V.dim() == 2 && V.size(1) == C, "V must be [K, C]");
   const auto acc_type = grads.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto g = grads.contiguous();
   auto w = weights.to(acc_type).contiguous();

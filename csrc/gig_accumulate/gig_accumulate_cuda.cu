@@ -56,14 +56,8 @@ __global__ void gig_accumulate_kernel(const scalar_t* __restrict__ grads, const 
 
 at::Tensor gig_accumulate_cuda(const at::Tensor& grads, const at::Tensor& weights, const at::Tensor& idx,
                                const at::Tensor& val, const at::Tensor& V) {
-  GIG_CHECK_CUDA(grads); GIG_CHECK_CUDA(weights); GIG_CHECK_CUDA(idx); GIG_CHECK_CUDA(val); GIG_CHECK_CUDA(V);
-  TORCH_CHECK(grads.dim() == 4, "grads must be [T, m, P, C]");
-  TORCH_CHECK(idx.scalar_type() == at::kLong, "idx must be int64");
-  TORCH_CHECK(idx.dim() == 2 && val.sizes() == idx.sizes(), "idx and val must both be [P, s]");
+  check_gig_accumulate_inputs(grads, weights, idx, val, V, c10::DeviceType::CUDA);
   const int64_t T = grads.size(0), m = grads.size(1), P = grads.size(2), C = grads.size(3), s = idx.size(1);
-  TORCH_CHECK(weights.numel() == m, "weights must be [m]");
-  TORCH_CHECK(idx.size(0) == P, "idx must have P rows");
-  TORCH_CHECK(V.dim() == 2 && V.size(1) == C, "V must be [K, C]");
   TORCH_CHECK(P < 2147483647LL, "P must be < 2^31 for the CUDA kernel");
   const c10::cuda::CUDAGuard guard(grads.device());
   const auto acc_type = grads.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

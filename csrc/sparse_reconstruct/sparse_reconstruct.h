@@ -14,7 +14,29 @@
 #include <ATen/core/Tensor.h>
 #include <tuple>
 
+#include "common.h"
+
 namespace gig_fast {
+
+// Host checks shared by the CPU and CUDA entry points (`dev`: where the tensors must be): only what would
+// otherwise crash a kernel; the Python op validates everything else with named ValueErrors.
+inline void check_sparse_reconstruct_inputs(const at::Tensor& idx, const at::Tensor& val, const at::Tensor& V,
+                                            c10::DeviceType dev) {
+  GIG_CHECK_DEVICE(idx, dev); GIG_CHECK_DEVICE(val, dev); GIG_CHECK_DEVICE(V, dev);
+  GIG_CHECK_CONTIGUOUS(idx); GIG_CHECK_CONTIGUOUS(val); GIG_CHECK_CONTIGUOUS(V);
+  TORCH_CHECK(idx.scalar_type() == at::kLong, "idx must be int64");
+  TORCH_CHECK(idx.dim() == 2 && val.sizes() == idx.sizes(), "idx and val must both be [P, s]");
+  TORCH_CHECK(V.dim() == 2 && val.scalar_type() == V.scalar_type(), "V must be [K, C] with val's dtype");
+}
+
+inline void check_sparse_reconstruct_bias(const at::Tensor& b, const at::Tensor& V) {
+  TORCH_CHECK(b.numel() == V.size(1) && b.scalar_type() == V.scalar_type(), "bias must be [C] with V's dtype");
+}
+
+inline void check_sparse_reconstruct_grad(const at::Tensor& grad, const at::Tensor& idx, const at::Tensor& V) {
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == idx.size(0) && grad.size(1) == V.size(1), "grad_out must be [P, C]");
+}
+
 
 at::Tensor sparse_reconstruct_forward_cpu(const at::Tensor& idx, const at::Tensor& val, const at::Tensor& V,
                                           const c10::optional<at::Tensor>& bias);

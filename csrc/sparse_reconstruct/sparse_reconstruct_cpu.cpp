@@ -10,14 +10,6 @@
 namespace gig_fast {
 namespace {
 
-void check_inputs(const at::Tensor& idx, const at::Tensor& val, const at::Tensor& V) {
-  GIG_CHECK_CPU(idx); GIG_CHECK_CPU(val); GIG_CHECK_CPU(V);
-  GIG_CHECK_CONTIGUOUS(idx); GIG_CHECK_CONTIGUOUS(val); GIG_CHECK_CONTIGUOUS(V);
-  TORCH_CHECK(idx.scalar_type() == at::kLong, "idx must be int64");
-  TORCH_CHECK(idx.dim() == 2 && val.sizes() == idx.sizes(), "idx and val must both be [P, s]");
-  TORCH_CHECK(V.dim() == 2 && val.scalar_type() == V.scalar_type(), "V must be [K, C] with val's dtype");
-}
-
 // Rows [begin, end) of the forward; `row` is a [C] scratch of the accumulation type.
 template <typename scalar_t>
 GIG_INLINE void forward_range(int64_t begin, int64_t end, const int64_t* idx, const scalar_t* val,
@@ -161,12 +153,12 @@ void grad_V_rows(const scalar_t* grad, const int64_t* idx, const scalar_t* val, 
 
 at::Tensor sparse_reconstruct_forward_cpu(const at::Tensor& idx, const at::Tensor& val, const at::Tensor& V,
                                           const c10::optional<at::Tensor>& bias) {
-  check_inputs(idx, val, V);
+  check_sparse_reconstruct_inputs(idx, val, V, c10::DeviceType::CPU);
   const int64_t P = idx.size(0), s = idx.size(1), C = V.size(1);
   at::Tensor b;
   if (bias.has_value()) {
     b = bias->contiguous();
-    TORCH_CHECK(b.numel() == C && b.scalar_type() == V.scalar_type(), "bias must be [C] with V's dtype");
+    check_sparse_reconstruct_bias(b, V);
   }
   auto out = at::empty({P, C}, V.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, V.scalar_type(), "sparse_reconstruct_forward_cpu", [&] {
@@ -179,10 +171,10 @@ at::Tensor sparse_reconstruct_forward_cpu(const at::Tensor& idx, const at::Tenso
 std::tuple<at::Tensor, at::Tensor> sparse_reconstruct_backward_cpu(const at::Tensor& grad_out, const at::Tensor& idx,
                                                                    const at::Tensor& val, const at::Tensor& V,
                                                                    bool need_val, bool need_V) {
-  check_inputs(idx, val, V);
+  check_sparse_reconstruct_inputs(idx, val, V, c10::DeviceType::CPU);
   auto grad = grad_out.to(V.scalar_type()).contiguous();
   const int64_t P = idx.size(0), s = idx.size(1), K = V.size(0), C = V.size(1);
-  TORCH_CHECK(grad.size(0) == P && grad.size(1) == C, "grad_out must be [P, C]");
+  check_sparse_reconstruct_grad(grad, idx, V);
   auto grad_val = need_val ? at::empty_like(val) : at::zeros_like(val);
   auto grad_V = need_V ? at::empty_like(V) : at::zeros_like(V);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, V.scalar_type(), "sparse_reconstruct_backward_cpu", [&] {

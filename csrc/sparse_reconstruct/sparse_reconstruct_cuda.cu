@@ -207,14 +207,6 @@ __global__ void grad_V_kernel(const scalar_t* __restrict__ grad, const scalar_t*
   store_pack<scalar_t, VEC>(grad_V + k * C, c, C, sum);
 }
 
-void check_inputs(const at::Tensor& idx, const at::Tensor& val, const at::Tensor& V) {
-  GIG_CHECK_CUDA(idx); GIG_CHECK_CUDA(val); GIG_CHECK_CUDA(V);
-  GIG_CHECK_CONTIGUOUS(idx); GIG_CHECK_CONTIGUOUS(val); GIG_CHECK_CONTIGUOUS(V);
-  TORCH_CHECK(idx.scalar_type() == at::kLong, "idx must be int64");
-  TORCH_CHECK(idx.dim() == 2 && val.sizes() == idx.sizes(), "idx and val must both be [P, s]");
-  TORCH_CHECK(V.dim() == 2 && val.scalar_type() == V.scalar_type(), "V must be [K, C] with val's dtype");
-}
-
 // Calls fn.template operator()<VEC>() with the vector width chosen at run time.
 template <typename scalar_t, typename Fn>
 void with_vec(int vec, Fn&& fn) {
@@ -234,13 +226,13 @@ dim3 grid_for(int64_t rows, const RowLayout& l) {
 
 at::Tensor sparse_reconstruct_forward_cuda(const at::Tensor& idx, const at::Tensor& val, const at::Tensor& V,
                                            const c10::optional<at::Tensor>& bias) {
-  check_inputs(idx, val, V);
+  check_sparse_reconstruct_inputs(idx, val, V, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(V.device());
   const int64_t P = idx.size(0), s = idx.size(1), C = V.size(1);
   at::Tensor b;
   if (bias.has_value()) {
     b = bias->contiguous();
-    TORCH_CHECK(b.numel() == C && b.scalar_type() == V.scalar_type(), "bias must be [C] with V's dtype");
+    check_sparse_reconstruct_bias(b, V);
   }
   auto out = at::empty({P, C}, V.options());
   if (P == 0 || C == 0) return out;
@@ -263,11 +255,11 @@ at::Tensor sparse_reconstruct_forward_cuda(const at::Tensor& idx, const at::Tens
 std::tuple<at::Tensor, at::Tensor> sparse_reconstruct_backward_cuda(const at::Tensor& grad_out, const at::Tensor& idx,
                                                                     const at::Tensor& val, const at::Tensor& V,
                                                                     bool need_val, bool need_V) {
-  check_inputs(idx, val, V);
+  check_sparse_reconstruct_inputs(idx, val, V, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(V.device());
   auto grad = grad_out.to(V.scalar_type()).contiguous();
   const int64_t P = idx.size(0), s = idx.size(1), K = V.size(0), C = V.size(1);
-  TORCH_CHECK(grad.size(0) == P && grad.size(1) == C, "grad_out must be [P, C]");
+  check_sparse_reconstruct_grad(grad, idx, V);
   auto grad_val = at::zeros_like(val);
   auto grad_V = at::zeros_like(V);
   if (P == 0 || s == 0 || C == 0) return {grad_val, grad_V};

@@ -13,7 +13,21 @@
 #include <ATen/core/Tensor.h>
 #include <tuple>
 
+#include "common.h"
+
 namespace gig_fast {
+
+// Host checks shared by the CPU and CUDA entry points (`dev`: where the tensors must be): only what would
+// otherwise crash a kernel; the Python op validates everything else with named ValueErrors.
+inline void check_spherical_assign_inputs(const at::Tensor& X, const at::Tensor& centroids, c10::DeviceType dev) {
+  GIG_CHECK_DEVICE(X, dev); GIG_CHECK_DEVICE(centroids, dev);
+  GIG_CHECK_CONTIGUOUS(X); GIG_CHECK_CONTIGUOUS(centroids);
+  TORCH_CHECK(X.dim() == 2 && centroids.dim() == 2 && X.size(1) == centroids.size(1),
+              "X must be [N, C] and centroids [K, C]");
+  TORCH_CHECK(X.scalar_type() == centroids.scalar_type(), "X and centroids must share a dtype");
+  TORCH_CHECK(centroids.size(0) > 0, "centroids is empty (K = 0)");
+}
+
 
 std::tuple<at::Tensor, at::Tensor> spherical_assign_cpu(const at::Tensor& X, const at::Tensor& centroids);
 std::tuple<at::Tensor, at::Tensor> spherical_assign_cuda(const at::Tensor& X, const at::Tensor& centroids);

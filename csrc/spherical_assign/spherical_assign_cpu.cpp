@@ -127,12 +127,7 @@ void assign_tiled(const at::Tensor& X, const at::Tensor& Cn, int64_t* labels, ac
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> spherical_assign_cpu(const at::Tensor& X, const at::Tensor& centroids) {
-  GIG_CHECK_CPU(X); GIG_CHECK_CPU(centroids);
-  GIG_CHECK_CONTIGUOUS(X); GIG_CHECK_CONTIGUOUS(centroids);
-  TORCH_CHECK(X.dim() == 2 && centroids.dim() == 2 && X.size(1) == centroids.size(1),
-              "X must be [N, C] and centroids [K, C]");
-  TORCH_CHECK(X.scalar_type() == centroids.scalar_type(), "X and centroids must share a dtype");
-  TORCH_CHECK(centroids.size(0) > 0, "centroids is empty (K = 0)");
+  check_spherical_assign_inputs(X, centroids, c10::DeviceType::CPU);
   const int64_t N = X.size(0), C = X.size(1), K = centroids.size(0);
   const auto acc_type = X.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto labels = at::empty({N}, X.options().dtype(at::kLong));

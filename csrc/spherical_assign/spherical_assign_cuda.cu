@@ -100,12 +100,7 @@ at::Tensor inverse_norms(const at::Tensor& t, at::ScalarType acc_type) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> spherical_assign_cuda(const at::Tensor& X, const at::Tensor& centroids) {
-  GIG_CHECK_CUDA(X); GIG_CHECK_CUDA(centroids);
-  GIG_CHECK_CONTIGUOUS(X); GIG_CHECK_CONTIGUOUS(centroids);
-  TORCH_CHECK(X.dim() == 2 && centroids.dim() == 2 && X.size(1) == centroids.size(1),
-              "X must be [N, C] and centroids [K, C]");
-  TORCH_CHECK(X.scalar_type() == centroids.scalar_type(), "X and centroids must share a dtype");
-  TORCH_CHECK(centroids.size(0) > 0, "centroids is empty (K = 0)");
+  check_spherical_assign_inputs(X, centroids, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(X.device());
   const int64_t N = X.size(0), C = X.size(1), K = centroids.size(0);
   const auto acc_type = X.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

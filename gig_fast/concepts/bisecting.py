@@ -12,16 +12,15 @@ Given ``N`` sampled PFVs ``X [N, C]`` and the layer's BN shift ``β [C]``:
 
 Cosine inertia of a partition: ``Σ_n (1 − cos(x'_n, c_{label n}))`` with ``c_j`` the mean direction of
 cluster ``j``; it equals ``Σ_j (n_j − ‖S_j‖)`` where ``S_j`` is the sum of the unit vectors of cluster
-``j``, which is what the 2-means loop gets for free from ``centroid_update``.
+``j``, which the 2-means splits get for free from their side sums.
 
-The heavy work is the ops of :mod:`gig_fast.ops`: ``spherical_assign`` (the 2-means assignment) and
-``centroid_update`` (the 2-means update, the segmented update of fast mode and the final concept
-means). Their inputs are validated once here and the chosen backend's kernels are called directly in
-the loops (the per-call checks would otherwise cost more than the work on small clusters). On the
-``cpp`` backend (the CPU default) a whole split — sample, initialisations, Lloyd, refinement, fallback —
-is one C++ call (``csrc/two_means``: the same algorithm with its own random generator, so its concepts
-differ from the ``torch`` backend's by the random draws), and the splits of a fast-mode round run in
-parallel: per-split dispatch from Python, not arithmetic, was the cost of the 2,047 small splits.
+The heavy work is the ops of :mod:`gig_fast.ops`: ``two_means_splits`` (whole 2-means splits: sample,
+initialisations, Lloyd, refinement, fallback; algorithm and random draws in ``csrc/two_means/two_means.h``)
+and ``centroid_update`` (the final concept means). Their inputs are validated once here and the
+chosen backend's bare kernels are called in the loop. On the ``cpp`` backend (the CPU default) the
+splits of a round are one C++ call, run in parallel: per-split dispatch from Python, not arithmetic,
+was the cost of the 2,047 small splits of a layer. The ``torch`` backend is the reference: the same
+algorithm with the same random draws, so both give the same concepts up to float rounding.
 
 Determinism: the random draws of a split depend only on ``seed`` and on the cluster being split (its
 size and first member), not on when it is split, so the same seed gives the same concepts, and the
@@ -38,6 +37,7 @@ import torch
 
 from .core import (Kernels, apply_split, check_inputs, concepts_from_members, next_batch, split_batch,
                    unit_rows)
+from ..ops.reference import accumulation_dtype
 
 __all__ = ["bisecting_spherical_kmeans"]
 
@@ -72,7 +72,7 @@ def bisecting_spherical_kmeans(X: torch.Tensor, K: int, *, beta: torch.Tensor | 
     if not isinstance(init_sample, int) or init_sample < 2:
         raise ValueError(f"init_sample must be an int >= 2, got {init_sample!r}")
     N = X.shape[0]
-    acc = torch.float64 if X.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(X.dtype)
     kern = Kernels(X.device, backend)
     Xc = X.to(acc) - (beta.to(acc) if beta is not None else 0)
     U = unit_rows(Xc).contiguous()

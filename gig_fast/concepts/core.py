@@ -14,9 +14,8 @@ import torch
 from .. import ops
 from ..ops import checks as v
 
-__all__ = ["BisectingInfo", "cosine_inertia", "MODES", "Kernels", "unit_rows", "split_seed", "split_generator",
-           "init_pair", "lloyd", "two_means", "check_inputs", "split_batch", "apply_split", "next_batch",
-           "concepts_from_members", "threads_for"]
+__all__ = ["BisectingInfo", "cosine_inertia", "MODES", "Kernels", "unit_rows", "split_seed", "check_inputs",
+           "split_batch", "apply_split", "next_batch", "concepts_from_members", "threads_for"]
 
 MODES = ("sequential", "fast")  # see bisecting_spherical_kmeans(mode=…)
 
@@ -32,8 +31,8 @@ class BisectingInfo:
         rounds: number of rounds (= splits in sequential mode; fewer in fast mode).
         fallback_splits: splits made by member order because 2-means could not separate the points.
         mode: "sequential" or "fast".
-        backends: the backends used for ``spherical_assign`` and ``centroid_update``, and ``splits``:
-            "cpp fused" (one C++ call per split) or "ops" (the Python loop over those ops).
+        backends: the backends used for the 2-means splits (``two_means``: ``cpp`` — one fused C++ call
+            per round — or ``torch``, the reference) and the concept means (``centroid_update``).
         sharded_splits: splits whose refinement ran data-parallel over several ranks (0 in one process).
     """
     inertia: float
@@ -47,13 +46,13 @@ class BisectingInfo:
 
 
 class Kernels:
-    """The two ops' kernels for one device/backend, resolved once (inputs were validated by the caller)."""
+    """The bare kernels of one device/backend, resolved once (inputs are validated by the caller): the
+    2-means splits and steps (``gig_fast.ops.two_means_*``) and the concept means (``centroid_update``)."""
 
     def __init__(self, device: torch.device, backend: str | None):
-        self.assign_name, self.assign = ops.kernel("spherical_assign", device, backend)
+        self.split_name, self.splits = ops.kernel("two_means_splits", device, backend)
+        _, self.step = ops.kernel("two_means_step", device, self.split_name)
         self.update_name, self.update = ops.kernel("centroid_update", device, backend)
-        # on the cpp backend a whole split is one C++ call (csrc/two_means): same algorithm, its own RNG
-        self.fused = self.assign_name == "cpp" and self.update_name == "cpp" and device.type == "cpu"
 
 
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
@@ -95,78 +94,8 @@ def threads_for(elems: int, device: torch.device):
 
 def split_seed(seed: int, first: int, size: int) -> int:
     """The random seed of one split: a function of the seed and of the cluster (its first member and its
-    size) only, not of the split order."""
+    size) only, not of the split order (so fast and sequential mode split a cluster identically)."""
     return (seed * 1_000_003 + first * 7_919 + size) % (2**63 - 1)
-
-
-def split_generator(seed: int, first: int, size: int) -> torch.Generator:
-    """The RNG of one split of the PyTorch path (see :func:`split_seed`)."""
-    g = torch.Generator()
-    g.manual_seed(split_seed(seed, first, size))
-    return g
-
-
-def init_pair(Us: torch.Tensor, gen: torch.Generator, kern: Kernels) -> torch.Tensor:
-    """Two starting centroids ``[2, C]`` for spherical 2-means, k-means++ style: a random point, then a
-    point drawn with probability ∝ its cosine distance ``1 − cos`` to the first."""
-    n = Us.shape[0]
-    first = int(torch.randint(n, (1,), generator=gen))
-    _, cos = kern.assign(Us, Us[first:first + 1])  # cosine to the first point (spherical_assign, K = 1)
-    dist = (1.0 - cos.to(torch.float64).cpu()).clamp_min(0)
-    if float(dist.sum()) > 0:
-        second = int(torch.multinomial(dist, 1, generator=gen))
-    else:  # every point has the first one's direction: any other point
-        second = (first + 1 + int(torch.randint(max(n - 1, 1), (1,), generator=gen))) % n
-    return Us[[first, second]]
-
-
-def lloyd(Us: torch.Tensor, centroids: torch.Tensor, kern: Kernels, max_iter: int
-           ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Spherical 2-means iterations from ``centroids [2, C]`` until the labels stop changing.
-
-    Returns ``(side int64 [n], sums [2, C], inertia)``, the sums being those of the returned sides
-    (so ``inertia = n − ‖S_0‖ − ‖S_1‖`` is exact for that partition).
-    """
-    side = None
-    for _ in range(max_iter):
-        new_side, _ = kern.assign(Us, centroids)  # the spherical_assign op (K = 2)
-        sums, _ = kern.update(Us, new_side, 2)  # the centroid_update op
-        converged = side is not None and torch.equal(new_side, side)
-        side = new_side
-        if converged:
-            break
-        centroids = sums.to(Us.dtype)  # cosine ignores length: the sums are the mean directions
-    return side, sums, Us.shape[0] - float(sums.norm(dim=1).sum())
-
-
-def two_means(Us: torch.Tensor, kern: Kernels, gen: torch.Generator, n_init: int, max_iter: int,
-               init_sample: int) -> tuple[torch.Tensor, float, bool]:
-    """Spherical 2-means of the unit rows ``Us [n, C]`` (n ≥ 2): the best of ``n_init`` initialisations.
-
-    When ``n > init_sample`` the initialisations are run to convergence on a random subsample of
-    ``init_sample`` points and only the best one is refined on the whole cluster.
-
-    Returns ``(side int64 [n] in {0, 1}, inertia, fell_back)``; both sides non-empty; ``fell_back``
-    says the points could not be separated and were split by member order.
-    """
-    n = Us.shape[0]
-    if n > init_sample:
-        pick = torch.randperm(n, generator=gen)[:init_sample].sort().values.to(Us.device)
-        sample = Us[pick]
-    else:
-        sample = Us
-    best = None
-    for _ in range(n_init):
-        side, sums, inertia = lloyd(sample, init_pair(sample, gen, kern), kern, max_iter)
-        if best is None or inertia < best[2] - 1e-9 * n:
-            best = (side, sums, inertia)
-    side, sums, inertia = best if sample is Us else lloyd(Us, best[1].to(Us.dtype), kern, max_iter)
-    size1 = int(side.sum())
-    if size1 == 0 or size1 == n:  # inseparable (duplicates / zero vectors): split by member order
-        side = (torch.arange(n, device=Us.device) >= (n + 1) // 2).to(torch.int64)
-        sums, _ = kern.update(Us, side, 2)
-        return side, n - float(sums.norm(dim=1).sum()), True
-    return side, inertia, False
 
 
 def check_inputs(X, K, beta, n_init, max_iter, mode):
@@ -193,22 +122,20 @@ def check_inputs(X, K, beta, n_init, max_iter, mode):
 
 
 def split_batch(U: torch.Tensor, members: list, batch: list, kern: Kernels, seed: int, n_init: int,
-                 max_iter: int, init_sample: int) -> list[tuple[int, torch.Tensor, bool]]:
+                max_iter: int, init_sample: int) -> list[tuple[int, torch.Tensor, bool]]:
     """2-means splits of the clusters ``batch`` (``(−size, id)`` pairs): ``(id, side int64 [n], fell_back)``
     each. The cpp backend splits them all in one C++ call (in parallel when there are several); the
-    other backends run :func:`two_means` on each."""
-    if kern.fused:
-        seeds = [split_seed(seed, int(members[cid][0]), -neg_size) for neg_size, cid in batch]
-        sides, _, _, fell_back = torch.ops.gig_fast_cpp.two_means_splits(
-            U, [members[cid] for _, cid in batch], seeds, n_init, max_iter, init_sample, True)
+    torch reference splits one cluster at a time (small ones on one thread, see :func:`threads_for`)."""
+    seeds = [split_seed(seed, int(members[cid][0]), -neg_size) for neg_size, cid in batch]
+    if kern.split_name == "cpp":
+        sides, _, _, fell_back = kern.splits(U, [members[cid] for _, cid in batch], seeds, n_init, max_iter,
+                                             init_sample, True)
         return [(cid, side, fell) for (_, cid), side, fell in zip(batch, sides, fell_back.tolist())]
     out = []
-    for neg_size, cid in batch:
-        idx = members[cid]
-        gen = split_generator(seed, int(idx[0]), -neg_size)
+    for (neg_size, cid), s in zip(batch, seeds):
         with threads_for(-neg_size * U.shape[1], U.device):
-            side, _, fell_back = two_means(U[idx], kern, gen, n_init, max_iter, init_sample)
-        out.append((cid, side, fell_back))
+            sides, _, _, fell_back = kern.splits(U, [members[cid]], [s], n_init, max_iter, init_sample, True)
+        out.append((cid, sides[0], bool(fell_back[0])))
     return out
 
 
@@ -247,8 +174,7 @@ def concepts_from_members(X, Xc, U, members, kern, K, return_info, rounds, fallb
     usums, _ = kern.update(U, labels, K)
     info = BisectingInfo(inertia=float((counts.to(usums.dtype) - usums.norm(dim=1)).sum()), sizes=counts,
                          splits=K - 1, rounds=rounds, fallback_splits=fallbacks, mode=mode,
-                         backends={"spherical_assign": kern.assign_name, "centroid_update": kern.update_name,
-                                   "splits": "cpp fused" if kern.fused else "ops"},
+                         backends={"two_means": kern.split_name, "centroid_update": kern.update_name},
                          sharded_splits=sharded_splits)
     return concepts, labels, info
 

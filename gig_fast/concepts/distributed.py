@@ -7,8 +7,8 @@ runs the same split schedule; the work of each round is shared two ways:
 * clusters larger than ``init_sample`` are split one after the other, *data-parallel*: the
   initialisations are chosen on the cluster's random subsample (identical on every rank), then the
   Lloyd refinement on the whole cluster gives each rank a contiguous slice of its members, whose
-  float64 sums (the fused C++ step ``two_means_step`` on the cpp backend, ``centroid_update`` cast to
-  float64 on the others, so the reduction order barely matters) and label changes are all-reduced;
+  float64 side sums (the ``two_means_step`` op, so the reduction order barely matters) and label
+  changes are all-reduced;
 * smaller clusters of a round (most splits; fast mode has many per round) are split whole, each by
   one rank (round-robin), and the resulting sides are exchanged with one all-reduce per round.
 
@@ -24,8 +24,9 @@ from typing import Callable
 import torch
 
 from .bisecting import bisecting_spherical_kmeans
-from .core import (Kernels, apply_split, check_inputs, concepts_from_members, init_pair, lloyd, next_batch,
-                   split_batch, split_generator, split_seed, unit_rows)
+from .core import (Kernels, apply_split, check_inputs, concepts_from_members, next_batch, split_batch, split_seed,
+                   unit_rows)
+from ..ops.reference import accumulation_dtype
 
 __all__ = ["distributed_bisecting_kmeans"]
 
@@ -37,35 +38,11 @@ def _slice(n: int, rank: int, world: int) -> tuple[int, int]:
     return n * rank // world, n * (rank + 1) // world
 
 
-def _lloyd_sharded(Us: torch.Tensor, centroids: torch.Tensor, kern: Kernels, max_iter: int, rank: int,
-                   world: int, reduce: AllReduce) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """:func:`gig_fast.concepts._lloyd` with the points shared by the ranks (same loop, same stop rule).
-
-    Returns ``(side int64 [n], sums float64 [2, C], inertia)`` on every rank.
-    """
-    n = Us.shape[0]
-    lo, hi = _slice(n, rank, world)
-    mine = Us[lo:hi]
-    side = None
-    for _ in range(max_iter):
-        new_side, _ = kern.assign(mine, centroids)
-        sums = reduce(kern.update(mine, new_side, 2)[0].to(torch.float64))
-        changed = 1 if side is None else int((new_side != side).sum())
-        converged = side is not None and int(reduce(torch.tensor([changed], dtype=torch.int64))) == 0
-        side = new_side
-        if converged:
-            break
-        centroids = sums.to(Us.dtype)
-    full = torch.zeros(n, dtype=torch.int64, device=Us.device)
-    full[lo:hi] = side
-    full = reduce(full)  # every rank's slice → the whole side vector
-    return full, sums, n - float(sums.norm(dim=1).sum())
-
-
-def _lloyd_sharded_fused(U: torch.Tensor, idx: torch.Tensor, sums: torch.Tensor, max_iter: int, rank: int,
-                        world: int, reduce: AllReduce) -> torch.Tensor:
-    """The fused C++ refinement (``csrc/two_means``) with the members shared by the ranks: the same Lloyd
-    steps from the fp64 ``sums [2, C]``, each rank's step on its slice, sums and changes all-reduced.
+def _lloyd_sharded(U: torch.Tensor, idx: torch.Tensor, sums: torch.Tensor, kern: Kernels, max_iter: int, rank: int,
+                   world: int, reduce: AllReduce) -> torch.Tensor:
+    """Lloyd on the cluster ``U[idx]`` from the fp64 side sums ``sums [2, C]``, its members shared by the
+    ranks: each rank steps its slice (``two_means_step``), the sums and the number of changed sides are
+    all-reduced, and the loop stops as the single-process one does (no side changed).
 
     Returns ``side int64 [n]`` on every rank.
     """
@@ -74,7 +51,7 @@ def _lloyd_sharded_fused(U: torch.Tensor, idx: torch.Tensor, sums: torch.Tensor,
     mine = idx[lo:hi].contiguous()
     side = None
     for _ in range(max_iter):
-        new_side, part = torch.ops.gig_fast_cpp.two_means_step(U, mine, sums)
+        new_side, part = kern.step(U, mine, sums)
         sums = reduce(part)
         changed = 1 if side is None else int((new_side != side).sum())
         converged = side is not None and int(reduce(torch.tensor([changed], dtype=torch.int64))) == 0
@@ -83,29 +60,16 @@ def _lloyd_sharded_fused(U: torch.Tensor, idx: torch.Tensor, sums: torch.Tensor,
             break
     full = torch.zeros(n, dtype=torch.int64, device=U.device)
     full[lo:hi] = side
-    return reduce(full)
+    return reduce(full)  # every rank's slice → the whole side vector
 
 
 def _two_means_sharded(U, idx, kern, seed, n_init, max_iter, init_sample, rank, world, reduce):
-    """:func:`gig_fast.concepts._two_means` for a cluster ``U[idx]`` larger than ``init_sample``: the
-    initialisations on the (identical) subsample on every rank, the refinement on the whole cluster
-    data-parallel. Returns ``(side int64 [n], fell_back)``."""
+    """The split of a cluster ``U[idx]`` larger than ``init_sample``: the initialisations on its random
+    sample (identical on every rank), then the refinement on the whole cluster data-parallel.
+    Returns ``(side int64 [n], fell_back)``."""
     n = idx.shape[0]
-    if kern.fused:
-        _, sums, _, _ = torch.ops.gig_fast_cpp.two_means_splits(
-            U, [idx], [split_seed(seed, int(idx[0]), n)], n_init, max_iter, init_sample, False)
-        side = _lloyd_sharded_fused(U, idx, sums[0], max_iter, rank, world, reduce)
-    else:
-        Us = U[idx]
-        gen = split_generator(seed, int(idx[0]), n)
-        pick = torch.randperm(n, generator=gen)[:init_sample].sort().values.to(Us.device)
-        sample = Us[pick]
-        best = None
-        for _ in range(n_init):
-            side, sums, inertia = lloyd(sample, init_pair(sample, gen, kern), kern, max_iter)
-            if best is None or inertia < best[2] - 1e-9 * n:
-                best = (side, sums, inertia)
-        side, _, _ = _lloyd_sharded(Us, best[1].to(Us.dtype), kern, max_iter, rank, world, reduce)
+    _, sums, _, _ = kern.splits(U, [idx], [split_seed(seed, int(idx[0]), n)], n_init, max_iter, init_sample, False)
+    side = _lloyd_sharded(U, idx, sums[0], kern, max_iter, rank, world, reduce)
     size1 = int(side.sum())
     if size1 == 0 or size1 == n:  # inseparable: split by member order, as the single-process code does
         return (torch.arange(n, device=U.device) >= (n + 1) // 2).to(torch.int64), True
@@ -158,7 +122,7 @@ def distributed_bisecting_kmeans(X: torch.Tensor, K: int, *, rank: int, world: i
     if not isinstance(init_sample, int) or init_sample < 2:
         raise ValueError(f"init_sample must be an int >= 2, got {init_sample!r}")
     N = X.shape[0]
-    acc = torch.float64 if X.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(X.dtype)
     kern = Kernels(X.device, backend)
     Xc = X.to(acc) - (beta.to(acc) if beta is not None else 0)
     U = unit_rows(Xc).contiguous()

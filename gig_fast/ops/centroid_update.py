@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 
 from . import checks as v
+from .reference import accumulation_dtype, centroid_update_ref
 from .registry import OpSpec, register, resolve
-from .reference import centroid_update_ref
 
 __all__ = ["centroid_update"]
 
@@ -44,7 +44,7 @@ def _centroid_update_op(X: torch.Tensor, labels: torch.Tensor, K: int, backend: 
 
 @_centroid_update_op.register_fake
 def _(X, labels, K, backend):
-    acc = torch.float64 if X.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(X.dtype)
     return X.new_empty(K, X.shape[1], dtype=acc), X.new_empty(K, dtype=torch.int64)
 
 

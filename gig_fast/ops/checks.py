@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from .reference import accumulation_dtype
+
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -25,7 +27,7 @@ def check_finite(name: str, t: torch.Tensor) -> None:
     # A sum is finite iff every entry is (barring overflow, which the full scan then rules on); it is
     # far cheaper than torch.isfinite over the whole tensor. Summed in the tensor's own dtype (fp32 for
     # fp16/bf16): a float64 sum of fp32 data is ~20x slower on the CPU (78 vs 3.7 ms for 50k x 256).
-    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(t.dtype)
     if bool(torch.isfinite(t.sum(dtype=acc))):
         return
     bad = int((~torch.isfinite(t)).sum())

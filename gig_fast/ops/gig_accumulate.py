@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from . import checks as v
+from .reference import accumulation_dtype, gig_accumulate_ref
 from .registry import OpSpec, register, resolve
-from .reference import gig_accumulate_ref
 
 __all__ = ["gig_accumulate"]
 
@@ -47,7 +47,7 @@ def _gig_accumulate_op(grads: torch.Tensor, weights: torch.Tensor, idx: torch.Te
 
 @_gig_accumulate_op.register_fake
 def _(grads, weights, idx, val, V, backend):
-    acc = torch.float64 if grads.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(grads.dtype)
     return grads.new_empty(grads.shape[0], idx.shape[0], idx.shape[1], dtype=acc)
 
 

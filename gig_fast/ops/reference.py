@@ -3,7 +3,9 @@
 They run on any device and are the oracle of every test: short, obviously correct, accumulating in
 float32 (float64 stays float64). They may use more memory than the kernels, never a different formula.
 Shapes follow DESIGN.md §3: padded sparse codes are ``idx [P, s]`` (int64, −1 = padding) and
-``val [P, s]`` (0 at padding); ``V [K, C]`` holds one concept per row.
+``val [P, s]`` (0 at padding); ``V [K, C]`` holds one concept per row. One section per op, in this file
+only: sparse_reconstruct, spherical_assign, centroid_update, gig_accumulate, two_means (the 2-means splits
+with the kernel's own random generator) and sparse_code (the Gram-form solvers).
 """
 from __future__ import annotations
 
@@ -17,6 +19,13 @@ __all__ = [
     "centroid_update_ref",
     "gig_accumulate_ref",
     "segment_sum",
+    "SplitMix64",
+    "two_means_step_ref",
+    "two_means_splits_ref",
+    "duality_gap",
+    "lasso_gram_ref",
+    "omp_gram_ref",
+    "dense_to_padded",
 ]
 
 
@@ -137,3 +146,283 @@ def gig_accumulate_ref(grads: torch.Tensor, weights: torch.Tensor, idx: torch.Te
     for j in range(idx.shape[1]):
         attr[..., j] = (g * Vacc[safe[:, j]]).sum(-1)
     return torch.where(active, attr * val.to(acc), torch.zeros((), dtype=acc, device=grads.device))
+
+
+# ------------------------------------------------------------------------------------ two_means
+class SplitMix64:
+    """The random generator of the 2-means splits (Steele, Lea, Flood 2014), bit-identical to the one in
+    ``csrc/two_means``: the same seed gives the same draws in the reference and in the C++ kernel."""
+
+    _MASK = (1 << 64) - 1
+
+    def __init__(self, seed: int):
+        self.state = int(seed) & self._MASK
+
+    def next(self) -> int:
+        self.state = (self.state + 0x9E3779B97F4A7C15) & self._MASK
+        z = self.state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & self._MASK
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & self._MASK
+        return z ^ (z >> 31)
+
+    def uniform(self) -> float:
+        """A double in [0, 1) from the top 53 bits."""
+        return (self.next() >> 11) * 2.0 ** -53
+
+    def index(self, n: int) -> int:
+        """A uniform index in [0, n)."""
+        return min(n - 1, int(self.uniform() * n))
+
+
+def _side_sums(Ur: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+    """``[2, C]`` float64 sums of the rows ``Ur [n, C]`` on each side (``side`` int64 ``[n]`` in {0, 1})."""
+    return torch.zeros(2, Ur.shape[1], dtype=torch.float64, device=Ur.device).index_add_(0, side, Ur.double())
+
+
+def two_means_step_ref(U: torch.Tensor, members: torch.Tensor, sums: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One spherical 2-means Lloyd step on the rows ``U[members]`` from the side sums ``sums``.
+
+    ``side[i] = 1`` iff ``<x_i, S1/|S1| − S0/|S0|> > 0`` (ties → 0; an empty side's term is 0), the
+    direction cast to U's dtype as the kernel does; returns ``(side int64 [n], new sums float64 [2, C])``.
+
+    Args: U ``[N, C]`` unit rows (float32/float64), members int64 ``[n]``, sums float64 ``[2, C]``.
+    """
+    norms = sums.norm(dim=1)
+    inv = torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(norms))
+    w = (sums[1] * inv[1] - sums[0] * inv[0]).to(U.dtype)
+    Ur = U[members]
+    side = (Ur @ w > 0).to(torch.int64)
+    return side, _side_sums(Ur, side)
+
+
+def _lloyd_ref(Ur: torch.Tensor, S: torch.Tensor, max_iter: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Lloyd from the sums ``S [2, C]`` until no side changes (at most ``max_iter`` steps):
+    ``(side [n], sums of those sides [2, C], cosine inertia n − |S0| − |S1|)``."""
+    rows = torch.arange(Ur.shape[0], device=Ur.device)
+    side = None
+    for _ in range(max_iter):
+        new_side, S = two_means_step_ref(Ur, rows, S)
+        stable = side is not None and torch.equal(new_side, side)
+        side = new_side
+        if stable:
+            break
+    return side, S, Ur.shape[0] - float(S.norm(dim=1).sum())
+
+
+def _init_pair_ref(Ur: torch.Tensor, rng: SplitMix64) -> torch.Tensor:
+    """k-means++ start ``[2, C]`` float64: a uniform random row, then a row drawn with probability ∝ its
+    cosine distance ``1 − <x, x_first>`` (any other row when every distance is 0)."""
+    n = Ur.shape[0]
+    first = rng.index(n)
+    dist = (1.0 - (Ur @ Ur[first]).double()).clamp_min(0)
+    second = (first + 1 + rng.index(max(n - 1, 1))) % n  # drawn in every case, as the kernel does
+    total = float(dist.sum())
+    if total > 0:
+        u = rng.uniform() * total
+        hit = int(torch.searchsorted(torch.cumsum(dist, 0), torch.tensor([u], dtype=torch.float64,
+                                                                             device=dist.device), right=True))
+        if hit < n:  # a row of distance 0 is never drawn
+            second = hit
+    return Ur[[first, second]].double()
+
+
+def _split_one_ref(U: torch.Tensor, members: torch.Tensor, seed: int, n_init: int, max_iter: int,
+                   init_sample: int, refine: bool) -> tuple[torch.Tensor, torch.Tensor, float, bool]:
+    """One split of :func:`two_means_splits_ref`: ``(side [n_b], sums [2, C], inertia, fell_back)``."""
+    n = members.shape[0]
+    rng = SplitMix64(seed)
+    sample = members
+    if n > init_sample:  # a partial Fisher–Yates draw of init_sample members, kept in member order
+        pos = list(range(n))
+        for j in range(init_sample):
+            r = j + rng.index(n - j)
+            pos[j], pos[r] = pos[r], pos[j]
+        sample = members[sorted(pos[:init_sample])]
+    Us = U[sample]
+    best = None
+    for t in range(n_init):
+        side, S, inertia = _lloyd_ref(Us, _init_pair_ref(Us, rng), max_iter)
+        if t == 0 or inertia < best[2] - 1e-9 * n:
+            best = (side, S, inertia)
+    side, S, inertia = best
+    if sample.shape[0] < n:
+        if not refine:
+            return side, S, inertia, False
+        side, S, inertia = _lloyd_ref(U[members], S, max_iter)
+    ones = int(side.sum())
+    if ones == 0 or ones == n:  # inseparable (identical or zero rows): split by member order
+        side = (torch.arange(n, device=U.device) >= (n + 1) // 2).to(torch.int64)
+        S = _side_sums(U[members], side)
+        return side, S, n - float(S.norm(dim=1).sum()), True
+    return side, S, inertia, False
+
+
+def two_means_splits_ref(U: torch.Tensor, members: list[torch.Tensor], seeds: list[int], n_init: int,
+                         max_iter: int, init_sample: int, refine: bool
+                         ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Spherical 2-means splits of the clusters ``U[members[b]]``, the algorithm of ``csrc/two_means``
+    (formulas in ``two_means.h``) with the same random draws (:class:`SplitMix64` seeded by ``seeds[b]``).
+
+    Args: U ``[N, C]`` unit rows (float32/float64), members: int64 ``[n_b]`` sorted row indices (n_b ≥ 2).
+    Returns: ``(sides [int64 [n_b]], sums float64 [B, 2, C], inertia float64 [B], fell_back bool [B])``;
+    with ``refine=False`` a cluster larger than ``init_sample`` stops after its sample (its side has
+    ``init_sample`` entries).
+    """
+    out = [_split_one_ref(U, m, s, n_init, max_iter, init_sample, refine) for m, s in zip(members, seeds)]
+    dev, C = U.device, U.shape[1]
+    sums = torch.stack([o[1] for o in out]) if out else torch.zeros(0, 2, C, dtype=torch.float64, device=dev)
+    return ([o[0] for o in out], sums, torch.tensor([o[2] for o in out], dtype=torch.float64, device=dev),
+            torch.tensor([o[3] for o in out], dtype=torch.bool, device=dev))
+
+# ------------------------------------------------------------------------------------ sparse_code
+# The reference solvers of ``sparse_code`` work on the *Gram form* of the problem, shared by every backend:
+# for centred vectors ``y = x − β`` (rows of ``Y [N, C]``) and concepts ``V [K, C]``, correlations
+# ``c = V y`` (``[N, K]``) and the Gram matrix ``G = V Vᵀ`` (``[K, K]``), the Lasso (DESIGN.md §1.4, paper
+# §3.2.2) ``min_u ½‖y − Vᵀu‖² + λ‖u‖₁ = ½‖y‖² − cᵀu + ½uᵀGu + λ‖u‖₁``. It is solved by batched FISTA with
+# adaptive (gradient) restart, stopped by the duality gap, which every backend computes the same way from
+# ``q = c − G u = V r`` (``r = y − Vᵀu``):
+#   primal ``P = ½‖r‖² + λ‖u‖₁`` with ``‖r‖² = ‖y‖² − cᵀu − uᵀq``;
+#   dual point ``θ = s·r``, ``s = min(1, λ / ‖q‖_∞)`` (``max(q)₊`` instead of ``‖q‖_∞`` when ``u ≥ 0``);
+#   dual ``D = ½‖y‖² − ½‖y − θ‖² = s(‖y‖² − cᵀu) − ½s²‖r‖²``; ``gap = P − D ≥ 0``.
+# A row is converged when ``gap ≤ tol·‖y‖²``. OMP (fixed number of atoms, atoms selected by the largest
+# ``|q|`` like scikit-learn's ``orthogonal_mp_gram``) re-solves the normal equations on the support at
+# every step with ``torch.linalg.solve``: slow, obviously right.
+
+def duality_gap(c: torch.Tensor, q: torch.Tensor, u: torch.Tensor, y2: torch.Tensor, lam: torch.Tensor,
+                positive: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Primal objective and duality gap per row.
+
+    Args:
+        c: ``[N, K]`` correlations ``V y``; q: ``[N, K]`` residual correlations ``c − G u``;
+        u: ``[N, K]`` codes; y2: ``[N]`` ``‖y‖²``; lam: ``[N]`` absolute λ.
+
+    Returns:
+        ``(primal [N], gap [N])``.
+    """
+    cu = (c * u).sum(1)
+    r2 = (y2 - cu - (u * q).sum(1)).clamp_min(0)
+    qmax = q.amax(1).clamp_min(0) if positive else q.abs().amax(1)
+    s = torch.where(qmax > lam, lam / qmax.clamp_min(torch.finfo(q.dtype).tiny), torch.ones_like(qmax))
+    primal = 0.5 * r2 + lam * u.abs().sum(1)
+    dual = s * (y2 - cu) - 0.5 * s * s * r2
+    return primal, (primal - dual).clamp_min(0)
+
+
+def _soft(z: torch.Tensor, t: torch.Tensor, positive: bool) -> torch.Tensor:
+    return (z - t).clamp_min(0) if positive else torch.sign(z) * (z.abs() - t).clamp_min(0)
+
+
+def lasso_gram_ref(c: torch.Tensor, G: torch.Tensor, y2: torch.Tensor, lam: torch.Tensor, positive: bool,
+                   max_iter: int, tol: float, check_every: int = 10
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batched FISTA (proximal gradient with momentum and adaptive restart) on the Gram form.
+
+    Args:
+        c: ``[N, K]`` correlations; G: ``[K, K]`` Gram matrix; y2: ``[N]``; lam: ``[N]`` absolute λ.
+        positive: constrain ``u ≥ 0``. max_iter: iterations at most. tol: stop at ``gap ≤ tol·‖y‖²``.
+
+    Returns:
+        ``(u [N, K] dense codes, gap [N], iterations [N] int64)``.
+    """
+    N, K = c.shape
+    u = torch.zeros_like(c)
+    z = u.clone()
+    t = torch.ones(N, 1, dtype=c.dtype, device=c.device)
+    iters = torch.zeros(N, dtype=torch.int64, device=c.device)
+    gap = torch.zeros(N, dtype=c.dtype, device=c.device)
+    if N == 0 or K == 0:
+        return u, gap, iters
+    # Lipschitz constant of the smooth part: the largest eigenvalue of G (0 only for an all-zero V)
+    L = float(torch.linalg.eigvalsh(G.double()).amax().clamp_min(1e-30)) * (1 + 1e-6)
+    thr = (lam / L)[:, None]
+    active = torch.ones(N, dtype=torch.bool, device=c.device)
+    for it in range(max_iter):
+        if it % check_every == 0:
+            _, gap = duality_gap(c, c - u @ G, u, y2, lam, positive)
+            active = gap > tol * y2
+            if not bool(active.any()):
+                break
+        grad = z @ G - c
+        u_new = _soft(z - grad / L, thr, positive)
+        # gradient restart (O'Donoghue & Candès): drop the momentum when it points uphill
+        restart = ((z - u_new) * (u_new - u)).sum(1, keepdim=True) > 0
+        t = torch.where(restart, torch.ones_like(t), t)
+        t_new = (1 + torch.sqrt(1 + 4 * t * t)) / 2
+        z_new = u_new + ((t - 1) / t_new) * (u_new - u)
+        keep = active[:, None]
+        u = torch.where(keep, u_new, u)
+        z = torch.where(keep, z_new, z)
+        t = torch.where(keep, t_new, t)
+        iters += active.to(torch.int64)
+    _, gap = duality_gap(c, c - u @ G, u, y2, lam, positive)
+    return u, gap, iters
+
+
+def omp_gram_ref(c: torch.Tensor, G: torch.Tensor, n_nonzero: int, residual_corr=None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched orthogonal matching pursuit on the Gram form (scikit-learn's ``orthogonal_mp_gram`` rules).
+
+    Each step adds the atom with the largest ``|q_k|`` (first index on ties) and re-fits the support by
+    least squares. A row stops early, like scikit-learn, when the best ``q_k² < eps`` or the new atom is
+    numerically in the span of the chosen ones (Cholesky pivot ``≤ eps``), ``eps`` of the dtype.
+
+    Args:
+        c: ``[N, K]`` correlations; G: ``[K, K]``; n_nonzero: atoms per row at most.
+        residual_corr: ``(support [N, n], coef [N, n]) -> q [N, K]`` = ``c − Σ_t coef_t G[support_t]``;
+            default: a dense ``u @ G`` (the GPU backend passes a sparse one).
+
+    Returns:
+        ``(u [N, K] dense codes, steps [N] int64 atoms chosen)``.
+    """
+    N, K = c.shape
+    eps = torch.finfo(c.dtype).eps
+    chosen = torch.zeros(N, K, dtype=torch.bool, device=c.device)
+    support = torch.zeros(N, 0, dtype=torch.int64, device=c.device)
+    slot_ok = torch.zeros(N, 0, dtype=torch.bool, device=c.device)  # False: a stopped row's dummy slot
+    alive = torch.ones(N, dtype=torch.bool, device=c.device)
+    rows = torch.arange(N, device=c.device)
+
+    def normal_matrix(sup, ok):
+        # G_SS with the dummy slots replaced by identity rows/columns, so every system stays regular
+        pair = ok[:, :, None] & ok[:, None, :]
+        eye = torch.eye(sup.shape[1], dtype=c.dtype, device=c.device).expand(N, -1, -1)
+        return torch.where(pair, G[sup[:, :, None], sup[:, None, :]], eye)
+
+    if residual_corr is None:
+        residual_corr = lambda sup, w: c - torch.zeros_like(c).scatter_add_(1, sup, w) @ G  # noqa: E731
+    coef_ok = torch.zeros(N, 0, dtype=c.dtype, device=c.device)
+    for n in range(min(n_nonzero, K)):
+        q = residual_corr(support, coef_ok) if n else c
+        score = torch.where(chosen, torch.full_like(q, -1.0), q.abs())
+        j = score.argmax(1)
+        best = score[rows, j]
+        # the pivot of the Cholesky factor of G_SS when j joins S: G_jj − G_jSᵀ G_SS⁻¹ G_Sj
+        pivot = G[j, j]
+        if n:
+            Gsj = torch.where(slot_ok, G[support, j[:, None]], 0)
+            w = torch.linalg.solve(normal_matrix(support, slot_ok), Gsj.unsqueeze(-1)).squeeze(-1)
+            pivot = pivot - (Gsj * w).sum(1)
+        alive = alive & (best * best >= eps) & (pivot > eps)
+        if not bool(alive.any()):
+            break
+        support = torch.cat([support, j[:, None]], 1)
+        slot_ok = torch.cat([slot_ok, alive[:, None]], 1)
+        chosen[rows[alive], j[alive]] = True
+        rhs = torch.where(slot_ok, c.gather(1, support), 0)
+        coef = torch.linalg.solve(normal_matrix(support, slot_ok), rhs.unsqueeze(-1)).squeeze(-1)
+        coef_ok = torch.where(slot_ok, coef, 0)
+    u = torch.zeros_like(c).scatter_add_(1, support, coef_ok)
+    return u, slot_ok.sum(1)
+
+
+def dense_to_padded(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense codes ``[N, K]`` → padded ``(idx [N, s] int64, −1 padding, sorted; val [N, s], 0 at padding)``."""
+    nz = u != 0
+    s = int(nz.sum(1).max()) if u.numel() else 0
+    # stable sort puts the non-zeros first, in increasing concept index
+    order = torch.sort((~nz).to(torch.int8), dim=1, stable=True).indices[:, :s]
+    keep = torch.gather(nz, 1, order)
+    idx = torch.where(keep, order, torch.full_like(order, -1))
+    val = torch.where(keep, torch.gather(u, 1, order), torch.zeros((), dtype=u.dtype, device=u.device))
+    return idx, val

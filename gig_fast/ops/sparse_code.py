@@ -8,7 +8,7 @@ with ``λ = λ_rel·‖V(x − β)‖_∞`` by default (a fraction of λ_max, th
 ``positive=True`` λ_max is ``max(V(x − β))₊``), so one setting fits every layer. OMP with a fixed
 number of atoms is the fast greedy alternative.
 
-Every backend solves the *Gram form* (see :mod:`gig_fast.ops.sparse_code_reference`): correlations
+Every backend solves the *Gram form* (see :mod:`gig_fast.ops.reference`): correlations
 ``c = V y`` come from one GEMM per chunk of vectors and the Gram matrix ``G = V Vᵀ`` from one per call;
 the solvers then touch only the few concepts that matter:
 
@@ -33,8 +33,8 @@ import warnings
 import torch
 
 from . import checks as v
+from .reference import accumulation_dtype, dense_to_padded, lasso_gram_ref, omp_gram_ref
 from .registry import OpSpec, register, resolve
-from .sparse_code_reference import dense_to_padded, lasso_gram_ref, omp_gram_ref
 
 __all__ = ["sparse_code", "SparseCodeInfo", "SparseCodeConvergenceWarning", "DEFAULT_LAM_REL"]
 
@@ -298,7 +298,7 @@ def sparse_code(X: torch.Tensor, V: torch.Tensor, *, lam: float | None = None, m
         n_nonzero = max(1, K // 100)
     _check_args(X, V, bias, lam, method, lam_mode, positive, max_iter, tol, n_nonzero)
     name = resolve("sparse_code", IMPLEMENTED, PREFERENCE, V.device, backend)
-    compute = torch.float64 if X.dtype == torch.float64 else torch.float32
+    compute = accumulation_dtype(X.dtype)
     lead = X.shape[:-1]
     Y = X.reshape(-1, X.shape[-1]).to(compute)
     if bias is not None:

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 
 from . import checks as v
+from .reference import accumulation_dtype, spherical_assign_ref
 from .registry import OpSpec, register, resolve
-from .reference import spherical_assign_ref
 
 __all__ = ["spherical_assign"]
 
@@ -46,7 +46,7 @@ def _spherical_assign_op(X: torch.Tensor, centroids: torch.Tensor, backend: str)
 
 @_spherical_assign_op.register_fake
 def _(X, centroids, backend):
-    acc = torch.float64 if X.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(X.dtype)
     return X.new_empty(X.shape[0], dtype=torch.int64), X.new_empty(X.shape[0], dtype=acc)
 
 
