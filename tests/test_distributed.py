@@ -23,8 +23,9 @@ from gig_fast.pipeline import Pipeline
 from gig_fast.pipeline import distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = [pytest.mark.slow,  # torchrun jobs of two ranks
+              pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                                 reason="torch.distributed with gloo is not available")]
 
 
 def _free_port() -> int:

@@ -9,7 +9,6 @@ from gig_fast.ops import available_backends, sparse_reconstruct
 from gig_fast.slicing import bn_shift, make_f_ab, preactivation
 from gig_fast.testing import captum_rule, fitted_codes, random_codes, tiny_residual_cnn, tiny_resnet
 
-captum_attr = pytest.importorskip("captum.attr")
 
 
 def _setup(model, a, b, B=2, size=8, K_factor=3, s=4):
@@ -23,6 +22,7 @@ def _setup(model, a, b, B=2, size=8, K_factor=3, s=4):
 
 def _captum_ig(f_ab, codes, V, beta, target_fn, steps, rule, hw):
     """IG on val ↦ T(F_ab(reconstruct(idx, val, V) + β)), baseline 0, by Captum (no gig_fast engine code)."""
+    captum_attr = pytest.importorskip("captum.attr")  # only the Captum comparisons need it
     idx, val = codes
     H, W = hw
 
@@ -109,6 +109,44 @@ def test_quadrature_rules(rule):
     exact = {"gausslegendre": 1 / 4, "trapezoid": None}  # ∫ α³ on [0, 1]
     if rule == "gausslegendre":
         assert abs(float((weights * nodes ** 3).sum()) - exact[rule]) < 1e-14
+
+
+def _cubic_problem(g: torch.Generator, B: int = 3, C: int = 5, H: int = 3, W: int = 4):
+    """F_ab(X) = (W₂ ∗ X)³ summed by a linear read-out: along the straight path X(α) = β + α·UV every target is
+    a cubic polynomial in α, so its derivative is quadratic and a rule exact to degree 2 integrates it
+    exactly — completeness then holds to rounding, and any error in the rule's nodes or weights shows."""
+    W2 = torch.randn(4, C, 1, 1, dtype=torch.float64, generator=g) / C ** 0.5
+    readout = torch.randn(3, 4, dtype=torch.float64, generator=g)
+
+    def f_ab(X):  # [n, C, H, W] → feature map [n, 4, H, W]
+        return torch.nn.functional.conv2d(X, W2) ** 3
+
+    def logits(X):
+        return f_ab(X).mean((2, 3)) @ readout.T
+    V = torch.randn(4 * C, C, dtype=torch.float64, generator=g) / C ** 0.5
+    beta = 0.3 * torch.randn(C, dtype=torch.float64, generator=g)
+    idx, val = random_codes((B, H * W), 3, 4 * C, dtype=torch.float64, pad_frac=0.25, generator=g)
+    return f_ab, logits, (idx, val), V, beta, (H, W)
+
+
+@pytest.mark.parametrize("rule,steps,exact", [("gausslegendre", 2, True), ("gausslegendre", 5, True),
+                                              ("trapezoid", 2, False), ("riemann_middle", 2, False),
+                                              ("gausslegendre", 1, False), ("riemann_left", 8, False)])
+def test_fixed_rule_completeness_on_a_polynomial_path(rule, steps, exact):
+    """The fixed rule alone (``tolerance=None``) at a given m, where the exact answer is known: a rule exact
+    for quadratics (Gauss–Legendre with m ≥ 2) closes the completeness gap to rounding, the others leave a
+    gap of at least 1e-6 of the span (so a wrong node or weight in any rule fails one row here)."""
+    g = torch.Generator().manual_seed(11)
+    f_ab, logits, codes, V, beta, hw = _cubic_problem(g)
+    targets = [ConceptTarget(torch.randn(4, dtype=torch.float64, generator=g)), ClassTarget(1, probability=False)]
+    for f, target in ((f_ab, targets[0]), (logits, targets[1])):
+        res = gig(f, codes, V, beta, target, steps=steps, rule=rule, tolerance=None, spatial=hw)
+        rel = res.relative_delta()
+        assert torch.equal(res.steps, torch.full((3,), steps)) and not res.refined.any()
+        if exact:
+            assert torch.all(rel <= 1e-12), rel
+        else:
+            assert torch.all(rel >= 1e-6), rel
 
 
 def _fitted_problem(a, b, seed=None, B=4, size=12):
@@ -295,10 +333,9 @@ def test_chunked_forward_batches_are_bounded():
     assert max(seen) <= 5 and sum(seen) == 2 * 12 + 2 * 2
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("backend", [b for b in ("cpp", "triton") if available_backends()[b].startswith("runs")])
 def test_backends_agree(backend):
-    if not available_backends()[backend].startswith("runs"):
-        pytest.skip(f"{backend} not runnable here")
+    """The compiled backends of the engine's ops give the torch reference's attributions (float64)."""
     model = tiny_resnet()
     f, codes, V, beta, hw = _setup(model, "layer1.1", "layer2.0", B=1, size=6)
     tgt = ConceptTarget(torch.randn(16, dtype=torch.float64))
@@ -367,7 +404,7 @@ def test_input_validation():
         gig(f, (idx, val.float()), V.float(), beta.float(), tgt, steps=3, spatial=hw)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 @pytest.mark.parametrize("tolerance", [None, 0.01])
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_cuda_engine_matches_cpu(backend, tolerance):

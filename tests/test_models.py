@@ -105,11 +105,11 @@ def test_weights_round_trip_through_local_files(tmp_path):
 
 
 def test_train_demo_caches_weights_and_accuracy(tmp_path, monkeypatch):
-    import gig_fast.data as data
+    import gig_fast.models.demo as demo
 
     images = torch.randn(64, 1, 28, 28)
     labels = torch.randint(0, 10, (64,))
-    monkeypatch.setattr(data, "fashion_mnist",
+    monkeypatch.setattr(demo, "fashion_mnist",  # the data set the demo trainer reads
                         lambda split, root=None: torch.utils.data.TensorDataset(images, labels))
     from gig_fast.models import train_demo
 

@@ -232,7 +232,7 @@ def test_opcheck():
                                                                   "test_faketensor"))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 @pytest.mark.parametrize("positive", [False, True])
 def test_triton_gpu_matches_sklearn(positive):
     X, V, beta = pfv_like(64, 32, 256, dtype=torch.float64)

@@ -15,8 +15,12 @@ def _unit(X: torch.Tensor) -> torch.Tensor:
 
 
 def _data(n: int, C: int, k: int, dtype, seed: int) -> torch.Tensor:
+    """Unit rows around k directions; every 97th row is zero (a PFV equal to β: it scores 0 everywhere
+    and must go to side 0)."""
     g = torch.Generator().manual_seed(seed)
-    return _unit(clustered_points(n, C, k, dtype=torch.float64, generator=g) - 2.0).to(dtype)
+    U = _unit(clustered_points(n, C, k, dtype=torch.float64, generator=g) - 2.0)
+    U[::97] = 0
+    return U.to(dtype).contiguous()
 
 
 def test_splitmix64_matches_the_published_stream():
