@@ -41,7 +41,11 @@ from ..pipeline.store import load_json, load_npz
 from .types import (ClassInfo, ClassUse, ConceptCard, ConceptSample, ConceptUse, Decomposition, Edge, Explanation,
                     Graph, ImageGraph, LayerInfo, Metrics, Node, PairGraph, SharedConcept)
 
-__all__ = ["Run"]
+__all__ = ["Run", "NotFoundError"]
+
+
+class NotFoundError(ValueError):
+    """An unknown class, layer, concept or image (a ``ValueError``; the server answers 404)."""
 
 
 class Run:
@@ -107,7 +111,7 @@ class Run:
         for lay in self.layers:
             if lay.name == name and name != CLASSES:
                 return lay
-        raise ValueError(f"unknown layer {name!r}; valid: {', '.join(self.points)}")
+        raise NotFoundError(f"unknown layer {name!r}; valid: {', '.join(self.points)}")
 
     def class_id(self, name_or_id: int | str) -> int:
         """A class id from its name or id (``ValueError`` naming the valid ones)."""
@@ -119,12 +123,12 @@ class Run:
         if isinstance(name_or_id, str) and name_or_id.isdigit() and int(name_or_id) < len(self.classes):
             return int(name_or_id)
         shown = ", ".join(c.name for c in self.classes[:20]) + (" …" if len(self.classes) > 20 else "")
-        raise ValueError(f"unknown class {name_or_id!r}; valid: ids 0-{len(self.classes) - 1} or names ({shown})")
+        raise NotFoundError(f"unknown class {name_or_id!r}; valid: ids 0-{len(self.classes) - 1} or names ({shown})")
 
     def _concept_id(self, layer: str, concept: int) -> int:
         K = self.layer(layer).n_concepts
         if not isinstance(concept, (int, np.integer)) or not 0 <= int(concept) < K:
-            raise ValueError(f"concept {concept!r} is out of range for {layer} (K = {K})")
+            raise NotFoundError(f"concept {concept!r} is out of range for {layer} (K = {K})")
         return int(concept)
 
     # -- concepts ----------------------------------------------------------------------------------
@@ -285,10 +289,10 @@ class Run:
             for g in self._graph["images"]:
                 if g["id"] == int(image):
                     return ImageGraph(g["id"], g["label"], g["prediction"], g["class"], Graph.from_dict(g))
-            raise ValueError(f"image {image} is not among the explained images of this run")
+            raise NotFoundError(f"image {image} is not among the explained images of this run")
         meta, nodes, edges = self.store.image_rows(int(image))
         if meta.num_rows == 0:
-            raise ValueError(f"image {image} is not among the {self.images_total} explained images of this run")
+            raise NotFoundError(f"image {image} is not among the {self.images_total} explained images of this run")
         m = meta.to_pylist()[0]
         by_layer: dict[str, list] = {}
         for n in sorted(nodes.to_pylist(), key=lambda n: n["rank"]):
@@ -320,7 +324,7 @@ class Run:
                     for r, i in enumerate(z["image"].tolist()):
                         self._codes_index[int(i)] = (f, r)
         if int(image) not in self._codes_index:
-            raise ValueError(f"image {image} is not among the explained images of this run")
+            raise NotFoundError(f"image {image} is not among the explained images of this run")
         return self._codes_index[int(image)]
 
     def stored_codes(self, image: int, layer: str) -> Decomposition:
