@@ -173,3 +173,48 @@ def test_an_unknown_target_for_an_upload_is_a_404(served_run, server):
     png = (served_run / "data" / "c0" / "1.png").read_bytes()
     status, body = _call(server, "/api/explain?target=nope", data=png, method="POST")
     assert status == 404 and "unknown class 'nope'" in body["error"]
+
+
+from test_explorer import _errors, _nodes, artifacts, browser  # noqa: E402,F401  (the headless chromium fixtures)
+
+
+def _wait(predicate, what, timeout=60):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_the_served_page_loads_top_images_and_any_image_from_the_api(server, served_run, browser, artifacts):
+    from selenium.webdriver.common.by import By
+
+    run = Run.open(served_run / "run")
+    browser.get("about:blank")
+    browser.get(server + "/#class=0")
+    _wait(lambda: browser.execute_script("return document.documentElement.getAttribute('data-ready')") == "1", "the page")
+    node = _nodes(browser, ".node:not(.cls)")[0]
+    layer, q = node.get_attribute("data-layer"), int(node.get_attribute("data-concept"))
+    node.click()
+    want = [u.image for u in run.top_images(layer, q, min(12, 100))]
+    _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#card .top-images button"), "the top images")
+    shown = [int(b.get_attribute("data-image")) for b in browser.find_elements(By.CSS_SELECTOR, "#card .top-images button")]
+    assert shown == want
+    # an explained image that the page does not embed: its graph comes from the store
+    embedded = set(json.loads(browser.execute_script("return JSON.stringify([...document.querySelectorAll('#image-select option')].map((o) => +o.value))")))
+    other = next(i for i in run.image_ids() if i not in embedded)
+    browser.find_element(By.CSS_SELECTOR, 'button.mode[data-mode="image"]').click()
+    box = browser.find_element(By.ID, "image-id")
+    box.send_keys(str(other))
+    browser.find_element(By.ID, "image-load").click()
+    _wait(lambda: f"Image #{other}" in browser.find_element(By.ID, "status").text, "the image view")
+    g = run.image_graph(other)
+    drawn = {(n.get_attribute("data-layer"), int(n.get_attribute("data-concept"))) for n in _nodes(browser, ".node:not(.cls)")}
+    assert drawn == {(n.layer, n.concept) for n in g.graph.nodes} | {(e.target_layer, e.target) for e in g.graph.edges
+                                                                     if e.target_layer != "classes"}
+    browser.save_screenshot(str(artifacts / "explorer_served_image.png"))
+    # an unknown id: a message, no error
+    box.clear()
+    box.send_keys("99999")
+    browser.find_element(By.ID, "image-load").click()
+    _wait(lambda: "not among" in browser.find_element(By.ID, "status").text, "the error message")
+    assert [e for e in _errors(browser) if "404" not in e["message"]] == []
