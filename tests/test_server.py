@@ -218,3 +218,20 @@ def test_the_served_page_loads_top_images_and_any_image_from_the_api(server, ser
     browser.find_element(By.ID, "image-load").click()
     _wait(lambda: "not among" in browser.find_element(By.ID, "status").text, "the error message")
     assert [e for e in _errors(browser) if "404" not in e["message"]] == []
+
+
+def test_cli_explain_and_serve_through_run(served_run, tmp_path, capsys):
+    from gig_fast.cli import main
+
+    png = served_run / "data" / "c2" / "0.png"
+    assert main(["explain", "--run", str(served_run / "run"), "--image", str(png), "--target", "2",
+                 "--json", str(tmp_path / "ex.json")]) == 0
+    got = json.loads((tmp_path / "ex.json").read_text())
+    run = Run.open(served_run / "run")
+    want = run.explain(run.load_image(png), target=2).to_dict()
+    assert got["class_name"] == "bag" and got["nodes"].keys() == want["nodes"].keys()
+    assert [n["concept"] for n in got["nodes"][LAYERS[-1]]] == [n["concept"] for n in want["nodes"][LAYERS[-1]]]
+    assert [n["score"] for n in got["nodes"][LAYERS[-1]]] == pytest.approx([n["score"] for n in want["nodes"][LAYERS[-1]]])
+    assert main(["explain", "--run", str(served_run / "run"), "--image", str(tmp_path / "missing.png")]) == 2
+    assert main(["serve", "--run", str(tmp_path)]) == 2
+    assert "no graph.json" in capsys.readouterr().err
