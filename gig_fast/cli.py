@@ -6,6 +6,7 @@
     gig-fast explain --image FILE --run DIR        # one image's graph on a finished run's concepts
     gig-fast show --run DIR --classes A B          # shared concepts of two classes in a run's graph.json
     gig-fast report --run DIR [--html FILE]        # rewrite a finished run's interactive report.html
+    gig-fast serve --run DIR [--port 8000]         # local HTTP JSON API over the run + its explorer page
     gig-fast validate --config FILE [--vset K=V]   # run/resume the pipeline, then the validation suite
     gig-fast validate --demo [--out DIR]           # the same on the demo configuration
 
@@ -65,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--html", default=None, help="where to write the page (default: RUN/report.html)")
     rp.add_argument("--images", type=int, default=None,
                     help="explained images embedded for the image view (default: the config's report_images)")
+    sv = sub.add_parser("serve", help="a local HTTP JSON API over a finished run, and its explorer page (gig_fast[serve])")
+    sv.add_argument("--run", default="gig_demo", help="output folder of a finished run")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--device", default="cpu", help="where uploaded images are explained")
     va = sub.add_parser("validate", help="run/resume the pipeline, then the validation suite (paper §4.2)")
     va.add_argument("--config", default=None,
                     help="pipeline config (YAML/JSON); an optional 'validation:' mapping in it holds validation options")
@@ -171,25 +177,17 @@ def cmd_demo(args) -> int:
 
 
 def _show(out: Path, c1: str, c2: str) -> None:
-    graph = json.loads((Path(out) / "graph.json").read_text())
-    names = {c["name"]: c["id"] for c in graph["classes"]}
-    ids = []
-    for c in (c1, c2):
-        if c in names:
-            ids.append(names[c])
-        elif str(c).isdigit() and int(c) < len(graph["classes"]):
-            ids.append(int(c))
-        else:
-            raise ValueError(f"unknown class {c!r}; valid: {', '.join(names)}")
-    a, b = sorted(ids)
-    pg = graph["pair_graphs"].get(f"{a}-{b}")
-    if pg is None:
-        raise ValueError("a class cannot be paired with itself")
-    print(f"shared concepts of {graph['classes'][a]['name']} / {graph['classes'][b]['name']} "
+    from .api import Run
+
+    run = Run.open(out)
+    pg = run.pair_graph(c1, c2)
+    a, b = pg.classes
+    print(f"shared concepts of {run.classes[a].name} / {run.classes[b].name} "
           "(layer: concept (min normalised importance)):")
-    for layer in [lay["name"] for lay in graph["layers"]][::-1]:
-        if layer in pg["shared"]:
-            print(f"  {layer}: " + ", ".join(f"#{s['concept']} ({s['score']:.2f})" for s in pg["shared"][layer]))
+    for layer in run.points[::-1]:
+        items = [s for s in pg.shared if s.layer == layer]
+        if items:
+            print(f"  {layer}: " + ", ".join(f"#{s.concept} ({s.score:.2f})" for s in items))
 
 
 def cmd_show(args) -> int:
@@ -198,28 +196,14 @@ def cmd_show(args) -> int:
 
 
 def cmd_explain(args) -> int:
-    from .data import load_image
-    from .pipeline.config import PipelineConfig
-    from .pipeline.explain import explain_image, find_work
-    from .pipeline.store import load_json
-
-    run_dir = Path(args.run or args.out or "gig_demo")
-    cfg = PipelineConfig(**load_json(find_work(run_dir) / "config.json")["config"])
-    if cfg.dataset == "fashion-mnist":
-        from .models import DEMO_MEAN, DEMO_STD
-        image = load_image(args.image, 28, 1, (DEMO_MEAN,), (DEMO_STD,))
-    else:
-        pre = cfg.preprocessing()
-        kw = dict(size=pre["image_size"], channels=pre["channels"], mean=pre["mean"], std=pre["std"])
-        if args.image.startswith("photo:"):  # a photo that ships offline, e.g. photo:chelsea
-            from .data import OfflinePhotos
-            image = OfflinePhotos([args.image[len("photo:"):]], **kw)[0][0]
-        else:
-            image = load_image(args.image, **kw)
+    from .api import Run
     from .ops import use_backend
     import contextlib
+
+    run = Run.open(args.run or args.out or "gig_demo", device=args.device or "cpu")
+    image = run.load_image(args.image)
     with use_backend(args.backend) if args.backend else contextlib.nullcontext():
-        result = explain_image(run_dir, image, target=args.target, device=args.device)
+        result = run.explain(image, target=args.target).to_dict()
     text = json.dumps(result, indent=1)
     if args.json:
         from .pipeline.store import atomic_write_text
@@ -227,6 +211,15 @@ def cmd_explain(args) -> int:
         print(f"explain: {result['class_name']} (prediction {result['prediction']}) → {args.json}")
     else:
         print(text)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .api.server import serve
+
+    print(f"gig-fast serve: {args.run} on http://{args.host}:{args.port}/ (API under /api, docs /api/docs); "
+          "Ctrl-C stops it", flush=True)
+    serve(args.run, host=args.host, port=args.port, device=args.device)
     return 0
 
 
@@ -300,7 +293,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         return {"run": cmd_run, "demo": cmd_demo, "train-demo": cmd_train_demo, "explain": cmd_explain,
-                "show": cmd_show, "report": cmd_report, "validate": cmd_validate}[args.command](args)
+                "show": cmd_show, "report": cmd_report, "serve": cmd_serve, "validate": cmd_validate}[args.command](args)
     except (ValueError, FileNotFoundError) as e:
         print(f"gig-fast: error: {e}", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["FASHION_MNIST_DIRS", "FASHION_CLASSES", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "fashion_mnist", "ImageFolderDataset", "IMAGE_EXTENSIONS", "load_image",
+__all__ = ["open_dataset", "FASHION_MNIST_DIRS", "FASHION_CLASSES", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "fashion_mnist", "ImageFolderDataset", "IMAGE_EXTENSIONS", "load_image",
            "OfflinePhotos", "OFFLINE_PHOTOS", "UNLABELLED"]
 
 UNLABELLED = -1  # label of an image without a class (explained for its predicted class)
@@ -234,3 +234,21 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         path, label = self.samples[i]
         return load_image(path, self.size, self.channels, self.mean, self.std), label
+
+
+def open_dataset(name: str, split: str = "test", *, size=224, channels: int = 3, mean=(0.485, 0.456, 0.406),
+                 std=(0.229, 0.224, 0.225)):
+    """A dataset by the name a run's configuration gives it, and its skipped files.
+
+    Args:
+        name: ``"fashion-mnist"`` (``split`` train/test), ``"photos"`` (:class:`OfflinePhotos`) or the
+            path of an image folder (:class:`ImageFolderDataset`).
+        size, channels, mean, std: the preprocessing of photos and folders (as in :func:`load_image`).
+    Returns:
+        ``(dataset, skipped)``: skipped = ``[[path or name, reason], …]``.
+    """
+    if name == "fashion-mnist":
+        return fashion_mnist(split), []
+    kw = dict(size=size, channels=channels, mean=mean, std=std)
+    ds = OfflinePhotos(**kw) if name == "photos" else ImageFolderDataset(name, **kw)
+    return ds, [list(s) for s in ds.skipped]

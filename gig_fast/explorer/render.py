@@ -105,7 +105,8 @@ def _script_tag(element_id: str, obj) -> str:
 
 
 def render_explorer(graph: dict, metrics: dict | None = None, pictures: dict | None = None, *,
-                    max_images: int = 20, summary_html: str = "", title: str = "gig_fast concept graph") -> str:
+                    max_images: int = 20, summary_html: str = "", title: str = "gig_fast concept graph",
+                    api: str | None = None) -> str:
     """The explorer page for one run.
 
     Args:
@@ -117,6 +118,9 @@ def render_explorer(graph: dict, metrics: dict | None = None, pictures: dict | N
         summary_html: trusted, already escaped HTML for the static summary section; default: the
             metrics tables of :func:`gig_fast.explorer.summary_html` when ``metrics`` is given.
         title: page title (escaped).
+        api: the relative URL of a run API (``gig-fast serve``) the page may call (its CSP then allows
+            same-origin requests): any explained image, top images of a concept, explaining an upload.
+            None: a self-contained page that makes no request.
     Returns:
         The HTML text (UTF-8; write it with ``atomic_write_text``).
     """
@@ -125,9 +129,10 @@ def render_explorer(graph: dict, metrics: dict | None = None, pictures: dict | N
     layer_index = {lay["name"]: i for i, lay in enumerate(graph["layers"])}
     script = _asset("explorer.js")
     digest = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii")
+    connect = "; connect-src 'self'" if api else ""
     csp = (f"default-src 'none'; img-src data: blob:; style-src 'unsafe-inline'; "
-           f"script-src 'sha256-{digest}'; base-uri 'none'; form-action 'none'")
-    data = [_script_tag("gig-main", _main_data(graph, pictures, max_images, title)),
+           f"script-src 'sha256-{digest}'; base-uri 'none'; form-action 'none'{connect}")
+    data = [_script_tag("gig-main", {**_main_data(graph, pictures, max_images, title), "api": api}),
             _script_tag("gig-pictures", {k: pictures[k] for k in ("crops", "concepts", "images")} if pictures
                         else {"crops": [], "concepts": {}, "images": {}}),
             _script_tag("gig-usage", concept_usage(graph)),

@@ -17,7 +17,7 @@ AUTOCAST = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}  # gig_au
 
 # Fields that do not change any result: excluded from the run key, so changing them resumes.
 _NOT_HASHED = {"out", "device", "backend", "progress", "batch_size", "gig_batch_size", "chunk_images",
-               "report_images", "report_crops"}
+               "report_images", "report_crops", "graph_images"}
 
 
 @dataclass
@@ -45,6 +45,8 @@ class PipelineConfig:
     ``chunk_images`` (checkpoint granularity), ``out``, ``progress``.
     Report (``report.html``, not hashed): ``report_images`` (explained images embedded with their
     picture and concept heat-maps for the image view), ``report_crops`` (nearest samples per concept).
+    Outputs (not hashed): ``graph_images`` (per-image graphs kept in ``graph.json``, round-robin over
+    classes; every image's graph is in the per-image store ``<out>/store/``).
     """
     model: str = "demo"
     weights: str | None = None
@@ -88,6 +90,7 @@ class PipelineConfig:
     progress: bool = True
     report_images: int = 20
     report_crops: int = 10
+    graph_images: int = 200
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -96,7 +99,7 @@ class PipelineConfig:
         if self.class_by not in ("label", "prediction"):
             raise ValueError(f"class_by must be 'label' or 'prediction', got {self.class_by!r}")
         for name in ("concept_images", "explain_images", "pfvs_per_image", "gig_steps", "top_concepts",
-                     "chunk_images", "batch_size"):
+                     "chunk_images", "batch_size", "graph_images"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.gig_tolerance is not None and not float(self.gig_tolerance) > 0:

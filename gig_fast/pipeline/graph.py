@@ -2,8 +2,10 @@
 
 Schema: ``docs/graph_schema.md`` (``schema = "gig_fast.graph"``, ``version = 1``). Built only from
 the stage files, so a resumed run writes the same graph as an uninterrupted one. :func:`write_graph`
-streams the per-image part chunk by chunk (memory independent of the number of explained images);
-:func:`build_graph` returns the same content as one dict.
+streams every image's graph chunk by chunk into the per-image store (:mod:`gig_fast.image_store`,
+``<out>/store/``; memory independent of the number of explained images) and keeps a sample of
+``graph_images`` of them, round-robin over classes, in ``graph.json``; :func:`build_graph` returns
+the content of ``graph.json`` as one dict.
 """
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..image_store import ImageStoreWriter
 from .stages import CLASSES, trans_dir, class_pair_weights, class_scores, load_concepts, top_sets, transitions
-from .store import atomic_write_parts
+from .store import save_json
 
 __all__ = ["build_graph", "write_graph", "SCHEMA", "SCHEMA_VERSION"]
 
@@ -45,39 +48,73 @@ def _concepts_section(pipe) -> dict:
 
 
 def build_graph(pipe) -> dict:
-    """Assemble ``graph.json`` from the stage-4 files (see ``docs/graph_schema.md``) as one dict."""
-    graph = graph_summary(pipe)
-    graph["images"] = [g for part in _image_graph_chunks(pipe) for g in part]
+    """The content of ``graph.json`` (see ``docs/graph_schema.md``) as one dict, ``images`` the sample."""
+    sample = sample_quota(pipe)
+    images, total = [], 0
+    for chunk in _image_graph_chunks(pipe):
+        images += _take_sample(chunk, sample)
+        total += len(chunk)
+    return {**graph_summary(pipe), "images": images, "images_total": total, "store": STORE_DIR}
+
+
+def write_graph(pipe, path: str | Path) -> dict:
+    """Write ``graph.json`` to ``path`` and the per-image store to ``<path's folder>/store`` (both
+    atomically; the image graphs streamed one chunk at a time, so memory does not grow with the number
+    of explained images). Returns the ``graph.json`` dict (:func:`build_graph`'s)."""
+    head = graph_summary(pipe)
+    layers = {lay["name"]: lay["n_concepts"] for lay in head["layers"] if lay["name"] != CLASSES}
+    writer = ImageStoreWriter(Path(path).parent / STORE_DIR, layers, head["run_key"])
+    sample = sample_quota(pipe)
+    images, total = [], 0
+    try:
+        for cpath, chunk in zip(sorted((pipe.work / "codes").glob("chunk_*.npz")), _image_graph_chunks(pipe)):
+            writer.add_graphs(chunk)
+            _rank_concepts(pipe, writer, cpath)
+            images += _take_sample(chunk, sample)
+            total += len(chunk)
+        graph = {**head, "images": images, "images_total": total, "store": STORE_DIR}
+        save_json(path, graph, compact=True)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
     return graph
 
 
-def write_graph(pipe, path: str | Path, sample_per_class: int = 0) -> dict:
-    """Write ``graph.json`` to ``path`` (atomically, the per-image entries streamed one chunk at a time)
-    with the same bytes as compact ``json.dumps(build_graph(pipe))``.
+STORE_DIR = "store"  # the per-image store's folder, relative to graph.json
 
-    Returns the graph with ``images`` cut down to the first ``sample_per_class`` entries of each class
-    (kept while streaming: memory does not grow with the number of explained images) and
-    ``images_total``, the number written — what the report needs.
-    """
-    head = graph_summary(pipe)
-    dumps = lambda o: json.dumps(o, separators=(",", ":"), allow_nan=False)  # noqa: E731  (as save_json)
-    kept: dict[int, list] = {}
-    total = 0
 
-    def parts():
-        nonlocal total
-        yield dumps(head)[:-1] + ',"images":['  # "images" is the last key of the graph
-        for chunk in _image_graph_chunks(pipe):
-            for g in chunk:
-                yield ("" if total == 0 else ",") + dumps(g)
-                total += 1
-                per_class = kept.setdefault(int(g["class"]), [])
-                if len(per_class) < sample_per_class:
-                    per_class.append(g)
-        yield "]}"
-    atomic_write_parts(path, parts())
-    sample = sorted((g for v in kept.values() for g in v), key=lambda g: g["id"])
-    return {**head, "images": sample, "images_total": total}
+def sample_quota(pipe) -> dict[int, int]:
+    """``{class: n}``: the images of each class that ``graph.json`` keeps (its first n by id), dealt
+    round-robin over the classes with explained images until ``graph_images`` are chosen."""
+    counts = pipe.explained_per_class
+    quota = {c: 0 for c in np.flatnonzero(counts).tolist()}
+    left = int(pipe.config.graph_images)
+    while left > 0 and any(quota[c] < counts[c] for c in quota):
+        for c in quota:
+            if left > 0 and quota[c] < counts[c]:
+                quota[c] += 1
+                left -= 1
+    return quota
+
+
+def _take_sample(chunk: list[dict], quota: dict[int, int]) -> list[dict]:
+    """The entries of ``chunk`` that the sample keeps (``quota`` counts down as they are taken)."""
+    out = []
+    for g in chunk:
+        if quota.get(int(g["class"]), 0) > 0:
+            quota[int(g["class"])] -= 1
+            out.append(g)
+    return out
+
+
+def _rank_concepts(pipe, writer: ImageStoreWriter, codes_path: Path) -> None:
+    """Feed one stage-3 chunk's codes to the store's per-concept image rankings."""
+    with np.load(codes_path, allow_pickle=False) as z:
+        images = z["image"]
+        classes = z["label" if pipe.config.class_by == "label" else "prediction"]
+        for layer in pipe.points:
+            writer.add_codes(layer, images, classes, z[f"{layer}|idx"], z[f"{layer}|val"])
 
 
 def graph_summary(pipe) -> dict:

@@ -1,6 +1,6 @@
 """A finished run's ``metrics.json`` (per-layer rel-L2, l0 ratio, completeness deltas, timings) and its
 ``report.html`` (drawn by :mod:`gig_fast.explorer` from the graph, the metrics and the pictures that
-:mod:`.pictures` reads from the work files)."""
+:mod:`.pictures` reads through :class:`gig_fast.Run`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -69,11 +69,17 @@ def collect_metrics(pipe, timings: dict) -> dict:
             "accuracy_on_explained": acc, "skipped_images": pipe.skipped, "timings_s": timings}
 
 
-def write_report(pipe, graph: dict, metrics: dict, *, max_images: int | None = None, path=None) -> Path:
-    """Write ``report.html`` (default ``<out>/report.html``) for a finished run, atomically; return its path."""
-    limit = pipe.config.report_images if max_images is None else max_images
-    pictures = collect_pictures(pipe, graph, crops=pipe.config.report_crops, max_images=limit)
-    path = Path(path) if path is not None else pipe.out / "report.html"
-    atomic_write_text(path, render_explorer(graph, metrics, pictures, max_images=limit))
-    return path
+def write_report(run, graph: dict, metrics: dict, *, max_images: int = 20, crops: int = 10, path=None) -> Path:
+    """Write ``report.html`` (default ``<run folder>/report.html``) for a finished run, atomically.
 
+    Args:
+        run: the run (:class:`gig_fast.Run`): pictures and heat-maps come through it.
+        graph, metrics: its ``graph.json`` and ``metrics.json`` dicts.
+        max_images: explained images embedded with pictures (the report's image view).
+        crops: nearest samples per concept on its card.
+    Returns the page's path.
+    """
+    pictures = collect_pictures(run, graph, crops=crops, max_images=max_images)
+    path = Path(path) if path is not None else run.path / "report.html"
+    atomic_write_text(path, render_explorer(graph, metrics, pictures, max_images=max_images))
+    return path

@@ -8,12 +8,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..api.run import Run
+from ..data import open_dataset
 from ..models import FASHION_CLASSES, get_adapter, load_model
 from . import distributed as dist
 from .config import PipelineConfig
 from .graph import write_graph
 from .report import collect_metrics, write_report
-from .stages import attribute, decompose, extract_concepts, pfv_dataset
+from .stages import attribute, bank_dir, concept_bank, decompose, extract_concepts, pfv_dataset
 from .store import load_json, save_json
 
 __all__ = ["Pipeline", "rebuild_report"]
@@ -89,14 +91,9 @@ class Pipeline:
         cfg = self.config
         if dataset is not None:
             return dataset, list(getattr(dataset, "skipped", []))
-        if cfg.dataset == "fashion-mnist":
-            from ..data import fashion_mnist
-            return fashion_mnist(cfg.split), []
-        from ..data import ImageFolderDataset, OfflinePhotos
         pre = cfg.preprocessing()
-        kw = dict(size=pre["image_size"], channels=pre["channels"], mean=pre["mean"], std=pre["std"])
-        ds = OfflinePhotos(**kw) if cfg.dataset == "photos" else ImageFolderDataset(cfg.dataset, **kw)
-        return ds, [list(s) for s in ds.skipped]
+        return open_dataset(cfg.dataset, cfg.split, size=pre["image_size"], channels=pre["channels"],
+                            mean=pre["mean"], std=pre["std"])
 
     def _select_images(self) -> tuple[np.ndarray, np.ndarray]:
         cfg = self.config
@@ -199,14 +196,18 @@ class Pipeline:
         return self.out
 
     def _write_outputs(self, timings: dict) -> None:
-        """``graph.json`` (streamed), ``metrics.json`` and ``report.html`` from the stage files."""
+        """The concept banks (``concepts/<layer>/``), ``graph.json`` with the per-image store
+        (``store/``), ``metrics.json`` and ``report.html``, from the stage files."""
         t0 = time.perf_counter()
         # returned with a sample of the per-image graphs (report_images per class) for the page
-        graph = write_graph(self, self.out / "graph.json", sample_per_class=self.config.report_images)
+        for point in self.points:  # the concept banks first: graph.json marks a finished output folder
+            concept_bank(self, point).save(bank_dir(self.out, point))
+        graph = write_graph(self, self.out / "graph.json")  # and the per-image store beside it
         timings["graph"] = round(time.perf_counter() - t0, 2)
         metrics = collect_metrics(self, timings)
         t0 = time.perf_counter()
-        write_report(self, graph, metrics)
+        run = Run.open(self.out, model=self.model, dataset=self.dataset, device=str(self.device))
+        write_report(run, graph, metrics, max_images=self.config.report_images, crops=self.config.report_crops)
         timings["report"] = round(time.perf_counter() - t0, 2)  # in metrics.json (the page was already written)
         save_json(self.out / "metrics.json", metrics)
 
@@ -215,20 +216,11 @@ def rebuild_report(run_dir, *, html=None, max_images: int | None = None, device:
                    dataset=None) -> Path:
     """Rewrite a finished run's report from its ``graph.json``, ``metrics.json`` and work folder.
 
-    The model and data set are reopened from the run's stored configuration (only images are read;
-    nothing is recomputed). ``html``: where to write (default ``<run_dir>/report.html``); ``model`` /
+    The data set is reopened from the run's stored configuration (only images are read; nothing is
+    recomputed). ``html``: where to write (default ``<run_dir>/report.html``); ``model`` /
     ``dataset``: the objects the run was given, when it was not run from names in its configuration.
     """
-    run_dir = Path(run_dir)
-    if not (run_dir / "graph.json").exists():
-        raise FileNotFoundError(f"no graph.json in {run_dir}; is it the output folder of a finished run?")
-    graph, metrics = load_json(run_dir / "graph.json"), load_json(run_dir / "metrics.json")
-    work = run_dir / f"work-{graph['run_key']}"
-    if not work.exists():
-        raise FileNotFoundError(f"{work} (the work folder of this graph) does not exist")
-    stored = load_json(work / "config.json")["config"]
-    cfg = PipelineConfig(**{**stored, "out": str(run_dir), "device": device, "progress": False})
-    if cfg.key() != graph["run_key"]:
-        raise ValueError(f"{work}/config.json does not match graph.json (run key {graph['run_key']})")
-    pipe = Pipeline(cfg, model=model, dataset=dataset)
-    return write_report(pipe, graph, metrics, max_images=max_images, path=html)
+    run = Run.open(run_dir, model=model, dataset=dataset, device=device)
+    metrics = load_json(Path(run_dir) / "metrics.json")
+    limit = run.config.report_images if max_images is None else max_images
+    return write_report(run, run.graph_dict(), metrics, max_images=limit, crops=run.config.report_crops, path=html)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..concepts import ConceptBank
 from ..gig import ClassTarget, ConceptTarget, gig
 from ..ops import sparse_code, sparse_reconstruct
 from ..ops.sparse_code import SparseCodeConvergenceWarning
@@ -24,7 +25,7 @@ from ..srd import explain
 from . import distributed as dist
 from .store import load_npz, save_npz
 
-__all__ = ["pfv_dataset", "extract_concepts", "decompose", "attribute", "chunk_ids", "CLASSES"]
+__all__ = ["pfv_dataset", "extract_concepts", "decompose", "attribute", "chunk_ids", "concept_bank", "bank_dir", "CLASSES"]
 
 CLASSES = "classes"  # the name of the last graph layer (the class targets)
 
@@ -177,6 +178,22 @@ def _representatives(Xc: torch.Tensor, V: torch.Tensor, labels: torch.Tensor, r:
 def load_concepts(pipe, point: str) -> dict[str, torch.Tensor]:
     d = load_npz(pipe.work / "concepts" / f"{point}.npz")
     return {k: torch.from_numpy(v) for k, v in d.items()}
+
+
+def bank_dir(out: Path, point: str) -> Path:
+    """The folder of the concept bank of ``point`` in the output folder ``out``: ``out/concepts/<point>``."""
+    if not point or point.startswith(".") or any(ch in point for ch in "/\\:"):
+        raise ValueError(f"layer name {point!r} cannot name a concept bank folder")
+    return Path(out) / "concepts" / point
+
+
+def concept_bank(pipe, point: str) -> ConceptBank:
+    """The concepts of ``point`` with the settings that made them, as a shareable :class:`~gig_fast.concepts.ConceptBank`."""
+    cfg, c = pipe.config, load_concepts(pipe, point)
+    extraction = {k: getattr(cfg, k) for k in ("k", "k_factor", "kmeans_mode", "concept_images", "pfvs_per_image",
+                                               "attribution", "seed", "dataset", "split")}
+    return ConceptBank(point, c["V"], c["beta"], c["sizes"], model={"arch": cfg.model, "weights": cfg.weights},
+                       extraction=extraction, coding=cfg.code_options(), run_key=cfg.key())
 
 
 # ---------------------------------------------------------------------------------------------

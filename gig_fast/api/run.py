@@ -1,0 +1,519 @@
+"""``Run``: the public way into a finished run's output folder (the library-backend use).
+
+    run = gig_fast.Run.open("gig_demo")
+    run.classes[7], run.layers[-2]                    # ClassInfo / LayerInfo
+    run.class_graph("Sneaker")                        # Graph (nodes, edges)
+    run.pair_graph("Sneaker", "Ankle boot")           # PairGraph (shared concepts)
+    run.concept("layer4.2", 17)                       # ConceptCard (vector, samples with iERF crops)
+    run.top_images("layer4.2", 17, n=20)              # [ConceptUse]: which images use it most, where
+    run.image_graph(123)                              # ImageGraph of an explained image (the store)
+    run.explain(x), run.decompose(x, "layer4.2")      # a new image against the stored concepts
+    run.bank("layer4.2")                              # ConceptBank (V, β, settings): reuse elsewhere
+
+What it reads (``docs/graph_schema.md``): ``graph.json`` (class and pair graphs, concept facts),
+``metrics.json``, the concept banks ``concepts/<layer>/``, the per-image store ``store/``, and for
+pictures and heat-maps the run's work folder ``work-<run_key>/`` (stage-1 samples with their iERFs,
+stage-3 codes). The model and the data set are opened from the run's configuration when a method
+needs them (or pass the objects the run was given: ``Run.open(path, model=…, dataset=…)``).
+"""
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..concepts import ConceptBank
+from ..data import open_dataset, pil_to_tensor
+from ..explorer.pictures import display_rgb, ierf_crop
+from ..gig import ClassTarget, ConceptTarget, gig
+from ..image_store import ImageStore
+from ..models import DEMO_MEAN, DEMO_STD, get_adapter, load_model
+from ..ops import sparse_reconstruct
+from ..ops.sparse_code import SparseCodeConvergenceWarning
+from ..pipeline.config import PipelineConfig
+from ..pipeline.stages import CLASSES, bank_dir
+from ..pipeline.store import load_json, load_npz
+from .types import (ClassInfo, ClassUse, ConceptCard, ConceptSample, ConceptUse, Decomposition, Edge, Explanation,
+                    Graph, ImageGraph, LayerInfo, Metrics, Node, PairGraph, SharedConcept)
+
+__all__ = ["Run", "NotFoundError"]
+
+
+class NotFoundError(ValueError):
+    """An unknown class, layer, concept or image (a ``ValueError``; the server answers 404)."""
+
+
+class Run:
+    """A finished run, opened read-only with :meth:`open`. Attributes: ``path`` (the output folder),
+    ``key`` (run key), ``work`` (its work folder), ``config`` (:class:`~gig_fast.pipeline.PipelineConfig`),
+    ``layers`` (:class:`LayerInfo` in forward order, then ``"classes"``), ``classes``
+    (:class:`ClassInfo` by id), ``settings`` (graph settings: ``top_concepts``, ``class_by`` …)."""
+
+    def __init__(self, path: Path, graph: dict, *, model=None, dataset=None, device: str = "cpu"):
+        self.path = path
+        self._graph = graph
+        self.key: str = graph["run_key"]
+        self.work = path / f"work-{self.key}"
+        stored = self.work / "config.json"
+        if not stored.is_file():
+            raise FileNotFoundError(f"{stored} does not exist: {path} is not a complete run folder")
+        self.config = PipelineConfig(**load_json(stored)["config"])
+        self.settings: dict = dict(graph["settings"])
+        self.model_info: dict = dict(graph["model"])
+        self.layers = [LayerInfo(lay["name"], int(lay["n_concepts"]), lay.get("channels"),
+                                 tuple(lay["spatial"]) if lay.get("spatial") else None) for lay in graph["layers"]]
+        self.classes = [ClassInfo(int(c["id"]), c["name"], int(c.get("n_images", 0))) for c in graph["classes"]]
+        self.device = torch.device(device)
+        self._model, self._dataset = model, dataset
+        self._banks: dict[str, ConceptBank] = {}
+        self._codes_index: dict[int, Path] | None = None
+
+    # -- opening -----------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, model: torch.nn.Module | None = None, dataset=None,
+             device: str = "cpu") -> "Run":
+        """Open the output folder of a finished run (``gig-fast run`` / ``demo`` / ``Pipeline.run()``).
+
+        Args:
+            path: the folder holding ``graph.json``.
+            model, dataset: the objects the run was given, when it was not run from names in its
+                configuration (else opened from the configuration on first use).
+            device: where :meth:`explain` / :meth:`decompose` run the model.
+        Raises:
+            FileNotFoundError: no ``graph.json`` (or work folder) there.
+            ValueError: ``graph.json`` is not a gig_fast graph.
+        """
+        path = Path(path)
+        gpath = path / "graph.json"
+        if not gpath.is_file():
+            raise FileNotFoundError(f"no graph.json in {path}; is it the output folder of a finished run?")
+        try:
+            graph = load_json(gpath)
+        except ValueError as e:
+            raise ValueError(f"{gpath} is not valid JSON: {e}") from None
+        if not isinstance(graph, dict) or graph.get("schema") != "gig_fast.graph":
+            raise ValueError(f"{gpath} is not a gig_fast graph (schema 'gig_fast.graph')")
+        return cls(path, graph, model=model, dataset=dataset, device=device)
+
+    # -- names -------------------------------------------------------------------------------------
+    @property
+    def points(self) -> list[str]:
+        """The analysed layers' names in forward order (without ``"classes"``)."""
+        return [lay.name for lay in self.layers if lay.name != CLASSES]
+
+    def layer(self, name: str) -> LayerInfo:
+        """The :class:`LayerInfo` of an analysed layer (``ValueError`` listing the valid names)."""
+        for lay in self.layers:
+            if lay.name == name and name != CLASSES:
+                return lay
+        raise NotFoundError(f"unknown layer {name!r}; valid: {', '.join(self.points)}")
+
+    def class_id(self, name_or_id: int | str) -> int:
+        """A class id from its name or id (``ValueError`` naming the valid ones)."""
+        if isinstance(name_or_id, (int, np.integer)) and 0 <= int(name_or_id) < len(self.classes):
+            return int(name_or_id)
+        for c in self.classes:
+            if c.name == name_or_id:
+                return c.id
+        if isinstance(name_or_id, str) and name_or_id.isdigit() and int(name_or_id) < len(self.classes):
+            return int(name_or_id)
+        shown = ", ".join(c.name for c in self.classes[:20]) + (" …" if len(self.classes) > 20 else "")
+        raise NotFoundError(f"unknown class {name_or_id!r}; valid: ids 0-{len(self.classes) - 1} or names ({shown})")
+
+    def _concept_id(self, layer: str, concept: int) -> int:
+        K = self.layer(layer).n_concepts
+        if not isinstance(concept, (int, np.integer)) or not 0 <= int(concept) < K:
+            raise NotFoundError(f"concept {concept!r} is out of range for {layer} (K = {K})")
+        return int(concept)
+
+    # -- concepts ----------------------------------------------------------------------------------
+    def bank(self, layer: str) -> ConceptBank:
+        """The :class:`~gig_fast.concepts.ConceptBank` of ``layer`` (``concepts/<layer>/``; runs made
+        before banks existed: built from the work folder)."""
+        self.layer(layer)
+        if layer not in self._banks:
+            folder = bank_dir(self.path, layer)
+            if (folder / "bank.json").is_file():
+                bank = ConceptBank.load(folder)
+                if bank.run_key != self.key:
+                    raise ValueError(f"the concept bank {folder} belongs to run {bank.run_key}, not {self.key}")
+            else:
+                c = load_npz(self.work / "concepts" / f"{layer}.npz")
+                bank = ConceptBank(layer, torch.from_numpy(c["V"]), torch.from_numpy(c["beta"]),
+                                   torch.from_numpy(c["sizes"]), coding=self.config.code_options(), run_key=self.key)
+            self._banks[layer] = bank
+        return self._banks[layer]
+
+    def concept(self, layer: str, concept: int, samples: int = 10, pictures: bool = True) -> ConceptCard:
+        """The card of one concept: vector, cluster size, its ``samples`` nearest stage-1 PFVs (with
+        iERF, image and crop arrays when ``pictures`` and the run kept iERFs) and the classes using it."""
+        q = self._concept_id(layer, concept)
+        bank = self.bank(layer)
+        facts = self._graph["concepts"][layer][q]
+        uses = []
+        for cid, g in self._graph["class_graphs"].items():
+            for rank, n in enumerate(g["nodes"].get(layer, []), 1):
+                if n["concept"] == q:
+                    uses.append(ClassUse(int(cid), rank, float(n["normalized"])))
+        near = self.concept_samples(layer, [q], samples, pictures=pictures)[q] if samples > 0 else []
+        return ConceptCard(layer, q, int(facts["size"]), float(facts["norm"]), bank.V[q].clone(), near, uses)
+
+    def concept_samples(self, layer: str, concepts: list[int], k: int = 10,
+                        pictures: bool = True) -> dict[int, list[ConceptSample]]:
+        """Per concept its ``k`` stage-1 PFVs nearest in cosine to the concept vector (``x − β``
+        against ``v_q``; paper Fig. 1 "top 10 nearest embeddings"), nearest first. Streams the stage-1
+        chunks (memory: one chunk of PFVs). ``pictures``: fill ``ierf``, ``picture`` and ``crop``."""
+        qs = sorted({self._concept_id(layer, q) for q in concepts})
+        if not qs:
+            return {}
+        files, starts = self._stage1_files()
+        rows, cos, member = self._nearest(layer, qs, k, files)
+        meta, maps = self._stage1_samples(files, starts, layer, rows.ravel())
+        images = self.display_images([m[0] for m in meta.values()]) if pictures and maps else {}
+        out: dict[int, list[ConceptSample]] = {}
+        for qi, q in enumerate(qs):
+            items = []
+            for r, cv, mem in zip(rows[qi].tolist(), cos[qi].tolist(), member[qi].tolist()):
+                img, pos, lab = meta[r]
+                ierf = maps.get(r) if pictures else None
+                pic = images.get(img) if ierf is not None else None
+                crop = ierf_crop(pic, ierf) if pic is not None else None
+                items.append(ConceptSample(img, pos, lab, float(cv), bool(mem),
+                                           None if ierf is None else ierf.astype(np.float32), pic, crop))
+            out[q] = items
+        return out
+
+    def _stage1_files(self):
+        files = sorted((self.work / "stage1").glob("chunk_*.npz"))
+        starts, n = [], 0
+        for f in files:
+            starts.append(n)
+            with np.load(f, allow_pickle=False) as z:
+                n += len(z["image"])
+        return files, np.array(starts + [n])
+
+    def _nearest(self, layer: str, concepts: list[int], k: int, files: list[Path]):
+        """``[Q, k]`` global stage-1 rows nearest to each concept, their cosines, and cluster membership."""
+        bank = self.bank(layer)
+        V = torch.nn.functional.normalize(bank.V.double()[concepts], dim=1)  # [Q, C]
+        beta = bank.beta.double()
+        best_val = torch.empty(len(concepts), 0, dtype=torch.float64)
+        best_row = torch.empty(len(concepts), 0, dtype=torch.long)
+        start = 0
+        for f in files:
+            with np.load(f, allow_pickle=False) as z:
+                X = torch.from_numpy(z[f"{layer}|pfv"]).double() - beta
+            cos = V @ torch.nn.functional.normalize(X, dim=1).T  # [Q, n]
+            rows = torch.arange(start, start + X.shape[0]).expand(len(concepts), -1)
+            start += X.shape[0]
+            vals, pick = torch.topk(torch.cat([best_val, cos], 1), min(k, best_val.shape[1] + cos.shape[1]), dim=1)
+            best_row = torch.gather(torch.cat([best_row, rows], 1), 1, pick)
+            best_val = vals
+        labels = torch.from_numpy(load_npz(self.work / "concepts" / f"{layer}.npz")["labels"]).long()
+        member = labels[best_row] == torch.tensor(concepts)[:, None]
+        return best_row.numpy(), best_val.numpy(), member.numpy()
+
+    @staticmethod
+    def _stage1_samples(files, starts, layer: str, rows) -> tuple[dict, dict]:
+        """For global stage-1 ``rows``: ``{row: (image, position, label)}`` and ``{row: iERF [H, W]}``."""
+        meta: dict[int, tuple[int, int, int]] = {}
+        maps: dict[int, np.ndarray] = {}
+        wanted = sorted(set(int(r) for r in rows))
+        for fi, f in enumerate(files):
+            local = [r - int(starts[fi]) for r in wanted if starts[fi] <= r < starts[fi + 1]]
+            if not local:
+                continue
+            with np.load(f, allow_pickle=False) as z:
+                img, pos, lab = z["image"], z[f"{layer}|position"], z["label"]
+                ierf = z[f"{layer}|ierf"] if f"{layer}|ierf" in z.files else None
+            for r in local:
+                row = r + int(starts[fi])
+                meta[row] = (int(img[r]), int(pos[r]), int(lab[r]))
+                if ierf is not None:
+                    maps[row] = ierf[r]
+        return meta, maps
+
+    # -- graphs ------------------------------------------------------------------------------------
+    def class_graph(self, c: int | str) -> Graph:
+        """The class's graph (top concepts per layer, GIG edges between them; ``graph.json``). A class
+        without explained images has an empty graph."""
+        g = self._graph["class_graphs"].get(str(self.class_id(c)))
+        return Graph.from_dict(g) if g is not None else Graph([], [])
+
+    def pair_graph(self, c1: int | str, c2: int | str) -> PairGraph:
+        """The concepts shared by two classes (``graph.json``'s pair graph; empty when either class
+        has no explained images)."""
+        a, b = sorted((self.class_id(c1), self.class_id(c2)))
+        if a == b:
+            raise ValueError("a class cannot be paired with itself")
+        pg = self._graph["pair_graphs"].get(f"{a}-{b}", {"shared": {}})
+        shared = [SharedConcept(layer, int(s["concept"]), float(s["score"]), tuple(float(x) for x in s["importance"]))
+                  for layer, items in pg["shared"].items() for s in items]
+        return PairGraph((a, b), shared)
+
+    @cached_property
+    def store(self) -> ImageStore | None:
+        """The per-image store (``store/``), or None for a run written before it existed."""
+        folder = self.path / self._graph.get("store", "store")
+        if not (folder / "store.json").is_file():
+            return None
+        store = ImageStore(folder)
+        if store.info.run_key != self.key:
+            raise ValueError(f"the per-image store {folder} belongs to run {store.info.run_key}, not {self.key}")
+        return store
+
+    @property
+    def images_total(self) -> int:
+        """Explained images of the run."""
+        return int(self._graph.get("images_total", len(self._graph["images"])))
+
+    def image_ids(self, class_id: int | str | None = None, offset: int = 0, limit: int | None = None) -> list[int]:
+        """Explained image ids in ascending order (of one explained class when ``class_id`` is given)."""
+        if self.store is None:
+            ids = [g["id"] for g in self._graph["images"]
+                   if class_id is None or g["class"] == self.class_id(class_id)]
+        else:
+            filters = None if class_id is None else [("class", "=", self.class_id(class_id))]
+            ids = self.store.read("images", filters, columns=["image"]).column("image").to_pylist()
+        return ids[offset: None if limit is None else offset + limit]
+
+    def image_graph(self, image: int) -> ImageGraph:
+        """The graph of an explained image (by dataset index), from the store (``ValueError`` when the
+        image was not explained)."""
+        if self.store is None:
+            for g in self._graph["images"]:
+                if g["id"] == int(image):
+                    return ImageGraph(g["id"], g["label"], g["prediction"], g["class"], Graph.from_dict(g))
+            raise NotFoundError(f"image {image} is not among the explained images of this run")
+        meta, nodes, edges = self.store.image_rows(int(image))
+        if meta.num_rows == 0:
+            raise NotFoundError(f"image {image} is not among the {self.images_total} explained images of this run")
+        m = meta.to_pylist()[0]
+        by_layer: dict[str, list] = {}
+        for n in sorted(nodes.to_pylist(), key=lambda n: n["rank"]):
+            by_layer.setdefault(n["layer"], []).append({"concept": n["concept"], "score": n["score"]})
+        order = [lay.name for lay in reversed(self.layers) if lay.name in by_layer]  # top-down, as graph.json
+        graph = Graph.from_dict({"nodes": {k: by_layer[k] for k in order},
+                                 "edges": [{"source": [e["source_layer"], e["source"]], "target": [e["target_layer"], e["target"]],
+                                            "weight": e["weight"], "normalized": e["normalized"]} for e in edges.to_pylist()]})
+        return ImageGraph(m["image"], m["label"], m["prediction"], m["class"], graph)
+
+    def top_images(self, layer: str, concept: int, n: int = 20) -> list[ConceptUse]:
+        """The ``n`` explained images that use ``concept`` of ``layer`` most (largest Σ of its code
+        values), best first, with where (peak position). ``n`` ≤ the store's ``rank_depth`` (100)."""
+        q = self._concept_id(layer, concept)
+        if self.store is None:
+            raise ValueError("this run has no per-image store (written before it existed); rerun `gig-fast run`")
+        if not 1 <= int(n) <= self.store.info.rank_depth:
+            raise ValueError(f"n must be in 1..{self.store.info.rank_depth}, got {n}")
+        rows = self.store.top_images(layer, q, int(n)).to_pylist()
+        return [ConceptUse(r["rank"], r["image"], r["class"], r["usage"], r["peak"], r["peak_position"], r["active"])
+                for r in rows]
+
+    # -- per-image pictures from the work files ---------------------------------------------------
+    def _codes_file(self, image: int) -> tuple[Path, int]:
+        if self._codes_index is None:
+            self._codes_index = {}
+            for f in sorted((self.work / "codes").glob("chunk_*.npz")):
+                with np.load(f, allow_pickle=False) as z:
+                    for r, i in enumerate(z["image"].tolist()):
+                        self._codes_index[int(i)] = (f, r)
+        if int(image) not in self._codes_index:
+            raise NotFoundError(f"image {image} is not among the explained images of this run")
+        return self._codes_index[int(image)]
+
+    def stored_codes(self, image: int, layer: str) -> Decomposition:
+        """The stage-3 decomposition of an explained image at ``layer`` (as :meth:`decompose` computes
+        it for a new image; ``rel_l2`` is NaN: the run keeps only its per-layer mean)."""
+        lay = self.layer(layer)
+        path, r = self._codes_file(image)
+        with np.load(path, allow_pickle=False) as z:
+            idx, val = torch.from_numpy(z[f"{layer}|idx"][r]), torch.from_numpy(z[f"{layer}|val"][r])
+        return Decomposition(layer, lay.spatial, idx, val, torch.full((idx.shape[0],), float("nan")), lay.n_concepts)
+
+    def heat_map(self, image: int, layer: str, concept: int) -> np.ndarray:
+        """float32 ``[H, W]``: the code value of ``concept`` at each position of ``layer`` in an explained image."""
+        return self.stored_codes(image, layer).heat_map(self._concept_id(layer, concept))
+
+    def display_images(self, ids) -> dict[int, np.ndarray]:
+        """``{id: float [H, W, 3] in [0, 1]}`` dataset images for display (min–max stretched)."""
+        ids = sorted(set(int(i) for i in ids))
+        out = {}
+        for i in range(0, len(ids), 256):
+            part = ids[i:i + 256]
+            x, _ = self.load_dataset_images(part)
+            out.update({img: display_rgb(x[j]) for j, img in enumerate(part)})
+        return out
+
+    # -- model and data ----------------------------------------------------------------------------
+    @property
+    def model(self) -> torch.nn.Module:
+        """The run's model (loaded from its configuration on first use), on ``device``, eval mode."""
+        if self._model is None:
+            self._model = load_model(self.config.model, self.config.weights)
+        return self._model.to(self.device).eval()
+
+    @cached_property
+    def adapter(self):
+        return get_adapter(self.model)
+
+    @property
+    def dataset(self):
+        """The run's data set (opened from its configuration on first use)."""
+        if self._dataset is None:
+            pre = self.config.preprocessing()
+            self._dataset, _ = open_dataset(self.config.dataset, self.config.split, size=pre["image_size"],
+                                            channels=pre["channels"], mean=pre["mean"], std=pre["std"])
+        return self._dataset
+
+    def load_dataset_images(self, ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, C, H, W]`` preprocessed images and ``[B]`` labels for dataset indices ``ids``."""
+        ids = np.asarray(ids, dtype=np.int64)
+        ds = self.dataset
+        if len(ids) and (ids.min() < 0 or ids.max() >= len(ds)):
+            raise ValueError(f"image ids must be in 0..{len(ds) - 1}")
+        if isinstance(ds, torch.utils.data.TensorDataset):
+            return ds.tensors[0][ids].float(), ds.tensors[1][ids]
+        items = [ds[int(i)] for i in ids]
+        return torch.stack([it[0] for it in items]).float(), torch.tensor([int(it[1]) for it in items])
+
+    def load_image(self, source: str | os.PathLike | bytes) -> torch.Tensor:
+        """A new image preprocessed as the run's model expects: ``[C, H, W]`` float32.
+
+        Args:
+            source: an image file, its bytes (an upload), or ``photo:NAME`` for a photo that ships offline.
+        Raises:
+            ValueError: the bytes or file are not a readable image (or an unknown photo name).
+        """
+        from PIL import Image, UnidentifiedImageError
+
+        cfg = self.config
+        if cfg.dataset == "fashion-mnist":
+            kw = dict(size=28, channels=1, mean=(DEMO_MEAN,), std=(DEMO_STD,))
+        else:
+            pre = cfg.preprocessing()
+            kw = dict(size=pre["image_size"], channels=pre["channels"], mean=pre["mean"], std=pre["std"])
+        if isinstance(source, str) and source.startswith("photo:"):
+            from ..data import OfflinePhotos
+            return OfflinePhotos([source[len("photo:"):]], **kw)[0][0]
+        if not isinstance(source, (bytes, bytearray)) and not Path(source).is_file():
+            raise FileNotFoundError(f"image file {source} does not exist")
+        try:
+            with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as im:
+                im.load()
+                return pil_to_tensor(im, **kw)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            what = f"{len(source)} uploaded bytes" if isinstance(source, (bytes, bytearray)) else str(source)
+            raise ValueError(f"{what} are not a readable image: {e}") from None
+
+    def _check_image(self, image: torch.Tensor) -> torch.Tensor:
+        if not isinstance(image, torch.Tensor) or image.dim() not in (3, 4) or (image.dim() == 4 and image.shape[0] != 1):
+            raise ValueError(f"image must be a [C, H, W] (or [1, C, H, W]) tensor, got {getattr(image, 'shape', type(image))}")
+        x = image[None] if image.dim() == 3 else image
+        if not torch.isfinite(x).all():
+            raise ValueError("image has non-finite values")
+        return x.to(self.device, torch.float32)
+
+    # -- a new image against the stored concepts ---------------------------------------------------
+    def _record(self, image: torch.Tensor):
+        x = self._check_image(image)
+        try:
+            with torch.no_grad():
+                return self.adapter.record(x, keep="preact")
+        except RuntimeError as e:  # wrong channels or size for the model
+            raise ValueError(f"the model cannot take an image of shape {tuple(image.shape)}: {e}") from None
+
+    def _code(self, X: torch.Tensor, layer: str):
+        bank = self.bank(layer)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SparseCodeConvergenceWarning)
+            return bank.code(X)
+
+    def decompose(self, image: torch.Tensor, layer: str) -> Decomposition:
+        """Code one image's PFVs at ``layer`` on the stored concepts (DESIGN.md §1.4).
+
+        Args:
+            image: ``[C, H, W]`` preprocessed (e.g. :meth:`load_image`).
+            layer: an analysed layer.
+        """
+        lay = self.layer(layer)
+        v = self._record(image).preact(layer)
+        X = v.permute(0, 2, 3, 1).reshape(-1, v.shape[1])
+        idx, val = self._code(X, layer)
+        bank = self.bank(layer)
+        V, beta = bank.V.to(X), bank.beta.to(X)
+        recon = sparse_reconstruct(idx, val.to(X), V, beta)
+        rel = (X - recon).norm(dim=1) / X.norm(dim=1).clamp_min(1e-12)
+        return Decomposition(layer, tuple(v.shape[-2:]), idx.cpu(), val.float().cpu(), rel.float().cpu(), lay.n_concepts)
+
+    def explain(self, image: torch.Tensor, target: int | str | None = None, top: int | None = None) -> Explanation:
+        """The GIG graph of one image on the stored concepts (DESIGN.md §1.5, paper Fig. 3).
+
+        Codes every layer's PFVs, takes GIG from the last layer to the class (predicted unless
+        ``target``), then from each layer to the ``top`` (default: the run's ``top_concepts``)
+        strongest concepts of the layer above *for this image*, with the run's GIG settings.
+
+        Args:
+            image: ``[C, H, W]`` preprocessed (e.g. :meth:`load_image` or a dataset image).
+            target: class id or name to explain (default: the prediction).
+            top: concepts kept per layer.
+        """
+        cfg = self.config
+        top = int(top or cfg.top_concepts)
+        if top < 1:
+            raise ValueError(f"top must be ≥ 1, got {top}")
+        rec = self._record(image)
+        pred = int(rec.logits.argmax(1))
+        cls = pred if target is None else self.class_id(target)
+        codes, banks = {}, {}
+        for p in self.points:
+            banks[p] = self.bank(p)
+            v = rec.preact(p)
+            X = v.permute(0, 2, 3, 1).reshape(-1, v.shape[1])
+            idx, val = self._code(X, p)
+            codes[p] = (idx.reshape(1, X.shape[0], -1), val.reshape(1, X.shape[0], -1).to(X))
+        nodes, edges, deltas = [], [], {}
+        targets: list[int] = [cls]
+        pts = self.points
+        for i in range(len(pts) - 1, -1, -1):
+            a = pts[i]
+            b = CLASSES if i == len(pts) - 1 else pts[i + 1]
+            if b == CLASSES:
+                tgt = ClassTarget(cls, probability=cfg.class_probability)
+            else:
+                Vb = banks[b].V.to(self.device)
+                tgt = [ConceptTarget(Vb[t]) for t in targets]
+            f_ab = self.adapter.f_ab(a, None if b == CLASSES else b)
+            res = gig(f_ab, codes[a], banks[a].V.to(self.device), banks[a].beta.to(self.device), tgt,
+                      spatial=tuple(rec.preact(a).shape[-2:]), **cfg.gig_options())
+            pc = res.per_concept.detach().double().cpu().reshape(len(targets), -1)  # [T, K_a]
+            deltas[f"{a}->{b}"] = float(res.delta.detach().abs().max())
+            score = pc.sum(0).numpy()
+            sel = np.argsort(-score, kind="stable")[:top]
+            peak = float(np.abs(score[sel]).max()) or 1.0
+            nodes += [Node(a, int(q), float(score[q]), abs(float(score[q])) / peak) for q in sel]
+            w = [(int(q), t, float(pc[ti, q])) for q in sel for ti, t in enumerate(targets)]
+            m = max((abs(e[2]) for e in w), default=0.0) or 1.0
+            edges += [Edge(a, q, b, t, wt, abs(wt) / m) for q, t, wt in w]
+            targets = [int(q) for q in sel]
+        return Explanation(pred, cls, self.classes[cls].name if cls < len(self.classes) else str(cls),
+                           Graph(nodes, edges), deltas)
+
+    # -- metrics -----------------------------------------------------------------------------------
+    @cached_property
+    def metrics(self) -> Metrics:
+        """``metrics.json`` as :class:`Metrics`."""
+        path = self.path / "metrics.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no metrics.json in {self.path}")
+        return Metrics.from_dict(load_json(path))
+
+    def graph_dict(self) -> dict:
+        """``graph.json`` as it was read (class and pair graphs, concept facts, the image sample)."""
+        return self._graph
+

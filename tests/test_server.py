@@ -1,0 +1,237 @@
+"""``gig-fast serve`` over real HTTP: a server process on a free port, every endpoint called, malformed
+input and unknown ids included (4xx with a JSON message, never a traceback)."""
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from gig_fast import Run  # noqa: E402
+from gig_fast.models import DemoResNet  # noqa: E402
+from gig_fast.pipeline import Pipeline  # noqa: E402
+
+from test_pipeline import LAYERS, tiny_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def served_run(tmp_path_factory):
+    """A tiny run made only from names in its configuration (demo-net weights file, image folder), so
+    that ``gig-fast serve`` reopens it by itself."""
+    root = tmp_path_factory.mktemp("serve")
+    g = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)
+    model = DemoResNet(base=2)
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.normal_(0, 0.3, generator=g)
+            mod.weight.data.normal_(1.0, 0.3, generator=g)
+            mod.bias.data.normal_(0.0, 0.3, generator=g)
+    torch.save({"base": 2, "state_dict": model.state_dict()}, root / "weights.pt")
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (root / "data" / f"c{c}").mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(root / "data" / f"c{c}" / f"{i}.png")
+    cfg = tiny_config(root / "run", model="demo", weights=str(root / "weights.pt"), dataset=str(root / "data"),
+                      image_size=28, channels=1, mean=[0.5], std=[0.5], concept_images=12, report_images=3)
+    Pipeline(cfg).run()
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(served_run):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(served_run / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "gig_fast.cli", "serve", "--run", str(served_run / "run"),
+                             "--port", str(port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(base + "/api/run", timeout=5).read()
+            break
+        except (urllib.error.URLError, ConnectionError):
+            assert proc.poll() is None, (served_run / "server.log").read_text()
+            assert time.time() < deadline, "the server never answered"
+            time.sleep(0.2)
+    yield base
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+
+
+def _call(base, path, data=None, method=None):
+    """``(status, parsed body)``; the body is JSON except for the page."""
+    req = urllib.request.Request(base + path, data=data, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            status, body, kind = r.status, r.read(), r.headers.get("content-type", "")
+    except urllib.error.HTTPError as e:
+        status, body, kind = e.code, e.read(), e.headers.get("content-type", "")
+    text = body.decode("utf-8")
+    assert "Traceback" not in text and 'File "' not in text
+    return status, (json.loads(text) if "json" in kind else text)
+
+
+def test_every_endpoint_answers_what_run_gives(served_run, server):
+    run = Run.open(served_run / "run")
+    graph = json.loads((served_run / "run" / "graph.json").read_text())
+    status, info = _call(server, "/api/run")
+    assert status == 200 and info["run_key"] == run.key and [lay["name"] for lay in info["layers"]] == LAYERS + ["classes"]
+    assert info["images_total"] == 6 and info["rank_depth"] == 100
+    status, classes = _call(server, "/api/classes")
+    assert [c["name"] for c in classes] == ["<b>tee</b>", "boot & shoe", "bag"] + [str(i) for i in range(3, 10)]
+    assert [c["id"] for c in _call(server, "/api/classes?with_images=true")[1]] == [0, 1, 2]
+    for cid, g in graph["class_graphs"].items():
+        status, cg = _call(server, f"/api/classes/{cid}/graph")
+        assert status == 200 and {"nodes": cg["nodes"], "edges": cg["edges"]} == g
+    assert _call(server, "/api/classes/boot%20%26%20shoe/graph")[1]["class"] == 1
+    assert _call(server, "/api/pairs/2/0")[1] == graph["pair_graphs"]["0-2"]
+    layer = LAYERS[1]
+    q = graph["class_graphs"]["0"]["nodes"][layer][0]["concept"]
+    status, card = _call(server, f"/api/concepts/{layer}/{q}?samples=5")
+    want = run.concept(layer, q, samples=5)
+    assert status == 200 and card["size"] == want.size and np.allclose(card["vector"], want.vector.numpy())
+    assert [(s["image"], s["position"]) for s in card["samples"]] == [(s.image, s.position) for s in want.samples]
+    assert all(s["crop"].startswith("data:image/png;base64,") for s in card["samples"])
+    status, tops = _call(server, f"/api/concepts/{layer}/{q}/images?n=3")
+    assert status == 200 and [t["image"] for t in tops] == [u.image for u in run.top_images(layer, q, 3)]
+    status, ids = _call(server, "/api/images?limit=4&offset=1")
+    assert ids["total"] == 6 and ids["ids"] == run.image_ids()[1:5]
+    assert _call(server, "/api/images?class_id=2")[1]["ids"] == run.image_ids(2)
+    first = run.image_ids()[0]
+    assert _call(server, f"/api/images/{first}/graph")[1] == run.image_graph(first).to_dict()
+    status, view = _call(server, f"/api/images/{first}/view")
+    assert status == 200 and view["picture"].startswith("data:image/png") and view["heat"] and view["n"] and view["e"]
+    # explain an upload (a PNG of a dataset image): the same explanation as Run.explain
+    png = (served_run / "data" / "c1" / "2.png").read_bytes()
+    status, ex = _call(server, "/api/explain?target=1", data=png, method="POST")
+    local = run.explain(run.load_image(png), target=1)
+    assert status == 200 and ex["class"] == 1 and ex["class_name"] == "boot & shoe", ex
+    got = {(n["concept"]): n["score"] for n in ex["nodes"][LAYERS[-1]]}
+    assert got == pytest.approx({n.concept: n.score for n in local.graph.layer(LAYERS[-1])}, rel=1e-5, abs=1e-9)
+    status, exview = _call(server, "/api/explain?view=true", data=png, method="POST")
+    assert status == 200 and exview["picture"].startswith("data:image/png") and exview["n"]
+    # the page: the explorer, allowed to call this API and nothing else
+    status, page = _call(server, "/")
+    assert status == 200 and "connect-src &#x27;self&#x27;" in page and '"api":"api"' in page
+
+
+@pytest.mark.parametrize("method, path, status, message", [
+    ("GET", "/api/classes/nope/graph", 404, "unknown class 'nope'"),
+    ("GET", "/api/classes/99/graph", 404, "unknown class"),
+    ("GET", "/api/pairs/0/0", 400, "cannot be paired with itself"),
+    ("GET", "/api/concepts/layer9.9/0", 404, "unknown layer 'layer9.9'"),
+    ("GET", "/api/concepts/layer4.0/4", 404, "out of range"),
+    ("GET", "/api/concepts/layer4.0/-1", 404, "out of range"),
+    ("GET", "/api/concepts/layer4.0/abc", 422, "q"),
+    ("GET", "/api/concepts/layer4.0/0?samples=1000", 422, "samples"),
+    ("GET", "/api/concepts/layer4.0/0/images?n=0", 422, "n"),
+    ("GET", "/api/concepts/layer4.0/0/images?n=1000", 400, "n must be in 1..100"),
+    ("GET", "/api/images/123456/graph", 404, "not among the 6 explained images"),
+    ("GET", "/api/images/abc/graph", 422, "image"),
+    ("GET", "/api/images/123456/view", 404, "not among"),
+    ("GET", "/api/images?offset=-1", 422, "offset"),
+    ("GET", "/api/images?class_id=nope", 404, "unknown class"),
+    ("POST", "/api/explain", 400, "send the image file"),
+    ("POST", "/api/explain?target=nope", 400, "not a readable image"),
+    ("GET", "/api/nothing", 404, None),
+])
+def test_bad_requests_get_4xx_with_a_message(server, method, path, status, message):
+    data = b"\x89PNG garbage" if method == "POST" and "target" in path else (b"" if method == "POST" else None)
+    got, body = _call(server, path, data=data, method=method)
+    assert got == status, body
+    if message is not None:
+        assert message in body["error"]
+
+
+def test_an_unknown_target_for_an_upload_is_a_404(served_run, server):
+    png = (served_run / "data" / "c0" / "1.png").read_bytes()
+    status, body = _call(server, "/api/explain?target=nope", data=png, method="POST")
+    assert status == 404 and "unknown class 'nope'" in body["error"]
+
+
+from test_explorer import _errors, _nodes, artifacts, browser  # noqa: E402,F401  (the headless chromium fixtures)
+
+
+def _wait(predicate, what, timeout=60):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_the_served_page_loads_top_images_and_any_image_from_the_api(server, served_run, browser, artifacts):
+    from selenium.webdriver.common.by import By
+
+    run = Run.open(served_run / "run")
+    browser.get("about:blank")
+    browser.get(server + "/#class=0")
+    _wait(lambda: browser.execute_script("return document.documentElement.getAttribute('data-ready')") == "1", "the page")
+    node = _nodes(browser, ".node:not(.cls)")[0]
+    layer, q = node.get_attribute("data-layer"), int(node.get_attribute("data-concept"))
+    node.click()
+    want = [u.image for u in run.top_images(layer, q, min(12, 100))]
+    _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#card .top-images button"), "the top images")
+    shown = [int(b.get_attribute("data-image")) for b in browser.find_elements(By.CSS_SELECTOR, "#card .top-images button")]
+    assert shown == want
+    # an explained image that the page does not embed: its graph comes from the store
+    embedded = set(json.loads(browser.execute_script("return JSON.stringify([...document.querySelectorAll('#image-select option')].map((o) => +o.value))")))
+    other = next(i for i in run.image_ids() if i not in embedded)
+    browser.find_element(By.CSS_SELECTOR, 'button.mode[data-mode="image"]').click()
+    box = browser.find_element(By.ID, "image-id")
+    box.send_keys(str(other))
+    browser.find_element(By.ID, "image-load").click()
+    _wait(lambda: f"Image #{other}" in browser.find_element(By.ID, "status").text, "the image view")
+    g = run.image_graph(other)
+    drawn = {(n.get_attribute("data-layer"), int(n.get_attribute("data-concept"))) for n in _nodes(browser, ".node:not(.cls)")}
+    assert drawn == {(n.layer, n.concept) for n in g.graph.nodes} | {(e.target_layer, e.target) for e in g.graph.edges
+                                                                     if e.target_layer != "classes"}
+    browser.save_screenshot(str(artifacts / "explorer_served_image.png"))
+    # an unknown id: a message, no error
+    box.clear()
+    box.send_keys("99999")
+    browser.find_element(By.ID, "image-load").click()
+    _wait(lambda: "not among" in browser.find_element(By.ID, "status").text, "the error message")
+    assert [e for e in _errors(browser) if "404" not in e["message"]] == []
+
+
+def test_cli_explain_and_serve_through_run(served_run, tmp_path, capsys):
+    from gig_fast.cli import main
+
+    png = served_run / "data" / "c2" / "0.png"
+    assert main(["explain", "--run", str(served_run / "run"), "--image", str(png), "--target", "2",
+                 "--json", str(tmp_path / "ex.json")]) == 0
+    got = json.loads((tmp_path / "ex.json").read_text())
+    run = Run.open(served_run / "run")
+    want = run.explain(run.load_image(png), target=2).to_dict()
+    assert got["class_name"] == "bag" and got["nodes"].keys() == want["nodes"].keys()
+    assert [n["concept"] for n in got["nodes"][LAYERS[-1]]] == [n["concept"] for n in want["nodes"][LAYERS[-1]]]
+    assert [n["score"] for n in got["nodes"][LAYERS[-1]]] == pytest.approx([n["score"] for n in want["nodes"][LAYERS[-1]]])
+    assert main(["explain", "--run", str(served_run / "run"), "--image", str(tmp_path / "missing.png")]) == 2
+    assert main(["serve", "--run", str(tmp_path)]) == 2
+    assert "no graph.json" in capsys.readouterr().err
