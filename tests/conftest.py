@@ -50,7 +50,14 @@ def _seeded(request):
     import numpy as np
     np.random.seed(seed)
     request.node.gig_seed = seed
+    request.node.user_properties.append(("seed", seed))  # also in junit XML reports
     yield
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """This test's seed (see the module docstring), for tests that build their own generators."""
+    return request.node.gig_seed
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -28,7 +28,7 @@ def _graph(out):
 
 
 def _seed(request) -> int:
-    return dict(request.node.user_properties)["seed"]
+    return request.getfixturevalue("seed")
 
 
 # ---------------------------------------------------------------------------------------------
