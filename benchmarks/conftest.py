@@ -46,6 +46,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import harness  # noqa: E402
+import gig_fast  # noqa: E402
+from gig_fast.ops import available_backends  # noqa: E402
+from gig_fast.ops.registry import backend_runs_on  # noqa: E402
 
 SIZES = ("smoke", "quick", "full")
 
@@ -139,8 +142,6 @@ class Bench:
     def skip_unless_runs(self, backend: str, interpreted: bool = True) -> None:
         """Skip (with the reason) a backend that cannot run here, or one only timed on a GPU;
         ``interpreted=False``: a Triton route too slow for the interpreter even at the smoke size."""
-        from gig_fast.ops import available_backends
-        from gig_fast.ops.registry import backend_runs_on
         if not backend_runs_on(backend, torch.device(self.device)):
             pytest.skip(f"backend {backend!r} does not run on {self.device} here ({available_backends()[backend]})")
         if backend == "triton" and self.device == "cpu" and (self.size != "smoke" or not interpreted):
@@ -242,7 +243,6 @@ def pytest_sessionstart(session):
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     device = _device(config)
-    import gig_fast
     machine_info["gig_fast"] = {"device": harness.device_name(device), "kind": harness.machine_kind(device),
                                 "threads": torch.get_num_threads(), "size": _size(config),
                                 "package": str(Path(gig_fast.__file__).parent), **harness.versions()}
