@@ -174,12 +174,26 @@ bool use_avx512() {
 #endif
 }
 
+// Every index of rows [begin, end) is a concept (< K) or -1: a ValueError in Python otherwise. Checked in
+// the forward's own parallel pass over idx, where it costs nothing: the separate min/max reductions of
+// the Python-side check were two more OpenMP regions, and on this 2-core box shared with other jobs each
+// waited out the scheduler (~20 ms apiece at P=3136, s=30: more than the forward).
+void check_index_range(const int64_t* idx, int64_t begin, int64_t end, int64_t s, int64_t K) {
+  for (int64_t e = begin * s; e < end * s; ++e) {
+    TORCH_CHECK_VALUE(idx[e] >= -1, "idx holds ", idx[e], "; entries must be concept indices in [0, ", K,
+                      ") or -1 for padding");
+    TORCH_CHECK_VALUE(idx[e] < K, "idx holds ", idx[e], " but V has only K=", K, " concepts (valid: 0..", K - 1,
+                      ", -1 = padding)");
+  }
+}
+
 template <typename scalar_t>
 void forward_rows(const int64_t* idx, const scalar_t* val, const scalar_t* V, const scalar_t* bias,
-                  scalar_t* out, int64_t P, int64_t s, int64_t C) {
+                  scalar_t* out, int64_t P, int64_t s, int64_t K, int64_t C) {
   using acc = acc_t<scalar_t>;
   const bool avx512 = use_avx512(), avx2 = cpu_has_avx2();
   at::parallel_for(0, P, 16, [&](int64_t begin, int64_t end) {
+    check_index_range(idx, begin, end, s, K);
     std::vector<int64_t> rows(s);
     std::vector<acc> weights(s);
     if (avx512) {
@@ -294,7 +308,7 @@ void grad_V_rows(const scalar_t* grad, const int64_t* idx, const scalar_t* val, 
 at::Tensor sparse_reconstruct_forward_cpu(const at::Tensor& idx, const at::Tensor& val, const at::Tensor& V,
                                           const c10::optional<at::Tensor>& bias) {
   check_inputs(idx, val, V);
-  const int64_t P = idx.size(0), s = idx.size(1), C = V.size(1);
+  const int64_t P = idx.size(0), s = idx.size(1), K = V.size(0), C = V.size(1);
   at::Tensor b;
   if (bias.has_value()) {
     b = bias->contiguous();
@@ -303,7 +317,7 @@ at::Tensor sparse_reconstruct_forward_cpu(const at::Tensor& idx, const at::Tenso
   auto out = at::empty({P, C}, V.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, V.scalar_type(), "sparse_reconstruct_forward_cpu", [&] {
     forward_rows<scalar_t>(idx.data_ptr<int64_t>(), val.data_ptr<scalar_t>(), V.data_ptr<scalar_t>(),
-                           b.defined() ? b.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), P, s, C);
+                           b.defined() ? b.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), P, s, K, C);
   });
   return out;
 }
