@@ -340,7 +340,8 @@ def bench_engine(bench, engine_problem, impl, gig_size):
     if impl == "gig_fast bf16":
         bench.gpu_only(impl)
     role = "baseline" if impl.startswith("captum") or impl == "alpha_loop" else "ours"
-    bench(p.run(impl), op="gig_engine", impl=impl, role=role, case=p.case.name, shape=p.shape, check=p.check(impl))
+    bench(p.run(impl), op="gig_engine", impl=impl, role=role, case=p.case.name, shape=p.shape, check=p.check(impl),
+          dtype="bfloat16 autocast" if impl == "gig_fast bf16" else "float32")
 
 
 ACCUMULATE = ["torch", "cpp", "triton", "cuda"]

@@ -171,12 +171,12 @@ def bench_assign_baseline(bench, assign_problem, impl):
         def tf32():
             with _tf32(True):
                 return (X @ cents.T).argmax(1)
-        bench(tf32, role="baseline", check=p.check(0.95), flops_dtype="tf32", **common)
+        bench(tf32, role="baseline", check=p.check(0.95), dtype="tf32", flops_dtype="tf32", **common)
     elif impl == "matmul+argmax bf16":
         bench.gpu_only(impl + " (this CPU: 8x slower than fp32)")
         Xb, Cb = X.bfloat16(), cents.bfloat16()
         bench(lambda: (Xb @ Cb.T).argmax(1), role="baseline", check=p.check(0.95, torch.bfloat16),
-              flops_dtype="bfloat16", **common)
+              dtype="bfloat16", flops_dtype="bfloat16", **common)
     elif impl == "bare bf16 GEMM (floor)":
         bench.gpu_only(impl)
         Xb, Cb = X.bfloat16(), cents.bfloat16()
@@ -187,15 +187,15 @@ def bench_assign_baseline(bench, assign_problem, impl):
         def check(scores):
             return check_sums(scores[:rows].float().cpu(), want.cpu(), magnitude.cpu(), torch.bfloat16, p.case.C,
                               "bf16 GEMM")
-        bench(lambda: Xb @ Cb.T, role="floor", check=check, flops_dtype="bfloat16", **common)
+        bench(lambda: Xb @ Cb.T, role="floor", check=check, dtype="bfloat16", flops_dtype="bfloat16", **common)
     else:
         bench.gpu_only(impl)
         assign = _flash_kmeans_assign()
         if assign is None:
             pytest.skip("flash-kmeans is not installed (pip package flash-kmeans; a GPU package)")
         Xh, Ch = X.half()[None], cents.half()[None]
-        bench(lambda: assign(Xh, Ch), role="baseline", check=p.check(0.95, torch.float16), flops_dtype="bfloat16",
-              **common)
+        bench(lambda: assign(Xh, Ch), role="baseline", check=p.check(0.95, torch.float16), dtype="float16",
+              flops_dtype="bfloat16", **common)
 
 
 OURS_ASSIGN = [("torch", "float32"), ("cpp", "float32"), ("triton", "float32"), ("triton", "bfloat16"),

@@ -154,8 +154,9 @@ class Bench:
         if self.device == "cpu" and self.size != "smoke":
             pytest.skip(f"{what}: a GPU route (run on the CPU only at --gig-size smoke, to check the code)")
 
-    def _meta(self, *, op, impl, label, role, case, shape, bytes_moved, flops, flops_dtype) -> dict:
+    def _meta(self, *, op, impl, label, role, case, shape, dtype, bytes_moved, flops, flops_dtype) -> dict:
         meta = {"op": op, "impl": impl, "label": label or impl, "role": role, "case": case, "shape": shape,
+                "dtype": dtype or shape.get("dtype", "float32"),
                 "device": harness.device_name(self.device), "device_kind": harness.machine_kind(self.device),
                 "threads": torch.get_num_threads(), **harness.versions(), **self.request.config.gig_commit}
         for key, value in (("bytes_moved", bytes_moved), ("flops", flops), ("flops_dtype", flops_dtype)):
@@ -166,18 +167,19 @@ class Bench:
         return meta
 
     def __call__(self, fn, *, op: str, impl: str, case: str, shape: dict, role: str = "ours",
-                 label: str | None = None, check=None, bytes_moved: float | None = None,
+                 label: str | None = None, check=None, dtype: str | None = None, bytes_moved: float | None = None,
                  flops: float | None = None, flops_dtype: str | None = None, rounds: int | None = None,
                  once: bool = False, **info):
         """Check, warm up and time ``fn`` (see the class). ``rounds`` forces that many single-call rounds
         (routes of seconds a call); ``once``: one timed call, checked after the timing (a whole pipeline
-        run: a failed check drops the timing); ``info`` goes to ``extra_info``. Returns ``fn``'s result."""
+        run: a failed check drops the timing); ``dtype``: what the route computes in (default: the shape's
+        ``dtype``, else float32); ``info`` goes to ``extra_info``. Returns ``fn``'s result."""
         if role not in ("ours", "baseline", "floor", "ceiling"):
             raise ValueError(f"unknown role {role!r}")
         bm = self.benchmark
         bm.group = f"{op} | {case}"
-        meta = dict(op=op, impl=impl, label=label, role=role, case=case, shape=shape, bytes_moved=bytes_moved,
-                    flops=flops, flops_dtype=flops_dtype)
+        meta = dict(op=op, impl=impl, label=label, role=role, case=case, shape=shape, dtype=dtype,
+                    bytes_moved=bytes_moved, flops=flops, flops_dtype=flops_dtype)
         if once:
             return self._once(fn, check, meta, info)
         if self.device.startswith("cuda"):
