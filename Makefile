@@ -4,7 +4,7 @@ PIP ?= $(PYTHON) -m pip
 # Serialise builds: several shells (or helpers) may build in this tree at once.
 LOCK = flock /tmp/gig_fast_build.lock
 
-.PHONY: setup deps-run deps install install-demo build build-cpu demo test test-fast bench-cpu clean
+.PHONY: setup deps-run deps install install-demo build build-cpu demo test test-fast bench bench-smoke bench-save bench-compare clean
 
 # What the demo needs: torch, Fashion-MNIST, the runtime and build requirements.
 deps-run:
@@ -45,8 +45,28 @@ demo: install-demo
 test: setup
 	cd tests && $(PYTHON) -m pytest -q -p no:cacheprovider .
 
-bench-cpu: build
-	$(PYTHON) benchmarks/run.py --device cpu
+# The benchmark suite (pytest-benchmark; README: Benchmarks). It imports the checkout when it holds a
+# build (make build / build-cpu), else the installed package. BENCH_SIZE: smoke | quick | full (default:
+# quick on a CPU, full on a GPU).
+BENCH_SIZE ?=
+BENCH_FAIL ?= min:10%
+BENCH_ARGS = --benchmark-only $(if $(BENCH_SIZE),--gig-size $(BENCH_SIZE),)
+
+# the suite, its rows appended to benchmarks/results.jsonl and RESULTS.md re-rendered
+bench:
+	$(PYTHON) benchmarks/run.py $(if $(BENCH_SIZE),--gig-size $(BENCH_SIZE),)
+
+# CI: every benchmark once at the smallest size, each route checked against its reference, nothing timed
+bench-smoke:
+	$(PYTHON) -m pytest benchmarks -q --gig-size smoke
+
+# a reference run of this machine kind under benchmarks/saved/<kind>/ (NAME names it)
+bench-save:
+	$(PYTHON) -m pytest benchmarks $(BENCH_ARGS) --benchmark-save=$(or $(NAME),reference)
+
+# fails when a case is slower than the last saved run of this machine kind by more than BENCH_FAIL
+bench-compare:
+	$(PYTHON) -m pytest benchmarks $(BENCH_ARGS) --benchmark-compare --benchmark-compare-fail=$(BENCH_FAIL)
 
 clean:
 	rm -rf build dist *.egg-info gig_fast/*.so

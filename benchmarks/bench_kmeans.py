@@ -1,42 +1,109 @@
 """Spherical k-means: the assignment, the centroid update and the bisecting concept extractor.
 
-* assignment (``spherical_assign``, every backend) vs ``(X @ Cᵀ).argmax(1)`` on unit rows in fp32,
-  tf32 (GPU) and bf16, a bare bf16 GEMM of the same shape (GPU: the floor), and flash-kmeans's cosine
-  assignment when the ``flash_kmeans`` package imports. Each row carries its label agreement with a
-  float64 argmax (on a subsample of rows).
-* centroid update (``centroid_update``, every backend) vs ``index_add_`` + ``bincount``, for K = 2
-  (the 2-means case) and the full K.
-* bisecting (``gig_fast.concepts``, sequential and fast) vs scikit-learn's ``BisectingKMeans`` (CPU,
-  on the unit-normalised centred data, ``bisecting_strategy="largest_cluster"`` = the same algorithm,
-  and its default ``"biggest_inertia"``), comparing time and cosine inertia.
-
-    python benchmarks/bench_kmeans.py --device cpu --quick
+* ``spherical_assign`` (ours: ``cpp``, ``triton`` fp32 and bf16, ``cuda``) against ``(X @ Cᵀ).argmax(1)`` on
+  unit rows in fp32 (``matmul+argmax fp32``), tf32 and bf16 (GPU routes), our ``torch`` reference, the bare
+  bf16 GEMM of the same shape (``bare bf16 GEMM (floor)``: ours is reported as a multiple of it) and
+  flash-kmeans's fused cosine assignment (``flash-kmeans``, fp16, where the package imports). Checked: the
+  share of labels equal to a float64 argmax on a subsample of rows (``agreement``), ≥ 0.999 for ours
+  (bf16 scores are re-scored in fp32 where the top two are close) and ≥ 0.95 for the outside routes.
+  FLOPs: ``2·N·C·K``.
+* ``centroid_update`` (ours: ``cpp``, ``triton``, ``cuda``) against ``index_add_`` + ``bincount`` and our
+  ``torch`` reference, at K = 2 (the 2-means case) and the full K; sums checked against float64 with
+  the summation bound, counts exactly. Bytes: ``N·C·4 + N·8 + K·C·4``.
+* bisecting (``gig_fast.concepts``, ``sequential`` and ``fast`` modes) against scikit-learn's
+  ``BisectingKMeans`` on the unit-normalised centred data (``bisecting_strategy="largest_cluster"``, the
+  same algorithm, and its default ``"biggest_inertia"``); on a GPU also against our fused CPU path on
+  the machine's own cores. Checked: K non-empty clusters; cosine inertia (``cosine_inertia``) reported
+  with its ratio to the sequential reference, ours within 5% of it. Single-digit rounds (seconds a call).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import os
-import sys
-import time
+from dataclasses import dataclass
 
+import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from harness import record, time_ms  # noqa: E402
-
-from gig_fast.concepts import bisecting_spherical_kmeans, cosine_inertia  # noqa: E402
-from gig_fast.ops import available_backends, centroid_update, spherical_assign  # noqa: E402
-from gig_fast.testing import clustered_points, label_quality, random_unit  # noqa: E402
+from checks import check_sums
+from gig_fast.concepts import bisecting_spherical_kmeans, cosine_inertia
+from gig_fast.ops import centroid_update, spherical_assign
+from gig_fast.testing import clustered_points, label_quality, random_unit
 
 
-def _backends(device: str) -> list[str]:
-    avail = available_backends()
-    return [b for b in ("torch", "cpp", "triton", "cuda") if avail[b] == "runs" and
-            (b != "cpp" or device == "cpu") and (b != "cuda" or device == "cuda") and
-            (b != "triton" or device == "cuda")]
+@dataclass(frozen=True)
+class AssignCase:
+    N: int
+    C: int
+    K: int
+    check_rows: int
+
+    @property
+    def name(self) -> str:
+        return f"N={self.N} C={self.C} K={self.K}"
+
+
+@dataclass(frozen=True)
+class UpdateCase:
+    N: int
+    C: int
+    K: int
+
+    @property
+    def name(self) -> str:
+        return f"N={self.N} C={self.C} K={self.K}"
+
+
+@dataclass(frozen=True)
+class BisectCase:
+    N: int
+    C: int
+    K: int
+
+    @property
+    def name(self) -> str:
+        return f"N={self.N} C={self.C} K={self.K}"
+
+
+def assign_cases(size: str, device: str) -> list[AssignCase]:
+    if size == "smoke":
+        return [AssignCase(300, 24, 40, 300)]
+    if device.startswith("cuda"):
+        return [AssignCase(200_000, 1024, 8192, 20_000), AssignCase(200_000, 256, 2048, 20_000),
+                AssignCase(50_000, 2048, 16384, 5_000)]
+    return [AssignCase(4000, 256, 2048, 1000)] if size == "quick" else [AssignCase(20_000, 256, 2048, 2000)]
+
+
+def update_cases(size: str, device: str) -> list[UpdateCase]:
+    if size == "smoke":
+        return [UpdateCase(2000, 16, 2), UpdateCase(2000, 16, 64)]
+    if device.startswith("cuda"):
+        return [UpdateCase(200_000, 1024, 2), UpdateCase(200_000, 1024, 8192)]
+    N = 50_000 if size == "quick" else 200_000
+    return [UpdateCase(N, 256, 2), UpdateCase(N, 256, 2048)]
+
+
+def bisect_cases(size: str, device: str) -> list[BisectCase]:
+    if size == "smoke":
+        return [BisectCase(600, 16, 16)]
+    if size == "quick" and not device.startswith("cuda"):
+        return [BisectCase(4000, 64, 128)]  # scikit-learn takes seconds a call here
+    return [BisectCase(50_000, 256, 2048)]
+
+
+def _params(metafunc, name, found):
+    metafunc.parametrize(name, found, ids=[c.name.replace(" ", "-") for c in found], indirect=True, scope="module")
+
+
+def pytest_generate_tests(metafunc):
+    size, device = metafunc.config.gig_size, metafunc.config.gig_device
+    for name, make in (("assign_problem", assign_cases), ("update_problem", update_cases),
+                       ("bisect_problem", bisect_cases)):
+        if name in metafunc.fixturenames:
+            _params(metafunc, name, make(size, device))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Assignment
 
 
 @contextlib.contextmanager
@@ -50,153 +117,213 @@ def _tf32(on: bool):
 
 
 def _flash_kmeans_assign():
-    """flash-kmeans's cosine assignment ``(x [B,N,D], c [B,K,D]) -> [B,N] int32`` or None."""
-    try:
-        from flash_kmeans.assign_euclid_triton import cosine_assign_triton
-        return cosine_assign_triton
-    except Exception:
+    """flash-kmeans's cosine assignment ``(x [B, N, D], c [B, K, D]) -> [B, N]``, or None."""
+    for module in ("flash_kmeans.assign_euclid_triton", "flash_kmeans.kmeans_triton_impl"):
         try:
-            from flash_kmeans.kmeans_triton_impl import cosine_assign_triton
-            return cosine_assign_triton
-        except Exception:
-            return None
+            mod = __import__(module, fromlist=["cosine_assign_triton"])
+            return mod.cosine_assign_triton
+        except (ImportError, AttributeError):
+            continue
+    return None
 
 
-def bench_assign(device: str, N: int, C: int, K: int, check_rows: int, bf16_baseline: bool = True) -> None:
-    X = random_unit(N, C, torch.float32, device)
-    cents = random_unit(K, C, torch.float32, device)
-    shape = {"N": N, "C": C, "K": K}
-    flops = 2.0 * N * C * K
-    sub = slice(0, min(N, check_rows))
+class AssignProblem:
+    def __init__(self, case: AssignCase, device: str):
+        g = torch.Generator().manual_seed(0)
+        self.case = case
+        self.X = random_unit(case.N, case.C, torch.float32, "cpu", g).to(device)
+        self.cents = random_unit(case.K, case.C, torch.float32, "cpu", g).to(device)
+        self.shape = {"N": case.N, "C": case.C, "K": case.K}
+        self.flops = 2.0 * case.N * case.C * case.K
 
-    def quality(labels):
-        return label_quality(X[sub], cents, labels[sub])["agreement"]
+    def check(self, least: float, dtype: torch.dtype = torch.float32):
+        """Labels against the float64 argmax of the inputs the route was given (rounded to ``dtype``)."""
+        rows = slice(0, min(self.case.N, self.case.check_rows))
+        X, cents = self.X[rows].to(dtype).float(), self.cents.to(dtype).float()
 
-    base_fp32 = time_ms(lambda: (X @ cents.T).argmax(1), device)
-    record("spherical_assign", "matmul+argmax fp32", device, shape, base_fp32, flops=flops,
-           extra={"agreement": quality((X @ cents.T).argmax(1)) if N * K <= 4e9 else None})
-    if device == "cuda":
-        with _tf32(True):
-            t = time_ms(lambda: (X @ cents.T).argmax(1), device)
-            record("spherical_assign", "matmul+argmax tf32", device, shape, t, flops=flops,
-                   baseline="matmul+argmax fp32", baseline_ms=base_fp32["ms"],
-                   extra={"agreement": quality((X @ cents.T).argmax(1))})
-    Xb, Cb = X.bfloat16(), cents.bfloat16()
-    if bf16_baseline:  # slow on CPUs without bf16 units: left out of the quick CPU run
-        t = time_ms(lambda: (Xb @ Cb.T).argmax(1), device)
-        record("spherical_assign", "matmul+argmax bf16", device, shape, t, flops=flops,
-               baseline="matmul+argmax fp32", baseline_ms=base_fp32["ms"],
-               extra={"agreement": quality((Xb @ Cb.T).argmax(1))})
-    gemm = None
-    if device == "cuda":
-        gemm = time_ms(lambda: Xb @ Cb.T, device)
-        record("spherical_assign", "bare bf16 GEMM (floor)", device, shape, gemm, flops=flops)
-        fk = _flash_kmeans_assign()
-        if fk is None:
-            print("  flash-kmeans not importable (pip package flash-kmeans): skipped")
-        else:
-            Xh, Ch = X.half()[None], cents.half()[None]
-            t = time_ms(lambda: fk(Xh, Ch), device)
-            record("spherical_assign", "flash-kmeans fp16", device, shape, t, flops=flops,
-                   baseline="matmul+argmax fp32", baseline_ms=base_fp32["ms"],
-                   extra={"agreement": quality(fk(Xh, Ch)[0].long())})
-    for b in _backends(device):
-        for dtype in ((torch.float32, torch.bfloat16) if device == "cuda" else (torch.float32,)):
-            Xd, Cd = X.to(dtype), cents.to(dtype)
-            t = time_ms(lambda: spherical_assign(Xd, Cd, backend=b), device)
-            labels = spherical_assign(Xd, Cd, backend=b)[0]
-            extra = {"agreement": quality(labels), "dtype": str(dtype).replace("torch.", "")}
-            if gemm is not None:
-                extra["x_bf16_gemm"] = t["ms"] / gemm["ms"]
-            record("spherical_assign", f"{b} {extra['dtype']}", device, shape, t, flops=flops,
-                   baseline="matmul+argmax fp32", baseline_ms=base_fp32["ms"], extra=extra)
+        def check(labels):
+            labels = labels[0] if isinstance(labels, tuple) else labels
+            q = label_quality(X, cents, labels.reshape(-1)[rows].long())
+            assert q["agreement"] >= least, f"labels agree with the float64 argmax on {q['agreement']:.4%} < {least:.2%}"
+            return {"agreement": q["agreement"], "worst_cosine_loss": q["worst_loss"]}
+        return check
 
 
-def bench_update(device: str, N: int, C: int, Ks: tuple[int, ...]) -> None:
-    X = torch.randn(N, C, device=device)
-    for K in Ks:
-        labels = torch.randint(K, (N,), device=device)
-        shape = {"N": N, "C": C, "K": K}
-        nbytes = N * C * 4 + N * 8 + K * C * 4
-
-        def index_add():
-            return torch.zeros(K, C, device=device).index_add_(0, labels, X), torch.bincount(labels, minlength=K)
-
-        base = time_ms(index_add, device)
-        record("centroid_update", "index_add_ (atomics)", device, shape, base, bytes_moved=nbytes)
-        for b in _backends(device):
-            t = time_ms(lambda: centroid_update(X, labels, K, backend=b), device)
-            record("centroid_update", b, device, shape, t, bytes_moved=nbytes, baseline="index_add_",
-                   baseline_ms=base["ms"])
+@pytest.fixture(scope="module")
+def assign_problem(request, device):
+    return AssignProblem(request.param, device)
 
 
-def _once(fn):
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return out, (time.perf_counter() - t0) * 1e3
+ASSIGN_BASELINES = ["matmul+argmax fp32", "matmul+argmax tf32", "matmul+argmax bf16", "bare bf16 GEMM (floor)",
+                    "flash-kmeans"]
 
 
-def bench_bisecting(device: str, N: int, C: int, K: int, sklearn_too: bool,
-                    strategies: tuple[str, ...] = ("largest_cluster", "biggest_inertia")) -> None:
-    g = torch.Generator().manual_seed(0)
-    X = clustered_points(N, C, max(2, K // 8), generator=g).to(device)
-    beta = torch.full((C,), 2.0, device=device)
-    shape = {"N": N, "C": C, "K": K}
-    results = {}
-    for mode in ("sequential", "fast"):
-        (_, labels, info), ms = _once(lambda: bisecting_spherical_kmeans(X, K, beta=beta, mode=mode, return_info=True))
-        results[mode] = (ms, info.inertia)
-        record("bisecting", f"gig_fast {mode}", device, shape, {"ms": ms, "ms_p20": ms, "ms_p80": ms},
-               extra={"cosine_inertia": info.inertia, "rounds": info.rounds,
-                      "inertia_vs_sequential": info.inertia / results["sequential"][1]})
-    if not sklearn_too:
-        return
-    try:
-        from sklearn.cluster import BisectingKMeans
-    except ImportError:
-        print("  scikit-learn not importable: bisecting baseline skipped")
-        return
-    U = X.cpu().double() - 2.0
-    U = (U / U.norm(dim=1, keepdim=True)).float().numpy()
-    for strategy in strategies:
-        sk, ms = _once(lambda: BisectingKMeans(K, random_state=0, bisecting_strategy=strategy).fit(U))
-        inertia = cosine_inertia(X.cpu(), torch.from_numpy(sk.labels_).long(), K, beta.cpu())
-        for mode in ("sequential", "fast"):
-            ours_ms, ours_inertia = results[mode]
-            print(f"  gig_fast {mode}: {sk_speed(ms, ours_ms)} vs sklearn BisectingKMeans({strategy}); "
-                  f"cosine inertia {ours_inertia:.2f} vs {inertia:.2f} ({ours_inertia / inertia:.4f}x)")
-        record("bisecting", f"sklearn BisectingKMeans {strategy}", device, shape,
-               {"ms": ms, "ms_p20": ms, "ms_p80": ms}, extra={"cosine_inertia": inertia})
+@pytest.mark.parametrize("impl", ASSIGN_BASELINES, ids=[b.replace(" ", "_") for b in ASSIGN_BASELINES])
+def bench_assign_baseline(bench, assign_problem, impl):
+    p = assign_problem
+    X, cents = p.X, p.cents
+    common = dict(op="spherical_assign", impl=impl, case=p.case.name, shape=p.shape, flops=p.flops)
+    if impl == "matmul+argmax fp32":
+        bench(lambda: (X @ cents.T).argmax(1), role="baseline", check=p.check(0.95), flops_dtype="float32", **common)
+    elif impl == "matmul+argmax tf32":
+        bench.gpu_only(impl)
 
+        def tf32():
+            with _tf32(True):
+                return (X @ cents.T).argmax(1)
+        bench(tf32, role="baseline", check=p.check(0.95), dtype="tf32", flops_dtype="tf32", **common)
+    elif impl == "matmul+argmax bf16":
+        bench.gpu_only(impl + " (this CPU: 8x slower than fp32)")
+        Xb, Cb = X.bfloat16(), cents.bfloat16()
+        bench(lambda: (Xb @ Cb.T).argmax(1), role="baseline", check=p.check(0.95, torch.bfloat16),
+              dtype="bfloat16", flops_dtype="bfloat16", **common)
+    elif impl == "bare bf16 GEMM (floor)":
+        bench.gpu_only(impl)
+        Xb, Cb = X.bfloat16(), cents.bfloat16()
+        rows = min(p.case.N, p.case.check_rows)
+        want = Xb[:rows].double() @ Cb.double().T
+        magnitude = Xb[:rows].double().abs() @ Cb.double().abs().T
 
-def sk_speed(sk_ms: float, ours_ms: float) -> str:
-    return f"{sk_ms / ours_ms:.2f}x faster ({ours_ms:.0f} ms vs {sk_ms:.0f} ms)"
-
-
-def run(device: str, quick: bool) -> None:
-    if device == "cuda":
-        bench_assign(device, 200_000, 1024, 8192, check_rows=20_000)
-        bench_assign(device, 200_000, 256, 2048, check_rows=20_000)
-        bench_assign(device, 50_000, 2048, 16384, check_rows=5_000)
-        bench_update(device, 200_000, 1024, (2, 8192))
-        bench_bisecting(device, 50_000, 256, 2048, sklearn_too=False)
-    elif quick:
-        bench_assign(device, 4000, 256, 2048, check_rows=1000, bf16_baseline=False)
-        bench_update(device, 50_000, 256, (2, 2048))
-        bench_bisecting(device, 5000, 64, 256, sklearn_too=True, strategies=("largest_cluster",))
+        def check(scores):
+            return check_sums(scores[:rows].float().cpu(), want.cpu(), magnitude.cpu(), torch.bfloat16, p.case.C,
+                              "bf16 GEMM")
+        bench(lambda: Xb @ Cb.T, role="floor", check=check, dtype="bfloat16", flops_dtype="bfloat16", **common)
     else:
-        bench_assign(device, 20_000, 256, 2048, check_rows=2000)
-        bench_update(device, 200_000, 256, (2, 2048))
-        bench_bisecting(device, 50_000, 256, 2048, sklearn_too=True)
+        bench.gpu_only(impl)
+        assign = _flash_kmeans_assign()
+        if assign is None:
+            pytest.skip("flash-kmeans is not installed (pip package flash-kmeans; a GPU package)")
+        Xh, Ch = X.half()[None], cents.half()[None]
+        bench(lambda: assign(Xh, Ch), role="baseline", check=p.check(0.95, torch.float16), dtype="float16",
+              flops_dtype="bfloat16", **common)
 
 
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true")
-    a = p.parse_args()
-    run(a.device, a.quick)
+OURS_ASSIGN = [("torch", "float32"), ("cpp", "float32"), ("triton", "float32"), ("triton", "bfloat16"),
+               ("cuda", "float32")]
+
+
+@pytest.mark.parametrize("backend,dtype", OURS_ASSIGN, ids=[f"{b}-{d}" for b, d in OURS_ASSIGN])
+def bench_assign(bench, assign_problem, backend, dtype):
+    bench.skip_unless_runs(backend)
+    p = assign_problem
+    Xd, Cd = p.X.to(getattr(torch, dtype)), p.cents.to(getattr(torch, dtype))
+    short = {"float32": "fp32", "bfloat16": "bf16"}[dtype]
+    bench(lambda: spherical_assign(Xd, Cd, backend=backend), op="spherical_assign", impl=backend,
+          label=f"{backend} {short}", role="baseline" if backend == "torch" else "ours", case=p.case.name,
+          shape={**p.shape, "dtype": dtype}, check=p.check(0.999, Xd.dtype), flops=p.flops, flops_dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Centroid update
+
+
+class UpdateProblem:
+    def __init__(self, case: UpdateCase, device: str):
+        g = torch.Generator().manual_seed(0)
+        self.case = case
+        X = torch.randn(case.N, case.C, generator=g)
+        labels = torch.randint(case.K, (case.N,), generator=g)
+        self.want = torch.zeros(case.K, case.C, dtype=torch.float64).index_add_(0, labels, X.double())
+        self.magnitude = torch.zeros(case.K, case.C, dtype=torch.float64).index_add_(0, labels, X.double().abs())
+        self.counts = torch.bincount(labels, minlength=case.K)
+        self.X, self.labels = X.to(device), labels.to(device)
+        self.shape = {"N": case.N, "C": case.C, "K": case.K}
+        self.bytes = case.N * case.C * 4 + case.N * 8 + case.K * case.C * 4
+
+    def check(self, result):
+        sums, counts = result
+        assert torch.equal(counts.cpu().long(), self.counts), "cluster counts differ from bincount"
+        return check_sums(sums.cpu(), self.want, self.magnitude, torch.float32, int(self.counts.max()),
+                          "centroid sums")
+
+
+@pytest.fixture(scope="module")
+def update_problem(request, device):
+    return UpdateProblem(request.param, device)
+
+
+UPDATE = ["index_add_", "torch", "cpp", "triton", "cuda"]
+
+
+@pytest.mark.parametrize("impl", UPDATE, ids=UPDATE)
+def bench_update(bench, update_problem, impl):
+    p = update_problem
+    X, labels, K = p.X, p.labels, p.case.K
+    if impl == "index_add_":
+        def fn():
+            sums = torch.zeros(K, X.shape[1], device=X.device).index_add_(0, labels, X)
+            return sums, torch.bincount(labels, minlength=K)
+        role = "baseline"
+    else:
+        bench.skip_unless_runs(impl)
+        fn = lambda: centroid_update(X, labels, K, backend=impl)  # noqa: E731
+        role = "baseline" if impl == "torch" else "ours"
+    bench(fn, op="centroid_update", impl=impl, role=role, case=p.case.name, shape=p.shape, check=p.check,
+          bytes_moved=p.bytes)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bisecting
+
+
+class BisectProblem:
+    def __init__(self, case: BisectCase, device: str):
+        g = torch.Generator().manual_seed(0)
+        self.case = case
+        self.X = clustered_points(case.N, case.C, max(2, case.K // 8), generator=g)
+        self.beta = torch.full((case.C,), 2.0)
+        _, labels = bisecting_spherical_kmeans(self.X, case.K, beta=self.beta, mode="sequential")
+        self.reference_inertia = cosine_inertia(self.X, labels, case.K, self.beta)
+        self.shape = {"N": case.N, "C": case.C, "K": case.K}
+        self.device = device
+
+    def check(self, most: float | None):
+        K = self.case.K
+
+        def check(labels):
+            labels = torch.as_tensor(labels).cpu().long()
+            assert labels.min() >= 0 and labels.max() < K, "labels outside [0, K)"
+            clusters = int(torch.unique(labels).numel())
+            assert clusters == K, f"{clusters} non-empty clusters, asked for {K}"
+            inertia = cosine_inertia(self.X, labels, K, self.beta)
+            ratio = inertia / self.reference_inertia
+            assert most is None or ratio <= most, f"cosine inertia {ratio:.4f}x the sequential reference's"
+            return {"cosine_inertia": inertia, "inertia_vs_sequential": ratio}
+        return check
+
+
+@pytest.fixture(scope="module")
+def bisect_problem(request, device):
+    return BisectProblem(request.param, device)
+
+
+BISECT = ["gig_fast sequential", "gig_fast fast", "gig_fast fast (CPU)", "sklearn largest_cluster",
+          "sklearn biggest_inertia"]
+
+
+@pytest.mark.parametrize("impl", BISECT, ids=[b.replace(" ", "_").replace("(", "").replace(")", "") for b in BISECT])
+def bench_bisecting(bench, bisect_problem, impl, device, gig_size):
+    p = bisect_problem
+    K = p.case.K
+    common = dict(op="bisecting", case=p.case.name, shape=p.shape)
+    if impl.startswith("gig_fast"):
+        mode = impl.split()[1]
+        on = "cpu" if impl.endswith("(CPU)") else device
+        if impl.endswith("(CPU)") and device == "cpu":
+            pytest.skip("the CPU path is the row 'gig_fast fast' on a CPU device")
+        X, beta = p.X.to(on), p.beta.to(on)
+        role = "baseline" if impl.endswith("(CPU)") else "ours"
+        # a GPU campaign time-boxes each module: one round a route there (the sequential mode takes seconds)
+        bench(lambda: bisecting_spherical_kmeans(X, K, beta=beta, mode=mode)[1], impl=impl, role=role,
+              check=p.check(1.05 if role == "ours" else None), rounds=1 if device.startswith("cuda") else None,
+              **common)
+        return
+    if gig_size == "quick" and impl.endswith("biggest_inertia"):
+        pytest.skip("scikit-learn's default strategy: full size only (the same algorithm is 'largest_cluster')")
+    sklearn_cluster = pytest.importorskip("sklearn.cluster")
+    U = p.X.double() - p.beta.double()
+    U = (U / U.norm(dim=1, keepdim=True)).float().numpy()
+    strategy = impl.split()[1]
+    fit = lambda: sklearn_cluster.BisectingKMeans(K, random_state=0, bisecting_strategy=strategy).fit(U).labels_  # noqa: E731
+    bench(fit, impl=f"sklearn BisectingKMeans {strategy}", label=impl, role="baseline", check=p.check(None),
+          rounds=3 if device == "cpu" else 1, **common)

@@ -1,94 +1,115 @@
-"""End-to-end pipeline timing: the fast op backends vs the pipeline's pure-``torch`` path.
+"""The pipeline end to end: the default (fastest) op backends against the pipeline on the pure-``torch`` ops.
 
-Same model, data, config and seed for both; each stage's time comes from the run's metrics.json.
-cuda: torchvision ResNet-50 at 224×224, random weights (randomised BN statistics), 512 synthetic
-images, all 16 blocks (K = C, 4 PFVs per image so K ≤ N at layer4; no iERF maps stored), a few
-explained images. cpu (quick): the demo-shaped network at 28×28 on a handful of images, the last
-four blocks (the torch Lasso dominates: keep the explained images few).
+Same model, data, configuration and seed for both routes; one timed run each (a run is seconds to
+minutes), from an empty output folder (a run resumes from what it finds). Each stage's time comes
+from the run's own ``metrics.json`` (``timings_s``) and is kept in ``extra_info["stages_s"]``; the results
+file gets one ``pipeline/<stage>`` row per stage beside the whole run's row.
+
+Checks: a finished run (``metrics.json``), finite per-layer rel-L2 and l0 ratio, and the default route's
+rel-L2 and l0 ratio within 5% (relative) of the torch route's on every layer (the backends solve the
+same problems; k-means splits may differ by rounding).
+
+Sizes: cuda (full): torchvision ResNet-50 at 224×224, random weights (randomised BN statistics), 512
+synthetic images, all 16 blocks (K = C, 4 PFVs per image so K ≤ N at layer4; no iERF maps stored), 32
+explained images. CPU: the demo-shaped network at 28×28 on 48 images, the last block (smoke, quick) or
+the last four (full), 1, 2 or 4 explained images (the torch Lasso dominates the torch route).
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
+import math
+import shutil
 import tempfile
-import time
 from pathlib import Path
 
+import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-if list(Path(__file__).resolve().parents[1].glob("gig_fast/_C*.so")):  # an in-place build: use the checkout
-    sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
-from harness import record  # noqa: E402
-
-from gig_fast.models import DemoResNet  # noqa: E402
-from gig_fast.pipeline import Pipeline, PipelineConfig  # noqa: E402
+from gig_fast.models import DemoResNet, get_adapter
+from gig_fast.pipeline import Pipeline, PipelineConfig
+from gig_fast.srd import explain
+from gig_fast.testing import randomize_bn
 
 
-def _randomise_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.2, generator=g)
-            m.running_var.uniform_(0.5, 2.0, generator=g)
-            m.weight.data.normal_(1.0, 0.2, generator=g)
-            m.bias.data.normal_(0.0, 0.2, generator=g)
-    return model.eval()
-
-
-def build_problem(device: str, quick: bool):
-    """(model, dataset, config kwargs) for the benchmark."""
+def build_problem(size: str, device: str):
+    """(model, dataset, config keyword arguments)."""
     torch.manual_seed(0)
-    if device == "cuda" and not quick:
+    g = torch.Generator().manual_seed(0)
+    if device.startswith("cuda") and size == "full":
         import torchvision
-        model = _randomise_bn(torchvision.models.resnet50(weights=None, num_classes=10))
-        n, size, ch = 512, 224, 3
+        model = randomize_bn(torchvision.models.resnet50(weights=None, num_classes=10), g).eval()
+        n, px, ch = 512, 224, 3
         cfg = dict(concept_images=512, pfvs_per_image=4, k_factor=1.0, explain_images=32, per_class=3,
                    gig_steps=16, batch_size=64, gig_batch_size=512, chunk_images=512, store_ierf=False)
     else:
-        model = _randomise_bn(DemoResNet(base=2))
-        n, size, ch = 48, 28, 1
-        cfg = dict(concept_images=48, pfvs_per_image=2, k_factor=1.0, explain_images=4, per_class=0,
-                   gig_steps=4, batch_size=24, chunk_images=48, store_ierf=False,
-                   layers=["layer3.5", "layer4.0", "layer4.1", "layer4.2"])
-    g = torch.Generator().manual_seed(1)
-    data = torch.utils.data.TensorDataset(torch.randn(n, ch, size, size, generator=g), torch.arange(n) % 10)
-    return model, data, cfg
+        model = randomize_bn(DemoResNet(base=2), g).eval()
+        n, px, ch = 48, 28, 1
+        # the torch route's Lasso dominates (~30 s of a loaded quick run at two layers): one layer below full
+        layers = ["layer4.2"] if size in ("smoke", "quick") else ["layer3.5", "layer4.0", "layer4.1", "layer4.2"]
+        explained = {"smoke": 1, "quick": 2}.get(size, 4)
+        cfg = dict(concept_images=n, pfvs_per_image=2, k_factor=1.0, explain_images=explained, per_class=0,
+                   gig_steps=4, batch_size=24, chunk_images=n, store_ierf=False, layers=layers)
+    data = torch.utils.data.TensorDataset(torch.randn(n, ch, px, px, generator=g), torch.arange(n) % 10)
+    return model.to(device), data, cfg
 
 
-def run(device: str = "cpu", quick: bool = True) -> None:
-    model, data, kw = build_problem(device, quick)
-    # warm-up (first-call costs of the model's convolutions) so neither timed run pays it
-    from gig_fast.models import get_adapter
-    from gig_fast.srd import explain
-    explain(get_adapter(model.to(device)), data.tensors[0][:2].to(device))
-    rows = {}
-    for impl in ("torch", None):
-        with tempfile.TemporaryDirectory() as out:
-            cfg = PipelineConfig(model="bench", dataset="synthetic", device=device, backend=impl, out=out,
-                                 progress=False, kmeans_mode="fast", **kw)
-            t0 = time.perf_counter()
-            Pipeline(cfg, model=model, dataset=data).run()
-            total = time.perf_counter() - t0
-            metrics = json.loads((Path(out) / "metrics.json").read_text())
-        name = impl or "default (fastest)"
-        rows[name] = {**metrics["timings_s"], "total": total}
-    base = rows["torch"]
-    shape = {"images": len(data), "hw": list(data.tensors[0].shape[-2:]), "concept_images": kw["concept_images"],
-             "explain_images": kw["explain_images"], "steps": kw["gig_steps"]}
-    for stage in base:
-        for name, r in rows.items():
-            ms = r[stage] * 1e3
-            record(f"pipeline/{stage}", name, device, shape, {"ms": ms, "ms_p20": ms, "ms_p80": ms},
-                   baseline="torch", baseline_ms=base[stage] * 1e3)
-        print(f"{stage:22s} torch {base[stage]:8.2f} s   fast {rows['default (fastest)'][stage]:8.2f} s   "
-              f"ratio {base[stage] / max(rows['default (fastest)'][stage], 1e-9):5.2f}×")
+class Problem:
+    def __init__(self, size: str, device: str):
+        self.model, self.data, self.kw = build_problem(size, device)
+        self.device = device
+        # first-call costs of the model's convolutions, so neither timed run pays them
+        explain(get_adapter(self.model), self.data.tensors[0][:2].to(device))
+        self.metrics: dict[str, dict] = {}
+        self.shape = {"images": len(self.data), "hw": list(self.data.tensors[0].shape[-2:]),
+                      "concept_images": self.kw["concept_images"], "explain_images": self.kw["explain_images"],
+                      "steps": self.kw["gig_steps"], "layers": len(self.kw.get("layers") or []) or 16}
+
+    def run(self, backend: str | None) -> dict:
+        """One run from an empty folder; returns its metrics.json."""
+        out = tempfile.mkdtemp(prefix="gig_bench_pipeline_")
+        try:
+            cfg = PipelineConfig(model="bench", dataset="synthetic", device=self.device, backend=backend, out=out,
+                                 progress=False, kmeans_mode="fast", **self.kw)
+            Pipeline(cfg, model=self.model, dataset=self.data).run()
+            return json.loads((Path(out) / "metrics.json").read_text())
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+
+    def reference(self) -> dict:
+        """The torch route's metrics: from its benchmark when it ran first, else from a run of its own."""
+        if "torch" not in self.metrics:
+            self.metrics["torch"] = self.run("torch")
+        return self.metrics["torch"]
+
+    def check(self, name: str):
+        def check(metrics):
+            for layer, m in metrics["layers"].items():
+                assert math.isfinite(m["rel_l2"]) and 0 <= m["l0_ratio"] <= 1, f"{name}: {layer} {m}"
+            self.metrics.setdefault(name, metrics)
+            figures = {"completeness_max_rel": metrics.get("completeness_max_rel"),
+                       "rel_l2": {k: v["rel_l2"] for k, v in metrics["layers"].items()}}
+            if name != "torch":
+                ref = self.reference()["layers"]
+                for layer, m in metrics["layers"].items():
+                    for key in ("rel_l2", "l0_ratio"):
+                        rel = abs(m[key] - ref[layer][key]) / max(abs(ref[layer][key]), 1e-12)
+                        assert rel <= 0.05, f"{name}: {layer} {key} {m[key]:.4f} vs torch's {ref[layer][key]:.4f}"
+            return figures
+        return check
 
 
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--quick", action="store_true")
-    a = ap.parse_args()
-    run(a.device, a.quick)
+@pytest.fixture(scope="module")
+def problem(device, gig_size):
+    return Problem(gig_size, device)
+
+
+ROUTES = [("torch", "torch", "baseline"), ("default (fastest)", None, "ours")]
+
+
+@pytest.mark.parametrize("impl,backend,role", ROUTES, ids=["torch", "default"])
+def bench_pipeline(bench, problem, impl, backend, role):
+    p = problem
+    case = " ".join(f"{k}={v}" for k, v in p.shape.items())
+    metrics = bench(lambda: p.run(backend), op="pipeline", impl=impl, role=role, case=case, shape=p.shape,
+                    check=p.check("torch" if backend == "torch" else impl), once=True)
+    bench.benchmark.extra_info["stages_s"] = metrics["timings_s"]

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # One device call on a lent GPU: build the CUDA extension there, check every backend against the
-# reference (the GPU rows of the test suite), time every op against its baselines, and write the
-# results file, the logs and a Markdown table to $OUT (first argument, default $OUT).
+# reference (the GPU rows of the test suite), run the benchmark suite (pytest-benchmark, full size:
+# every route checked against its reference, then timed) topic by topic, and write the results file,
+# pytest-benchmark's JSON per topic, the logs and a Markdown table to $OUT (first argument).
+# Rows are recorded only when the GPU tests passed within their budget; otherwise the suite still
+# runs (its log and JSON are kept for diagnosis) and the script exits non-zero.
 #
 #   bash benchmarks/gpu_campaign.sh "$OUT" [topic ...]        # topics: bench_<topic>.py, default all
 #
@@ -35,14 +38,22 @@ python3 -c "import gig_fast; print(gig_fast.ops.available_backends(), gig_fast._
 
 stamp "GPU correctness: the test suite's cuda rows (at most ${GIG_FAST_TEST_BUDGET:-150} s)"
 timeout "${GIG_FAST_TEST_BUDGET:-150}" python3 -m pytest tests -q -p no:cacheprovider -k "cuda" > "$OUT/tests_gpu.log" 2>&1
+tests_status=$?
 grep -a -E "passed|failed|FAILED|Error" "$OUT/tests_gpu.log" | tail -15
+record=()
+if [ "$tests_status" -ne 0 ]; then
+  stamp "GPU tests did not pass (status $tests_status): the benchmarks run for the log, NO rows are recorded"
+  record=(--no-record)
+fi
 
-# Each topic gets a time box, so that one slow script cannot eat the whole lease; rows are appended
-# to the results file as they are measured.
+# Each topic gets a time box, so that one slow module cannot eat the whole lease: at its end pytest gets
+# SIGINT and still writes the JSON of the benchmarks it finished (their rows are recorded).
 [ ${#TOPICS[@]} -gt 0 ] || TOPICS=(sparse_reconstruct gig kmeans sparse_code pipeline)
 for topic in "${TOPICS[@]}"; do
   stamp "benchmark $topic"
-  timeout "${GIG_FAST_BENCH_BUDGET:-90}" python3 benchmarks/run.py --device cuda --only "$topic" 2>&1 | tee -a "$OUT/bench.log"
+  timeout -s INT -k 30 "${GIG_FAST_BENCH_BUDGET:-90}" python3 benchmarks/run.py "$topic" --gig-device cuda \
+    --results "$OUT/results.jsonl" --json "$OUT/bench_$topic.json" "${record[@]}" 2>&1 | tee -a "$OUT/bench.log"
 done
-GIG_FAST_RESULTS="$OUT/results.jsonl" python3 benchmarks/run.py --table > "$OUT/table.md"
+[ -f "$OUT/results.jsonl" ] && python3 benchmarks/results.py render --results "$OUT/results.jsonl" --out "$OUT/table.md"
 stamp "done"
+exit "$tests_status"

@@ -1,124 +1,215 @@
-"""Shared benchmark harness: time callables side by side, record rows, render tables.
+"""The bound model and the row format of the benchmark suite (timing is pytest-benchmark's).
 
-Every benchmark script (``benchmarks/bench_<op>.py``) defines ``run(device: str, quick: bool)`` which
-builds inputs with :mod:`gig_fast.testing`, times every backend of its op together with the reference
-and the outside baselines *on the same inputs in the same process*, and calls :func:`record` for each.
-:func:`record` appends a JSON line to ``benchmarks/results.jsonl`` (or ``$GIG_FAST_RESULTS``) with the
-device name, versions and commit, so figures from a lent GPU survive the machine.
+* Bound model: the ceilings a time is measured against (:data:`PEAKS`: HBM bandwidth and GEMM rates of
+  the GPUs we were lent; the memory-copy bandwidth measured in the same run by ``bench_ceilings.py``
+  where the suite ran it), and :func:`derive`, which turns each benchmark's median into GB/s, TFLOP/s,
+  % of its bound and its speed-up against the fastest baseline of its group.
+* Row format: one JSON line per measurement in ``benchmarks/results.jsonl`` (device, versions, commit,
+  shape, ms, GB/s, % of the bound, speed-up, the correctness figures of the check), built from
+  pytest-benchmark's JSON by :func:`row_from_benchmark`, rendered by :func:`render_table`.
 
-Timing: ``triton.testing.do_bench`` (median, 20th/80th percentiles) on CUDA; on the CPU
-``torch.utils.benchmark.Timer.blocked_autorange`` (median and IQR over many runs).
+Roles (``extra_info["role"]``) in a group: ``ours`` (a gig_fast route), ``baseline`` (what a user would
+otherwise run; the speed-up is against the fastest of them), ``floor`` (a lower bound of the same work,
+e.g. the bare bf16 GEMM of an assignment or the bare kernel of a public op: ours is reported as a
+multiple of it) and ``ceiling`` (a machine figure: the memory copy).
 """
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
 import platform
+import re
+import statistics
 import subprocess
-from typing import Callable
+from collections import defaultdict
 
 import torch
 
-RESULTS = os.environ.get("GIG_FAST_RESULTS", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.jsonl"))
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.environ.get("GIG_FAST_RESULTS", os.path.join(HERE, "results.jsonl"))
 
-# Peak figures used for "% of roofline" (H200 measured in shared/device/baselines-h200.json;
-# H100 SXM datasheet). Unknown devices report no roofline share.
+# Ceilings for "% of the bound" where the run measured none itself (H200: measured, see
+# shared/device/baselines-h200.json; H100 SXM: datasheet). FLOP rates are dense GEMM peaks.
 PEAKS = {
-    "NVIDIA H200": {"bytes_per_s": 4.06e12, "bf16_flops": 780e12, "tf32_flops": 431e12, "fp32_flops": 51e12},
-    "NVIDIA H100 80GB HBM3": {"bytes_per_s": 3.0e12, "bf16_flops": 700e12, "tf32_flops": 380e12, "fp32_flops": 50e12},
+    "NVIDIA H200": {"bytes_per_s": 4.06e12, "bfloat16_flops": 780e12, "tf32_flops": 431e12, "float32_flops": 51e12},
+    "NVIDIA H100 80GB HBM3": {"bytes_per_s": 3.0e12, "bfloat16_flops": 700e12, "tf32_flops": 380e12,
+                              "float32_flops": 50e12},
 }
+# Paths whose changes do not make a measurement come from "another" tree (the records themselves).
+RECORD_PATHS = ("benchmarks/results.jsonl", "benchmarks/RESULTS.md", "benchmarks/saved")
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def device_name(device: str) -> str:
+    """The name rows carry: the GPU's, or ``CPU <arch> x<threads> threads`` (the results file's form)."""
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name()
     return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
-def _commit() -> str:
+def machine_kind(device: str) -> str:
+    """A file-name slug of the machine kind, the folder of its saved reference runs
+    (``nvidia-h200``, ``cpu-amd-epyc-x2``): runs compare only against runs of the same kind."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+    else:
+        name = f"cpu {_cpu_model()} x{torch.get_num_threads()}"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _git(*args: str) -> str:
     try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
-                              text=True, timeout=5).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
+        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def commit() -> dict:
+    """``{"commit": short hash or "unknown", "dirty": bool}``; dirty = tracked files other than the
+    records differ from that commit (rows of a dirty tree are kept but never rendered)."""
+    sha = _git("rev-parse", "--short", "HEAD") or "unknown"
+    changes = _git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                   *(f":(exclude){p}" for p in RECORD_PATHS)) if sha != "unknown" else ""
+    return {"commit": sha, "dirty": bool(changes)}
 
 
 def versions() -> dict:
-    out = {"torch": torch.__version__, "python": platform.python_version(), "commit": _commit()}
+    out = {"torch": torch.__version__, "python": platform.python_version()}
     try:
         import triton
         out["triton"] = triton.__version__
-    except Exception:
+    except ImportError:
         pass
     return out
 
 
-def time_ms(fn: Callable[[], object], device: str, *, warmup: int = 3, min_run_time: float = 0.5) -> dict:
-    """Median (and 20th/80th percentile) milliseconds of ``fn()``."""
-    if device.startswith("cuda"):
-        import triton.testing
-        med, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=100)
-        return {"ms": med, "ms_p20": p20, "ms_p80": p80}
-    import torch.utils.benchmark as tb
-    for _ in range(warmup):
-        fn()
-    m = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
-        min_run_time=min_run_time)
-    return {"ms": m.median * 1e3, "ms_p20": m._p25 * 1e3 if hasattr(m, "_p25") else m.median * 1e3,
-            "ms_p80": m._p75 * 1e3 if hasattr(m, "_p75") else m.median * 1e3}
+# ---------------------------------------------------------------------------------------------------
+# Derived figures
 
 
-def record(op: str, impl: str, device: str, shape: dict, timing: dict, *, bytes_moved: float | None = None,
-           flops: float | None = None, baseline: str | None = None, baseline_ms: float | None = None,
-           extra: dict | None = None) -> dict:
-    """Append one result row and return it.
+def _label(info: dict) -> str:
+    return info.get("label") or info.get("impl", "?")
 
-    Args:
-        op: op or pipeline stage ("sparse_reconstruct", ...).
-        impl: what was timed ("cuda", "triton", "cpp", "torch", "dense U@V", "captum", ...).
-        device: "cpu" or "cuda".
-        shape: the problem size (P, K, C, s, ...).
-        timing: from :func:`time_ms`.
-        bytes_moved / flops: minimal traffic / work, for GB/s, TFLOP/s and % of roofline.
-        baseline, baseline_ms: the reference timed in the same run; the row carries ``speedup``.
+
+def derive(entries: list[dict]) -> None:
+    """Fill each entry's ``extra_info`` with the figures its median implies, in place.
+
+    ``entries``: pytest-benchmark's benchmark dicts (``group``, ``extra_info``, ``stats`` with ``median``
+    and ``min`` in seconds). Adds ``ms``; ``GB_per_s`` and ``pct_bound`` (against the memory copy of the
+    same run, else :data:`PEAKS`) where ``bytes_moved`` is known; ``TFLOP_per_s`` and ``pct_peak_flops``
+    where ``flops`` is; for ``ours``: ``speedup`` (median against the fastest ``baseline`` of the group,
+    named in ``baseline``), ``speedup_min`` (the same on the fastest rounds), ``speedup_vs`` (every
+    baseline) and ``x_floor`` (ours / each ``floor``).
     """
-    name = device_name(device)
-    row = {"time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "op": op, "impl": impl,
-           "device": name, **versions(), "shape": shape, **timing}
-    sec = timing["ms"] / 1e3
-    peaks = PEAKS.get(name, {})
-    if bytes_moved:
-        row["GB_per_s"] = bytes_moved / sec / 1e9
-        if "bytes_per_s" in peaks:
-            row["pct_hbm_roofline"] = 100 * bytes_moved / sec / peaks["bytes_per_s"]
-    if flops:
-        row["TFLOP_per_s"] = flops / sec / 1e12
-    if baseline is not None and baseline_ms:
-        row["baseline"] = baseline
-        row["speedup"] = baseline_ms / timing["ms"]
-    if extra:
-        row.update(extra)
-    os.makedirs(os.path.dirname(RESULTS) or ".", exist_ok=True)
-    with open(RESULTS, "a") as f:
-        f.write(json.dumps(row) + "\n")
-    print(format_row(row), flush=True)
+    copy_bps = {}
+    for e in entries:
+        info = e.get("extra_info") or {}
+        if info.get("role") == "ceiling" and info.get("bytes_moved") and e["stats"]["min"] > 0:
+            copy_bps[info.get("device")] = max(copy_bps.get(info.get("device"), 0.0),
+                                               info["bytes_moved"] / e["stats"]["min"])
+    groups = defaultdict(list)
+    for e in entries:
+        info = e.get("extra_info")
+        if not info or "op" not in info or not e.get("stats") or e["stats"].get("median") is None:
+            continue
+        groups[e.get("group")].append(e)
+        med = e["stats"]["median"]
+        info["ms"] = med * 1e3
+        peaks = PEAKS.get(info.get("device"), {})
+        if info.get("bytes_moved") and med > 0:
+            info["GB_per_s"] = info["bytes_moved"] / med / 1e9
+            bps, source = copy_bps.get(info.get("device")), "memory copy of this run"
+            if bps is None and "bytes_per_s" in peaks:
+                bps, source = peaks["bytes_per_s"], "peak bandwidth (harness.PEAKS)"
+            if bps and info.get("role") != "ceiling":
+                info["pct_bound"] = 100 * info["bytes_moved"] / med / bps
+                info["bound"] = source
+        if info.get("flops") and med > 0:
+            info["TFLOP_per_s"] = info["flops"] / med / 1e12
+            peak = peaks.get(f"{info.get('flops_dtype', 'float32')}_flops")
+            if peak:
+                info["pct_peak_flops"] = 100 * info["flops"] / med / peak
+    for members in groups.values():
+        baselines = [e for e in members if e["extra_info"].get("role") == "baseline"]
+        floors = [e for e in members if e["extra_info"].get("role") == "floor"]
+        for e in members:
+            info = e["extra_info"]
+            if info.get("role") != "ours":
+                continue
+            med, best = e["stats"]["median"], e["stats"]["min"]
+            if baselines:
+                fastest = min(baselines, key=lambda b: b["stats"]["median"])
+                info["baseline"] = _label(fastest["extra_info"])
+                info["speedup"] = fastest["stats"]["median"] / med
+                info["speedup_min"] = min(b["stats"]["min"] for b in baselines) / best
+                info["speedup_vs"] = {_label(b["extra_info"]): b["stats"]["median"] / med for b in baselines}
+            if floors:
+                info["x_floor"] = {_label(f["extra_info"]): med / f["stats"]["median"] for f in floors}
+            stages, base_stages = info.get("stages_s"), (fastest["extra_info"].get("stages_s")
+                                                          if baselines else None)
+            if stages and base_stages:
+                info["stage_speedup"] = {k: base_stages[k] / v for k, v in stages.items() if k in base_stages and v}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rows
+
+_COPIED = ("baseline", "speedup", "speedup_min", "speedup_vs", "x_floor", "GB_per_s", "pct_bound", "bound",
+           "TFLOP_per_s", "pct_peak_flops")
+_META = {"op", "impl", "label", "role", "device", "device_kind", "shape", "case", "commit", "dirty", "torch",
+         "python", "triton", "threads", "bytes_moved", "flops", "flops_dtype", "ms", "stages_s",
+         "stage_speedup", *_COPIED}
+
+
+def row_from_benchmark(bench: dict, when: str) -> dict:
+    """One results-file row from one benchmark of pytest-benchmark's JSON (after :func:`derive`).
+
+    ``ms`` is the median over the rounds; ``ms_p20``/``ms_p80`` are the 20th/80th percentiles of the
+    per-round times (only when the JSON carries them: ``--benchmark-json`` does), ``ms_min`` the fastest
+    round, ``rounds`` how many there were. The check's figures (``max_abs_err``, ``agreement``, ...)
+    travel as they are.
+    """
+    info, st = bench["extra_info"], bench["stats"]
+    row = {"time": when, "op": info["op"], "impl": info["impl"], "device": info["device"]}
+    for key in ("torch", "python", "triton", "commit", "dirty", "threads"):
+        if key in info:
+            row[key] = info[key]
+    row["shape"] = info.get("shape", {})
+    row.update(ms=st["median"] * 1e3, ms_min=st["min"] * 1e3, rounds=st["rounds"])
+    data = st.get("data") or []
+    if len(data) >= 2:
+        q = statistics.quantiles(data, n=5, method="inclusive")
+        row.update(ms_p20=q[0] * 1e3, ms_p80=q[3] * 1e3)
+    for key in _COPIED:
+        if key in info:
+            row[key] = info[key]
+    row.update({k: v for k, v in info.items() if k not in _META})
     return row
 
 
-def format_row(row: dict) -> str:
-    parts = [f"{row['op']:<20}", f"{row['impl']:<22}", f"{row['ms']:10.4f} ms"]
-    if "GB_per_s" in row:
-        parts.append(f"{row['GB_per_s']:8.1f} GB/s")
-    if "pct_hbm_roofline" in row:
-        parts.append(f"{row['pct_hbm_roofline']:5.1f}% HBM")
-    if "TFLOP_per_s" in row:
-        parts.append(f"{row['TFLOP_per_s']:7.2f} TFLOP/s")
-    if "speedup" in row:
-        parts.append(f"{row['speedup']:7.2f}x vs {row['baseline']}")
-    shape = ",".join(f"{k}={v}" for k, v in row["shape"].items())
-    return "  ".join(parts) + f"  [{shape}]"
+def stage_rows(bench: dict, when: str) -> list[dict]:
+    """Rows ``pipeline/<stage>`` from a pipeline run's own stage timings (``extra_info["stages_s"]``,
+    read from its ``metrics.json``: one run each, so no percentiles)."""
+    info = bench["extra_info"]
+    out = []
+    for stage, seconds in (info.get("stages_s") or {}).items():
+        row = {"time": when, "op": f"pipeline/{stage}", "impl": info["impl"], "device": info["device"]}
+        row.update({k: info[k] for k in ("torch", "python", "triton", "commit", "dirty", "threads") if k in info})
+        row.update(shape=info.get("shape", {}), ms=seconds * 1e3, rounds=1)
+        if stage in (info.get("stage_speedup") or {}):
+            row.update(baseline=info.get("baseline"), speedup=info["stage_speedup"][stage])
+        out.append(row)
+    return out
 
 
 def load_rows(path: str = RESULTS) -> list[dict]:
@@ -128,14 +219,45 @@ def load_rows(path: str = RESULTS) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def renderable(row: dict) -> bool:
+    """Rows measured on a committed tree: a hex commit, not marked dirty or excluded."""
+    return bool(re.fullmatch(r"[0-9a-f]{7,40}", str(row.get("commit", "")))) and not row.get("dirty") \
+        and not row.get("not_rendered")
+
+
+def format_row(row: dict) -> str:
+    parts = [f"{row['op']:<20}", f"{row['impl']:<22}", f"{row['ms']:10.4f} ms"]
+    if "GB_per_s" in row:
+        parts.append(f"{row['GB_per_s']:8.1f} GB/s")
+    pct = row.get("pct_bound", row.get("pct_hbm_roofline"))
+    if pct is not None:
+        parts.append(f"{pct:5.1f}% bound")
+    if "TFLOP_per_s" in row:
+        parts.append(f"{row['TFLOP_per_s']:7.2f} TFLOP/s")
+    if "speedup" in row:
+        parts.append(f"{row['speedup']:7.2f}x vs {row['baseline']}")
+    shape = ",".join(f"{k}={v}" for k, v in row["shape"].items())
+    return "  ".join(parts) + f"  [{shape}]"
+
+
 def render_table(rows: list[dict]) -> str:
-    """A Markdown table of the rows (latest first per device/op/impl/shape)."""
-    lines = ["| device | op | impl | shape | ms | GB/s | % HBM | TFLOP/s | speedup | vs | commit |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    """A Markdown table of the renderable rows, in file order.
+
+    ``ms`` is the median; ``p20–p80`` the spread of the rounds where the row has it (rows of one run,
+    ``rounds`` = 1, have none); ``% bound`` is against the row's bound (``pct_bound``: the memory copy of
+    its run or the peak bandwidth; older GPU rows: ``pct_hbm_roofline``).
+    """
+    lines = ["| device | op | impl | shape | ms | p20–p80 | GB/s | % bound | TFLOP/s | speedup | vs | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if not renderable(r):
+            continue
         shape = " ".join(f"{k}={v}" for k, v in r["shape"].items())
-        fmt = lambda key, spec: format(r[key], spec) if key in r else ""  # noqa: E731
-        lines.append(f"| {r['device']} | {r['op']} | {r['impl']} | {shape} | {r['ms']:.4f} | {fmt('GB_per_s', '.1f')} | "
-                     f"{fmt('pct_hbm_roofline', '.1f')} | {fmt('TFLOP_per_s', '.2f')} | {fmt('speedup', '.2f')} | "
-                     f"{r.get('baseline', '')} | {r.get('commit', '')} |")
+        fmt = lambda key, spec: format(r[key], spec) if r.get(key) is not None else ""  # noqa: E731
+        spread = f"{r['ms_p20']:.4g}–{r['ms_p80']:.4g}" if "ms_p20" in r and "ms_p80" in r else ""
+        pct = r.get("pct_bound", r.get("pct_hbm_roofline"))
+        lines.append(f"| {r['device']} | {r['op']} | {r['impl']} | {shape} | {r['ms']:.4f} | {spread} | "
+                     f"{fmt('GB_per_s', '.1f')} | {'' if pct is None else format(pct, '.1f')} | "
+                     f"{fmt('TFLOP_per_s', '.2f')} | {fmt('speedup', '.2f')} | {r.get('baseline', '')} | "
+                     f"{r.get('commit', '')} |")
     return "\n".join(lines)

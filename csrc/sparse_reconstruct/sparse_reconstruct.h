@@ -9,7 +9,8 @@
 //   grad_V[k]      = sum_{(p,j): idx[p,j] = k} val[p, j] * grad_out[p]
 // grad_V is a segment sum over the entries sorted by concept, in a fixed order: no float atomics, so
 // two runs give bit-identical results. Inputs are validated in Python (gig_fast.ops); the host code
-// here only re-checks what would otherwise crash.
+// here only re-checks what would otherwise crash, except the CPU forward, which checks the index range
+// itself (a ValueError), in its own pass over idx.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <tuple>

@@ -131,13 +131,21 @@ def sparse_reconstruct(idx: torch.Tensor, val: torch.Tensor, V: torch.Tensor,
     lead = idx.shape[:-1]
     idx2 = v.flatten_leading(idx, 1) if idx.dim() > 1 else idx.reshape(1, -1)
     val2 = v.flatten_leading(val, 1) if val.dim() > 1 else val.reshape(1, -1)
-    v.check_codes(idx2, val2, V.shape[0], V.device)
+    name = resolve("sparse_reconstruct", IMPLEMENTED, PREFERENCE, V.device, backend)
+    if name == "cpp":
+        # the C++ forward checks the index range in its own pass over idx (a ValueError naming the index):
+        # the min/max scan of check_codes cost more than the forward on a loaded 2-core CPU
+        v.check_tensor("idx", idx2, 2, (torch.int64,), V.device)
+        v.check_tensor("val", val2, 2, v.FLOAT_DTYPES, V.device)
+        if idx2.shape != val2.shape:
+            raise ValueError(f"idx {tuple(idx2.shape)} and val {tuple(val2.shape)} must have the same shape [P, s]")
+    else:
+        v.check_codes(idx2, val2, V.shape[0], V.device)
     if bias is not None:
         v.check_tensor("bias", bias, 1, None, V.device)
         if bias.shape[0] != V.shape[1]:
             raise ValueError(f"bias has {bias.shape[0]} entries but V has C={V.shape[1]} channels")
     v.check_same_dtype(V=V, val=val2, bias=bias)
-    name = resolve("sparse_reconstruct", IMPLEMENTED, PREFERENCE, V.device, backend)
     out = _sparse_reconstruct_op(idx2.contiguous(), val2.contiguous(), V.contiguous(),
                                  None if bias is None else bias.contiguous(), name)
     return out.reshape(tuple(lead) + (V.shape[1],))
