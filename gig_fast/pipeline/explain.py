@@ -37,7 +37,7 @@ def explain_image(run_dir: str | Path, image: torch.Tensor, *, target: int | Non
     cfg = PipelineConfig(**{k: v for k, v in load_json(work / "config.json")["config"].items()})
     dev = torch.device(device or cfg.device)
     model = model if model is not None else load_model(cfg.model, cfg.weights)
-    adapter = get_adapter(model)
+    adapter = get_adapter(model, class_token=cfg.class_token)
     model.to(dev)
     points = adapter.check_points(cfg.layers)
     top = top or cfg.top_concepts

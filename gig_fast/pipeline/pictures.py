@@ -19,6 +19,7 @@ import torch
 
 from ..explorer.pictures import (IMAGE_PX, display_rgb, fit, graph_concepts, heat_map_png, ierf_crop,
                                  pick_images, png_data_uri)
+from ..models.transformer import position_grid
 from .stages import load_concepts
 
 __all__ = ["collect_pictures"]
@@ -119,7 +120,8 @@ def _concept_pictures(pipe, need: dict[str, set[int]], crops: int, max_px: int):
 def _heat_maps(pipe, graph: dict, image_ids: list[int]) -> dict[str, dict]:
     """Per chosen explained image: its picture and, per layer, heat-maps of the concepts of its own
     graph and of its class's graph (the concepts a card can show while that image is selected)."""
-    spatial = {lay["name"]: lay.get("spatial") for lay in graph["layers"]}
+    spatial = {lay["name"]: position_grid(pipe.adapter, lay["name"], lay["spatial"])
+               for lay in graph["layers"] if lay.get("spatial")}
     by_id = {g["id"]: g for g in graph["images"]}
     want = {i: graph_concepts({"class_graphs": {"c": graph["class_graphs"][str(by_id[i]["class"])]},
                                "pair_graphs": {}, "images": [by_id[i]]}, [i]) for i in image_ids}
@@ -140,12 +142,15 @@ def _heat_maps(pipe, graph: dict, image_ids: list[int]) -> dict[str, dict]:
 def _image_heat_maps(codes, row: int, concepts: dict[str, set[int]], spatial: dict) -> dict[str, str]:
     """``"layer|q"`` → heat-map of concept q in one explained image (row ``row`` of a stage-3 codes
     file): its code value at each position ``[P]`` (0 where q is not among the position's codes),
-    reshaped to the layer's ``[H, W]``. Concepts the image does not use are left out."""
+    reshaped to the layer's ``[H, W]``. ``spatial[layer]`` is ``(prefix, (H, W))``: a transformer's
+    prefix tokens (class token) lie on no patch and are left out of its token-grid map. Concepts the
+    image does not use are left out."""
     heat: dict[str, str] = {}
     for layer, qs in concepts.items():
         idx, val = codes[f"{layer}|idx"][row], codes[f"{layer}|val"][row]  # [P, s]
+        prefix, grid = spatial[layer]
         for q in sorted(qs):
-            uri = heat_map_png(np.where(idx == q, val, 0.0).sum(1).reshape(spatial[layer]))
+            uri = heat_map_png(np.where(idx == q, val, 0.0).sum(1)[prefix:].reshape(grid))
             if uri is not None:
                 heat[f"{layer}|{q}"] = uri
     return heat
