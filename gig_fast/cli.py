@@ -54,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--train-limit", type=int, default=None, help="train on the first N images only")
     tr.add_argument("--weights", default=None, help="where to write the weights (default: the cache)")
     tr.add_argument("--force", action="store_true", help="retrain even if cached")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bars")
     ex = sub.add_parser("explain", help="one image's concept graph on a finished run's concepts")
     ex.add_argument("--image", required=True, help="image file, or photo:NAME for a photo that ships offline (photo:chelsea)")
     ex.add_argument("--run", default=None, help="output folder of a finished run (default: --out or gig_demo)")
@@ -94,7 +95,7 @@ def _overrides(pairs) -> dict:
 def _train_defaults(arch: str = "resnet"):
     # sized for the 15-minute demo budget on two CPU cores (see README); the ViT: ≤ 3 minutes of training
     if arch == "vit":
-        return {"epochs": 2, "train_limit": None}
+        return {"epochs": 3, "train_limit": None}
     return {"epochs": 1, "train_limit": 20000}
 
 
@@ -118,7 +119,8 @@ def _demo_weights(arch: str, weights) -> Path:
 
 def cmd_train_demo(args) -> int:
     t0 = time.perf_counter()
-    _, info = _train(args.arch, _demo_weights(args.arch, args.weights), args.epochs, args.train_limit, args.force)
+    _, info = _train(args.arch, _demo_weights(args.arch, args.weights), args.epochs, args.train_limit, args.force,
+                     progress=not args.no_progress)
     print(json.dumps({**info, "wall_s": round(time.perf_counter() - t0, 1)}, indent=1))
     return 0
 

@@ -6,6 +6,7 @@ import zlib
 
 import numpy as np
 import pytest
+import timm  # noqa: F401  (a dependency: these tests fail, not skip, without it)
 import torch
 from torch import nn
 
@@ -15,8 +16,6 @@ from gig_fast.models.transformer import position_grid, row_to_tokens
 from gig_fast.ops import sparse_reconstruct
 from gig_fast.srd import explain, gradxinput_explain
 from gig_fast.testing import fitted_codes
-
-timm = pytest.importorskip("timm")
 
 
 @pytest.fixture
