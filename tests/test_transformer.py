@@ -256,6 +256,9 @@ def test_timm_and_torchvision_models_by_name_with_local_weights(tmp_path, seed):
     assert torch.equal(load_model("vit_b_16", tmp_path / "tv.pt", image_size=32)(x), tv(x))
     convnext = load_model("torchvision:convnext_tiny", num_classes=3)
     assert type(get_adapter(convnext)).__name__ == "FXAdapter"
+    from gig_fast.pipeline import PipelineConfig
+    assert PipelineConfig(model="timm:vit_small_patch16_224").preprocessing()["std"] == (0.5, 0.5, 0.5)  # timm's own
+    assert PipelineConfig(model="resnet50").preprocessing()["std"] == (0.229, 0.224, 0.225)  # ImageNet's
     with pytest.raises(ValueError, match="close names: vit_small_patch16_224"):
         load_model("timm:vit_smal_patch16_224")
     with pytest.raises(ValueError, match="unknown torchvision classifier 'vit_b_61'"):

@@ -37,8 +37,8 @@ def vit_run(tmp_path_factory):
     out = root / "run"
     with contextlib.redirect_stdout(io.StringIO()):
         assert main(["demo", "--arch", "vit", "--weights", str(weights), "--out", str(out), "--no-progress",
-                     "--set", "concept_images=40", "explain_images=10", "per_class=1", "k=6", "gig_steps=4", "top_concepts=2",
-                     "report_images=4"]) == 0
+                     "--set", "concept_images=40", "explain_images=10", "per_class=1", "k=6", "gig_steps=4",
+                     "top_concepts=2", "report_images=4"]) == 0
     return out, weights, info
 
 
@@ -69,6 +69,18 @@ def test_demo_vit_writes_graph_metrics_report(vit_run):
     assert set(metrics["completeness"]) == {"blocks.3->classes", "blocks.2->blocks.3", "blocks.1->blocks.2",
                                             "blocks.0->blocks.1"}
     assert (out / "report.html").stat().st_size > 10_000
+
+
+def test_explain_one_image_on_the_vit_run(vit_run):
+    from gig_fast.data import fashion_mnist
+    from gig_fast.pipeline.explain import explain_image
+
+    out, _, _ = vit_run
+    image = fashion_mnist("test")[7][0]
+    result = explain_image(out, image, target=3)
+    assert result["class"] == 3 and set(result["nodes"]) == set(VIT_LAYERS)
+    assert set(result["completeness_max_abs"]) == {"blocks.3->classes", "blocks.2->blocks.3", "blocks.1->blocks.2",
+                                                   "blocks.0->blocks.1"}
 
 
 def test_token_grid_ierfs_and_heat_maps(vit_run):

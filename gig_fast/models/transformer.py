@@ -205,8 +205,8 @@ class TransformerAdapter:
         self.prefix = family.prefix
         self.blocks = family.blocks
         self.points = list(self.blocks)
-        self.points = self.check_points(points)
-        self.classifier = "head"
+        if points is not None:
+            self.points = self.check_points(points)
         self._grid: tuple[int, int] | None = None
 
     # -- naming -------------------------------------------------------------------------------

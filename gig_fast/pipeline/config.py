@@ -28,8 +28,9 @@ class PipelineConfig:
     ``resnet50``/``vit_b_16``/``convnext_tiny``, ``torchvision:<name>`` or ``timm:<name>``: see
     :func:`gig_fast.models.load_model`), ``weights`` (a local ``.safetensors``/torch file, a torchvision
     weights name, or None), ``class_token`` (``keep`` | ``drop``: whether a transformer's class token is
-    sampled into the concept dataset; it stays on the GIG path either way), ``dataset`` (``fashion-mnist``, ``photos`` — the unlabelled photos that
-    ship offline, explained for their predicted class — or an image folder), ``split``,
+    sampled into the concept dataset; it stays on the GIG path either way), ``dataset``
+    (``fashion-mnist``, ``photos`` — the unlabelled photos that ship offline, explained for their
+    predicted class — or an image folder), ``split``,
     ``image_size``/``channels``/``mean``/``std`` for folders and photos (``mean``/``std`` None: the
     model's own preprocessing, else ImageNet's), ``class_names`` (optional).
     Stage 1: ``concept_images`` (images sampled for the PFV–iERF dataset), ``pfvs_per_image``,
@@ -121,7 +122,7 @@ class PipelineConfig:
 
     def preprocessing(self) -> dict:
         """``{image_size, channels, mean, std}`` for image files: the config's, with ``mean``/``std``
-        defaulting to the model's own normalisation (EfficientNet-Lite0) or ImageNet's."""
+        defaulting to the model's own normalisation (EfficientNet-Lite0, timm models) or ImageNet's."""
         from ..models.efficientnet import EFFICIENTNET_LITE0_PREPROCESS
         from ..models.loading import model_preprocessing
 
