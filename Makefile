@@ -4,7 +4,7 @@ PIP ?= $(PYTHON) -m pip
 # Serialise builds: several shells (or helpers) may build in this tree at once.
 LOCK = flock /tmp/gig_fast_build.lock
 
-.PHONY: setup deps-run deps install install-demo build build-cpu demo test test-fast bench bench-smoke bench-save bench-compare clean
+.PHONY: setup deps-run deps install install-demo build build-cpu demo demo-vit test test-fast bench bench-smoke bench-save bench-compare clean
 
 # What the demo needs: torch, Fashion-MNIST, the runtime and build requirements.
 deps-run:
@@ -41,6 +41,10 @@ build-cpu:
 
 demo: install-demo
 	gig-fast demo --out gig_demo
+
+# the same on the demo vision transformer (README: "Vision transformers and timm models")
+demo-vit: install-demo
+	gig-fast demo --arch vit --out gig_demo_vit
 
 test: setup
 	cd tests && $(PYTHON) -m pytest -q -p no:cacheprovider .

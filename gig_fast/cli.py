@@ -1,8 +1,8 @@
 """``gig-fast``: run the pipeline, the demo, train the demo network, or explain one image.
 
-    gig-fast demo [--out DIR]                      # train/load the demo net, full run on Fashion-MNIST
+    gig-fast demo [--arch vit] [--out DIR]         # train/load the demo net (ResNet or ViT), full run on Fashion-MNIST
     gig-fast run --config FILE [--out DIR] ...     # YAML/JSON config; flags override it
-    gig-fast train-demo [--epochs N] [--force]     # train and cache the demo network
+    gig-fast train-demo [--arch vit] [--epochs N] [--force]   # train and cache a demo network
     gig-fast explain --image FILE --run DIR        # one image's graph on a finished run's concepts
     gig-fast show --run DIR --classes A B          # shared concepts of two classes in a run's graph.json
     gig-fast report --run DIR [--html FILE]        # rewrite a finished run's interactive report.html
@@ -43,15 +43,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--layers", default=None, help="comma-separated analysed points (default: all)")
     run.add_argument("--seed", type=int, default=None)
     _common(run)
-    demo = sub.add_parser("demo", help="the README demo: demo net on Fashion-MNIST, all 16 blocks")
+    demo = sub.add_parser("demo", help="the README demo: demo net on Fashion-MNIST, every block")
+    demo.add_argument("--arch", choices=("resnet", "vit"), default="resnet",
+                      help="the demo ResNet (16 blocks, SRD) or the demo ViT (4 blocks, gradient × input)")
     demo.add_argument("--weights", default=None, help="demo weights file (default: the cache; trained if missing)")
     demo.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override demo options")
     _common(demo)
     tr = sub.add_parser("train-demo", help="train and cache the demo network on Fashion-MNIST")
+    tr.add_argument("--arch", choices=("resnet", "vit"), default="resnet", help="the demo ResNet or the demo ViT")
     tr.add_argument("--epochs", type=int, default=None)
     tr.add_argument("--train-limit", type=int, default=None, help="train on the first N images only")
     tr.add_argument("--weights", default=None, help="where to write the weights (default: the cache)")
     tr.add_argument("--force", action="store_true", help="retrain even if cached")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bars")
     ex = sub.add_parser("explain", help="one image's concept graph on a finished run's concepts")
     ex.add_argument("--image", required=True, help="image file, or photo:NAME for a photo that ships offline (photo:chelsea)")
     ex.add_argument("--run", default=None, help="output folder of a finished run (default: --out or gig_demo)")
@@ -94,18 +98,35 @@ def _overrides(pairs) -> dict:
     return out
 
 
-def _train_defaults():
-    # sized for the 15-minute demo budget on two CPU cores (see README)
+def _train_defaults(arch: str = "resnet"):
+    # sized for the 15-minute demo budget on two CPU cores (see README); the ViT: ≤ 3 minutes of training
+    if arch == "vit":
+        return {"epochs": 3, "train_limit": None}
     return {"epochs": 1, "train_limit": 20000}
 
 
-def cmd_train_demo(args) -> int:
-    from .models import train_demo
+def _train(arch: str, weights, epochs=None, train_limit=None, force=False, progress=True):
+    """Train (or load from the cache) the demo network of ``arch``: ``(model, info)``."""
+    from .models import train_demo, train_demo_vit
 
-    d = _train_defaults()
+    d = _train_defaults(arch)
+    train = train_demo_vit if arch == "vit" else train_demo
+    return train(weights, epochs=epochs or d["epochs"], force=force, progress=progress,
+                 train_limit=train_limit if train_limit is not None else d["train_limit"])
+
+
+def _demo_weights(arch: str, weights) -> Path:
+    from .models import default_demo_path, default_demo_vit_path
+
+    if weights:
+        return Path(weights)
+    return default_demo_vit_path() if arch == "vit" else default_demo_path()
+
+
+def cmd_train_demo(args) -> int:
     t0 = time.perf_counter()
-    _, info = train_demo(args.weights, epochs=args.epochs or d["epochs"], force=args.force,
-                         train_limit=args.train_limit if args.train_limit is not None else d["train_limit"])
+    _, info = _train(args.arch, _demo_weights(args.arch, args.weights), args.epochs, args.train_limit, args.force,
+                     progress=not args.no_progress)
     print(json.dumps({**info, "wall_s": round(time.perf_counter() - t0, 1)}, indent=1))
     return 0
 
@@ -153,21 +174,19 @@ def cmd_run(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .models import default_demo_path, train_demo
     from .pipeline import demo_config
 
     t0 = time.perf_counter()
-    weights = Path(args.weights) if args.weights else default_demo_path()
-    d = _train_defaults()
-    _, info = train_demo(weights, epochs=d["epochs"], train_limit=d["train_limit"], progress=not args.no_progress)
+    weights = _demo_weights(args.arch, args.weights)
+    _, info = _train(args.arch, weights, progress=not args.no_progress)
     t_train = time.perf_counter() - t0
-    print(f"demo network: test accuracy {info['test_accuracy']:.4f} ({t_train:.1f} s to train or load)")
+    print(f"demo network ({args.arch}): test accuracy {info['test_accuracy']:.4f} ({t_train:.1f} s to train or load)")
     over = _overrides(args.set)
     over.update({k: v for k, v in {"device": args.device, "backend": args.backend, "out": args.out}.items()
                  if v is not None})
     if args.no_progress:
         over["progress"] = False
-    cfg = demo_config(weights=str(weights), **over)
+    cfg = demo_config(args.arch, weights=str(weights), **over)
     out = _run_pipeline(cfg, "demo")
     _summary(out)
     _show(out, "Sneaker", "Ankle boot")
@@ -260,10 +279,8 @@ def cmd_validate(args) -> int:
     if args.no_progress:
         data["progress"] = False
     if args.demo:
-        from .models import default_demo_path, train_demo
-        d = _train_defaults()
-        weights = data.pop("weights", None) or str(default_demo_path())
-        train_demo(weights, epochs=d["epochs"], train_limit=d["train_limit"], progress=not args.no_progress)
+        weights = data.pop("weights", None) or str(_demo_weights("resnet", None))
+        _train("resnet", weights, progress=not args.no_progress)
         cfg = demo_config(weights=weights, **data)
     elif args.config is None:
         raise ValueError("validate needs --config FILE or --demo")

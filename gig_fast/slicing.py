@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 from torch import fx, nn
 
-__all__ = ["preact_points", "preactivation", "make_f_ab", "bn_shift"]
+__all__ = ["preact_points", "preactivation", "make_f_ab", "bn_shift", "bn_shift_or_none"]
 
 _LOGITS = "logits"
 _BLOCK_ADD = re.compile(r"^(?P<block>.+)\.add(?:_\d+)?$")
@@ -255,7 +255,20 @@ def bn_shift(model: nn.Module, point: str) -> torch.Tensor:
 
     Returns:
         ``[C_a]`` (detached, in the BN's dtype).
+
+    Raises:
+        ValueError: no BN, conv or linear module feeds the point (ConvNeXt's layer-scaled residual sums,
+        LayerNorm blocks): such points need a data-driven β (``FXAdapter.baseline``).
     """
+    shift = bn_shift_or_none(model, point)
+    if shift is None:
+        raise ValueError(f"cannot determine β for point {point!r} ({_resolve(model, point)}): no BatchNorm, conv "
+                         f"or linear module feeds it; pass β yourself (e.g. the mean PFV: FXAdapter.baseline)")
+    return shift
+
+
+def bn_shift_or_none(model: nn.Module, point: str) -> torch.Tensor | None:
+    """:func:`bn_shift`, or None where no BN, conv or linear module feeds the point."""
     node_name = _resolve(model, point)
     _, named = _graph_of(model, (node_name,))
     node = named[node_name]
@@ -271,7 +284,6 @@ def bn_shift(model: nn.Module, point: str) -> torch.Tensor:
         node = operands[0] if operands else node
     channels = _channels_of(model, node)
     if channels is None:
-        raise ValueError(f"cannot determine β for point {point!r} ({node_name}): no BatchNorm, conv or "
-                         f"linear module feeds it; pass β yourself (zeros of the channel count)")
+        return None
     param = next(model.parameters(), None)
     return torch.zeros(channels, dtype=param.dtype if param is not None else torch.float32)

@@ -295,6 +295,9 @@ def gradxinput_explain(adapter: ResNetAdapter, x: torch.Tensor, target=None, *, 
 
     Contribution of position ``i`` of a point: ``Σ_c v_ic · ∂z_target/∂v_ic``. iERF of the PFV
     ``v_p``: ``Σ_channels x · ∂⟨v_p, sg(v_p)⟩/‖sg(v_p)‖² / ∂x`` (one backward per point, batched).
+    Adapters of token models (:class:`~gig_fast.models.transformer.TransformerAdapter`) may keep leading
+    positions out of ``select`` (``unsampled_prefix``: a dropped class token) and turn the map into a
+    token-grid iERF (``ierf_map``: summed over each patch).
     """
     points = adapter.check_points(points)
     with torch.no_grad():
@@ -304,20 +307,25 @@ def gradxinput_explain(adapter: ResNetAdapter, x: torch.Tensor, target=None, *, 
     xin = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         vs, logits = adapter.forward_points(xin)
-        for v in vs.values():
-            v.retain_grad()
-        logits.gather(1, tgt[:, None]).sum().backward(retain_graph=True)
+        # the gradients of the class logit, returned rather than kept in `.grad` (retain_grad): the iERF
+        # backward passes below run through the same tensors and would add to a kept `.grad` of every
+        # point under the one they start from (they did, before: +1 at each sampled position above)
+        names = [p for p in adapter.points if p in points]
+        grads = torch.autograd.grad(logits.gather(1, tgt[:, None]).sum(), [vs[p] for p in names] + [xin],
+                                    retain_graph=True)
+    grad_of = dict(zip(names, grads[:-1]))
     res = SRDResult(logits=logits.detach(), target=tgt, record=rec)
-    res.contributions["input"] = (xin.grad * xin).sum(1).detach()
+    res.contributions["input"] = (grads[-1] * xin).sum(1).detach()
     for name in reversed(adapter.points):
         if name not in points:
             continue
-        contrib = (vs[name].grad * vs[name]).sum(1).detach()
+        contrib = (grad_of[name] * vs[name]).sum(1).detach()
         res.contributions[name] = contrib
-        pos = select(name, contrib) if select is not None else None
+        skip = adapter.unsampled_prefix(name) if hasattr(adapter, "unsampled_prefix") else 0
+        pos = select(name, contrib[..., skip:] if skip else contrib) if select is not None else None
         if pos is None:
             continue
-        pos = pos.long()
+        pos = pos.long() + skip  # positions in the point's own numbering
         res.positions[name] = pos
         pos2 = pos[:, None] if pos.dim() == 1 else pos
         v = vs[name].flatten(2)  # [B, C, P]
@@ -327,7 +335,8 @@ def gradxinput_explain(adapter: ResNetAdapter, x: torch.Tensor, target=None, *, 
             ref = vp.detach()
             scalar = ((vp * ref).sum(1) / (ref * ref).sum(1).clamp_min(1e-12)).sum()
             (g,) = torch.autograd.grad(scalar, xin, retain_graph=True)
-            maps.append((g * xin).sum(1).detach())
+            gxi = (g * xin).sum(1).detach()
+            maps.append(adapter.ierf_map(gxi) if hasattr(adapter, "ierf_map") else gxi)
         res.ierf[name] = maps[0] if pos.dim() == 1 else torch.stack(maps, 1)
     return res
 

@@ -33,6 +33,7 @@ from ..explorer.pictures import display_rgb, ierf_crop
 from ..gig import ClassTarget, ConceptTarget, gig
 from ..image_store import ImageStore
 from ..models import DEMO_MEAN, DEMO_STD, get_adapter, load_model
+from ..models.transformer import TransformerAdapter, position_grid
 from ..ops import sparse_reconstruct
 from ..ops.sparse_code import SparseCodeConvergenceWarning
 from ..pipeline.config import PipelineConfig
@@ -72,6 +73,7 @@ class Run:
         self._model, self._dataset = model, dataset
         self._banks: dict[str, ConceptBank] = {}
         self._codes_index: dict[int, Path] | None = None
+        self._token_grid: tuple[int, tuple[int, int]] | None = None
 
     # -- opening -----------------------------------------------------------------------------------
     @classmethod
@@ -316,16 +318,21 @@ class Run:
                 for r in rows]
 
     # -- per-image pictures from the work files ---------------------------------------------------
-    def _codes_file(self, image: int) -> tuple[Path, int]:
+    def _explained_index(self) -> dict[int, tuple[Path, int]]:
+        """``{image id: (stage-3 file, row)}`` of every explained image (read once)."""
         if self._codes_index is None:
             self._codes_index = {}
             for f in sorted((self.work / "codes").glob("chunk_*.npz")):
                 with np.load(f, allow_pickle=False) as z:
                     for r, i in enumerate(z["image"].tolist()):
                         self._codes_index[int(i)] = (f, r)
-        if int(image) not in self._codes_index:
+        return self._codes_index
+
+    def _codes_file(self, image: int) -> tuple[Path, int]:
+        index = self._explained_index()
+        if int(image) not in index:
             raise NotFoundError(f"image {image} is not among the explained images of this run")
-        return self._codes_index[int(image)]
+        return index[int(image)]
 
     def stored_codes(self, image: int, layer: str) -> Decomposition:
         """The stage-3 decomposition of an explained image at ``layer`` (as :meth:`decompose` computes
@@ -334,10 +341,24 @@ class Run:
         path, r = self._codes_file(image)
         with np.load(path, allow_pickle=False) as z:
             idx, val = torch.from_numpy(z[f"{layer}|idx"][r]), torch.from_numpy(z[f"{layer}|val"][r])
-        return Decomposition(layer, lay.spatial, idx, val, torch.full((idx.shape[0],), float("nan")), lay.n_concepts)
+        return Decomposition(layer, lay.spatial, idx, val, torch.full((idx.shape[0],), float("nan")), lay.n_concepts,
+                             *self.position_grid(layer))
+
+    def position_grid(self, layer: str) -> tuple[int, tuple[int, int]]:
+        """``(prefix, (H, W))``: how ``layer``'s positions are drawn — a transformer's patch grid after its
+        prefix (class) token, else no prefix and the layer's spatial grid."""
+        lay = self.layer(layer)
+        if not isinstance(self.adapter, TransformerAdapter):
+            return 0, tuple(lay.spatial)
+        if self._token_grid is None:  # the patch grid follows from an input's size: record one image
+            x, _ = self.load_dataset_images([min(self._explained_index())])
+            self.adapter.record(x.to(self.device))
+            self._token_grid = position_grid(self.adapter, layer, lay.spatial)
+        return self._token_grid
 
     def heat_map(self, image: int, layer: str, concept: int) -> np.ndarray:
-        """float32 ``[H, W]``: the code value of ``concept`` at each position of ``layer`` in an explained image."""
+        """float32 ``[H, W]``: the code value of ``concept`` at each position of ``layer`` in an explained
+        image, on the layer's drawing grid (:meth:`position_grid`)."""
         return self.stored_codes(image, layer).heat_map(self._concept_id(layer, concept))
 
     def display_images(self, ids) -> dict[int, np.ndarray]:
@@ -360,7 +381,8 @@ class Run:
 
     @cached_property
     def adapter(self):
-        return get_adapter(self.model)
+        """The model's adapter (analysed points, F_ab slices), as the run built it."""
+        return get_adapter(self.model, class_token=self.config.class_token)
 
     @property
     def dataset(self):
@@ -449,7 +471,8 @@ class Run:
         V, beta = bank.V.to(X), bank.beta.to(X)
         recon = sparse_reconstruct(idx, val.to(X), V, beta)
         rel = (X - recon).norm(dim=1) / X.norm(dim=1).clamp_min(1e-12)
-        return Decomposition(layer, tuple(v.shape[-2:]), idx.cpu(), val.float().cpu(), rel.float().cpu(), lay.n_concepts)
+        return Decomposition(layer, tuple(v.shape[-2:]), idx.cpu(), val.float().cpu(), rel.float().cpu(), lay.n_concepts,
+                             *self.position_grid(layer))
 
     def explain(self, image: torch.Tensor, target: int | str | None = None, top: int | None = None) -> Explanation:
         """The GIG graph of one image on the stored concepts (DESIGN.md §1.5, paper Fig. 3).

@@ -222,6 +222,9 @@ class Decomposition:
         val: float32 ``[P, s]`` their code values (0 at padding).
         rel_l2: float32 ``[P]`` ``‖x − x̃‖ / ‖x‖`` per position.
         n_concepts: K of the layer.
+        prefix, grid: how the positions are drawn: positions ``prefix …`` row-major on ``grid``
+            ``(H, W)`` (a transformer: its class token first, then the patch grid); default: all
+            positions on ``spatial``.
     """
     layer: str
     spatial: tuple[int, int]
@@ -229,6 +232,8 @@ class Decomposition:
     val: torch.Tensor
     rel_l2: torch.Tensor
     n_concepts: int
+    prefix: int = 0
+    grid: tuple[int, int] | None = None
 
     def usage(self) -> torch.Tensor:
         """float64 ``[K]``: Σ over positions of each concept's code value."""
@@ -237,9 +242,10 @@ class Decomposition:
         return u.index_add_(0, self.idx[keep], self.val[keep].double())
 
     def heat_map(self, concept: int) -> np.ndarray:
-        """float32 ``[H, W]``: the code value of ``concept`` at each position (0 where it is not coded)."""
+        """float32 ``[H, W]`` on the drawing grid: the code value of ``concept`` at each position (0 where
+        it is not coded; a transformer's prefix tokens lie on no patch and are left out)."""
         m = torch.where(self.idx == int(concept), self.val, torch.zeros_like(self.val)).sum(1)
-        return m.reshape(self.spatial).float().numpy()
+        return m[self.prefix:].reshape(self.grid or self.spatial).float().numpy()
 
 
 @dataclass(frozen=True)

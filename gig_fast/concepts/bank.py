@@ -96,8 +96,9 @@ class ConceptBank:
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        data = save({"V": self.V, "beta": self.beta, "sizes": self.sizes},
-                    metadata={"format": BANK_FORMAT, "layer": self.layer})
+        # one metadata entry: safetensors writes its metadata map in hash order, so two keys could swap
+        # places between saves and the same bank would not give the same bytes
+        data = save({"V": self.V, "beta": self.beta, "sizes": self.sizes}, metadata={BANK_FORMAT: self.layer})
         _atomic_write(folder / TENSOR_FILE, data)
         meta = {**self.metadata(), "sha256": hashlib.sha256(data).hexdigest()}
         _atomic_write(folder / META_FILE, json.dumps(meta, indent=1, allow_nan=False).encode("utf-8"))

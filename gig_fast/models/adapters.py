@@ -16,6 +16,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from .bn import bn_affine, branch_modules, ensure_eval, fold_batchnorm
 from .fx_adapter import FXAdapter
+from .transformer import CLASS_TOKEN, TransformerAdapter, is_transformer
 
 __all__ = ["BlockRecord", "ForwardRecord", "ResNetAdapter", "get_adapter"]
 
@@ -88,6 +89,10 @@ class ResNetAdapter:
         conv, bn = branch_modules(self.blocks[point])[-1]
         with torch.no_grad():
             return bn_affine(bn, conv.out_channels, conv.weight)[1].detach().clone()
+
+    def baseline(self, point: str, pfvs: torch.Tensor) -> torch.Tensor:
+        """β ``[C]`` of the GIG path and of concept extraction: the BN shift (``pfvs [N, C]`` give its dtype)."""
+        return self.bn_shift(point).to(pfvs)
 
     @property
     def num_classes(self) -> int:
@@ -180,14 +185,32 @@ class ResNetAdapter:
         return y + (block.downsample(h) if block.downsample is not None else h)
 
 
-def get_adapter(model: nn.Module, points=None):
+def _is_torchvision_resnet(model: nn.Module) -> bool:
+    """torchvision's ResNet layout with its own block classes (timm's ResNets name the same stages but
+    their blocks differ: they go to the FX adapter)."""
+    stages = ("layer1", "layer2", "layer3", "layer4")
+    if not all(hasattr(model, s) for s in ("conv1", "bn1", "fc") + stages):
+        return False
+    return all(isinstance(block, (Bottleneck, BasicBlock)) for s in stages for block in getattr(model, s))
+
+
+def get_adapter(model: nn.Module, points=None, class_token: str = "keep"):
     """Adapter for ``model``: :class:`ResNetAdapter` for torchvision-style ResNets (SRD available),
-    else :class:`~gig_fast.models.fx_adapter.FXAdapter` (any FX-traceable classifier; ``points`` as
-    there, default: the points the model names in ``gig_points`` or its residual blocks).
+    :class:`~gig_fast.models.transformer.TransformerAdapter` for timm and torchvision vision transformers
+    (``points``: block names; ``class_token`` "keep" or "drop"), else
+    :class:`~gig_fast.models.fx_adapter.FXAdapter` (any FX-traceable classifier; ``points`` as there,
+    default: the points the model names in ``gig_points`` or its residual blocks).
 
     Raises ValueError naming what is supported when the model cannot be traced.
     """
-    if points is None and all(hasattr(model, s) for s in ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc")):
+    if class_token not in CLASS_TOKEN:
+        raise ValueError(f"class_token must be one of {CLASS_TOKEN}, got {class_token!r}")
+    if is_transformer(model):
+        return TransformerAdapter(model, points=points, class_token=class_token)
+    if class_token != "keep":
+        raise ValueError(f"class_token={class_token!r} applies to vision transformers; {type(model).__name__} "
+                         "has no class token")
+    if points is None and _is_torchvision_resnet(model):
         return ResNetAdapter(model)
     points = points if points is not None else getattr(model, "gig_points", None)
     try:
@@ -195,5 +218,5 @@ def get_adapter(model: nn.Module, points=None):
             return FXAdapter(model, blocks=points)
         return FXAdapter(model, points=points)
     except (fx.proxy.TraceError, NotImplementedError, TypeError) as e:
-        raise ValueError(f"no adapter for {type(model).__name__}: it is not a torchvision-style ResNet and "
-                         f"torch.fx cannot trace it ({e})") from e
+        raise ValueError(f"no adapter for {type(model).__name__}: it is not a torchvision-style ResNet or a "
+                         f"timm/torchvision vision transformer, and torch.fx cannot trace it ({e})") from e

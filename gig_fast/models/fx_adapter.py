@@ -10,7 +10,8 @@ EfficientNet-Lite0, MobileNets, your own — are handled generically here: the n
   by default, as the model's residual blocks (``slicing.preact_points``);
 * ``record`` runs the forward once and returns every point's value and the logits;
 * ``run_from`` is ``slicing.make_f_ab`` (the prefix up to the point is never recomputed);
-* ``bn_shift`` is ``slicing.bn_shift`` (the BN feeding the point, or the residual branch's BN).
+* ``bn_shift`` is ``slicing.bn_shift`` (the BN feeding the point, or the residual branch's BN);
+  ``baseline`` falls back to the concept dataset's mean PFV where no BN feeds the point (ConvNeXt).
 
 Attribution: gradient × input only (SRD's propagation rules are written for ResNet blocks).
 """
@@ -118,6 +119,17 @@ class FXAdapter:
         """β ``[C]`` of a point: the shift of the BN feeding it (``slicing.bn_shift``)."""
         return slicing.bn_shift(self.model, self.nodes[point]).detach().clone()
 
+    def baseline(self, point: str, pfvs: torch.Tensor) -> torch.Tensor:
+        """β ``[C]`` of the GIG path and of concept extraction, from the point's concept dataset ``pfvs [N, C]``:
+        the BN shift (:meth:`bn_shift`; zero for a bare conv/linear output, DESIGN.md §1.1), or, where no
+        BN, conv or linear module feeds the point (ConvNeXt's layer-scaled residual sums, LayerNorm
+        CNNs), the mean PFV of the concept dataset — the same choice as for transformers
+        (:mod:`gig_fast.models.transformer`)."""
+        shift = slicing.bn_shift_or_none(self.model, self.nodes[point])
+        if shift is None:
+            return pfvs.double().mean(0).to(pfvs.dtype)
+        return shift.detach().clone().to(pfvs)
+
     @property
     def num_classes(self) -> int:
         if self._n_classes is None:
@@ -135,8 +147,12 @@ class FXAdapter:
         logits = out[self._output]
         for p, v in values.items():
             if v.dim() != 4:
-                raise ValueError(f"point {p!r} ({self.nodes[p]}) is not a [B, C, H, W] feature map "
-                                 f"(shape {tuple(v.shape)})")
+                raise ValueError(f"point {p!r} ({self.nodes[p]}) is not a [B, C, H, W] feature map (shape "
+                                 f"{tuple(v.shape)}): gig_fast slices CNN feature maps by FX node, and vision "
+                                 "transformers of timm's or torchvision's VisionTransformer classes by block; "
+                                 f"the points {type(self.model).__name__} offers ({', '.join(self.points)}) are "
+                                 "neither — pass FX node names whose value is a [B, C, H, W] map as `points` "
+                                 "(torchvision.models.feature_extraction.get_graph_node_names lists them)")
             self._channels[p] = v.shape[1]
         self._n_classes = logits.shape[1]
         return values, logits

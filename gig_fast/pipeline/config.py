@@ -24,9 +24,13 @@ _NOT_HASHED = {"out", "device", "backend", "progress", "batch_size", "gig_batch_
 class PipelineConfig:
     """Everything a run depends on (DESIGN.md §1). Defaults follow the paper where it fixes them.
 
-    Model/data: ``model`` (``demo``, ``efficientnet-lite0`` or a torchvision ResNet name), ``weights``
-    (file or torchvision name), ``dataset`` (``fashion-mnist``, ``photos`` — the unlabelled photos that
-    ship offline, explained for their predicted class — or an image folder), ``split``,
+    Model/data: ``model`` (``demo``, ``demo-vit``, ``efficientnet-lite0``, a torchvision name such as
+    ``resnet50``/``vit_b_16``/``convnext_tiny``, ``torchvision:<name>`` or ``timm:<name>``: see
+    :func:`gig_fast.models.load_model`), ``weights`` (a local ``.safetensors``/torch file, a torchvision
+    weights name, or None), ``class_token`` (``keep`` | ``drop``: whether a transformer's class token is
+    sampled into the concept dataset; it stays on the GIG path either way), ``dataset``
+    (``fashion-mnist``, ``photos`` — the unlabelled photos that ship offline, explained for their
+    predicted class — or an image folder), ``split``,
     ``image_size``/``channels``/``mean``/``std`` for folders and photos (``mean``/``std`` None: the
     model's own preprocessing, else ImageNet's), ``class_names`` (optional).
     Stage 1: ``concept_images`` (images sampled for the PFV–iERF dataset), ``pfvs_per_image``,
@@ -57,6 +61,7 @@ class PipelineConfig:
     mean: tuple | None = None
     std: tuple | None = None
     class_names: list | None = None
+    class_token: str = "keep"
     concept_images: int = 5000
     pfvs_per_image: int = 1
     attribution: str = "srd"
@@ -96,6 +101,10 @@ class PipelineConfig:
     def __post_init__(self):
         if self.attribution not in ("srd", "gradxinput"):
             raise ValueError(f"attribution must be 'srd' or 'gradxinput', got {self.attribution!r}")
+        if self.class_token not in ("keep", "drop"):
+            raise ValueError(f"class_token must be 'keep' or 'drop', got {self.class_token!r}")
+        if self.class_token == "drop" and not self.store_ierf:
+            raise ValueError("class_token='drop' needs store_ierf=True (stage 1 samples through the adapter then)")
         if self.class_by not in ("label", "prediction"):
             raise ValueError(f"class_by must be 'label' or 'prediction', got {self.class_by!r}")
         for name in ("concept_images", "explain_images", "pfvs_per_image", "gig_steps", "top_concepts",
@@ -116,10 +125,11 @@ class PipelineConfig:
 
     def preprocessing(self) -> dict:
         """``{image_size, channels, mean, std}`` for image files: the config's, with ``mean``/``std``
-        defaulting to the model's own normalisation (EfficientNet-Lite0) or ImageNet's."""
+        defaulting to the model's own normalisation (EfficientNet-Lite0, timm models) or ImageNet's."""
         from ..models.efficientnet import EFFICIENTNET_LITE0_PREPROCESS
+        from ..models.loading import model_preprocessing
 
-        own = EFFICIENTNET_LITE0_PREPROCESS if self.model == "efficientnet-lite0" else {}
+        own = EFFICIENTNET_LITE0_PREPROCESS if self.model == "efficientnet-lite0" else model_preprocessing(self.model)
         return {"image_size": self.image_size, "channels": self.channels,
                 "mean": self.mean or own.get("mean", IMAGENET_MEAN), "std": self.std or own.get("std", IMAGENET_STD)}
 
@@ -138,6 +148,8 @@ class PipelineConfig:
         for name in ("gig_autocast", "gig_tolerance"):  # added later: None is what runs made before them did,
             if d[name] is None:                          # and those runs keep their key
                 del d[name]
+        if d["class_token"] == "keep":  # added later too: the default keeps the keys of older runs
+            del d["class_token"]
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
@@ -170,10 +182,16 @@ def load_config(path: str | Path | None = None, **overrides) -> PipelineConfig:
     return PipelineConfig(**data)
 
 
-def demo_config(**overrides) -> PipelineConfig:
-    """The README demo: the trained demo net on Fashion-MNIST test, all 16 blocks (sized for 2 CPU cores)."""
+def demo_config(arch: str = "resnet", **overrides) -> PipelineConfig:
+    """The README demo on Fashion-MNIST test, sized for 2 CPU cores: ``arch="resnet"`` the trained demo
+    ResNet, all 16 blocks; ``arch="vit"`` the trained demo ViT, all 4 blocks, gradient × input (SRD is
+    written for conv blocks), output in ``gig_demo_vit``."""
     base = dict(model="demo", dataset="fashion-mnist", split="test", concept_images=5000,
                 explain_images=1000, per_class=100, k_factor=8.0, gig_steps=8, kmeans_mode="fast",
                 gig_batch_size=2048, batch_size=250, chunk_images=500, out="gig_demo")
+    if arch == "vit":
+        base.update(model="demo-vit", attribution="gradxinput", out="gig_demo_vit")
+    elif arch != "resnet":
+        raise ValueError(f"demo arch must be 'resnet' or 'vit', got {arch!r}")
     base.update({k: v for k, v in overrides.items() if v is not None})
     return PipelineConfig(**base)

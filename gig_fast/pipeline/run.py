@@ -58,7 +58,7 @@ class Pipeline:
             raise ValueError("device 'cuda' requested but CUDA is not available")
         self.rank, self.world, self.device = dist.setup(self.device)
         self.model = (model if model is not None else load_model(cfg.model, cfg.weights))
-        self.adapter = get_adapter(self.model)
+        self.adapter = get_adapter(self.model, class_token=cfg.class_token)
         self.model.to(self.device)
         self.points = self.adapter.check_points(cfg.layers)
         self.dataset, self.skipped = self._open_dataset(dataset)

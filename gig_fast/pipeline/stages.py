@@ -127,7 +127,8 @@ def extract_concepts(pipe) -> dict[str, Path]:
     """Stage 2: bisecting spherical k-means per layer (DESIGN.md §1.3) on the stage-1 PFVs.
 
     Writes ``concepts/<layer>.npz``: ``V [K, C]`` (concept vectors = cluster means of ``x − β``),
-    ``beta [C]``, ``labels [N]``, ``sizes [K]``, ``representatives [K, r]`` (stage-1 row indices of the
+    ``beta [C]`` (``adapter.baseline``: the BN shift, or the mean of the PFVs where no BN feeds the
+    point: transformers, ConvNeXt), ``labels [N]``, ``sizes [K]``, ``representatives [K, r]`` (stage-1 row indices of the
     members closest in cosine, −1 padded) and ``rep_cosine [K, r]``.
     """
     cfg, files = pipe.config, {}
@@ -144,7 +145,7 @@ def extract_concepts(pipe) -> dict[str, Path]:
                              "lower k / k_factor or raise concept_images / pfvs_per_image")
         if not torch.isfinite(X).all():
             raise ValueError(f"non-finite (NaN/inf) PFVs at {point}: check the model weights and inputs")
-        beta = pipe.adapter.bn_shift(point).to(X)
+        beta = pipe.adapter.baseline(point, X)  # the BN shift; a model without one: the mean PFV (ViTs)
         V, labels = dist.bisecting_kmeans(X, K, beta, cfg.seed, cfg.kmeans_mode)
         V, labels = V.to(X).detach(), labels.to(X.device).long()
         if dist.is_main():  # every rank holds the same concepts; one writes them
