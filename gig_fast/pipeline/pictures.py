@@ -21,7 +21,7 @@ from ..explorer.pictures import (IMAGE_PX, display_rgb, fit, graph_concepts, hea
                                  pick_images, png_data_uri)
 from .stages import load_concepts
 
-__all__ = ["collect_pictures"]
+__all__ = ["collect_pictures", "stage1_rows", "sample_crops", "nearest_samples"]
 
 
 def _stage1_rows(work: Path):
@@ -170,3 +170,26 @@ def collect_pictures(pipe, graph: dict, *, crops: int = 10, max_images: int = 20
     concepts, table, stored = _concept_pictures(pipe, graph_concepts(graph, image_ids), crops, max_px)
     return {"crops": table, "concepts": concepts, "images": _heat_maps(pipe, graph, image_ids),
             "ierf": stored, "images_total": graph.get("images_total", len(graph["images"]))}
+
+
+def stage1_rows(pipe) -> tuple[list[Path], np.ndarray]:
+    """The run's stage-1 chunk files and ``[files + 1]`` global first rows (rows numbered across chunks)."""
+    return _stage1_rows(pipe.work)
+
+
+def sample_crops(pipe, layer: str, rows, max_px: int = 96) -> dict[int, dict]:
+    """For global stage-1 ``rows`` of ``layer``: ``{row: {"image", "position", "label", "crop"}}`` with
+    ``crop`` the iERF-with-context picture (uint8 ``[h, w, 3]``, or None when the run kept no iERFs)."""
+    files, starts = _stage1_rows(pipe.work)
+    meta, maps = _stage1_samples(files, starts, layer, rows)
+    pics = _images(pipe, [m[0] for m in meta.values()]) if maps else {}
+    return {r: {"image": m[0], "position": m[1], "label": m[2],
+                "crop": ierf_crop(pics[m[0]], maps[r], max_px=max_px) if r in maps else None}
+            for r, m in meta.items()}
+
+
+def nearest_samples(pipe, layer: str, concepts: list[int], k: int):
+    """``(rows [Q, k], cosines [Q, k], member [Q, k])``: the stage-1 PFVs nearest in cosine to each concept
+    (``x − β`` against ``v_j``; the explorer card's samples), and whether each is in the concept's cluster."""
+    files, _ = _stage1_rows(pipe.work)
+    return _nearest(pipe, layer, list(concepts), k, files)

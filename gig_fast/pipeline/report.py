@@ -10,7 +10,7 @@ import numpy as np
 from ..explorer import render_explorer
 from .pictures import collect_pictures
 from .stages import trans_dir, transitions
-from .store import atomic_write_text
+from .store import atomic_write_text, load_json
 
 __all__ = ["collect_metrics", "write_report"]
 
@@ -69,11 +69,23 @@ def collect_metrics(pipe, timings: dict) -> dict:
             "accuracy_on_explained": acc, "skipped_images": pipe.skipped, "timings_s": timings}
 
 
+def _validation_extras(out: Path) -> tuple[str, list[dict]]:
+    """The validation section and the PFV decomposition cards that ``gig-fast validate`` left in ``out``
+    (``validation_section.html``, ``validation_pictures.json``), so a rewritten report keeps them."""
+    section = out / "validation_section.html"
+    pics = out / "validation_pictures.json"
+    cards = list(load_json(pics).get("decomposition", {}).values()) if pics.exists() else []
+    return (section.read_text(encoding="utf-8") if section.exists() else ""), cards
+
+
 def write_report(pipe, graph: dict, metrics: dict, *, max_images: int | None = None, path=None) -> Path:
-    """Write ``report.html`` (default ``<out>/report.html``) for a finished run, atomically; return its path."""
+    """Write ``report.html`` (default ``<out>/report.html``) for a finished run, atomically; return its path.
+    A validation section and decomposition cards written by ``gig-fast validate`` are kept."""
     limit = pipe.config.report_images if max_images is None else max_images
     pictures = collect_pictures(pipe, graph, crops=pipe.config.report_crops, max_images=limit)
     path = Path(path) if path is not None else pipe.out / "report.html"
-    atomic_write_text(path, render_explorer(graph, metrics, pictures, max_images=limit))
+    section, cards = _validation_extras(pipe.out)
+    atomic_write_text(path, render_explorer(graph, metrics, pictures, max_images=limit, section_html=section,
+                                            decompositions=cards))
     return path
 
