@@ -378,7 +378,7 @@ def validated(tmp_path_factory):
 
 def test_tiny_validate_writes_every_table_and_plot(validated):
     out, pipe, doc = validated
-    for name in ("validation.json", "validation.md", "validation_section.html", "validation_pictures.json"):
+    for name in ("validation.json", "validation.md", "validation_section.html", "validation_figures.json"):
         assert (out / name).exists(), name
     plots = sorted(p.name for p in (out / "validation_plots").glob("*.png"))
     assert plots == sorted(["c_deletion_accuracy_curves.png", "c_deletion_probability_curves.png", "fig4_auc_by_layer.png",
@@ -388,6 +388,7 @@ def test_tiny_validate_writes_every_table_and_plot(validated):
                             "noise_robustness.png", "appJ_attack.png", "appE_decomposition.png", "appI_trajectory.png"])
     saved = json.loads((out / "validation.json").read_text())
     assert saved == json.loads(json.dumps(doc)) and "crop" not in (out / "validation.json").read_text()
+    assert "graph" not in saved["attack"]["attacks"][0]
     L = saved["layers"]
     assert L["layers"] == ["layer4.0", "layer4.2"] and L["baseline_layers"] == ["layer4.2"]
     assert L["dl_layers"] == ["layer4.2"] and L["paper_points"] == ["layer3.5", "layer4.2"]
@@ -483,7 +484,7 @@ def test_attack_graph_shares_recomputed(validated):
 
     out, pipe, doc = validated
     attacks = doc["attack"]["attacks"]
-    pictures = json.loads((out / "validation_pictures.json").read_text())["attack"]["attacks"]
+    pictures = json.loads((out / "validation_figures.json").read_text())["attack"]["attacks"]
     assert len(attacks) == 3 and len({a["source"] for a in attacks}) == 3
     assert all(a["success"] and a["prediction"] == a["target"] for a in attacks)  # reached on the tiny net
     for a, pics in zip(attacks, pictures):
@@ -498,7 +499,7 @@ def test_attack_graph_shares_recomputed(validated):
             assert [n["in_clean"] for n in r["attacked"]] == [x in r["clean"] for x in q]
         for key, sources in a["origins"].items():
             layer, concept = key.split("|")
-            edges = [e for e in a["graph"]["edges"] if e["target"] == [layer, int(concept)]]
+            edges = [e for e in pics["graph"]["edges"] if e["target"] == [layer, int(concept)]]
             best = sorted(edges, key=lambda e: -e["weight"])[:3]
             assert [s["concept"] for s in sources] == [e["source"][1] for e in best]
 
@@ -508,7 +509,7 @@ def test_decomposition_cards_recomputed(validated):
     from gig_fast.pipeline.stages import load_concepts, load_pfvs
 
     out, pipe, doc = validated
-    cards = json.loads((out / "validation_pictures.json").read_text())["decomposition"]
+    cards = json.loads((out / "validation_figures.json").read_text())["decomposition"]
     for point, card in cards.items():
         check_decomposition_card(card)
         c, data = load_concepts(pipe, point), load_pfvs(pipe, point)

@@ -548,6 +548,7 @@
   function openDecomposition(i) {
     const d = decompositions[i];
     if (!d) return;
+    $("decomposition-select").value = String(i);
     const li = layers.findIndex((lay) => lay.name === d.layer);
     const body = $("card-body");
     body.replaceChildren();

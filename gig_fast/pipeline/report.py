@@ -71,9 +71,9 @@ def collect_metrics(pipe, timings: dict) -> dict:
 
 def _validation_extras(out: Path) -> tuple[str, list[dict]]:
     """The validation section and the PFV decomposition cards that ``gig-fast validate`` left in ``out``
-    (``validation_section.html``, ``validation_pictures.json``), so a rewritten report keeps them."""
+    (``validation_section.html``, ``validation_figures.json``), so a rewritten report keeps them."""
     section = out / "validation_section.html"
-    pics = out / "validation_pictures.json"
+    pics = out / "validation_figures.json"
     cards = list(load_json(pics).get("decomposition", {}).values()) if pics.exists() else []
     return (section.read_text(encoding="utf-8") if section.exists() else ""), cards
 

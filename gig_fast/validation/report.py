@@ -1,8 +1,9 @@
 """Validation outputs: ``validation.json``, Markdown tables in the paper's layout, PNG plots, an HTML section
 (also put into ``report.html`` with the PFV decomposition cards of App. E).
 
-Pictures (the ``crop``/``crops``/``pictures`` fields of the appendix experiments) go to
-``validation_pictures.json`` and into the figures; ``validation.json`` keeps the numbers.
+What the figures and the explorer draw — the ``crop``/``crops``/``pictures`` fields of the appendix
+experiments and the attacked images' graphs (``graph``) — goes to ``validation_figures.json``;
+``validation.json`` keeps the numbers.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ _NAMES = {"dictionary_learning": "DictionaryLearning", "sae": "SAE", "ours": "Ou
 _ORDER = ("dictionary_learning", "sae", "ours")
 _COLORS = {"dictionary_learning": "tab:orange", "sae": "tab:red", "ours": "tab:blue"}
 MATCHED_ACTIVE = (2, 3, 4, 6, 8, 12, 16)  # active concepts per PFV at which the sparsity–error curves are read
-_PICTURE_KEYS = {"crop", "crops", "pictures"}
+_PICTURE_KEYS = {"crop", "crops", "pictures", "graph"}
 
 
 def _f(x) -> str:
@@ -38,8 +39,8 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def split_pictures(doc: dict) -> tuple[dict, dict]:
-    """``(numbers, pictures)``: ``doc`` without its picture fields, and those fields of the appendix
-    experiments (``decomposition``, ``trajectory``, ``attack``) in the same nesting."""
+    """``(numbers, figures)``: ``doc`` without its picture and graph fields, and the appendix experiments
+    (``decomposition``, ``trajectory``, ``attack``) with them."""
     def strip(obj):
         if isinstance(obj, dict):
             return {k: strip(v) for k, v in obj.items() if k not in _PICTURE_KEYS}
@@ -339,6 +340,8 @@ def _plot_c_deletion(plt, np_, doc, save):
 
 
 def _plot_fits(plt, doc, save):
+    import matplotlib.ticker
+
     sae = doc["c_deletion"].get("sae", {})
     curves = [(p, r["fit"]["loss_curve"]) for p, r in sae.items() if r.get("fit", {}).get("loss_curve")]
     if not curves:
@@ -348,6 +351,7 @@ def _plot_fits(plt, doc, save):
         ax.plot(c["step"], c["loss"], label="loss (Eq. 11, full λ)")
         ax.plot(c["step"], c["mse"], label="squared error")
         ax.set_yscale("log")
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(p, fontsize=9)
         ax.set_xlabel("step", fontsize=7)
         ax.tick_params(labelsize=6)
@@ -356,6 +360,9 @@ def _plot_fits(plt, doc, save):
 
 
 def _plot_sparsity(plt, doc, save):
+    import matplotlib
+    import matplotlib.ticker
+
     sp = doc["sparsity"]
     layers = sorted({p for m in sp.values() for p in m})
     fig, axes = plt.subplots(1, len(layers), figsize=(3.4 * len(layers), 3.2), squeeze=False)
@@ -365,6 +372,9 @@ def _plot_sparsity(plt, doc, save):
                 pts = sorted(sp[m][p], key=lambda r: r["active"])
                 ax.plot([r["active"] for r in pts], [r["rel_l2"] for r in pts], "o-", color=_COLORS[m], label=_NAMES[m])
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xticks([t for t in (1, 2, 4, 8, 16, 32) if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]])
         ax.set_title(p, fontsize=9)
         ax.set_xlabel("active concepts per PFV", fontsize=7)
         ax.tick_params(labelsize=6)
@@ -553,7 +563,7 @@ def _md_to_html(md: str) -> str:
 
 
 def write_outputs(out: str | Path, doc: dict) -> dict:
-    """Write ``validation.json`` (numbers), ``validation_pictures.json``, ``validation.md``,
+    """Write ``validation.json`` (numbers), ``validation_figures.json`` (pictures, graphs), ``validation.md``,
     ``validation_plots/*.png`` and ``validation_section.html`` into ``out``; put the section and the PFV
     decomposition cards into ``report.html`` (replacing earlier ones). Returns the numbers' dict."""
     out = Path(out)
@@ -562,7 +572,7 @@ def write_outputs(out: str | Path, doc: dict) -> dict:
     numbers["plots"] = [str(Path(p).relative_to(out)) for p in plots]
     md = tables_markdown(numbers) + "\nPlots: " + ", ".join(numbers["plots"]) + "\n"
     save_json(out / "validation.json", numbers)
-    save_json(out / "validation_pictures.json", pictures, compact=True)
+    save_json(out / "validation_figures.json", pictures, compact=True)
     atomic_write_text(out / "validation.md", md)
     # embedded: report.html's content policy loads images from data URIs only (no files, no network)
     imgs = "".join(f'<img alt="{html.escape(Path(p).stem)}" style="max-width:100%" src="data:image/png;base64,'

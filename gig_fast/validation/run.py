@@ -386,7 +386,7 @@ def _run_sparsity(pipe, units, vwork, L, opts, bar):
     res: dict = {}
     for point in L["sparsity_layers"]:
         rows = _rows(inputs[point])
-        for m in _methods(opts, {**L, "dl_layers": L["dl_layers"], "baseline_layers": L["sparsity_layers"]}, point):
+        for m in _methods(opts, {**L, "baseline_layers": L["sparsity_layers"]}, point):
             levels = opts.sae_lambdas if m == "sae" else opts.lam_levels
             for level in levels:
                 bar.set_postfix_str(f"sparsity {m} {point} {level:g}")
@@ -576,7 +576,7 @@ def validate(pipe, opts: ValidationOptions | None = None) -> dict:
         opts: :class:`ValidationOptions` (defaults if None).
 
     Returns:
-        the ``validation.json`` content (pictures, kept in ``validation_pictures.json``, left out).
+        the ``validation.json`` content (pictures, kept in ``validation_figures.json``, left out).
     """
     from .report import write_outputs
 
