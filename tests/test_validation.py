@@ -252,11 +252,12 @@ def test_sae_schedule_and_eq11_loss():
     assert sae_schedule(80, 100)[1] == pytest.approx(1.0) and sae_schedule(90, 100)[1] == pytest.approx(0.5)
     seed = int(torch.randint(2**31, (1,)))
     X, _ = _planted(seed, N=300, C=6, K=8, density=0.2)
-    dec = fit_sae(X.float(), 16, lam=0.2, steps=1500, batch_size=64, lr=3e-3, seed=seed)
+    dec = fit_sae(X.float(), 16, lam=0.2, steps=3000, batch_size=64, lr=3e-3, seed=seed)
     info = dec.info
     curve = info["loss_curve"]
-    assert len(curve["step"]) == 50 and curve["step"][-1] == 1500 and curve["loss"][-1] < 0.2 * curve["loss"][0]
-    assert info["converged_rel_change"] < 0.05, (seed, info["converged_rel_change"])  # trained to a plateau
+    assert len(curve["step"]) == 50 and curve["step"][-1] == 3000 and curve["loss"][-1] < 0.2 * curve["loss"][0]
+    # trained to a plateau: ≤ 0.011 on 8 seeds at 3000 steps (0.012–0.054 at 1500, still falling)
+    assert info["converged_rel_change"] < 0.03, (seed, info["converged_rel_change"])
     # encode/decode are Eq. 11's f and x̂, in the raw PFV scale: recompute the loss by hand from the weights
     st = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in dec.state.items()}
     s = float(st["scale"])

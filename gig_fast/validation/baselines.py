@@ -135,7 +135,7 @@ def fit_dictionary_learning(X: torch.Tensor, beta: torch.Tensor, K: int, lam_rel
                             transform_algorithm="lasso_lars", transform_alpha=alpha, random_state=seed, n_jobs=1, **start)
     with _quiet_sklearn():
         dl.fit(Xc)
-    info = {"train_vectors": int(N), "K": int(K), "fit_algorithm": fit_algorithm, "init": init,
+    info = {"train_vectors": int(N), "K": int(K), "fit_algorithm": fit_algorithm, "init": init, "lam_rel": float(lam_rel),
             "iterations": int(dl.n_iter_), "max_iterations": int(max_iter),
             "objective": [round(float(e) / N, 6) for e in dl.error_], "fit_seconds": round(time.perf_counter() - t0, 2)}
     return dictionary_learning_codes(dl.components_, beta, alpha, info)

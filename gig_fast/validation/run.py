@@ -294,8 +294,6 @@ def _saved(path: Path, name: str, fit):
 
 def _baseline(pipe, vwork: Path, name: str, point: str, opts):
     """Fit (or load the saved) baseline ``name`` at ``point`` on the stage-1 PFVs."""
-    from ..ops.sparse_code import DEFAULT_LAM_REL
-
     path = vwork / "models" / f"{name}-{opts.key(pipe.config.key(), 'baseline')}" / f"{point}.npz"
 
     def fit():
@@ -395,10 +393,11 @@ def _run_sparsity(pipe, units, vwork, L, opts, bar):
                     if m == "ours":
                         dec = _our_dec(pipe, point, lam=level)
                     elif m == "dictionary_learning":
+                        # the fit's α is its relative λ times a typical ‖D₀(x − β)‖_∞: scale it to this level
                         base = _baseline(pipe, vwork, m, point, opts)
-                        lam_fit = pipe.config.lam if pipe.config.lam is not None else DEFAULT_LAM_REL
-                        dec = dictionary_learning_codes(base.state["D"], base.bias, base.info["alpha"] * level / lam_fit,
-                                                        base.info)
+                        lam_fit = base.info.get("lam_rel", pipe.config.lam if pipe.config.lam is not None else DEFAULT_LAM_REL)
+                        alpha = base.info["alpha"] * level / lam_fit
+                        dec = dictionary_learning_codes(base.state["D"], base.bias, alpha, base.info)
                     else:
                         dec = _sweep_sae(pipe, vwork, point, level, opts)
                     q = ex.decomposition_quality(dec, rows.to(dec.V.dtype))
