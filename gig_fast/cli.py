@@ -81,7 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     va.add_argument("--demo", action="store_true", help="use the demo configuration (trains/loads the demo net)")
     va.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override pipeline options")
     va.add_argument("--vset", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="override validation options (see gig_fast.validation.ValidationOptions), e.g. images=20")
+                    help="override validation options (gig_fast.validation.ValidationOptions, docs/validation.md), "
+                         "e.g. images=20 experiments=c_deletion,inter_layer sae_steps=1000 (experiments: "
+                         "c_deletion, sparsity, inter_layer, ablation, noise, attack, decomposition, trajectory)")
     _common(va)
     return ap
 

@@ -486,3 +486,63 @@ def test_efficientnet_example_opens_on_a_class_with_images(effnet_report, browse
     hit.click()
     assert "has no explained images" in browser.find_element(By.ID, "status").text
     assert _errors(browser) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# the PFV decomposition card (paper App. E): a plain dict the page renders
+# ---------------------------------------------------------------------------------------------
+def decomposition_card(layer="layer4.2", n_terms=3, samples=4, name=XSS_NAME) -> dict:
+    from gig_fast.explorer.pictures import png_data_uri
+
+    rng = np.random.default_rng(0)
+    crop = lambda: png_data_uri((rng.random((12, 12, 3)) * 255).astype(np.uint8))  # noqa: E731
+    terms = [{"concept": 3 + t, "coefficient": [1.25, -0.5, 0.3][t % 3], "norm": 2.0, "share": [0.6, 0.3, 0.1][t % 3],
+              "cosine": 0.8, "size": 10 + t,
+              "samples": [{"crop": crop(), "image": 100 + s, "label": s % 3, "cosine": 0.9 - 0.1 * s, "member": s != 2}
+                          for s in range(samples)]} for t in range(n_terms)]
+    return {"kind": "pfv_decomposition", "layer": layer, "row": 7, "image": 42, "position": 3, "yx": [1, 1],
+            "spatial": [2, 2], "label": 1, "class_name": name, "crop": crop(), "norm": 5.0, "centred_norm": 4.0,
+            "rel_l2": 0.25, "residual_norm": 1.25, "active": n_terms, "K": 16, "terms": terms}
+
+
+def test_decomposition_cards_are_checked_and_embedded():
+    from gig_fast.explorer import check_decomposition_card, insert_decompositions
+
+    graph = synthetic_graph(3, layers=DEMO_LAYERS[-3:], k=16, pairs=2)
+    card = decomposition_card()
+    page = render_explorer(graph, None, decompositions=[card])
+    assert XSS_NAME not in page
+    assert json.loads(_data_blocks(page)["gig-decompositions"]) == [card]
+    assert "gig-decompositions" not in _data_blocks(render_explorer(graph, None))
+    again = insert_decompositions(page, [card, decomposition_card("layer4.1")])
+    assert again.count('id="gig-decompositions"') == 1 and len(json.loads(_data_blocks(again)["gig-decompositions"])) == 2
+    assert "gig-decompositions" not in _data_blocks(insert_decompositions(again, []))
+    for bad, what in (({**card, "kind": "x"}, "kind"), ({k: v for k, v in card.items() if k != "terms"}, "terms"),
+                      ({**card, "crop": "javascript:alert(1)"}, "crop"),
+                      ({**card, "terms": [{**card["terms"][0], "share": "a lot"}]}, "share")):
+        with pytest.raises(ValueError, match=what):
+            check_decomposition_card(bad)
+
+
+def test_decomposition_card_opens_in_the_page(tmp_path, browser, artifacts):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    graph = synthetic_graph(3, layers=DEMO_LAYERS[-3:], k=16, pairs=2)
+    page = tmp_path / "report.html"
+    page.write_text(render_explorer(graph, None, decompositions=[decomposition_card("layer4.1"), decomposition_card()]),
+                    encoding="utf-8")
+    _open(browser, page)
+    assert browser.find_element(By.ID, "box-decomposition").is_displayed()
+    Select(browser.find_element(By.ID, "decomposition-select")).select_by_index(2)  # 0 is "choose…"
+    card = browser.find_element(By.ID, "card")
+    assert card.is_displayed() and "PFV decomposition" in card.text
+    assert "layer4.2 · image #42" in card.text and XSS_NAME in card.text  # the name as text, not markup
+    assert card.text.count(" × #") == 3 and "+ 1.25 × #3" in card.text and "− 0.50 × #4" in card.text
+    imgs = card.find_elements(By.CSS_SELECTOR, "img")
+    assert len(imgs) == 1 + 3 * 4 and all(i.get_attribute("naturalWidth") != "0" for i in imgs)
+    assert len(card.find_elements(By.CSS_SELECTOR, ".crop.outside")) == 3  # sample 2 of each term: not a member
+    browser.save_screenshot(str(artifacts / "explorer_decomposition_card.png"))
+    _open(browser, page, "#decomposition=0")
+    assert "layer4.1" in browser.find_element(By.ID, "card").text
+    assert _errors(browser) == []

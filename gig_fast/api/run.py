@@ -37,6 +37,7 @@ from ..models.transformer import TransformerAdapter, position_grid
 from ..ops import sparse_reconstruct
 from ..ops.sparse_code import SparseCodeConvergenceWarning
 from ..pipeline.config import PipelineConfig
+from ..pipeline.samples import nearest_rows, stage1_samples
 from ..pipeline.stages import CLASSES, bank_dir
 from ..pipeline.store import load_json, load_npz
 from .types import (ClassInfo, ClassUse, ConceptCard, ConceptSample, ConceptUse, Decomposition, Edge, Explanation,
@@ -173,9 +174,10 @@ class Run:
         qs = sorted({self._concept_id(layer, q) for q in concepts})
         if not qs:
             return {}
-        files, starts = self._stage1_files()
-        rows, cos, member = self._nearest(layer, qs, k, files)
-        meta, maps = self._stage1_samples(files, starts, layer, rows.ravel())
+        bank = self.bank(layer)
+        labels = torch.from_numpy(load_npz(self.work / "concepts" / f"{layer}.npz")["labels"])
+        rows, cos, member = nearest_rows(self.work, layer, bank.V, bank.beta, labels, qs, k)
+        meta, maps = stage1_samples(self.work, layer, rows.ravel())
         images = self.display_images([m[0] for m in meta.values()]) if pictures and maps else {}
         out: dict[int, list[ConceptSample]] = {}
         for qi, q in enumerate(qs):
@@ -189,56 +191,6 @@ class Run:
                                            None if ierf is None else ierf.astype(np.float32), pic, crop))
             out[q] = items
         return out
-
-    def _stage1_files(self):
-        files = sorted((self.work / "stage1").glob("chunk_*.npz"))
-        starts, n = [], 0
-        for f in files:
-            starts.append(n)
-            with np.load(f, allow_pickle=False) as z:
-                n += len(z["image"])
-        return files, np.array(starts + [n])
-
-    def _nearest(self, layer: str, concepts: list[int], k: int, files: list[Path]):
-        """``[Q, k]`` global stage-1 rows nearest to each concept, their cosines, and cluster membership."""
-        bank = self.bank(layer)
-        V = torch.nn.functional.normalize(bank.V.double()[concepts], dim=1)  # [Q, C]
-        beta = bank.beta.double()
-        best_val = torch.empty(len(concepts), 0, dtype=torch.float64)
-        best_row = torch.empty(len(concepts), 0, dtype=torch.long)
-        start = 0
-        for f in files:
-            with np.load(f, allow_pickle=False) as z:
-                X = torch.from_numpy(z[f"{layer}|pfv"]).double() - beta
-            cos = V @ torch.nn.functional.normalize(X, dim=1).T  # [Q, n]
-            rows = torch.arange(start, start + X.shape[0]).expand(len(concepts), -1)
-            start += X.shape[0]
-            vals, pick = torch.topk(torch.cat([best_val, cos], 1), min(k, best_val.shape[1] + cos.shape[1]), dim=1)
-            best_row = torch.gather(torch.cat([best_row, rows], 1), 1, pick)
-            best_val = vals
-        labels = torch.from_numpy(load_npz(self.work / "concepts" / f"{layer}.npz")["labels"]).long()
-        member = labels[best_row] == torch.tensor(concepts)[:, None]
-        return best_row.numpy(), best_val.numpy(), member.numpy()
-
-    @staticmethod
-    def _stage1_samples(files, starts, layer: str, rows) -> tuple[dict, dict]:
-        """For global stage-1 ``rows``: ``{row: (image, position, label)}`` and ``{row: iERF [H, W]}``."""
-        meta: dict[int, tuple[int, int, int]] = {}
-        maps: dict[int, np.ndarray] = {}
-        wanted = sorted(set(int(r) for r in rows))
-        for fi, f in enumerate(files):
-            local = [r - int(starts[fi]) for r in wanted if starts[fi] <= r < starts[fi + 1]]
-            if not local:
-                continue
-            with np.load(f, allow_pickle=False) as z:
-                img, pos, lab = z["image"], z[f"{layer}|position"], z["label"]
-                ierf = z[f"{layer}|ierf"] if f"{layer}|ierf" in z.files else None
-            for r in local:
-                row = r + int(starts[fi])
-                meta[row] = (int(img[r]), int(pos[r]), int(lab[r]))
-                if ierf is not None:
-                    maps[row] = ierf[r]
-        return meta, maps
 
     # -- graphs ------------------------------------------------------------------------------------
     def class_graph(self, c: int | str) -> Graph:

@@ -5,7 +5,9 @@ The explorer only renders what it is given: :func:`render_explorer` writes the p
 :func:`summary_html` is the page's static run summary. Reading a run's work files belongs to the
 pipeline: :func:`gig_fast.pipeline.write_report` and :func:`gig_fast.pipeline.rebuild_report`.
 """
-from .render import embed_json, render_explorer
+from .cards import DECOMPOSITION_CARD_KIND, check_decomposition_card
+from .render import embed_json, insert_decompositions, insert_section, render_explorer
 from .summary import render_report, summary_html
 
-__all__ = ["render_explorer", "embed_json", "summary_html", "render_report"]
+__all__ = ["render_explorer", "embed_json", "summary_html", "render_report", "insert_decompositions",
+           "insert_section", "check_decomposition_card", "DECOMPOSITION_CARD_KIND"]

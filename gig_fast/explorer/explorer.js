@@ -7,6 +7,7 @@
  *   gig-pairs     "c1-c2" -> [layer, concept, score, imp1, imp2, ...]      (parsed on first use)
  *   gig-class-<c> one class graph {n: [layer, concept, score, norm, ...],
  *                                  e: [src layer, src, tgt layer, tgt, weight, norm, ...]}
+ *   gig-decompositions  optional: PFV decomposition cards (paper App. E; gig_fast/explorer/cards.py)
  * Only the graph on screen is decoded and drawn, so a 1,000-class run is as quick to open as a small one.
  * The page opens on a class that has explained images; classes without any are hidden from (or marked
  * in) the class search. Served by `gig-fast serve` (main.api set, CSP connect-src 'self'), it also
@@ -35,6 +36,7 @@
 
   const main = readJSON("gig-main");
   const pictures = readJSON("gig-pictures");
+  const decompositions = readJSON("gig-decompositions") || [];
   const layers = main.layers;
   const CLASSES = layers.length - 1;          // index of the pseudo-layer "classes"
   const classes = main.classes;
@@ -570,6 +572,68 @@
   }
 
   // ---------------------------------------------------------------------------------------------
+  // the PFV decomposition card (paper App. E): x = sum_q u_q v_q + beta, each term with its samples
+  // ---------------------------------------------------------------------------------------------
+  function sampleFigure(s) {
+    const fig = el("figure", { class: s.member ? "crop" : "crop outside", "data-image": s.image });
+    const alt = `image ${s.image}, cosine ${s.cosine}${s.member ? "" : ", outside the cluster"}`;
+    if (s.crop) fig.append(el("img", { src: s.crop, alt, title: alt + " (iERF in blue, context dimmed)" }));
+    fig.append(el("figcaption", { title: className(s.label) }, `#${s.image} · ${className(s.label)}`));
+    fig.append(el("figcaption", {}, `cos ${Number(s.cosine).toFixed(2)}`));
+    return fig;
+  }
+
+  function conceptLink(li, q) {
+    // a button to the concept's own card when the concept is drawn in the current view, else plain text
+    const key = li + "|" + q;
+    if (li < 0 || !state.view || !state.view.nodes.has(key)) return el("span", {}, `#${q}`);
+    const b = el("button", { type: "button", "data-key": key }, `#${q}`);
+    b.addEventListener("click", () => openCard(key));
+    return b;
+  }
+
+  function openDecomposition(i) {
+    const d = decompositions[i];
+    if (!d) return;
+    $("decomposition-select").value = String(i);
+    const li = layers.findIndex((lay) => lay.name === d.layer);
+    const body = $("card-body");
+    body.replaceChildren();
+    $("card").hidden = false;
+    body.setAttribute("data-decomposition", String(i));
+    body.append(el("h2", {}, "PFV decomposition"),
+      el("p", { class: "facts" }, `layer ${d.layer} · image #${d.image} (${d.class_name}) · position ` +
+        (d.yx ? `(${d.yx[0]}, ${d.yx[1]}) of ${d.spatial[0]}×${d.spatial[1]}` : String(d.position))),
+      el("p", { class: "facts" }, `x ≈ Σ u·v + β with ${d.active} of ${d.K} concepts · rel-L2 ${fmt(d.rel_l2)}` +
+        (d.norm !== undefined ? ` · ‖x‖ ${fmt(d.norm)}, ‖x − β‖ ${fmt(d.centred_norm)}, residual ${fmt(d.residual_norm)}` : "")));
+    if (d.crop) {
+      body.append(el("figure", { class: "crop pfv" }, el("img", { src: d.crop, alt: "the PFV's iERF with context" }),
+        el("figcaption", {}, "the PFV's iERF")));
+    }
+    body.append(el("h3", {}, `Top ${d.terms.length} concepts by |u|·‖v‖`));
+    for (const t of d.terms) {
+      const head = el("p", { class: "term" }, el("b", {}, (t.coefficient >= 0 ? "+ " : "− ") +
+        Math.abs(t.coefficient).toFixed(2) + " × "), conceptLink(li, t.concept),
+        el("span", { class: "facts" }, ` · ${(100 * t.share).toFixed(0)}% of Σ|u|‖v‖ · cos(v, x − β) ${fmt(t.cosine)}` +
+          (t.size !== null && t.size !== undefined ? ` · ${t.size} PFVs in its cluster` : "")));
+      body.append(head);
+      if (t.samples.length) body.append(el("div", { class: "crops" }, ...t.samples.map(sampleFigure)));
+    }
+    body.append(el("p", { class: "note" }, "Samples: the PFVs of the PFV–iERF dataset nearest to the concept " +
+      "vector (cosine), nearest first; dashed frame: outside the concept's cluster."));
+  }
+
+  function wireDecompositions() {
+    if (!decompositions.length) return;
+    const select = $("decomposition-select");
+    select.append(el("option", { value: "" }, "choose…"));
+    decompositions.forEach((d, i) => select.append(el("option", { value: String(i) },
+      `${d.layer} · image #${d.image} (${d.class_name})`)));
+    select.addEventListener("change", () => { if (select.value !== "") openDecomposition(Number(select.value)); });
+    $("box-decomposition").hidden = false;
+  }
+
+  // ---------------------------------------------------------------------------------------------
   // views and controls
   // ---------------------------------------------------------------------------------------------
   function setHash(text) {
@@ -829,14 +893,18 @@
       `${classes.length} classes · ${layers.length - 1} layers`;
     wirePanZoom();
     wireControls();
+    wireDecompositions();
+    const asked = new URLSearchParams(location.hash.slice(1)).get("decomposition") || "";  // before the view sets the hash
     initialView();
     const params = new URLSearchParams(location.hash.slice(1));
     if (params.has("concept")) openCard(params.get("concept"));
+    if (/^\d+$/.test(asked)) openDecomposition(Number(asked));
     window.addEventListener("hashchange", () => { if (location.hash.slice(1) !== state.hash) initialView(); });
     window.GIG.readyMs = performance.now();  // ms since navigation start: the "interactive" time
     document.documentElement.setAttribute("data-ready", "1");
   }
 
-  window.GIG = { showClass, showPair, showImage, openCard, csvText, svgText, pngBlob, fit, zoom, state, readyMs: null };
+  window.GIG = { showClass, showPair, showImage, openCard, openDecomposition, csvText, svgText, pngBlob, fit, zoom, state,
+    readyMs: null };
   start();
 }());

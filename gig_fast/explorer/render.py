@@ -16,12 +16,17 @@ import base64
 import hashlib
 import html
 import json
+import re
 from importlib import resources
 
+from .cards import check_decomposition_card
 from .pictures import graph_concepts, pick_images
 from .summary import summary_html as metrics_summary
 
-__all__ = ["render_explorer", "embed_json", "compact_graph", "concept_usage"]
+__all__ = ["render_explorer", "embed_json", "compact_graph", "concept_usage", "insert_decompositions",
+           "insert_section"]
+
+_DECOMPOSITIONS = re.compile(r'<script type="application/json" id="gig-decompositions">.*?</script>\n?', flags=re.S)
 
 _JSON_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
 
@@ -106,7 +111,8 @@ def _script_tag(element_id: str, obj) -> str:
 
 def render_explorer(graph: dict, metrics: dict | None = None, pictures: dict | None = None, *,
                     max_images: int = 20, summary_html: str = "", title: str = "gig_fast concept graph",
-                    api: str | None = None) -> str:
+                    api: str | None = None, decompositions: list[dict] | None = None,
+                    section_html: str = "") -> str:
     """The explorer page for one run.
 
     Args:
@@ -121,6 +127,9 @@ def render_explorer(graph: dict, metrics: dict | None = None, pictures: dict | N
         api: the relative URL of a run API (``gig-fast serve``) the page may call (its CSP then allows
             same-origin requests): any explained image, top images of a concept, explaining an upload.
             None: a self-contained page that makes no request.
+        decompositions: PFV decomposition cards (plain dicts, :mod:`gig_fast.explorer.cards`) offered in
+            the page's "PFV decomposition" menu, or None.
+        section_html: trusted, already escaped HTML appended to the page (e.g. the validation section).
     Returns:
         The HTML text (UTF-8; write it with ``atomic_write_text``).
     """
@@ -139,6 +148,8 @@ def render_explorer(graph: dict, metrics: dict | None = None, pictures: dict | N
             _script_tag("gig-pairs", _pairs(graph, layer_index))]
     data += [_script_tag(f"gig-class-{int(cid)}", compact_graph(g, layer_index))
              for cid, g in sorted(graph["class_graphs"].items(), key=lambda kv: int(kv[0]))]
+    if decompositions:
+        data.append(_script_tag("gig-decompositions", [check_decomposition_card(c) for c in decompositions]))
     e = html.escape
     body = _asset("explorer.html").replace("{{summary}}", summary_html or "<p>No metrics for this graph.</p>")
     return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">\n'
@@ -146,5 +157,25 @@ def render_explorer(graph: dict, metrics: dict | None = None, pictures: dict | N
             f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
             f'<link rel="icon" href="data:,">\n'
             f'<title>{e(title)} · {e(str(graph["run_key"]))}</title>\n'
-            f'<style>\n{_asset("explorer.css")}</style></head>\n<body>\n{body}\n'
+            f'<style>\n{_asset("explorer.css")}</style></head>\n<body>\n{body}\n{section_html}'
             + "".join(data) + f"<script>{script}</script>\n</body></html>\n")
+
+
+def insert_decompositions(page: str, cards: list[dict]) -> str:
+    """``page`` (an explorer page) with its PFV decomposition cards replaced by ``cards`` (put before the
+    page's own script, which reads them when it starts)."""
+    page = _DECOMPOSITIONS.sub("", page)
+    if not cards:
+        return page
+    block = _script_tag("gig-decompositions", [check_decomposition_card(c) for c in cards])
+    at = page.rfind("<script>")
+    if at < 0:
+        raise ValueError("not an explorer page: it has no <script> element")
+    return page[:at] + block + page[at:]
+
+
+def insert_section(page: str, section_html: str, section_id: str) -> str:
+    """``page`` with the ``<section id="section_id">`` replaced by ``section_html`` (trusted, escaped HTML;
+    appended before ``</body>`` when the page has none yet)."""
+    page = re.sub(rf'<section id="{re.escape(section_id)}">.*?</section>', "", page, flags=re.S)
+    return page.replace("</body>", section_html + "</body>", 1) if section_html else page

@@ -10,7 +10,7 @@ import numpy as np
 from ..explorer import render_explorer
 from .pictures import collect_pictures
 from .stages import trans_dir, transitions
-from .store import atomic_write_text
+from .store import atomic_write_text, load_json
 
 __all__ = ["collect_metrics", "write_report"]
 
@@ -69,8 +69,18 @@ def collect_metrics(pipe, timings: dict) -> dict:
             "accuracy_on_explained": acc, "skipped_images": pipe.skipped, "timings_s": timings}
 
 
+def _validation_extras(out: Path) -> tuple[str, list[dict]]:
+    """The validation section and the PFV decomposition cards that ``gig-fast validate`` left in ``out``
+    (``validation_section.html``, ``validation_figures.json``), so a rewritten report keeps them."""
+    section = out / "validation_section.html"
+    pics = out / "validation_figures.json"
+    cards = list(load_json(pics).get("decomposition", {}).values()) if pics.exists() else []
+    return (section.read_text(encoding="utf-8") if section.exists() else ""), cards
+
+
 def write_report(run, graph: dict, metrics: dict, *, max_images: int = 20, crops: int = 10, path=None) -> Path:
-    """Write ``report.html`` (default ``<run folder>/report.html``) for a finished run, atomically.
+    """Write ``report.html`` (default ``<run folder>/report.html``) for a finished run, atomically. A validation
+    section and decomposition cards written by ``gig-fast validate`` are kept.
 
     Args:
         run: the run (:class:`gig_fast.Run`): pictures and heat-maps come through it.
@@ -81,5 +91,7 @@ def write_report(run, graph: dict, metrics: dict, *, max_images: int = 20, crops
     """
     pictures = collect_pictures(run, graph, crops=crops, max_images=max_images)
     path = Path(path) if path is not None else run.path / "report.html"
-    atomic_write_text(path, render_explorer(graph, metrics, pictures, max_images=max_images))
+    section, cards = _validation_extras(run.path)
+    atomic_write_text(path, render_explorer(graph, metrics, pictures, max_images=max_images, section_html=section,
+                                            decompositions=cards))
     return path

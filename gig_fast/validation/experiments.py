@@ -10,12 +10,11 @@ import numpy as np
 import torch
 
 from ..gig import ClassTarget, ConceptTarget, gig
-from ..pipeline.distributed import bisecting_kmeans
-from .metrics import auc, class_score, concept_curve, edited_inputs, max_projection, reconstruction_quality, \
+from .metrics import auc, class_score, curve_grid, edited_inputs, label_hits, max_projection, reconstruction_quality, \
     step_counts, top_overlap
 
-__all__ = ["layer_inputs", "flat_codes", "c_deletion", "inter_layer", "noise_robustness", "ablation_point",
-           "on_grid", "curve_summary"]
+__all__ = ["layer_inputs", "flat_codes", "class_gig", "class_importance", "c_deletion", "inter_layer",
+           "noise_robustness", "decomposition_quality", "on_grid", "curve_summary"]
 
 
 def on_grid(curve, steps: int) -> np.ndarray:
@@ -66,40 +65,81 @@ def class_gig(pipe, point: str, dec, idx, val, labels, spatial) -> np.ndarray:
     return res.per_concept.detach().double().cpu().numpy()
 
 
-def c_deletion(pipe, point: str, dec, X: torch.Tensor, labels: torch.Tensor, opts) -> dict:
-    """C-Deletion / C-Insertion (paper §4.2.1) and reconstruction quality (Table 1) of one method at one layer.
+def class_importance(pipe, point: str, dec, X: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    """``[n_classes, K]`` class importance of each concept (paper Eq. 7): GIG of the concept to the class
+    score, summed over the images ``X [B, C, H, W]`` of that class (``labels [B]``)."""
+    B, C, H, W = X.shape
+    _, idx, val = flat_codes(dec, X)
+    per_image = class_gig(pipe, point, dec, idx, val, labels, (H, W))  # [B, K]
+    lab = labels.cpu().numpy()
+    return np.stack([per_image[lab == c].sum(0) for c in range(pipe.num_classes)])
 
-    Class importance (Eq. 7): GIG of each concept to the softmax probability of the class, summed over the
-    validation images of that class. For an image of class c, the ``opts.curve_concepts`` most important
-    concepts for c are removed from (deletion) / inserted into (insertion, from the bias alone) every
-    position's code in ``opts.curve_steps`` equal steps; the rest of the network runs from the edited
-    reconstruction and the curve is the softmax probability of c. AUCs on x = fraction of those concepts.
+
+@torch.no_grad()
+def _edited_logits(rest, idx, val, dec, orders, counts, mode, spatial, batch: int) -> torch.Tensor:
+    """``[B, G, n_out]`` outputs of ``rest`` for every image's codes ``idx/val [B, P, s]`` edited at the
+    ``counts [G]`` of its own order ``orders[b]``; ``batch`` images per forward pass."""
+    out = []
+    for i0 in range(0, idx.shape[0], batch):
+        X = torch.cat([edited_inputs(idx[i], val[i], dec.V, dec.bias, orders[i], counts, mode, spatial)
+                       for i in range(i0, min(i0 + batch, idx.shape[0]))])
+        y = rest(X).detach().double().cpu()
+        out.append(y.reshape(-1, len(counts), *y.shape[1:]))
+    return torch.cat(out)
+
+
+def _curves(values: np.ndarray, x: np.ndarray) -> dict:
+    """Mean curve ``[G]`` over images of ``values [B, G]`` sampled at ``x [G]``, and its AUC (= mean AUC)."""
+    a = auc(values, x)
+    return {"x": [float(f"{v:.6g}") for v in x], "curve": [float(f"{v:.6g}") for v in values.mean(0)],
+            "auc": float(a.mean()), "auc_std": float(a.std()), "n": int(len(values))}
+
+
+def c_deletion(pipe, point: str, dec, X: torch.Tensor, labels: torch.Tensor, importance: np.ndarray, opts) -> dict:
+    """C-Deletion / C-Insertion (paper §4.2.1, Fel et al. 2024) and reconstruction quality (Table 1) of one
+    method at one layer.
+
+    Concepts are ordered per class by ``importance [n_classes, K]`` (Eq. 7, computed on *other* images:
+    :func:`class_importance` of the held-out split). For each evaluated image of class c the concepts
+    are removed from (deletion) / inserted into (insertion, from the bias alone) every position's code
+    in that order; the rest of the network runs from the edited reconstruction. Two scores:
+
+    * ``accuracy`` (the paper's): the share of evaluated images predicted as their class, as concepts
+      are edited until none / all remain; x = fraction of all K concepts, sampled at
+      :func:`~gig_fast.validation.metrics.curve_grid` (one concept at a time over the first
+      ``curve_concepts``, then ``accuracy_steps`` uniform steps); ``probability_all`` is the softmax
+      probability of the class on the same curve.
+    * ``probability`` (this suite's earlier score, kept): the softmax probability of the class over the
+      top ``curve_concepts`` concepts only, in ``curve_steps`` steps; x = fraction of those N.
 
     Args:
-        X: ``[B, C, H, W]`` the layer's pre-activations of the validation images; labels: ``[B]``.
+        X: ``[B, C, H, W]`` the layer's pre-activations of the evaluated images; labels: ``[B]``.
     """
     B, C, H, W = X.shape
     rows, idx, val = flat_codes(dec, X)
     K = dec.V.shape[0]
     recon = _reconstruct(idx, val, dec)
-    quality = reconstruction_quality(rows, recon, (idx >= 0).sum(-1).reshape(-1), K)
-    per_image = class_gig(pipe, point, dec, idx, val, labels, (H, W))  # [B, K]
-    lab = labels.numpy()
-    importance = np.stack([per_image[lab == c].sum(0) for c in range(pipe.num_classes)])  # [n_classes, K]
+    quality = reconstruction_quality(rows, recon, ((idx >= 0) & (val != 0)).sum(-1).reshape(-1), K)
+    lab = labels.cpu().numpy()
     N = min(opts.curve_concepts, K)
-    counts = step_counts(N, opts.curve_steps)
+    top_counts = step_counts(N, opts.curve_steps)
+    grid = curve_grid(K, N, opts.curve_steps, opts.accuracy_steps)
+    at_top = np.searchsorted(grid, top_counts)
+    orders = [torch.from_numpy(np.argsort(-importance[int(c)], kind="stable").copy()) for c in lab]
     rest = pipe.adapter.f_ab(point, None)
-    curves = {m: [] for m in ("deletion", "insertion")}
-    for i in range(B):
-        c = int(lab[i])
-        order = torch.from_numpy(np.argsort(-importance[c], kind="stable")[:N].copy())
-        score = lambda out, c=c: class_score(out, c, pipe.config.class_probability)  # noqa: E731
-        for m in curves:
-            cur = concept_curve(rest, idx[i], val[i], dec.V, dec.bias, order, counts, m, score, (H, W))
-            curves[m].append(on_grid(cur, opts.curve_steps))
-    d, ins = curve_summary(np.stack(curves["deletion"])), curve_summary(np.stack(curves["insertion"]))
-    return {"deletion": d, "insertion": ins, "auc_difference": ins["auc"] - d["auc"], "quality": quality,
-            "concepts": N, "steps": int(len(counts) - 1), "K": K}
+    out: dict = {}
+    for mode in ("deletion", "insertion"):
+        logits = _edited_logits(rest, idx, val, dec, orders, grid, mode, (H, W), opts.curve_batch)  # [B, G, n]
+        hits = np.stack([label_hits(logits[i], int(lab[i])).numpy() for i in range(B)])
+        prob = np.stack([class_score(logits[i], int(lab[i])).numpy() for i in range(B)])
+        out[mode] = {"accuracy": _curves(hits, grid / K), "probability_all": _curves(prob, grid / K),
+                     "probability": {**_curves(prob[:, at_top], top_counts / max(N, 1)), "concepts": N}}
+    res = {score: {"deletion": out["deletion"][score], "insertion": out["insertion"][score]}
+           for score in ("accuracy", "probability_all", "probability")}
+    for r in res.values():
+        r["auc_difference"] = r["insertion"]["auc"] - r["deletion"]["auc"]
+    return {**res, "quality": quality, "concepts": N, "grid": [int(g) for g in grid], "K": K,
+            "reconstruction_accuracy": out["insertion"]["accuracy"]["curve"][-1], "images": int(B)}
 
 
 def _reconstruct(idx, val, dec) -> torch.Tensor:
@@ -198,23 +238,10 @@ def noise_robustness(pipe, point: str, dec, clean: tuple, noisy: tuple, opts) ->
             "accuracy_noisy": float((log1.argmax(1) == lab).float().mean()), "images": int(B)}
 
 
-def ablation_point(pipe, point: str, K: int, X_train: torch.Tensor, rows: torch.Tensor, stored: dict | None) -> dict:
-    """Table 3: concepts with ``K`` clusters on the stage-1 PFVs ``X_train [N, C]``, coded on ``rows [M, C]``.
-
-    ``stored`` (the pipeline's concepts) is reused when its K matches.
-    """
-    from .baselines import ours
-
-    cfg = pipe.config
-    beta = pipe.adapter.bn_shift(point).to(X_train)
-    if K > X_train.shape[0]:
-        return {"K": K, "skipped": f"K={K} > N={X_train.shape[0]} stage-1 PFVs"}
-    if stored is not None and stored["V"].shape[0] == K:
-        V = stored["V"].to(X_train)
-    else:
-        V, _ = bisecting_kmeans(X_train, K, beta, cfg.seed, cfg.kmeans_mode)
-        V = V.to(X_train).detach()
-    dec = ours(V, beta, cfg.lam, cfg.code_method, cfg.positive)
+def decomposition_quality(dec, rows: torch.Tensor) -> dict:
+    """Rel-L2, l0 ratio (Table 1) and the mean number of active concepts per PFV of ``rows [M, C]``
+    coded by ``dec``: one point of a sparsity–error curve, or one cell of Table 3."""
     idx, val = dec.encode(rows)
-    recon = _reconstruct(idx, val.to(V.dtype), dec)
-    return reconstruction_quality(rows, recon, (idx >= 0).sum(-1), K)
+    recon = _reconstruct(idx, val.to(dec.V.dtype), dec)
+    nnz = ((idx >= 0) & (val != 0)).sum(-1)
+    return reconstruction_quality(rows.to(recon.dtype), recon, nnz, dec.V.shape[0])

@@ -11,21 +11,29 @@ from typing import Callable
 import numpy as np
 import torch
 
-__all__ = ["auc", "step_counts", "edit_codes", "edited_inputs", "concept_curve", "class_score",
-           "max_projection", "reconstruction_quality", "top_overlap", "dense_to_padded"]
+__all__ = ["auc", "step_counts", "curve_grid", "edit_codes", "edited_inputs", "concept_curve", "class_score",
+           "label_hits", "max_projection", "reconstruction_quality", "top_overlap", "dense_to_padded",
+           "interpolate_at"]
 
 MODES = ("deletion", "insertion")
 
 
-def auc(curve) -> np.ndarray:
-    """Area under ``curve [..., S+1]`` sampled uniformly on x ∈ [0, 1] (trapezoid rule).
+def auc(curve, x=None) -> np.ndarray:
+    """Area under ``curve [..., S+1]`` (trapezoid rule) sampled at ``x [S+1]`` (increasing, from 0 to 1;
+    None: uniform on [0, 1]).
 
     A single sample (S = 0) has the area of that constant value.
     """
     y = np.asarray(curve, dtype=np.float64)
     if y.shape[-1] == 1:
         return y[..., 0]
-    return np.trapezoid(y, dx=1.0 / (y.shape[-1] - 1), axis=-1)
+    if x is None:
+        return np.trapezoid(y, dx=1.0 / (y.shape[-1] - 1), axis=-1)
+    x = np.asarray(x, dtype=np.float64)
+    if x.shape != y.shape[-1:] or np.any(np.diff(x) <= 0) or x[0] != 0 or x[-1] != 1:
+        raise ValueError(f"x must increase from 0 to 1 with one value per curve sample, got {x.tolist()[:5]}… "
+                         f"({x.size} values for {y.shape[-1]} samples)")
+    return np.trapezoid(y, x=x, axis=-1)
 
 
 def step_counts(n: int, steps: int) -> np.ndarray:
@@ -37,6 +45,21 @@ def step_counts(n: int, steps: int) -> np.ndarray:
         raise ValueError(f"need n ≥ 0 and steps ≥ 1, got n={n}, steps={steps}")
     s = min(steps, n)
     return np.rint(np.linspace(0, n, s + 1)).astype(np.int64) if s else np.zeros(1, np.int64)
+
+
+def curve_grid(K: int, top: int, top_steps: int, steps: int) -> np.ndarray:
+    """Numbers of concepts edited along a C-Deletion / C-Insertion curve over all ``K`` concepts.
+
+    The union of :func:`step_counts` ``(top, top_steps)`` (every concept of the first ``top``, so the
+    top-``top`` curve is a sub-curve) and ``(K, steps)`` (uniform in the fraction of all K): the curve
+    starts one concept at a time, where the class score changes most, and reaches ``K`` (none / all left).
+
+    Returns:
+        ``[G]`` increasing int64 counts from 0 to K.
+    """
+    if not 0 <= top <= K:
+        raise ValueError(f"need 0 ≤ top ≤ K, got top={top}, K={K}")
+    return np.union1d(step_counts(top, top_steps), step_counts(K, steps)).astype(np.int64)
 
 
 def edit_codes(idx: torch.Tensor, val: torch.Tensor, order: torch.Tensor, counts, mode: str) -> torch.Tensor:
@@ -98,6 +121,13 @@ def class_score(logits: torch.Tensor, cls: int, probability: bool = True) -> tor
     return torch.softmax(logits, dim=1)[:, cls] if probability else logits[:, cls]
 
 
+def label_hits(logits: torch.Tensor, cls: int) -> torch.Tensor:
+    """``[n]`` 1.0 where the predicted class (argmax of ``logits [n, n_classes]``) is ``cls``, else 0.0.
+
+    The mean over images of this is the accuracy that the paper's C-Deletion / C-Insertion curves plot."""
+    return (logits.argmax(dim=1) == cls).to(torch.float64)
+
+
 def max_projection(out: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``[n]`` max over positions of ⟨Ω_p, v/‖v‖⟩ for layer outputs ``out [n, C, H, W]`` and a concept ``v [C]``."""
     proj = torch.einsum("nchw,c->nhw", out, v.to(out.dtype) / v.norm().clamp_min(1e-30))
@@ -105,14 +135,16 @@ def max_projection(out: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def reconstruction_quality(X: torch.Tensor, X_hat: torch.Tensor, nnz: torch.Tensor, K: int) -> dict:
-    """Paper Table 1: mean relative L2 ``‖x − x̂‖/‖x‖`` and mean l0 ratio ``1 − nnz/K`` over rows.
+    """Paper Table 1: mean relative L2 ``‖x − x̂‖/‖x‖`` and mean l0 ratio ``1 − nnz/K`` over rows, and
+    ``active``, the mean number of non-zero coefficients per row.
 
     Args:
         X, X_hat: ``[N, C]`` PFVs and reconstructions; nnz: ``[N]`` non-zero coefficients per row; K: concepts.
     """
     rel = (X - X_hat).norm(dim=1) / X.norm(dim=1).clamp_min(1e-12)
     l0 = 1.0 - nnz.double() / K
-    return {"rel_l2": float(rel.double().mean()), "l0_ratio": float(l0.mean()), "pfvs": int(X.shape[0]), "K": int(K)}
+    return {"rel_l2": float(rel.double().mean()), "l0_ratio": float(l0.mean()), "active": float(nnz.double().mean()),
+            "pfvs": int(X.shape[0]), "K": int(K)}
 
 
 def top_overlap(a, b, k: int) -> float:
@@ -135,3 +167,19 @@ def dense_to_padded(U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     idx = torch.where(keep, order, torch.full_like(order, -1))
     val = torch.where(keep, torch.gather(U, 1, order), torch.zeros((), dtype=U.dtype))
     return idx.contiguous(), val.contiguous()
+
+
+def interpolate_at(x_query, x, y) -> np.ndarray:
+    """``y`` at ``x_query`` by linear interpolation in ``log(x)`` over the sorted samples ``(x [n], y [n])``
+    (NaN outside their range): a sparsity–error curve read at a given number of active concepts."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    q = np.atleast_1d(np.asarray(x_query, dtype=np.float64))
+    keep = np.isfinite(x) & np.isfinite(y) & (x > 0)
+    x, y = x[keep], y[keep]
+    if x.size == 0:
+        return np.full(q.shape, np.nan)
+    order = np.argsort(x, kind="stable")
+    x, y = x[order], y[order]
+    out = np.interp(np.log(np.maximum(q, 1e-300)), np.log(x), y)
+    out[(q < x[0]) | (q > x[-1])] = np.nan
+    return out

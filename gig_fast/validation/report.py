@@ -1,22 +1,35 @@
-"""Validation outputs: ``validation.json``, Markdown tables in the paper's layout, PNG plots, an HTML section."""
+"""Validation outputs: ``validation.json``, Markdown tables in the paper's layout, PNG plots, an HTML section
+(also put into ``report.html`` with the PFV decomposition cards of App. E).
+
+What the figures and the explorer draw — the ``crop``/``crops``/``pictures`` fields of the appendix
+experiments and the attacked images' graphs (``graph``) — goes to ``validation_figures.json``;
+``validation.json`` keeps the numbers.
+"""
 from __future__ import annotations
 
 import base64
+import copy
 import html
-import re
+import io
 from pathlib import Path
 
-from ..pipeline.store import atomic_write_text, save_json
+import numpy as np
 
-__all__ = ["write_outputs", "tables_markdown"]
+from ..explorer import insert_decompositions, insert_section
+from ..pipeline.store import atomic_write_text, save_json
+from .metrics import interpolate_at
+
+__all__ = ["write_outputs", "tables_markdown", "split_pictures", "MATCHED_ACTIVE"]
 
 _NAMES = {"dictionary_learning": "DictionaryLearning", "sae": "SAE", "ours": "Ours"}
 _ORDER = ("dictionary_learning", "sae", "ours")
 _COLORS = {"dictionary_learning": "tab:orange", "sae": "tab:red", "ours": "tab:blue"}
+MATCHED_ACTIVE = (2, 3, 4, 6, 8, 12, 16)  # active concepts per PFV at which the sparsity–error curves are read
+_PICTURE_KEYS = {"crop", "crops", "pictures", "graph"}
 
 
 def _f(x) -> str:
-    return "–" if x is None else f"{x:.4f}"
+    return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.4f}"
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -25,28 +38,101 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
+def split_pictures(doc: dict) -> tuple[dict, dict]:
+    """``(numbers, figures)``: ``doc`` without its picture and graph fields, and the appendix experiments
+    (``decomposition``, ``trajectory``, ``attack``) with them."""
+    def strip(obj):
+        if isinstance(obj, dict):
+            return {k: strip(v) for k, v in obj.items() if k not in _PICTURE_KEYS}
+        if isinstance(obj, list):
+            return [strip(v) for v in obj]
+        return obj
+    pictures = {k: doc[k] for k in ("decomposition", "trajectory", "attack") if k in doc}
+    return strip(doc), copy.deepcopy(pictures)
+
+
+# ---------------------------------------------------------------------------------------------
+# tables
+# ---------------------------------------------------------------------------------------------
 def _table1(doc) -> str:
     cd = doc["c_deletion"]
     layers = doc["layers"]["layers"]
     rows = []
     for m in _ORDER:
         if m in cd:
-            for key, lab in (("rel_l2", "Rel-l2 (↓)"), ("l0_ratio", "l0 ratio (↑)")):
-                rows.append([_NAMES[m], lab] + [_f(cd[m][p]["quality"][key]) if p in cd[m] else "–" for p in layers])
+            for key, lab in (("rel_l2", "Rel-l2 (↓)"), ("l0_ratio", "l0 ratio (↑)"), ("active", "active per PFV")):
+                rows.append([_NAMES[m], lab] + [_f(cd[m][p]["quality"].get(key)) if p in cd[m] else "–" for p in layers])
     return _md_table(["Method", "Metric"] + layers, rows)
 
 
-def _table2(doc) -> str:
+def _table2(doc, score: str) -> str:
     cd = doc["c_deletion"]
     layers = doc["layers"]["layers"]
     rows = []
     for m in _ORDER:
         if m in cd:
-            for lab, get in (("Deletion AUC (↓)", lambda r: r["deletion"]["auc"]),
-                             ("Insertion AUC (↑)", lambda r: r["insertion"]["auc"]),
-                             ("Ins − Del (↑)", lambda r: r["auc_difference"])):
+            for lab, get in (("Deletion AUC (↓)", lambda r: r[score]["deletion"]["auc"]),
+                             ("Insertion AUC (↑)", lambda r: r[score]["insertion"]["auc"]),
+                             ("Ins − Del (↑)", lambda r: r[score]["auc_difference"])):
                 rows.append([_NAMES[m], lab] + [_f(get(cd[m][p])) if p in cd[m] else "–" for p in layers])
+            if score == "accuracy":
+                rows.append([_NAMES[m], "accuracy of the reconstruction"]
+                            + [_f(cd[m][p]["reconstruction_accuracy"]) if p in cd[m] else "–" for p in layers])
     return _md_table(["Method", "Metric"] + layers, rows)
+
+
+def _table_fits(doc) -> str:
+    rows = []
+    cd = doc["c_deletion"]
+    for m in ("dictionary_learning", "sae"):
+        for p, r in cd.get(m, {}).items():
+            fit = r.get("fit", {})
+            if m == "sae":
+                last = fit.get("loss_curve", {}).get("loss", [None])[-1]
+                detail = (f"λ {fit.get('lambda')}, {fit.get('steps')} steps, final loss {_f(last)}, "
+                          f"relative loss change between the last two tenths of the constant-rate phase "
+                          f"{_f(fit.get('converged_rel_change'))}, dead units {fit.get('dead_units')}")
+            else:
+                obj = fit.get("objective") or [None]
+                detail = (f"α {fit.get('alpha', 0):.4g}, {fit.get('iterations')} of ≤ {fit.get('max_iterations')} "
+                          f"iterations ({fit.get('fit_algorithm')} fit, lasso_lars codes, start: {fit.get('init')}), "
+                          f"objective per PFV {' → '.join(f'{v:.4g}' for v in obj)}")
+            rows.append([_NAMES[m], p, str(fit.get("K")), str(fit.get("train_vectors")), detail,
+                         str(fit.get("fit_seconds"))])
+    return _md_table(["Method", "Layer", "K", "training PFVs", "fit", "fit s"], rows)
+
+
+def _sparsity_rows(sp: dict) -> tuple[list[str], list[list[str]], list[list[str]]]:
+    layers = sorted({p for m in sp.values() for p in m}, key=lambda p: list(sp.get("ours", {})).index(p)
+                    if p in sp.get("ours", {}) else 99)
+    levels, matched = [], []
+    for p in layers:
+        for m in _ORDER:
+            if p not in sp.get(m, {}):
+                continue
+            pts = sp[m][p]
+            lev = "λ" if m == "sae" else "λ_rel"
+            levels.append([p, _NAMES[m], ", ".join(f"{lev} {r['level']:g}: {r['active']:.2f} / {r['rel_l2']:.3f}"
+                                                   for r in pts)])
+            act = [r["active"] for r in pts]
+            rel = [r["rel_l2"] for r in pts]
+            matched.append([p, _NAMES[m]] + [_f(v) for v in interpolate_at(MATCHED_ACTIVE, act, rel)])
+    return layers, levels, matched
+
+
+def _table_inter(res: dict) -> str:
+    rows = []
+    for t, r in res.items():
+        if t == "images":
+            continue
+        if not r.get("pairs"):
+            rows.append([t, "–", "–", "–", "–", "–", "–", "0"])
+            continue
+        rows.append([t, _f(r["gig"]["deletion"]["auc"]), _f(r["random"]["deletion"]["auc"]),
+                     _f(r["deletion_auc_difference"]), _f(r["gig"]["insertion"]["auc"]),
+                     _f(r["random"]["insertion"]["auc"]), _f(r["insertion_auc_difference"]), str(r["pairs"])])
+    return _md_table(["Transition", "Del AUC GIG", "Del AUC random", "Δ del (random − GIG, ↑)", "Ins AUC GIG",
+                      "Ins AUC random", "Δ ins (GIG − random, ↑)", "(image, target) pairs"], rows)
 
 
 def _table3(doc) -> str:
@@ -61,21 +147,6 @@ def _table3(doc) -> str:
     return _md_table(["k"] + [f"Rel-l2 {p}" for p in layers] + [f"l0 ratio {p}" for p in layers], rows)
 
 
-def _table_inter(doc) -> str:
-    rows = []
-    for t, r in doc["inter_layer"].items():
-        if t == "images":
-            continue
-        if not r.get("pairs"):
-            rows.append([t, "–", "–", "–", "–", "–", "–", "0"])
-            continue
-        rows.append([t, _f(r["gig"]["deletion"]["auc"]), _f(r["random"]["deletion"]["auc"]),
-                     _f(r["deletion_auc_difference"]), _f(r["gig"]["insertion"]["auc"]),
-                     _f(r["random"]["insertion"]["auc"]), _f(r["insertion_auc_difference"]), str(r["pairs"])])
-    return _md_table(["Transition", "Del AUC GIG", "Del AUC random", "Δ del (random − GIG, ↑)", "Ins AUC GIG",
-                      "Ins AUC random", "Δ ins (GIG − random, ↑)", "(image, target) pairs"], rows)
-
-
 def _table_noise(doc) -> str:
     rows = []
     for p, r in doc["noise"].items():
@@ -87,24 +158,105 @@ def _table_noise(doc) -> str:
                       "chance k/K", "accuracy clean", "accuracy noisy"], rows)
 
 
+def _attack_md(doc) -> list[str]:
+    at = doc["attack"]
+    parts = [f"Targeted L∞ PGD, ε = {at['eps']:g} (pixel units), step {at['step_size']:g}, ≤ {at['steps']} steps; "
+             "target = the image's least likely class. Per layer: share of the image graph's top concepts that are "
+             "among the target / source class's top concepts (the graph's class top sets), attacked vs clean.", ""]
+    if not at["attacks"]:
+        return parts + ["No correctly classified image to attack.", ""]
+    for a in at["attacks"]:
+        parts += [f"**Image #{a['image']}** ({a['source_name']} → {a['target_name']}): "
+                  f"{'reached' if a['success'] else 'did NOT reach'} the target in {a['steps']} steps, "
+                  f"|δ|∞ = {a['linf_pixels']:.3f}, p(target) {a['clean_target_probability']:.3f} → "
+                  f"{a['target_probability']:.3f}, predicted {a['prediction']}.", ""]
+        rows = []
+        for p, r in a["layers"].items():
+            tq = ", ".join(f"#{n['concept']}" for n in r["attacked"] if n["in_target"]) or "–"
+            rows.append([p, _f(r["target_share_attacked"]), _f(r["target_share_clean"]),
+                         _f(r["source_share_attacked"]), _f(r["source_share_clean"]), _f(r["shared_with_clean"]), tq])
+        parts += [_md_table(["Layer", "target-class share (attacked)", "(clean)", "source-class share (attacked)",
+                             "(clean)", "attacked ∩ clean", "target-class concepts in the attacked graph"], rows), ""]
+        origins = []
+        for key, srcs in a["origins"].items():
+            desc = "; ".join(f"#{s['concept']} ({s['layer']}, GIG {s['gig']:.3g}"
+                             + (", source-class" if s["in_source"] else "") + (", target-class" if s["in_target"] else "")
+                             + (", in the clean graph" if s["in_clean"] else "") + ")" for s in srcs)
+            origins.append(f"* {key.replace('|', ' #')} ← {desc or 'no edges'}")
+        if origins:
+            parts += ["Where the target-class concepts come from (their strongest sources one layer down):", ""]
+            parts += origins + [""]
+    return parts
+
+
+def _decomposition_md(doc) -> list[str]:
+    rows = []
+    for p, d in doc["decomposition"].items():
+        terms = "; ".join(f"{t['coefficient']:+.2f} × #{t['concept']} ({100 * t['share']:.0f} %)" for t in d["terms"])
+        rows.append([p, f"#{d['image']} ({d['class_name']})", f"({d['yx'][0]}, {d['yx'][1]})", str(d["active"]),
+                     _f(d["rel_l2"]), terms])
+    return [_md_table(["Layer", "image", "position", "active", "rel-L2", "top concepts: coefficient × concept "
+                       "(share of Σ|u|‖v‖)"], rows), ""]
+
+
+def _trajectory_md(doc) -> list[str]:
+    tr = doc["trajectory"]
+    rows = []
+    for a in tr["anchors"]:
+        for k in a["per_k"]:
+            rows.append([f"{a['class_name']} (#{a['concept']} at K = {a.get('concept_K')})", str(k["K"]),
+                         f"#{k['concept']}", str(k["size"]), _f(k["cosine_distance"]),
+                         " → ".join(f"{c:.2f}" for c in k["path_cosine"])])
+    return [_md_table(["anchor (class, concept)", "K", "cluster", "members", "cosine distance centre–farthest",
+                       "cos(centre, sample) along the path"], rows), ""]
+
+
 def tables_markdown(doc: dict) -> str:
     """Every table of ``validation.json`` as Markdown, in the paper's layout (methods × metric rows, layers as columns)."""
     o = doc["options"]
-    parts = [f"# GIG validation (run {doc['run_key']}, validation {doc['validation_key']})", "",
-             f"Score of the C-Deletion/C-Insertion curves: {doc['score']}.", ""]
+    parts = [f"# GIG validation (run {doc['run_key']}, validation {doc['validation_key']})", ""]
     if "c_deletion" in doc:
-        n = len(doc["c_deletion"]["images"])
-        parts += [f"## Table 1 — reconstruction (all PFVs of {n} validation images per layer)", "", _table1(doc), "",
-                  f"## Table 2 — C-Deletion / C-Insertion AUC (top {o['curve_concepts']} concepts by Eq. 7, "
-                  f"{o['curve_steps']} steps, {n} images)", "", _table2(doc), ""]
+        cd = doc["c_deletion"]
+        n, h = len(cd["images"]), len(cd.get("importance_images", []))
+        parts += [f"## Table 1 — reconstruction (all PFVs of {n} evaluated images per layer)", "", _table1(doc), "",
+                  f"## Table 2 — C-Deletion / C-Insertion (paper §4.2.1): accuracy over {n} evaluated images as "
+                  f"concepts are deleted / inserted in Eq. 7 order until none / all remain", "",
+                  f"Order of the concepts: Eq. 7 importance (GIG to the class probability) summed over {h} other "
+                  f"(held-out) explained images of each class. x = fraction of all K concepts (one at a time over "
+                  f"the first {o['curve_concepts']}, then {o['accuracy_steps']} uniform steps).", "",
+                  _table2(doc, "accuracy"), "",
+                  f"## Table 2b — the class probability over the top {o['curve_concepts']} concepts "
+                  f"({o['curve_steps']} steps; same held-out order), the earlier score of this suite", "",
+                  _table2(doc, "probability"), ""]
+        if any(m in cd for m in ("dictionary_learning", "sae")):
+            parts += ["## Baselines — how they were fitted (SAE loss curves: validation_plots/sae_loss_curves.png)",
+                      "", _table_fits(doc), ""]
+    if doc.get("sparsity"):
+        layers, levels, matched = _sparsity_rows(doc["sparsity"])
+        parts += ["## Sparsity–error curves (rel-L2 against active concepts per PFV; same PFVs as Table 1)", "",
+                  "Measured points (level: active per PFV / rel-L2):", "",
+                  _md_table(["Layer", "Method", "points"], levels), "",
+                  "Rel-L2 at matched sparsity (read off each curve, linear in log(active); – outside its range):", "",
+                  _md_table(["Layer", "Method"] + [f"{a} active" for a in MATCHED_ACTIVE], matched), ""]
     if "ablation" in doc:
         parts += ["## Table 3 — number of concepts K (same PFVs as Table 1)", "", _table3(doc), ""]
     if "inter_layer" in doc:
-        parts += [f"## Inter-layer deletion / insertion (Fig. 5; {len(doc['inter_layer']['images'])} images × top "
-                  f"{o['inter_targets']} target concepts, {o['inter_steps']} steps)", "", _table_inter(doc), ""]
+        parts += [f"## Inter-layer deletion / insertion, consecutive blocks ({len(doc['inter_layer']['images'])} "
+                  f"images × top {o['inter_targets']} target concepts, {o['inter_steps']} steps)", "",
+                  _table_inter(doc["inter_layer"]), ""]
+    if len(doc.get("inter_layer_paper", {})) > 1:
+        parts += ["## Inter-layer deletion / insertion, the paper's Fig. 5 transitions (several blocks each)", "",
+                  _table_inter(doc["inter_layer_paper"]), ""]
     if "noise" in doc:
         parts += [f"## Noise robustness (App. J; Gaussian σ = {doc['noise']['sigma'] * 255:.0f}/255, "
                   f"{len(doc['noise']['images'])} images)", "", _table_noise(doc), ""]
+    if "attack" in doc:
+        parts += ["## Targeted adversarial attack (App. J, Fig. 12)", ""] + _attack_md(doc)
+    if doc.get("decomposition"):
+        parts += ["## PFV decomposition (App. E, Figs. 7–9; figure validation_plots/appE_decomposition.png, "
+                  "cards in report.html)", ""] + _decomposition_md(doc)
+    if doc.get("trajectory", {}).get("anchors"):
+        parts += [f"## Concept trajectory (App. I, Fig. 11) at {doc['trajectory']['layer']}", ""] + _trajectory_md(doc)
     parts += ["Compute time of the units (s, summed over the runs that computed them): "
               + ", ".join(f"{k} {v}" for k, v in doc.get("compute_s", {}).items()),
               "Wall time of this run (s; finished units are loaded, not recomputed): "
@@ -112,6 +264,8 @@ def tables_markdown(doc: dict) -> str:
     return "\n".join(parts)
 
 
+# ---------------------------------------------------------------------------------------------
+# plots
 # ---------------------------------------------------------------------------------------------
 def _grid(plt, n: int, cols: int = 4):
     """A figure of ``n`` panels × (deletion, insertion), ``cols`` panels per row: ``grid(j, mode) → axes``."""
@@ -125,79 +279,231 @@ def _grid(plt, n: int, cols: int = 4):
     return fig, lambda j, i: axes[2 * (j // c) + i, j % c]
 
 
-def _plots(doc: dict, folder: Path) -> list[str]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+def _image(uri: str | None) -> np.ndarray | None:
+    if not uri:
+        return None
+    from PIL import Image
 
-    folder.mkdir(parents=True, exist_ok=True)
-    files = []
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("RGB"))
 
-    def save(fig, name):
-        path = folder / name
+
+class _Saver:
+    def __init__(self, plt, folder: Path):
+        self.plt, self.folder, self.files = plt, folder, []
+
+    def __call__(self, fig, name):
+        path = self.folder / name
         tmp = path.with_name(f".{name}.tmp.png")
         fig.savefig(tmp, dpi=90, bbox_inches="tight")
-        plt.close(fig)
+        self.plt.close(fig)
         tmp.replace(path)
-        files.append(str(path))
+        self.files.append(str(path))
 
-    if "c_deletion" in doc:
-        cd = doc["c_deletion"]
-        layers = doc["layers"]["layers"]
+
+def _plot_c_deletion(plt, np_, doc, save):
+    cd = doc["c_deletion"]
+    layers = doc["layers"]["layers"]
+    for score, name, ylab, xlab in (
+            ("accuracy", "c_deletion_accuracy_curves.png", "accuracy", "concepts edited (of all K; symlog)"),
+            ("probability", "c_deletion_probability_curves.png", "class probability", "fraction of the top concepts")):
         fig, grid = _grid(plt, len(layers))
         for j, p in enumerate(layers):
             for i, mode in enumerate(("deletion", "insertion")):
                 ax = grid(j, i)
                 for m in _ORDER:
                     if m in cd and p in cd[m]:
-                        y = cd[m][p][mode]["curve"]
-                        ax.plot(np.linspace(0, 1, len(y)), y, color=_COLORS[m], label=_NAMES[m])
+                        r = cd[m][p][score][mode]
+                        x = np_.asarray(r["x"]) * (cd[m][p]["K"] if score == "accuracy" else 1)
+                        ax.plot(x, r["curve"], color=_COLORS[m], label=_NAMES[m])
+                if score == "accuracy":
+                    ax.set_xscale("symlog", linthresh=1)
                 ax.set_title(f"{p} {mode}", fontsize=8)
                 ax.tick_params(labelsize=6)
         grid(0, 0).legend(fontsize=7)
-        grid(0, 0).set_ylabel("class probability", fontsize=7)
-        grid(0, 1).set_xlabel("fraction of the top concepts edited", fontsize=7)
-        save(fig, "c_deletion_insertion_curves.png")
-        fig, axes = plt.subplots(1, 3, figsize=(14, 3.5))
-        for ax, (lab, get) in zip(axes, (("Deletion AUC (↓)", lambda r: r["deletion"]["auc"]),
-                                        ("Insertion AUC (↑)", lambda r: r["insertion"]["auc"]),
-                                        ("Ins − Del (↑)", lambda r: r["auc_difference"]))):
+        grid(0, 0).set_ylabel(ylab, fontsize=7)
+        grid(0, 1).set_xlabel(xlab, fontsize=7)
+        save(fig, name)
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
+    for row, score in enumerate(("accuracy", "probability")):
+        for ax, (lab, get) in zip(axes[row], (("Deletion AUC (↓)", lambda r: r[score]["deletion"]["auc"]),
+                                               ("Insertion AUC (↑)", lambda r: r[score]["insertion"]["auc"]),
+                                               ("Ins − Del (↑)", lambda r: r[score]["auc_difference"]))):
             for m in _ORDER:
                 if m in cd:
                     xs = [k for k, p in enumerate(layers) if p in cd[m]]
                     ax.plot(xs, [get(cd[m][layers[k]]) for k in xs], "o-", color=_COLORS[m], label=_NAMES[m])
             ax.set_xticks(range(len(layers)), layers, rotation=60, fontsize=7)
-            ax.set_title(lab)
-        axes[0].legend(fontsize=7)
-        save(fig, "fig4_auc_by_layer.png")
+            ax.set_title(f"{lab} — {score}", fontsize=9)
+    axes[0, 0].legend(fontsize=7)
+    fig.subplots_adjust(hspace=0.6)
+    save(fig, "fig4_auc_by_layer.png")
+
+
+def _plot_fits(plt, doc, save):
+    import matplotlib.ticker
+
+    sae = doc["c_deletion"].get("sae", {})
+    curves = [(p, r["fit"]["loss_curve"]) for p, r in sae.items() if r.get("fit", {}).get("loss_curve")]
+    if not curves:
+        return
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.3 * len(curves), 3), squeeze=False)
+    for ax, (p, c) in zip(axes[0], curves):
+        ax.plot(c["step"], c["loss"], label="loss (Eq. 11, full λ)")
+        ax.plot(c["step"], c["mse"], label="squared error")
+        ax.set_yscale("log")
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_title(p, fontsize=9)
+        ax.set_xlabel("step", fontsize=7)
+        ax.tick_params(labelsize=6)
+    axes[0, 0].legend(fontsize=7)
+    save(fig, "sae_loss_curves.png")
+
+
+def _plot_sparsity(plt, doc, save):
+    import matplotlib
+    import matplotlib.ticker
+
+    sp = doc["sparsity"]
+    layers = sorted({p for m in sp.values() for p in m})
+    fig, axes = plt.subplots(1, len(layers), figsize=(3.4 * len(layers), 3.2), squeeze=False)
+    for ax, p in zip(axes[0], layers):
+        for m in _ORDER:
+            if p in sp.get(m, {}):
+                pts = sorted(sp[m][p], key=lambda r: r["active"])
+                ax.plot([r["active"] for r in pts], [r["rel_l2"] for r in pts], "o-", color=_COLORS[m], label=_NAMES[m])
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xticks([t for t in (1, 2, 4, 8, 16, 32) if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]])
+        ax.set_title(p, fontsize=9)
+        ax.set_xlabel("active concepts per PFV", fontsize=7)
+        ax.tick_params(labelsize=6)
+    axes[0, 0].set_ylabel("rel-L2")
+    axes[0, 0].legend(fontsize=7)
+    save(fig, "sparsity_error.png")
+
+
+def _plot_inter(plt, np_, res, prefix, save):
+    tr = [(t, r) for t, r in res.items() if t != "images" and r.get("pairs")]
+    if not tr:
+        return
+    n = len(tr)
+    fig, grid = _grid(plt, n, cols=min(n, 5))
+    for j, (t, r) in enumerate(tr):
+        for i, mode in enumerate(("deletion", "insertion")):
+            ax = grid(j, i)
+            for name, col in (("gig", "tab:blue"), ("random", "tab:green")):
+                y = r[name][mode]["curve"]
+                ax.plot(np_.linspace(0, 1, len(y)), y, color=col, label=name.upper() if name == "gig" else name)
+            ax.set_title(f"{t.replace('->', '→')} {mode[:3]}.", fontsize=7)
+            ax.tick_params(labelsize=6)
+    grid(0, 0).legend(fontsize=6)
+    grid(0, 0).set_ylabel("projection score", fontsize=7)
+    grid(0, 1).set_xlabel("fraction of active source concepts edited", fontsize=7)
+    save(fig, f"{prefix}_curves.png")
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * n), 3.5))
+    x = np_.arange(n)
+    ax.bar(x - 0.2, [r["deletion_auc_difference"] for _, r in tr], 0.4, label="deletion: random − GIG")
+    ax.bar(x + 0.2, [r["insertion_auc_difference"] for _, r in tr], 0.4, label="insertion: GIG − random")
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_xticks(x, [t.replace("->", "→") for t, _ in tr], rotation=70, fontsize=7)
+    ax.set_ylabel("AUC difference")
+    ax.legend(fontsize=7)
+    save(fig, f"{prefix}_auc_difference.png")
+
+
+def _plot_attack(plt, np_, doc, save):
+    attacks = doc["attack"]["attacks"]
+    if not attacks:
+        return
+    fig, axes = plt.subplots(len(attacks), 4, figsize=(14, 3 * len(attacks)), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 1, 1, 4]})
+    for row, a in zip(axes, attacks):
+        for ax, key, title in zip(row[:3], ("clean", "attacked", "difference"),
+                                  (f"#{a['image']} {a['source_name']}", f"attacked → {a['target_name']}", "δ")):
+            img = _image(a.get("pictures", {}).get(key))
+            if img is not None:
+                ax.imshow(img)
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
+        pts = list(a["layers"])
+        x = np_.arange(len(pts))
+        ax = row[3]
+        for off, k, lab, col in ((-0.3, "target_share_attacked", "target class, attacked", "tab:red"),
+                                 (-0.1, "target_share_clean", "target class, clean", "mistyrose"),
+                                 (0.1, "source_share_attacked", "source class, attacked", "tab:blue"),
+                                 (0.3, "source_share_clean", "source class, clean", "lightsteelblue")):
+            ax.bar(x + off, [a["layers"][p][k] for p in pts], 0.2, label=lab, color=col)
+        ax.set_xticks(x, pts, rotation=60, fontsize=7)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("share of the image graph's top concepts", fontsize=7)
+        ax.legend(fontsize=6, ncol=2)
+    save(fig, "appJ_attack.png")
+
+
+def _plot_decomposition(plt, doc, save):
+    cards = list(doc["decomposition"].values())
+    if not cards:
+        return
+    top = max(len(c["terms"]) for c in cards)
+    per = max((len(t["samples"]) for c in cards for t in c["terms"]), default=1) or 1
+    fig = plt.figure(figsize=(1.2 + 1.1 * top * min(per, 3), 1.6 * len(cards)))
+    gs = fig.add_gridspec(len(cards), 1 + top * min(per, 3), wspace=0.08, hspace=0.5)
+    for i, c in enumerate(cards):
+        ax = fig.add_subplot(gs[i, 0])
+        img = _image(c.get("crop"))
+        if img is not None:
+            ax.imshow(img)
+        ax.set_title(f"{c['layer']}\n#{c['image']} rel-L2 {c['rel_l2']:.2f}", fontsize=6)
+        ax.axis("off")
+        for j, t in enumerate(c["terms"]):
+            for k, s in enumerate(t["samples"][:min(per, 3)]):
+                ax = fig.add_subplot(gs[i, 1 + j * min(per, 3) + k])
+                img = _image(s.get("crop"))
+                if img is not None:
+                    ax.imshow(img)
+                if k == 0:
+                    ax.set_title(f"{t['coefficient']:+.2f} × #{t['concept']}", fontsize=6)
+                ax.axis("off")
+    save(fig, "appE_decomposition.png")
+
+
+def _plot_trajectory(plt, doc, save):
+    rows = [(a, k) for a in doc["trajectory"]["anchors"] for k in a["per_k"]]
+    if not rows:
+        return
+    n = max(len(k["crops"]) for _, k in rows)
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.0 * n + 1, 1.2 * len(rows)), squeeze=False)
+    for (a, k), row in zip(rows, axes):
+        for j, ax in enumerate(row):
+            ax.axis("off")
+            if j < len(k["crops"]):
+                img = _image(k["crops"][j])
+                if img is not None:
+                    ax.imshow(img)
+                ax.set_title(f"{k['path_cosine'][j]:.2f}", fontsize=6)
+        row[0].text(-0.15, 0.5, f"{a['class_name']}\nK={k['K']}\nd={k['cosine_distance']:.2f}", fontsize=6,
+                    transform=row[0].transAxes, ha="right", va="center")
+    save(fig, "appI_trajectory.png")
+
+
+def _plots(doc: dict, folder: Path) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save = _Saver(plt, folder)
+    if "c_deletion" in doc:
+        _plot_c_deletion(plt, np, doc, save)
+        _plot_fits(plt, doc, save)
+    if doc.get("sparsity"):
+        _plot_sparsity(plt, doc, save)
     if "inter_layer" in doc:
-        tr = [(t, r) for t, r in doc["inter_layer"].items() if t != "images" and r.get("pairs")]
-        if tr:
-            n = len(tr)
-            fig, grid = _grid(plt, n)
-            for j, (t, r) in enumerate(tr):
-                for i, mode in enumerate(("deletion", "insertion")):
-                    ax = grid(j, i)
-                    for name, col in (("gig", "tab:blue"), ("random", "tab:green")):
-                        y = r[name][mode]["curve"]
-                        ax.plot(np.linspace(0, 1, len(y)), y, color=col, label=name.upper() if name == "gig" else name)
-                    ax.set_title(f"{t.replace('->', '→')} {mode[:3]}.", fontsize=7)
-                    ax.tick_params(labelsize=6)
-            grid(0, 0).legend(fontsize=6)
-            grid(0, 0).set_ylabel("projection score", fontsize=7)
-            grid(0, 1).set_xlabel("fraction of active source concepts edited", fontsize=7)
-            save(fig, "fig5_inter_layer_curves.png")
-            fig, ax = plt.subplots(figsize=(max(6, 0.5 * n), 3.5))
-            x = np.arange(n)
-            ax.bar(x - 0.2, [r["deletion_auc_difference"] for _, r in tr], 0.4, label="deletion: random − GIG")
-            ax.bar(x + 0.2, [r["insertion_auc_difference"] for _, r in tr], 0.4, label="insertion: GIG − random")
-            ax.axhline(0, color="k", lw=0.5)
-            ax.set_xticks(x, [t.replace("->", "→") for t, _ in tr], rotation=70, fontsize=7)
-            ax.set_ylabel("AUC difference")
-            ax.legend(fontsize=7)
-            save(fig, "fig5_auc_difference.png")
-    if "ablation" in doc and doc["ablation"]:
+        _plot_inter(plt, np, doc["inter_layer"], "fig5_inter_layer", save)
+    if "inter_layer_paper" in doc:
+        _plot_inter(plt, np, doc["inter_layer_paper"], "fig5_paper_transitions", save)
+    if doc.get("ablation"):
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
         for p, r in doc["ablation"].items():
             fs = [f for f in r if "rel_l2" in r[f]]
@@ -222,7 +528,13 @@ def _plots(doc: dict, folder: Path) -> list[str]:
             ax.set_ylabel(f"top-{doc['options']['noise_top']} concepts kept")
             ax.legend(fontsize=7)
             save(fig, "noise_robustness.png")
-    return files
+    if "attack" in doc:
+        _plot_attack(plt, np, doc, save)
+    if doc.get("decomposition"):
+        _plot_decomposition(plt, doc, save)
+    if doc.get("trajectory", {}).get("anchors"):
+        _plot_trajectory(plt, doc, save)
+    return save.files
 
 
 def _md_to_html(md: str) -> str:
@@ -251,13 +563,16 @@ def _md_to_html(md: str) -> str:
 
 
 def write_outputs(out: str | Path, doc: dict) -> dict:
-    """Write ``validation.json``, ``validation.md``, ``validation_plots/*.png``, ``validation_section.html``
-    into ``out`` and insert the section into ``report.html`` (replacing an earlier one). Returns the paths."""
+    """Write ``validation.json`` (numbers), ``validation_figures.json`` (pictures, graphs), ``validation.md``,
+    ``validation_plots/*.png`` and ``validation_section.html`` into ``out``; put the section and the PFV
+    decomposition cards into ``report.html`` (replacing earlier ones). Returns the numbers' dict."""
     out = Path(out)
     plots = _plots(doc, out / "validation_plots")
-    doc["plots"] = [str(Path(p).relative_to(out)) for p in plots]
-    md = tables_markdown(doc) + "\nPlots: " + ", ".join(doc["plots"]) + "\n"
-    save_json(out / "validation.json", doc)
+    numbers, pictures = split_pictures(doc)
+    numbers["plots"] = [str(Path(p).relative_to(out)) for p in plots]
+    md = tables_markdown(numbers) + "\nPlots: " + ", ".join(numbers["plots"]) + "\n"
+    save_json(out / "validation.json", numbers)
+    save_json(out / "validation_figures.json", pictures, compact=True)
     atomic_write_text(out / "validation.md", md)
     # embedded: report.html's content policy loads images from data URIs only (no files, no network)
     imgs = "".join(f'<img alt="{html.escape(Path(p).stem)}" style="max-width:100%" src="data:image/png;base64,'
@@ -266,6 +581,7 @@ def write_outputs(out: str | Path, doc: dict) -> dict:
     atomic_write_text(out / "validation_section.html", section)
     report = out / "report.html"
     if report.exists():
-        text = re.sub(r'<section id="validation">.*?</section>', "", report.read_text(encoding="utf-8"), flags=re.S)
-        atomic_write_text(report, text.replace("</body>", section + "</body>"))
-    return {"json": str(out / "validation.json"), "markdown": str(out / "validation.md"), "plots": plots}
+        page = insert_section(report.read_text(encoding="utf-8"), section, "validation")
+        page = insert_decompositions(page, list(pictures.get("decomposition", {}).values()))
+        atomic_write_text(report, page)
+    return numbers
