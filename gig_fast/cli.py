@@ -82,9 +82,12 @@ def _overrides(pairs) -> dict:
     out = {}
     for item in pairs:
         if "=" not in item:
-            raise SystemExit(f"gig-fast: --set expects KEY=VALUE, got {item!r}")
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
         k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
+        try:
+            out[k.strip()] = yaml.safe_load(v)
+        except yaml.YAMLError as e:
+            raise ValueError(f"--set {item!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e})") from None
     return out
 
 
@@ -117,7 +120,9 @@ def _run_pipeline(cfg, label: str) -> Path:
 
 
 def _summary(out: Path) -> None:
-    m = json.loads((out / "metrics.json").read_text())
+    from .pipeline.store import load_json
+
+    m = load_json(out / "metrics.json")
     print(f"{'layer':10s} {'rel-L2':>8s} {'l0 ratio':>9s}")
     for name, v in m["layers"].items():
         print(f"{name:10s} {v['rel_l2']:8.4f} {v['l0_ratio']:9.4f}")
@@ -171,7 +176,11 @@ def cmd_demo(args) -> int:
 
 
 def _show(out: Path, c1: str, c2: str) -> None:
-    graph = json.loads((Path(out) / "graph.json").read_text())
+    from .pipeline.store import load_json
+
+    if not (Path(out) / "graph.json").exists():
+        raise FileNotFoundError(f"no graph.json in {out}; is it the output folder of a finished run?")
+    graph = load_json(Path(out) / "graph.json")  # a damaged file is an error that names it
     names = {c["name"]: c["id"] for c in graph["classes"]}
     ids = []
     for c in (c1, c2):
@@ -182,9 +191,14 @@ def _show(out: Path, c1: str, c2: str) -> None:
         else:
             raise ValueError(f"unknown class {c!r}; valid: {', '.join(names)}")
     a, b = sorted(ids)
+    if a == b:
+        raise ValueError("a class cannot be paired with itself")
     pg = graph["pair_graphs"].get(f"{a}-{b}")
     if pg is None:
-        raise ValueError("a class cannot be paired with itself")
+        empty = [graph["classes"][c]["name"] for c in (a, b) if str(c) not in graph["class_graphs"]]
+        raise ValueError(f"no shared concepts of {graph['classes'][a]['name']!r} and {graph['classes'][b]['name']!r}: "
+                         + (f"{' and '.join(map(repr, empty))} {'has' if len(empty) == 1 else 'have'} no explained "
+                            "images in this run" if empty else "the run has no graph of this pair"))
     print(f"shared concepts of {graph['classes'][a]['name']} / {graph['classes'][b]['name']} "
           "(layer: concept (min normalised importance)):")
     for layer in [lay["name"] for lay in graph["layers"]][::-1]:
@@ -207,7 +221,7 @@ def cmd_explain(args) -> int:
     cfg = PipelineConfig(**load_json(find_work(run_dir) / "config.json")["config"])
     if cfg.dataset == "fashion-mnist":
         from .models import DEMO_MEAN, DEMO_STD
-        image = load_image(args.image, 28, 1, (DEMO_MEAN,), (DEMO_STD,))
+        image = load_image(args.image, 28, 1, (DEMO_MEAN,), (DEMO_STD,), **cfg.image_limits())
     else:
         pre = cfg.preprocessing()
         kw = dict(size=pre["image_size"], channels=pre["channels"], mean=pre["mean"], std=pre["std"])
@@ -215,7 +229,7 @@ def cmd_explain(args) -> int:
             from .data import OfflinePhotos
             image = OfflinePhotos([args.image[len("photo:"):]], **kw)[0][0]
         else:
-            image = load_image(args.image, **kw)
+            image = load_image(args.image, **kw, **cfg.image_limits())
     from .ops import use_backend
     import contextlib
     with use_backend(args.backend) if args.backend else contextlib.nullcontext():
@@ -239,16 +253,12 @@ def cmd_report(args) -> int:
     return 0
 def _split_validation(path):
     """Pipeline options and the ``validation:`` mapping of a config file (either may be empty)."""
-    import yaml
+    from .pipeline.config import read_config_file
 
     if path is None:
         return {}, {}
     p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"config file {p} does not exist")
-    data = json.loads(p.read_text()) if p.suffix.lower() == ".json" else (yaml.safe_load(p.read_text()) or {})
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {p} must hold a mapping of options")
+    data = read_config_file(p)  # a syntax error names the file and the line
     val = data.pop("validation", None) or {}
     if not isinstance(val, dict):
         raise ValueError(f"'validation' in {p} must be a mapping of validation options")
@@ -301,7 +311,7 @@ def main(argv=None) -> int:
     try:
         return {"run": cmd_run, "demo": cmd_demo, "train-demo": cmd_train_demo, "explain": cmd_explain,
                 "show": cmd_show, "report": cmd_report, "validate": cmd_validate}[args.command](args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # a user error (bad option, file, image, data): one line, no traceback
         print(f"gig-fast: error: {e}", file=sys.stderr)
         return 2
 

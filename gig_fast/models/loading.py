@@ -43,7 +43,27 @@ def load_model(arch: str, weights: str | os.PathLike | None = None, num_classes:
         model = builder(weights=None, num_classes=n_out)
         model.load_state_dict(state)
     elif weights is not None:
-        model = builder(weights=str(weights))
+        model = builder(weights=_torchvision_weights(arch, weights))
     else:
         model = builder(weights=None, num_classes=num_classes or 1000)
     return model.eval()  # freshly built: train mode by construction, nothing to warn about
+
+
+_WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".tar")
+
+
+def _torchvision_weights(arch: str, weights) -> str:
+    """``weights`` as a torchvision weights name of ``arch``; a path that does not exist, or a name that is
+    not one of the model's, is an error that says which (torchvision itself raises a bare KeyError)."""
+    import torchvision
+
+    name = str(weights)
+    if os.sep in name or "/" in name or name.lower().endswith(_WEIGHT_FILE_SUFFIXES):
+        raise FileNotFoundError(f"weights file {name} does not exist")
+    enum = torchvision.models.get_model_weights(arch)
+    valid = [w.name for w in enum]
+    if name.split(".")[-1] not in valid and name != "DEFAULT":
+        raise ValueError(f"weights {name!r} is neither an existing file nor a torchvision weights name of {arch} "
+                         f"(valid: {', '.join(valid + ['DEFAULT'])})")
+    return name
+
