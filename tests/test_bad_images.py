@@ -50,7 +50,7 @@ def folder(tmp_path):
 
 def folder_config(out, root, **kw):
     base = dict(dataset=str(root), image_size=28, channels=1, mean=[0.5], std=[0.5], concept_images=14,
-                explain_images=14, per_class=5, layers=["layer4.2"], gig_tolerance=None, max_image_pixels=2500)
+                explain_images=14, per_class=5, layers=["layer4.2"], gig_tolerance=None)
     return tp.tiny_config(out, **{**base, **kw})
 
 
@@ -89,14 +89,15 @@ def test_huge_images_are_refused_or_downscaled_on_load(folder):
 
 def test_a_folder_run_skips_lists_and_records_bad_images(folder, tmp_path, monkeypatch):
     cfg = folder_config(tmp_path / "out", folder)
-    with pytest.warns(UserWarning, match=r"1 of the 13 selected images cannot be read and are skipped"):
+    with pytest.warns(UserWarning, match=r"1 of the 14 selected images cannot be read and are skipped"):
         pipe = Pipeline(cfg, model=tp.tiny_model())
     out = pipe.run()
     metrics = json.loads((out / "metrics.json").read_text())
     skipped = dict(metrics["skipped_images"])
-    assert set(skipped) == {str(folder / n) for n in ("c0/truncated.jpg", "c1/garbage.png", "c2/bomb.jpg", "c2/large.jpg")}
+    assert set(skipped) == {str(folder / n) for n in ("c0/truncated.jpg", "c1/garbage.png", "c2/bomb.jpg")}
     assert "image file is truncated" in skipped[str(folder / "c0" / "truncated.jpg")]
-    assert metrics["concept_images"] == 12 and metrics["explained_images"] == 12
+    assert "more than max_image_pixels=89,478,485" in skipped[str(folder / "c2" / "bomb.jpg")]
+    assert metrics["concept_images"] == 13 and metrics["explained_images"] == 13
     record = json.loads(next(out.glob("work-*/config.json")).read_text())
     assert record["unreadable"]["skipped"] == [[str(folder / "c0" / "truncated.jpg"),
                                                 skipped[str(folder / "c0" / "truncated.jpg")]]]
@@ -113,7 +114,7 @@ def test_a_folder_run_skips_lists_and_records_bad_images(folder, tmp_path, monke
 
 
 def test_reduce_large_images_keeps_them(folder, tmp_path):
-    cfg = folder_config(tmp_path / "out", folder, reduce_large_images=True)
+    cfg = folder_config(tmp_path / "out", folder, max_image_pixels=2500, reduce_large_images=True)
     with pytest.warns(UserWarning):
         pipe = Pipeline(cfg, model=tp.tiny_model())
     paths = {str(pipe.dataset.samples[i][0]) for i in pipe.concept_ids}
@@ -130,7 +131,7 @@ def test_reduce_large_images_keeps_them(folder, tmp_path):
 def test_explain_on_a_bad_image_is_one_error_line(folder, tmp_path, capsys, name, message):
     work = tmp_path / "run" / "work-0"
     (work / "concepts").mkdir(parents=True)  # what explain reads first: the run's configuration
-    cfg = folder_config(tmp_path / "run", folder, max_image_pixels=89_478_485)
+    cfg = folder_config(tmp_path / "run", folder)
     (work / "config.json").write_text(json.dumps({"key": cfg.key(), "config": cfg.to_dict()}))
     assert main(["explain", "--image", str(folder / name), "--run", str(tmp_path / "run")]) == 2
     captured = capsys.readouterr()

@@ -34,7 +34,9 @@ inline void check_spherical_assign_inputs(const at::Tensor& X, const at::Tensor&
 // and every cosine 0) and those of a denormal row underflow. Rows whose largest |entry| lies outside
 // [2^-30, 2^30] are therefore first scaled by the power of two that brings it into [0.5, 1): exact, so every
 // other row scores bit for bit as before. The reference does the same (scale_extreme_rows in
-// gig_fast/ops/reference.py). One read of t and one host sync; a copy only when some row needs it.
+// gig_fast/ops/reference.py). One read of t and one host sync; a copy only when some row needs it. The
+// CUDA host applies it to X and the centroids; the CPU kernels apply it to the centroids here and to
+// each row of X as they read it (rescale_if_extreme in spherical_assign_cpu.cpp: no second pass over X).
 inline at::Tensor scale_extreme_rows(const at::Tensor& t) {
   if (t.numel() == 0) return t;
   const double bound = std::ldexp(1.0, 30);

@@ -221,6 +221,10 @@ class Pipeline:
         return self._per_class
 
     # -- run --------------------------------------------------------------------------------------
+    def _check_work(self) -> None:
+        """Before computing in the work folder: the same backend and device type as when it was made."""
+        check_numerics(self, self.record)
+
     def run(self) -> Path:
         """Run (or resume) every stage; write ``graph.json``, ``metrics.json``, ``report.html``.
 
@@ -232,7 +236,7 @@ class Pipeline:
         from ..ops import use_backend
         import contextlib
 
-        check_numerics(self, self.record)  # backend and device type as when the work folder was made
+        self._check_work()
         timings = {}
         ctx = use_backend(self.config.backend) if self.config.backend else contextlib.nullcontext()
         with ctx:

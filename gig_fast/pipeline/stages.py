@@ -221,6 +221,11 @@ def _code(X, V, beta, cfg):
     return idx, val, info.n_unconverged
 
 
+def _code_keys(pipe) -> list[str]:
+    """The arrays a stage-3 chunk must hold (what stage 4, the graph and the metrics read)."""
+    return ["image", "label", "prediction"] + [f"{p}|{key}" for p in pipe.points for key in ("idx", "val", "count")]
+
+
 def decompose(pipe) -> list[Path]:
     """Stage 3: code every PFV of the explained images on its layer's concepts (DESIGN.md §1.4).
 
@@ -234,8 +239,7 @@ def decompose(pipe) -> list[Path]:
     for ci, chunk in enumerate(_bar(pipe, chunk_ids(pipe.explain_ids, cfg.chunk_images), "stage 3: decomposition")):
         path = pipe.work / "codes" / f"chunk_{ci:05d}.npz"
         files.append(path)
-        if not dist.owns(ci) or is_complete(path, ["image", "label", "prediction"] +
-                                            [f"{p}|{key}" for p in pipe.points for key in ("idx", "val", "count")]):
+        if not dist.owns(ci) or is_complete(path, _code_keys(pipe)):
             continue
         out: dict[str, list] = {}
         for batch in _batches(chunk, cfg.batch_size):
