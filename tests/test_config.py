@@ -84,6 +84,8 @@ def test_valid_configs_still_load(tmp_path):
                          backend="torch", class_names=["a", "b"], mean=[0.5], std=[0.5], layers="layer1.0, layer4.2",
                          k_factor=np.float32(2.0), seed=np.int64(3), weights=tmp_path / "w.pt", out=tmp_path)
     assert cfg.layers == ["layer1.0", "layer4.2"] and cfg.mean == (0.5,) and cfg.out == str(tmp_path)
+    assert type(cfg.k_factor) is float and type(cfg.seed) is int  # numpy scalars become JSON-able ones
+    assert cfg.key() == cfg.replace(k_factor=2.0, seed=3).key() and json.dumps(cfg.to_dict())
     assert PipelineConfig().key() == PipelineConfig(max_image_pixels=89_478_485, reduce_large_images=False).key()
     assert PipelineConfig(reduce_large_images=True).key() != PipelineConfig().key()
 

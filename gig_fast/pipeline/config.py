@@ -111,6 +111,9 @@ class PipelineConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):  # numpy scalars → Python ones (config.json and the key are JSON)
+            if isinstance(getattr(self, f.name), np.generic):
+                setattr(self, f.name, getattr(self, f.name).item())
         if isinstance(self.layers, str):
             self.layers = [s.strip() for s in self.layers.split(",") if s.strip()]
         problems = _problems(self)
@@ -182,7 +185,7 @@ def _is_number(v) -> bool:
 
 
 def _problems(cfg: "PipelineConfig") -> list[str]:
-    """Every invalid option of ``cfg``, each as "name: what is wrong" (empty: valid)."""
+    """Every invalid option of ``cfg``, each as "<name> must be <what is valid>, got <value>" (empty: valid)."""
     out = []
     bad = lambda name, want: out.append(f"{name} must be {want}, got {getattr(cfg, name)!r}")  # noqa: E731
     for name in _POSITIVE_INTS:

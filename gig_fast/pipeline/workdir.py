@@ -73,8 +73,8 @@ def open_work(pipe, screen) -> dict:
                          f"this one {cfg.key()!r}): remove {work} or use another out folder")
     stored = record.get("dataset")
     if stored is not None and stored != dataset_fingerprint(pipe.dataset):
-        raise ValueError(f"the data set {cfg.dataset!r} changed since {work} was started (images added, removed or "
-                         f"renamed): its selection of images would no longer match the work files. Restore the "
+        raise ValueError(f"the data set {cfg.dataset!r} changed since {work} was started (images added, removed, renamed "
+                         f"or newly (un)readable): its selection of images would no longer match the work files. Restore the "
                          f"data set, or use another out folder to start afresh")
     first = record.get("config", {}).get("chunk_images", cfg.chunk_images)
     if first != cfg.chunk_images:
