@@ -130,6 +130,8 @@ class Pipeline:
                 "skipped": [[str(samples[i][0]) if samples else str(i), why] for i, why in bad]}
 
     def _drop_unreadable(self) -> None:
+        """Leave the images the work folder lists as unreadable out of both selections (and list them
+        with the data set's own skipped files, for metrics.json)."""
         bad = unreadable_ids(self.record)
         if bad.size:
             self.concept_ids = np.setdiff1d(self.concept_ids, bad)
