@@ -90,6 +90,18 @@ def test_relaunch_with_another_backend_or_device_is_refused(tmp_path, monkeypatc
     assert not (_work(tmp_path) / "stage1").exists()  # refused before any stage ran
 
 
+def test_an_unfinished_stage1_of_an_older_version_is_not_mixed(tmp_path):
+    pipe = pipeline(tmp_path)
+    record_file = _work(tmp_path) / "config.json"
+    record = json.loads(record_file.read_text())
+    record_file.write_text(json.dumps({"key": record["key"], "config": record["config"]}))  # the old format
+    (_work(tmp_path) / "stage1").mkdir()
+    with pytest.raises(ValueError, match="started by an older gig_fast that drew the stage-1 samples per chunk"):
+        pipeline(tmp_path).run()
+    pfv_dataset(pipe)  # stage 1 complete: the later stages do not depend on how it drew
+    pipeline(tmp_path)._check_work()
+
+
 def test_relaunch_on_a_changed_data_set_is_refused(tmp_path):
     pipeline(tmp_path)
     with pytest.raises(ValueError, match=r"data set 'tiny' changed since .* was started"):

@@ -31,6 +31,7 @@ import torch
 
 from ..ops import forced_backend
 from . import distributed as dist
+from .stages import chunk_ids
 from .store import load_json, remove_stale_tmp, save_json
 
 __all__ = ["open_work", "check_numerics", "numerics", "dataset_fingerprint", "unreadable_ids"]
@@ -88,7 +89,12 @@ def open_work(pipe, screen) -> dict:
 def check_numerics(pipe, record: dict) -> None:
     """Refuse to compute in ``pipe.work`` with another backend or device type than it was started with."""
     stored = record.get("numerics")
-    if stored is None:  # a folder made before the record held them
+    if stored is None:  # made by an older gig_fast, which drew stage-1 samples per chunk, not per image
+        n_chunks = len(chunk_ids(pipe.concept_ids, pipe.config.chunk_images))
+        if not all((pipe.work / "stage1" / f"chunk_{ci:05d}.npz").exists() for ci in range(n_chunks)):
+            raise ValueError(f"{pipe.work} was started by an older gig_fast that drew the stage-1 samples per chunk "
+                             "(now per image): finishing its stage 1 would mix both. Use another out folder to "
+                             "start afresh")
         return
     now = numerics(pipe.config)
     what = {"backend": ("backend", "the op backend (--backend, or GIG_FAST_BACKEND)"),
