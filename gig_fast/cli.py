@@ -94,9 +94,12 @@ def _overrides(pairs) -> dict:
     out = {}
     for item in pairs:
         if "=" not in item:
-            raise SystemExit(f"gig-fast: --set expects KEY=VALUE, got {item!r}")
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
         k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
+        try:
+            out[k.strip()] = yaml.safe_load(v)
+        except yaml.YAMLError as e:
+            raise ValueError(f"--set {item!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e})") from None
     return out
 
 
@@ -146,7 +149,9 @@ def _run_pipeline(cfg, label: str) -> Path:
 
 
 def _summary(out: Path) -> None:
-    m = json.loads((out / "metrics.json").read_text())
+    from .pipeline.store import load_json
+
+    m = load_json(out / "metrics.json")
     print(f"{'layer':10s} {'rel-L2':>8s} {'l0 ratio':>9s}")
     for name, v in m["layers"].items():
         print(f"{name:10s} {v['rel_l2']:8.4f} {v['l0_ratio']:9.4f}")
@@ -203,6 +208,10 @@ def _show(out: Path, c1: str, c2: str) -> None:
     run = Run.open(out)
     pg = run.pair_graph(c1, c2)
     a, b = pg.classes
+    empty = [repr(run.classes[c].name) for c in (a, b) if run.classes[c].n_images == 0]
+    if empty:
+        raise ValueError(f"no shared concepts of {run.classes[a].name!r} and {run.classes[b].name!r}: "
+                         f"{' and '.join(empty)} {'has' if len(empty) == 1 else 'have'} no explained images in this run")
     print(f"shared concepts of {run.classes[a].name} / {run.classes[b].name} "
           "(layer: concept (min normalised importance)):")
     for layer in run.points[::-1]:
@@ -253,16 +262,12 @@ def cmd_report(args) -> int:
     return 0
 def _split_validation(path):
     """Pipeline options and the ``validation:`` mapping of a config file (either may be empty)."""
-    import yaml
+    from .pipeline.config import read_config_file
 
     if path is None:
         return {}, {}
     p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"config file {p} does not exist")
-    data = json.loads(p.read_text()) if p.suffix.lower() == ".json" else (yaml.safe_load(p.read_text()) or {})
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {p} must hold a mapping of options")
+    data = read_config_file(p)  # a syntax error names the file and the line
     val = data.pop("validation", None) or {}
     if not isinstance(val, dict):
         raise ValueError(f"'validation' in {p} must be a mapping of validation options")
@@ -313,7 +318,7 @@ def main(argv=None) -> int:
     try:
         return {"run": cmd_run, "demo": cmd_demo, "train-demo": cmd_train_demo, "explain": cmd_explain,
                 "show": cmd_show, "report": cmd_report, "serve": cmd_serve, "validate": cmd_validate}[args.command](args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # a user error (bad option, file, image, data): one line, no traceback
         print(f"gig-fast: error: {e}", file=sys.stderr)
         return 2
 

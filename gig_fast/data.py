@@ -7,8 +7,11 @@ or missing dataset raises a ValueError / FileNotFoundError saying where it looke
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
+import math
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -16,6 +19,7 @@ import numpy as np
 import torch
 
 __all__ = ["open_dataset", "FASHION_MNIST_DIRS", "FASHION_CLASSES", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "fashion_mnist", "ImageFolderDataset", "IMAGE_EXTENSIONS", "load_image",
+           "read_image", "MAX_IMAGE_PIXELS",
            "OfflinePhotos", "OFFLINE_PHOTOS", "UNLABELLED"]
 
 UNLABELLED = -1  # label of an image without a class (explained for its predicted class)
@@ -81,21 +85,85 @@ def fashion_mnist(split: str = "train", root: str | os.PathLike | None = None,
     return torch.utils.data.TensorDataset(images, labels)
 
 
-def load_image(path: str | os.PathLike, size: int | tuple[int, int] | None = None, channels: int = 3,
-               mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)) -> torch.Tensor:
-    """Read one image file → ``[channels, H, W]`` float32, resized (shorter side then centre crop) and normalised.
+# PIL's own limit (Image.MAX_IMAGE_PIXELS, ~89.5 Mpixels): above it PIL only warns, above twice it raises
+# DecompressionBombError from Image.open. Images above `max_pixels` are refused here with a message that
+# says what to do (or, with `reduce_large`, downscaled while they load).
+MAX_IMAGE_PIXELS = 89_478_485
+_PIL_LIMIT_LOCK = threading.Lock()
 
-    Raises ValueError if the file is not a readable image.
+
+@contextlib.contextmanager
+def _open_image(path):
+    """``PIL.Image.open`` with PIL's decompression-bomb check left to the caller, who reads the size from
+    the header and decides before decoding (PIL keeps the limit in a module global, so it is lifted for
+    this open only, under a lock)."""
+    from PIL import Image
+
+    with _PIL_LIMIT_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            im = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+    with im:
+        yield im
+
+
+def _decode(im, path, mode: str, max_pixels: int, reduce_large: bool, draft_size=None):
+    """Decode an opened image in ``mode``, refusing (ValueError) one of more than ``max_pixels`` pixels
+    unless ``reduce_large``: then JPEGs are decoded at 1/2, 1/4 or 1/8 scale (``Image.draft``: no
+    full-size buffer) and any other format is reduced after decoding, to at most ``max_pixels``."""
+    from PIL import Image
+
+    w, h = im.size
+    if w * h > max_pixels:
+        if not reduce_large:
+            raise ValueError(f"image {path} has {w}x{h} = {w * h:,} pixels, more than "
+                             f"max_image_pixels={max_pixels:,}: refused (set reduce_large_images: true to "
+                             "downscale such images as they load, or raise max_image_pixels)")
+        factor = math.ceil(math.sqrt(w * h / max_pixels))
+        im.draft(mode, (max(1, w // factor), max(1, h // factor)))
+    elif draft_size is not None:
+        im.draft(mode, draft_size)
+    im = im.convert(mode)
+    im.load()
+    if reduce_large and im.width * im.height > max_pixels:
+        im = im.reduce(math.ceil(math.sqrt(im.width * im.height / max_pixels)))
+    return im
+
+
+def read_image(path: str | os.PathLike, channels: int = 3, max_pixels: int = MAX_IMAGE_PIXELS,
+               reduce_large: bool = False, draft_size=None):
+    """Read one image file into a decoded PIL image (``L`` for 1 channel, else ``RGB``).
+
+    Raises ValueError naming the file when it is not a readable image (unknown format, truncated or
+    corrupt data) or has more than ``max_pixels`` pixels (unless ``reduce_large``, see :func:`load_image`).
     """
     from PIL import Image, UnidentifiedImageError
 
+    mode = "L" if channels == 1 else "RGB"
     try:
-        with Image.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB")
-            im.load()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
-    return pil_to_tensor(im, size, channels, mean, std)
+        with _open_image(path) as im:
+            return _decode(im, path, mode, max_pixels, reduce_large, draft_size)
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError, EOFError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise ValueError(f"cannot read image {path}: no such file") from None
+        raise ValueError(f"cannot read image {path}: {e}") from None
+
+
+def load_image(path: str | os.PathLike, size: int | tuple[int, int] | None = None, channels: int = 3,
+               mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), max_pixels: int = MAX_IMAGE_PIXELS,
+               reduce_large: bool = False) -> torch.Tensor:
+    """Read one image file → ``[channels, H, W]`` float32, resized (shorter side then centre crop) and normalised.
+
+    Args:
+        max_pixels: images with more pixels are refused (default PIL's limit, ~89.5 Mpixels) ...
+        reduce_large: ... or, if True, downscaled while they load (JPEG: by the decoder, at 1/2–1/8 scale).
+
+    Raises ValueError naming the file if it is not a readable image or is too large.
+    """
+    return pil_to_tensor(read_image(path, channels, max_pixels, reduce_large), size, channels, mean, std)
 
 
 def pil_to_tensor(im, size=None, channels: int = 3, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
@@ -184,16 +252,21 @@ class OfflinePhotos(torch.utils.data.Dataset):
 class ImageFolderDataset(torch.utils.data.Dataset):
     """Images in ``root/<class>/<file>`` (ImageNet-val style); classes sorted by folder name.
 
-    Unreadable files are found up front (each is opened once), skipped and counted in ``skipped``
-    (list of ``(path, reason)``), with one warning summarising them.
+    Unreadable files are found up front and skipped, counted in ``skipped`` (list of ``(path, reason)``),
+    with one warning summarising them: the header of each file is read when the dataset is made (format,
+    size: images over ``max_pixels`` are refused unless ``reduce_large``); :meth:`check` decodes one
+    image fully, which finds what a header cannot show (a truncated JPEG passes ``Image.verify()``) —
+    the pipeline checks the images it selects that way before any stage runs.
 
     Args:
         root: the dataset folder.
-        size: output size (int or ``(H, W)``); channels, mean, std as in :func:`load_image`.
+        size: output size (int or ``(H, W)``); channels, mean, std, max_pixels, reduce_large as in
+            :func:`load_image`.
     """
 
     def __init__(self, root: str | os.PathLike, size=224, channels: int = 3,
-                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), max_pixels: int = MAX_IMAGE_PIXELS,
+                 reduce_large: bool = False):
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"dataset folder {root} does not exist")
@@ -201,6 +274,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if not self.classes:
             raise ValueError(f"dataset folder {root} has no class sub-folders (expected root/<class>/<image>)")
         self.size, self.channels, self.mean, self.std = size, channels, mean, std
+        self.max_pixels, self.reduce_large = max_pixels, reduce_large
         self.samples: list[tuple[Path, int]] = []
         self.skipped: list[tuple[str, str]] = []
         for label, cls in enumerate(self.classes):
@@ -219,36 +293,53 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise ValueError(f"dataset folder {root} has no readable images "
                              f"({len(self.skipped)} unreadable skipped)")
 
-    @staticmethod
-    def _verify(path: Path) -> None:
+    def _verify(self, path: Path) -> None:
         from PIL import Image, UnidentifiedImageError
         try:
-            with Image.open(path) as im:
+            with _open_image(path) as im:
+                w, h = im.size
                 im.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
             raise ValueError(f"unreadable image: {e}") from e
+        if w * h > self.max_pixels and not self.reduce_large:
+            raise ValueError(f"{w}x{h} = {w * h:,} pixels, more than max_image_pixels="
+                             f"{self.max_pixels:,}: refused (reduce_large_images: true downscales such images)")
+
+    def check(self, i: int) -> str | None:
+        """Why image ``i`` cannot be loaded (None: it can): it is decoded once, JPEGs at reduced scale
+        (``Image.draft``, which still reads the whole stream, so truncation shows)."""
+        path = self.samples[i][0]
+        size = None if self.size is None else tuple(self.size) if isinstance(self.size, (tuple, list)) \
+            else (self.size, self.size)
+        try:
+            read_image(path, self.channels, self.max_pixels, self.reduce_large, draft_size=size)
+        except ValueError as e:
+            return str(e)
+        return None
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
-        return load_image(path, self.size, self.channels, self.mean, self.std), label
+        return load_image(path, self.size, self.channels, self.mean, self.std, self.max_pixels, self.reduce_large), label
 
 
 def open_dataset(name: str, split: str = "test", *, size=224, channels: int = 3, mean=(0.485, 0.456, 0.406),
-                 std=(0.229, 0.224, 0.225)):
+                 std=(0.229, 0.224, 0.225), max_pixels: int = MAX_IMAGE_PIXELS, reduce_large: bool = False):
     """A dataset by the name a run's configuration gives it, and its skipped files.
 
     Args:
         name: ``"fashion-mnist"`` (``split`` train/test), ``"photos"`` (:class:`OfflinePhotos`) or the
             path of an image folder (:class:`ImageFolderDataset`).
         size, channels, mean, std: the preprocessing of photos and folders (as in :func:`load_image`).
+        max_pixels, reduce_large: what an image folder does with huge images (as in :func:`load_image`).
     Returns:
         ``(dataset, skipped)``: skipped = ``[[path or name, reason], …]``.
     """
     if name == "fashion-mnist":
         return fashion_mnist(split), []
     kw = dict(size=size, channels=channels, mean=mean, std=std)
-    ds = OfflinePhotos(**kw) if name == "photos" else ImageFolderDataset(name, **kw)
+    ds = OfflinePhotos(**kw) if name == "photos" else ImageFolderDataset(name, **kw, max_pixels=max_pixels,
+                                                                        reduce_large=reduce_large)
     return ds, [list(s) for s in ds.skipped]

@@ -29,7 +29,7 @@ from typing import Callable, Sequence, Union
 import numpy as np
 import torch
 
-from .ops import gig_accumulate, sparse_reconstruct
+from .ops import checks, kernel
 from .ops.reference import accumulation_dtype
 
 __all__ = ["gig", "GIGResult", "ConceptTarget", "ClassTarget", "quadrature", "RULES"]
@@ -242,6 +242,8 @@ class _Pass:
     batch_size: int | None
     low_precision: object  # a torch.autocast context, or a null context
     acc: torch.dtype       # accumulation dtype of the attributions and targets
+    # gig_accumulate's bare kernel: the inputs were validated once per call (see _accumulate)
+    accumulate: Callable[..., torch.Tensor]
 
 
 def gig(f_ab: Callable[[torch.Tensor], torch.Tensor], codes: tuple[torch.Tensor, torch.Tensor],
@@ -282,7 +284,12 @@ def gig(f_ab: Callable[[torch.Tensor], torch.Tensor], codes: tuple[torch.Tensor,
             with a full-precision call before relying on it (the GPU benchmark reports both).
 
     Returns:
-        :class:`GIGResult`; with a list of targets each field has a leading ``[T]`` axis.
+        :class:`GIGResult`; with a list of targets each field has a leading ``[T]`` axis. B = 0 images
+        give empty fields (f_ab is not called).
+
+    Raises:
+        ValueError: bad arguments; a NaN/Inf in ``val``, ``V`` or ``beta`` (checked once per call, before
+        any work); NaN/Inf results, which then come from f_ab.
     """
     H, W = _check_inputs(f_ab, codes, V, beta, steps, batch_size, spatial)
     if autocast not in (None, torch.bfloat16, torch.float16):
@@ -291,9 +298,12 @@ def gig(f_ab: Callable[[torch.Tensor], torch.Tensor], codes: tuple[torch.Tensor,
     max_steps = 8 * int(steps) if max_steps is None else int(max_steps)
     idx, val = codes
     # attributions are not differentiable through the engine: cut any graph the caller's tensors carry
-    val, V, beta = val.detach(), V.detach(), beta.detach()
+    idx, val, V, beta = idx.contiguous(), val.detach().contiguous(), V.detach().contiguous(), beta.detach()
     B, P, s = idx.shape
     K, C = V.shape
+    # the codes' index range and the finiteness of val, V and β: checked once here (one host sync); the
+    # loops below call the ops' bare kernels
+    checks.check_codes(idx.reshape(B * P, s), val.reshape(B * P, s), K, V.device, V=V, beta=beta)
     single = isinstance(target, (ConceptTarget, ClassTarget))
     targets = [target] if single else list(target) if isinstance(target, (list, tuple)) else None
     if not targets:
@@ -303,13 +313,18 @@ def gig(f_ab: Callable[[torch.Tensor], torch.Tensor], codes: tuple[torch.Tensor,
     acc = accumulation_dtype(V.dtype)
     low_precision = (torch.autocast(V.device.type, dtype=autocast) if autocast is not None
                      else contextlib.nullcontext())
-    run = _Pass(f_ab, H, W, V, beta, targets, backend, batch_size, low_precision, acc)
+    run = _Pass(f_ab, H, W, V, beta, targets, backend, batch_size, low_precision, acc,
+                kernel("gig_accumulate", V.device, backend)[1])
     nodes64, weights64 = quadrature(rule, steps)
 
-    with torch.no_grad():  # U V of every position, once; the path only rescales it
-        UV = sparse_reconstruct(idx.reshape(B * P, s), val.reshape(B * P, s), V, backend=backend)
-        UV = UV.reshape(B, P, C)
-    attr, value_1, value_0 = _integrate(run, UV, idx, val, nodes64, weights64)
+    if B == 0:  # no image: nothing goes through f_ab
+        UV = V.new_zeros(0, P, C)
+        attr, value_1, value_0 = (torch.zeros(T, 0, P, s, dtype=acc, device=V.device),
+                                  torch.zeros(T, 0, dtype=acc, device=V.device), torch.zeros(T, 0, dtype=acc, device=V.device))
+    else:
+        with torch.no_grad():  # U V of every position, once; the path only rescales it
+            UV = _reconstruct(idx.reshape(B * P, s), val.reshape(B * P, s), V, backend).reshape(B, P, C)
+        attr, value_1, value_0 = _integrate(run, UV, idx, val, nodes64, weights64)
     steps_used = torch.full((B,), steps, dtype=torch.int64, device=V.device)
     refined = torch.zeros(B, dtype=torch.bool, device=V.device)
     if tolerance is not None:
@@ -327,11 +342,36 @@ def gig(f_ab: Callable[[torch.Tensor], torch.Tensor], codes: tuple[torch.Tensor,
     per_concept.scatter_add_(2, idx.clamp_min(0).reshape(1, B, P * s).expand(T, B, P * s),
                              torch.where(active, attr, torch.zeros((), dtype=acc, device=V.device)).reshape(T, B, P * s))
     delta = attr.sum(dim=(2, 3)) - (value_1 - value_0)
+    _check_results(attr, value_1, value_0)
     result = GIGResult(attr, per_concept, delta, value_1, value_0, nodes64, weights64, steps_used, refined)
     if single:
         for name in ("per_position", "per_concept", "delta", "value_at_input", "value_at_baseline"):
             setattr(result, name, getattr(result, name)[0])
     return result
+
+
+def _reconstruct(idx: torch.Tensor, val: torch.Tensor, V: torch.Tensor, backend: str | None) -> torch.Tensor:
+    """``U V`` ``[P, C]`` of the codes ``[P, s]`` by sparse_reconstruct's bare kernel (inputs validated)."""
+    if idx.shape[1] == 0:
+        return V.new_zeros(idx.shape[0], V.shape[1])
+    return kernel("sparse_reconstruct", V.device, backend)[1](idx, val, V, None)
+
+
+def _accumulate(run: _Pass, grads: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, val: torch.Tensor
+                ) -> torch.Tensor:
+    """gig_accumulate's bare kernel: ``grads [T, m, P, C]``, ``weights [m]``, codes ``[P, s]`` → ``[T, P, s]``."""
+    if idx.shape[1] == 0 or grads.shape[1] == 0:
+        return torch.zeros(grads.shape[0], idx.shape[0], idx.shape[1], dtype=run.acc, device=grads.device)
+    return run.accumulate(grads.contiguous(), weights.contiguous(), idx.contiguous(), val.contiguous(), run.V)
+
+
+def _check_results(attr: torch.Tensor, value_1: torch.Tensor, value_0: torch.Tensor) -> None:
+    """The inputs were finite, so a NaN/Inf here comes from f_ab: one host sync, a message that says so."""
+    try:
+        checks.check_finite(attributions=attr, target_at_input=value_1, target_at_baseline=value_0)
+    except ValueError as e:
+        raise ValueError(f"GIG is not finite although the codes, V and beta are: f_ab gives NaN/Inf on the path "
+                         f"X(α) = β + α·U V (check the model's weights, or the autocast range) — {e}") from None
 
 
 def _through_f_ab(run: _Pass, path: torch.Tensor, image: torch.Tensor, need_grad: bool):
@@ -392,8 +432,8 @@ def _integrate(run: _Pass, UV, idx, val, nodes64, weights64):
             rows = torch.arange((k - k0) * nb, (k - k0 + 1) * nb, device=V.device)
             ends[:, k - m, b0:b1] = _values(run, out, image, rows)
         if grads is not None:
-            part = gig_accumulate(grads.reshape(T, mk, nb * P, C), weights[k0:k1], idx[b0:b1].reshape(nb * P, s),
-                                  val[b0:b1].reshape(nb * P, s), V, backend=run.backend)
+            part = _accumulate(run, grads.reshape(T, mk, nb * P, C), weights[k0:k1], idx[b0:b1].reshape(nb * P, s),
+                               val[b0:b1].reshape(nb * P, s))
             attr[:, b0:b1] += part.reshape(T, nb, P, s)
     return attr, ends[:, 0], ends[:, 1]
 
@@ -513,5 +553,5 @@ def _integrate_pieces(run: _Pass, UV, idx, val, pieces, points, rule):
         for i in range(r0 // q, (min(r1, n_grad) - 1) // q + 1):  # the pieces with rows in this batch
             g0, g1 = max(r0, i * q), min(r1, (i + 1) * q)
             b = pieces[i][0]
-            attr[i] += gig_accumulate(grads[:, g0 - r0:g1 - r0], weight[g0:g1], idx[b], val[b], V, backend=run.backend)
+            attr[i] += _accumulate(run, grads[:, g0 - r0:g1 - r0], weight[g0:g1], idx[b], val[b])
     return attr, values

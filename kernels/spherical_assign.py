@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gig_fast.ops.reference import accumulation_dtype
+from gig_fast.ops.reference import accumulation_dtype, scale_extreme_rows
 
 
 @triton.jit
@@ -131,6 +131,9 @@ def spherical_assign(X: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Te
     best = torch.empty(N, dtype=acc, device=X.device)
     if N == 0:
         return labels, best
+    # scale-free as every backend: rows of extreme scale (≳ 1e9 or ≲ 1e-9, denormals included) are
+    # first scaled by a power of two (exact), else their norms or bf16 products overflow or underflow
+    X, centroids = scale_extreme_rows(X), scale_extreme_rows(centroids)
     xinv = _inverse_norms(X, torch.float32)
     cinv = _inverse_norms(centroids, torch.float32)
     i1 = torch.empty(N, dtype=torch.int64, device=X.device)

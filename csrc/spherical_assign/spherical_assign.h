@@ -11,6 +11,8 @@
 // Inputs are validated in Python (gig_fast.ops); the host code re-checks only what would crash.
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <cmath>
+#include <limits>
 #include <tuple>
 
 #include "common.h"
@@ -28,6 +30,25 @@ inline void check_spherical_assign_inputs(const at::Tensor& X, const at::Tensor&
   TORCH_CHECK(centroids.size(0) > 0, "centroids is empty (K = 0)");
 }
 
+// Cosine is scale-free, but the squares of an fp32 row with entries >~ 1e19 overflow (its norm becomes inf
+// and every cosine 0) and those of a denormal row underflow. Rows whose largest |entry| lies outside
+// [2^-30, 2^30] are therefore first scaled by the power of two that brings it into [0.5, 1): exact, so every
+// other row scores bit for bit as before. The reference does the same (scale_extreme_rows in
+// gig_fast/ops/reference.py). One read of t and one host sync; a copy only when some row needs it. The
+// CUDA host applies it to X and the centroids; the CPU kernels apply it to the centroids here and to
+// each row of X as they read it (rescale_if_extreme in spherical_assign_cpu.cpp: no second pass over X).
+inline at::Tensor scale_extreme_rows(const at::Tensor& t) {
+  if (t.numel() == 0) return t;
+  const double bound = std::ldexp(1.0, 30);
+  const auto m = t.norm(std::numeric_limits<double>::infinity(), at::IntArrayRef{1}).to(at::kDouble);
+  const auto bad = m.gt(bound).logical_or(m.lt(1.0 / bound).logical_and(m.gt(0.0)));
+  if (!bad.any().item<bool>()) return t;
+  const auto rows = bad.nonzero().squeeze(1);
+  const auto e = std::get<1>(m.index_select(0, rows).frexp()).to(at::kDouble).unsqueeze(1);  // m = f·2^e
+  const auto half = e.neg().div(2.0).floor();  // two factors: 2^±1074 (a float64 denormal) overflows one
+  const auto scaled = t.index_select(0, rows).to(at::kDouble).mul(half.exp2()).mul(e.neg().sub(half).exp2());
+  return t.clone().index_copy_(0, rows, scaled.to(t.scalar_type()));
+}
 
 std::tuple<at::Tensor, at::Tensor> spherical_assign_cpu(const at::Tensor& X, const at::Tensor& centroids);
 std::tuple<at::Tensor, at::Tensor> spherical_assign_cuda(const at::Tensor& X, const at::Tensor& centroids);

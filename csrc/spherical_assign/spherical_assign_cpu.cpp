@@ -31,6 +31,26 @@ acc inv_norm(acc sq) {
   return acc(1) / std::max(static_cast<acc>(std::sqrt(sq)), static_cast<acc>(1e-12));
 }
 
+// The row r[0..C) (already in the accumulation dtype) scaled by the power of two that brings its largest
+// |entry| `amax` into [0.5, 1) when `amax` lies outside [2^-30, 2^30], as scale_extreme_rows does for a
+// whole tensor (spherical_assign.h); returns its new squared norm, or `sq` when the row is in range. Done
+// per row, inside the pass that reads it: checking X first would cost a second read of X (measured: 50% of
+// the op's time at K = 2, 50000 x 256 fp32, where the op is memory-bound).
+template <typename acc>
+acc rescale_if_extreme(acc* r, int64_t C, acc amax, acc sq) {
+  const acc bound = static_cast<acc>(1 << 30);
+  if (amax <= bound && !(amax > 0 && amax < 1 / bound)) return sq;
+  int e = 0;
+  std::frexp(static_cast<double>(amax), &e);                         // amax = f·2^e, f in [0.5, 1)
+  const double lo = std::ldexp(1.0, -e / 2), hi = std::ldexp(1.0, -e - (-e / 2));  // 2^-e in two factors
+  acc s = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    r[c] = static_cast<acc>(static_cast<double>(r[c]) * lo * hi);  // exact: a power of two
+    s += r[c] * r[c];
+  }
+  return s;
+}
+
 // Unit rows of `centroids` in the accumulation dtype: [K, C].
 at::Tensor unit_rows(const at::Tensor& t, at::ScalarType acc_type) {
   auto a = t.to(acc_type).contiguous();
@@ -50,13 +70,14 @@ void assign_direct(const scalar_t* X, const acc_t<scalar_t>* Cn, int64_t N, int6
     for (int64_t n = begin; n < end; ++n) {
       const scalar_t* x = X + n * C;
       acc* r = row.data();
-      acc sq = 0;
-#pragma omp simd reduction(+ : sq)
+      acc sq = 0, amax = 0;
+#pragma omp simd reduction(+ : sq) reduction(max : amax)
       for (int64_t c = 0; c < C; ++c) {
         r[c] = static_cast<acc>(x[c]);
         sq += r[c] * r[c];
+        amax = std::max(amax, std::abs(r[c]));
       }
-      const acc inv = inv_norm(sq);
+      const acc inv = inv_norm(rescale_if_extreme(r, C, amax, sq));
       acc top = 0;
       int64_t arg = 0;
       for (int64_t k = 0; k < K; ++k) {
@@ -92,12 +113,14 @@ void assign_tiled(const at::Tensor& X, const at::Tensor& Cn, int64_t* labels, ac
       for (int64_t i = 0; i < rows; ++i) {  // normalise the row block
         const scalar_t* x = Xp + (r0 + i) * C;
         acc* o = xbp + i * C;
-        acc sq = 0;
+        acc sq = 0, amax = 0;
+#pragma omp simd reduction(+ : sq) reduction(max : amax)
         for (int64_t c = 0; c < C; ++c) {
           o[c] = static_cast<acc>(x[c]);
           sq += o[c] * o[c];
+          amax = std::max(amax, std::abs(o[c]));
         }
-        const acc inv = inv_norm(sq);
+        const acc inv = inv_norm(rescale_if_extreme(o, C, amax, sq));
         for (int64_t c = 0; c < C; ++c) o[c] *= inv;
         labels[r0 + i] = 0;
         best[r0 + i] = -std::numeric_limits<acc>::infinity();
@@ -126,8 +149,12 @@ void assign_tiled(const at::Tensor& X, const at::Tensor& Cn, int64_t* labels, ac
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> spherical_assign_cpu(const at::Tensor& X, const at::Tensor& centroids) {
-  check_spherical_assign_inputs(X, centroids, c10::DeviceType::CPU);
+std::tuple<at::Tensor, at::Tensor> spherical_assign_cpu(const at::Tensor& X_in, const at::Tensor& centroids_in) {
+  check_spherical_assign_inputs(X_in, centroids_in, c10::DeviceType::CPU);
+  // scale-free (see spherical_assign.h): the centroids are brought into range here, each row of X as the
+  // kernels read it (rescale_if_extreme)
+  const at::Tensor& X = X_in;
+  const at::Tensor centroids = scale_extreme_rows(centroids_in);
   const int64_t N = X.size(0), C = X.size(1), K = centroids.size(0);
   const auto acc_type = X.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto labels = at::empty({N}, X.options().dtype(at::kLong));

@@ -99,9 +99,11 @@ at::Tensor inverse_norms(const at::Tensor& t, at::ScalarType acc_type) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> spherical_assign_cuda(const at::Tensor& X, const at::Tensor& centroids) {
-  check_spherical_assign_inputs(X, centroids, c10::DeviceType::CUDA);
-  const c10::cuda::CUDAGuard guard(X.device());
+std::tuple<at::Tensor, at::Tensor> spherical_assign_cuda(const at::Tensor& X_in, const at::Tensor& centroids_in) {
+  check_spherical_assign_inputs(X_in, centroids_in, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(X_in.device());
+  // scale-free: rows of extreme scale are brought into range first (see spherical_assign.h)
+  const at::Tensor X = scale_extreme_rows(X_in), centroids = scale_extreme_rows(centroids_in);
   const int64_t N = X.size(0), C = X.size(1), K = centroids.size(0);
   const auto acc_type = X.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto labels = at::empty({N}, X.options().dtype(at::kLong));

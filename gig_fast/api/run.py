@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..concepts import ConceptBank
-from ..data import open_dataset, pil_to_tensor
+from ..data import load_image, open_dataset, pil_to_tensor
 from ..explorer.pictures import display_rgb, ierf_crop
 from ..gig import ClassTarget, ConceptTarget, gig
 from ..image_store import ImageStore
@@ -342,7 +342,8 @@ class Run:
         if self._dataset is None:
             pre = self.config.preprocessing()
             self._dataset, _ = open_dataset(self.config.dataset, self.config.split, size=pre["image_size"],
-                                            channels=pre["channels"], mean=pre["mean"], std=pre["std"])
+                                            channels=pre["channels"], mean=pre["mean"], std=pre["std"],
+                                            **self.config.image_limits())
         return self._dataset
 
     def load_dataset_images(self, ids) -> tuple[torch.Tensor, torch.Tensor]:
@@ -364,8 +365,6 @@ class Run:
         Raises:
             ValueError: the bytes or file are not a readable image (or an unknown photo name).
         """
-        from PIL import Image, UnidentifiedImageError
-
         cfg = self.config
         if cfg.dataset == "fashion-mnist":
             kw = dict(size=28, channels=1, mean=(DEMO_MEAN,), std=(DEMO_STD,))
@@ -375,15 +374,15 @@ class Run:
         if isinstance(source, str) and source.startswith("photo:"):
             from ..data import OfflinePhotos
             return OfflinePhotos([source[len("photo:"):]], **kw)[0][0]
-        if not isinstance(source, (bytes, bytearray)) and not Path(source).is_file():
+        upload = isinstance(source, (bytes, bytearray))
+        if not upload and not Path(source).is_file():
             raise FileNotFoundError(f"image file {source} does not exist")
-        try:
-            with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as im:
-                im.load()
-                return pil_to_tensor(im, **kw)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            what = f"{len(source)} uploaded bytes" if isinstance(source, (bytes, bytearray)) else str(source)
-            raise ValueError(f"{what} are not a readable image: {e}") from None
+        try:  # huge images are refused (or reduced, by option) as the run's configuration says
+            return load_image(io.BytesIO(source) if upload else source, **kw, **cfg.image_limits())
+        except ValueError as e:
+            if upload:
+                raise ValueError(f"{len(source)} uploaded bytes are not a readable image: {e}") from None
+            raise
 
     def _check_image(self, image: torch.Tensor) -> torch.Tensor:
         if not isinstance(image, torch.Tensor) or image.dim() not in (3, 4) or (image.dim() == 4 and image.shape[0] != 1):

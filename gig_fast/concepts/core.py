@@ -100,7 +100,6 @@ def split_seed(seed: int, first: int, size: int) -> int:
 
 def check_inputs(X, K, beta, n_init, max_iter, mode):
     v.check_tensor("X", X, 2, v.FLOAT_DTYPES)
-    v.check_finite("X", X)
     N = X.shape[0]
     if isinstance(K, bool) or not isinstance(K, int) or K < 1:
         raise ValueError(f"K must be a positive int, got {K!r}")
@@ -112,7 +111,7 @@ def check_inputs(X, K, beta, n_init, max_iter, mode):
         v.check_tensor("beta", beta, 1, v.FLOAT_DTYPES, X.device)
         if beta.shape[0] != X.shape[1]:
             raise ValueError(f"beta has {beta.shape[0]} entries but X has C={X.shape[1]} channels")
-        v.check_finite("beta", beta)
+    v.check_finite(X=X, beta=beta)  # one host sync for both
     if not isinstance(n_init, int) or n_init < 1:
         raise ValueError(f"n_init must be a positive int, got {n_init!r}")
     if not isinstance(max_iter, int) or max_iter < 1:

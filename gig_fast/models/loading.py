@@ -139,7 +139,7 @@ def _load_torchvision(name: str, weights, num_classes, image_size) -> nn.Module:
         model = probe if n is None or n == (num_classes or 1000) else builder(weights=None, num_classes=n, **kw)
         return _fill(model, state, weights)
     if weights is not None:
-        return builder(weights=str(weights)).eval()
+        return builder(weights=_torchvision_weights(name, weights)).eval()
     return builder(weights=None, num_classes=num_classes or 1000, **kw).eval()
 
 
@@ -159,3 +159,23 @@ def model_preprocessing(arch: str) -> dict:
     if cfg is None:
         return {}
     return {"mean": tuple(cfg.mean), "std": tuple(cfg.std)}
+
+
+_WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".tar")
+
+
+def _torchvision_weights(arch: str, weights) -> str:
+    """``weights`` as a torchvision weights name of ``arch``; a path that does not exist, or a name that is
+    not one of the model's, is an error that says which (torchvision itself raises a bare KeyError)."""
+    import torchvision
+
+    name = str(weights)
+    if os.sep in name or "/" in name or name.lower().endswith(_WEIGHT_FILE_SUFFIXES):
+        raise FileNotFoundError(f"weights file {name} does not exist")
+    enum = torchvision.models.get_model_weights(arch)
+    valid = [w.name for w in enum]
+    if name.split(".")[-1] not in valid and name != "DEFAULT":
+        raise ValueError(f"weights {name!r} is neither an existing file nor a torchvision weights name of {arch} "
+                         f"(valid: {', '.join(valid + ['DEFAULT'])})")
+    return name
+

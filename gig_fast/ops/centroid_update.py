@@ -67,12 +67,12 @@ def centroid_update(X: torch.Tensor, labels: torch.Tensor, K: int, *, backend: s
     v.check_tensor("labels", labels, 1, (torch.int64,), X.device)
     if labels.shape[0] != X.shape[0]:
         raise ValueError(f"labels has {labels.shape[0]} entries but X has N={X.shape[0]} rows")
-    if not isinstance(K, int) or K < 1:
+    if isinstance(K, bool) or not isinstance(K, int) or K < 1:
         raise ValueError(f"K must be a positive int, got {K!r}")
     if labels.numel():
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= K:
             raise ValueError(f"labels must lie in [0, {K}), found {lo if lo < 0 else hi}")
-    v.check_finite("X", X)
+    v.check_finite(X=X)
     name = resolve("centroid_update", IMPLEMENTED, PREFERENCE, X.device, backend)
     return _centroid_update_op(X.contiguous(), labels.contiguous(), K, name)

@@ -66,14 +66,19 @@ def gig_accumulate(grads: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor
         backend: force one backend for this call (default: the fastest for the device).
 
     Returns:
-        ``[P, s]`` (or ``[T, P, s]``) float32 attributions (float64 for float64 grads), 0 at padding.
+        ``[P, s]`` (or ``[T, P, s]``) float32 attributions (float64 for float64 grads), 0 at padding
+        (padding never reads V).
+
+    Raises:
+        ValueError: bad shapes, dtypes or indices, or a NaN/Inf in ``grads``, ``weights``, ``val`` or ``V``.
     """
     v.check_tensor("V", V, 2, v.FLOAT_DTYPES)
     v.check_tensor("grads", grads, None, v.FLOAT_DTYPES, V.device)
     if grads.dim() not in (3, 4):
         raise ValueError(f"grads must be [m, P, C] or [T, m, P, C], got shape {tuple(grads.shape)}")
     v.check_tensor("weights", weights, 1, v.FLOAT_DTYPES, V.device)
-    v.check_codes(idx, val, V.shape[0], V.device)
+    v.check_tensor("idx", idx, 2, (torch.int64,), V.device)
+    v.check_tensor("val", val, 2, v.FLOAT_DTYPES, V.device)
     multi = grads.dim() == 4
     g4 = grads if multi else grads.unsqueeze(0)
     T, m, P, C = g4.shape
@@ -83,7 +88,8 @@ def gig_accumulate(grads: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor
         raise ValueError(f"idx has P={idx.shape[0]} rows but grads has P={P} positions")
     if V.shape[1] != C:
         raise ValueError(f"V has C={V.shape[1]} channels but grads has C={C}")
-    v.check_finite("grads", grads)  # one float64 sum unless something is off
+    # index range and the finiteness of every float input: one host sync
+    v.check_codes(idx, val, V.shape[0], V.device, grads=grads, weights=weights, V=V)
     name = resolve("gig_accumulate", IMPLEMENTED, PREFERENCE, V.device, backend)
     out = _gig_accumulate_op(g4.contiguous(), weights.contiguous(), idx.contiguous(), val.contiguous(),
                              V.contiguous(), name)

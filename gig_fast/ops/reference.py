@@ -13,6 +13,8 @@ import torch
 
 __all__ = [
     "accumulation_dtype",
+    "padded_rows",
+    "scale_extreme_rows",
     "sparse_reconstruct_ref",
     "sparse_reconstruct_backward_ref",
     "spherical_assign_ref",
@@ -34,9 +36,22 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def padded_rows(V: torch.Tensor, idx: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Vz [K + 1, C], safe)``: V in ``acc`` with a zero row appended, and ``idx`` with its −1 padding
+    pointing at that row, so ``Vz[safe]`` is ``V[idx]`` with zeros at padding.
+
+    Padding never reads V: an inf or NaN in a concept that no code uses would otherwise turn into NaN
+    in the rows that pad with it (0·inf), where the compiled backends skip padding altogether; and
+    K = 0 (every entry padding) gives the bias, as in the compiled backends.
+    """
+    K, C = V.shape
+    Vz = torch.cat([V.to(acc), torch.zeros(1, C, dtype=acc, device=V.device)])
+    return Vz, torch.where(idx >= 0, idx, torch.full_like(idx, K))
+
+
 def sparse_reconstruct_ref(idx: torch.Tensor, val: torch.Tensor, V: torch.Tensor,
                            bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``X̃[p] = bias + Σ_j val[p,j]·V[idx[p,j]]`` (padding ignored).
+    """``X̃[p] = bias + Σ_j val[p,j]·V[idx[p,j]]`` (padding ignored, never read).
 
     Args: idx ``[P, s]``, val ``[P, s]``, V ``[K, C]``, bias ``[C]`` or None.
     Returns: ``[P, C]`` in V's dtype.
@@ -46,12 +61,10 @@ def sparse_reconstruct_ref(idx: torch.Tensor, val: torch.Tensor, V: torch.Tensor
     out = torch.zeros(P, V.shape[1], dtype=acc, device=V.device)
     if bias is not None:
         out += bias.to(acc)
-    active = idx >= 0
-    weights = torch.where(active, val.to(acc), torch.zeros((), dtype=acc, device=val.device))
-    safe = idx.clamp_min(0)
-    Vacc = V.to(acc)
+    weights = torch.where(idx >= 0, val.to(acc), torch.zeros((), dtype=acc, device=val.device))
+    Vz, safe = padded_rows(V, idx, acc)
     for j in range(s):  # one column of codes at a time keeps the memory at [P, C]
-        out += weights[:, j, None] * Vacc[safe[:, j]]
+        out += weights[:, j, None] * Vz[safe[:, j]]
     return out.to(V.dtype)
 
 
@@ -59,19 +72,17 @@ def sparse_reconstruct_backward_ref(grad_out: torch.Tensor, idx: torch.Tensor, v
                                     V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of :func:`sparse_reconstruct_ref` w.r.t. ``val`` and ``V``.
 
-    ``grad_val[p,j] = ⟨grad_out[p], V[idx[p,j]]⟩`` at active entries (0 at padding);
+    ``grad_val[p,j] = ⟨grad_out[p], V[idx[p,j]]⟩`` at active entries (0 at padding, V not read there);
     ``grad_V[k] = Σ_{(p,j): idx[p,j]=k} val[p,j]·grad_out[p]``.
     Returns: ``(grad_val [P, s] in val's dtype, grad_V [K, C] in V's dtype)``.
     """
     acc = accumulation_dtype(V.dtype)
     active = idx >= 0
     g = grad_out.to(acc)
-    safe = idx.clamp_min(0)
-    Vacc = V.to(acc)
+    Vz, safe = padded_rows(V, idx, acc)
     grad_val = torch.zeros(idx.shape, dtype=acc, device=V.device)
     for j in range(idx.shape[1]):
-        grad_val[:, j] = (g * Vacc[safe[:, j]]).sum(1)
-    grad_val = torch.where(active, grad_val, torch.zeros((), dtype=acc, device=V.device))
+        grad_val[:, j] = (g * Vz[safe[:, j]]).sum(1)
     rows, cols = active.nonzero(as_tuple=True)
     contrib = val[rows, cols].to(acc)[:, None] * g[rows]
     grad_V = segment_sum(contrib, idx[rows, cols], V.shape[0])
@@ -96,6 +107,32 @@ def segment_sum(values: torch.Tensor, keys: torch.Tensor, K: int) -> torch.Tenso
     return out
 
 
+# Cosine is scale-free, but the squares of an fp32 row with entries ≳ 1e19 overflow (its norm becomes inf
+# and every cosine 0) and those of a denormal row underflow. So rows whose largest |entry| lies outside
+# [2^-30, 2^30] (≈ 1e-9 … 1e9) are first scaled by the power of two that brings it into [0.5, 1): exact, so every other
+# row is scored bit for bit as before. Every backend does the same (the C++ host code in
+# csrc/spherical_assign/spherical_assign.h, the Triton wrapper through this function).
+SAFE_ROW_EXPONENT = 30
+
+
+def scale_extreme_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t [N, C]`` with every row whose largest |entry| lies outside ``[2^-30, 2^30]`` multiplied by the
+    power of two that brings it into ``[0.5, 1)``; ``t`` itself when there is none (one host sync)."""
+    if t.numel() == 0:
+        return t
+    m = torch.linalg.vector_norm(t, float("inf"), dim=1).double()
+    bound = 2.0 ** SAFE_ROW_EXPONENT
+    bad = (m > bound) | ((m < 1.0 / bound) & (m > 0))
+    if not bool(bad.any()):
+        return t
+    e = torch.frexp(m[bad]).exponent.double()[:, None]  # m = mantissa·2^e, mantissa in [0.5, 1)
+    half = torch.floor(-e / 2)  # two factors: 2^±1074 (a float64 denormal row) is out of float64's range
+    rows = t[bad].double() * torch.exp2(half) * torch.exp2(-e - half)
+    out = t.clone()
+    out[bad] = rows.to(t.dtype)
+    return out
+
+
 def _unit_rows(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """Rows scaled to unit length; an all-zero row stays zero (its cosine with anything is 0)."""
     return x / x.norm(dim=1, keepdim=True).clamp_min(eps)
@@ -107,9 +144,11 @@ def spherical_assign_ref(X: torch.Tensor, centroids: torch.Tensor, chunk: int = 
 
     Args: X ``[N, C]``, centroids ``[K, C]``.
     Returns: ``(labels int64 [N], best cosine [N] float32, float64 for float64 input)``.
-    The reference scores ``chunk`` rows at a time, so it never holds all of ``N×K`` either.
+    The reference scores ``chunk`` rows at a time, so it never holds all of ``N×K`` either. Rows of
+    extreme scale are brought into range first (:func:`scale_extreme_rows`).
     """
     acc = accumulation_dtype(X.dtype)
+    X, centroids = scale_extreme_rows(X), scale_extreme_rows(centroids)
     Cn = _unit_rows(centroids.to(acc))
     labels = torch.empty(X.shape[0], dtype=torch.int64, device=X.device)
     best = torch.empty(X.shape[0], dtype=acc, device=X.device)
@@ -139,13 +178,11 @@ def gig_accumulate_ref(grads: torch.Tensor, weights: torch.Tensor, idx: torch.Te
     """
     acc = accumulation_dtype(grads.dtype)
     g = torch.einsum("m,...mpc->...pc", weights.to(acc), grads.to(acc))  # [(T,) P, C]
-    active = idx >= 0
-    safe = idx.clamp_min(0)
-    Vacc = V.to(acc)
+    Vz, safe = padded_rows(V, idx, acc)  # padding reads a zero row, never V
     attr = torch.zeros(g.shape[:-1] + (idx.shape[1],), dtype=acc, device=grads.device)
     for j in range(idx.shape[1]):
-        attr[..., j] = (g * Vacc[safe[:, j]]).sum(-1)
-    return torch.where(active, attr * val.to(acc), torch.zeros((), dtype=acc, device=grads.device))
+        attr[..., j] = (g * Vz[safe[:, j]]).sum(-1)
+    return torch.where(idx >= 0, attr * val.to(acc), torch.zeros((), dtype=acc, device=grads.device))
 
 
 # ------------------------------------------------------------------------------------ two_means

@@ -236,9 +236,7 @@ def _check_args(X, V, bias, lam, method, lam_mode, positive, max_iter, tol, n_no
         v.check_tensor("bias", bias, 1, None, V.device)
         if bias.shape[0] != V.shape[1]:
             raise ValueError(f"bias has {bias.shape[0]} entries but V has C={V.shape[1]} channels")
-        v.check_finite("bias", bias)
-    v.check_finite("X", X)
-    v.check_finite("V", V)
+    v.check_finite(X=X, V=V, bias=bias)  # one host sync for the three
     if method not in ("lasso", "omp"):
         raise ValueError(f"method must be 'lasso' or 'omp', got {method!r}")
     if lam_mode not in ("relative", "absolute"):
@@ -256,6 +254,20 @@ def _check_args(X, V, bias, lam, method, lam_mode, positive, max_iter, tol, n_no
             raise ValueError("positive=True is supported by method='lasso' only")
         if not isinstance(n_nonzero, int) or isinstance(n_nonzero, bool) or n_nonzero < 1:
             raise ValueError(f"n_nonzero (OMP atoms) must be a positive int, got {n_nonzero!r}")
+
+
+def _empty_codes(lead, X, method, backend, tol, max_iter, return_info):
+    """The codes of vectors with C = 0 channels: ``idx``/``val`` ``[..., 0]`` (and zero diagnostics)."""
+    idx = torch.zeros(tuple(lead) + (0,), dtype=torch.int64, device=X.device)
+    val = torch.zeros(tuple(lead) + (0,), dtype=X.dtype, device=X.device)
+    if not return_info:
+        return idx, val
+    n = math.prod(lead)
+    zero = torch.zeros(n, dtype=accumulation_dtype(X.dtype), device=X.device)
+    info = SparseCodeInfo(method=method, backend=backend, lam=zero, gap=zero, rel_gap=zero,
+                          iterations=torch.zeros(n, dtype=torch.int64, device=X.device), converged=True,
+                          n_unconverged=0, tol=tol, max_iter=max_iter)
+    return idx, val, info
 
 
 def sparse_code(X: torch.Tensor, V: torch.Tensor, *, lam: float | None = None, method: str = "lasso",
@@ -300,6 +312,8 @@ def sparse_code(X: torch.Tensor, V: torch.Tensor, *, lam: float | None = None, m
     name = resolve("sparse_code", IMPLEMENTED, PREFERENCE, V.device, backend)
     compute = accumulation_dtype(X.dtype)
     lead = X.shape[:-1]
+    if X.shape[-1] == 0:  # C = 0: every centred vector is zero, its code empty
+        return _empty_codes(lead, X, method, name, float(tol), int(max_iter), return_info)
     Y = X.reshape(-1, X.shape[-1]).to(compute)
     if bias is not None:
         Y = Y - bias.to(compute)

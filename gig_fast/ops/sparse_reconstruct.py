@@ -123,7 +123,11 @@ def sparse_reconstruct(idx: torch.Tensor, val: torch.Tensor, V: torch.Tensor,
         backend: force one backend for this call (default: the fastest for the device).
 
     Returns:
-        ``[..., C]`` in V's dtype; a row whose entries are all padding equals ``bias`` (or 0).
+        ``[..., C]`` in V's dtype; a row whose entries are all padding equals ``bias`` (or 0), also
+        when K = 0. Padding never reads V.
+
+    Raises:
+        ValueError: bad shapes, dtypes or indices, or a NaN/Inf in ``val``, ``V`` or ``bias``.
     """
     v.check_tensor("V", V, 2, v.FLOAT_DTYPES)
     if not isinstance(idx, torch.Tensor) or not isinstance(val, torch.Tensor) or idx.dim() < 1:
@@ -131,21 +135,16 @@ def sparse_reconstruct(idx: torch.Tensor, val: torch.Tensor, V: torch.Tensor,
     lead = idx.shape[:-1]
     idx2 = v.flatten_leading(idx, 1) if idx.dim() > 1 else idx.reshape(1, -1)
     val2 = v.flatten_leading(val, 1) if val.dim() > 1 else val.reshape(1, -1)
-    name = resolve("sparse_reconstruct", IMPLEMENTED, PREFERENCE, V.device, backend)
-    if name == "cpp":
-        # the C++ forward checks the index range in its own pass over idx (a ValueError naming the index):
-        # the min/max scan of check_codes cost more than the forward on a loaded 2-core CPU
-        v.check_tensor("idx", idx2, 2, (torch.int64,), V.device)
-        v.check_tensor("val", val2, 2, v.FLOAT_DTYPES, V.device)
-        if idx2.shape != val2.shape:
-            raise ValueError(f"idx {tuple(idx2.shape)} and val {tuple(val2.shape)} must have the same shape [P, s]")
-    else:
-        v.check_codes(idx2, val2, V.shape[0], V.device)
     if bias is not None:
         v.check_tensor("bias", bias, 1, None, V.device)
         if bias.shape[0] != V.shape[1]:
             raise ValueError(f"bias has {bias.shape[0]} entries but V has C={V.shape[1]} channels")
     v.check_same_dtype(V=V, val=val2, bias=bias)
+    name = resolve("sparse_reconstruct", IMPLEMENTED, PREFERENCE, V.device, backend)
+    # Finiteness of val, V and bias on every backend, with the index range in the same host sync; the C++
+    # forward checks the index range in its own pass over idx (a ValueError naming the index): the
+    # min/max scan cost more than the forward on a loaded 2-core CPU.
+    v.check_codes(idx2, val2, V.shape[0], V.device, index_range=name != "cpp", V=V, bias=bias)
     out = _sparse_reconstruct_op(idx2.contiguous(), val2.contiguous(), V.contiguous(),
                                  None if bias is None else bias.contiguous(), name)
     return out.reshape(tuple(lead) + (V.shape[1],))

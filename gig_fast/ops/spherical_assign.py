@@ -64,7 +64,12 @@ def spherical_assign(X: torch.Tensor, centroids: torch.Tensor, *, backend: str |
 
     Returns:
         ``(labels int64 [...], best cosine float32 [...])``; an all-zero point has cosine 0 with every
-        centroid and goes to centroid 0; an all-zero centroid scores 0.
+        centroid and goes to centroid 0 (so does every point when C = 0); an all-zero centroid scores 0.
+        Cosine is scale-free on every backend: rows of any finite scale, denormal or near the dtype's
+        largest value, get the labels of the same rows scaled to unit size.
+
+    Raises:
+        ValueError: bad shapes or dtypes, K = 0, or a NaN/Inf in ``X`` or ``centroids``.
     """
     v.check_tensor("centroids", centroids, 2, v.FLOAT_DTYPES)
     v.check_tensor("X", X, None, v.FLOAT_DTYPES, centroids.device)
@@ -73,9 +78,11 @@ def spherical_assign(X: torch.Tensor, centroids: torch.Tensor, *, backend: str |
     if centroids.shape[0] == 0:
         raise ValueError("centroids is empty (K = 0)")
     v.check_same_dtype(X=X, centroids=centroids)
-    v.check_finite("X", X)
-    v.check_finite("centroids", centroids)
+    v.check_finite(X=X, centroids=centroids)
     lead = X.shape[:-1]
+    if X.shape[-1] == 0:  # C = 0: every point is the zero vector, cosine 0 with every centroid
+        acc = accumulation_dtype(X.dtype)
+        return (torch.zeros(lead, dtype=torch.int64, device=X.device), torch.zeros(lead, dtype=acc, device=X.device))
     X2 = X.reshape(-1, X.shape[-1]).contiguous()
     name = resolve("spherical_assign", IMPLEMENTED, PREFERENCE, X.device, backend)
     labels, best = _spherical_assign_op(X2, centroids.contiguous(), name)

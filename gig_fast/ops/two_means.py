@@ -118,6 +118,7 @@ def two_means_splits(U: torch.Tensor, members: list[torch.Tensor], seeds: list[i
     for name, value, least in (("n_init", n_init, 1), ("max_iter", max_iter, 1), ("init_sample", init_sample, 2)):
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    v.check_finite(U=U)
     name = resolve("two_means_splits", IMPLEMENTED, PREFERENCE, U.device, backend)
     return _two_means_splits_op(U, [m.contiguous() for m in members], list(seeds), n_init, max_iter, init_sample,
                                 bool(refine), name)
@@ -140,5 +141,6 @@ def two_means_step(U: torch.Tensor, members: torch.Tensor, sums: torch.Tensor, *
     v.check_tensor("sums", sums, 2, (torch.float64,), U.device)
     if tuple(sums.shape) != (2, U.shape[1]):
         raise ValueError(f"sums must be [2, C={U.shape[1]}], got {tuple(sums.shape)}")
+    v.check_finite(U=U, sums=sums)
     name = resolve("two_means_step", IMPLEMENTED, PREFERENCE, U.device, backend)
     return _two_means_step_op(U, members.contiguous(), sums.contiguous(), name)

@@ -4,20 +4,36 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
-__all__ = ["PipelineConfig", "load_config", "demo_config"]
+from ..concepts.core import MODES as KMEANS_MODES
+from ..data import MAX_IMAGE_PIXELS
+from ..gig import RULES
+from ..ops import BACKENDS
+
+__all__ = ["PipelineConfig", "load_config", "read_config_file", "demo_config"]
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 AUTOCAST = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}  # gig_autocast → torch dtype
 
-# Fields that do not change any result: excluded from the run key, so changing them resumes.
+# Fields left out of the run key, so a relaunch with another value resumes the same work folder (see
+# .workdir): ``chunk_images`` keeps the folder's first value (chunk files are named by index); the batch
+# sizes change only the float rounding of batched convolutions; ``device`` (its type) and ``backend``
+# change numerics and may not change within a work folder (such a relaunch is refused); the rest changes
+# no result.
 _NOT_HASHED = {"out", "device", "backend", "progress", "batch_size", "gig_batch_size", "chunk_images",
                "report_images", "report_crops", "graph_images"}
+
+
+# Options added after runs were made, with the value those runs behaved as (left out of the key there).
+_ADDED_LATER = {"gig_autocast": None, "gig_tolerance": None, "max_image_pixels": MAX_IMAGE_PIXELS,
+                "reduce_large_images": False}
 
 
 @dataclass
@@ -32,7 +48,9 @@ class PipelineConfig:
     (``fashion-mnist``, ``photos`` — the unlabelled photos that ship offline, explained for their
     predicted class — or an image folder), ``split``,
     ``image_size``/``channels``/``mean``/``std`` for folders and photos (``mean``/``std`` None: the
-    model's own preprocessing, else ImageNet's), ``class_names`` (optional).
+    model's own preprocessing, else ImageNet's), ``class_names`` (optional), ``max_image_pixels`` (larger
+    images are skipped and listed, default PIL's limit) unless ``reduce_large_images`` (then they are
+    downscaled as they load: JPEGs by the decoder).
     Stage 1: ``concept_images`` (images sampled for the PFV–iERF dataset), ``pfvs_per_image``,
     ``attribution`` (``srd`` | ``gradxinput``), ``ierf_dtype``, ``store_ierf`` (False: contributions
     only, no iERF maps — for benchmarks).
@@ -62,6 +80,8 @@ class PipelineConfig:
     std: tuple | None = None
     class_names: list | None = None
     class_token: str = "keep"
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    reduce_large_images: bool = False
     concept_images: int = 5000
     pfvs_per_image: int = 1
     attribution: str = "srd"
@@ -99,29 +119,19 @@ class PipelineConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.attribution not in ("srd", "gradxinput"):
-            raise ValueError(f"attribution must be 'srd' or 'gradxinput', got {self.attribution!r}")
-        if self.class_token not in ("keep", "drop"):
-            raise ValueError(f"class_token must be 'keep' or 'drop', got {self.class_token!r}")
-        if self.class_token == "drop" and not self.store_ierf:
-            raise ValueError("class_token='drop' needs store_ierf=True (stage 1 samples through the adapter then)")
-        if self.class_by not in ("label", "prediction"):
-            raise ValueError(f"class_by must be 'label' or 'prediction', got {self.class_by!r}")
-        for name in ("concept_images", "explain_images", "pfvs_per_image", "gig_steps", "top_concepts",
-                     "chunk_images", "batch_size", "graph_images"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        if self.gig_tolerance is not None and not float(self.gig_tolerance) > 0:
-            raise ValueError(f"gig_tolerance must be None or > 0, got {self.gig_tolerance!r}")
-        if self.gig_autocast not in AUTOCAST:
-            raise ValueError(f"gig_autocast must be one of {sorted(k for k in AUTOCAST if k)} or None, "
-                             f"got {self.gig_autocast!r}")
-        if self.k is None and self.k_factor <= 0:
-            raise ValueError(f"k_factor must be > 0, got {self.k_factor}")
-        if self.layers is not None and isinstance(self.layers, str):
+        for f in dataclasses.fields(self):  # numpy scalars → Python ones (config.json and the key are JSON)
+            if isinstance(getattr(self, f.name), np.generic):
+                setattr(self, f.name, getattr(self, f.name).item())
+        if isinstance(self.layers, str):
             self.layers = [s.strip() for s in self.layers.split(",") if s.strip()]
+        problems = _problems(self)
+        if problems:
+            raise ValueError("invalid configuration: " + "; ".join(problems))
         self.mean = tuple(self.mean) if self.mean is not None else None
         self.std = tuple(self.std) if self.std is not None else None
+        for name in ("weights", "out"):  # a Path is fine; stored (config.json, the run key) as its string
+            if isinstance(getattr(self, name), Path):
+                setattr(self, name, str(getattr(self, name)))
 
     def preprocessing(self) -> dict:
         """``{image_size, channels, mean, std}`` for image files: the config's, with ``mean``/``std``
@@ -132,6 +142,10 @@ class PipelineConfig:
         own = EFFICIENTNET_LITE0_PREPROCESS if self.model == "efficientnet-lite0" else model_preprocessing(self.model)
         return {"image_size": self.image_size, "channels": self.channels,
                 "mean": self.mean or own.get("mean", IMAGENET_MEAN), "std": self.std or own.get("std", IMAGENET_STD)}
+
+    def image_limits(self) -> dict:
+        """``{max_pixels, reduce_large}``: what :func:`gig_fast.data.load_image` does with huge images."""
+        return {"max_pixels": self.max_image_pixels, "reduce_large": self.reduce_large_images}
 
     def gig_options(self) -> dict:
         """The keyword arguments of :func:`gig_fast.gig` that this configuration sets (stage 4's rule)."""
@@ -145,11 +159,9 @@ class PipelineConfig:
     def key(self) -> str:
         """Hash of every field that changes results (the run key for resuming)."""
         d = {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_HASHED}
-        for name in ("gig_autocast", "gig_tolerance"):  # added later: None is what runs made before them did,
-            if d[name] is None:                          # and those runs keep their key
+        for name, before in _ADDED_LATER.items():  # at the value that runs made before it behaved as,
+            if d[name] == before:                  # an option added later is left out: those runs keep their key
                 del d[name]
-        if d["class_token"] == "keep":  # added later too: the default keeps the keys of older runs
-            del d["class_token"]
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
@@ -159,21 +171,126 @@ class PipelineConfig:
         return dataclasses.replace(self, **kw)
 
 
-def load_config(path: str | Path | None = None, **overrides) -> PipelineConfig:
-    """Read a YAML or JSON config file (unknown keys are an error) and apply non-None ``overrides``."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        text = path.read_text()
-        if path.suffix.lower() == ".json":
+# ------------------------------------------------------------------------------------ validation
+# Every option is checked when a PipelineConfig is made, before any stage runs: a misspelt name or a value
+# out of range fails in a second with every problem listed, not after an hour of stage 1.
+_POSITIVE_INTS = ("image_size", "max_image_pixels", "concept_images", "explain_images", "pfvs_per_image", "representatives",
+                  "gig_steps", "top_concepts", "chunk_images", "batch_size", "graph_images")
+_NON_NEGATIVE_INTS = ("per_class", "top_shared", "seed", "report_images", "report_crops")
+_BOOLS = ("reduce_large_images", "store_ierf", "positive", "class_probability", "progress")
+_STRINGS = ("model", "dataset", "split", "out")
+_CHOICES = {"attribution": ("srd", "gradxinput"), "ierf_dtype": ("float16", "float32"),
+            "code_method": ("lasso", "omp"), "gig_rule": RULES, "class_by": ("label", "prediction"),
+            "kmeans_mode": (None,) + KMEANS_MODES, "backend": (None,) + BACKENDS,
+            "gig_autocast": tuple(AUTOCAST), "class_token": ("keep", "drop")}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_number(v) -> bool:
+    return (_is_int(v) or isinstance(v, (float, np.floating))) and math.isfinite(float(v))
+
+
+def _problems(cfg: "PipelineConfig") -> list[str]:
+    """Every invalid option of ``cfg``, each as "<name> must be <what is valid>, got <value>" (empty: valid)."""
+    out = []
+    bad = lambda name, want: out.append(f"{name} must be {want}, got {getattr(cfg, name)!r}")  # noqa: E731
+    for name in _POSITIVE_INTS:
+        if not (_is_int(getattr(cfg, name)) and getattr(cfg, name) >= 1):
+            bad(name, "an integer >= 1")
+    for name in _NON_NEGATIVE_INTS:
+        if not (_is_int(getattr(cfg, name)) and getattr(cfg, name) >= 0):
+            bad(name, "an integer >= 0")
+    for name in _BOOLS:
+        if not isinstance(getattr(cfg, name), bool):
+            bad(name, "true or false")
+    for name in _STRINGS:
+        if not isinstance(getattr(cfg, name), (str, Path)) or not str(getattr(cfg, name)):
+            bad(name, "a non-empty string")
+    for name, choices in _CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            bad(name, "one of " + ", ".join("null" if c is None else repr(c) for c in choices))
+    if cfg.weights is not None and not isinstance(cfg.weights, (str, Path)):
+        bad("weights", "null or a file / weights name")
+    if cfg.k is not None and not (_is_int(cfg.k) and cfg.k >= 1):
+        bad("k", "null or an integer >= 1")
+    if not (_is_number(cfg.k_factor) and cfg.k_factor > 0):
+        bad("k_factor", "a number > 0")
+    if cfg.lam is not None and not (_is_number(cfg.lam) and cfg.lam > 0):
+        bad("lam", "null or a number > 0 (a fraction of lambda_max)")
+    if cfg.gig_tolerance is not None and not (_is_number(cfg.gig_tolerance) and cfg.gig_tolerance > 0):
+        bad("gig_tolerance", "null or a number > 0")
+    if cfg.gig_batch_size is not None and not (_is_int(cfg.gig_batch_size) and cfg.gig_batch_size >= 1):
+        bad("gig_batch_size", "null or an integer >= 1")
+    if cfg.gig_rule == "trapezoid" and _is_int(cfg.gig_steps) and cfg.gig_steps < 2:
+        out.append("gig_rule 'trapezoid' needs gig_steps >= 2")
+    if cfg.class_token == "drop" and cfg.store_ierf is False:
+        out.append("class_token 'drop' needs store_ierf: true (stage 1 samples through the adapter then)")
+    if cfg.code_method == "omp" and cfg.positive is True:
+        out.append("positive: true needs code_method 'lasso' (OMP codes are signed)")
+    if cfg.channels not in (1, 3) or isinstance(cfg.channels, bool):
+        bad("channels", "1 (grey) or 3 (RGB)")
+    for name in ("mean", "std"):
+        v = getattr(cfg, name)
+        if v is not None and not (isinstance(v, (list, tuple)) and v and all(_is_number(x) for x in v)
+                                  and (name == "mean" or all(x > 0 for x in v))):
+            bad(name, "null or a list of numbers" + (" > 0" if name == "std" else ""))
+    if cfg.class_names is not None and not (isinstance(cfg.class_names, (list, tuple))
+                                            and all(isinstance(c, str) for c in cfg.class_names)):
+        bad("class_names", "null or a list of strings")
+    if cfg.layers is not None and not (isinstance(cfg.layers, (list, tuple)) and cfg.layers
+                                       and all(isinstance(p, str) for p in cfg.layers)):
+        bad("layers", "null (all points) or a non-empty list of layer names")
+    if not isinstance(cfg.extra, dict):
+        bad("extra", "a mapping")
+    if not isinstance(cfg.device, str) or not _valid_device(cfg.device):
+        bad("device", "'cpu', 'cuda' or 'cuda:N'")
+    if cfg.dataset == "fashion-mnist" and cfg.split not in ("train", "test"):
+        bad("split", "'train' or 'test' for fashion-mnist")
+    return out
+
+
+def _valid_device(name: str) -> bool:
+    try:
+        return torch.device(name).type in ("cpu", "cuda")
+    except (RuntimeError, ValueError):
+        return False
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The mapping of options in a YAML or JSON file; a syntax error names the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        try:
             data = json.loads(text)
-        else:
-            import yaml
-            data = yaml.safe_load(text) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {path} must hold a mapping of options")
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config file {path}, line {e.lineno}, column {e.colno}: invalid JSON ({e.msg})") from None
+    else:
+        import yaml
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ValueError(f"config file {path}{where}: invalid YAML ({what})") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of options, got a {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, **overrides) -> PipelineConfig:
+    """Read a YAML or JSON config file (unknown keys are an error) and apply non-None ``overrides``.
+
+    Every option is validated here (:class:`PipelineConfig`), before any stage runs: a ValueError lists
+    each invalid one."""
+    data: dict = read_config_file(path) if path is not None else {}
     data.update({k: v for k, v in overrides.items() if v is not None})
     valid = {f.name for f in dataclasses.fields(PipelineConfig)}
     unknown = sorted(set(data) - valid)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from ..api.run import Run
 from ..data import open_dataset
@@ -17,6 +18,7 @@ from .graph import write_graph
 from .report import collect_metrics, write_report
 from .stages import attribute, bank_dir, concept_bank, decompose, extract_concepts, pfv_dataset
 from .store import load_json, save_json
+from .workdir import check_numerics, open_work, unreadable_ids
 
 __all__ = ["Pipeline", "rebuild_report"]
 
@@ -52,7 +54,12 @@ class Pipeline:
     def __init__(self, config: PipelineConfig | dict, model: torch.nn.Module | None = None, dataset=None,
                  class_names: list[str] | None = None):
         self.config = config if isinstance(config, PipelineConfig) else PipelineConfig(**config)
-        cfg = self.config
+        cfg = self.config  # validated as it was made: every option's type, range and name
+        if class_names is not None and not (isinstance(class_names, (list, tuple))
+                                            and all(isinstance(c, str) for c in class_names)):
+            raise ValueError(f"class_names must be a list of strings, got {class_names!r}")
+        if dataset is None and cfg.dataset not in ("fashion-mnist", "photos") and not Path(cfg.dataset).is_dir():
+            raise FileNotFoundError(f"dataset folder {cfg.dataset} does not exist")  # before loading a model
         self.device = torch.device(cfg.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but CUDA is not available")
@@ -79,12 +86,62 @@ class Pipeline:
         self.concept_ids, self.explain_ids = self._select_images()
         self.out = Path(cfg.out)
         self.work = self.out / f"work-{cfg.key()}"
-        x0, _ = self.load_images(self.concept_ids[:1])
-        with torch.no_grad():
-            rec = self.adapter.record(x0, keep="preact")
-        self.spatial = {p: tuple(rec.preact(p).shape[-2:]) for p in self.points}
+        self.spatial = self._probe()
+        # the work folder's record: may pin chunk_images (self.config), lists the unreadable images
+        self.record = open_work(self, self._screen_images)
+        self._drop_unreadable()
         self._stage1_index: dict = {}
         self._per_class: np.ndarray | None = None
+
+    def _probe(self) -> dict[str, tuple[int, int]]:
+        """``{point: (H, W)}`` from one image through the model; a model that cannot take the data's
+        images (channels, size) is a ValueError that says so, before any stage runs."""
+        for i in self.concept_ids[:10].tolist():  # the first image that loads (unreadable ones are screened later)
+            try:
+                x0, _ = self.load_images([i])
+                break
+            except ValueError:
+                continue
+        else:
+            raise ValueError(f"none of the first selected images of {self.config.dataset!r} can be read")
+        try:
+            with torch.no_grad():
+                rec = self.adapter.record(x0, keep="preact")
+        except RuntimeError as e:
+            want = next((m.in_channels for m in self.model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+            hint = (f"the model takes {want}-channel images but the data set's have {x0.shape[1]} (set channels: {want})"
+                    if want is not None and want != x0.shape[1] else "check image_size and channels")
+            raise ValueError(f"the model cannot run on the images of {self.config.dataset!r} "
+                             f"({list(x0.shape[1:])}): {hint} — {str(e).splitlines()[0]}") from None
+        return {p: tuple(rec.preact(p).shape[-2:]) for p in self.points}
+
+    def _screen_images(self) -> dict:
+        """The selected images the data set cannot decode (its ``check(i)``, e.g. a truncated JPEG):
+        ``{"ids": [...], "skipped": [[path, reason], ...]}``; recorded in the work folder when it is made."""
+        check = getattr(self.dataset, "check", None)
+        if not callable(check):
+            return {"ids": [], "skipped": []}
+        ids = np.union1d(self.concept_ids, self.explain_ids).tolist()
+        bad = [(i, why) for i in tqdm(ids, desc="checking images", disable=not self.config.progress, leave=False)
+               if (why := check(i)) is not None]
+        if bad:
+            warnings.warn(f"{len(bad)} of the {len(ids)} selected images cannot be read and are skipped "
+                          f"(listed in metrics.json), e.g. {bad[0][1]}", stacklevel=4)
+        samples = getattr(self.dataset, "samples", None)
+        return {"ids": [i for i, _ in bad],
+                "skipped": [[str(samples[i][0]) if samples else str(i), why] for i, why in bad]}
+
+    def _drop_unreadable(self) -> None:
+        """Leave the images the work folder lists as unreadable out of both selections (and list them
+        with the data set's own skipped files, for metrics.json)."""
+        bad = unreadable_ids(self.record)
+        if bad.size:
+            self.concept_ids = np.setdiff1d(self.concept_ids, bad)
+            self.explain_ids = np.setdiff1d(self.explain_ids, bad)
+            self.skipped = self.skipped + [list(s) for s in self.record["unreadable"]["skipped"]]
+        if not len(self.concept_ids) or not len(self.explain_ids):
+            raise ValueError(f"no readable image left to {'sample concepts' if not len(self.concept_ids) else 'explain'} "
+                             f"in {self.config.dataset!r} ({len(self.skipped)} unreadable skipped)")
 
     # -- data -------------------------------------------------------------------------------------
     def _open_dataset(self, dataset):
@@ -93,7 +150,7 @@ class Pipeline:
             return dataset, list(getattr(dataset, "skipped", []))
         pre = cfg.preprocessing()
         return open_dataset(cfg.dataset, cfg.split, size=pre["image_size"], channels=pre["channels"],
-                            mean=pre["mean"], std=pre["std"])
+                            mean=pre["mean"], std=pre["std"], **cfg.image_limits())
 
     def _select_images(self) -> tuple[np.ndarray, np.ndarray]:
         cfg = self.config
@@ -162,13 +219,9 @@ class Pipeline:
         return self._per_class
 
     # -- run --------------------------------------------------------------------------------------
-    def _check_work(self):
-        run_file = self.work / "config.json"
-        if not run_file.exists() and dist.is_main():
-            save_json(run_file, {"key": self.config.key(), "config": self.config.to_dict()})
-        dist.barrier()  # the other ranks read rank 0's file
-        if load_json(run_file).get("key") != self.config.key():
-            raise ValueError(f"{self.work} belongs to another configuration")
+    def _check_work(self) -> None:
+        """Before computing in the work folder: the same backend and device type as when it was made."""
+        check_numerics(self, self.record)
 
     def run(self) -> Path:
         """Run (or resume) every stage; write ``graph.json``, ``metrics.json``, ``report.html``.

@@ -2,7 +2,10 @@
 
 Work files live in ``<out>/work-<config key>/``; every file is written atomically, so a run killed
 at any point (SIGKILL included) resumes from the last finished chunk and ends with the same results.
-Chunks have their own seeds (``seed``, chunk index), so results do not depend on where a run stopped.
+Every image draws its stage-1 samples from its own generator (seeded by ``seed``, the image and the
+layer), so results do not depend on where a run stopped nor on ``chunk_images``/``batch_size``.
+A resumed stage checks each file it would skip (:func:`~.store.is_complete`): a damaged one is named
+in a warning and computed again.
 
 Under ``torchrun`` (:mod:`.distributed`) chunk ``ci`` of stages 1, 3 and 4 is computed by rank
 ``ci % world`` only, every stage (and every GIG layer transition) ends at a barrier, stage 2 runs the
@@ -11,6 +14,7 @@ k-means collectively, and rank 0 writes the concept files. A single process comp
 from __future__ import annotations
 
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +24,11 @@ from tqdm import tqdm
 from ..concepts import ConceptBank
 from ..gig import ClassTarget, ConceptTarget, gig
 from ..ops import sparse_code, sparse_reconstruct
+from ..ops.checks import check_finite
 from ..ops.sparse_code import SparseCodeConvergenceWarning
 from ..srd import explain
 from . import distributed as dist
-from .store import load_npz, save_npz
+from .store import is_complete, load_npz, save_npz
 
 __all__ = ["pfv_dataset", "extract_concepts", "decompose", "attribute", "chunk_ids", "concept_bank", "bank_dir", "CLASSES"]
 
@@ -47,16 +52,27 @@ def _batches(ids: np.ndarray, size: int):
 # ---------------------------------------------------------------------------------------------
 # stage 1: PFV–iERF dataset
 # ---------------------------------------------------------------------------------------------
-def _sampler(k: int, gen: torch.Generator):
+def image_generator(seed: int, image: int, point: str) -> torch.Generator:
+    """The random generator of one image's stage-1 draws at one layer: a function of the run's seed, the
+    image (its dataset index) and the layer only — not of the chunk or batch it falls in, so a resumed
+    or rechunked run draws the same samples."""
+    key = np.random.SeedSequence([int(seed), int(image), zlib.crc32(point.encode())]).generate_state(2)
+    return torch.Generator().manual_seed(int(key[0]) << 32 | int(key[1]))
+
+
+def _sampler(k: int, seed: int, images: np.ndarray):
     """``select`` for SRD: k positions per image with probability ∝ max(contribution, 0) (uniform
-    when no position contributes positively), without replacement."""
+    when no position contributes positively), without replacement; image ``images[i]`` draws with
+    :func:`image_generator`."""
     def select(point, contrib):
         w = contrib.detach().flatten(1).double().clamp_min(0).cpu()
         if k > w.shape[1]:
             raise ValueError(f"pfvs_per_image={k} exceeds the {w.shape[1]} positions of {point}")
         dead = w.sum(1) <= 0
         w[dead] = 1.0
-        return torch.multinomial(w, k, replacement=False, generator=gen).to(contrib.device)
+        rows = [torch.multinomial(w[i], k, replacement=False, generator=image_generator(seed, image, point))
+                for i, image in enumerate(images.tolist())]
+        return torch.stack(rows).to(contrib.device)
     return select
 
 
@@ -74,14 +90,13 @@ def pfv_dataset(pipe) -> list[Path]:
     for ci, chunk in enumerate(_bar(pipe, chunks, "stage 1: PFV–iERF dataset")):
         path = pipe.work / "stage1" / f"chunk_{ci:05d}.npz"
         files.append(path)
-        if path.exists() or not dist.owns(ci):  # done (resume), or another rank's chunk
+        if not dist.owns(ci) or is_complete(path, _stage1_keys(pipe)):  # another rank's chunk, or done (resume)
             continue
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + ci)
         k = cfg.pfvs_per_image
         parts: dict[str, list] = {}
         for batch in _batches(chunk, cfg.batch_size):
             x, y = pipe.load_images(batch)
-            select = _sampler(k, gen)
+            select = _sampler(k, cfg.seed, batch)
             res = explain(pipe.adapter, x, pipe.explained_class(x, y), method=cfg.attribution,
                           select=select if cfg.store_ierf else None, points=pipe.points)
             if not cfg.store_ierf:  # contributions only: sample top-down as the SRD pass would
@@ -101,6 +116,11 @@ def pfv_dataset(pipe) -> list[Path]:
         save_npz(path, **{key: torch.cat(v) for key, v in parts.items()})
     dist.barrier()  # stage 2 reads every rank's chunks
     return files
+
+
+def _stage1_keys(pipe) -> list[str]:
+    """The arrays a stage-1 chunk must hold (what the later stages read)."""
+    return ["image", "label"] + [f"{p}|{key}" for p in pipe.points for key in ("pfv", "position")]
 
 
 def load_pfvs(pipe, point: str) -> dict[str, np.ndarray]:
@@ -123,6 +143,9 @@ def n_concepts(pipe, point: str) -> int:
     return int(cfg.k) if cfg.k is not None else max(1, int(round(cfg.k_factor * pipe.adapter.channels(point))))
 
 
+CONCEPT_KEYS = ("V", "beta", "labels", "sizes", "representatives", "rep_cosine")
+
+
 def extract_concepts(pipe) -> dict[str, Path]:
     """Stage 2: bisecting spherical k-means per layer (DESIGN.md §1.3) on the stage-1 PFVs.
 
@@ -135,7 +158,7 @@ def extract_concepts(pipe) -> dict[str, Path]:
     for point in _bar(pipe, pipe.points, "stage 2: concepts"):
         path = pipe.work / "concepts" / f"{point}.npz"
         files[point] = path
-        if path.exists():  # written by rank 0 before the last barrier, so every rank agrees
+        if is_complete(path, CONCEPT_KEYS):  # written by rank 0 before the last barrier: every rank agrees
             continue
         data = load_pfvs(pipe, point)
         X = torch.from_numpy(data["pfv"]).to(pipe.device)
@@ -177,8 +200,15 @@ def _representatives(Xc: torch.Tensor, V: torch.Tensor, labels: torch.Tensor, r:
 
 
 def load_concepts(pipe, point: str) -> dict[str, torch.Tensor]:
-    d = load_npz(pipe.work / "concepts" / f"{point}.npz")
-    return {k: torch.from_numpy(v) for k, v in d.items()}
+    """The concept file of ``point`` as tensors; V and β are checked for NaN/Inf once, here (the ops that
+    stages 3 and 4 call with them would refuse them too, but could not name the file)."""
+    path = pipe.work / "concepts" / f"{point}.npz"
+    d = {k: torch.from_numpy(v) for k, v in load_npz(path).items()}
+    try:
+        check_finite(V=d.get("V"), beta=d.get("beta"))
+    except ValueError as e:
+        raise ValueError(f"{path} is damaged: {e}; delete it to compute the concepts again") from None
+    return d
 
 
 def bank_dir(out: Path, point: str) -> Path:
@@ -209,6 +239,11 @@ def _code(X, V, beta, cfg):
     return idx, val, info.n_unconverged
 
 
+def _code_keys(pipe) -> list[str]:
+    """The arrays a stage-3 chunk must hold (what stage 4, the graph and the metrics read)."""
+    return ["image", "label", "prediction"] + [f"{p}|{key}" for p in pipe.points for key in ("idx", "val", "count")]
+
+
 def decompose(pipe) -> list[Path]:
     """Stage 3: code every PFV of the explained images on its layer's concepts (DESIGN.md §1.4).
 
@@ -222,7 +257,7 @@ def decompose(pipe) -> list[Path]:
     for ci, chunk in enumerate(_bar(pipe, chunk_ids(pipe.explain_ids, cfg.chunk_images), "stage 3: decomposition")):
         path = pipe.work / "codes" / f"chunk_{ci:05d}.npz"
         files.append(path)
-        if path.exists() or not dist.owns(ci):
+        if not dist.owns(ci) or is_complete(path, _code_keys(pipe)):
             continue
         out: dict[str, list] = {}
         for batch in _batches(chunk, cfg.batch_size):
@@ -351,7 +386,7 @@ def _attribute_transition(pipe, a: str, b: str, code_files: list[Path]) -> None:
     f_ab = pipe.adapter.f_ab(a, None if b == CLASSES else b)
     for ci, cpath in enumerate(code_files):
         path = trans_dir(pipe, a, b) / f"chunk_{ci:05d}.npz"
-        if path.exists() or not dist.owns(ci):
+        if not dist.owns(ci) or is_complete(path, GIG_KEYS):
             continue
         with np.load(cpath, allow_pickle=False) as z:
             idx_all, val_all = torch.from_numpy(z[f"{a}|idx"]), torch.from_numpy(z[f"{a}|val"])
@@ -364,6 +399,9 @@ def _attribute_transition(pipe, a: str, b: str, code_files: list[Path]) -> None:
                 res = gig(f_ab, codes, V, beta, targets(int(c)), spatial=pipe.spatial[a], **pipe.config.gig_options())
                 acc.add(slot, sub, res, f"{a} → {b}")
         save_npz(path, **acc.arrays())
+
+
+GIG_KEYS = ("classes", "class_sum", "image", "top_idx", "top_val", "delta", "rel_delta", "steps", "refined")
 
 
 def _class_targets(pipe, b: str):

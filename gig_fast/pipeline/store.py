@@ -1,17 +1,56 @@
-"""Atomic artifact writing (tmp + ``os.replace``) and safe loading (npz without pickle, JSON)."""
+"""Atomic artifact writing (tmp + ``os.replace``), safe loading (npz without pickle, JSON) and the checks
+that let a resumed run trust its files: a damaged file is named, and a work file is recomputed.
+
+A write goes to ``.<name>.tmp<PID>`` next to its target and is renamed over it once complete, so a
+reader never sees a partial file; a process killed mid-write leaves the temporary file behind, which
+:func:`remove_stale_tmp` deletes once its process is gone (torchrun ranks write at the same time, so
+only files of dead processes are touched).
+"""
 from __future__ import annotations
 
 import json
 import os
+import re
+import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["atomic_write_text", "atomic_write_parts", "save_json", "load_json", "save_npz", "load_npz"]
+__all__ = ["atomic_write_text", "atomic_write_parts", "save_json", "load_json", "save_npz", "load_npz",
+           "npz_problem", "is_complete", "remove_stale_tmp"]
+
+_TMP = re.compile(r"^\..+\.tmp(\d+)$")
 
 
 def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_tmp(folder: str | Path, recursive: bool = True) -> list[Path]:
+    """Delete the ``.<name>.tmp<PID>`` files in ``folder`` (and its sub-folders) whose process no longer
+    runs (left by a kill mid-write); returns them. Files of live processes (another rank writing now)
+    are kept."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for path in (folder.rglob if recursive else folder.glob)(".*.tmp*"):
+        m = _TMP.match(path.name)
+        if m and path.is_file() and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -51,14 +90,19 @@ def save_json(path: str | Path, obj, compact: bool = False) -> None:
 
 
 def load_json(path: str | Path):
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """The JSON in ``path``; a damaged file is a ValueError that names it (a missing one FileNotFoundError)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is damaged: not valid JSON ({e})") from None
 
 
 def save_npz(path: str | Path, **arrays) -> None:
     """Atomically save numpy-convertible arrays (tensors are moved to CPU numpy first)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path).with_suffix(".npz")
+    tmp = _tmp(path)
     out = {}
     for k, v in arrays.items():
         if hasattr(v, "detach"):
@@ -72,6 +116,41 @@ def save_npz(path: str | Path, **arrays) -> None:
 
 
 def load_npz(path: str | Path) -> dict[str, np.ndarray]:
-    """Load every array of an npz file (``allow_pickle=False``: no code runs on load)."""
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    """Load every array of an npz file (``allow_pickle=False``: no code runs on load); a damaged file is a
+    ValueError that names it."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"{path} is damaged: {type(e).__name__}: {e}") from None
+
+
+def npz_problem(path: str | Path, required=()) -> str | None:
+    """What is wrong with the npz file ``path`` (None: nothing): not a complete zip archive (a truncated
+    write), an entry whose CRC does not match (bit rot), or a ``required`` array missing. Reads the whole
+    file once: the price of trusting it on resume."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()  # reads every entry and checks its CRC-32
+            if bad is not None:
+                return f"entry {bad} fails its CRC check"
+            names = {n[:-4] for n in z.namelist() if n.endswith(".npy")}
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        return f"{type(e).__name__}: {e}"
+    missing = [k for k in required if k not in names]
+    return f"missing arrays {missing}" if missing else None
+
+
+def is_complete(path: str | Path, required=()) -> bool:
+    """Whether the work file ``path`` exists and is sound (:func:`npz_problem`). A damaged one gets a
+    warning that names it and what is wrong, and False: the caller recomputes it (and overwrites it)."""
+    path = Path(path)
+    if not path.exists():
+        return False
+    problem = npz_problem(path, required)
+    if problem is None:
+        return True
+    warnings.warn(f"work file {path} is damaged ({problem}); recomputing it", stacklevel=2)
+    return False
