@@ -19,7 +19,11 @@ SEED_ENV = "GIG_FAST_TEST_SEED"
 
 
 def pytest_collection_modifyitems(config, items):
-    """``gpu`` tests (CUDA rows) skip cleanly where no GPU is visible; ``-m gpu`` selects them on a GPU box."""
+    """``gpu`` tests — marked so, or parametrised with ``device="cuda"`` — skip cleanly where no GPU is
+    visible; ``-m gpu`` selects them on a GPU box (benchmarks/gpu_campaign.sh)."""
+    for item in items:
+        if getattr(item, "callspec", None) is not None and item.callspec.params.get("device") == "cuda":
+            item.add_marker(pytest.mark.gpu)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

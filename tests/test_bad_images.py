@@ -34,8 +34,11 @@ def claims_size(jpeg: bytes, width: int, height: int) -> bytes:
 @pytest.fixture()
 def folder(tmp_path):
     """3 classes × 4 good images, plus a truncated JPEG, garbage, a 400-Mpixel claim and a 60×60 image."""
+    return _make_folder(tmp_path / "data")
+
+
+def _make_folder(root):
     rng = np.random.default_rng(0)
-    root = tmp_path / "data"
     for c in range(3):
         (root / f"c{c}").mkdir(parents=True)
         for i in range(4):
@@ -124,16 +127,24 @@ def test_reduce_large_images_keeps_them(folder, tmp_path):
     assert x.shape == (len(pipe.concept_ids), 1, 28, 28) and torch.isfinite(x).all()
 
 
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished tiny run on the folder (its bad images skipped): ``(output folder, image folder)``."""
+    base = tmp_path_factory.mktemp("explain")
+    root = _make_folder(base / "data")
+    with pytest.warns(UserWarning, match="unreadable"):
+        Pipeline(folder_config(base / "run", root), model=tp.tiny_model()).run()
+    return base / "run", root
+
+
 @pytest.mark.parametrize("name,message", [("c0/truncated.jpg", "image file is truncated"),
                                           ("c1/garbage.png", "cannot identify image file"),
                                           ("c2/bomb.jpg", "20000x20000 = 400,000,000 pixels"),
                                           ("c2/none.jpg", "no such file")])
-def test_explain_on_a_bad_image_is_one_error_line(folder, tmp_path, capsys, name, message):
-    work = tmp_path / "run" / "work-0"
-    (work / "concepts").mkdir(parents=True)  # what explain reads first: the run's configuration
-    cfg = folder_config(tmp_path / "run", folder)
-    (work / "config.json").write_text(json.dumps({"key": cfg.key(), "config": cfg.to_dict()}))
-    assert main(["explain", "--image", str(folder / name), "--run", str(tmp_path / "run")]) == 2
+def test_explain_on_a_bad_image_is_one_error_line(finished_run, capsys, name, message):
+    """The image is read before the model is needed: the error comes first."""
+    out, root = finished_run
+    assert main(["explain", "--image", str(root / name), "--run", str(out)]) == 2
     captured = capsys.readouterr()
     assert captured.err.startswith("gig-fast: error: cannot read image") or "refused" in captured.err
     assert message in captured.err and captured.err.count("\n") == 1 and "Traceback" not in captured.err

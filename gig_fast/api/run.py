@@ -46,6 +46,13 @@ from .types import (ClassInfo, ClassUse, ConceptCard, ConceptSample, ConceptUse,
 __all__ = ["Run", "NotFoundError"]
 
 
+class _Upload(io.BytesIO):
+    """The bytes of an uploaded image, named so in error messages."""
+
+    def __str__(self) -> str:
+        return f"(an upload of {len(self.getbuffer())} bytes)"
+
+
 class NotFoundError(ValueError):
     """An unknown class, layer, concept or image (a ``ValueError``; the server answers 404)."""
 
@@ -363,7 +370,9 @@ class Run:
         Args:
             source: an image file, its bytes (an upload), or ``photo:NAME`` for a photo that ships offline.
         Raises:
-            ValueError: the bytes or file are not a readable image (or an unknown photo name).
+            ValueError: the bytes or file are not a readable image, or one larger than the run's
+                ``max_image_pixels`` (or an unknown photo name).
+            FileNotFoundError: no such file.
         """
         cfg = self.config
         if cfg.dataset == "fashion-mnist":
@@ -374,15 +383,12 @@ class Run:
         if isinstance(source, str) and source.startswith("photo:"):
             from ..data import OfflinePhotos
             return OfflinePhotos([source[len("photo:"):]], **kw)[0][0]
-        upload = isinstance(source, (bytes, bytearray))
-        if not upload and not Path(source).is_file():
-            raise FileNotFoundError(f"image file {source} does not exist")
-        try:  # huge images are refused (or reduced, by option) as the run's configuration says
-            return load_image(io.BytesIO(source) if upload else source, **kw, **cfg.image_limits())
-        except ValueError as e:
-            if upload:
-                raise ValueError(f"{len(source)} uploaded bytes are not a readable image: {e}") from None
-            raise
+        if isinstance(source, (bytes, bytearray)):
+            source = _Upload(source)
+        elif not Path(source).is_file():
+            raise FileNotFoundError(f"cannot read image {source}: no such file")
+        # huge images are refused (or reduced, by option) as the run's configuration says
+        return load_image(source, **kw, **cfg.image_limits())
 
     def _check_image(self, image: torch.Tensor) -> torch.Tensor:
         if not isinstance(image, torch.Tensor) or image.dim() not in (3, 4) or (image.dim() == 4 and image.shape[0] != 1):
