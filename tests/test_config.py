@@ -164,12 +164,15 @@ def test_class_names_passed_to_the_pipeline_must_be_strings(tmp_path):
 
 
 def test_show_names_a_class_without_explained_images(tmp_path, capsys):
-    graph = {"classes": [{"id": 0, "name": "tee"}, {"id": 1, "name": "boot"}, {"id": 2, "name": "bag"}],
-             "class_graphs": {"0": {}, "2": {}}, "pair_graphs": {"0-2": {"shared": {}}}, "layers": []}
-    (tmp_path / "graph.json").write_text(json.dumps(graph))
-    assert main(["show", "--run", str(tmp_path), "--classes", "tee", "boot"]) == 2
-    assert "no shared concepts of 'tee' and 'boot': 'boot' has no explained images in this run" in capsys.readouterr().err
-    assert main(["show", "--run", str(tmp_path), "--classes", "bag", "2"]) == 2
+    """A tiny run whose class 'bag' has no explained image: `show` says so (not "paired with itself")."""
+    cfg = tp.tiny_config(tmp_path / "run", class_names=["tee", "boot", "bag"])
+    x, _ = tp.tiny_data().tensors
+    two_classes = torch.utils.data.TensorDataset(x, torch.arange(len(x)) % 2)  # no image of class 2, "bag"
+    Pipeline(cfg, model=tp.tiny_model(), dataset=two_classes).run()
+    out = str(tmp_path / "run")
+    assert main(["show", "--run", out, "--classes", "tee", "bag"]) == 2
+    assert "no shared concepts of 'tee' and 'bag': 'bag' has no explained images in this run" in capsys.readouterr().err
+    assert main(["show", "--run", out, "--classes", "bag", "2"]) == 2
     assert "a class cannot be paired with itself" in capsys.readouterr().err
     assert main(["show", "--run", str(tmp_path / "none"), "--classes", "0", "1"]) == 2
     assert "no graph.json in" in capsys.readouterr().err

@@ -99,7 +99,7 @@ def test_dropped_class_token_is_not_in_the_concept_dataset(tmp_path):
     stages_module.pfv_dataset(pipe)
     for layer in layers:
         assert stages_module.load_pfvs(pipe, layer)["position"].min() >= 1
-    with pytest.raises(ValueError, match="class_token='drop' needs store_ierf"):
+    with pytest.raises(ValueError, match="class_token 'drop' needs store_ierf"):
         tiny_config(tmp_path, layers, class_token="drop", store_ierf=False)
     keep = Pipeline(tiny_config(tmp_path / "keep", layers), model=model, dataset=tiny_images())
     assert keep.config.key() != pipe.config.key()

@@ -47,10 +47,12 @@ __all__ = ["Run", "NotFoundError"]
 
 
 class _Upload(io.BytesIO):
-    """The bytes of an uploaded image, named so in error messages."""
+    """The bytes of an uploaded image, named so in error messages (PIL quotes the file object)."""
 
     def __str__(self) -> str:
         return f"(an upload of {len(self.getbuffer())} bytes)"
+
+    __repr__ = __str__
 
 
 class NotFoundError(ValueError):
@@ -383,12 +385,14 @@ class Run:
         if isinstance(source, str) and source.startswith("photo:"):
             from ..data import OfflinePhotos
             return OfflinePhotos([source[len("photo:"):]], **kw)[0][0]
-        if isinstance(source, (bytes, bytearray)):
-            source = _Upload(source)
-        elif not Path(source).is_file():
-            raise FileNotFoundError(f"cannot read image {source}: no such file")
-        # huge images are refused (or reduced, by option) as the run's configuration says
-        return load_image(source, **kw, **cfg.image_limits())
+        if not isinstance(source, (bytes, bytearray)):
+            if not Path(source).is_file():
+                raise FileNotFoundError(f"cannot read image {source}: no such file")
+            return load_image(source, **kw, **cfg.image_limits())  # huge images refused or reduced, by option
+        try:
+            return load_image(_Upload(source), **kw, **cfg.image_limits())
+        except ValueError as e:
+            raise ValueError(f"the uploaded bytes are not a readable image: {e}") from None
 
     def _check_image(self, image: torch.Tensor) -> torch.Tensor:
         if not isinstance(image, torch.Tensor) or image.dim() not in (3, 4) or (image.dim() == 4 and image.shape[0] != 1):

@@ -135,6 +135,8 @@ def sparse_reconstruct(idx: torch.Tensor, val: torch.Tensor, V: torch.Tensor,
     lead = idx.shape[:-1]
     idx2 = v.flatten_leading(idx, 1) if idx.dim() > 1 else idx.reshape(1, -1)
     val2 = v.flatten_leading(val, 1) if val.dim() > 1 else val.reshape(1, -1)
+    v.check_tensor("idx", idx2, 2, (torch.int64,), V.device)
+    v.check_tensor("val", val2, 2, v.FLOAT_DTYPES, V.device)
     if bias is not None:
         v.check_tensor("bias", bias, 1, None, V.device)
         if bias.shape[0] != V.shape[1]:
