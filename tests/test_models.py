@@ -135,7 +135,23 @@ def test_adapter_agrees_with_fx_slicing():
     f = make_f_ab(model, "layer2.3", "layer3.0")
     torch.testing.assert_close(f(rec.preact("layer2.3")), rec.preact("layer3.0"))
     torch.testing.assert_close(make_f_ab(model, "layer4.2", "logits")(rec.preact("layer4.2")), rec.logits)
-    torch.testing.assert_close(bn_shift(model, "layer1.1"), adapter.bn_shift("layer1.1"))
+    for point in ("layer1.0", "layer1.1", "layer2.0", "layer4.0"):  # with and without a downsample branch
+        torch.testing.assert_close(bn_shift(model, point), adapter.bn_shift(point))
+
+
+def test_adapter_bn_shift_of_a_downsample_block_is_the_net_shift():
+    """At a block with a downsample branch the pre-activation is bn3(·) + bn_ds(·): β is both shifts,
+    so silencing the two convs that feed them leaves exactly β (paper Eq. 8)."""
+    model = _randomise_bn(DemoResNet(base=2)).eval()
+    adapter = get_adapter(model)
+    block = model.layer3[0]
+    shifts = [bn_affine(bn, bn.num_features, bn.weight)[1] for bn in (block.bn3, block.downsample[1])]
+    torch.testing.assert_close(adapter.bn_shift("layer3.0"), (shifts[0] + shifts[1]).detach())
+    with torch.no_grad():
+        block.conv3.weight.zero_()
+        block.downsample[0].weight.zero_()
+    v = adapter.record(torch.randn(2, 1, 28, 28)).preact("layer3.0")  # [2, C, 4, 4]
+    torch.testing.assert_close(v, adapter.bn_shift("layer3.0")[None, :, None, None].expand_as(v))
 
 
 def test_folded_f_ab_is_the_same_function_without_batchnorms():
