@@ -20,6 +20,12 @@ _NOT_HASHED = {"out", "device", "backend", "progress", "batch_size", "gig_batch_
                "report_images", "report_crops"}
 
 
+# Bumped when the code computes different results (or work files) from the same config, so that a run
+# never resumes from work files of an older method: 2 = β the net BN shift (bn3 + downsample BN), stage-4
+# targets widened to the shared concepts, per-image graphs of the image's own concepts.
+RESULTS_VERSION = 2
+
+
 @dataclass
 class PipelineConfig:
     """Everything a run depends on (DESIGN.md §1). Defaults follow the paper where it fixes them.
@@ -132,6 +138,7 @@ class PipelineConfig:
     def key(self) -> str:
         """Hash of every field that changes results (the run key for resuming)."""
         d = {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_HASHED}
+        d["results_version"] = RESULTS_VERSION
         for name in ("gig_autocast", "gig_tolerance"):  # added later: None is what runs made before them did,
             if d[name] is None:                          # and those runs keep their key
                 del d[name]

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..gig import ClassTarget, ConceptTarget, gig
 from ..ops import sparse_code
 from .config import PipelineConfig
-from .stages import CLASSES
+from .graph import image_layer_graph
+from .stages import CLASSES, image_top_concepts
 from .store import load_json, load_npz
 
 __all__ = ["explain_image", "find_work"]
@@ -28,7 +28,9 @@ def explain_image(run_dir: str | Path, image: torch.Tensor, *, target: int | Non
     """GIG graph of one image (``[C, H, W]``, preprocessed) on a run's concepts.
 
     Codes every layer's PFVs, takes GIG from the last layer to the class (predicted unless ``target``),
-    then from each layer to the ``top`` strongest concepts of the layer above *for this image*.
+    then from each layer to the ``top`` strongest concepts of the layer above *for this image* — the
+    image graphs of ``graph.json`` are the same computation (stage 4's image pass), so for an explained
+    image this returns its ``images[]`` entry's nodes and edges (up to float rounding).
     Returns a dict in the ``images[]`` form of ``docs/graph_schema.md`` plus ``class_name``.
     """
     from ..models import get_adapter, load_model
@@ -60,21 +62,18 @@ def explain_image(run_dir: str | Path, image: torch.Tensor, *, target: int | Non
         a = points[i]
         b = CLASSES if i == len(points) - 1 else points[i + 1]
         if b == CLASSES:
-            tgt = ClassTarget(cls, probability=cfg.class_probability)
+            tgt = [ClassTarget(cls, probability=cfg.class_probability)]
         else:
             tgt = [ConceptTarget(concepts[b]["V"][t]) for t in targets]
         f_ab = adapter.f_ab(a, None if b == CLASSES else b)
         res = gig(f_ab, codes[a], concepts[a]["V"], concepts[a]["beta"], tgt, spatial=tuple(rec.preact(a).shape[-2:]),
                   **cfg.gig_options())
-        pc = res.per_concept.detach().double().cpu().reshape(len(targets), -1)  # [T, K_a]
+        pc = res.per_concept.detach().double().cpu().reshape(len(targets), 1, -1)  # [T, 1, K_a]
         deltas[f"{a}->{b}"] = float(res.delta.detach().abs().max())
-        score = pc.sum(0).numpy()
-        sel = np.argsort(-score, kind="stable")[:top]
-        nodes[a] = [{"concept": int(q), "score": float(score[q])} for q in sel]
-        w = [(int(q), t, float(pc[ti, q])) for q in sel for ti, t in enumerate(targets)]
-        m = max((abs(e[2]) for e in w), default=0.0) or 1.0
-        edges += [{"source": [a, q], "target": [b, t], "weight": wt, "normalized": abs(wt) / m} for q, t, wt in w]
-        targets = [int(q) for q in sel]
+        sel, values = image_top_concepts(pc, min(top, pc.shape[-1]))  # the same choice as stage 4's
+        nodes[a], layer_edges = image_layer_graph(a, b, sel[0].tolist(), targets, values[0].numpy(), top)
+        edges += layer_edges
+        targets = sel[0].tolist()
     from ..models import FASHION_CLASSES
     names = cfg.class_names or getattr(model, "class_names", None) or (
         FASHION_CLASSES if cfg.dataset == "fashion-mnist" else None)

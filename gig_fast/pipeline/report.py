@@ -33,8 +33,11 @@ def collect_metrics(pipe, timings: dict) -> dict:
     deltas = {}
     for a, b in transitions(pipe):
         chunks = [np.load(f, allow_pickle=False) for f in sorted(trans_dir(pipe, a, b).glob("chunk_*.npz"))]
-        ad = np.abs(np.concatenate([z["delta"].ravel() for z in chunks]))
-        rd = np.concatenate([z["rel_delta"].ravel() for z in chunks])
+        # every (image, target) pair of the transition: the class targets and the image graphs' own
+        # targets (NaN marks a padded target of a class with fewer targets than the widest)
+        ad = np.abs(np.concatenate([z[k].ravel() for z in chunks for k in ("delta", "own_delta") if k in z.files]))
+        rd = np.concatenate([z[k].ravel() for z in chunks for k in ("rel_delta", "own_rel_delta") if k in z.files])
+        ad, rd = ad[np.isfinite(ad)], rd[np.isfinite(rd)]
         # quadrature nodes per image and whether the refinement ran (absent in runs made before it existed)
         steps = np.concatenate([z["steps"] for z in chunks if "refined" in z.files] or [np.zeros(0, np.int64)])
         refined = np.concatenate([z["refined"] for z in chunks if "refined" in z.files] or [np.zeros(0, bool)])
