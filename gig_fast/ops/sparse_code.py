@@ -14,8 +14,11 @@ the solvers then touch only the few concepts that matter:
 
 * ``torch``  — batched FISTA over all K (the reference; slow, obviously right) and batched OMP;
 * ``cpp``    — per vector (OpenMP over vectors): working-set covariance-update coordinate descent,
-  the working set grown from the largest KKT violators, stopped by the duality gap; OMP with an
-  incremental Cholesky factor (``csrc/sparse_code``);
+  the working set grown from the largest KKT violators, stopped by the duality gap, with Newton
+  (feature-sign search) steps on the support whenever the sweeps stall: coordinate descent alone
+  crawls between near-duplicate concepts (K = 8·C concepts in C = 32 dimensions have cosines up to
+  0.99998) and left 7.6% of the demo's layer1.1 rows at the iteration cap; OMP with an incremental
+  Cholesky factor (``csrc/sparse_code``);
 * ``triton`` — the same working-set scheme batched on the GPU: the full residual correlations
   ``q = c − G u`` are a ``sparse_reconstruct`` of the codes on ``G`` (G is symmetric), violators are a
   top-k, and one Triton kernel runs the coordinate descent on every vector's working set
