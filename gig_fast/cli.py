@@ -1,8 +1,8 @@
 """``gig-fast``: run the pipeline, the demo, train the demo network, or explain one image.
 
-    gig-fast demo [--out DIR]                      # train/load the demo net, full run on Fashion-MNIST
+    gig-fast demo [--out DIR]                      # the shipped demo net, full run on Fashion-MNIST
     gig-fast run --config FILE [--out DIR] ...     # YAML/JSON config; flags override it
-    gig-fast train-demo [--epochs N] [--force]     # train and cache the demo network
+    gig-fast train-demo [--epochs N] [--force]     # retrain the demo network (the shipped weights' recipe)
     gig-fast explain --image FILE --run DIR        # one image's graph on a finished run's concepts
     gig-fast show --run DIR --classes A B          # shared concepts of two classes in a run's graph.json
     gig-fast report --run DIR [--html FILE]        # rewrite a finished run's interactive report.html
@@ -43,14 +43,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=None)
     _common(run)
     demo = sub.add_parser("demo", help="the README demo: demo net on Fashion-MNIST, all 16 blocks")
-    demo.add_argument("--weights", default=None, help="demo weights file (default: the cache; trained if missing)")
+    demo.add_argument("--weights", default=None,
+                      help="demo weights file (default: the trained weights shipped in the package)")
     demo.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override demo options")
     _common(demo)
-    tr = sub.add_parser("train-demo", help="train and cache the demo network on Fashion-MNIST")
-    tr.add_argument("--epochs", type=int, default=None)
+    tr = sub.add_parser("train-demo", help="train the demo network on Fashion-MNIST (defaults: the shipped weights' schedule)")
+    tr.add_argument("--epochs", type=int, default=None, help="default: the shipped weights' (DEMO_TRAINING)")
+    tr.add_argument("--seed", type=int, default=None, help="default: the shipped weights' (0)")
     tr.add_argument("--train-limit", type=int, default=None, help="train on the first N images only")
     tr.add_argument("--weights", default=None, help="where to write the weights (default: the cache)")
-    tr.add_argument("--force", action="store_true", help="retrain even if cached")
+    tr.add_argument("--force", action="store_true", help="retrain even if the file exists")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bars")
     ex = sub.add_parser("explain", help="one image's concept graph on a finished run's concepts")
     ex.add_argument("--image", required=True, help="image file, or photo:NAME for a photo that ships offline (photo:chelsea)")
     ex.add_argument("--run", default=None, help="output folder of a finished run (default: --out or gig_demo)")
@@ -68,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     va = sub.add_parser("validate", help="run/resume the pipeline, then the validation suite (paper §4.2)")
     va.add_argument("--config", default=None,
                     help="pipeline config (YAML/JSON); an optional 'validation:' mapping in it holds validation options")
-    va.add_argument("--demo", action="store_true", help="use the demo configuration (trains/loads the demo net)")
+    va.add_argument("--demo", action="store_true", help="use the demo configuration (the shipped demo net)")
     va.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override pipeline options")
     va.add_argument("--vset", nargs="*", default=[], metavar="KEY=VALUE",
                     help="override validation options (see gig_fast.validation.ValidationOptions), e.g. images=20")
@@ -88,19 +91,18 @@ def _overrides(pairs) -> dict:
     return out
 
 
-def _train_defaults():
-    # sized for the 15-minute demo budget on two CPU cores (see README)
-    return {"epochs": 1, "train_limit": 20000}
-
-
 def cmd_train_demo(args) -> int:
-    from .models import train_demo
+    from .models import default_demo_path, train_demo
 
-    d = _train_defaults()
     t0 = time.perf_counter()
-    _, info = train_demo(args.weights, epochs=args.epochs or d["epochs"], force=args.force,
-                         train_limit=args.train_limit if args.train_limit is not None else d["train_limit"])
-    print(json.dumps({**info, "wall_s": round(time.perf_counter() - t0, 1)}, indent=1))
+    path = Path(args.weights) if args.weights else default_demo_path()
+    kwargs = {k: v for k, v in {"epochs": args.epochs, "seed": args.seed, "train_limit": args.train_limit}.items()
+              if v is not None}
+    _, info = train_demo(path, force=args.force, progress=not args.no_progress,
+                         log=lambda line: print(line, flush=True), **kwargs)
+    print(json.dumps({**{k: v for k, v in info.items() if k != "curve"}, "wall_s": round(time.perf_counter() - t0, 1)},
+                     indent=1))
+    print(f"train-demo: weights in {path} (record: {path}.json)")
     return 0
 
 
@@ -118,9 +120,13 @@ def _run_pipeline(cfg, label: str) -> Path:
 
 def _summary(out: Path) -> None:
     m = json.loads((out / "metrics.json").read_text())
-    print(f"{'layer':10s} {'rel-L2':>8s} {'l0 ratio':>9s}")
+    print(f"{'layer':10s} {'rel-L2':>8s} {'l0 ratio':>9s} {'active/PFV':>10s} {'K':>5s} {'PFVs/concept (median)':>22s} "
+          f"{'at cap':>7s}")
     for name, v in m["layers"].items():
-        print(f"{name:10s} {v['rel_l2']:8.4f} {v['l0_ratio']:9.4f}")
+        K = v.get("concepts")
+        active = f"{(1 - v['l0_ratio']) * K:10.2f}" if K else f"{'':10s}"
+        print(f"{name:10s} {v['rel_l2']:8.4f} {v['l0_ratio']:9.4f} {active} {K or '':>5} "
+              f"{v.get('concept_size_median', ''):>22} {v.get('not_converged', ''):>7}")
     print(f"completeness |delta|: max {m['completeness_max_abs']:.3g}; relative: max {m['completeness_max_rel']:.3g}, "
           f"median {m['completeness_median_rel']:.3g}")
     shares = {k: v["share_rel_within_1pct"] for k, v in m["completeness"].items() if "share_rel_within_1pct" in v}
@@ -146,27 +152,36 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _demo_weights(weights: str | None) -> tuple[str | None, dict]:
+    """The demo's weights (a file, or None for the ones shipped in the package) and their training record."""
+    from .models import load_demo, shipped_demo_info
+
+    if weights is None:
+        return None, shipped_demo_info()
+    load_demo(weights)  # a missing or unreadable file fails here, before any pipeline work
+    meta = Path(str(weights) + ".json")
+    return str(weights), (json.loads(meta.read_text()) if meta.exists() else {})
+
+
 def cmd_demo(args) -> int:
-    from .models import default_demo_path, train_demo
     from .pipeline import demo_config
 
     t0 = time.perf_counter()
-    weights = Path(args.weights) if args.weights else default_demo_path()
-    d = _train_defaults()
-    _, info = train_demo(weights, epochs=d["epochs"], train_limit=d["train_limit"], progress=not args.no_progress)
-    t_train = time.perf_counter() - t0
-    print(f"demo network: test accuracy {info['test_accuracy']:.4f} ({t_train:.1f} s to train or load)")
+    weights, info = _demo_weights(args.weights)
+    if "test_accuracy" in info:
+        print(f"demo network: test accuracy {info['test_accuracy']:.4f} ({info.get('epochs')} epochs, "
+              f"{'shipped weights' if weights is None else weights})")
     over = _overrides(args.set)
     over.update({k: v for k, v in {"device": args.device, "backend": args.backend, "out": args.out}.items()
                  if v is not None})
     if args.no_progress:
         over["progress"] = False
-    cfg = demo_config(weights=str(weights), **over)
+    cfg = demo_config(weights=weights, **over)
     out = _run_pipeline(cfg, "demo")
     _summary(out)
     _show(out, "Sneaker", "Ankle boot")
     _show(out, "Shirt", "T-shirt/top")
-    print(f"demo wall time {time.perf_counter() - t0:.1f} s (training/loading included)")
+    print(f"demo wall time {time.perf_counter() - t0:.1f} s")
     return 0
 
 
@@ -267,10 +282,7 @@ def cmd_validate(args) -> int:
     if args.no_progress:
         data["progress"] = False
     if args.demo:
-        from .models import default_demo_path, train_demo
-        d = _train_defaults()
-        weights = data.pop("weights", None) or str(default_demo_path())
-        train_demo(weights, epochs=d["epochs"], train_limit=d["train_limit"], progress=not args.no_progress)
+        weights, _ = _demo_weights(data.pop("weights", None))
         cfg = demo_config(weights=weights, **data)
     elif args.config is None:
         raise ValueError("validate needs --config FILE or --demo")

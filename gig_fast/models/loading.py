@@ -23,7 +23,7 @@ def load_model(arch: str, weights: str | os.PathLike | None = None, num_classes:
             or a torchvision ResNet name (``resnet50``…).
         weights: a local file (a state dict or ``{"state_dict": …}``, read with ``weights_only=True``),
             a torchvision weights name (``IMAGENET1K_V2``; needs internet or a warm torch hub cache),
-            or None (demo: the cached trained weights; torchvision: random init).
+            or None (demo: the trained weights shipped in the package; torchvision: random init).
         num_classes: output classes for a randomly initialised torchvision model.
     """
     if arch == "demo":

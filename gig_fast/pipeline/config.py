@@ -175,8 +175,14 @@ def load_config(path: str | Path | None = None, **overrides) -> PipelineConfig:
 
 
 def demo_config(**overrides) -> PipelineConfig:
-    """The README demo: the trained demo net on Fashion-MNIST test, all 16 blocks (sized for 2 CPU cores)."""
-    base = dict(model="demo", dataset="fashion-mnist", split="test", concept_images=5000,
+    """The README demo: the trained demo net on Fashion-MNIST test, all 16 blocks (sized for 2 CPU cores).
+
+    Concepts come from 30,000 PFVs per layer — the 10,000 test images, 3 per image by contribution —
+    so that the median concept of every layer holds ≥ 10 of them at K = 8·C (layer4: 2,048 concepts;
+    the paper sampled 50,000): with 5,000 it was ~2.4 at layer4 and most "nearest samples" of a
+    concept lay outside its cluster. Layer 4 has 2×2 positions, so 3 per image is close to all of them.
+    """
+    base = dict(model="demo", dataset="fashion-mnist", split="test", concept_images=10000, pfvs_per_image=3,
                 explain_images=1000, per_class=100, k_factor=8.0, gig_steps=8, kmeans_mode="fast",
                 gig_batch_size=2048, batch_size=250, chunk_images=500, out="gig_demo")
     base.update({k: v for k, v in overrides.items() if v is not None})

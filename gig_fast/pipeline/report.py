@@ -28,8 +28,12 @@ def collect_metrics(pipe, timings: dict) -> dict:
                         sums[k] = sums.get(k, 0) + z[k].astype(np.float64)
     for p in pipe.points:
         n = float(sums[f"{p}|count"].sum())
+        with np.load(pipe.work / "concepts" / f"{p}.npz", allow_pickle=False) as z:
+            sizes = z["sizes"]  # stage-1 PFVs per concept: how well each concept is sampled
         layers[p] = {"rel_l2": float(sums[f"{p}|rel_l2_sum"].sum() / n), "l0_ratio": float(sums[f"{p}|l0_sum"].sum() / n),
-                     "pfvs": int(n), "not_converged": int(np.sum(sums.get(f"{p}|not_converged", 0)))}
+                     "pfvs": int(n), "not_converged": int(np.sum(sums.get(f"{p}|not_converged", 0))),
+                     "concepts": int(sizes.size), "concept_size_median": float(np.median(sizes)),
+                     "concept_size_min": int(sizes.min())}
     deltas = {}
     for a, b in transitions(pipe):
         chunks = [np.load(f, allow_pickle=False) for f in sorted(trans_dir(pipe, a, b).glob("chunk_*.npz"))]
