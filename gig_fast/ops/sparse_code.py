@@ -272,7 +272,7 @@ def sparse_code(X: torch.Tensor, V: torch.Tensor, *, lam: float | None = None, m
 
     Args:
         X: ``[..., C]`` vectors (PFVs); leading dims are flattened into N. fp32/fp64/fp16/bf16 (the
-            half types are solved in fp32).
+            ``cpp`` backend solves every dtype in fp64, the others the half types in fp32).
         V: ``[K, C]`` concepts (rows), X's dtype. Need not be normalised; duplicates and K < C are fine.
         lam: λ (Lasso only). ``lam_mode="relative"`` (default): the fraction of λ_max,
             ``λ = lam·‖V(x − β)‖_∞`` per row (``lam ≥ 1`` gives empty codes); ``"absolute"``: λ itself.
@@ -301,7 +301,12 @@ def sparse_code(X: torch.Tensor, V: torch.Tensor, *, lam: float | None = None, m
         n_nonzero = max(1, K // 100)
     _check_args(X, V, bias, lam, method, lam_mode, positive, max_iter, tol, n_nonzero)
     name = resolve("sparse_code", IMPLEMENTED, PREFERENCE, V.device, backend)
-    compute = torch.float64 if X.dtype == torch.float64 else torch.float32
+    # The C++ solver keeps its state in double; its inputs (the correlations c = V y and the Gram
+    # G = V Vᵀ) are formed in double too. From float32 ones, rows on near-duplicate concepts (cosines up
+    # to 0.99998 at K = 8·C) see a duality-gap floor above tol·‖y‖² — the float32 rounding of G and c —
+    # and stopped at max_iter: 24 of the demo's 19,600 layer1.0 PFVs at λ_rel = 0.05, none in double
+    # (≤ 211 sweeps), at 1.0–1.4× the time (benchmarks/lambda_rule.py, docs/lambda_rule.md).
+    compute = torch.float64 if X.dtype == torch.float64 or name == "cpp" else torch.float32
     lead = X.shape[:-1]
     Y = X.reshape(-1, X.shape[-1]).to(compute)
     if bias is not None:

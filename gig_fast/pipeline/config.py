@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from ..ops.sparse_code import DEFAULT_LAM_REL
+
 __all__ = ["PipelineConfig", "load_config", "demo_config"]
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -139,6 +141,8 @@ class PipelineConfig:
         """Hash of every field that changes results (the run key for resuming)."""
         d = {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_HASHED}
         d["results_version"] = RESULTS_VERSION
+        if d["lam"] is None:  # the coder's default λ_rel: a run made under another default is another run
+            d["lam"] = DEFAULT_LAM_REL
         for name in ("gig_autocast", "gig_tolerance"):  # added later: None is what runs made before them did,
             if d[name] is None:                          # and those runs keep their key
                 del d[name]
