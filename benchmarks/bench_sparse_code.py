@@ -13,7 +13,8 @@ and tf32) at layer1 (C=256, K=2048), layer3 (C=1024, K=8192) and layer4 (C=2048,
 PFV-like vectors each: FISTA runs until its objective is within 1e-4 of ours (checked every 25
 iterations, at most 2000), then that many iterations are timed once.
 
-``--calibrate`` prints the l0 ratio of a few λ_rel at K = 8C on PFV-like data (how DEFAULT_LAM_REL was chosen).
+``--calibrate`` prints the l0 ratio of a few λ_rel at K = 8C on PFV-like data (how the former default 0.2 was
+chosen; the current DEFAULT_LAM_REL comes from the demo network's layers: benchmarks/lambda_rule.py).
 """
 from __future__ import annotations
 
