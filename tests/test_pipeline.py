@@ -120,7 +120,8 @@ def test_image_graphs_equal_explain_for_the_same_image(tmp_path):
 
 def _class_gig(out, a, b, c, target_concept):
     """Σ over class c's explained images of GIG(every concept of a → concept t of b), computed here from the
-    run's work files with gig() directly: ``[K_a]``."""
+    run's work files with gig() directly, with the plain gig_steps-node rule (a shared target outside the
+    class's top set, stage 4's shared pass): ``[K_a]``."""
     from gig_fast.gig import ConceptTarget, gig
     from gig_fast.slicing import make_f_ab
 
@@ -136,7 +137,7 @@ def _class_gig(out, a, b, c, target_concept):
             codes = (torch.from_numpy(z[f"{a}|idx"][rows]), torch.from_numpy(z[f"{a}|val"][rows]))
             H, W = next(l["spatial"] for l in json.loads((out / "graph.json").read_text())["layers"] if l["name"] == a)
             res = gig(make_f_ab(tiny_model(), a, b), codes, V, beta, ConceptTarget(torch.from_numpy(cb["V"][target_concept])),
-                      spatial=(H, W), **cfg.gig_options())
+                      spatial=(H, W), **{**cfg.gig_options(), "tolerance": None})
             total += res.per_concept.double().sum(0)
     return total
 
