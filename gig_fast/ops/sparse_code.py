@@ -309,7 +309,7 @@ def sparse_code(X: torch.Tensor, V: torch.Tensor, *, lam: float | None = None, m
     # G = V Vᵀ) are formed in double too. From float32 ones, rows on near-duplicate concepts (cosines up
     # to 0.99998 at K = 8·C) see a duality-gap floor above tol·‖y‖² — the float32 rounding of G and c —
     # and stopped at max_iter: 24 of the demo's 19,600 layer1.0 PFVs at λ_rel = 0.05, none in double
-    # (≤ 211 sweeps), at 1.0–1.4× the time (benchmarks/lambda_rule.py, docs/lambda_rule.md).
+    # (≤ 211 sweeps), at 0.65–1.7× the time side by side (faster where rows ran to the cap; docs/lambda_rule.md).
     compute = torch.float64 if X.dtype == torch.float64 or name == "cpp" else torch.float32
     lead = X.shape[:-1]
     Y = X.reshape(-1, X.shape[-1]).to(compute)
