@@ -147,8 +147,8 @@ def graph_summary(pipe) -> dict:
 def _edges(a: str, b: str, pairs: list[tuple[int, int, float]], peak: float, **extra) -> list[dict]:
     """Edge entries ``(source q of a, target t of b, weight)``, normalised by ``peak`` (the largest |weight|
     of the layer pair in the graph they are drawn with)."""
-    return [{"source": [a, q], "target": [b, t], **extra, "weight": _r(w), "normalized": _r(abs(w) / peak if peak > 0 else 0.0)}
-            for q, t, w in pairs]
+    return [{"source": [a, q], "target": [b, t], **extra, "weight": _r(w),
+             "normalized": _r(abs(w) / peak if peak > 0 else 0.0)} for q, t, w in pairs]
 
 
 def _shared_edges(c: int, trans, tops, views, scores, pair_w, shared: dict[str, list[int]], peak) -> list[dict]:
