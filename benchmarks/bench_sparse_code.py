@@ -21,12 +21,13 @@ supports (scikit-learn's on the CPU, our torch OMP's on the GPU) on ≥ 95% of t
 (``same_support_share``).
 
 Data: ``random`` (Gaussian), ``pfv`` (PFV-like, ``gig_fast.testing.pfv_like``) and ``demo`` (real PFVs of
-the demo network's layer4.1 coded on their own K = 2048 concepts; skipped when its weights are not
-cached). Sizes: CPU C = 256, K = 2048 with N = 30 (quick) or 300 (full); GPU the layer1/3/4 shapes
-(C, K) = (256, 2048), (1024, 8192), (2048, 16384) at N = 1,000, and layer3 at N = 12,544 (a 64-image batch).
+the shipped demo network's layer4.1 coded on their own K = 2048 concepts). Sizes: CPU C = 256, K = 2048
+with N = 30 (quick) or 300 (full); GPU the layer1/3/4 shapes (C, K) = (256, 2048), (1024, 8192),
+(2048, 16384) at N = 1,000, and layer3 at N = 12,544 (a 64-image batch).
 
 ``python benchmarks/bench_sparse_code.py --calibrate`` (from the root, with gig_fast importable) prints the
-l0 ratio of a few λ_rel at K = 8C on PFV-like data (how DEFAULT_LAM_REL was chosen).
+l0 ratio of a few λ_rel at K = 8C on PFV-like data (how the former default 0.2 was chosen; the current
+DEFAULT_LAM_REL comes from the demo network's layers: benchmarks/lambda_rule.py).
 """
 from __future__ import annotations
 
@@ -88,10 +89,7 @@ def _demo_problem(N: int, layer: str = "layer4.1", fit_images: int = 3000):
     from gig_fast.data import fashion_mnist
     from gig_fast.models.demo import load_demo
     from gig_fast.slicing import bn_shift, preactivation
-    try:
-        model = load_demo()
-    except FileNotFoundError as e:
-        pytest.skip(f"demo PFVs need the demo network's cached weights (gig-fast train-demo): {e}")
+    model = load_demo()  # the weights shipped in the package
     images = fashion_mnist("test").tensors[0][:fit_images + N]
     with torch.no_grad():
         xa = preactivation(model, layer, images)

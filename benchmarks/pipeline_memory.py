@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/pipeline_memory.py --explain 5000 --out /tmp/mem5k
     OMP_NUM_THREADS=1 python benchmarks/pipeline_memory.py --explain 50000 --out /tmp/mem50k
 
-Runs the demo network (cached weights, ``gig-fast train-demo``) on the Fashion-MNIST train split
+Runs the demo network (the weights shipped in the package) on the Fashion-MNIST train split
 (60k images) in a reduced configuration sized for two CPU cores — layers ``layer4.1,layer4.2``,
 ``k=16``, ``gig_steps=2``, 2,000 concept images (the per-layer PFV sample: 2,000 × 256 float32 per
 layer) — and prints one JSON line: the peak RSS of the whole process (``ru_maxrss``: it includes
@@ -51,10 +51,9 @@ def _hwm_mib() -> float:
 
 
 def config(explain: int, out: str):
-    from gig_fast.models import default_demo_path
     from gig_fast.pipeline import PipelineConfig
 
-    return PipelineConfig(model="demo", weights=str(default_demo_path()), dataset="fashion-mnist", split="train",
+    return PipelineConfig(model="demo", weights=None, dataset="fashion-mnist", split="train",  # the shipped weights
                           layers=["layer4.1", "layer4.2"], concept_images=2000, explain_images=explain,
                           per_class=explain // 10, k=16, kmeans_mode="fast", gig_steps=2, top_concepts=3,
                           batch_size=250, chunk_images=500, out=out, progress=False)

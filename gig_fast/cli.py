@@ -1,8 +1,8 @@
 """``gig-fast``: run the pipeline, the demo, train the demo network, or explain one image.
 
-    gig-fast demo [--arch vit] [--out DIR]         # train/load the demo net (ResNet or ViT), full run on Fashion-MNIST
+    gig-fast demo [--arch vit] [--out DIR]         # the shipped demo ResNet (or the demo ViT), full run on Fashion-MNIST
     gig-fast run --config FILE [--out DIR] ...     # YAML/JSON config; flags override it
-    gig-fast train-demo [--arch vit] [--epochs N] [--force]   # train and cache a demo network
+    gig-fast train-demo [--arch vit] [--epochs N] [--force]   # retrain the demo ResNet (the shipped weights' recipe) or train the ViT
     gig-fast explain --image FILE --run DIR        # one image's graph on a finished run's concepts
     gig-fast show --run DIR --classes A B          # shared concepts of two classes in a run's graph.json
     gig-fast report --run DIR [--html FILE]        # rewrite a finished run's interactive report.html
@@ -46,15 +46,19 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the README demo: demo net on Fashion-MNIST, every block")
     demo.add_argument("--arch", choices=("resnet", "vit"), default="resnet",
                       help="the demo ResNet (16 blocks, SRD) or the demo ViT (4 blocks, gradient × input)")
-    demo.add_argument("--weights", default=None, help="demo weights file (default: the cache; trained if missing)")
+    demo.add_argument("--weights", default=None,
+                      help="demo weights file (default: the ResNet's shipped in the package; the ViT's cache, "
+                           "trained if missing)")
     demo.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override demo options")
     _common(demo)
-    tr = sub.add_parser("train-demo", help="train and cache the demo network on Fashion-MNIST")
+    tr = sub.add_parser("train-demo", help="train a demo network on Fashion-MNIST (ResNet defaults: the shipped "
+                                           "weights' schedule)")
     tr.add_argument("--arch", choices=("resnet", "vit"), default="resnet", help="the demo ResNet or the demo ViT")
-    tr.add_argument("--epochs", type=int, default=None)
+    tr.add_argument("--epochs", type=int, default=None, help="default: the shipped weights' (DEMO_TRAINING); ViT: 3")
+    tr.add_argument("--seed", type=int, default=None, help="default: the shipped weights' (0)")
     tr.add_argument("--train-limit", type=int, default=None, help="train on the first N images only")
     tr.add_argument("--weights", default=None, help="where to write the weights (default: the cache)")
-    tr.add_argument("--force", action="store_true", help="retrain even if cached")
+    tr.add_argument("--force", action="store_true", help="retrain even if the file exists")
     tr.add_argument("--no-progress", action="store_true", help="no progress bars")
     ex = sub.add_parser("explain", help="one image's concept graph on a finished run's concepts")
     ex.add_argument("--image", required=True, help="image file, or photo:NAME for a photo that ships offline (photo:chelsea)")
@@ -78,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     va = sub.add_parser("validate", help="run/resume the pipeline, then the validation suite (paper §4.2)")
     va.add_argument("--config", default=None,
                     help="pipeline config (YAML/JSON); an optional 'validation:' mapping in it holds validation options")
-    va.add_argument("--demo", action="store_true", help="use the demo configuration (trains/loads the demo net)")
+    va.add_argument("--demo", action="store_true", help="use the demo configuration (the shipped demo net)")
     va.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override pipeline options")
     va.add_argument("--vset", nargs="*", default=[], metavar="KEY=VALUE",
                     help="override validation options (gig_fast.validation.ValidationOptions, docs/validation.md), "
@@ -103,36 +107,26 @@ def _overrides(pairs) -> dict:
     return out
 
 
-def _train_defaults(arch: str = "resnet"):
-    # sized for the 15-minute demo budget on two CPU cores (see README); the ViT: ≤ 3 minutes of training
-    if arch == "vit":
-        return {"epochs": 3, "train_limit": None}
-    return {"epochs": 1, "train_limit": 20000}
-
-
-def _train(arch: str, weights, epochs=None, train_limit=None, force=False, progress=True):
-    """Train (or load from the cache) the demo network of ``arch``: ``(model, info)``."""
-    from .models import train_demo, train_demo_vit
-
-    d = _train_defaults(arch)
-    train = train_demo_vit if arch == "vit" else train_demo
-    return train(weights, epochs=epochs or d["epochs"], force=force, progress=progress,
-                 train_limit=train_limit if train_limit is not None else d["train_limit"])
-
-
-def _demo_weights(arch: str, weights) -> Path:
-    from .models import default_demo_path, default_demo_vit_path
-
-    if weights:
-        return Path(weights)
-    return default_demo_vit_path() if arch == "vit" else default_demo_path()
+VIT_EPOCHS = 3  # the demo ViT's training: ≤ 3 minutes of one CPU core (README)
 
 
 def cmd_train_demo(args) -> int:
+    from .models import default_demo_path, default_demo_vit_path, train_demo, train_demo_vit
+
     t0 = time.perf_counter()
-    _, info = _train(args.arch, _demo_weights(args.arch, args.weights), args.epochs, args.train_limit, args.force,
-                     progress=not args.no_progress)
-    print(json.dumps({**info, "wall_s": round(time.perf_counter() - t0, 1)}, indent=1))
+    vit = args.arch == "vit"
+    path = Path(args.weights) if args.weights else (default_demo_vit_path() if vit else default_demo_path())
+    kwargs = {k: v for k, v in {"epochs": args.epochs, "seed": args.seed, "train_limit": args.train_limit}.items()
+              if v is not None}
+    if vit:
+        _, info = train_demo_vit(path, force=args.force, progress=not args.no_progress,
+                                 **{"epochs": VIT_EPOCHS, **kwargs})
+    else:
+        _, info = train_demo(path, force=args.force, progress=not args.no_progress,
+                             log=lambda line: print(line, file=sys.stderr, flush=True), **kwargs)
+    print(json.dumps({**{k: v for k, v in info.items() if k != "curve"}, "wall_s": round(time.perf_counter() - t0, 1)},
+                     indent=1))
+    print(f"train-demo: weights in {path} (record: {path}.json)", file=sys.stderr)  # stdout: the JSON only
     return 0
 
 
@@ -152,9 +146,13 @@ def _summary(out: Path) -> None:
     from .pipeline.store import load_json
 
     m = load_json(out / "metrics.json")
-    print(f"{'layer':10s} {'rel-L2':>8s} {'l0 ratio':>9s}")
+    print(f"{'layer':10s} {'rel-L2':>8s} {'l0 ratio':>9s} {'active/PFV':>10s} {'K':>5s} {'PFVs/concept (median)':>22s} "
+          f"{'at cap':>7s}")
     for name, v in m["layers"].items():
-        print(f"{name:10s} {v['rel_l2']:8.4f} {v['l0_ratio']:9.4f}")
+        K = v.get("concepts")
+        active = f"{(1 - v['l0_ratio']) * K:10.2f}" if K else f"{'':10s}"
+        print(f"{name:10s} {v['rel_l2']:8.4f} {v['l0_ratio']:9.4f} {active} {K or '':>5} "
+              f"{v.get('concept_size_median', ''):>22} {v.get('not_converged', ''):>7}")
     print(f"completeness |delta|: max {m['completeness_max_abs']:.3g}; relative: max {m['completeness_max_rel']:.3g}, "
           f"median {m['completeness_median_rel']:.3g}")
     shares = {k: v["share_rel_within_1pct"] for k, v in m["completeness"].items() if "share_rel_within_1pct" in v}
@@ -180,25 +178,41 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _demo_weights(arch: str, weights: str | None, progress: bool = True) -> tuple[str | None, dict]:
+    """The demo's weights and their training record: the ResNet's file, or None for the ones shipped in
+    the package; the ViT's file (default: the cache), trained first if missing."""
+    from .models import default_demo_vit_path, load_demo, shipped_demo_info, train_demo_vit
+
+    if arch == "vit":
+        path = Path(weights) if weights else default_demo_vit_path()
+        _, info = train_demo_vit(path, epochs=VIT_EPOCHS, progress=progress)  # loads the cached file if there
+        return str(path), info
+    if weights is None:
+        return None, shipped_demo_info()
+    load_demo(weights)  # a missing or unreadable file fails here, before any pipeline work
+    meta = Path(str(weights) + ".json")
+    return str(weights), (json.loads(meta.read_text()) if meta.exists() else {})
+
+
 def cmd_demo(args) -> int:
     from .pipeline import demo_config
 
     t0 = time.perf_counter()
-    weights = _demo_weights(args.arch, args.weights)
-    _, info = _train(args.arch, weights, progress=not args.no_progress)
-    t_train = time.perf_counter() - t0
-    print(f"demo network ({args.arch}): test accuracy {info['test_accuracy']:.4f} ({t_train:.1f} s to train or load)")
+    weights, info = _demo_weights(args.arch, args.weights, progress=not args.no_progress)
+    if "test_accuracy" in info:
+        print(f"demo network ({args.arch}): test accuracy {info['test_accuracy']:.4f} ({info.get('epochs')} epochs, "
+              f"{'shipped weights' if weights is None else weights})")
     over = _overrides(args.set)
     over.update({k: v for k, v in {"device": args.device, "backend": args.backend, "out": args.out}.items()
                  if v is not None})
     if args.no_progress:
         over["progress"] = False
-    cfg = demo_config(args.arch, weights=str(weights), **over)
+    cfg = demo_config(args.arch, weights=weights, **over)
     out = _run_pipeline(cfg, "demo")
     _summary(out)
     _show(out, "Sneaker", "Ankle boot")
     _show(out, "Shirt", "T-shirt/top")
-    print(f"demo wall time {time.perf_counter() - t0:.1f} s (training/loading included)")
+    print(f"demo wall time {time.perf_counter() - t0:.1f} s")
     return 0
 
 
@@ -286,8 +300,7 @@ def cmd_validate(args) -> int:
     if args.no_progress:
         data["progress"] = False
     if args.demo:
-        weights = data.pop("weights", None) or str(_demo_weights("resnet", None))
-        _train("resnet", weights, progress=not args.no_progress)
+        weights, _ = _demo_weights("resnet", data.pop("weights", None))
         cfg = demo_config(weights=weights, **data)
     elif args.config is None:
         raise ValueError("validate needs --config FILE or --demo")

@@ -42,7 +42,9 @@ class ConceptTarget:
     """``T(Ω) = Σ_i ⟨Ω_i, v/‖v‖⟩``: the projection of every position of layer b on a concept, summed.
 
     Args:
-        vector: ``[C_b]`` the target concept ``v_t`` of layer b (any norm but zero).
+        vector: ``[C_b]`` the target concept ``v_t`` of layer b (any norm but zero), the same for every
+            image; or ``[B, C_b]``, one concept per image (e.g. each image's own strongest concept of
+            layer b, as in an image's graph), like a :class:`ClassTarget` with one class per image.
     """
     vector: torch.Tensor
 
@@ -125,11 +127,12 @@ def quadrature(rule: str, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _check_target(target, B: int, device: torch.device) -> Target:
     if isinstance(target, ConceptTarget):
         vec = target.vector
-        if not isinstance(vec, torch.Tensor) or vec.dim() != 1:
-            raise ValueError(f"ConceptTarget.vector must be a 1-D tensor [C_b], got "
+        if not isinstance(vec, torch.Tensor) or vec.dim() not in (1, 2) or (vec.dim() == 2 and vec.shape[0] != B):
+            raise ValueError(f"ConceptTarget.vector must be [C_b] or [B={B}, C_b], got "
                              f"{tuple(vec.shape) if isinstance(vec, torch.Tensor) else type(vec).__name__}")
-        if not vec.is_floating_point() or not bool(torch.isfinite(vec).all()) or float(vec.norm()) == 0.0:
-            raise ValueError("ConceptTarget.vector must be a finite, non-zero float vector")
+        if not vec.is_floating_point() or not bool(torch.isfinite(vec).all()) or \
+                (B and bool((vec.norm(dim=-1) == 0).any())):
+            raise ValueError("ConceptTarget.vector must be finite, non-zero float vector(s)")
         return ConceptTarget(vec.to(device))
     if isinstance(target, ClassTarget):
         index = target.index
@@ -151,11 +154,14 @@ def _evaluate(target: Target, out: torch.Tensor, image: torch.Tensor) -> torch.T
     image each row belongs to (for per-image class indices). Returns ``[n]``."""
     if isinstance(target, ConceptTarget):
         vec = target.vector
-        if out.dim() < 2 or out.shape[1] != vec.shape[0]:
-            raise ValueError(f"ConceptTarget.vector has C_b={vec.shape[0]} entries but F_ab's output has shape "
+        if out.dim() < 2 or out.shape[1] != vec.shape[-1]:
+            raise ValueError(f"ConceptTarget.vector has C_b={vec.shape[-1]} entries but F_ab's output has shape "
                              f"{tuple(out.shape)} (channels on dim 1)")
-        unit = (vec / vec.norm()).to(out.dtype)
-        per_pos = torch.einsum("nc...,c->n...", out, unit)
+        unit = (vec / vec.norm(dim=-1, keepdim=True)).to(out.dtype)
+        if unit.dim() == 1:
+            per_pos = torch.einsum("nc...,c->n...", out, unit)
+        else:  # one concept per image: row i of out belongs to image[i]
+            per_pos = torch.einsum("nc...,nc->n...", out, unit[image])
         return per_pos.reshape(out.shape[0], -1).sum(1)
     if out.dim() != 2:
         raise ValueError(f"ClassTarget needs logits [n, n_classes] from F_ab, got shape {tuple(out.shape)}")

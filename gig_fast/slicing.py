@@ -245,13 +245,39 @@ def _channels_of(model: nn.Module, node: fx.Node) -> int | None:
     return None
 
 
-def bn_shift(model: nn.Module, point: str) -> torch.Tensor:
-    """``β^a`` (the paper's μ_BN): the net shift of the BN that feeds the point's value (DESIGN.md §1.1).
+def _net_shift(model: nn.Module, node: fx.Node) -> torch.Tensor | None:
+    """The net BN shift of ``node``'s value, or None when no BN feeds it.
 
-    ``β = bn.bias − bn.weight · running_mean / sqrt(running_var + eps)``. For a residual block this is
-    the BN of the residual branch feeding the sum (``bn3`` of a Bottleneck, ``bn2`` of a BasicBlock —
-    the sum's first operand); for a BN node it is that BN; zero where no BN feeds the point (a conv or
-    linear output).
+    A BN output contributes its shift; a sum contributes the sum of its operands' net shifts (so the
+    pre-activation ``bn3(·) + bn_ds(·)`` of a ResNet block with a downsample branch gets both shifts,
+    and ``bn3(·) + identity`` gets bn3's alone: an activation from an earlier layer carries no shift of
+    this point). Anything else (a conv, a ReLU, an input) contributes nothing.
+    """
+    bn = _bn_of(model, node)
+    if bn is not None:
+        return _shift(bn)
+    if not _is_add(node):
+        return None
+    operands = [x for x in node.args if isinstance(x, fx.Node)]
+    shifts = []
+    for k, x in enumerate(operands):
+        shift = _net_shift(model, x)
+        if shift is not None:
+            # torch.add(a, b, alpha=s) is a + s·b: the second operand's shift is scaled too
+            scale = node.kwargs.get("alpha", 1) if k == 1 else 1
+            shifts.append(shift * scale)
+    return torch.stack(shifts).sum(0) if shifts else None
+
+
+def bn_shift(model: nn.Module, point: str) -> torch.Tensor:
+    """``β^a`` (the paper's μ_BN, Eq. 8): the net BN shift of the point's value (DESIGN.md §1.1).
+
+    Each BN contributes ``bn.bias − bn.weight · running_mean / sqrt(running_var + eps)``, its output
+    where its input is zero ("no concept present"). A sum of BN outputs gets the sum of their shifts:
+    at a ResNet block with a downsample branch (``layer1.0``, ``layer2.0`` … of a ResNet-50) the
+    pre-activation is ``bn3(conv3(·)) + bn_ds(conv_ds(·))``, so β is ``bn3``'s shift plus the
+    downsample BN's; at an identity block (``bn3(·) + x``) it is ``bn3``'s alone. For a BN node it is
+    that BN's shift; zero where no BN feeds the point (a conv or linear output).
 
     Returns:
         ``[C_a]`` (detached, in the BN's dtype).
@@ -272,15 +298,11 @@ def bn_shift_or_none(model: nn.Module, point: str) -> torch.Tensor | None:
     node_name = _resolve(model, point)
     _, named = _graph_of(model, (node_name,))
     node = named[node_name]
-    bn = _bn_of(model, node)
-    if bn is not None:
-        return _shift(bn)
+    shift = _net_shift(model, node)
+    if shift is not None:
+        return shift.detach()
     if _is_add(node):
         operands = [x for x in node.args if isinstance(x, fx.Node)]
-        for x in operands:
-            bn = _bn_of(model, x)
-            if bn is not None:
-                return _shift(bn)
         node = operands[0] if operands else node
     channels = _channels_of(model, node)
     if channels is None:

@@ -1,7 +1,6 @@
 """The CPU kernels' AVX2 builds (csrc/common.h: GIG_TARGET_AVX2, picked at run time) agree with their
 baseline x86-64 builds, which a process started with ``GIG_FAST_CPU_ISA=baseline`` runs: this machine
 runs the AVX2 path in every other test, so the baseline path is checked here."""
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import gig_fast
+from _children import child_env
 from gig_fast.ops import available_backends
 
 pytestmark = pytest.mark.skipif(available_backends()["cpp"] != "runs", reason="needs the compiled CPU extension")
@@ -54,8 +53,7 @@ np.savez(sys.argv[1], **{f"wide_{k}": v for k, v in wide.items()}, out=out.detac
 
 
 def _run(tmp_path: Path, isa: str | None) -> dict:
-    package_root = str(Path(gig_fast.__file__).resolve().parents[1])  # the gig_fast this test imports
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]))
+    env = child_env()
     env.pop("GIG_FAST_CPU_ISA", None)
     if isa:
         env["GIG_FAST_CPU_ISA"] = isa

@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.distributed
 
-import gig_fast
 
+from _children import child_env
 import _dist_child as child
 from gig_fast.concepts import bisecting_spherical_kmeans
 from gig_fast.pipeline import Pipeline
@@ -38,9 +38,7 @@ def _torchrun(out: Path, *args: str) -> subprocess.Popen:
     """2 CPU ranks of ``tests/_dist_child.py``, importing the very gig_fast this test process imported
     (the installed package in CI, whose compiled backends the in-tree copy lacks; this checkout in
     development), so ranks and the single-process reference run the same kernels."""
-    package_root = str(Path(gig_fast.__file__).resolve().parents[1])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
+    env = child_env(OMP_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",

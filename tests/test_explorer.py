@@ -374,6 +374,31 @@ def test_class_pair_highlights_the_shared_concepts(big_page, browser, artifacts)
     assert _errors(browser) == []
 
 
+def test_pair_view_draws_the_edges_of_the_shared_concepts(tmp_path, browser, artifacts):
+    """A real run whose shared concepts lie outside the top sets (top_concepts=1, top_shared=3): the pair
+    view draws every class-graph edge of both classes and every edge of the pair graph, so each shared
+    concept is wired to its parents and children."""
+    from selenium.webdriver.common.by import By
+
+    out = Pipeline(tiny_config(tmp_path / "run", top_concepts=1, top_shared=3), model=tiny_model(),
+                   dataset=tiny_data()).run()
+    graph, _ = _load(out)
+    index = {layer["name"]: i for i, layer in enumerate(graph["layers"])}
+    key = lambda e: f"{index[e['source'][0]]}|{e['source'][1]}>{index[e['target'][0]]}|{e['target'][1]}"  # noqa: E731
+    pair = graph["pair_graphs"]["0-1"]
+    assert pair["edges"], "the pair graph has no edges to draw"
+    _open(browser, out / "report.html", "#pair=0-1")
+    drawn = {p.get_attribute("data-key") for p in browser.find_elements(By.CSS_SELECTOR, "#graph path.edge")}
+    expected = {key(e) for c in ("0", "1") for e in graph["class_graphs"][c]["edges"]} | {key(e) for e in pair["edges"]}
+    assert drawn == expected
+    for layer, items in pair["shared"].items():
+        for s in items:
+            node = f"{index[layer]}|{s['concept']}"
+            assert any(k.startswith(node + ">") or k.endswith(">" + node) for k in drawn), f"{node} has no edge"
+    browser.save_screenshot(str(artifacts / "explorer_pair_wired.png"))
+    assert _errors(browser) == []
+
+
 def test_hostile_class_names_are_shown_as_text(tmp_path, browser, artifacts):
     from selenium.common.exceptions import NoAlertPresentException
     from selenium.webdriver.common.by import By

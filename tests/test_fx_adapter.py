@@ -5,7 +5,6 @@ import pytest
 import torch
 from torch import nn
 
-from gig_fast import slicing
 from gig_fast.models import get_adapter
 from gig_fast.models.fx_adapter import FXAdapter
 from gig_fast.srd import explain, gradxinput_explain

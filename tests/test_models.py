@@ -109,20 +109,70 @@ def test_train_demo_caches_weights_and_accuracy(tmp_path, monkeypatch):
 
     images = torch.randn(64, 1, 28, 28)
     labels = torch.randint(0, 10, (64,))
-    monkeypatch.setattr(demo, "fashion_mnist",  # the data set the demo trainer reads
+    # where train_demo looks the data set up (patching gig_fast.data would leave it on the real 60,000)
+    monkeypatch.setattr(demo, "fashion_mnist",
                         lambda split, root=None: torch.utils.data.TensorDataset(images, labels))
     from gig_fast.models import train_demo
 
     path = tmp_path / "w.pt"
     model, info = train_demo(path, epochs=1, base=2, batch_size=32, progress=False)
     meta = json.loads((tmp_path / "w.pt.json").read_text())
-    assert 0.0 <= meta["test_accuracy"] <= 1.0 and meta == info
+    assert 0.0 <= meta["test_accuracy"] <= 1.0 and meta == info and meta["train_images"] == 64
+    assert [row["epoch"] for row in meta["curve"]] == [1] and meta["augment"] is True
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         again, info2 = train_demo(path, progress=False)  # cached: loads, does not retrain
     assert info2 == info
     x = torch.randn(2, 1, 28, 28)
     assert torch.equal(again(x), model(x))
+
+
+def test_augment_batch_flips_and_shifts_each_image():
+    """Every augmented image is its original, maybe mirrored, shifted by at most 2 pixels on the black
+    background; the draws come from the generator alone (a seed reproduces them)."""
+    from gig_fast.models.demo import DEMO_MEAN, DEMO_STD, augment_batch
+
+    x = torch.randn(16, 1, 28, 28)
+    out = augment_batch(x, torch.Generator().manual_seed(5))
+    assert torch.equal(out, augment_batch(x, torch.Generator().manual_seed(5)))
+    black = (0.0 - DEMO_MEAN) / DEMO_STD
+    padded = torch.nn.functional.pad(torch.cat([x, x.flip(-1)], 1), (2, 2, 2, 2), value=black)  # [16, 2, 32, 32]
+    moved = 0
+    for b in range(16):
+        options = [(f, dy, dx) for f in range(2) for dy in range(5) for dx in range(5)
+                   if torch.equal(out[b, 0], padded[b, f, dy:dy + 28, dx:dx + 28])]
+        assert options, f"image {b} is not a flip/shift of its original"
+        moved += (0, 2, 2) not in options
+    assert moved > 8  # most images are changed (1 in 50 draws is the identity)
+
+
+def test_shipped_demo_weights_are_what_their_record_says():
+    """The package ships trained weights (loaded with weights_only=True) whose test accuracy is the
+    recorded one (≥ 91%), with the record of how to reproduce them."""
+    from gig_fast.data import fashion_mnist
+    from gig_fast.models import DEMO_TRAINING, SHIPPED_DEMO_WEIGHTS, shipped_demo_info
+
+    info = shipped_demo_info()
+    assert info["test_accuracy"] >= 0.91 and info["train_images"] == 60000
+    assert {k: info[k] for k in DEMO_TRAINING} == DEMO_TRAINING  # `gig-fast train-demo` defaults reproduce them
+    assert {"seed", "epochs", "train_seconds", "torch"} <= info.keys()
+    assert SHIPPED_DEMO_WEIGHTS.stat().st_size < 2 * 2**20
+    model = load_demo()  # the shipped file
+    x, y = fashion_mnist("test").tensors
+    with torch.no_grad():
+        correct = sum(int((model(x[i:i + 1000]).argmax(1) == y[i:i + 1000]).sum()) for i in range(0, len(y), 1000))
+    assert abs(correct / len(y) - info["test_accuracy"]) <= 5e-4  # threads may flip a near-tie or two
+
+
+def test_package_ships_the_demo_weights():
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    shipped = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["gig_fast.models"]
+    assert set(shipped) == {"weights/demo_resnet.pt", "weights/demo_resnet.pt.json"}
+    assert all((root / "gig_fast" / "models" / f).exists() for f in shipped)
+    assert "gig_fast/models/weights/demo_resnet.pt" in (root / "MANIFEST.in").read_text()
 
 
 def test_adapter_agrees_with_fx_slicing():
@@ -135,7 +185,23 @@ def test_adapter_agrees_with_fx_slicing():
     f = make_f_ab(model, "layer2.3", "layer3.0")
     torch.testing.assert_close(f(rec.preact("layer2.3")), rec.preact("layer3.0"))
     torch.testing.assert_close(make_f_ab(model, "layer4.2", "logits")(rec.preact("layer4.2")), rec.logits)
-    torch.testing.assert_close(bn_shift(model, "layer1.1"), adapter.bn_shift("layer1.1"))
+    for point in ("layer1.0", "layer1.1", "layer2.0", "layer4.0"):  # with and without a downsample branch
+        torch.testing.assert_close(bn_shift(model, point), adapter.bn_shift(point))
+
+
+def test_adapter_bn_shift_of_a_downsample_block_is_the_net_shift():
+    """At a block with a downsample branch the pre-activation is bn3(·) + bn_ds(·): β is both shifts,
+    so silencing the two convs that feed them leaves exactly β (paper Eq. 8)."""
+    model = _randomise_bn(DemoResNet(base=2)).eval()
+    adapter = get_adapter(model)
+    block = model.layer3[0]
+    shifts = [bn_affine(bn, bn.num_features, bn.weight)[1] for bn in (block.bn3, block.downsample[1])]
+    torch.testing.assert_close(adapter.bn_shift("layer3.0"), (shifts[0] + shifts[1]).detach())
+    with torch.no_grad():
+        block.conv3.weight.zero_()
+        block.downsample[0].weight.zero_()
+    v = adapter.record(torch.randn(2, 1, 28, 28)).preact("layer3.0")  # [2, C, 4, 4]
+    torch.testing.assert_close(v, adapter.bn_shift("layer3.0")[None, :, None, None].expand_as(v))
 
 
 def test_folded_f_ab_is_the_same_function_without_batchnorms():

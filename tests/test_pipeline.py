@@ -94,6 +94,84 @@ def test_tiny_run_writes_graph_metrics_report(tmp_path):
     assert main(["show", "--run", str(out), "--classes", "bag", "nope"]) != 0
 
 
+def test_image_graphs_equal_explain_for_the_same_image(tmp_path):
+    """graph.json's image graph and `gig-fast explain` of the same image are one computation (paper Fig. 3):
+    the same nodes (the image's own top concepts) with the same scores, the same edges (to the image's own
+    top concepts of the layer above) with the same GIG values — not only the same structure."""
+    out = run_tiny(tmp_path / "run", top_concepts=2)
+    graph = json.loads((out / "graph.json").read_text())
+    data = tiny_data()
+    for g in graph["images"][:4]:
+        one = explain_image(out, data[g["id"]][0], model=tiny_model(), target=g["class"])
+        assert one["nodes"].keys() == g["nodes"].keys()
+        for layer, items in g["nodes"].items():
+            assert [n["concept"] for n in one["nodes"][layer]] == [n["concept"] for n in items]
+            np.testing.assert_allclose([n["score"] for n in one["nodes"][layer]], [n["score"] for n in items],
+                                       rtol=1e-4, atol=1e-6)  # graph.json rounds to 6 digits; codes per batch
+        ours = {(tuple(e["source"]), tuple(e["target"])): e["weight"] for e in g["edges"]}
+        theirs = {(tuple(e["source"]), tuple(e["target"])): e["weight"] for e in one["edges"]}
+        assert ours.keys() == theirs.keys() and len(ours) == 2 * len(LAYERS)
+        np.testing.assert_allclose([theirs[k] for k in ours], list(ours.values()), rtol=1e-4, atol=1e-6)
+        # edges end at the image's own top concepts of the layer above, not at its class's
+        for (src, tgt), _ in ours.items():
+            if tgt[0] != "classes":
+                assert tgt[1] in [n["concept"] for n in g["nodes"][tgt[0]]]
+
+
+def _class_gig(out, a, b, c, target_concept):
+    """Σ over class c's explained images of GIG(every concept of a → concept t of b), computed here from the
+    run's work files with gig() directly, with the plain gig_steps-node rule (a shared target outside the
+    class's top set, stage 4's shared pass): ``[K_a]``."""
+    from gig_fast.gig import ConceptTarget, gig
+    from gig_fast.slicing import make_f_ab
+
+    work = next(out.glob("work-*"))
+    cfg = PipelineConfig(**json.loads((work / "config.json").read_text())["config"])
+    ca, cb = (np.load(work / "concepts" / f"{p}.npz") for p in (a, b))
+    V, beta = torch.from_numpy(ca["V"]), torch.from_numpy(ca["beta"])
+    total = torch.zeros(V.shape[0], dtype=torch.float64)
+    for path in sorted((work / "codes").glob("chunk_*.npz")):
+        z = np.load(path)
+        rows = np.nonzero(z["label"] == c)[0]
+        if len(rows):
+            codes = (torch.from_numpy(z[f"{a}|idx"][rows]), torch.from_numpy(z[f"{a}|val"][rows]))
+            H, W = next(l["spatial"] for l in json.loads((out / "graph.json").read_text())["layers"] if l["name"] == a)
+            res = gig(make_f_ab(tiny_model(), a, b), codes, V, beta, ConceptTarget(torch.from_numpy(cb["V"][target_concept])),
+                      spatial=(H, W), **{**cfg.gig_options(), "tolerance": None})
+            total += res.per_concept.double().sum(0)
+    return total
+
+
+def test_pair_graphs_wire_the_shared_concepts(tmp_path):
+    """A shared concept outside both classes' top sets carries GIG edges from its children (its incoming
+    GIG, summed over each class's images) and to its parents; the weights are what gig() gives."""
+    out = run_tiny(tmp_path / "run", top_concepts=1, top_shared=3)
+    graph = json.loads((out / "graph.json").read_text())
+    tops = {c: {layer: {n["concept"] for n in items} for layer, items in g["nodes"].items()}
+            for c, g in graph["class_graphs"].items()}
+    checked = 0
+    for key, pg in graph["pair_graphs"].items():
+        c1, c2 = pg["classes"]
+        for layer in ("layer4.0", "layer4.2"):  # layers with a layer below
+            below = LAYERS[LAYERS.index(layer) - 1]
+            for s in pg["shared"].get(layer, []):
+                q = s["concept"]
+                if q in tops[str(c1)][layer] or q in tops[str(c2)][layer]:
+                    continue
+                for c in (c1, c2):  # incoming: from class c's top and shared concepts of the layer below
+                    incoming = {e["source"][1]: e["weight"] for e in pg["edges"]
+                                if e["class"] == c and e["target"] == [layer, q]}
+                    sources = tops[str(c)][below] | {x["concept"] for x in pg["shared"].get(below, [])}
+                    assert set(incoming) == sources
+                    expected = _class_gig(out, below, layer, c, q)
+                    np.testing.assert_allclose([incoming[p] for p in sorted(incoming)],
+                                               [expected[p].item() for p in sorted(incoming)], rtol=1e-4, atol=1e-7)
+                    assert any(e["class"] == c and e["source"] == [layer, q] for e in pg["edges"])  # outgoing
+                    assert all(0.0 <= e["normalized"] <= 1.0 for e in pg["edges"])
+                checked += 1
+    assert checked > 0, "no shared concept outside both top sets in this run: the test checks nothing"
+
+
 _CHILD = """
 import sys
 sys.path[:0] = {path!r}  # the parent's import path: same gig_fast (checkout or installed)

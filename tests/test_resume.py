@@ -3,7 +3,6 @@ record (chunking pinned, backend/device/data set refused when changed), damaged 
 stale temporary files removed, and a fault-injection run: SIGKILL in every stage, a damaged chunk,
 other ``chunk_images``/``batch_size`` at every launch — the final graph is the uninterrupted run's."""
 import json
-import os
 import random
 import shutil
 import signal
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _children import PACKAGE_ROOT
 import test_pipeline as tp
 from gig_fast.cli import main
 from gig_fast.pipeline import Pipeline, pfv_dataset, rebuild_report
@@ -228,7 +228,7 @@ def test_fault_injection_kill_damage_and_rechunk_give_the_uninterrupted_graph(tm
     for (stage, files), (chunk, batch) in zip(STAGE_FILES.items(), launches):
         nth, mid_write = rng.randint(1, files), rng.random() < 0.5
         child = subprocess.run(
-            [sys.executable, "-c", _CHILD.format(path=[str(ROOT), str(ROOT / "tests")] + sys.path, stage=stage, nth=nth,
+            [sys.executable, "-c", _CHILD.format(path=[PACKAGE_ROOT, str(ROOT / "tests")] + sys.path, stage=stage, nth=nth,
                                                  mid_write=mid_write, out=str(out), chunk=chunk, batch=batch)],
             capture_output=True, text=True, timeout=600)
         assert child.returncode == -signal.SIGKILL, (stage, nth, child.stderr[-3000:])

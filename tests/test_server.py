@@ -2,7 +2,6 @@
 input and unknown ids included (4xx with a JSON message, never a traceback)."""
 import io
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from gig_fast.models import DemoResNet  # noqa: E402
 from gig_fast.pipeline import Pipeline  # noqa: E402
 
 from test_pipeline import LAYERS, tiny_config  # noqa: E402
+from _children import child_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,8 +66,8 @@ def server(served_run):
         port = s.getsockname()[1]
     log = open(served_run / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "gig_fast.cli", "serve", "--run", str(served_run / "run"),
-                             "--port", str(port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+                             "--port", str(port)], cwd=served_run, stdout=log, stderr=subprocess.STDOUT,
+                            env=child_env())  # the gig_fast (and compiled backends) this process runs
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:

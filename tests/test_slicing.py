@@ -91,13 +91,64 @@ def test_resnet18_logits_and_basicblock_beta():
     torch.testing.assert_close(bn_shift(model, "layer3.1"), expected.detach())
 
 
-def test_bn_shift_bottleneck_is_bn3():
+def _shift(bn):
+    return (bn.bias - bn.weight * bn.running_mean / torch.sqrt(bn.running_var + bn.eps)).detach()
+
+
+def test_bn_shift_bottleneck_is_bn3_at_an_identity_block():
     model = tiny_resnet()
-    for point, block in (("layer1.1", model.layer1[1]), ("layer2.0", model.layer2[0])):
-        bn = block.bn3
-        expected = bn.bias - bn.weight * bn.running_mean / torch.sqrt(bn.running_var + bn.eps)
-        torch.testing.assert_close(bn_shift(model, point), expected.detach())
-        assert bn_shift(model, point).abs().max() > 0
+    bn = model.layer1[1].bn3
+    torch.testing.assert_close(bn_shift(model, "layer1.1"), _shift(bn))
+    assert bn_shift(model, "layer1.1").abs().max() > 0
+
+
+class _TwoBranchSum(torch.nn.Module):
+    """A block built by hand: ``bn_a(conv_a(x)) + bn_b(conv_b(x))`` (a ResNet block with a downsample
+    branch), then a third BN output added, then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.conv_a, self.bn_a = torch.nn.Conv2d(4, 6, 3, padding=1, bias=False), torch.nn.BatchNorm2d(6)
+        self.conv_b, self.bn_b = torch.nn.Conv2d(4, 6, 1, bias=False), torch.nn.BatchNorm2d(6)
+        self.conv_c, self.bn_c = torch.nn.Conv2d(4, 6, 1, bias=False), torch.nn.BatchNorm2d(6)
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        two = self.bn_a(self.conv_a(x)) + self.bn_b(self.conv_b(x))
+        three = two + self.bn_c(self.conv_c(x))
+        return self.head(torch.relu(three).mean((2, 3)))
+
+
+def test_bn_shift_of_a_sum_of_bn_outputs_is_the_sum_of_their_shifts():
+    """β is "no concept present": with every conv feeding a BN silenced, the point's value is β itself.
+
+    Today's rule took the first BN's shift alone; the sum of two (a downsample block) or three BN outputs
+    gets the sum of their shifts.
+    """
+    model = randomize_bn(_TwoBranchSum(), torch.Generator().manual_seed(1)).double().eval()
+    expected_two = _shift(model.bn_a) + _shift(model.bn_b)
+    torch.testing.assert_close(bn_shift(model, "add"), expected_two)
+    torch.testing.assert_close(bn_shift(model, "add_1"), expected_two + _shift(model.bn_c))
+    with torch.no_grad():
+        for conv in (model.conv_a, model.conv_b, model.conv_c):
+            conv.weight.zero_()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    for point in ("add", "add_1"):
+        value = preactivation(model, point, x)  # [2, 6, 5, 5], constant β per channel
+        torch.testing.assert_close(value, bn_shift(model, point)[None, :, None, None].expand_as(value))
+
+
+def test_bn_shift_of_a_downsample_block_adds_the_downsample_bn():
+    model = tiny_resnet()
+    block = model.layer2[0]  # bn3(conv3(·)) + downsample = bn(conv1x1(·))
+    torch.testing.assert_close(bn_shift(model, "layer2.0"), _shift(block.bn3) + _shift(block.downsample[1]))
+    with torch.no_grad():
+        block.conv3.weight.zero_()
+        block.downsample[0].weight.zero_()
+    value = preactivation(model, "layer2.0", torch.randn(2, 3, 8, 8, dtype=torch.float64))
+    torch.testing.assert_close(value, bn_shift(model, "layer2.0")[None, :, None, None].expand_as(value))
 
 
 def test_bn_shift_other_nodes():

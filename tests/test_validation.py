@@ -14,7 +14,7 @@ from gig_fast.validation.baselines import (dictionary_objective, fit_dictionary_
                                            ours, sae_schedule)
 from gig_fast.validation.metrics import dense_to_padded
 
-from test_pipeline import run_tiny, tiny_config, tiny_data, tiny_model
+from test_pipeline import tiny_config, tiny_data, tiny_model
 
 
 # ------------------------------------------------------------------ curves and AUC

@@ -12,9 +12,9 @@ Concept banks are :class:`gig_fast.concepts.ConceptBank`; the per-image store is
 """
 from .run import NotFoundError, Run
 from .types import (ClassInfo, ClassUse, ConceptCard, ConceptSample, ConceptUse, Decomposition, Edge, Explanation,
-                    Graph, ImageGraph, LayerInfo, LayerMetrics, Metrics, Node, PairGraph, SharedConcept,
+                    Graph, ImageGraph, LayerInfo, LayerMetrics, Metrics, Node, PairEdge, PairGraph, SharedConcept,
                     TransitionMetrics)
 
 __all__ = ["Run", "NotFoundError", "ClassInfo", "ClassUse", "ConceptCard", "ConceptSample", "ConceptUse", "Decomposition", "Edge",
-           "Explanation", "Graph", "ImageGraph", "LayerInfo", "LayerMetrics", "Metrics", "Node", "PairGraph",
+           "Explanation", "Graph", "ImageGraph", "LayerInfo", "LayerMetrics", "Metrics", "Node", "PairEdge", "PairGraph",
            "SharedConcept", "TransitionMetrics"]

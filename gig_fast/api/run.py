@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..concepts import ConceptBank
-from ..data import load_image, open_dataset, pil_to_tensor
+from ..data import load_image, open_dataset
 from ..explorer.pictures import display_rgb, ierf_crop
 from ..gig import ClassTarget, ConceptTarget, gig
 from ..image_store import ImageStore
@@ -38,10 +38,11 @@ from ..ops import sparse_reconstruct
 from ..ops.sparse_code import SparseCodeConvergenceWarning
 from ..pipeline.config import PipelineConfig
 from ..pipeline.samples import nearest_rows, stage1_samples
-from ..pipeline.stages import CLASSES, bank_dir
+from ..pipeline.graph import image_layer_graph
+from ..pipeline.stages import CLASSES, bank_dir, image_top_concepts
 from ..pipeline.store import load_json, load_npz
 from .types import (ClassInfo, ClassUse, ConceptCard, ConceptSample, ConceptUse, Decomposition, Edge, Explanation,
-                    Graph, ImageGraph, LayerInfo, Metrics, Node, PairGraph, SharedConcept)
+                    Graph, ImageGraph, LayerInfo, Metrics, Node, PairGraph)
 
 __all__ = ["Run", "NotFoundError"]
 
@@ -214,10 +215,7 @@ class Run:
         a, b = sorted((self.class_id(c1), self.class_id(c2)))
         if a == b:
             raise ValueError("a class cannot be paired with itself")
-        pg = self._graph["pair_graphs"].get(f"{a}-{b}", {"shared": {}})
-        shared = [SharedConcept(layer, int(s["concept"]), float(s["score"]), tuple(float(x) for x in s["importance"]))
-                  for layer, items in pg["shared"].items() for s in items]
-        return PairGraph((a, b), shared)
+        return PairGraph.from_dict(self._graph["pair_graphs"].get(f"{a}-{b}", {"classes": [a, b]}))
 
     @cached_property
     def store(self) -> ImageStore | None:
@@ -475,16 +473,15 @@ class Run:
             f_ab = self.adapter.f_ab(a, None if b == CLASSES else b)
             res = gig(f_ab, codes[a], banks[a].V.to(self.device), banks[a].beta.to(self.device), tgt,
                       spatial=tuple(rec.preact(a).shape[-2:]), **cfg.gig_options())
-            pc = res.per_concept.detach().double().cpu().reshape(len(targets), -1)  # [T, K_a]
+            pc = res.per_concept.detach().double().cpu().reshape(len(targets), 1, -1)  # [T, 1, K_a]
             deltas[f"{a}->{b}"] = float(res.delta.detach().abs().max())
-            score = pc.sum(0).numpy()
-            sel = np.argsort(-score, kind="stable")[:top]
-            peak = float(np.abs(score[sel]).max()) or 1.0
-            nodes += [Node(a, int(q), float(score[q]), abs(float(score[q])) / peak) for q in sel]
-            w = [(int(q), t, float(pc[ti, q])) for q in sel for ti, t in enumerate(targets)]
-            m = max((abs(e[2]) for e in w), default=0.0) or 1.0
-            edges += [Edge(a, q, b, t, wt, abs(wt) / m) for q, t, wt in w]
-            targets = [int(q) for q in sel]
+            # the same nodes and edges as stage 4's image pass (graph.json's images[] for a dataset image)
+            sel, values = image_top_concepts(pc, min(top, pc.shape[-1]))
+            entries, layer_edges = image_layer_graph(a, b, sel[0].tolist(), targets, values[0].numpy(), top)
+            peak = max((abs(n["score"]) for n in entries), default=0.0) or 1.0
+            nodes += [Node(a, n["concept"], n["score"], abs(n["score"]) / peak) for n in entries]
+            edges += [Edge(a, e["source"][1], b, e["target"][1], e["weight"], e["normalized"]) for e in layer_edges]
+            targets = sel[0].tolist()
         return Explanation(pred, cls, self.classes[cls].name if cls < len(self.classes) else str(cls),
                            Graph(nodes, edges), deltas)
 

@@ -119,18 +119,38 @@ class SharedConcept:
     importance: tuple[float, float]
 
 
+@dataclass(frozen=True)
+class PairEdge(Edge):
+    """An edge that wires a pair's shared concept into class ``class_id``'s graph (paper Fig. 1): its
+    weight is the GIG summed over that class's images, normalised with the class graph's edges."""
+    class_id: int = -1
+
+
 @dataclass
 class PairGraph:
-    """The shared concepts of two classes (``classes[0] < classes[1]``), per layer strongest first."""
+    """The shared concepts of two classes (``classes[0] < classes[1]``), per layer strongest first, and
+    the edges that wire them into each class's graph (parents and children)."""
     classes: tuple[int, int]
     shared: list[SharedConcept]
+    edges: list[PairEdge] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PairGraph":
+        """From ``graph.json``'s ``pair_graphs[...]`` form."""
+        shared = [SharedConcept(layer, int(s["concept"]), float(s["score"]), tuple(float(x) for x in s["importance"]))
+                  for layer, items in d.get("shared", {}).items() for s in items]
+        edges = [PairEdge(e["source"][0], int(e["source"][1]), e["target"][0], int(e["target"][1]), float(e["weight"]),
+                          float(e["normalized"]), int(e["class"])) for e in d.get("edges", [])]
+        return cls(tuple(int(c) for c in d["classes"]), shared, edges)
 
     def to_dict(self) -> dict:
         shared: dict[str, list] = {}
         for s in self.shared:
             shared.setdefault(s.layer, []).append({"concept": s.concept, "score": s.score,
                                                    "importance": list(s.importance)})
-        return {"classes": list(self.classes), "shared": shared}
+        edges = [{"source": [e.source_layer, e.source], "target": [e.target_layer, e.target], "class": e.class_id,
+                  "weight": e.weight, "normalized": e.normalized} for e in self.edges]
+        return {"classes": list(self.classes), "shared": shared, "edges": edges}
 
 
 @dataclass

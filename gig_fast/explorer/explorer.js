@@ -4,7 +4,8 @@
  *   gig-main      layers, classes, concept sizes, the embedded images' graphs
  *   gig-pictures  crop table, per concept its nearest samples, per image picture and heat-maps
  *   gig-usage     "layer|concept" -> [class, rank, normalized, ...]        (parsed on first use)
- *   gig-pairs     "c1-c2" -> [layer, concept, score, imp1, imp2, ...]      (parsed on first use)
+ *   gig-pairs     "c1-c2" -> {s: [layer, concept, score, imp1, imp2, ...],  (parsed on first use)
+ *                             e: [src layer, src, tgt layer, tgt, weight, norm, class, ...]}
  *   gig-class-<c> one class graph {n: [layer, concept, score, norm, ...],
  *                                  e: [src layer, src, tgt layer, tgt, weight, norm, ...]}
  *   gig-decompositions  optional: PFV decomposition cards (paper App. E; gig_fast/explorer/cards.py)
@@ -109,16 +110,19 @@
     return node;
   }
 
+  function addEdge(view, e, i, tag) {
+    // e[i..i+5] = source layer, source, target layer, target, weight, normalized
+    const s = addNode(view, e[i], e[i + 1], tag), t = addNode(view, e[i + 2], e[i + 3], tag);
+    const key = s.key + ">" + t.key;
+    const old = view.edges.get(key);
+    if (old) { old.tags.add(tag); if (e[i + 5] > old.n) { old.w = e[i + 4]; old.n = e[i + 5]; } }
+    else view.edges.set(key, { key, s: s.key, t: t.key, w: e[i + 4], n: e[i + 5], tags: new Set([tag]) });
+  }
+
   function decode(view, g, tag) {
     const n = g.n, e = g.e;
     for (let i = 0; i < n.length; i += 4) addNode(view, n[i], n[i + 1], tag, n[i + 2], n[i + 3]);
-    for (let i = 0; i < e.length; i += 6) {
-      const s = addNode(view, e[i], e[i + 1], tag), t = addNode(view, e[i + 2], e[i + 3], tag);
-      const key = s.key + ">" + t.key;
-      const old = view.edges.get(key);
-      if (old) { old.tags.add(tag); if (e[i + 5] > old.n) { old.w = e[i + 4]; old.n = e[i + 5]; } }
-      else view.edges.set(key, { key, s: s.key, t: t.key, w: e[i + 4], n: e[i + 5], tags: new Set([tag]) });
-    }
+    for (let i = 0; i < e.length; i += 6) addEdge(view, e, i, tag);
   }
 
   const classGraph = (c) => lazyJSON("gig-class-" + c) || { n: [], e: [] };
@@ -131,10 +135,15 @@
     return view;
   }
 
+  function pairData(a, b) {
+    const lo = Math.min(a, b), hi = Math.max(a, b);
+    return (lazyJSON("gig-pairs") || {})[lo + "-" + hi] || { s: [], e: [] };
+  }
+
   function sharedOf(a, b) {
     // the pair graph's shared concepts (top_shared per layer, scored min of both normalised importances)
-    const lo = Math.min(a, b), hi = Math.max(a, b);
-    const flat = (lazyJSON("gig-pairs") || {})[lo + "-" + hi];
+    const lo = Math.min(a, b);
+    const flat = pairData(a, b).s;
     const out = [];
     if (flat) {
       for (let i = 0; i < flat.length; i += 5) {
@@ -156,6 +165,9 @@
       const node = addNode(view, s.li, s.q, "pair", s.importance[0], s.score);
       node.shared = s;
     }
+    // the GIG edges of the shared concepts to their parents and children, per class (paper Fig. 1)
+    const e = pairData(a, b).e;
+    for (let i = 0; i < e.length; i += 7) addEdge(view, e, i, e[i + 6] === a ? "a" : "b");
     // a concept among the top concepts of both classes is shared even if the pair list is absent
     for (const node of view.nodes.values()) {
       if (node.li !== CLASSES && node.tags.has("a") && node.tags.has("b") && !node.shared) node.shared = { score: null };

@@ -75,15 +75,21 @@ def concept_usage(graph: dict) -> dict[str, list]:
     return usage
 
 
-def _pairs(graph: dict, layer_index: dict[str, int]) -> dict[str, list]:
-    """``"c1-c2"`` → flat ``[layer, concept, score, importance c1, importance c2, …]``."""
+def _pairs(graph: dict, layer_index: dict[str, int]) -> dict[str, dict]:
+    """``"c1-c2"`` → ``{"s": [layer, concept, score, importance c1, importance c2, …],
+    "e": [source layer, source, target layer, target, weight, normalized, class, …]}`` (the edges that
+    wire the shared concepts in; none in a graph.json written before they existed)."""
     out = {}
     for key, pg in graph["pair_graphs"].items():
-        flat: list = []
+        shared: list = []
         for layer, items in pg["shared"].items():
             for s in items:
-                flat += [layer_index[layer], s["concept"], s["score"], *s["importance"]]
-        out[key] = flat
+                shared += [layer_index[layer], s["concept"], s["score"], *s["importance"]]
+        edges: list = []
+        for e in pg.get("edges", []):
+            (sl, src), (tl, tgt) = e["source"], e["target"]
+            edges += [layer_index[sl], src, layer_index[tl], tgt, e["weight"], e["normalized"], e["class"]]
+        out[key] = {"s": shared, "e": edges}
     return out
 
 

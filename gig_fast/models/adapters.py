@@ -14,7 +14,7 @@ import torch
 from torch import fx, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from .bn import bn_affine, branch_modules, ensure_eval, fold_batchnorm
+from .bn import bn_affine, branch_modules, ensure_eval, fold_batchnorm, residual_sum_bns
 from .fx_adapter import FXAdapter
 from .transformer import CLASS_TOKEN, TransformerAdapter, is_transformer
 
@@ -85,10 +85,16 @@ class ResNetAdapter:
         return branch_modules(self.blocks[point])[-1][1].num_features
 
     def bn_shift(self, point: str) -> torch.Tensor:
-        """β ``[C]``: the net shift of the BN feeding the block's residual sum (DESIGN.md §1.1)."""
-        conv, bn = branch_modules(self.blocks[point])[-1]
+        """β ``[C]``: the net BN shift of the block's residual sum (paper Eq. 8, DESIGN.md §1.1).
+
+        The sum of the shifts of the BNs summed into the pre-activation: ``bn3``'s at an identity
+        block, ``bn3``'s plus the downsample BN's at a block with a downsample branch — the same rule
+        as :func:`gig_fast.slicing.bn_shift` (and so :class:`FXAdapter`).
+        """
+        conv = branch_modules(self.blocks[point])[-1][0]
         with torch.no_grad():
-            return bn_affine(bn, conv.out_channels, conv.weight)[1].detach().clone()
+            shifts = [bn_affine(bn, conv.out_channels, conv.weight)[1] for bn in residual_sum_bns(self.blocks[point])]
+            return torch.stack(shifts).sum(0).detach().clone()
 
     def baseline(self, point: str, pfvs: torch.Tensor) -> torch.Tensor:
         """β ``[C]`` of the GIG path and of concept extraction: the BN shift (``pfvs [N, C]`` give its dtype)."""

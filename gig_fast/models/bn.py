@@ -8,7 +8,7 @@ import torch
 from torch import fx, nn
 from torchvision.models.resnet import Bottleneck
 
-__all__ = ["ensure_eval", "bn_affine", "fold_batchnorm", "branch_modules"]
+__all__ = ["ensure_eval", "bn_affine", "fold_batchnorm", "branch_modules", "residual_sum_bns"]
 
 
 def ensure_eval(model: nn.Module) -> nn.Module:
@@ -50,3 +50,20 @@ def branch_modules(block: nn.Module) -> list[tuple[nn.Conv2d, nn.Module]]:
     if isinstance(block, Bottleneck):
         return [(block.conv1, block.bn1), (block.conv2, block.bn2), (block.conv3, block.bn3)]
     return [(block.conv1, block.bn1), (block.conv2, block.bn2)]
+
+
+def residual_sum_bns(block: nn.Module) -> list[nn.Module]:
+    """The BNs whose outputs are summed into a ResNet block's pre-activation (DESIGN.md §1.1).
+
+    The main branch's last BN (``bn3`` of a ``Bottleneck``, ``bn2`` of a ``BasicBlock``), plus the
+    downsample branch's BN where the block has one (torchvision's ``downsample = Sequential(conv, bn)``;
+    a downsample that does not end in a BN adds none). The net shift β of the block is the sum of
+    these BNs' shifts.
+    """
+    bns = [branch_modules(block)[-1][1]]
+    downsample = getattr(block, "downsample", None)
+    if isinstance(downsample, nn.Sequential) and len(downsample) > 0:
+        downsample = downsample[-1]
+    if isinstance(downsample, nn.modules.batchnorm._BatchNorm):
+        bns.append(downsample)
+    return bns

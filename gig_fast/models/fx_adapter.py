@@ -10,8 +10,9 @@ EfficientNet-Lite0, MobileNets, your own — are handled generically here: the n
   by default, as the model's residual blocks (``slicing.preact_points``);
 * ``record`` runs the forward once and returns every point's value and the logits;
 * ``run_from`` is ``slicing.make_f_ab`` (the prefix up to the point is never recomputed);
-* ``bn_shift`` is ``slicing.bn_shift`` (the BN feeding the point, or the residual branch's BN);
-  ``baseline`` falls back to the concept dataset's mean PFV where no BN feeds the point (ConvNeXt).
+* ``bn_shift`` is ``slicing.bn_shift`` (the net shift of the BNs feeding the point: a BN's shift, the sum of
+  the shifts of the BN outputs summed at a residual sum); ``baseline`` falls back to the concept
+  dataset's mean PFV where no BN feeds the point (ConvNeXt).
 
 Attribution: gradient × input only (SRD's propagation rules are written for ResNet blocks).
 """
@@ -116,7 +117,7 @@ class FXAdapter:
         return self._channels[point]
 
     def bn_shift(self, point: str) -> torch.Tensor:
-        """β ``[C]`` of a point: the shift of the BN feeding it (``slicing.bn_shift``)."""
+        """β ``[C]`` of a point: the net shift of the BNs feeding it (``slicing.bn_shift``; summed at a residual sum)."""
         return slicing.bn_shift(self.model, self.nodes[point]).detach().clone()
 
     def baseline(self, point: str, pfvs: torch.Tensor) -> torch.Tensor:

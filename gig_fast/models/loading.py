@@ -6,7 +6,7 @@ ResNet (``resnet50``), ViT (``vit_b_16``) or ConvNeXt (``convnext_tiny``) by its
 classifier as ``torchvision:<name>``, and any timm model as ``timm:<name>`` (``timm:vit_small_patch16_224``,
 ``timm:convnext_atto``). Nothing is downloaded: ``weights`` is a local file (``.safetensors``, or a torch
 file read with ``weights_only=True``), a torchvision weights name (needs a warm torch hub cache), or None
-(random initialisation; the demo networks: their cached trained weights).
+(random initialisation; demo: the weights shipped in the package; demo-vit: its cached trained weights).
 """
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ def load_model(arch: str, weights: str | os.PathLike | None = None, num_classes:
         arch: a name of the module docstring (``demo``, ``demo-vit``, ``timm:<name>``, …).
         weights: a local file (a state dict or ``{"state_dict": …}``: ``.safetensors`` or a torch file
             read with ``weights_only=True``), a torchvision weights name (``IMAGENET1K_V2``; needs internet
-            or a warm torch hub cache), or None (demo networks: the cached trained weights; others: random
-            init).
+            or a warm torch hub cache), or None (demo: the trained weights shipped in the package;
+            demo-vit: its cached trained weights; others: random init).
         num_classes: output classes of a randomly initialised model (with a file: read from the file).
         image_size: input side of a randomly initialised transformer (its position embedding), e.g. 32
             for small tests; None: the model's default.

@@ -15,6 +15,7 @@ from ..concepts.core import MODES as KMEANS_MODES
 from ..data import MAX_IMAGE_PIXELS
 from ..gig import RULES
 from ..ops import BACKENDS
+from ..ops.sparse_code import DEFAULT_LAM_REL
 
 __all__ = ["PipelineConfig", "load_config", "read_config_file", "demo_config"]
 
@@ -34,6 +35,12 @@ _NOT_HASHED = {"out", "device", "backend", "progress", "batch_size", "gig_batch_
 # Options added after runs were made, with the value those runs behaved as (left out of the key there).
 _ADDED_LATER = {"gig_autocast": None, "gig_tolerance": None, "max_image_pixels": MAX_IMAGE_PIXELS,
                 "reduce_large_images": False}
+
+
+# Bumped when the code computes different results (or work files) from the same config, so that a run
+# never resumes from work files of an older method: 2 = β the net BN shift (bn3 + downsample BN), stage-4
+# targets widened to the shared concepts, per-image graphs of the image's own concepts.
+RESULTS_VERSION = 2
 
 
 @dataclass
@@ -159,6 +166,9 @@ class PipelineConfig:
     def key(self) -> str:
         """Hash of every field that changes results (the run key for resuming)."""
         d = {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_HASHED}
+        d["results_version"] = RESULTS_VERSION
+        if d["lam"] is None:  # the coder's default λ_rel: a run made under another default is another run
+            d["lam"] = DEFAULT_LAM_REL
         for name, before in _ADDED_LATER.items():  # at the value that runs made before it behaved as,
             if d[name] == before:                  # an option added later is left out: those runs keep their key
                 del d[name]
@@ -302,12 +312,19 @@ def load_config(path: str | Path | None = None, **overrides) -> PipelineConfig:
 def demo_config(arch: str = "resnet", **overrides) -> PipelineConfig:
     """The README demo on Fashion-MNIST test, sized for 2 CPU cores: ``arch="resnet"`` the trained demo
     ResNet, all 16 blocks; ``arch="vit"`` the trained demo ViT, all 4 blocks, gradient × input (SRD is
-    written for conv blocks), output in ``gig_demo_vit``."""
-    base = dict(model="demo", dataset="fashion-mnist", split="test", concept_images=5000,
+    written for conv blocks), output in ``gig_demo_vit``.
+
+    ResNet concepts come from 30,000 PFVs per layer — the 10,000 test images, 3 per image by
+    contribution — so that the median concept of every layer holds ≥ 10 of them at K = 8·C (layer4:
+    2,048 concepts; the paper sampled 50,000): with 5,000 it was ~2.4 at layer4 and most "nearest
+    samples" of a concept lay outside its cluster. Layer 4 has 2×2 positions, so 3 per image is close to
+    all of them. The ViT keeps the 5,000 images × 1 token it was measured with (README: "Vision transformers and timm models").
+    """
+    base = dict(model="demo", dataset="fashion-mnist", split="test", concept_images=10000, pfvs_per_image=3,
                 explain_images=1000, per_class=100, k_factor=8.0, gig_steps=8, kmeans_mode="fast",
                 gig_batch_size=2048, batch_size=250, chunk_images=500, out="gig_demo")
     if arch == "vit":
-        base.update(model="demo-vit", attribution="gradxinput", out="gig_demo_vit")
+        base.update(model="demo-vit", attribution="gradxinput", out="gig_demo_vit", concept_images=5000, pfvs_per_image=1)
     elif arch != "resnet":
         raise ValueError(f"demo arch must be 'resnet' or 'vit', got {arch!r}")
     base.update({k: v for k, v in overrides.items() if v is not None})

@@ -23,6 +23,7 @@ def explain_image(run_dir: str | Path, image: torch.Tensor, *, target: int | Non
                   top: int | None = None, device: str | None = None) -> dict:
     """GIG graph of one image (``[C, H, W]``, preprocessed) on a run's concepts, in the ``images[]``
     form of ``docs/graph_schema.md`` plus ``class_name`` and ``completeness_max_abs``
-    (:meth:`gig_fast.Run.explain`'s :class:`~gig_fast.api.Explanation` as a dict)."""
+    (:meth:`gig_fast.Run.explain`'s :class:`~gig_fast.api.Explanation` as a dict). For an explained
+    image it is that image's ``images[]`` entry (stage 4's image pass; up to float rounding)."""
     run = Run.open(run_dir, model=model, device=device or "cpu")
     return run.explain(image, target=target, top=top).to_dict()

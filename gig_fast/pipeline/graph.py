@@ -9,16 +9,16 @@ the content of ``graph.json`` as one dict.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from ..image_store import ImageStoreWriter
-from .stages import CLASSES, trans_dir, class_pair_weights, class_scores, load_concepts, top_sets, transitions
+from .stages import (CLASSES, class_pair_weights, class_scores, load_concepts, present_classes, shared_sets, top_sets,
+                     trans_dir, transitions, view_sets)
 from .store import save_json
 
-__all__ = ["build_graph", "write_graph", "SCHEMA", "SCHEMA_VERSION"]
+__all__ = ["build_graph", "write_graph", "image_layer_graph", "SCHEMA", "SCHEMA_VERSION"]
 
 SCHEMA, SCHEMA_VERSION = "gig_fast.graph", 1
 
@@ -125,17 +125,19 @@ def graph_summary(pipe) -> dict:
     n_cls = pipe.num_classes
     trans = transitions(pipe)  # top-down
     tops = {p: top_sets(pipe, p) for p in pts}
+    views = {p: view_sets(pipe, p) for p in pts}  # top sets, then the concepts shared with other classes
     scores = {a: class_scores(pipe, a, b) for a, b in trans}  # [n_classes, K_a]
+    shared = {p: shared_sets(pipe, p, scores[p]) for p in pts}
     layers = [{"name": p, "channels": pipe.adapter.channels(p), "n_concepts": int(scores[p].shape[1]),
                "spatial": list(pipe.spatial[p])} for p in pts] + [{"name": CLASSES, "n_concepts": n_cls}]
 
     # graphs only for the classes that have explained images (1,000 ImageNet classes × pairs otherwise)
     per_class = pipe.explained_per_class
-    present = [c for c in range(n_cls) if per_class[c] > 0]
-    # [n_classes, T, top] per transition: the GIG of each class's top sources to its top targets, read
-    # once (not once per class: it sums every chunk file)
-    pair_w = {(a, b): class_pair_weights(pipe, a, b, tops[a]) for a, b in trans if b != CLASSES}
-    class_graphs = {}
+    present = present_classes(pipe)
+    # [n_classes, T, S] per transition: the GIG of each class's view-set sources to its view-set targets
+    # (top sets first), read once (not once per class: it sums every chunk file)
+    pair_w = {(a, b): class_pair_weights(pipe, a, b, views[a]) for a, b in trans if b != CLASSES}
+    class_graphs, peak = {}, {}
     for c in present:
         nodes, edges = {}, []
         for a, b in trans:
@@ -147,29 +149,21 @@ def graph_summary(pipe) -> dict:
                 w = s[top]
                 pairs = [(int(q), c, w[i]) for i, q in enumerate(top)]
             else:
-                W = pair_w[(a, b)][c]  # [T, top]: columns in the order of `top`
+                W = pair_w[(a, b)][c]  # [T, S]: rows in the order of tops[b][c], columns of `top`
                 pairs = [(int(q), int(t), W[ti, qi]) for ti, t in enumerate(tops[b][c]) for qi, q in enumerate(top)]
-            norm = _norm(np.array([p[2] for p in pairs]))
-            edges += [{"source": [a, q], "target": [b, t], "weight": _r(w), "normalized": _r(n)}
-                      for (q, t, w), n in zip(pairs, norm)]
+            peak[(c, a)] = max((abs(p[2]) for p in pairs), default=0.0)
+            edges += _edges(a, b, pairs, peak[(c, a)])
         class_graphs[str(c)] = {"nodes": nodes, "edges": edges}
 
     pair_graphs = {}
     for i, c1 in enumerate(present):
         for c2 in present[i + 1:]:
-            shared = {}
-            for a, _ in trans:
-                s1, s2 = np.clip(scores[a][c1], 0, None), np.clip(scores[a][c2], 0, None)
-                if s1.max() <= 0 or s2.max() <= 0:
-                    continue
-                both = np.minimum(s1 / s1.max(), s2 / s2.max())
-                order = np.argsort(-both, kind="stable")[:cfg.top_shared]
-                keep = [{"concept": int(q), "score": _r(both[q]), "importance": [_r(scores[a][c1][q]),
-                                                                                 _r(scores[a][c2][q])]}
-                        for q in order if both[q] > 0]
-                if keep:
-                    shared[a] = keep
-            pair_graphs[f"{c1}-{c2}"] = {"classes": [c1, c2], "shared": shared}
+            both = {p: [q for q, _ in shared[p][(c1, c2)]] for p in pts}
+            pair_graphs[f"{c1}-{c2}"] = {
+                "classes": [c1, c2],
+                "shared": {p: [{"concept": q, "score": _r(v), "importance": [_r(scores[p][c1][q]), _r(scores[p][c2][q])]}
+                               for q, v in shared[p][(c1, c2)]] for p in pts if shared[p][(c1, c2)]},
+                "edges": [e for c in (c1, c2) for e in _shared_edges(c, trans, tops, views, scores, pair_w, both, peak)]}
 
     return {
         "schema": SCHEMA, "version": SCHEMA_VERSION, "run_key": pipe.config.key(),
@@ -186,11 +180,63 @@ def graph_summary(pipe) -> dict:
     }
 
 
+def _edges(a: str, b: str, pairs: list[tuple[int, int, float]], peak: float, **extra) -> list[dict]:
+    """Edge entries ``(source q of a, target t of b, weight)``, normalised by ``peak`` (the largest |weight|
+    of the layer pair in the graph they are drawn with)."""
+    return [{"source": [a, q], "target": [b, t], **extra, "weight": _r(w),
+             "normalized": _r(abs(w) / peak if peak > 0 else 0.0)} for q, t, w in pairs]
+
+
+def _shared_edges(c: int, trans, tops, views, scores, pair_w, shared: dict[str, list[int]], peak) -> list[dict]:
+    """The edges that wire a pair's shared concepts into class ``c``'s graph (paper Fig. 1): per layer pair
+    (a, b), from the class's top concepts and the shared ones of a to those of b (or to the class), each
+    with a shared end; weight = Σ over the class's images of GIG(q → t). Normalised with the class
+    graph's edges of the layer pair, so a pair view draws both on one scale."""
+    out = []
+    for a, b in trans:
+        top_a = [int(q) for q in tops[a][c]]
+        src = top_a + [q for q in shared[a] if q not in top_a]
+        if b == CLASSES:
+            pairs = [(q, c, scores[a][c][q]) for q in src if q not in top_a]
+        else:
+            top_b = [int(t) for t in tops[b][c]]
+            dst = top_b + [t for t in shared[b] if t not in top_b]
+            col, row = list(views[a][c]), list(views[b][c])  # stage 4's sources and targets of the class
+            W = pair_w[(a, b)][c]
+            pairs = [(q, t, W[row.index(t), col.index(q)]) for t in dst for q in src
+                     if not (q in top_a and t in top_b)]  # those are the class graph's own edges
+        if pairs:
+            m = max(peak.get((c, a), 0.0), max(abs(p[2]) for p in pairs))
+            out += _edges(a, b, pairs, m, **{"class": c})
+    return out
+
+
+def image_layer_graph(a: str, b: str, nodes, targets, values, top: int) -> tuple[list[dict], list[dict]]:
+    """One layer pair of an image's graph (paper Fig. 3; ``graph.json``'s ``images[]`` and ``gig-fast explain``).
+
+    Args:
+        a, b: the layer pair (b may be ``classes``).
+        nodes: ``[k]`` the image's own top concepts of a (:func:`~gig_fast.pipeline.stages.image_top_concepts`).
+        targets: ``[T]`` its own targets of b (its top concepts of b, or its class).
+        values: ``[k, T]`` GIG of each node to each target (this image only).
+        top: edges kept: the ``top`` strongest by |GIG|.
+
+    Returns:
+        ``(node entries of a, edge entries a → b)``: node score = its GIG summed over the targets.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    entries = [{"concept": int(q), "score": _r(values[i].sum())} for i, q in enumerate(nodes)]
+    cand = [(int(q), int(t), float(values[i, ti])) for i, q in enumerate(nodes) for ti, t in enumerate(targets)]
+    cand.sort(key=lambda e: -abs(e[2]))  # stable: ties keep node, then target order
+    cand = cand[:top]
+    return entries, _edges(a, b, cand, max((abs(e[2]) for e in cand), default=0.0))
+
+
 def _image_graph_chunks(pipe):
-    """Per explained image its strongest concepts per layer and edges to its class's top targets:
-    yields one list per stage-3/4 chunk (images ascending), reading only that chunk's files."""
+    """Per explained image its own graph: its strongest concepts per layer and edges to its own top
+    concepts of the layer above (paper Fig. 3); yields one list per stage-3/4 chunk (images ascending),
+    reading only that chunk's files."""
     trans = transitions(pipe)
-    tops = {p: top_sets(pipe, p) for p in pipe.points}
     last = -1
     for cpath in sorted((pipe.work / "codes").glob("chunk_*.npz")):
         with np.load(cpath, allow_pickle=False) as z:
@@ -198,32 +244,19 @@ def _image_graph_chunks(pipe):
         per_image: dict[int, dict] = {}
         for a, b in trans:
             with np.load(trans_dir(pipe, a, b) / cpath.name, allow_pickle=False) as z:
-                imgs, tidx, tval = z["image"], z["top_idx"], z["top_val"]
-            _add_image_entries(pipe, per_image, meta, a, b, tops, imgs, tidx, tval)
+                if "own_nodes" not in z.files:
+                    raise ValueError(f"{trans_dir(pipe, a, b) / cpath.name} has no image graphs (an older run); "
+                                     f"delete {pipe.work} and rerun")
+                imgs, targets, nodes, values = z["image"], z["own_targets"], z["own_nodes"], z["own_val"]
+            for r, img in enumerate(imgs.tolist()):
+                label, pred = meta[img]
+                c = label if pipe.config.class_by == "label" else pred
+                g = per_image.setdefault(img, {"id": img, "label": label, "prediction": pred, "class": c,
+                                               "nodes": {}, "edges": []})
+                g["nodes"][a], edges = image_layer_graph(a, b, nodes[r], targets[r], values[r], pipe.config.top_concepts)
+                g["edges"] += edges
         ids = sorted(per_image)
         if ids and ids[0] <= last:  # chunks hold ascending, disjoint image ranges (chunk_ids of sorted ids)
             raise ValueError(f"{cpath} repeats or reorders explained images; delete {pipe.work} and rerun")
         last = ids[-1] if ids else last
         yield [per_image[k] for k in ids]
-
-
-def _add_image_entries(pipe, per_image, meta, a, b, tops, imgs, tidx, tval) -> None:
-    """Add the nodes and edges of layer pair (a, b) of the images of one chunk to ``per_image``."""
-    for r, img in enumerate(imgs.tolist()):
-        label, pred = meta[img]
-        c = label if pipe.config.class_by == "label" else pred
-        g = per_image.setdefault(img, {"id": img, "label": label, "prediction": pred, "class": c,
-                                       "nodes": {}, "edges": []})
-        vals = tval[r]  # [M, T]
-        strength = vals.sum(1)
-        k = min(pipe.config.top_concepts, len(strength))
-        sel = np.argsort(-strength, kind="stable")[:k]
-        g["nodes"][a] = [{"concept": int(tidx[r, i]), "score": _r(strength[i])} for i in sel]
-        targets = [c] if b == CLASSES else [int(t) for t in tops[b][c]]
-        # the image's strongest edges of this layer pair (as many as top_concepts)
-        cand = [(int(tidx[r, i]), t, float(vals[i, ti])) for i in sel for ti, t in enumerate(targets)]
-        cand.sort(key=lambda e: -abs(e[2]))
-        cand = cand[:pipe.config.top_concepts]
-        norm = _norm(np.array([e[2] for e in cand]))
-        g["edges"] += [{"source": [a, q], "target": [b, t], "weight": _r(w), "normalized": _r(n)}
-                       for (q, t, w), n in zip(cand, norm)]

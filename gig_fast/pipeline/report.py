@@ -28,13 +28,19 @@ def collect_metrics(pipe, timings: dict) -> dict:
                         sums[k] = sums.get(k, 0) + z[k].astype(np.float64)
     for p in pipe.points:
         n = float(sums[f"{p}|count"].sum())
+        with np.load(pipe.work / "concepts" / f"{p}.npz", allow_pickle=False) as z:
+            sizes = z["sizes"]  # stage-1 PFVs per concept: how well each concept is sampled
         layers[p] = {"rel_l2": float(sums[f"{p}|rel_l2_sum"].sum() / n), "l0_ratio": float(sums[f"{p}|l0_sum"].sum() / n),
-                     "pfvs": int(n), "not_converged": int(np.sum(sums.get(f"{p}|not_converged", 0)))}
+                     "pfvs": int(n), "not_converged": int(np.sum(sums.get(f"{p}|not_converged", 0))),
+                     "concepts": int(sizes.size), "concept_size_median": float(np.median(sizes)),
+                     "concept_size_min": int(sizes.min())}
     deltas = {}
     for a, b in transitions(pipe):
         chunks = [np.load(f, allow_pickle=False) for f in sorted(trans_dir(pipe, a, b).glob("chunk_*.npz"))]
-        ad = np.abs(np.concatenate([z["delta"].ravel() for z in chunks]))
-        rd = np.concatenate([z["rel_delta"].ravel() for z in chunks])
+        # every (image, target) pair of the transition under the run's rule: the class graphs' top
+        # targets and the image graphs' own targets
+        ad = np.abs(np.concatenate([z[k].ravel() for z in chunks for k in ("delta", "own_delta") if k in z.files]))
+        rd = np.concatenate([z[k].ravel() for z in chunks for k in ("rel_delta", "own_rel_delta") if k in z.files])
         # quadrature nodes per image and whether the refinement ran (absent in runs made before it existed)
         steps = np.concatenate([z["steps"] for z in chunks if "refined" in z.files] or [np.zeros(0, np.int64)])
         refined = np.concatenate([z["refined"] for z in chunks if "refined" in z.files] or [np.zeros(0, bool)])
@@ -50,6 +56,14 @@ def collect_metrics(pipe, timings: dict) -> dict:
         if steps.size:
             deltas[f"{a}->{b}"].update(refined_share=float(np.mean(refined)),
                                        mean_steps=float(steps.mean()), max_steps=int(steps.max()))
+        # the pair graphs' edges into shared concepts: the plain gig_steps-node rule (NaN: padding)
+        shared = np.concatenate([z["shared_rel_delta"].ravel() for z in chunks if "shared_rel_delta" in z.files]
+                                or [np.zeros(0)])
+        shared = shared[np.isfinite(shared)]
+        if shared.size:
+            deltas[f"{a}->{b}"]["shared_targets"] = {
+                "n": int(shared.size), "median_rel": float(np.median(shared)),
+                "p99_rel": float(np.quantile(shared, 0.99)), "share_rel_within_1pct": float(np.mean(shared <= 0.01))}
     all_d = np.array([v["max_abs"] for v in deltas.values()])
     all_r = np.concatenate([[v["max_rel"], v["median_rel"]] for v in deltas.values()]) if deltas else np.array([])
     n_explained, n_labelled, n_correct = 0, 0, 0  # streamed over the chunks: no per-image table in memory

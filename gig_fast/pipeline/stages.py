@@ -30,7 +30,8 @@ from ..srd import explain
 from . import distributed as dist
 from .store import is_complete, load_npz, save_npz
 
-__all__ = ["pfv_dataset", "extract_concepts", "decompose", "attribute", "chunk_ids", "concept_bank", "bank_dir", "CLASSES"]
+__all__ = ["pfv_dataset", "extract_concepts", "decompose", "attribute", "chunk_ids", "concept_bank", "bank_dir", "CLASSES",
+           "image_top_concepts", "shared_concepts", "view_sets"]
 
 CLASSES = "classes"  # the name of the last graph layer (the class targets)
 
@@ -317,60 +318,129 @@ def trans_dir(pipe, a, b) -> Path:
 
 
 def _class_sums(pipe, a: str, b: str):
-    """Per chunk file of (a → b): ``(classes [n], class_sum [n, T, K_a])`` (older files hold every class)."""
+    """Per chunk file of (a → b): ``(classes [n], class_sum [n, T, K_a], n_top)``: the GIG summed over
+    each class's images to its targets of b, the first ``n_top`` of which are the class's top set
+    (older files hold every class, and only top targets)."""
     for path in sorted(trans_dir(pipe, a, b).glob("chunk_*.npz")):
         with np.load(path, allow_pickle=False) as z:
             sums = z["class_sum"]
             classes = z["classes"] if "classes" in z.files else np.arange(sums.shape[0])
-        yield classes, sums
+            n_top = int(z["n_top"]) if "n_top" in z.files else sums.shape[1]
+        yield classes, sums, n_top
 
 
 def class_scores(pipe, a: str, b: str) -> np.ndarray:
     """``[n_classes, K_a]`` score of each concept of ``a`` per class: Σ over the class's images of its
     GIG to the class (b = classes) or to the class's top concepts of ``b`` (summed over those)."""
     total = None
-    for classes, sums in _class_sums(pipe, a, b):
+    for classes, sums, n_top in _class_sums(pipe, a, b):
         if total is None:
             total = np.zeros((pipe.num_classes, sums.shape[2]), dtype=np.float64)
-        total[classes] += sums.sum(1)  # [n, T, K] → [n, K]
+        total[classes] += sums[:, :n_top].sum(1)  # [n, T, K] → [n, K], the top targets only
     return total
 
 
 def class_pair_weights(pipe, a: str, b: str, sources: np.ndarray) -> np.ndarray:
-    """``[n_classes, T, S]``: Σ over each class's images of GIG(q → t-th top target of b) for its
-    ``sources [n_classes, S]`` concepts q of ``a`` (gathered chunk by chunk: never ``[n_classes, T, K_a]``)."""
+    """``[n_classes, T, S]``: Σ over each class's images of GIG(q → its t-th target of b) — the order of
+    :func:`view_sets` of b: its top concepts first — for its ``sources [n_classes, S]`` concepts q of
+    ``a`` (−1 = padding, weight 0; gathered chunk by chunk: never ``[n_classes, T, K_a]``)."""
     total = None
-    for classes, sums in _class_sums(pipe, a, b):
+    for classes, sums, _ in _class_sums(pipe, a, b):
         if total is None:
             total = np.zeros((pipe.num_classes, sums.shape[1], sources.shape[1]), dtype=np.float64)
-        total[classes] += np.take_along_axis(sums, sources[classes][:, None, :], axis=2)
+        src = sources[classes]
+        picked = np.take_along_axis(sums, np.maximum(src, 0)[:, None, :], axis=2)
+        total[classes] += np.where(src[:, None, :] >= 0, picked, 0.0)
     return total
 
 
 def top_sets(pipe, point: str) -> np.ndarray:
     """``[n_classes, top]`` the top concepts of ``point`` per class (by the score from the layer above)."""
-    pts = pipe.points
-    above = CLASSES if point == pts[-1] else pts[pts.index(point) + 1]
-    scores = class_scores(pipe, point, above)
+    scores = class_scores(pipe, point, _above(pipe, point))
     k = min(pipe.config.top_concepts, scores.shape[1])
     return np.argsort(-scores, axis=1, kind="stable")[:, :k]
 
 
-# Each image keeps its strongest sources (by Σ_t |GIG|) per transition for its own graph (graph.py
-# then draws the top ``top_concepts`` of them by signed strength): a pool of 32, or more when more are drawn.
-IMAGE_CANDIDATES = 32
+def _above(pipe, point: str) -> str:
+    pts = pipe.points
+    return CLASSES if point == pts[-1] else pts[pts.index(point) + 1]
+
+
+def present_classes(pipe) -> list[int]:
+    """The classes with explained images (graphs are drawn only for these)."""
+    return [c for c in range(pipe.num_classes) if pipe.explained_per_class[c] > 0]
+
+
+def shared_concepts(scores: np.ndarray, c1: int, c2: int, k: int) -> list[tuple[int, float]]:
+    """Up to ``k`` concepts important to both classes, strongest first: ``[(concept, score)]`` with
+    ``score = min(s1/max s1, s2/max s2)`` over the positive parts of the two classes' rows of
+    ``scores [n_classes, K]`` (none when a class has no positive score; only positive ``score``)."""
+    s1, s2 = np.clip(scores[c1], 0, None), np.clip(scores[c2], 0, None)
+    if k <= 0 or s1.max() <= 0 or s2.max() <= 0:
+        return []
+    both = np.minimum(s1 / s1.max(), s2 / s2.max())
+    return [(int(q), float(both[q])) for q in np.argsort(-both, kind="stable")[:k] if both[q] > 0]
+
+
+def shared_sets(pipe, point: str, scores: np.ndarray | None = None) -> dict[tuple[int, int], list[tuple[int, float]]]:
+    """``{(c1, c2): shared_concepts(…)}`` of ``point`` for every pair of present classes (c1 < c2)."""
+    scores = class_scores(pipe, point, _above(pipe, point)) if scores is None else scores
+    present = present_classes(pipe)
+    return {(c1, c2): shared_concepts(scores, c1, c2, pipe.config.top_shared)
+            for i, c1 in enumerate(present) for c2 in present[i + 1:]}
+
+
+def view_sets(pipe, point: str) -> np.ndarray:
+    """``[n_classes, T]`` (−1 padded) the concepts of ``point`` whose GIG a class's images carry: its top
+    set (first, in :func:`top_sets` order), then every concept it shares with another class
+    (:func:`shared_sets`) that is not in its top set (ascending), so a pair view can wire its shared
+    concepts to their children (paper Fig. 1)."""
+    tops = top_sets(pipe, point)
+    extra: dict[int, set] = {c: set() for c in range(pipe.num_classes)}
+    for (c1, c2), shared in shared_sets(pipe, point).items():
+        for q, _ in shared:
+            extra[c1].add(q)
+            extra[c2].add(q)
+    rows = [list(tops[c]) + sorted(extra[c] - set(tops[c].tolist())) for c in range(pipe.num_classes)]
+    out = np.full((pipe.num_classes, max(len(r) for r in rows)), -1, dtype=np.int64)
+    for c, r in enumerate(rows):
+        out[c, :len(r)] = r
+    return out
+
+
+def image_top_concepts(per_concept: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An image graph's nodes of layer a: each image's ``k`` concepts with the largest signed GIG summed over
+    its targets (ties to the smaller id), and their GIG to each target (paper Fig. 3; stage 4 and
+    :func:`gig_fast.pipeline.explain.explain_image` both use this).
+
+    Args:
+        per_concept: ``[T, n, K_a]`` GIG of every concept of a to each of the T targets, per image.
+    Returns:
+        ``(nodes [n, k] int64, values [n, k, T])``.
+    """
+    score = per_concept.sum(0)  # [n, K]
+    nodes = torch.argsort(score, dim=1, descending=True, stable=True)[:, :k]
+    values = torch.gather(per_concept.permute(1, 2, 0), 1, nodes[:, :, None].expand(-1, -1, per_concept.shape[0]))
+    return nodes, values
 
 
 def attribute(pipe) -> None:
     """Stage 4: GIG per explained image, top-down (DESIGN.md §1.5–1.6).
 
     For (last layer → classes) the target is the image's class (``class_by``); for (a → b) the
-    targets are the top concepts of ``b`` for the image's class, all computed together. Writes
-    ``gig/<a>__<b>/chunk_XXXXX.npz``: ``classes [n]`` (the classes with images in the chunk),
-    ``class_sum [n, T, K_a]`` (Σ of GIG over each one's images), ``image [B]``,
-    ``top_idx [B, M]``/``top_val [B, M, T]`` (each image's M strongest sources), ``delta [T, B]``
-    and ``rel_delta [T, B]`` (``|delta| / |T(X(1)) − T(X(0))|``), ``steps [B]`` (the quadrature nodes
-    each image used) and ``refined [B]`` (whether the adaptive refinement gave its result).
+    targets of a class's images are its :func:`view_sets` of ``b`` (its top concepts, then the concepts
+    it shares with other classes). Each image also gets its own graph (paper Fig. 3): GIG to its own
+    top concepts of ``b`` (those of the transition above), from which its own top concepts of ``a`` are
+    chosen (:func:`image_top_concepts`) — what ``gig-fast explain`` computes. The three passes and
+    their rules: :func:`_attribute_transition`.
+    Writes ``gig/<a>__<b>/chunk_XXXXX.npz``: ``classes [n]`` (the classes with images in the chunk),
+    ``targets [n, T]`` (their targets of b, −1 padded; the class id for b = classes), ``n_top`` (the
+    first n_top targets are the top set), ``class_sum [n, T, K_a]`` (Σ of GIG over each one's images),
+    ``image [B]``, ``own_targets [B, T_o]``, ``own_nodes [B, k]``, ``own_val [B, k, T_o]`` (each image's
+    graph), ``delta [n_top, B]`` and ``rel_delta`` (``|delta| / |T(X(1)) − T(X(0))|``) of the top targets,
+    ``shared_delta``/``shared_rel_delta [T − n_top, B]`` of the shared ones (NaN where the image's class
+    has fewer), ``own_delta``/``own_rel_delta [T_o, B]``, ``steps [B]`` (the quadrature nodes each image
+    used for its top targets) and ``refined [B]`` (whether the adaptive refinement gave that result).
     """
     code_files = sorted((pipe.work / "codes").glob("chunk_*.npz"))
     for a, b in _bar(pipe, transitions(pipe), "stage 4: GIG"):
@@ -379,74 +449,139 @@ def attribute(pipe) -> None:
 
 
 def _attribute_transition(pipe, a: str, b: str, code_files: list[Path]) -> None:
-    """Stage 4 for one layer pair: every code chunk that is not done yet and belongs to this rank."""
+    """Stage 4 for one layer pair: every code chunk that is not done yet and belongs to this rank.
+
+    Three GIG passes per chunk: (1) each class's images to its top concepts of b (or the class) — the
+    class graphs; (2) to the other concepts of its :func:`view_sets` (shared with another class) — the
+    pair graphs' edges into shared concepts, with the plain ``gig_steps``-node rule: there are 14–24
+    of them per class on the demo, and with the adaptive refinement (which re-integrates an image when
+    any of its targets misses the bar) they cost 9× the first pass, 0.8× without (measured on
+    layer3.5 → layer4.0); their completeness is reported apart; (3) each image to its own top concepts
+    of b (:func:`image_top_concepts` of the transition above) — the image graphs, as ``explain``.
+    """
+    cfg = pipe.config
     ca = load_concepts(pipe, a)
     V, beta = ca["V"].to(pipe.device), ca["beta"].to(pipe.device)
-    targets = _class_targets(pipe, b)
+    target_ids = view_sets(pipe, b) if b != CLASSES else np.arange(pipe.num_classes)[:, None]
+    n_top = min(cfg.top_concepts, target_ids.shape[1]) if b != CLASSES else 1
+    Vb = load_concepts(pipe, b)["V"].to(pipe.device) if b != CLASSES else None
     f_ab = pipe.adapter.f_ab(a, None if b == CLASSES else b)
+    k = min(cfg.top_concepts, V.shape[0])
+    plain = {**cfg.gig_options(), "tolerance": None}
     for ci, cpath in enumerate(code_files):
         path = trans_dir(pipe, a, b) / f"chunk_{ci:05d}.npz"
         if not dist.owns(ci) or is_complete(path, GIG_KEYS):
             continue
         with np.load(cpath, allow_pickle=False) as z:
             idx_all, val_all = torch.from_numpy(z[f"{a}|idx"]), torch.from_numpy(z[f"{a}|val"])
-            images, groups = z["image"], z["label" if pipe.config.class_by == "label" else "prediction"]
-        acc = _ChunkAttributions(images, groups, T=len(targets(int(groups[0]))) if len(groups) else 1,
-                                 K=V.shape[0], M=min(max(IMAGE_CANDIDATES, pipe.config.top_concepts), V.shape[0]))
+            images, groups = z["image"], z["label" if cfg.class_by == "label" else "prediction"]
+        acc = _ChunkAttributions(images, groups, target_ids, n_top, K=V.shape[0], k=k, own_is_class=b == CLASSES)
+        codes_of = lambda rows: (idx_all[rows].to(pipe.device), val_all[rows].to(pipe.device).to(V.dtype))  # noqa: E731
         for slot, c in enumerate(acc.classes):
-            for sub in _batches(np.nonzero(groups == c)[0], pipe.config.batch_size):
-                codes = (idx_all[sub].to(pipe.device), val_all[sub].to(pipe.device).to(V.dtype))
-                res = gig(f_ab, codes, V, beta, targets(int(c)), spatial=pipe.spatial[a], **pipe.config.gig_options())
+            extra = [int(t) for t in target_ids[c, n_top:] if t >= 0]
+            for sub in _batches(np.nonzero(groups == c)[0], cfg.batch_size):
+                res = gig(f_ab, codes_of(sub), V, beta, _targets(pipe, b, Vb, c, target_ids[c, :n_top]),
+                          spatial=pipe.spatial[a], **cfg.gig_options())
                 acc.add(slot, sub, res, f"{a} → {b}")
+                if extra:
+                    res = gig(f_ab, codes_of(sub), V, beta, _targets(pipe, b, Vb, c, extra), spatial=pipe.spatial[a],
+                              **plain)
+                    acc.add_shared(slot, sub, res, f"{a} → {b} (shared concepts)")
+        if b != CLASSES:  # an image's own targets are its own top concepts of b, chosen in the transition above
+            with np.load(trans_dir(pipe, b, _above(pipe, b)) / cpath.name, allow_pickle=False) as z:
+                own_targets = z["own_nodes"]
+            for sub in _batches(np.arange(len(images)), cfg.batch_size):
+                vectors = [ConceptTarget(Vb[torch.from_numpy(own_targets[sub, t]).to(pipe.device)])
+                           for t in range(own_targets.shape[1])]
+                res = gig(f_ab, codes_of(sub), V, beta, vectors, spatial=pipe.spatial[a], **cfg.gig_options())
+                acc.add_own(sub, own_targets[sub], res, f"{a} → {b} (image graphs)")
         save_npz(path, **acc.arrays())
 
 
-GIG_KEYS = ("classes", "class_sum", "image", "top_idx", "top_val", "delta", "rel_delta", "steps", "refined")
+# the arrays every finished chunk file holds (a damaged or partial file is recomputed)
+GIG_KEYS = ("classes", "targets", "n_top", "class_sum", "image", "delta", "rel_delta", "shared_delta", "shared_rel_delta",
+            "steps", "refined", "own_targets", "own_nodes", "own_val")
 
 
-def _class_targets(pipe, b: str):
-    """``class id → GIG target(s)`` of the transition into ``b``: the class itself (b = classes) or the
-    class's top concepts of ``b`` (a list of :class:`~gig_fast.ConceptTarget`)."""
+def _targets(pipe, b: str, Vb, c: int, targets) -> list:
+    """GIG targets of class ``c``'s images in the transition into ``b``: the class itself (b = classes)
+    or :class:`~gig_fast.ConceptTarget` of the given concepts of ``b``."""
     if b == CLASSES:
-        return lambda c: [ClassTarget(c, probability=pipe.config.class_probability)]
-    tops = top_sets(pipe, b)
-    Vb = load_concepts(pipe, b)["V"].to(pipe.device)
-    return lambda c: [ConceptTarget(Vb[t]) for t in tops[c]]
+        return [ClassTarget(int(c), probability=pipe.config.class_probability)]
+    return [ConceptTarget(Vb[int(t)]) for t in targets]
 
 
 class _ChunkAttributions:
     """The arrays of one stage-4 chunk file (see :func:`attribute`), filled batch by batch."""
 
-    def __init__(self, images: np.ndarray, groups: np.ndarray, T: int, K: int, M: int):
-        B = len(images)
-        self.images, self.T, self.M = images, T, M
+    def __init__(self, images: np.ndarray, groups: np.ndarray, target_ids: np.ndarray, n_top: int, K: int, k: int,
+                 own_is_class: bool):
+        B, T = len(images), target_ids.shape[1]
+        self.images, self.groups, self.k, self.n_top, self.own_is_class = images, groups, k, n_top, own_is_class
         # only the classes of this chunk: [n_classes, T, K] would be GBs for 1,000 classes
         self.classes = np.unique(groups)
+        self.targets = target_ids[self.classes]
         self.class_sum = np.zeros((len(self.classes), T, K), dtype=np.float64)
-        self.top_idx = np.zeros((B, M), dtype=np.int64)
-        self.top_val = np.zeros((B, M, T), dtype=np.float32)
-        self.delta = np.zeros((T, B), dtype=np.float64)
-        self.rel_delta = np.zeros((T, B), dtype=np.float64)
+        self.delta = np.zeros((n_top, B), dtype=np.float64)
+        self.rel_delta = np.zeros((n_top, B), dtype=np.float64)
+        self.shared_delta = np.full((T - n_top, B), np.nan)  # NaN: fewer shared targets for the image's class
+        self.shared_rel_delta = np.full((T - n_top, B), np.nan)
         self.steps = np.zeros(B, dtype=np.int64)
         self.refined = np.zeros(B, dtype=bool)
+        self.own_targets = self.own_nodes = self.own_val = self.own_delta = self.own_rel_delta = None
 
-    def add(self, slot: int, rows: np.ndarray, res, where: str) -> None:
-        """Store the :class:`~gig_fast.GIGResult` of the chunk rows ``rows`` (images of class ``classes[slot]``)."""
-        T, n = self.T, len(rows)
-        pc = res.per_concept.detach().double().cpu().reshape(T, n, -1)  # [T, n, K]
+    @staticmethod
+    def _finite(res, n: int, where: str):
+        T = res.per_concept.shape[0]  # targets are always a list: [T, n, K]
+        pc = res.per_concept.detach().double().cpu().reshape(T, n, -1)
         if not torch.isfinite(pc).all():
             raise ValueError(f"non-finite GIG attributions for {where}")
         d = res.delta.detach().double().cpu().reshape(T, n)
         span = (res.value_at_input - res.value_at_baseline).detach().double().cpu().reshape(T, n)
-        self.class_sum[slot] += pc.sum(1).numpy()
-        order = torch.argsort(pc.abs().sum(0), dim=1, descending=True, stable=True)[:, :self.M]  # [n, M]
-        self.top_idx[rows] = order.numpy()
-        self.top_val[rows] = torch.gather(pc.permute(1, 2, 0), 1, order[:, :, None].expand(-1, -1, T)).numpy()
-        self.delta[:, rows] = d.numpy()
-        self.rel_delta[:, rows] = (d.abs() / span.abs().clamp_min(1e-12)).numpy()
+        return pc, d, d.abs() / span.abs().clamp_min(1e-12)
+
+    def add(self, slot: int, rows: np.ndarray, res, where: str) -> None:
+        """The class pass of the chunk rows ``rows`` (images of class ``classes[slot]``): its top targets."""
+        pc, d, rel = self._finite(res, len(rows), where)
+        self.class_sum[slot, :self.n_top] += pc.sum(1).numpy()
+        self.delta[:, rows], self.rel_delta[:, rows] = d.numpy(), rel.numpy()
         self.steps[rows], self.refined[rows] = res.steps.cpu().numpy(), res.refined.cpu().numpy()
+        if self.own_is_class:  # b = classes: the class pass is also each image's own graph
+            self._own(len(self.images), 1)
+            nodes, values = image_top_concepts(pc, self.k)
+            self.own_targets[rows, 0], self.own_nodes[rows], self.own_val[rows] = \
+                self.groups[rows], nodes.numpy(), values.numpy()
+
+    def add_shared(self, slot: int, rows: np.ndarray, res, where: str) -> None:
+        """The shared pass of the same rows: the class's other view-set targets (after its top ones)."""
+        pc, d, rel = self._finite(res, len(rows), where)
+        T = pc.shape[0]
+        self.class_sum[slot, self.n_top:self.n_top + T] += pc.sum(1).numpy()
+        self.shared_delta[:T, rows], self.shared_rel_delta[:T, rows] = d.numpy(), rel.numpy()
+
+    def _own(self, B: int, T: int) -> None:
+        if self.own_nodes is None:
+            self.own_targets = np.zeros((B, T), dtype=np.int64)
+            self.own_nodes = np.zeros((B, self.k), dtype=np.int64)
+            self.own_val = np.zeros((B, self.k, T), dtype=np.float64)
+            if not self.own_is_class:  # else the same numbers as delta / rel_delta
+                self.own_delta, self.own_rel_delta = np.zeros((T, B)), np.zeros((T, B))
+
+    def add_own(self, rows: np.ndarray, own_targets: np.ndarray, res, where: str) -> None:
+        """The image-graph pass of rows ``rows``: GIG to each image's own targets ``[n, T_o]``."""
+        pc, d, rel = self._finite(res, len(rows), where)
+        self._own(len(self.images), own_targets.shape[1])
+        nodes, values = image_top_concepts(pc, self.k)
+        self.own_targets[rows], self.own_nodes[rows], self.own_val[rows] = own_targets, nodes.numpy(), values.numpy()
+        self.own_delta[:, rows], self.own_rel_delta[:, rows] = d.numpy(), rel.numpy()
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"classes": self.classes.astype(np.int64), "class_sum": self.class_sum, "image": self.images,
-                "top_idx": self.top_idx, "top_val": self.top_val, "delta": self.delta, "rel_delta": self.rel_delta,
-                "steps": self.steps, "refined": self.refined}
+        out = {"classes": self.classes.astype(np.int64), "targets": self.targets.astype(np.int64),
+               "n_top": np.int64(self.n_top), "class_sum": self.class_sum, "image": self.images,
+               "delta": self.delta, "rel_delta": self.rel_delta, "shared_delta": self.shared_delta,
+               "shared_rel_delta": self.shared_rel_delta, "steps": self.steps, "refined": self.refined}
+        if self.own_nodes is not None:
+            out.update(own_targets=self.own_targets, own_nodes=self.own_nodes, own_val=self.own_val)
+        if self.own_delta is not None:
+            out.update(own_delta=self.own_delta, own_rel_delta=self.own_rel_delta)
+        return out

@@ -11,6 +11,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..ops.reference import dense_to_padded  # re-exported: the baselines pad their dense codes with it
+
 __all__ = ["auc", "step_counts", "curve_grid", "edit_codes", "edited_inputs", "concept_curve", "class_score",
            "label_hits", "max_projection", "reconstruction_quality", "top_overlap", "dense_to_padded",
            "interpolate_at"]
@@ -156,17 +158,6 @@ def top_overlap(a, b, k: int) -> float:
     ta = set(np.argsort(-a, kind="stable")[:k].tolist())
     tb = set(np.argsort(-b, kind="stable")[:k].tolist())
     return len(ta & tb) / k
-
-
-def dense_to_padded(U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense codes ``U [N, K]`` → padded ``(idx [N, s], val [N, s])``, indices increasing, −1 padding."""
-    mask = U != 0
-    s = int(mask.sum(1).max()) if U.numel() else 0
-    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :s]
-    keep = torch.gather(mask, 1, order)
-    idx = torch.where(keep, order, torch.full_like(order, -1))
-    val = torch.where(keep, torch.gather(U, 1, order), torch.zeros((), dtype=U.dtype))
-    return idx.contiguous(), val.contiguous()
 
 
 def interpolate_at(x_query, x, y) -> np.ndarray:
