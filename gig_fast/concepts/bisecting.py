@@ -42,6 +42,17 @@ from ..ops.reference import accumulation_dtype
 __all__ = ["bisecting_spherical_kmeans"]
 
 
+def prepare_points(X, K, beta, n_init, max_iter, init_sample, mode, backend):
+    """Checked inputs → ``(Xc [N, C] = X − β in the accumulation dtype, U = its unit rows, Kernels)``
+    (the start of the single-process and the sharded bisecting k-means)."""
+    check_inputs(X, K, beta, n_init, max_iter, mode)
+    if not isinstance(init_sample, int) or init_sample < 2:
+        raise ValueError(f"init_sample must be an int >= 2, got {init_sample!r}")
+    acc = accumulation_dtype(X.dtype)
+    Xc = X.to(acc) - (beta.to(acc) if beta is not None else 0)
+    return Xc, unit_rows(Xc).contiguous(), Kernels(X.device, backend)
+
+
 def bisecting_spherical_kmeans(X: torch.Tensor, K: int, *, beta: torch.Tensor | None = None, seed: int = 0,
                                n_init: int = 3, max_iter: int = 30, init_sample: int = 1024,
                                mode: str = "sequential",
@@ -68,14 +79,8 @@ def bisecting_spherical_kmeans(X: torch.Tensor, K: int, *, beta: torch.Tensor | 
         ``(concepts [K, C] in X's dtype, labels int64 [N])`` — concept ``j`` is the mean of ``x − β``
         over the points with ``labels == j`` — and the info when ``return_info``.
     """
-    check_inputs(X, K, beta, n_init, max_iter, mode)
-    if not isinstance(init_sample, int) or init_sample < 2:
-        raise ValueError(f"init_sample must be an int >= 2, got {init_sample!r}")
     N = X.shape[0]
-    acc = accumulation_dtype(X.dtype)
-    kern = Kernels(X.device, backend)
-    Xc = X.to(acc) - (beta.to(acc) if beta is not None else 0)
-    U = unit_rows(Xc).contiguous()
+    Xc, U, kern = prepare_points(X, K, beta, n_init, max_iter, init_sample, mode, backend)
 
     members: list[torch.Tensor] = [torch.arange(N, device=X.device)]  # cluster id -> sorted member indices
     heap = [(-N, 0)]  # (−size, id): the largest first, ties to the lower id

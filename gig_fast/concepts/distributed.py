@@ -23,10 +23,8 @@ from typing import Callable
 
 import torch
 
-from .bisecting import bisecting_spherical_kmeans
-from .core import (Kernels, apply_split, check_inputs, concepts_from_members, next_batch, split_batch, split_seed,
-                   unit_rows)
-from ..ops.reference import accumulation_dtype
+from .bisecting import bisecting_spherical_kmeans, prepare_points
+from .core import Kernels, apply_split, concepts_from_members, next_batch, split_batch, split_seed
 
 __all__ = ["distributed_bisecting_kmeans"]
 
@@ -118,14 +116,8 @@ def distributed_bisecting_kmeans(X: torch.Tensor, K: int, *, rank: int, world: i
                                           return_info=return_info)
     if not 0 <= rank < world:
         raise ValueError(f"rank must be in [0, {world}), got {rank}")
-    check_inputs(X, K, beta, n_init, max_iter, mode)
-    if not isinstance(init_sample, int) or init_sample < 2:
-        raise ValueError(f"init_sample must be an int >= 2, got {init_sample!r}")
     N = X.shape[0]
-    acc = accumulation_dtype(X.dtype)
-    kern = Kernels(X.device, backend)
-    Xc = X.to(acc) - (beta.to(acc) if beta is not None else 0)
-    U = unit_rows(Xc).contiguous()
+    Xc, U, kern = prepare_points(X, K, beta, n_init, max_iter, init_sample, mode, backend)
 
     members: list[torch.Tensor] = [torch.arange(N, device=X.device)]
     heap = [(-N, 0)]
