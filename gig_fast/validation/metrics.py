@@ -15,7 +15,7 @@ from ..ops.reference import dense_to_padded  # re-exported: the baselines pad th
 
 __all__ = ["auc", "step_counts", "curve_grid", "edit_codes", "edited_inputs", "concept_curve", "class_score",
            "label_hits", "max_projection", "reconstruction_quality", "top_overlap", "dense_to_padded",
-           "interpolate_at"]
+           "interpolate_at", "MATCHED_ACTIVE"]
 
 MODES = ("deletion", "insertion")
 
@@ -158,6 +158,9 @@ def top_overlap(a, b, k: int) -> float:
     ta = set(np.argsort(-a, kind="stable")[:k].tolist())
     tb = set(np.argsort(-b, kind="stable")[:k].tolist())
     return len(ta & tb) / k
+
+
+MATCHED_ACTIVE = (2, 3, 4, 6, 8, 12, 16)  # active concepts per PFV at which the sparsity–error curves are read
 
 
 def interpolate_at(x_query, x, y) -> np.ndarray:
