@@ -142,6 +142,44 @@ def _class_gig(out, a, b, c, target_concept):
     return total
 
 
+def test_neighbour_pairs_pick_each_class_nearest_classes():
+    """Each class with its n most similar classes (cosine of the class-score rows), ties to the smaller
+    id; every pair when n is None or covers the other classes; only the present classes."""
+    from gig_fast.pipeline.stages import neighbour_pairs
+
+    scores = np.array([[1.0, 0.0, 0.0], [0.9, 0.1, 0.0], [0.0, 0.0, 1.0], [0.0, 0.1, 0.9], [5.0, 0.0, 0.1]])
+    every = [(0, 1), (0, 2), (0, 3), (0, 4), (1, 2), (1, 3), (1, 4), (2, 3), (2, 4), (3, 4)]
+    assert neighbour_pairs(scores, [0, 1, 2, 3, 4], None) == every
+    assert neighbour_pairs(scores, [0, 1, 2, 3, 4], 4) == every
+    # 0's nearest is 4 (cosine 0.9998), 4's is 0, 1's is 0 (0.994), 2's is 3, 3's is 2
+    assert neighbour_pairs(scores, [0, 1, 2, 3, 4], 1) == [(0, 1), (0, 4), (2, 3)]
+    assert neighbour_pairs(scores, [1, 2, 3], 1) == [(1, 3), (2, 3)]  # 1's nearest present class is 3
+    tie = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    assert neighbour_pairs(tie, [0, 1, 2], 1) == [(0, 1), (1, 2)]  # 0 is orthogonal to both: the smaller id
+
+
+def test_pair_neighbours_bound_the_pair_graphs_and_the_shared_targets(tmp_path):
+    """With pair_neighbours = 1 of 3 classes, only the chosen pairs get pair graphs, and stage 4's
+    targets of a class hold only the concepts it shares within them (every pair would give 3 graphs)."""
+    from gig_fast.pipeline.stages import class_pairs, shared_sets, top_sets, view_sets
+
+    out = run_tiny(tmp_path / "run", top_concepts=1, top_shared=3, pair_neighbours=1)
+    pipe = Pipeline(tiny_config(tmp_path / "run", top_concepts=1, top_shared=3, pair_neighbours=1), model=tiny_model(),
+                    dataset=tiny_data())
+    pairs = class_pairs(pipe)
+    graph = json.loads((out / "graph.json").read_text())
+    assert 1 <= len(pairs) < 3 and sorted(graph["pair_graphs"]) == [f"{a}-{b}" for a, b in pairs]
+    for layer in LAYERS[1:]:
+        shared = shared_sets(pipe, layer)
+        tops, views = top_sets(pipe, layer), view_sets(pipe, layer)
+        assert set(shared) == set(pairs)
+        for c in range(3):
+            want = set(tops[c].tolist()) | {q for pair, items in shared.items() if c in pair for q, _ in items}
+            assert set(views[c][views[c] >= 0].tolist()) == want
+    every = run_tiny(tmp_path / "every", top_concepts=1, top_shared=3, pair_neighbours=None)
+    assert len(json.loads((every / "graph.json").read_text())["pair_graphs"]) == 3
+
+
 def test_pair_graphs_wire_the_shared_concepts(tmp_path):
     """A shared concept outside both classes' top sets carries GIG edges from its children (its incoming
     GIG, summed over each class's images) and to its parents; the weights are what gig() gives."""

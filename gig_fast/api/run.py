@@ -210,8 +210,9 @@ class Run:
         return Graph.from_dict(g) if g is not None else Graph([], [])
 
     def pair_graph(self, c1: int | str, c2: int | str) -> PairGraph:
-        """The concepts shared by two classes (``graph.json``'s pair graph; empty when either class
-        has no explained images)."""
+        """The concepts shared by two classes and the edges that wire them (``graph.json``'s pair graph;
+        empty when either class has no explained images or the pair is not among the run's class pairs:
+        each class with its ``pair_neighbours`` most similar classes)."""
         a, b = sorted((self.class_id(c1), self.class_id(c2)))
         if a == b:
             raise ValueError("a class cannot be paired with itself")

@@ -34,7 +34,10 @@ _NOT_HASHED = {"out", "device", "backend", "progress", "batch_size", "gig_batch_
 
 # Options added after runs were made, with the value those runs behaved as (left out of the key there).
 _ADDED_LATER = {"gig_autocast": None, "gig_tolerance": None, "max_image_pixels": MAX_IMAGE_PIXELS,
-                "reduce_large_images": False}
+                "reduce_large_images": False,
+                # results_version 2 runs made before it (none left this repository) all had ≤ 11 classes,
+                # where 10 neighbours per class are every pair
+                "pair_neighbours": 10}
 
 
 # Bumped when the code computes different results (or work files) from the same config, so that a run
@@ -69,7 +72,10 @@ class PipelineConfig:
     Stage 4: ``gig_steps``, ``gig_rule``, ``gig_tolerance`` (completeness bar of the adaptive
     refinement, None = the fixed rule), ``gig_autocast`` (None | ``bf16`` | ``fp16``: F_ab in low
     precision; both see :func:`gig_fast.gig`), ``top_concepts`` (per class per layer), ``top_shared``
-    (per pair of classes), ``class_by`` (``label`` | ``prediction``), ``class_probability``.
+    (per pair of classes), ``pair_neighbours`` (the class pairs that get a pair graph and whose shared
+    concepts stage 4 wires: each class with its ``pair_neighbours`` most similar classes, by the cosine
+    of their classifier-level concept scores; None = every pair, n² of them), ``class_by`` (``label`` |
+    ``prediction``), ``class_probability``.
     Execution: ``seed``, ``device``, ``backend``, ``batch_size``, ``gig_batch_size``,
     ``chunk_images`` (checkpoint granularity), ``out``, ``progress``.
     Report (``report.html``, not hashed): ``report_images`` (explained images embedded with their
@@ -110,6 +116,10 @@ class PipelineConfig:
     gig_autocast: str | None = None
     top_concepts: int = 5
     top_shared: int = 3
+    # Every pair of 1,000 classes is 499,500 pair graphs, and each class's stage-4 targets would grow by
+    # every concept it shares with any of 999 others (up to K per layer: ~100× the GIG work of its top-5);
+    # 10 neighbours keep every pair at up to 11 classes (the demo's 10: 45 pairs) and ≤ 10 per class beyond.
+    pair_neighbours: int | None = 10
     class_by: str = "label"
     class_probability: bool = True
     seed: int = 0
@@ -226,6 +236,8 @@ def _problems(cfg: "PipelineConfig") -> list[str]:
         bad("weights", "null or a file / weights name")
     if cfg.k is not None and not (_is_int(cfg.k) and cfg.k >= 1):
         bad("k", "null or an integer >= 1")
+    if cfg.pair_neighbours is not None and not (_is_int(cfg.pair_neighbours) and cfg.pair_neighbours >= 1):
+        bad("pair_neighbours", "null (every pair) or an integer >= 1")
     if not (_is_number(cfg.k_factor) and cfg.k_factor > 0):
         bad("k_factor", "a number > 0")
     if cfg.lam is not None and not (_is_number(cfg.lam) and cfg.lam > 0):

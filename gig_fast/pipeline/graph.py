@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from ..image_store import ImageStoreWriter
-from .stages import (CLASSES, class_pair_weights, class_scores, load_concepts, present_classes, shared_sets, top_sets,
-                     trans_dir, transitions, view_sets)
+from .stages import (CLASSES, class_pair_weights, class_pairs, class_scores, load_concepts, present_classes, shared_sets,
+                     top_sets, trans_dir, transitions, view_sets)
 from .store import save_json
 
 __all__ = ["build_graph", "write_graph", "image_layer_graph", "SCHEMA", "SCHEMA_VERSION"]
@@ -156,19 +156,19 @@ def graph_summary(pipe) -> dict:
         class_graphs[str(c)] = {"nodes": nodes, "edges": edges}
 
     pair_graphs = {}
-    for i, c1 in enumerate(present):
-        for c2 in present[i + 1:]:
-            both = {p: [q for q, _ in shared[p][(c1, c2)]] for p in pts}
-            pair_graphs[f"{c1}-{c2}"] = {
-                "classes": [c1, c2],
-                "shared": {p: [{"concept": q, "score": _r(v), "importance": [_r(scores[p][c1][q]), _r(scores[p][c2][q])]}
-                               for q, v in shared[p][(c1, c2)]] for p in pts if shared[p][(c1, c2)]},
-                "edges": [e for c in (c1, c2) for e in _shared_edges(c, trans, tops, views, scores, pair_w, both, peak)]}
+    for c1, c2 in class_pairs(pipe):  # every pair, or each class with its pair_neighbours nearest
+        both = {p: [q for q, _ in shared[p][(c1, c2)]] for p in pts}
+        pair_graphs[f"{c1}-{c2}"] = {
+            "classes": [c1, c2],
+            "shared": {p: [{"concept": q, "score": _r(v), "importance": [_r(scores[p][c1][q]), _r(scores[p][c2][q])]}
+                           for q, v in shared[p][(c1, c2)]] for p in pts if shared[p][(c1, c2)]},
+            "edges": [e for c in (c1, c2) for e in _shared_edges(c, trans, tops, views, scores, pair_w, both, peak)]}
 
     return {
         "schema": SCHEMA, "version": SCHEMA_VERSION, "run_key": pipe.config.key(),
         "model": {"arch": cfg.model, "weights": cfg.weights, "dataset": cfg.dataset, "split": cfg.split},
-        "settings": {"top_concepts": cfg.top_concepts, "top_shared": cfg.top_shared, "gig_steps": cfg.gig_steps,
+        "settings": {"top_concepts": cfg.top_concepts, "top_shared": cfg.top_shared,
+                     "pair_neighbours": cfg.pair_neighbours, "gig_steps": cfg.gig_steps,
                      "gig_rule": cfg.gig_rule, "class_by": cfg.class_by, "attribution": cfg.attribution,
                      "class_probability": cfg.class_probability},
         "classes": [{"id": c, "name": pipe.class_names[c], "n_images": int(per_class[c])}

@@ -382,12 +382,35 @@ def shared_concepts(scores: np.ndarray, c1: int, c2: int, k: int) -> list[tuple[
     return [(int(q), float(both[q])) for q in np.argsort(-both, kind="stable")[:k] if both[q] > 0]
 
 
+def neighbour_pairs(scores: np.ndarray, present: list[int], neighbours: int | None) -> list[tuple[int, int]]:
+    """The class pairs ``(c1 < c2)`` that get pair graphs: each present class with its ``neighbours``
+    most similar present classes — cosine of their rows of ``scores [n_classes, K]`` (the classifier-level
+    concept scores), ties to the smaller id — ascending; every pair when ``neighbours`` is None or
+    reaches ``len(present) − 1``."""
+    if neighbours is None or neighbours >= len(present) - 1:
+        return [(c1, c2) for i, c1 in enumerate(present) for c2 in present[i + 1:]]
+    rows = scores[present].astype(np.float64)
+    unit = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-300)
+    sim = unit @ unit.T
+    np.fill_diagonal(sim, -np.inf)
+    pairs = set()
+    for i, c in enumerate(present):
+        for j in np.argsort(-sim[i], kind="stable")[:neighbours]:
+            pairs.add((min(c, present[j]), max(c, present[j])))
+    return sorted(pairs)
+
+
+def class_pairs(pipe) -> list[tuple[int, int]]:
+    """:func:`neighbour_pairs` of the run (``pair_neighbours``), on the last layer's class scores (known
+    after stage 4's first transition, before any transition needs the pairs)."""
+    last = pipe.points[-1]
+    return neighbour_pairs(class_scores(pipe, last, CLASSES), present_classes(pipe), pipe.config.pair_neighbours)
+
+
 def shared_sets(pipe, point: str, scores: np.ndarray | None = None) -> dict[tuple[int, int], list[tuple[int, float]]]:
-    """``{(c1, c2): shared_concepts(…)}`` of ``point`` for every pair of present classes (c1 < c2)."""
+    """``{(c1, c2): shared_concepts(…)}`` of ``point`` for every pair of :func:`class_pairs` (c1 < c2)."""
     scores = class_scores(pipe, point, _above(pipe, point)) if scores is None else scores
-    present = present_classes(pipe)
-    return {(c1, c2): shared_concepts(scores, c1, c2, pipe.config.top_shared)
-            for i, c1 in enumerate(present) for c2 in present[i + 1:]}
+    return {(c1, c2): shared_concepts(scores, c1, c2, pipe.config.top_shared) for c1, c2 in class_pairs(pipe)}
 
 
 def view_sets(pipe, point: str) -> np.ndarray:
