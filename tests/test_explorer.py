@@ -374,6 +374,20 @@ def test_class_pair_highlights_the_shared_concepts(big_page, browser, artifacts)
     assert _errors(browser) == []
 
 
+def test_default_pair_is_one_the_run_computed(big_page, browser):
+    """With pair graphs for only some pairs (pair_neighbours; here (0, j) for j ≤ 200), the pair mode's
+    default partner of a class is a class it has a pair graph with, not merely the most similar one."""
+    from selenium.webdriver.common.by import By
+
+    graph, page = big_page
+    for c in (5, 150):
+        _open(browser, page, f"#class={c}")
+        browser.find_element(By.CSS_SELECTOR, 'button.mode[data-mode="pair"]').click()
+        assert browser.find_element(By.ID, "search-b").get_attribute("value") == "class 0"
+        assert "0-%d" % c in graph["pair_graphs"]
+    assert _errors(browser) == []
+
+
 def test_pair_view_draws_the_edges_of_the_shared_concepts(tmp_path, browser, artifacts):
     """A real run whose shared concepts lie outside the top sets (top_concepts=1, top_shared=3): the pair
     view draws every class-graph edge of both classes and every edge of the pair graph, so each shared

@@ -703,9 +703,18 @@
       const flat = usage[conceptKey(g.n[i], g.n[i + 1])] || [];
       for (let j = 0; j < flat.length; j += 3) if (flat[j] !== c) count.set(flat[j], (count.get(flat[j]) || 0) + 1);
     }
+    // prefer a pair the run computed (each class with its pair_neighbours nearest classes): others have no
+    // shared-concept list or edges
+    const pairs = lazyJSON("gig-pairs") || {};
+    const paired = (o) => (Math.min(c, o) + "-" + Math.max(c, o)) in pairs;
     const pool = main.class_graphs.length > 1 ? main.class_graphs : classes.map((x) => x.id);
-    let best = pool.length > 1 ? pool[(pool.indexOf(c) + 1) % pool.length] : c, most = 0;
-    for (const [other, k] of count) if (k > most || (k === most && other < best)) { best = other; most = k; }
+    let best = pool.length > 1 ? pool[(pool.indexOf(c) + 1) % pool.length] : c, most = 0, bestPaired = paired(best);
+    for (const [other, k] of count) {
+      const p = paired(other);
+      if ((p && !bestPaired) || (p === bestPaired && (k > most || (k === most && other < best)))) {
+        best = other; most = k; bestPaired = p;
+      }
+    }
     return best;
   }
 
