@@ -14,6 +14,9 @@ image's graph and the per-concept image rankings live here, in ``<out>/store/`` 
   image of the concept's code value), ``peak`` (its largest code value) at ``peak_position``
   (``h·W + w`` at the layer's resolution: "where"), ``active`` (positions where it is coded).
   Sorted by ``layer``, ``concept``, ``rank``: a lookup reads one row group.
+* ``pair_graphs.parquet`` (version 2): one row per class pair of the run: ``c1 < c2`` and ``graph``, the
+  pair graph as compact JSON in ``graph.json``'s ``pair_graphs`` form (``graph.json`` keeps a sample:
+  every pair of a 1,000-class run is thousands of graphs of ~900 edges). Sorted by ``c1``, ``c2``.
 * ``store.json``: ``format``, ``version``, ``run_key``, row counts, ``rank_depth``.
 
 :class:`ImageStoreWriter` takes the tables chunk by chunk (the images and their graphs are written as
@@ -34,12 +37,13 @@ import numpy as np
 __all__ = ["ImageStore", "ImageStoreWriter", "ConceptRanking", "concept_usage", "STORE_FORMAT", "STORE_VERSION",
            "RANK_DEPTH", "TABLES"]
 
-STORE_FORMAT, STORE_VERSION = "gig_fast.store", 1
+STORE_FORMAT, STORE_VERSION = "gig_fast.store", 2
+READABLE_VERSIONS = (1, 2)  # version 1 has no pair_graphs table
 RANK_DEPTH = 100  # images kept per concept in concept_images.parquet (a card shows 10-20)
 # Row groups of ~64k rows: small enough that a concept lookup reads little, large enough that
 # 50,000 images' tables stay a few hundred groups (each group costs a footer entry).
 ROW_GROUP = 1 << 16
-TABLES = ("images", "image_nodes", "image_edges", "concept_images")
+TABLES = ("images", "image_nodes", "image_edges", "concept_images", "pair_graphs")
 
 
 def _schemas():
@@ -57,6 +61,7 @@ def _schemas():
         "concept_images": pa.schema([("layer", layer), ("concept", pa.int32()), ("rank", pa.int16()),
                                      ("image", pa.int64()), ("class", pa.int32()), ("usage", pa.float32()),
                                      ("peak", pa.float32()), ("peak_position", pa.int32()), ("active", pa.int32())]),
+        "pair_graphs": pa.schema([("c1", pa.int32()), ("c2", pa.int32()), ("graph", pa.string())]),
     }
 
 
@@ -159,7 +164,7 @@ class ImageStoreWriter:
         self.layer_names = list(self.layers) + ["classes"]
         self.schemas = _schemas()
         self.writers = {name: pq.ParquetWriter(self.tmp / f"{name}.parquet", self.schemas[name], compression="zstd")
-                        for name in ("images", "image_nodes", "image_edges")}
+                        for name in ("images", "image_nodes", "image_edges", "pair_graphs")}
         self.rankings = {layer: ConceptRanking(K, depth) for layer, K in self.layers.items()}
         self.depth = depth
         self.rows = dict.fromkeys(TABLES, 0)
@@ -178,7 +183,7 @@ class ImageStoreWriter:
         if pa.types.is_dictionary(typ):
             return pa.DictionaryArray.from_arrays(pa.array(self._layer_codes(values), pa.int16()),
                                                   pa.array(self.layer_names, pa.string()))
-        return pa.array(np.asarray(values), typ)
+        return pa.array(values if pa.types.is_string(typ) else np.asarray(values), typ)
 
     def _write(self, name: str, columns: dict) -> None:
         import pyarrow as pa
@@ -207,6 +212,12 @@ class ImageStoreWriter:
                     edges[k].append(v)
         self._write("image_nodes", nodes)
         self._write("image_edges", edges)
+
+    def add_pair_graphs(self, graphs: list[dict]) -> None:
+        """Add pair graphs in ``graph.json``'s ``pair_graphs`` form (``classes`` ascending across calls)."""
+        if graphs:
+            self._write("pair_graphs", {"c1": [g["classes"][0] for g in graphs], "c2": [g["classes"][1] for g in graphs],
+                                        "graph": [json.dumps(g, separators=(",", ":")) for g in graphs]})
 
     def add_codes(self, layer: str, images: np.ndarray, classes: np.ndarray, idx: np.ndarray, val: np.ndarray) -> None:
         """Add one chunk's stage-3 codes of ``layer`` (``idx``/``val`` ``[B, P, s]`` of ``images [B]``,
@@ -277,18 +288,20 @@ class ImageStore:
             meta = json.loads(manifest.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise ValueError(f"{manifest} is not valid JSON: {e}") from None
-        if meta.get("format") != STORE_FORMAT or meta.get("version") != STORE_VERSION:
-            raise ValueError(f"{manifest} is not a {STORE_FORMAT} version {STORE_VERSION} manifest")
+        if meta.get("format") != STORE_FORMAT or meta.get("version") not in READABLE_VERSIONS:
+            raise ValueError(f"{manifest} is not a {STORE_FORMAT} manifest of version "
+                             f"{' or '.join(map(str, READABLE_VERSIONS))}")
         self.info = StoreInfo(meta["run_key"], meta["layers"], meta["rank_depth"], meta["rows"])
-        for name in TABLES:
+        self.tables = TABLES if meta["version"] >= 2 else TABLES[:-1]
+        for name in self.tables:
             if not (self.folder / f"{name}.parquet").is_file():
                 raise FileNotFoundError(f"the per-image store {self.folder} lacks {name}.parquet")
         self._files: dict = {}
 
     def path(self, table: str) -> Path:
         """The Parquet file of ``table`` (one of :data:`TABLES`), e.g. for DuckDB's ``read_parquet``."""
-        if table not in TABLES:
-            raise ValueError(f"unknown table {table!r}; the store's tables are {list(TABLES)}")
+        if table not in self.tables:
+            raise ValueError(f"unknown table {table!r}; the store's tables are {list(self.tables)}")
         return self.folder / f"{table}.parquet"
 
     def _file(self, table: str):
@@ -315,6 +328,14 @@ class ImageStore:
         t = self.read("concept_images", filters=[("layer", "=", layer), ("concept", "=", int(concept)),
                                                   ("rank", "<=", int(n))])
         return t.sort_by("rank")
+
+    def pair_graph(self, c1: int, c2: int) -> dict | None:
+        """The pair graph of classes ``c1 < c2`` in ``graph.json``'s form, or None when the run has none for
+        them (not among its class pairs, or a version-1 store)."""
+        if "pair_graphs" not in self.tables:
+            return None
+        t = self.read("pair_graphs", filters=[("c1", "=", int(c1)), ("c2", "=", int(c2))], columns=["graph"])
+        return json.loads(t.column("graph")[0].as_py()) if t.num_rows else None
 
     def image_rows(self, image: int):
         """``(images row, image_nodes rows, image_edges rows)`` of one explained image (``pyarrow.Table``s;

@@ -162,6 +162,48 @@ def test_run_reproduces_the_class_and_pair_graphs(tiny):
     assert m.completeness["layer4.2->classes"].max_abs == raw["completeness"]["layer4.2->classes"]["max_abs"]
 
 
+def test_pair_sample_deals_round_robin_over_classes():
+    from gig_fast.pipeline.graph import pair_sample
+
+    pairs = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+    assert pair_sample(pairs, 10) == pairs
+    assert pair_sample(pairs, 3) == [(0, 1), (1, 2), (2, 3)]  # one per smaller class before a second
+    assert pair_sample(pairs, 4) == [(0, 1), (0, 2), (1, 2), (2, 3)]
+    assert pair_sample(pairs, 0) == []
+
+
+def test_graph_json_keeps_a_sample_of_pairs_and_the_store_has_every_pair(tmp_path):
+    """graph_pairs = 1 of the tiny run's 3 pairs: graph.json keeps one, says there are 3, and Run.pair_graph
+    gives every pair — the kept one from graph.json, the others from the store — equal to a graph built
+    with every pair; a pair the run did not compute is empty; a version-1 store (no pair table) still opens."""
+    from gig_fast.pipeline import build_graph
+
+    out = tmp_path / "run"
+    cfg = tiny_config(out, graph_pairs=1)
+    pipe = Pipeline(cfg, model=tiny_model(), dataset=tiny_data())
+    pipe.run()
+    graph = _graph(out)
+    assert graph["pairs_total"] == 3 and list(graph["pair_graphs"]) == ["0-1"]
+    every = build_graph(Pipeline(cfg.replace(graph_pairs=200), model=tiny_model(), dataset=tiny_data()))["pair_graphs"]
+    assert sorted(every) == ["0-1", "0-2", "1-2"] and every["0-1"] == graph["pair_graphs"]["0-1"]
+    run = Run.open(out, model=tiny_model(), dataset=tiny_data())
+    store = ImageStore(out / "store")
+    assert store.info.rows["pair_graphs"] == 3
+    for key, pg in every.items():
+        a, b = map(int, key.split("-"))
+        assert store.pair_graph(a, b) == pg and run.pair_graph(b, a).to_dict() == pg
+    assert store.pair_graph(1, 0) is None  # c1 < c2 only
+    # a version-1 store: no pair table, every other lookup as before
+    manifest = json.loads((out / "store" / "store.json").read_text())
+    (out / "store" / "pair_graphs.parquet").unlink()
+    (out / "store" / "store.json").write_text(json.dumps({**manifest, "version": 1}))
+    old = ImageStore(out / "store")
+    assert old.pair_graph(0, 2) is None and old.top_images(LAYERS[-1], 0, 3).num_rows >= 0
+    with pytest.raises(ValueError, match="unknown table 'pair_graphs'"):
+        old.path("pair_graphs")
+    assert Run.open(out, model=tiny_model(), dataset=tiny_data()).pair_graph(0, 2).shared == []
+
+
 def test_run_concept_card_matches_the_stage_files(tiny):
     out, run = tiny
     graph = _graph(out)

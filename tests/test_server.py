@@ -19,6 +19,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from gig_fast import Run  # noqa: E402
+from gig_fast.image_store import ImageStore  # noqa: E402
 from gig_fast.models import DemoResNet  # noqa: E402
 from gig_fast.pipeline import Pipeline  # noqa: E402
 
@@ -54,7 +55,8 @@ def served_run(tmp_path_factory):
         for i in range(4):
             Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(root / "data" / f"c{c}" / f"{i}.png")
     cfg = tiny_config(root / "run", model="demo", weights=str(root / "weights.pt"), dataset=str(root / "data"),
-                      image_size=28, channels=1, mean=[0.5], std=[0.5], concept_images=12, report_images=3)
+                      image_size=28, channels=1, mean=[0.5], std=[0.5], concept_images=12, report_images=3,
+                      graph_pairs=1)  # graph.json keeps pair 0-1; 0-2 and 1-2 come from the store
     Pipeline(cfg).run()
     return root
 
@@ -110,7 +112,21 @@ def test_every_endpoint_answers_what_run_gives(served_run, server):
         status, cg = _call(server, f"/api/classes/{cid}/graph")
         assert status == 200 and {"nodes": cg["nodes"], "edges": cg["edges"]} == g
     assert _call(server, "/api/classes/boot%20%26%20shoe/graph")[1]["class"] == 1
-    assert _call(server, "/api/pairs/2/0")[1] == graph["pair_graphs"]["0-2"]
+    assert list(graph["pair_graphs"]) == ["0-1"] and graph["pairs_total"] == 3
+    assert _call(server, "/api/pairs/1/0")[1] == graph["pair_graphs"]["0-1"]
+    stored = ImageStore(served_run / "run" / "store").pair_graph(0, 2)
+    assert stored["shared"] and _call(server, "/api/pairs/2/0")[1] == stored == run.pair_graph(0, 2).to_dict()
+    # what the page loads for a pair it does not embed: the compact arrays, and pictures of what it lacks
+    from gig_fast.explorer.render import compact_pair_graph
+
+    index = {lay["name"]: i for i, lay in enumerate(graph["layers"])}
+    status, pv = _call(server, "/api/pairs/2/0/view")
+    assert status == 200 and pv["classes"] == [0, 2]
+    assert {"s": pv["s"], "e": pv["e"]} == compact_pair_graph(stored, index)
+    shared = {f"{layer}|{x['concept']}" for layer, items in stored["shared"].items() for x in items}
+    assert shared and shared <= set(pv["concepts"]) and len(pv["crops"]) == len(pv["samples"])
+    known = ",".join(sorted(shared))
+    assert not set(_call(server, f"/api/pairs/0/2/view?known={known}")[1]["concepts"]) & shared
     layer = LAYERS[1]
     q = graph["class_graphs"]["0"]["nodes"][layer][0]["concept"]
     status, card = _call(server, f"/api/concepts/{layer}/{q}?samples=5")
@@ -213,6 +229,17 @@ def test_the_served_page_loads_top_images_and_any_image_from_the_api(server, ser
     assert drawn == {(n.layer, n.concept) for n in g.graph.nodes} | {(e.target_layer, e.target) for e in g.graph.edges
                                                                      if e.target_layer != "classes"}
     browser.save_screenshot(str(artifacts / "explorer_served_image.png"))
+    # a pair graph the page does not embed (graph_pairs = 1): loaded from the store, its shared concepts drawn
+    browser.get("about:blank")
+    browser.get(server + "/#pair=0-2")
+    _wait(lambda: browser.execute_script("return document.documentElement.getAttribute('data-ready')") == "1", "the page")
+    _wait(lambda: _nodes(browser, ".node.shared"), "the pair view")
+    pg = run.pair_graph(0, 2)
+    shared = {(n.get_attribute("data-layer"), int(n.get_attribute("data-concept"))) for n in _nodes(browser, ".node.shared")}
+    assert {(s.layer, s.concept) for s in pg.shared} <= shared
+    browser.save_screenshot(str(artifacts / "explorer_served_pair.png"))
+    browser.find_element(By.CSS_SELECTOR, 'button.mode[data-mode="image"]').click()
+    box = browser.find_element(By.ID, "image-id")
     # an unknown id: a message, no error
     box.clear()
     box.send_keys("99999")

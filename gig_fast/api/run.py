@@ -216,7 +216,10 @@ class Run:
         a, b = sorted((self.class_id(c1), self.class_id(c2)))
         if a == b:
             raise ValueError("a class cannot be paired with itself")
-        return PairGraph.from_dict(self._graph["pair_graphs"].get(f"{a}-{b}", {"classes": [a, b]}))
+        pg = self._graph["pair_graphs"].get(f"{a}-{b}")  # graph.json keeps a sample, the store every pair
+        if pg is None and self.store is not None:
+            pg = self.store.pair_graph(a, b)
+        return PairGraph.from_dict(pg or {"classes": [a, b]})
 
     @cached_property
     def store(self) -> ImageStore | None:

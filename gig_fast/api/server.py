@@ -9,7 +9,8 @@ Endpoints (JSON unless said; ``{cls}`` is a class id or name, ``{layer}`` an ana
 ``GET  /api/run``                          run key, model, settings, layers, counts
 ``GET  /api/classes[?with_images=true]``   ``[{id, name, n_images}]``
 ``GET  /api/classes/{cls}/graph``          the class graph (``graph.json`` form)
-``GET  /api/pairs/{cls}/{cls}``            the shared concepts of two classes
+``GET  /api/pairs/{cls}/{cls}``            the pair graph of two classes: shared concepts and their edges
+``GET  /api/pairs/{cls}/{cls}/view``       what the page draws for a pair it does not embed (``?known=``)
 ``GET  /api/concepts/{layer}/{q}``         concept card: size, norm, vector, classes, nearest samples
                                            with iERF crops as PNG data URIs (``?samples=N``)
 ``GET  /api/concepts/{layer}/{q}/images``  the images that use it most, where (``?n=20``)
@@ -32,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..explorer.pictures import IMAGE_PX, display_rgb, fit, graph_concepts, heat_map_png, png_data_uri
-from ..explorer.render import compact_graph, render_explorer
+from ..explorer.render import compact_graph, compact_pair_graph, render_explorer
 from ..pipeline.pictures import collect_pictures
 from ..pipeline.store import load_json
 from .run import NotFoundError, Run
@@ -57,8 +58,31 @@ def _view(run: Run, graph: dict, picture: np.ndarray | None, heat: dict[str, str
     """What the page needs to draw an image graph: compact arrays, its picture, heat-maps, and the
     top-1 picture and facts of every concept the page does not have yet (``known``: "layer|q")."""
     index = {lay.name: i for i, lay in enumerate(run.layers)}
-    need = {f"{layer}|{q}" for layer, qs in graph_concepts({"class_graphs": {}, "pair_graphs": {}, "images": [graph]},
-                                                           [graph["id"]]).items() for q in qs} - known
+    drawn = graph_concepts({"class_graphs": {}, "pair_graphs": {}, "images": [graph]}, [graph["id"]])
+    pic = png_data_uri(fit((picture * 255).astype(np.uint8), IMAGE_PX), palette=True) if picture is not None else None
+    return {"id": graph["id"], "label": graph["label"], "prediction": graph["prediction"], "class": graph["class"],
+            **compact_graph(graph, index), "picture": pic, "heat": heat, **_new_concepts(run, drawn, known)}
+
+
+def _pair_view(run: Run, c1: int | str, c2: int | str, known: set[str]) -> dict:
+    """What the page needs to draw a pair graph it does not embed (``graph.json`` keeps a sample; the
+    store has every pair): compact ``s``/``e`` arrays and the pictures and facts of its new concepts."""
+    pg = run.pair_graph(c1, c2).to_dict()
+    index = {lay.name: i for i, lay in enumerate(run.layers)}
+    drawn: dict[str, set[int]] = {}
+    for layer, items in pg["shared"].items():
+        drawn.setdefault(layer, set()).update(s["concept"] for s in items)
+    for e in pg["edges"]:
+        for layer, q in (e["source"], e["target"]):
+            if layer != "classes":
+                drawn.setdefault(layer, set()).add(q)
+    return {"classes": pg["classes"], **compact_pair_graph(pg, index), **_new_concepts(run, drawn, known)}
+
+
+def _new_concepts(run: Run, drawn: dict[str, set[int]], known: set[str]) -> dict:
+    """``concepts`` (facts), ``samples`` and ``crops`` (top-1 pictures) of the drawn concepts the page
+    does not have yet (``known``: "layer|q")."""
+    need = {f"{layer}|{q}" for layer, qs in drawn.items() for q in qs} - known
     nodes: dict[str, list] = {}
     facts: dict[str, list] = {}
     by_layer: dict[str, list[int]] = {}
@@ -74,10 +98,7 @@ def _view(run: Run, graph: dict, picture: np.ndarray | None, heat: dict[str, str
             if s is not None and s.crop is not None:
                 crops.append(png_data_uri(s.crop, palette=True))
                 nodes[f"{layer}|{q}"] = [[len(crops) - 1, s.image, s.position, round(s.cosine, 4), int(s.member), s.label]]
-    pic = png_data_uri(fit((picture * 255).astype(np.uint8), IMAGE_PX), palette=True) if picture is not None else None
-    return {"id": graph["id"], "label": graph["label"], "prediction": graph["prediction"], "class": graph["class"],
-            **compact_graph(graph, index), "picture": pic, "heat": heat, "concepts": facts,
-            "samples": nodes, "crops": crops}
+    return {"concepts": facts, "samples": nodes, "crops": crops}
 
 
 def _heat(graph: dict, codes_of) -> dict[str, str]:
@@ -156,6 +177,11 @@ def create_app(run: Run, *, page_images: int | None = None):
     @app.get("/api/pairs/{c1}/{c2}")
     def pair_graph(c1: str, c2: str):
         return run.pair_graph(*(int(c) if c.isdigit() else c for c in (c1, c2))).to_dict()
+
+    @app.get("/api/pairs/{c1}/{c2}/view")
+    def pair_view(c1: str, c2: str, known: str = ""):
+        with lock:
+            return _pair_view(run, *(int(c) if c.isdigit() else c for c in (c1, c2)), set(filter(None, known.split(","))))
 
     @app.get("/api/concepts/{layer}/{q}")
     def concept(layer: str, q: int, samples: int = Query(10, ge=0, le=100)):

@@ -57,14 +57,18 @@
       return body;
     }));
   }
-  function adoptView(v) {
-    // an image view from the API: its graph, picture, heat-maps and the pictures of new concepts
+  function adoptConcepts(v) {
+    // the top-1 pictures and facts of concepts the page did not have (an image or pair view from the API)
     const offset = pictures.crops.length;
     pictures.crops.push(...v.crops);
     for (const [key, samples] of Object.entries(v.samples)) {
       if (!pictures.concepts[key]) pictures.concepts[key] = samples.map((s) => [s[0] + offset, ...s.slice(1)]);
     }
     for (const [key, facts] of Object.entries(v.concepts)) if (!main.concepts[key]) main.concepts[key] = facts;
+  }
+  function adoptView(v) {
+    // an image view from the API: its graph, picture, heat-maps and the pictures of new concepts
+    adoptConcepts(v);
     pictures.images[String(v.id)] = { picture: v.picture, heat: v.heat };
     const g = { id: v.id, label: v.label, prediction: v.prediction, class: v["class"], n: v.n, e: v.e };
     imageById.set(v.id, g);
@@ -135,9 +139,11 @@
     return view;
   }
 
+  const fetchedPairs = new Map();  // "lo-hi" -> {s, e}: pairs loaded from the run API (served page)
+  const pairKey = (a, b) => Math.min(a, b) + "-" + Math.max(a, b);
   function pairData(a, b) {
-    const lo = Math.min(a, b), hi = Math.max(a, b);
-    return (lazyJSON("gig-pairs") || {})[lo + "-" + hi] || { s: [], e: [] };
+    const key = pairKey(a, b);
+    return (lazyJSON("gig-pairs") || {})[key] || fetchedPairs.get(key) || { s: [], e: [] };
   }
 
   function sharedOf(a, b) {
@@ -720,6 +726,16 @@
 
   function showPair(a, b) {
     if (b === undefined || b === null || b === a) b = mostSimilar(a);
+    const key = pairKey(a, b);
+    if (API && !((lazyJSON("gig-pairs") || {})[key]) && !fetchedPairs.has(key)) {
+      // graph.json embeds a sample of the pair graphs; the run's store has every pair
+      setStatus(`Loading the pair graph of ${className(a)} and ${className(b)}…`);
+      const known = Object.keys(pictures.concepts).join(",");
+      api(`/pairs/${Math.min(a, b)}/${Math.max(a, b)}/view?known=${encodeURIComponent(known)}`)
+        .then((v) => { adoptConcepts(v); fetchedPairs.set(key, { s: v.s, e: v.e }); showPair(a, b); })
+        .catch((err) => setStatus(`Pair ${className(a)} / ${className(b)}: ${err.message}`));
+      return;
+    }
     state.a = a; state.b = b;
     setMode("pair");
     $("search-a").value = className(a);

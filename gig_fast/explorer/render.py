@@ -23,7 +23,7 @@ from .cards import check_decomposition_card
 from .pictures import graph_concepts, pick_images
 from .summary import summary_html as metrics_summary
 
-__all__ = ["render_explorer", "embed_json", "compact_graph", "concept_usage", "insert_decompositions",
+__all__ = ["render_explorer", "embed_json", "compact_graph", "compact_pair_graph", "concept_usage", "insert_decompositions",
            "insert_section"]
 
 _DECOMPOSITIONS = re.compile(r'<script type="application/json" id="gig-decompositions">.*?</script>\n?', flags=re.S)
@@ -79,18 +79,21 @@ def _pairs(graph: dict, layer_index: dict[str, int]) -> dict[str, dict]:
     """``"c1-c2"`` → ``{"s": [layer, concept, score, importance c1, importance c2, …],
     "e": [source layer, source, target layer, target, weight, normalized, class, …]}`` (the edges that
     wire the shared concepts in; none in a graph.json written before they existed)."""
-    out = {}
-    for key, pg in graph["pair_graphs"].items():
-        shared: list = []
-        for layer, items in pg["shared"].items():
-            for s in items:
-                shared += [layer_index[layer], s["concept"], s["score"], *s["importance"]]
-        edges: list = []
-        for e in pg.get("edges", []):
-            (sl, src), (tl, tgt) = e["source"], e["target"]
-            edges += [layer_index[sl], src, layer_index[tl], tgt, e["weight"], e["normalized"], e["class"]]
-        out[key] = {"s": shared, "e": edges}
-    return out
+    return {key: compact_pair_graph(pg, layer_index) for key, pg in graph["pair_graphs"].items()}
+
+
+def compact_pair_graph(pg: dict, layer_index: dict[str, int]) -> dict:
+    """One pair graph as flat arrays: ``s = [layer, concept, score, importance c1, importance c2, …]``
+    and ``e = [source layer, source, target layer, target, weight, normalized, class, …]``."""
+    shared: list = []
+    for layer, items in pg.get("shared", {}).items():
+        for s in items:
+            shared += [layer_index[layer], s["concept"], s["score"], *s["importance"]]
+    edges: list = []
+    for e in pg.get("edges", []):
+        (sl, src), (tl, tgt) = e["source"], e["target"]
+        edges += [layer_index[sl], src, layer_index[tl], tgt, e["weight"], e["normalized"], e["class"]]
+    return {"s": shared, "e": edges}
 
 
 def _main_data(graph: dict, pictures: dict | None, max_images: int, title: str) -> dict:

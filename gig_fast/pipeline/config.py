@@ -29,7 +29,7 @@ AUTOCAST = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}  # gig_au
 # change numerics and may not change within a work folder (such a relaunch is refused); the rest changes
 # no result.
 _NOT_HASHED = {"out", "device", "backend", "progress", "batch_size", "gig_batch_size", "chunk_images",
-               "report_images", "report_crops", "graph_images"}
+               "report_images", "report_crops", "graph_images", "graph_pairs"}
 
 
 # Options added after runs were made, with the value those runs behaved as (left out of the key there).
@@ -81,7 +81,8 @@ class PipelineConfig:
     Report (``report.html``, not hashed): ``report_images`` (explained images embedded with their
     picture and concept heat-maps for the image view), ``report_crops`` (nearest samples per concept).
     Outputs (not hashed): ``graph_images`` (per-image graphs kept in ``graph.json``, round-robin over
-    classes; every image's graph is in the per-image store ``<out>/store/``).
+    classes; every image's graph is in the per-image store ``<out>/store/``), ``graph_pairs`` (pair
+    graphs kept in ``graph.json``, round-robin over classes; every pair's is in the store).
     """
     model: str = "demo"
     weights: str | None = None
@@ -133,6 +134,7 @@ class PipelineConfig:
     report_images: int = 20
     report_crops: int = 10
     graph_images: int = 200
+    graph_pairs: int = 200
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -196,7 +198,7 @@ class PipelineConfig:
 # out of range fails in a second with every problem listed, not after an hour of stage 1.
 _POSITIVE_INTS = ("image_size", "max_image_pixels", "concept_images", "explain_images", "pfvs_per_image", "representatives",
                   "gig_steps", "top_concepts", "chunk_images", "batch_size", "graph_images")
-_NON_NEGATIVE_INTS = ("per_class", "top_shared", "seed", "report_images", "report_crops")
+_NON_NEGATIVE_INTS = ("per_class", "top_shared", "seed", "report_images", "report_crops", "graph_pairs")
 _BOOLS = ("reduce_large_images", "store_ierf", "positive", "class_probability", "progress")
 _STRINGS = ("model", "dataset", "split", "out")
 _CHOICES = {"attribution": ("srd", "gradxinput"), "ierf_dtype": ("float16", "float32"),

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..image_store import ImageStoreWriter
-from .stages import (CLASSES, class_pair_weights, class_pairs, class_scores, load_concepts, present_classes, shared_sets,
+from .stages import (CLASSES, class_pair_weights, class_scores, load_concepts, present_classes, shared_sets,
                      top_sets, trans_dir, transitions, view_sets)
 from .store import save_json
 
@@ -49,24 +49,31 @@ def _concepts_section(pipe) -> dict:
 
 def build_graph(pipe) -> dict:
     """The content of ``graph.json`` (see ``docs/graph_schema.md``) as one dict, ``images`` the sample."""
+    head, pairs = graph_summary(pipe)
+    head["pair_graphs"] = {f"{a}-{b}": pairs.entry(a, b) for a, b in pair_sample(pairs.keys, pipe.config.graph_pairs)}
     sample = sample_quota(pipe)
     images, total = [], 0
     for chunk in _image_graph_chunks(pipe):
         images += _take_sample(chunk, sample)
         total += len(chunk)
-    return {**graph_summary(pipe), "images": images, "images_total": total, "store": STORE_DIR}
+    return {**head, "images": images, "images_total": total, "store": STORE_DIR}
 
 
 def write_graph(pipe, path: str | Path) -> dict:
     """Write ``graph.json`` to ``path`` and the per-image store to ``<path's folder>/store`` (both
     atomically; the image graphs streamed one chunk at a time, so memory does not grow with the number
     of explained images). Returns the ``graph.json`` dict (:func:`build_graph`'s)."""
-    head = graph_summary(pipe)
+    head, pairs = graph_summary(pipe)
     layers = {lay["name"]: lay["n_concepts"] for lay in head["layers"] if lay["name"] != CLASSES}
     writer = ImageStoreWriter(Path(path).parent / STORE_DIR, layers, head["run_key"])
     sample = sample_quota(pipe)
+    kept = set(pair_sample(pairs.keys, pipe.config.graph_pairs))
     images, total = [], 0
     try:
+        for start in range(0, len(pairs.keys), PAIR_BATCH):  # every pair to the store, the sample also here
+            batch = {(a, b): pairs.entry(a, b) for a, b in pairs.keys[start:start + PAIR_BATCH]}
+            writer.add_pair_graphs(list(batch.values()))
+            head["pair_graphs"].update({f"{a}-{b}": g for (a, b), g in batch.items() if (a, b) in kept})
         for cpath, chunk in zip(sorted((pipe.work / "codes").glob("chunk_*.npz")), _image_graph_chunks(pipe)):
             writer.add_graphs(chunk)
             _rank_concepts(pipe, writer, cpath)
@@ -82,6 +89,7 @@ def write_graph(pipe, path: str | Path) -> dict:
 
 
 STORE_DIR = "store"  # the per-image store's folder, relative to graph.json
+PAIR_BATCH = 256  # pair graphs built and written to the store at a time
 
 
 def sample_quota(pipe) -> dict[int, int]:
@@ -117,9 +125,10 @@ def _rank_concepts(pipe, writer: ImageStoreWriter, codes_path: Path) -> None:
             writer.add_codes(layer, images, classes, z[f"{layer}|idx"], z[f"{layer}|val"])
 
 
-def graph_summary(pipe) -> dict:
+def graph_summary(pipe) -> tuple[dict, "_PairGraphs"]:
     """Every section of ``graph.json`` except the per-image ``images`` (its size does not grow with
-    the number of explained images)."""
+    the number of explained images) and the pair graphs, which come as a :class:`_PairGraphs` that
+    builds them one at a time (``pair_graphs`` left empty, ``pairs_total`` set)."""
     cfg = pipe.config
     pts = pipe.points
     n_cls = pipe.num_classes
@@ -155,16 +164,8 @@ def graph_summary(pipe) -> dict:
             edges += _edges(a, b, pairs, peak[(c, a)])
         class_graphs[str(c)] = {"nodes": nodes, "edges": edges}
 
-    pair_graphs = {}
-    for c1, c2 in class_pairs(pipe):  # every pair, or each class with its pair_neighbours nearest
-        both = {p: [q for q, _ in shared[p][(c1, c2)]] for p in pts}
-        pair_graphs[f"{c1}-{c2}"] = {
-            "classes": [c1, c2],
-            "shared": {p: [{"concept": q, "score": _r(v), "importance": [_r(scores[p][c1][q]), _r(scores[p][c2][q])]}
-                           for q, v in shared[p][(c1, c2)]] for p in pts if shared[p][(c1, c2)]},
-            "edges": [e for c in (c1, c2) for e in _shared_edges(c, trans, tops, views, scores, pair_w, both, peak)]}
-
-    return {
+    pairs = _PairGraphs(pts, trans, tops, views, scores, shared, pair_w, peak)
+    head = {
         "schema": SCHEMA, "version": SCHEMA_VERSION, "run_key": pipe.config.key(),
         "model": {"arch": cfg.model, "weights": cfg.weights, "dataset": cfg.dataset, "split": cfg.split},
         "settings": {"top_concepts": cfg.top_concepts, "top_shared": cfg.top_shared,
@@ -176,8 +177,46 @@ def graph_summary(pipe) -> dict:
         "layers": layers,
         "concepts": _concepts_section(pipe),
         "class_graphs": class_graphs,
-        "pair_graphs": pair_graphs,
+        "pair_graphs": {},  # filled by the caller: the sample of pair_sample()
+        "pairs_total": len(pairs.keys),
     }
+    return head, pairs
+
+
+class _PairGraphs:
+    """The run's pair graphs (``graph.json``'s ``pair_graphs`` entries), built one at a time: on the demo
+    each holds ~900 edges, so 10,000 pairs of a 1,000-class run at once would be GBs of dicts."""
+
+    def __init__(self, pts, trans, tops, views, scores, shared, pair_w, peak):
+        self.pts, self.trans, self.tops, self.views = pts, trans, tops, views
+        self.scores, self.shared, self.pair_w, self.peak = scores, shared, pair_w, peak
+        self.keys = sorted(next(iter(shared.values()))) if shared else []  # (c1, c2) ascending
+
+    def entry(self, c1: int, c2: int) -> dict:
+        pts, shared, scores = self.pts, self.shared, self.scores
+        both = {p: [q for q, _ in shared[p][(c1, c2)]] for p in pts}
+        return {"classes": [c1, c2],
+                "shared": {p: [{"concept": q, "score": _r(v), "importance": [_r(scores[p][c1][q]), _r(scores[p][c2][q])]}
+                               for q, v in shared[p][(c1, c2)]] for p in pts if shared[p][(c1, c2)]},
+                "edges": [e for c in (c1, c2) for e in _shared_edges(c, self.trans, self.tops, self.views, scores,
+                                                                     self.pair_w, both, self.peak)]}
+
+
+def pair_sample(pairs: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+    """The ``n`` pairs that ``graph.json`` keeps (all when there are no more): dealt round-robin over the
+    smaller class of each pair, so every class with pairs gets some before any gets many; ascending."""
+    if len(pairs) <= n:
+        return list(pairs)
+    groups: dict[int, list] = {}
+    for pair in pairs:
+        groups.setdefault(pair[0], []).append(pair)
+    chosen, r = [], 0
+    while len(chosen) < n:
+        for group in groups.values():
+            if r < len(group) and len(chosen) < n:
+                chosen.append(group[r])
+        r += 1
+    return sorted(chosen)
 
 
 def _edges(a: str, b: str, pairs: list[tuple[int, int, float]], peak: float, **extra) -> list[dict]:
