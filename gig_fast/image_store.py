@@ -43,6 +43,8 @@ RANK_DEPTH = 100  # images kept per concept in concept_images.parquet (a card sh
 # Row groups of ~64k rows: small enough that a concept lookup reads little, large enough that
 # 50,000 images' tables stay a few hundred groups (each group costs a footer entry).
 ROW_GROUP = 1 << 16
+# A pair graph is ~900 edges (~70 KB of JSON) on the demo: groups of 64 pairs keep a lookup to a few MB.
+PAIR_ROW_GROUP = 64
 TABLES = ("images", "image_nodes", "image_edges", "concept_images", "pair_graphs")
 
 
@@ -190,7 +192,7 @@ class ImageStoreWriter:
 
         table = pa.table({f: self._column(name, f, columns[f]) for f in self.schemas[name].names},
                          schema=self.schemas[name])
-        self.writers[name].write_table(table, row_group_size=ROW_GROUP)
+        self.writers[name].write_table(table, row_group_size=PAIR_ROW_GROUP if name == "pair_graphs" else ROW_GROUP)
         self.rows[name] += table.num_rows
 
     def add_graphs(self, graphs: list[dict]) -> None:
