@@ -81,6 +81,14 @@ class ClassTarget:
 Target = Union[ConceptTarget, ClassTarget]
 
 
+@dataclass(frozen=True)
+class _CheckedClass(ClassTarget):
+    """A validated :class:`ClassTarget` with its largest class index (a Python int), so that each
+    evaluation checks the range against F_ab's output without reading the device (one read-back per
+    α-batch and target before: a stall of the GPU queue between the forward and its backward)."""
+    top: int = -1
+
+
 @dataclass
 class GIGResult:
     """GIG attributions of one call. With a list of T targets every field has a leading ``[T]`` axis.
@@ -147,8 +155,8 @@ def _check_target(target, B: int, device: torch.device) -> Target:
         if not isinstance(vec, torch.Tensor) or vec.dim() not in (1, 2) or (vec.dim() == 2 and vec.shape[0] != B):
             raise ValueError(f"ConceptTarget.vector must be [C_b] or [B={B}, C_b], got "
                              f"{tuple(vec.shape) if isinstance(vec, torch.Tensor) else type(vec).__name__}")
-        if not vec.is_floating_point() or not bool(torch.isfinite(vec).all()) or \
-                (B and bool((vec.norm(dim=-1) == 0).any())):
+        if not vec.is_floating_point() or vec.numel() and any(torch.stack(  # one read-back for both
+                [~torch.isfinite(vec).all(), (vec.norm(dim=-1) == 0).any() & (B > 0)]).tolist()):
             raise ValueError("ConceptTarget.vector must be finite, non-zero float vector(s)")
         return ConceptTarget(vec.to(device))
     if isinstance(target, ClassTarget):
@@ -157,12 +165,13 @@ def _check_target(target, B: int, device: torch.device) -> Target:
             if index.dtype not in (torch.int64, torch.int32) or index.shape != (B,):
                 raise ValueError(f"ClassTarget.index as a tensor must be int64 [B={B}], got "
                                  f"{index.dtype} {tuple(index.shape)}")
-            if B and int(index.min()) < 0:
-                raise ValueError(f"ClassTarget.index holds {int(index.min())}; class indices are >= 0")
-            return ClassTarget(index.to(device=device, dtype=torch.int64), bool(target.probability))
+            low, top = torch.stack([index.min(), index.max()]).tolist() if B else (0, -1)  # one read-back
+            if low < 0:
+                raise ValueError(f"ClassTarget.index holds {low}; class indices are >= 0")
+            return _CheckedClass(index.to(device=device, dtype=torch.int64), bool(target.probability), top)
         if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
             raise ValueError(f"ClassTarget.index must be a non-negative int or an int64 tensor [B], got {index!r}")
-        return ClassTarget(int(index), bool(target.probability))
+        return _CheckedClass(int(index), bool(target.probability), int(index))
     raise ValueError(f"target must be a ConceptTarget, a ClassTarget or a list of them, got {type(target).__name__}")
 
 
@@ -182,12 +191,12 @@ def _evaluate(target: Target, out: torch.Tensor, image: torch.Tensor) -> torch.T
         return per_pos.reshape(out.shape[0], -1).sum(1)
     if out.dim() != 2:
         raise ValueError(f"ClassTarget needs logits [n, n_classes] from F_ab, got shape {tuple(out.shape)}")
-    index = target.index[image] if isinstance(target.index, torch.Tensor) else \
-        torch.full((out.shape[0],), target.index, dtype=torch.int64, device=out.device)
-    if out.shape[0] and int(index.max()) >= out.shape[1]:
-        raise ValueError(f"ClassTarget.index {int(index.max())} is out of range for {out.shape[1]} classes")
+    if out.shape[0] and target.top >= out.shape[1]:  # a _CheckedClass (from _check_target)
+        raise ValueError(f"ClassTarget.index {target.top} is out of range for {out.shape[1]} classes")
     scores = torch.softmax(out, dim=1) if target.probability else out
-    return scores.gather(1, index[:, None])[:, 0]
+    if not isinstance(target.index, torch.Tensor):
+        return scores[:, target.index]
+    return scores.gather(1, target.index[image][:, None])[:, 0]
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -389,11 +398,12 @@ def _attribute(run: _Pass, idx, val, nodes64, weights64, rule, tolerance, max_st
     with _region("gig.refine"):
         eps = torch.finfo(autocast or acc).eps
         excess = (attr.sum((2, 3)) - (value_1 - value_0)).abs() / _bar(attr, value_1, value_0, tolerance, eps)
-        flagged = torch.nonzero(excess.amax(0) > 1)[:, 0].tolist()
+        fixed_excess = excess.amax(0).tolist()  # [B] worst target per image: the one read-back
+        flagged = [b for b, e in enumerate(fixed_excess) if e > 1]
         n_start = max(1, steps // _SUB_NODES)  # an adaptive rule starts with as many nodes as the fixed one
         for b, (a, v1, v0, used, worst) in _refine(run, UV, idx, val, flagged, rule, tolerance, eps, n_start,
                                                    max_steps).items():
-            if worst < float(excess[:, b].max()):  # keep whichever is more complete
+            if worst < fixed_excess[b]:  # keep whichever is more complete
                 attr[:, b], value_1[:, b], value_0[:, b], steps_used[b], refined[b] = a, v1, v0, used, True
     return attr, value_1, value_0, steps_used, refined
 
@@ -440,7 +450,9 @@ def _through_f_ab(run: _Pass, path: torch.Tensor, image: torch.Tensor, need_grad
         return out.to(leaf.dtype), None
     leaf = leaf.detach().requires_grad_(True)
     T = len(run.targets)
-    grads = torch.empty(T, n, P, C, dtype=leaf.dtype, device=leaf.device)
+    # one target: its gradient is the result as it is (channels-last from the convolutions, so the view
+    # below is free); several: one buffer, each gradient copied in as it comes
+    grads = torch.empty(T, n, P, C, dtype=leaf.dtype, device=leaf.device) if T > 1 else None
     with torch.enable_grad():
         with run.low_precision, _region("gig.forward"):
             out = run.f_ab(leaf)
@@ -450,11 +462,15 @@ def _through_f_ab(run: _Pass, path: torch.Tensor, image: torch.Tensor, need_grad
                 value = _evaluate(tgt, out, image).sum()
             with _region("gig.backward"):
                 (grad,) = torch.autograd.grad(value, leaf, retain_graph=t < T - 1)
-                grads[t] = grad.permute(0, 2, 3, 1).reshape(n, P, C)
+                grad = grad.permute(0, 2, 3, 1).reshape(n, P, C)
+                if T == 1:
+                    grads = grad[None]
+                else:
+                    grads[t] = grad
     return out.detach(), grads
 
 
-def _values(run: _Pass, out: torch.Tensor, image: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def _values(run: _Pass, out: torch.Tensor, image: torch.Tensor, rows: slice) -> torch.Tensor:
     """``[T, len(rows)]`` every target on the given rows of F_ab's output (only those are evaluated)."""
     with torch.no_grad(), _region("gig.targets"):
         return torch.stack([_evaluate(t, out[rows], image[rows]).to(run.acc) for t in run.targets])
@@ -478,12 +494,13 @@ def _integrate(run: _Pass, UV, idx, val, nodes64, weights64):
     for b0, b1, k0, k1 in _chunks(B, m + 2, run.batch_size):
         nb, mk = b1 - b0, k1 - k0
         with _region("gig.path"):
-            path = (run.beta + nodes[k0:k1, None, None, None] * UV[b0:b1]).reshape(mk * nb, P, C)  # rows (k, b)
+            # β + α·UV in one pass (a product, then a sum, wrote [mk, nb, P, C] twice: 8% of the call at
+            # layer1.2 → layer2.0, B = 32 on the CPU)
+            path = torch.addcmul(run.beta, nodes[k0:k1, None, None, None], UV[b0:b1]).reshape(mk * nb, P, C)  # rows (k, b)
             image = torch.arange(b0, b1, device=V.device).repeat(mk)
         out, grads = _through_f_ab(run, path, image, need_grad=k0 < m)
         for k in range(max(k0, m), k1):  # the endpoint nodes of this chunk
-            rows = torch.arange((k - k0) * nb, (k - k0 + 1) * nb, device=V.device)
-            ends[:, k - m, b0:b1] = _values(run, out, image, rows)
+            ends[:, k - m, b0:b1] = _values(run, out, image, slice((k - k0) * nb, (k - k0 + 1) * nb))
         if grads is not None:
             part = _accumulate(run, grads.reshape(T, mk, nb * P, C), weights[k0:k1], idx[b0:b1].reshape(nb * P, s),
                                val[b0:b1].reshape(nb * P, s))
@@ -548,6 +565,9 @@ def _refine(run: _Pass, UV, idx, val, images, rule, tolerance, eps, n_start, max
             attr = torch.stack([pieces[b][p] for p in order]).sum(0)
             v1, v0 = value[b][1.0], value[b][0.0]
             bar = _bar(attr[:, None], v1[:, None], v0[:, None], tolerance, eps)[:, 0]  # [T]
+            # the decisions below read these few numbers many times: one read-back per image and round
+            host = torch.cat([local, bar[None]]).cpu()
+            local, bar = host[:-1], host[-1]
             excess = float((local.sum(0).abs() / bar).max())
             result[b] = (attr, v1, v0, len(order) * _SUB_NODES, excess)
             room = (max_steps - len(order) * _SUB_NODES) // _SUB_NODES  # bisections that still fit
@@ -560,7 +580,7 @@ def _refine(run: _Pass, UV, idx, val, images, rule, tolerance, eps, n_start, max
 
 def _worst(order, local, bar, room):
     """The fewest subintervals, worst first, whose local gaps ``local [n, T]`` leave less than half of
-    ``bar [T]`` for every target if they were closed; at most ``room`` of them."""
+    ``bar [T]`` for every target if they were closed; at most ``room`` of them (host tensors: no read-backs)."""
     badness = (local.abs() / bar).amax(1)
     rest = local.abs().sum(0)
     chosen = []
@@ -596,11 +616,11 @@ def _integrate_pieces(run: _Pass, UV, idx, val, pieces, points, rule):
     step = run.batch_size or len(alpha)
     for r0 in range(0, len(alpha), step):
         r1 = min(len(alpha), r0 + step)
-        path = run.beta + alpha[r0:r1, None, None] * UV[image[r0:r1]]  # [n, P, C]
+        path = torch.addcmul(run.beta, alpha[r0:r1, None, None], UV[image[r0:r1]])  # [n, P, C]
         out, grads = _through_f_ab(run, path, image[r0:r1], need_grad=r0 < n_grad)
         if r1 > n_grad:
-            rows = torch.arange(max(r0, n_grad), r1, device=V.device)
-            values[:, rows - n_grad] = _values(run, out, image[r0:r1], rows - r0)
+            first = max(r0, n_grad)
+            values[:, first - n_grad:r1 - n_grad] = _values(run, out, image[r0:r1], slice(first - r0, r1 - r0))
         if grads is None:
             continue
         for i in range(r0 // q, (min(r1, n_grad) - 1) // q + 1):  # the pieces with rows in this batch
