@@ -108,7 +108,10 @@ def summarise(prof, wall_s: float, device: str) -> dict:
     for e in ops:
         top[e.name][0] += e.self_cpu_time_total
         top[e.name][1] += 1
-    syncs = sum(1 for e in ops if e.name in ("aten::_local_scalar_dense", "aten::nonzero"))
+    # on the CPU only item()/nonzero show as ops (tolist() does not); on a GPU every read-back waits in a
+    # stream synchronisation, so those count them all
+    syncs = sum(1 for e in ops if e.name in (("cudaStreamSynchronize", "cudaDeviceSynchronize") if device == "cuda"
+                                             else ("aten::_local_scalar_dense", "aten::nonzero")))
     return {"wall_us": wall_us, "regions": dict(by_region), "outside_regions_us": outside,
             "categories": dict(by_category), "busy_us": busy_us if device == "cuda" else None,
             "top": sorted(top.items(), key=lambda kv: -kv[1][0])[:8], "syncs": syncs}
@@ -119,7 +122,8 @@ def render(case: EngineCase, mode: str, unprofiled_s: float, figures: dict) -> s
     gpu = figures["busy_us"] is not None
     lines = [f"### {case.a} → {case.b}, m = {case.m}, B = {case.B}, {case.size} px, s = {case.s}: {mode} rule", "",
              f"Unprofiled: {unprofiled_s * 1e3:.1f} ms (median); profiled call: {wall / 1e3:.1f} ms; "
-             f"{figures['syncs']} read-backs (`_local_scalar_dense`/`nonzero`)"
+             f"{figures['syncs']} read-backs ("
+             + ("stream synchronisations" if gpu else "`_local_scalar_dense`/`nonzero` ops; `tolist()` is not seen") + ")"
              + (f"; GPU busy {100 * figures['busy_us'] / wall:.1f}% of the wall time" if gpu else "") + ".", "",
              "| region | host ms | share of wall | " + ("GPU ms | " if gpu else "") + "calls |",
              "|---|---:|---:|" + ("---:|" if gpu else "") + "---:|"]
