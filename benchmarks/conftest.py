@@ -86,11 +86,10 @@ def pytest_configure(config):
     # without a path compares against the last saved run of this kind of machine.
     if config.getoption("benchmark_storage", None) == "file://./.benchmarks":
         config.option.benchmark_storage = "file://" + str(HERE / "saved" / harness.machine_kind(device))
-    if device == "cuda":
-        # fp32 means fp32: cuDNN convolutions default to TF32 on Ampere and later, which made Captum and
-        # gig_fast differ by 2e-3..1.3e-2 on the H200 (issue 26). TF32 rows enable it explicitly.
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
+    # TF32: PyTorch's defaults stay (cuDNN convolutions in TF32, matmuls not). Each route says what it
+    # computes in: gig sets IEEE fp32 itself (tf32=False), Captum's routes run in bench_gig.fp32_exact,
+    # the "tf32" rows enable it explicitly (issue 26: TF32 convolutions made Captum and gig_fast differ
+    # by 2e-3..1.3e-2 on the H200).
     config.gig_registry = []
     if _size(config) == "smoke":  # tiny shapes check the benchmark code; their timings would mean nothing
         config.option.benchmark_disable = True
@@ -274,6 +273,8 @@ def pytest_terminal_summary(terminalreporter, config):
                 text += f" ({', '.join(others)})" if others else ""
             if "x_floor" in info:
                 text += "  " + ", ".join(f"{v:.2f}x {k}" for k, v in info["x_floor"].items())
+            if "x_relative" in info:
+                text += "  " + ", ".join(f"time {v:.2f}x {k}'s" for k, v in info["x_relative"].items())
             if "GB_per_s" in info:
                 text += f"  {info['GB_per_s']:.1f} GB/s"
             if "pct_bound" in info:

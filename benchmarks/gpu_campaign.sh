@@ -46,6 +46,14 @@ if [ "$tests_status" -ne 0 ]; then
   record=(--no-record)
 fi
 
+# Where one gig() call's time goes (issue 26): the goal's cases (B = 32 and 2, m = 50, fixed rule)
+# profiled once each, the shares in profile/gig_profile.md (its output also in bench.log), the first
+# case's chrome trace in profile/gig_trace.json.gz. Time-boxed; it records no rows.
+stamp "profile of gig() (at most ${GIG_FAST_PROFILE_BUDGET:-150} s)"
+timeout "${GIG_FAST_PROFILE_BUDGET:-150}" python3 benchmarks/profile_gig.py --device cuda --out "$OUT/profile" \
+  --B 32 2 --modes fixed --trace 2>&1 | tee -a "$OUT/bench.log" | grep -a -E "^###|Unprofiled|gig\.(forward|backward)|Python"
+[ -f "$OUT/profile/gig_profile.md" ] || stamp "profile did not finish (see bench.log)"
+
 # Each topic gets a time box, so that one slow module cannot eat the whole lease: at its end pytest gets
 # SIGINT and still writes the JSON of the benchmarks it finished (their rows are recorded).
 [ ${#TOPICS[@]} -gt 0 ] || TOPICS=(sparse_reconstruct gig kmeans sparse_code pipeline)

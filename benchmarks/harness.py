@@ -109,7 +109,8 @@ def derive(entries: list[dict]) -> None:
     same run, else :data:`PEAKS`) where ``bytes_moved`` is known; ``TFLOP_per_s`` and ``pct_peak_flops``
     where ``flops`` is; for ``ours``: ``speedup`` (median against the fastest ``baseline`` of the group,
     named in ``baseline``), ``speedup_min`` (the same on the fastest rounds), ``speedup_vs`` (every
-    baseline) and ``x_floor`` (ours / each ``floor``).
+    baseline) and ``x_floor`` (ours / each ``floor``); an entry whose ``relative_to`` names another impl of
+    its group gets ``x_relative`` (its median over that impl's: e.g. the adaptive rule over the fixed one).
     """
     copy_bps = {}
     for e in entries:
@@ -155,6 +156,9 @@ def derive(entries: list[dict]) -> None:
                 info["speedup_vs"] = {_label(b["extra_info"]): b["stats"]["median"] / med for b in baselines}
             if floors:
                 info["x_floor"] = {_label(f["extra_info"]): med / f["stats"]["median"] for f in floors}
+            other = [o for o in members if o["extra_info"].get("impl") == info.get("relative_to")]
+            if other and other[0]["stats"]["median"] > 0:
+                info["x_relative"] = {info["relative_to"]: med / other[0]["stats"]["median"]}
             stages, base_stages = info.get("stages_s"), (fastest["extra_info"].get("stages_s")
                                                           if baselines else None)
             if stages and base_stages:
@@ -164,7 +168,7 @@ def derive(entries: list[dict]) -> None:
 # ---------------------------------------------------------------------------------------------------
 # Rows
 
-_COPIED = ("baseline", "speedup", "speedup_min", "speedup_vs", "x_floor", "GB_per_s", "pct_bound", "bound",
+_COPIED = ("baseline", "speedup", "speedup_min", "speedup_vs", "x_floor", "x_relative", "relative_to", "GB_per_s", "pct_bound", "bound",
            "TFLOP_per_s", "pct_peak_flops")
 _META = {"op", "impl", "label", "role", "device", "device_kind", "shape", "case", "commit", "dirty", "torch",
          "python", "triton", "threads", "bytes_moved", "flops", "flops_dtype", "ms", "stages_s",

@@ -29,6 +29,18 @@ def test_speedup_is_against_the_fastest_baseline_of_the_group():
     assert "speedup" not in entries[1]["extra_info"]  # baselines get none
 
 
+def test_relative_to_names_another_impl_of_the_group():
+    """The adaptive GIG rule's time over the fixed rule's on the same images (issue 26)."""
+    entries = [_bench("g", "captum", "baseline", [4.0, 4.0, 4.0]), _bench("g", "fixed", "ours", [1.0, 1.0, 1.0]),
+               _bench("g", "adaptive", "ours", [2.5, 3.0, 3.5], relative_to="fixed"),
+               _bench("h", "fixed", "ours", [9.0, 9.0, 9.0])]
+    harness.derive(entries)
+    assert entries[2]["extra_info"]["x_relative"] == pytest.approx({"fixed": 3.0})  # medians, same group only
+    assert "x_relative" not in entries[1]["extra_info"]
+    row = harness.row_from_benchmark(entries[2], "now")
+    assert row["x_relative"] == pytest.approx({"fixed": 3.0}) and row["relative_to"] == "fixed"
+
+
 def test_percent_of_bound_uses_the_memory_copy_of_the_run():
     copy = _bench("copy", "Tensor.copy_", "ceiling", [0.1, 0.2, 0.3], bytes_moved=1e9)  # 10 GB/s at best
     op = _bench("g", "ours", "ours", [0.5, 1.0, 2.0], bytes_moved=2e9)  # 2 GB/s at the median
@@ -65,3 +77,23 @@ def test_pipeline_stages_become_rows():
     rows = harness.stage_rows(ours, "t")
     assert [r["op"] for r in rows] == ["pipeline/stage1", "pipeline/stage3"]
     assert [r["speedup"] for r in rows] == pytest.approx([2.0, 6.0])
+
+
+def test_profile_gig_writes_the_shares_and_the_trace(tmp_path):
+    """benchmarks/profile_gig.py (issue 26) at B = 2, fixed rule: every F_ab region is in the table, the
+    region shares add up to the wall time with what is outside them, and the chrome trace holds the regions."""
+    import gzip
+    import re
+
+    import profile_gig
+    assert profile_gig.main(["--out", str(tmp_path), "--B", "2", "--modes", "fixed", "--repeats", "1", "--trace"]) == 0
+    text = (tmp_path / "gig_profile.md").read_text()
+    sections = text.split("### ")[1:]
+    assert len(sections) == 2  # layer3.5 -> logits and layer1.2 -> layer2.0
+    for section in sections:
+        shares = [float(x) for x in re.findall(r"^\| (?:gig\.\w+|outside the regions[^|]*) \| [\d.]+ \| ([\d.-]+)%",
+                                                section, re.M)]
+        assert len(shares) >= 8 and abs(sum(shares) - 100) < 0.5, section
+        assert "| gig.forward |" in section and "| gig.backward |" in section
+    names = {e.get("name") for e in json.load(gzip.open(tmp_path / "gig_trace.json.gz"))["traceEvents"]}
+    assert {"gig.forward", "gig.backward", "gig.accumulate"} <= names

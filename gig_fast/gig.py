@@ -34,6 +34,23 @@ from .ops.reference import accumulation_dtype
 
 __all__ = ["gig", "GIGResult", "ConceptTarget", "ClassTarget", "quadrature", "RULES"]
 
+# Named regions of a gig() call in a torch.profiler trace (benchmarks/profile_gig.py sums them); a
+# record_function costs about a microsecond without a profiler, against milliseconds per F_ab pass.
+_region = torch.profiler.record_function
+
+
+@contextlib.contextmanager
+def _tf32_allowed(allowed: bool):
+    """cuDNN convolutions and CUDA matmuls in TF32 (``allowed``) or IEEE float32 inside the block; the
+    process-wide flags are restored after it. No effect on the CPU or on bf16/fp16 work."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 RULES = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "trapezoid")
 
 
@@ -62,6 +79,14 @@ class ClassTarget:
 
 
 Target = Union[ConceptTarget, ClassTarget]
+
+
+@dataclass(frozen=True)
+class _CheckedClass(ClassTarget):
+    """A validated :class:`ClassTarget` with its largest class index (a Python int), so that each
+    evaluation checks the range against F_ab's output without reading the device (one read-back per
+    α-batch and target before: a stall of the GPU queue between the forward and its backward)."""
+    top: int = -1
 
 
 @dataclass
@@ -130,8 +155,8 @@ def _check_target(target, B: int, device: torch.device) -> Target:
         if not isinstance(vec, torch.Tensor) or vec.dim() not in (1, 2) or (vec.dim() == 2 and vec.shape[0] != B):
             raise ValueError(f"ConceptTarget.vector must be [C_b] or [B={B}, C_b], got "
                              f"{tuple(vec.shape) if isinstance(vec, torch.Tensor) else type(vec).__name__}")
-        if not vec.is_floating_point() or not bool(torch.isfinite(vec).all()) or \
-                (B and bool((vec.norm(dim=-1) == 0).any())):
+        if not vec.is_floating_point() or vec.numel() and any(torch.stack(  # one read-back for both
+                [~torch.isfinite(vec).all(), (vec.norm(dim=-1) == 0).any() & (B > 0)]).tolist()):
             raise ValueError("ConceptTarget.vector must be finite, non-zero float vector(s)")
         return ConceptTarget(vec.to(device))
     if isinstance(target, ClassTarget):
@@ -140,12 +165,13 @@ def _check_target(target, B: int, device: torch.device) -> Target:
             if index.dtype not in (torch.int64, torch.int32) or index.shape != (B,):
                 raise ValueError(f"ClassTarget.index as a tensor must be int64 [B={B}], got "
                                  f"{index.dtype} {tuple(index.shape)}")
-            if B and int(index.min()) < 0:
-                raise ValueError(f"ClassTarget.index holds {int(index.min())}; class indices are >= 0")
-            return ClassTarget(index.to(device=device, dtype=torch.int64), bool(target.probability))
+            low, top = torch.stack([index.min(), index.max()]).tolist() if B else (0, -1)  # one read-back
+            if low < 0:
+                raise ValueError(f"ClassTarget.index holds {low}; class indices are >= 0")
+            return _CheckedClass(index.to(device=device, dtype=torch.int64), bool(target.probability), top)
         if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
             raise ValueError(f"ClassTarget.index must be a non-negative int or an int64 tensor [B], got {index!r}")
-        return ClassTarget(int(index), bool(target.probability))
+        return _CheckedClass(int(index), bool(target.probability), int(index))
     raise ValueError(f"target must be a ConceptTarget, a ClassTarget or a list of them, got {type(target).__name__}")
 
 
@@ -165,12 +191,12 @@ def _evaluate(target: Target, out: torch.Tensor, image: torch.Tensor) -> torch.T
         return per_pos.reshape(out.shape[0], -1).sum(1)
     if out.dim() != 2:
         raise ValueError(f"ClassTarget needs logits [n, n_classes] from F_ab, got shape {tuple(out.shape)}")
-    index = target.index[image] if isinstance(target.index, torch.Tensor) else \
-        torch.full((out.shape[0],), target.index, dtype=torch.int64, device=out.device)
-    if out.shape[0] and int(index.max()) >= out.shape[1]:
-        raise ValueError(f"ClassTarget.index {int(index.max())} is out of range for {out.shape[1]} classes")
+    if out.shape[0] and target.top >= out.shape[1]:  # a _CheckedClass (from _check_target)
+        raise ValueError(f"ClassTarget.index {target.top} is out of range for {out.shape[1]} classes")
     scores = torch.softmax(out, dim=1) if target.probability else out
-    return scores.gather(1, index[:, None])[:, 0]
+    if not isinstance(target.index, torch.Tensor):
+        return scores[:, target.index]
+    return scores.gather(1, target.index[image][:, None])[:, 0]
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -256,7 +282,7 @@ def gig(f_ab: Callable[[torch.Tensor], torch.Tensor], codes: tuple[torch.Tensor,
         V: torch.Tensor, beta: torch.Tensor, target: Union[Target, Sequence[Target]], *, steps: int = 32,
         rule: str = "gausslegendre", tolerance: float | None = 0.01, max_steps: int | None = None,
         batch_size: int | None = None, backend: str | None = None, spatial: tuple[int, int] | None = None,
-        autocast: torch.dtype | None = None) -> GIGResult:
+        autocast: torch.dtype | None = None, tf32: bool = False) -> GIGResult:
     """Generalized Integrated Gradients from the concepts of layer a to ``target`` (DESIGN.md §1.5).
 
     Args:
@@ -288,6 +314,12 @@ def gig(f_ab: Callable[[torch.Tensor], torch.Tensor], codes: tuple[torch.Tensor,
             sum and the attributions stay in V's dtype. The endpoint values come from the same
             low-precision forward, so ``delta`` measures the completeness of what was computed; compare
             with a full-precision call before relying on it (the GPU benchmark reports both).
+        tf32: let f_ab's float32 convolutions and matmuls use TF32 tensor cores on the GPU. Off by
+            default, whatever the global flags say: PyTorch lets cuDNN convolutions use TF32 by default
+            (``torch.backends.cudnn.allow_tf32``), which rounds their inputs to 10 mantissa bits and put
+            gig and Captum 2e-3 to 1.3e-2 apart on an H200 (issue 26). The flags are set for the
+            duration of the call and restored after it (they are process-wide: do not run another
+            TF32-sensitive computation on another thread meanwhile).
 
     Returns:
         :class:`GIGResult`; with a list of targets each field has a leading ``[T]`` axis. B = 0 images
@@ -300,21 +332,25 @@ def gig(f_ab: Callable[[torch.Tensor], torch.Tensor], codes: tuple[torch.Tensor,
     H, W = _check_inputs(f_ab, codes, V, beta, steps, batch_size, spatial)
     if autocast not in (None, torch.bfloat16, torch.float16):
         raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}")
+    if not isinstance(tf32, bool):
+        raise ValueError(f"tf32 must be True or False, got {tf32!r}")
     _check_refinement(tolerance, max_steps)
     max_steps = 8 * int(steps) if max_steps is None else int(max_steps)
     idx, val = codes
     # attributions are not differentiable through the engine: cut any graph the caller's tensors carry
     idx, val, V, beta = idx.contiguous(), val.detach().contiguous(), V.detach().contiguous(), beta.detach()
     B, P, s = idx.shape
-    K, C = V.shape
+    K = V.shape[0]
     # the codes' index range and the finiteness of val, V and β: checked once here (one host sync); the
     # loops below call the ops' bare kernels
-    checks.check_codes(idx.reshape(B * P, s), val.reshape(B * P, s), K, V.device, V=V, beta=beta)
+    with _region("gig.check"):
+        checks.check_codes(idx.reshape(B * P, s), val.reshape(B * P, s), K, V.device, V=V, beta=beta)
     single = isinstance(target, (ConceptTarget, ClassTarget))
     targets = [target] if single else list(target) if isinstance(target, (list, tuple)) else None
     if not targets:
         raise ValueError("target must be a ConceptTarget, a ClassTarget or a non-empty list of them")
-    targets = [_check_target(t, B, V.device) for t in targets]
+    with _region("gig.check"):
+        targets = [_check_target(t, B, V.device) for t in targets]
     T = len(targets)
     acc = accumulation_dtype(V.dtype)
     low_precision = (torch.autocast(V.device.type, dtype=autocast) if autocast is not None
@@ -322,38 +358,54 @@ def gig(f_ab: Callable[[torch.Tensor], torch.Tensor], codes: tuple[torch.Tensor,
     run = _Pass(f_ab, H, W, V, beta, targets, backend, batch_size, low_precision, acc,
                 kernel("gig_accumulate", V.device, backend)[1])
     nodes64, weights64 = quadrature(rule, steps)
+    with _tf32_allowed(tf32):
+        attr, value_1, value_0, steps_used, refined = _attribute(run, idx, val, nodes64, weights64, rule, tolerance,
+                                                                 max_steps, autocast)
 
-    if B == 0:  # no image: nothing goes through f_ab
-        UV = V.new_zeros(0, P, C)
-        attr, value_1, value_0 = (torch.zeros(T, 0, P, s, dtype=acc, device=V.device),
-                                  torch.zeros(T, 0, dtype=acc, device=V.device), torch.zeros(T, 0, dtype=acc, device=V.device))
-    else:
-        with torch.no_grad():  # U V of every position, once; the path only rescales it
-            UV = _reconstruct(idx.reshape(B * P, s), val.reshape(B * P, s), V, backend).reshape(B, P, C)
-        attr, value_1, value_0 = _integrate(run, UV, idx, val, nodes64, weights64)
-    steps_used = torch.full((B,), steps, dtype=torch.int64, device=V.device)
-    refined = torch.zeros(B, dtype=torch.bool, device=V.device)
-    if tolerance is not None:
-        eps = torch.finfo(autocast or acc).eps
-        excess = (attr.sum((2, 3)) - (value_1 - value_0)).abs() / _bar(attr, value_1, value_0, tolerance, eps)
-        flagged = torch.nonzero(excess.amax(0) > 1)[:, 0].tolist()
-        n_start = max(1, steps // _SUB_NODES)  # an adaptive rule starts with as many nodes as the fixed one
-        for b, (a, v1, v0, used, worst) in _refine(run, UV, idx, val, flagged, rule, tolerance, eps, n_start,
-                                                   max_steps).items():
-            if worst < float(excess[:, b].max()):  # keep whichever is more complete
-                attr[:, b], value_1[:, b], value_0[:, b], steps_used[b], refined[b] = a, v1, v0, used, True
-
-    per_concept = torch.zeros(T, B, K, dtype=acc, device=V.device)
-    active = idx >= 0
-    per_concept.scatter_add_(2, idx.clamp_min(0).reshape(1, B, P * s).expand(T, B, P * s),
-                             torch.where(active, attr, torch.zeros((), dtype=acc, device=V.device)).reshape(T, B, P * s))
-    delta = attr.sum(dim=(2, 3)) - (value_1 - value_0)
-    _check_results(attr, value_1, value_0)
+    with _region("gig.finish"):
+        per_concept = torch.zeros(T, B, K, dtype=acc, device=V.device)
+        active = idx >= 0
+        per_concept.scatter_add_(2, idx.clamp_min(0).reshape(1, B, P * s).expand(T, B, P * s),
+                                 torch.where(active, attr, torch.zeros((), dtype=acc, device=V.device)).reshape(T, B, P * s))
+        delta = attr.sum(dim=(2, 3)) - (value_1 - value_0)
+        _check_results(attr, value_1, value_0)
     result = GIGResult(attr, per_concept, delta, value_1, value_0, nodes64, weights64, steps_used, refined)
     if single:
         for name in ("per_position", "per_concept", "delta", "value_at_input", "value_at_baseline"):
             setattr(result, name, getattr(result, name)[0])
     return result
+
+
+def _attribute(run: _Pass, idx, val, nodes64, weights64, rule, tolerance, max_steps, autocast):
+    """The engine behind :func:`gig` on validated inputs (codes ``[B, P, s]``): the fixed rule for every
+    image, then the adaptive refinement of the incomplete ones. Returns ``attr [T, B, P, s]``,
+    ``T(X(1))``, ``T(X(0))`` ``[T, B]``, the nodes used ``[B]`` and the refined flags ``[B]``."""
+    V, acc, T, steps = run.V, run.acc, len(run.targets), nodes64.shape[0]
+    B, P, s = idx.shape
+    C = V.shape[1]
+    if B == 0:  # no image: nothing goes through f_ab
+        UV = V.new_zeros(0, P, C)
+        attr, value_1, value_0 = (torch.zeros(T, 0, P, s, dtype=acc, device=V.device),
+                                  torch.zeros(T, 0, dtype=acc, device=V.device), torch.zeros(T, 0, dtype=acc, device=V.device))
+    else:
+        with torch.no_grad(), _region("gig.reconstruct"):  # U V of every position, once; the path rescales it
+            UV = _reconstruct(idx.reshape(B * P, s), val.reshape(B * P, s), V, run.backend).reshape(B, P, C)
+        attr, value_1, value_0 = _integrate(run, UV, idx, val, nodes64, weights64)
+    steps_used = torch.full((B,), steps, dtype=torch.int64, device=V.device)
+    refined = torch.zeros(B, dtype=torch.bool, device=V.device)
+    if tolerance is None:
+        return attr, value_1, value_0, steps_used, refined
+    with _region("gig.refine"):
+        eps = torch.finfo(autocast or acc).eps
+        excess = (attr.sum((2, 3)) - (value_1 - value_0)).abs() / _bar(attr, value_1, value_0, tolerance, eps)
+        fixed_excess = excess.amax(0).tolist()  # [B] worst target per image: the one read-back
+        flagged = [b for b, e in enumerate(fixed_excess) if e > 1]
+        n_start = max(1, steps // _SUB_NODES)  # an adaptive rule starts with as many nodes as the fixed one
+        for b, (a, v1, v0, used, worst) in _refine(run, UV, idx, val, flagged, rule, tolerance, eps, n_start,
+                                                   max_steps).items():
+            if worst < fixed_excess[b]:  # keep whichever is more complete
+                attr[:, b], value_1[:, b], value_0[:, b], steps_used[b], refined[b] = a, v1, v0, used, True
+    return attr, value_1, value_0, steps_used, refined
 
 
 def _reconstruct(idx: torch.Tensor, val: torch.Tensor, V: torch.Tensor, backend: str | None) -> torch.Tensor:
@@ -368,7 +420,8 @@ def _accumulate(run: _Pass, grads: torch.Tensor, weights: torch.Tensor, idx: tor
     """gig_accumulate's bare kernel: ``grads [T, m, P, C]``, ``weights [m]``, codes ``[P, s]`` → ``[T, P, s]``."""
     if idx.shape[1] == 0 or grads.shape[1] == 0:
         return torch.zeros(grads.shape[0], idx.shape[0], idx.shape[1], dtype=run.acc, device=grads.device)
-    return run.accumulate(grads.contiguous(), weights.contiguous(), idx.contiguous(), val.contiguous(), run.V)
+    with _region("gig.accumulate"):
+        return run.accumulate(grads.contiguous(), weights.contiguous(), idx.contiguous(), val.contiguous(), run.V)
 
 
 def _check_results(attr: torch.Tensor, value_1: torch.Tensor, value_0: torch.Tensor) -> None:
@@ -392,25 +445,34 @@ def _through_f_ab(run: _Pass, path: torch.Tensor, image: torch.Tensor, need_grad
     n, P, C = path.shape
     leaf = path.reshape(n, run.H, run.W, C).permute(0, 3, 1, 2)
     if not need_grad:
-        with torch.no_grad(), run.low_precision:
+        with torch.no_grad(), run.low_precision, _region("gig.forward"):
             out = run.f_ab(leaf)
         return out.to(leaf.dtype), None
     leaf = leaf.detach().requires_grad_(True)
     T = len(run.targets)
-    grads = torch.empty(T, n, P, C, dtype=leaf.dtype, device=leaf.device)
+    # one target: its gradient is the result as it is (channels-last from the convolutions, so the view
+    # below is free); several: one buffer, each gradient copied in as it comes
+    grads = torch.empty(T, n, P, C, dtype=leaf.dtype, device=leaf.device) if T > 1 else None
     with torch.enable_grad():
-        with run.low_precision:
+        with run.low_precision, _region("gig.forward"):
             out = run.f_ab(leaf)
         out = out.to(leaf.dtype)  # targets in full precision (a no-op without autocast)
         for t, tgt in enumerate(run.targets):
-            (grad,) = torch.autograd.grad(_evaluate(tgt, out, image).sum(), leaf, retain_graph=t < T - 1)
-            grads[t] = grad.permute(0, 2, 3, 1).reshape(n, P, C)
+            with _region("gig.targets"):
+                value = _evaluate(tgt, out, image).sum()
+            with _region("gig.backward"):
+                (grad,) = torch.autograd.grad(value, leaf, retain_graph=t < T - 1)
+                grad = grad.permute(0, 2, 3, 1).reshape(n, P, C)
+                if T == 1:
+                    grads = grad[None]
+                else:
+                    grads[t] = grad
     return out.detach(), grads
 
 
-def _values(run: _Pass, out: torch.Tensor, image: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def _values(run: _Pass, out: torch.Tensor, image: torch.Tensor, rows: slice) -> torch.Tensor:
     """``[T, len(rows)]`` every target on the given rows of F_ab's output (only those are evaluated)."""
-    with torch.no_grad():
+    with torch.no_grad(), _region("gig.targets"):
         return torch.stack([_evaluate(t, out[rows], image[rows]).to(run.acc) for t in run.targets])
 
 
@@ -431,12 +493,14 @@ def _integrate(run: _Pass, UV, idx, val, nodes64, weights64):
     ends = torch.empty(T, 2, B, dtype=run.acc, device=V.device)  # [T, (α = 1, α = 0), B]
     for b0, b1, k0, k1 in _chunks(B, m + 2, run.batch_size):
         nb, mk = b1 - b0, k1 - k0
-        path = (run.beta + nodes[k0:k1, None, None, None] * UV[b0:b1]).reshape(mk * nb, P, C)  # rows (k, b)
-        image = torch.arange(b0, b1, device=V.device).repeat(mk)
+        with _region("gig.path"):
+            # β + α·UV in one pass (a product, then a sum, wrote [mk, nb, P, C] twice: 8% of the call at
+            # layer1.2 → layer2.0, B = 32 on the CPU)
+            path = torch.addcmul(run.beta, nodes[k0:k1, None, None, None], UV[b0:b1]).reshape(mk * nb, P, C)  # rows (k, b)
+            image = torch.arange(b0, b1, device=V.device).repeat(mk)
         out, grads = _through_f_ab(run, path, image, need_grad=k0 < m)
         for k in range(max(k0, m), k1):  # the endpoint nodes of this chunk
-            rows = torch.arange((k - k0) * nb, (k - k0 + 1) * nb, device=V.device)
-            ends[:, k - m, b0:b1] = _values(run, out, image, rows)
+            ends[:, k - m, b0:b1] = _values(run, out, image, slice((k - k0) * nb, (k - k0 + 1) * nb))
         if grads is not None:
             part = _accumulate(run, grads.reshape(T, mk, nb * P, C), weights[k0:k1], idx[b0:b1].reshape(nb * P, s),
                                val[b0:b1].reshape(nb * P, s))
@@ -501,6 +565,9 @@ def _refine(run: _Pass, UV, idx, val, images, rule, tolerance, eps, n_start, max
             attr = torch.stack([pieces[b][p] for p in order]).sum(0)
             v1, v0 = value[b][1.0], value[b][0.0]
             bar = _bar(attr[:, None], v1[:, None], v0[:, None], tolerance, eps)[:, 0]  # [T]
+            # the decisions below read these few numbers many times: one read-back per image and round
+            host = torch.cat([local, bar[None]]).cpu()
+            local, bar = host[:-1], host[-1]
             excess = float((local.sum(0).abs() / bar).max())
             result[b] = (attr, v1, v0, len(order) * _SUB_NODES, excess)
             room = (max_steps - len(order) * _SUB_NODES) // _SUB_NODES  # bisections that still fit
@@ -513,7 +580,7 @@ def _refine(run: _Pass, UV, idx, val, images, rule, tolerance, eps, n_start, max
 
 def _worst(order, local, bar, room):
     """The fewest subintervals, worst first, whose local gaps ``local [n, T]`` leave less than half of
-    ``bar [T]`` for every target if they were closed; at most ``room`` of them."""
+    ``bar [T]`` for every target if they were closed; at most ``room`` of them (host tensors: no read-backs)."""
     badness = (local.abs() / bar).amax(1)
     rest = local.abs().sum(0)
     chosen = []
@@ -549,11 +616,11 @@ def _integrate_pieces(run: _Pass, UV, idx, val, pieces, points, rule):
     step = run.batch_size or len(alpha)
     for r0 in range(0, len(alpha), step):
         r1 = min(len(alpha), r0 + step)
-        path = run.beta + alpha[r0:r1, None, None] * UV[image[r0:r1]]  # [n, P, C]
+        path = torch.addcmul(run.beta, alpha[r0:r1, None, None], UV[image[r0:r1]])  # [n, P, C]
         out, grads = _through_f_ab(run, path, image[r0:r1], need_grad=r0 < n_grad)
         if r1 > n_grad:
-            rows = torch.arange(max(r0, n_grad), r1, device=V.device)
-            values[:, rows - n_grad] = _values(run, out, image[r0:r1], rows - r0)
+            first = max(r0, n_grad)
+            values[:, first - n_grad:r1 - n_grad] = _values(run, out, image[r0:r1], slice(first - r0, r1 - r0))
         if grads is None:
             continue
         for i in range(r0 // q, (min(r1, n_grad) - 1) // q + 1):  # the pieces with rows in this batch

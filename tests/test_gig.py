@@ -472,3 +472,78 @@ def test_autocast_is_close_to_full_precision(low):
     _assert_rel(half.per_concept, full.per_concept, 1e-2)
     with pytest.raises(ValueError, match="autocast"):
         gig(logits, (idx, val), V, beta, ClassTarget(1), steps=2, spatial=(H, W), autocast=torch.float64)
+
+
+class _FlagSpy(torch.nn.Module):
+    """F_ab that records the TF32 flags when its forward runs and when its output's gradient flows back
+    (the backward's convolutions read the flags then)."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.f, self.seen = f, []
+
+    def _flags(self, when):
+        self.seen.append((when, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+
+    def forward(self, x):
+        self._flags("forward")
+        out = self.f(x)
+        if out.requires_grad:
+            out.register_hook(lambda grad: self._flags("backward"))
+        return out
+
+
+@pytest.fixture
+def tf32_globally_on():
+    """PyTorch's default for cuDNN (TF32 on), and TF32 matmuls on too; restored after the test."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("tolerance", [None, 0.01])
+def test_fp32_means_ieee_fp32_inside_f_ab(tf32_globally_on, tolerance):
+    """gig runs F_ab's forward and backward with TF32 off (cuDNN convolutions and matmuls) whatever the
+    global flags say, unless tf32=True; the caller's flags come back after the call, also after an error.
+    (issue 26: TF32 convolutions put gig and Captum 2e-3..1.3e-2 apart on an H200.)"""
+    model = tiny_resnet()
+    f, codes, V, beta, hw = _setup(model, "layer1.1", "logits", B=2)
+    spy = _FlagSpy(f)
+    gig(spy, codes, V, beta, ClassTarget(1), steps=3, tolerance=tolerance, spatial=hw)
+    assert {s[0] for s in spy.seen} == {"forward", "backward"}
+    assert all(not cudnn and not matmul for _, cudnn, matmul in spy.seen), spy.seen
+    assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32  # restored
+    spy.seen.clear()
+    gig(spy, codes, V, beta, ClassTarget(1), steps=3, tolerance=tolerance, spatial=hw, tf32=True)
+    assert spy.seen and all(cudnn and matmul for _, cudnn, matmul in spy.seen), spy.seen
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # the other direction
+    spy.seen.clear()
+    gig(spy, codes, V, beta, ClassTarget(1), steps=3, tolerance=tolerance, spatial=hw, tf32=True)
+    assert spy.seen and all(cudnn and matmul for _, cudnn, matmul in spy.seen), spy.seen
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+
+    def broken(x):
+        raise RuntimeError("f_ab failed")
+
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    with pytest.raises(RuntimeError, match="f_ab failed"):
+        gig(broken, codes, V, beta, ClassTarget(1), steps=3, tolerance=tolerance, spatial=hw)
+    assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    with pytest.raises(ValueError, match="tf32 must be True or False"):
+        gig(f, codes, V, beta, ClassTarget(1), steps=3, spatial=hw, tf32=1)
+
+
+@pytest.mark.gpu
+def test_cuda_fp32_engine_matches_float64_with_tf32_on_globally(tf32_globally_on):
+    """On the GPU with PyTorch's default TF32 convolutions, gig's float32 attributions stay within 1e-4 of
+    the float64 ones (TF32 rounds each convolution's inputs to 10 bits: ~1e-3 apart)."""
+    model = tiny_resnet(dtype=torch.float64)
+    f64, codes, V, beta, hw = _setup(model, "layer1.1", "logits", B=2, size=16)
+    ref = gig(f64, codes, V, beta, ClassTarget(1), steps=6, tolerance=None, spatial=hw)
+    model32 = model.float().cuda()
+    f32 = make_f_ab(model32, "layer1.1", "logits")
+    idx, val = codes
+    got = gig(f32, (idx.cuda(), val.float().cuda()), V.float().cuda(), beta.float().cuda(), ClassTarget(1), steps=6,
+              tolerance=None, spatial=hw)
+    _assert_rel(got.per_position.cpu().double(), ref.per_position, 1e-4)
