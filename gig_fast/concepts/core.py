@@ -32,7 +32,8 @@ class BisectingInfo:
         fallback_splits: splits made by member order because 2-means could not separate the points.
         mode: "sequential" or "fast".
         backends: the backends used for the 2-means splits (``two_means``: ``cpp`` — one fused C++ call
-            per round — or ``torch``, the reference) and the concept means (``centroid_update``).
+            per round —, ``batched`` — a round's splits as segments of batched tensor ops, the CUDA
+            default — or ``torch``, the reference) and the concept means (``centroid_update``).
         sharded_splits: splits whose refinement ran data-parallel over several ranks (0 in one process).
     """
     inertia: float
@@ -72,6 +73,8 @@ def cosine_inertia(X: torch.Tensor, labels: torch.Tensor, K: int, beta: torch.Te
     counts = torch.bincount(labels, minlength=K).to(acc)
     return float((counts - sums.norm(dim=1)).sum())
 
+
+WHOLE_BATCH_BACKENDS = ("cpp", "batched")  # their two_means_splits take a round's clusters in one call
 
 PARALLEL_MIN_ELEMS = 1 << 22  # a cluster smaller than this (points × channels) is split on one thread
 
@@ -123,10 +126,12 @@ def check_inputs(X, K, beta, n_init, max_iter, mode):
 def split_batch(U: torch.Tensor, members: list, batch: list, kern: Kernels, seed: int, n_init: int,
                 max_iter: int, init_sample: int) -> list[tuple[int, torch.Tensor, bool]]:
     """2-means splits of the clusters ``batch`` (``(−size, id)`` pairs): ``(id, side int64 [n], fell_back)``
-    each. The cpp backend splits them all in one C++ call (in parallel when there are several); the
-    torch reference splits one cluster at a time (small ones on one thread, see :func:`threads_for`)."""
+    each. The cpp backend splits them all in one C++ call (in parallel when there are several), the
+    batched backend all at once as segments (a fixed number of tensor ops per Lloyd iteration: the GPU
+    route); the torch reference splits one cluster at a time (small ones on one thread, see
+    :func:`threads_for`)."""
     seeds = [split_seed(seed, int(members[cid][0]), -neg_size) for neg_size, cid in batch]
-    if kern.split_name == "cpp":
+    if kern.split_name in WHOLE_BATCH_BACKENDS:
         sides, _, _, fell_back = kern.splits(U, [members[cid] for _, cid in batch], seeds, n_init, max_iter,
                                              init_sample, True)
         return [(cid, side, fell) for (_, cid), side, fell in zip(batch, sides, fell_back.tolist())]

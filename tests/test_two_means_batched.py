@@ -1,0 +1,230 @@
+"""The ``batched`` backend of two_means_splits / two_means_step (all clusters of a batch at once, as
+segments) against the per-cluster torch reference: the same sides, sums, inertia and fallbacks over a
+grid of cluster counts, sizes and dtypes, and the same bisecting k-means (both modes, single-process and
+the sharded path)."""
+import threading
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from _grids import DEVICES, accumulation_bound, unit_roundoff
+from gig_fast import ops
+from gig_fast.concepts import bisecting_spherical_kmeans, distributed_bisecting_kmeans
+from gig_fast.ops.reference import SplitMix64
+from gig_fast.ops.two_means_batched import splitmix64_draws
+from gig_fast.testing import clustered_points, pfv_like
+
+
+def _unit(X: torch.Tensor) -> torch.Tensor:
+    return (X / X.norm(dim=1, keepdim=True).clamp_min(1e-12)).contiguous()
+
+
+def _points(n: int, C: int, dtype, g: torch.Generator) -> torch.Tensor:
+    """Unit rows around a few directions, with inseparable corners: every 53rd row zero (a PFV equal to
+    β) and a run of 6 identical rows at 100…105."""
+    U = _unit(clustered_points(n, C, max(2, n // 150), dtype=torch.float64, generator=g) - 2.0)
+    U[::53] = 0
+    U[100:106] = U[99]
+    return U.to(dtype).contiguous()
+
+
+def _clusters(case: str, N: int, g: torch.Generator) -> list[torch.Tensor]:
+    """Sorted member lists of disjoint clusters (as bisecting passes them) of the sizes the case names."""
+    sizes = {
+        "tiny": [2, 2, 3, 4, 5],                       # size-2 clusters: any split is a fallback or 1 | 1
+        "mixed": [2, 17, 64, 65, 300, 700],             # around and beyond init_sample = 64
+        "one_large": [1500],                            # one cluster refined on 1,500 rows
+        "many": torch.randint(2, 90, (40,), generator=g).tolist(),  # 40 clusters in one call
+    }[case]
+    perm = torch.randperm(N, generator=g)
+    out, start = [], 0
+    for s in sizes:
+        out.append(perm[start:start + s].sort().values)
+        start += s
+    return out
+
+
+def _inseparable(N: int) -> list[torch.Tensor]:
+    """Clusters that 2-means cannot split — identical rows (100…105), zero rows (multiples of 53), two
+    identical rows —, zero rows with copies of one direction (inseparable or not, by the draws: from a
+    copy and a zero row every score is ≤ 0, all on side 0; from a zero row and a copy the copies score
+    1) and one that splits: a zero row, two copies and two other rows."""
+    return [torch.arange(100, 106), torch.arange(0, N, 53)[:5], torch.tensor([101, 102]),
+            torch.tensor([0, 53, 101, 102, 103]), torch.tensor([0, 101, 102, 500, 901])]
+
+
+def _bounds(U: torch.Tensor, members: list[torch.Tensor], refine: bool, init_sample: int):
+    """Per-cluster bounds on the difference two summation orders make in the float64 side sums ``[B, 2, C]``
+    and in the inertia ``[B]`` (|‖a‖ − ‖b‖| ≤ ‖a − b‖): zero on the CPU, where both use index_add_ in
+    member order, but the bound is what the contract promises on every device."""
+    S_bound, I_bound = [], []
+    for m in members:
+        rows = U[m].double().abs()
+        n = m.shape[0] if refine or m.shape[0] <= init_sample else init_sample
+        b = accumulation_bound(rows.sum(0), n, torch.float64)
+        S_bound.append(b.expand(2, -1))
+        I_bound.append(2 * float(b.norm()) + 4 * n * unit_roundoff(torch.float64))
+    return torch.stack(S_bound), torch.tensor(I_bound, dtype=torch.float64)
+
+
+def test_vectorised_splitmix64_is_the_stream():
+    """The k-th draw computed in closed form equals the k-th ``next()`` of the reference generator."""
+    for seed in (0, 1234567, 2**62 + 12345, 2**63 - 2):
+        rng = SplitMix64(seed)
+        stream = [rng.next() for _ in range(50)]
+        assert [int(z) for z in splitmix64_draws(seed, np.arange(50))] == stream, seed
+    rng = SplitMix64(1234567)
+    assert int(splitmix64_draws(1234567, 0)) == 6457827717110365317 == rng.next()  # Vigna's splitmix64.c
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case, refine", [("tiny", True), ("mixed", True), ("mixed", False),
+                                          ("one_large", True), ("one_large", False), ("many", True),
+                                          ("inseparable", True)])
+def test_batched_splits_equal_the_reference(case, refine, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    N, init_sample = 3000, 64
+    U = _points(N, 12, dtype, g)
+    members = _inseparable(N) if case == "inseparable" else _clusters(case, N, g)
+    seeds = [int(s) for s in torch.randint(0, 2**62, (len(members),), generator=g)]
+    seeds[0] = 2**63 - 2  # the largest seed split_seed can give
+    kw = dict(n_init=3, max_iter=30, init_sample=init_sample, refine=refine)
+    U, members = U.to(device), [m.to(device) for m in members]
+    got = ops.two_means_splits(U, members, seeds, backend="batched", **kw)
+    ref = ops.two_means_splits(U, members, seeds, backend="torch", **kw)
+    for b, (s_got, s_ref) in enumerate(zip(got[0], ref[0])):
+        assert s_got.dtype == torch.int64 and s_got.device == U.device
+        assert torch.equal(s_got, s_ref), (b, members[b].shape[0], int((s_got != s_ref).sum()))
+    S_bound, I_bound = _bounds(U.cpu(), [m.cpu() for m in members], refine, init_sample)
+    assert bool(((got[1] - ref[1]).abs().cpu() <= S_bound).all())
+    assert bool(((got[2] - ref[2]).abs().cpu() <= I_bound).all()), (got[2], ref[2])
+    assert torch.equal(got[3], ref[3])
+    if case == "inseparable":  # identical rows, zero rows and two identical rows fall back; the last splits
+        assert got[3][[0, 1, 2, 4]].tolist() == [True, True, True, False]
+        assert got[0][0].tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_sides_are_a_lloyd_fixed_point_of_the_batched_step(seed):
+    """A converged split is stable under one more ``two_means_step`` (batched backend), which also
+    gives that split's sums."""
+    g = torch.Generator().manual_seed(seed)
+    U = _points(800, 10, torch.float64, g)
+    members = [torch.arange(400), torch.arange(400, 800)]
+    sides, sums, _, _ = ops.two_means_splits(U, members, [5, 6], backend="batched", max_iter=100)
+    for b in range(2):
+        side, again = ops.two_means_step(U, members[b], sums[b], backend="batched")
+        assert torch.equal(side, sides[b])
+        torch.testing.assert_close(again, sums[b], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batched_step_equals_the_reference(dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    U = _points(2600, 40, dtype, g)
+    members = torch.randperm(2600, generator=g)[:2100].sort().values
+    S = torch.randn(2, 40, dtype=torch.float64, generator=g)
+    side, sums = ops.two_means_step(U, members, S, backend="batched")
+    side_ref, sums_ref = ops.two_means_step(U, members, S, backend="torch")
+    assert torch.equal(side, side_ref)
+    bound = accumulation_bound(U[members].double().abs().sum(0), 2100, torch.float64)
+    assert bool(((sums - sums_ref).abs() <= bound).all())
+
+
+def test_opcheck_with_the_batched_backend():
+    g = torch.Generator().manual_seed(7)
+    U = _points(200, 6, torch.float64, g)
+    torch.library.opcheck(ops.spec("two_means_splits").custom_op,
+                          (U, [torch.arange(200), torch.arange(10, 30), torch.tensor([100, 101])], [1, 2, 3], 2, 10,
+                           16, True, "batched"),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(ops.spec("two_means_step").custom_op,
+                          (U, torch.arange(0, 200, 2), torch.randn(2, 6, dtype=torch.float64, generator=g), "batched"))
+
+
+def test_batched_is_the_cuda_default_and_cpu_keeps_cpp():
+    assert ops.spec("two_means_splits").preference["cuda"][0] == "batched"
+    name, _ = ops.kernel("two_means_splits", "cpu", "batched")
+    assert name == "batched"
+
+
+# ------------------------------------------------------------------ bisecting k-means on the batched splits
+def _bisect(X, K, backend, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "centroid_update has no 'batched' backend; using its default"
+        return bisecting_spherical_kmeans(X, K, backend=backend, return_info=True, **kw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["sequential", "fast"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bisecting_on_batched_splits_equals_torch(mode, dtype, device, seed):
+    """The same labels (cluster ids included: the same split sequence) and concepts as the torch
+    backend, with clusters larger than init_sample (refined splits) and duplicate points (fallbacks)."""
+    g = torch.Generator().manual_seed(seed)
+    X, _, beta = pfv_like(700, 16, 1, dtype=dtype, generator=g)
+    X[200:280] = X[199]  # 81 identical PFVs: a cluster far above the mean size 15, split by fallback
+    X, beta = X.to(device), beta.to(device)
+    kw = dict(beta=beta, seed=seed, n_init=2, init_sample=96, mode=mode)
+    c_ref, l_ref, i_ref = _bisect(X, 48, "torch", **kw)
+    c, l, info = _bisect(X, 48, "batched", **kw)
+    assert info.backends["two_means"] == "batched" and i_ref.backends["two_means"] == "torch"
+    assert torch.equal(l, l_ref)
+    assert info.fallback_splits == i_ref.fallback_splits > 0 and info.rounds == i_ref.rounds
+    tol = 1e-10 if dtype == torch.float64 else 1e-5  # the concept means: only the mean's sum order differs
+    torch.testing.assert_close(c, c_ref, rtol=tol, atol=tol)
+    assert abs(info.inertia - i_ref.inertia) <= 1e-9 * max(1.0, i_ref.inertia)
+
+
+class _ThreadRanks:
+    """``world`` ranks as threads of this process: ``all_reduce`` sums a tensor over them (rank order)."""
+
+    def __init__(self, world: int):
+        self.world, self.slots, self.barrier = world, [None] * world, threading.Barrier(world)
+
+    def all_reduce(self, rank: int):
+        def reduce(t: torch.Tensor) -> torch.Tensor:
+            self.slots[rank] = t.clone()
+            self.barrier.wait()
+            out = self.slots[0].clone()
+            for other in self.slots[1:]:
+                out += other
+            self.barrier.wait()  # every rank has read the slots before any writes the next ones
+            return out
+        return reduce
+
+
+@pytest.mark.parametrize("mode", ["sequential", "fast"])
+def test_sharded_bisecting_on_batched_splits_equals_single_process(mode, seed):
+    """Two ranks (threads): small clusters split round-robin by the batched backend, clusters larger
+    than init_sample refined data-parallel with its ``two_means_step``: the single-process labels."""
+    g = torch.Generator().manual_seed(seed)
+    X = clustered_points(900, 8, 12, generator=g)
+    beta = torch.full((8,), 2.0)
+    kw = dict(beta=beta, seed=seed, n_init=2, init_sample=150, mode=mode)
+    _, l_single, _ = _bisect(X, 20, "torch", **kw)
+    ranks, results, errors = _ThreadRanks(2), [None, None], []
+
+    def run(rank):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                results[rank] = distributed_bisecting_kmeans(X, 20, rank=rank, world=2, backend="batched",
+                                                             all_reduce=ranks.all_reduce(rank), return_info=True,
+                                                             **kw)
+        except Exception as e:  # surfaced below; a dead rank would leave the other at the barrier
+            errors.append(e)
+            ranks.barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    (c0, l0, info0), (c1, l1, _) = results
+    assert info0.sharded_splits >= 2 and info0.backends["two_means"] == "batched"
+    assert torch.equal(l0, l1) and torch.equal(c0, c1)
+    assert torch.equal(l0, l_single)
