@@ -13,7 +13,8 @@ from _grids import DEVICES, accumulation_bound, unit_roundoff
 from gig_fast import ops
 from gig_fast.concepts import bisecting_spherical_kmeans, distributed_bisecting_kmeans
 from gig_fast.ops.reference import SplitMix64
-from gig_fast.ops.two_means_batched import splitmix64_draws
+from gig_fast.ops import two_means_batched
+from gig_fast.ops.two_means_batched import SUM_CHUNK, SideSums, splitmix64_draws
 from gig_fast.testing import clustered_points, pfv_like
 
 
@@ -23,10 +24,10 @@ def _unit(X: torch.Tensor) -> torch.Tensor:
 
 def _points(n: int, C: int, dtype, g: torch.Generator) -> torch.Tensor:
     """Unit rows around a few directions, with inseparable corners: every 53rd row zero (a PFV equal to
-    β) and a run of 6 identical rows at 100…105."""
+    β) and a run of 101 identical rows at 99…199."""
     U = _unit(clustered_points(n, C, max(2, n // 150), dtype=torch.float64, generator=g) - 2.0)
     U[::53] = 0
-    U[100:106] = U[99]
+    U[100:200] = U[99]
     return U.to(dtype).contiguous()
 
 
@@ -37,6 +38,7 @@ def _clusters(case: str, N: int, g: torch.Generator) -> list[torch.Tensor]:
         "mixed": [2, 17, 64, 65, 300, 700],             # around and beyond init_sample = 64
         "one_large": [1500],                            # one cluster refined on 1,500 rows
         "many": torch.randint(2, 90, (40,), generator=g).tolist(),  # 40 clusters in one call
+        "pairs": [40, 41, 120, 300],                    # two tight groups each: see _pairs
     }[case]
     perm = torch.randperm(N, generator=g)
     out, start = [], 0
@@ -47,12 +49,25 @@ def _clusters(case: str, N: int, g: torch.Generator) -> list[torch.Tensor]:
 
 
 def _inseparable(N: int) -> list[torch.Tensor]:
-    """Clusters that 2-means cannot split — identical rows (100…105), zero rows (multiples of 53), two
-    identical rows —, zero rows with copies of one direction (inseparable or not, by the draws: from a
-    copy and a zero row every score is ≤ 0, all on side 0; from a zero row and a copy the copies score
-    1) and one that splits: a zero row, two copies and two other rows."""
-    return [torch.arange(100, 106), torch.arange(0, N, 53)[:5], torch.tensor([101, 102]),
-            torch.tensor([0, 53, 101, 102, 103]), torch.tensor([0, 101, 102, 500, 901])]
+    """Clusters that 2-means cannot split — 100 identical rows (100…199, more than init_sample), zero
+    rows (multiples of 53), two identical rows —, zero rows with copies of one direction (inseparable
+    or not, by the draws: from a copy and a zero row every score is ≤ 0, all on side 0; from a zero row
+    and a copy the copies score 1) and one that splits: a zero row, two copies and two other rows."""
+    return [torch.arange(100, 200), torch.arange(0, N, 53)[5:10], torch.tensor([101, 102]),
+            torch.tensor([0, 53, 101, 102, 103]), torch.tensor([0, 101, 102, 500, 902])]
+
+
+def _pairs(U: torch.Tensor, members: list[torch.Tensor], g: torch.Generator) -> torch.Tensor:
+    """Each cluster made of two tight groups (two random directions, noise 1e-3): every initialisation
+    reaches the same partition, with its sides in either order, and equal inertia up to rounding — the
+    case where the "lower by more than 1e-9·n" rule decides which one is kept."""
+    U = U.clone()
+    for m in members:
+        dirs = torch.randn(2, U.shape[1], dtype=torch.float64, generator=g)
+        half = torch.arange(m.shape[0]) % 2
+        rows = dirs[half] + 1e-3 * torch.randn(m.shape[0], U.shape[1], dtype=torch.float64, generator=g)
+        U[m] = _unit(rows).to(U.dtype)
+    return U.contiguous()
 
 
 def _bounds(U: torch.Tensor, members: list[torch.Tensor], refine: bool, init_sample: int):
@@ -81,17 +96,22 @@ def test_vectorised_splitmix64_is_the_stream():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("case, refine", [("tiny", True), ("mixed", True), ("mixed", False),
-                                          ("one_large", True), ("one_large", False), ("many", True),
-                                          ("inseparable", True)])
-def test_batched_splits_equal_the_reference(case, refine, dtype, device, seed):
+@pytest.mark.parametrize("case, refine, n_init, max_iter", [
+    ("tiny", True, 3, 30), ("mixed", True, 3, 30), ("mixed", False, 3, 30), ("one_large", True, 3, 30),
+    ("one_large", False, 3, 30), ("many", True, 3, 30),
+    ("many", True, 2, 2),        # stopped by max_iter before convergence
+    ("pairs", True, 8, 30),      # equal-inertia initialisations: the first one is kept
+    ("inseparable", True, 3, 30), ("inseparable", False, 3, 30)])
+def test_batched_splits_equal_the_reference(case, refine, n_init, max_iter, dtype, device, seed):
     g = torch.Generator().manual_seed(seed)
     N, init_sample = 3000, 64
     U = _points(N, 12, dtype, g)
     members = _inseparable(N) if case == "inseparable" else _clusters(case, N, g)
+    if case == "pairs":
+        U = _pairs(U, members, g)
     seeds = [int(s) for s in torch.randint(0, 2**62, (len(members),), generator=g)]
     seeds[0] = 2**63 - 2  # the largest seed split_seed can give
-    kw = dict(n_init=3, max_iter=30, init_sample=init_sample, refine=refine)
+    kw = dict(n_init=n_init, max_iter=max_iter, init_sample=init_sample, refine=refine)
     U, members = U.to(device), [m.to(device) for m in members]
     got = ops.two_means_splits(U, members, seeds, backend="batched", **kw)
     ref = ops.two_means_splits(U, members, seeds, backend="torch", **kw)
@@ -103,8 +123,45 @@ def test_batched_splits_equal_the_reference(case, refine, dtype, device, seed):
     assert bool(((got[2] - ref[2]).abs().cpu() <= I_bound).all()), (got[2], ref[2])
     assert torch.equal(got[3], ref[3])
     if case == "inseparable":  # identical rows, zero rows and two identical rows fall back; the last splits
-        assert got[3][[0, 1, 2, 4]].tolist() == [True, True, True, False]
-        assert got[0][0].tolist() == [0, 0, 0, 1, 1, 1]
+        # (refine=False: the 100 identical rows stop at their sample of 64, constant sides, no fallback)
+        assert got[3][[0, 1, 2, 4]].tolist() == [refine, True, True, False]
+        assert got[0][0].tolist() == ([0] * 50 + [1] * 50 if refine else [0] * 64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_chunked_side_sums_equal_index_add(device, seed):
+    """The CUDA reduction (chunks of SUM_CHUNK rows, then per cluster) against index_add_ in member
+    order, on clusters of 1, SUM_CHUNK − 1, SUM_CHUNK, SUM_CHUNK + 1 and 5·SUM_CHUNK + 7 rows."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([1, SUM_CHUNK - 1, SUM_CHUNK, SUM_CHUNK + 1, 5 * SUM_CHUNK + 7, 2])
+    M, C = int(lengths.sum()), 9
+    X64 = torch.randn(M, C, dtype=torch.float64, generator=g)
+    side = torch.randint(0, 2, (M,), generator=g)
+    seg = torch.repeat_interleave(torch.arange(6), lengths)
+    want = SideSums(seg, lengths, chunked=False)(X64, side)
+    dev = torch.device(device)
+    got = SideSums(seg.to(dev), lengths.to(dev), chunked=True)(X64.to(dev), side.to(dev)).cpu()
+    expect = torch.stack([torch.stack([X64[seg == b][side[seg == b] == k].sum(0) for k in (0, 1)]) for b in range(6)])
+    torch.testing.assert_close(want, expect, rtol=0, atol=1e-12)
+    magnitude = torch.zeros(12, C, dtype=torch.float64).index_add_(0, 2 * seg + side, X64.abs()).view(6, 2, C)
+    assert bool(((got - want).abs() <= accumulation_bound(magnitude, int(lengths.max()), torch.float64)).all())
+
+
+@pytest.mark.parametrize("case", ["mixed", "one_large", "many"])
+def test_batched_splits_with_the_cuda_reduction_on_the_cpu(case, seed, monkeypatch):
+    """The whole batched split with the CUDA side sums (run on the CPU here): the reference's sides,
+    sums within the summation bound — what the GPU rows of the test above check on a GPU."""
+    monkeypatch.setattr(two_means_batched, "CHUNKED_SUM_DEVICES", {"cpu", "cuda"})
+    g = torch.Generator().manual_seed(seed)
+    U = _points(3000, 12, torch.float32, g)
+    members = _clusters(case, 3000, g)
+    seeds = [int(s) for s in torch.randint(0, 2**62, (len(members),), generator=g)]
+    got = ops.two_means_splits(U, members, seeds, init_sample=300, backend="batched")
+    ref = ops.two_means_splits(U, members, seeds, init_sample=300, backend="torch")
+    assert all(torch.equal(a, b) for a, b in zip(got[0], ref[0]))
+    S_bound, I_bound = _bounds(U, members, True, 300)
+    assert bool(((got[1] - ref[1]).abs() <= S_bound).all()) and bool(((got[2] - ref[2]).abs() <= I_bound).all())
+    assert torch.equal(got[3], ref[3])
 
 
 def test_sides_are_a_lloyd_fixed_point_of_the_batched_step(seed):

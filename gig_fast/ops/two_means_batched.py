@@ -18,21 +18,23 @@ function of seed + (k+1)·γ), so :func:`splitmix64_draws` computes the k-th dra
 in numpy; only the k-means++ second pick needs the data (one host sync per initialisation for the
 cosine-distance totals, which decide whether a uniform is drawn).
 
-Determinism: on the CPU the side sums are ``index_add_`` over the rows in member order, the reference's
-own reduction, so sums and inertia equal the reference's bit for bit and sides equal it except for a
-row that lies within float rounding of a splitting hyperplane (the scores are per-row dot products here,
-a gemv there). On CUDA ``index_add_`` on floats uses atomics (run-to-run differences), so the side sums
-are a ``torch.segment_reduce`` over the contiguous segments of the concatenation (each row contributing to
-its side and an exact 0 to the other): no atomics, the same result on every run. The changed-side
-counts are integer ``index_add_`` (exact in any order); cumsum/searchsorted of the k-means++ pick are
-deterministic scans.
+Determinism (:class:`SideSums`): on the CPU the side sums are ``index_add_`` over the rows in member
+order, the reference's own reduction, so sums and inertia equal the reference's bit for bit and sides
+equal it except for a row that lies within float rounding of a splitting hyperplane (the scores are
+per-row dot products here, a gemv there). On CUDA ``index_add_`` on floats uses atomics (run-to-run
+differences), so the side sums are a two-level ``torch.segment_reduce`` over the contiguous segments:
+no atomics, the same result on every run (and within the summation bound of the reference's). What is
+not deterministic on CUDA: nothing that reaches a result — the changed-side counts are integer
+``index_add_`` (exact in any order), the scores elementwise products with a per-row ``sum`` (a fixed
+reduction tree), the k-means++ cumsum/searchsorted fixed scans.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-__all__ = ["splitmix64_draws", "two_means_splits_batched", "two_means_step_batched"]
+__all__ = ["CHUNKED_SUM_DEVICES", "SUM_CHUNK", "SideSums", "splitmix64_draws", "two_means_splits_batched",
+           "two_means_step_batched"]
 
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -125,18 +127,48 @@ def _directions(S: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (S[:, 1] * inv[:, 1, None] - S[:, 0] * inv[:, 0, None]).to(dtype)
 
 
-def _side_sums(X64: torch.Tensor, seg: torch.Tensor, side: torch.Tensor, lengths: torch.Tensor, B: int
-               ) -> torch.Tensor:
-    """float64 ``[B, 2, C]`` sums of the rows ``X64 [M, C]`` on each side of each cluster (rows of a
-    cluster contiguous, ``lengths [B] > 0``). Deterministic on every device; see the module docstring."""
-    C = X64.shape[1]
-    if X64.device.type != "cuda":  # in member order: the reference's index_add_, bit for bit
-        keys = 2 * seg + side
-        return torch.zeros(2 * B, C, dtype=torch.float64, device=X64.device).index_add_(0, keys, X64).view(B, 2, C)
-    one = side.bool()[:, None]
-    zero = torch.zeros((), dtype=torch.float64, device=X64.device)
-    both = torch.stack([torch.where(one, zero, X64), torch.where(one, X64, zero)], dim=1)  # [M, 2, C]
-    return torch.segment_reduce(both, "sum", lengths=lengths, axis=0)
+# Devices whose side sums are the two-level chunked segment reduction (see SideSums); elsewhere index_add_.
+CHUNKED_SUM_DEVICES = {"cuda"}
+# Rows per first-level chunk: a segment_reduce thread adds its chunk's rows one after the other, so a
+# chunk bounds that serial loop (one 200,000-row cluster would otherwise be 200,000 dependent adds per
+# thread) while the second level adds at most ⌈n/256⌉ chunk sums per cluster. Not measured yet (issue 25).
+SUM_CHUNK = 256
+
+
+class SideSums:
+    """Float64 side sums ``[B, 2, C]`` of clusters stored as contiguous segments of ``lengths [B] > 0``
+    rows (``seg [M]``: each row's cluster), deterministic on every device.
+
+    * CPU (default): ``index_add_`` keyed by ``2·seg + side``, rows in member order — the reference's own
+      reduction (``_side_sums`` of ``two_means_step_ref``), so the sums equal it bit for bit.
+    * CUDA: ``index_add_`` on floats is atomic (the order, hence the last bits, change from run to run),
+      so each side is a ``torch.segment_reduce`` in two levels — chunks of :data:`SUM_CHUNK` rows that
+      never straddle a cluster, then the chunks of each cluster — a fixed order, no atomics. The other
+      side's rows add an exact 0.
+    """
+
+    def __init__(self, seg: torch.Tensor, lengths: torch.Tensor, chunked: bool | None = None):
+        self.seg, self.B = seg, lengths.shape[0]
+        self.chunked = seg.device.type in CHUNKED_SUM_DEVICES if chunked is None else chunked
+        if self.chunked:
+            self.per = (lengths + SUM_CHUNK - 1) // SUM_CHUNK  # chunks of each cluster
+            chunk_seg = torch.repeat_interleave(torch.arange(self.B, device=seg.device), self.per)
+            nth = torch.arange(chunk_seg.shape[0], device=seg.device) - (torch.cumsum(self.per, 0) - self.per)[chunk_seg]
+            self.chunk_lengths = (lengths[chunk_seg] - nth * SUM_CHUNK).clamp(max=SUM_CHUNK)
+
+    def __call__(self, X64: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+        """``X64 [M, C]`` float64 rows, ``side`` int64 ``[M]`` in {0, 1} → ``[B, 2, C]``."""
+        C = X64.shape[1]
+        if not self.chunked:
+            out = torch.zeros(2 * self.B, C, dtype=torch.float64, device=X64.device)
+            return out.index_add_(0, 2 * self.seg + side, X64).view(self.B, 2, C)
+        one = side.bool()[:, None]
+        zero = torch.zeros((), dtype=torch.float64, device=X64.device)
+        sides = []
+        for rows in (torch.where(one, zero, X64), torch.where(one, X64, zero)):
+            chunks = torch.segment_reduce(rows, "sum", lengths=self.chunk_lengths, axis=0)
+            sides.append(torch.segment_reduce(chunks, "sum", lengths=self.per, axis=0))
+        return torch.stack(sides, 1)
 
 
 def _count(seg: torch.Tensor, flags: torch.Tensor, B: int) -> torch.Tensor:
@@ -158,11 +190,11 @@ def _lloyd(X: torch.Tensor, X64: torch.Tensor, parts: _Segments, S: torch.Tensor
     act = torch.arange(B, device=X.device)  # the clusters still iterating …
     rows = torch.arange(X.shape[0], device=X.device)  # … their rows (positions in X) …
     local, lengths = parts.seg, parts.lengths  # … each row's index into act, and act's sizes
-    Xa, Xa64, prev = X, X64, None
+    Xa, Xa64, prev, sums = X, X64, None, SideSums(parts.seg, parts.lengths)
     for it in range(max_iter):
         w = _directions(S[act], X.dtype)
         new = ((Xa * w[local]).sum(1) > 0).to(torch.int64)
-        S[act] = _side_sums(Xa64, local, new, lengths, act.shape[0])
+        S[act] = sums(Xa64, new)
         side[rows] = new
         if prev is None or it == max_iter - 1:
             prev = new
@@ -177,6 +209,7 @@ def _lloyd(X: torch.Tensor, X64: torch.Tensor, parts: _Segments, S: torch.Tensor
         Xa, Xa64, rows, prev = Xa[keep], Xa64[keep], rows[keep], prev[keep]
         local = (torch.cumsum(moving, 0) - 1)[local[keep]]
         act, lengths = act[moving], lengths[moving]
+        sums = SideSums(local, lengths)
     inertia = parts.lengths.to(torch.float64) - S.norm(dim=2).sum(1)
     return side, S, inertia
 
@@ -238,7 +271,7 @@ def _fall_back(U: torch.Tensor, members: list[torch.Tensor], sides: list[torch.T
         return fell
     fb = _Segments([members[b] for b in which], U.device)
     side = (fb.position() >= (fb.lengths[fb.seg] + 1) // 2).to(torch.int64)
-    sums = _side_sums(U[fb.rows].double(), fb.seg, side, fb.lengths, fb.B)
+    sums = SideSums(fb.seg, fb.lengths)(U[fb.rows].double(), side)
     idx = torch.as_tensor(which, device=U.device)
     S[idx] = sums
     inertia[idx] = fb.lengths.to(torch.float64) - sums.norm(dim=2).sum(1)
@@ -299,6 +332,5 @@ def two_means_step_batched(U: torch.Tensor, members: torch.Tensor, sums: torch.T
     side = (X @ w > 0).to(torch.int64)
     if members.shape[0] == 0:
         return side, torch.zeros_like(sums)
-    seg = torch.zeros_like(members)
     lengths = torch.tensor([members.shape[0]], device=U.device)
-    return side, _side_sums(X.double(), seg, side, lengths, 1)[0]
+    return side, SideSums(torch.zeros_like(members), lengths)(X.double(), side)[0]
