@@ -132,8 +132,11 @@ def split_batch(U: torch.Tensor, members: list, batch: list, kern: Kernels, seed
     :func:`threads_for`)."""
     seeds = [split_seed(seed, int(members[cid][0]), -neg_size) for neg_size, cid in batch]
     if kern.split_name in WHOLE_BATCH_BACKENDS:
-        sides, _, _, fell_back = kern.splits(U, [members[cid] for _, cid in batch], seeds, n_init, max_iter,
-                                             init_sample, True)
+        # cpp parallelises over the clusters itself; the batched ops are small for small rounds
+        rows = sum(-neg_size for neg_size, _ in batch) if kern.split_name == "batched" else 0
+        with threads_for(rows * U.shape[1], U.device) if rows else contextlib.nullcontext():
+            sides, _, _, fell_back = kern.splits(U, [members[cid] for _, cid in batch], seeds, n_init, max_iter,
+                                                 init_sample, True)
         return [(cid, side, fell) for (_, cid), side, fell in zip(batch, sides, fell_back.tolist())]
     out = []
     for (neg_size, cid), s in zip(batch, seeds):

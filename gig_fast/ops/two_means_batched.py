@@ -184,32 +184,34 @@ def _lloyd(X: torch.Tensor, X64: torch.Tensor, parts: _Segments, S: torch.Tensor
     Args: X ``[M, C]`` the clusters' rows (U's dtype), X64 the same in float64.
     Returns: ``(side int64 [M], S float64 [B, 2, C] of those sides, inertia float64 [B] = n_b − |S0| − |S1|)``.
     """
-    B = parts.B
     S = S.clone()
     side = torch.zeros(X.shape[0], dtype=torch.int64, device=X.device)
-    act = torch.arange(B, device=X.device)  # the clusters still iterating …
-    rows = torch.arange(X.shape[0], device=X.device)  # … their rows (positions in X) …
-    local, lengths = parts.seg, parts.lengths  # … each row's index into act, and act's sizes
-    Xa, Xa64, prev, sums = X, X64, None, SideSums(parts.seg, parts.lengths)
+    # the clusters still iterating (ids into S), their rows (positions in X), each row's index into act,
+    # their sizes, rows, side sums and current sides; written back to S/side when some converge or at the end
+    act = torch.arange(parts.B, device=X.device)
+    rows = torch.arange(X.shape[0], device=X.device)
+    local, lengths, Xa, Xa64, Sa, prev = parts.seg, parts.lengths, X, X64, S, None
+    sums = SideSums(local, lengths)
     for it in range(max_iter):
-        w = _directions(S[act], X.dtype)
-        new = ((Xa * w[local]).sum(1) > 0).to(torch.int64)
-        S[act] = sums(Xa64, new)
-        side[rows] = new
+        new = ((Xa * _directions(Sa, X.dtype)[local]).sum(1) > 0).to(torch.int64)
+        Sa = sums(Xa64, new)
         if prev is None or it == max_iter - 1:
             prev = new
             continue
         moving = _count(local, new != prev, act.shape[0]) > 0
         prev = new
-        if bool(moving.all()):  # the loop's one host sync
+        still = int(moving.sum())  # the loop's one host sync
+        if still == act.shape[0]:
             continue
-        if not bool(moving.any()):
-            break
+        S[act], side[rows] = Sa, prev
+        if still == 0:
+            return side, S, parts.lengths.to(torch.float64) - S.norm(dim=2).sum(1)
         keep = moving[local]  # drop the rows of the converged clusters
         Xa, Xa64, rows, prev = Xa[keep], Xa64[keep], rows[keep], prev[keep]
         local = (torch.cumsum(moving, 0) - 1)[local[keep]]
-        act, lengths = act[moving], lengths[moving]
+        act, lengths, Sa = act[moving], lengths[moving], Sa[moving]
         sums = SideSums(local, lengths)
+    S[act], side[rows] = Sa, prev
     inertia = parts.lengths.to(torch.float64) - S.norm(dim=2).sum(1)
     return side, S, inertia
 
