@@ -232,7 +232,7 @@ def test_bisecting_on_batched_splits_equals_torch(mode, dtype, device, seed):
     assert info.fallback_splits == i_ref.fallback_splits > 0 and info.rounds == i_ref.rounds
     tol = 1e-10 if dtype == torch.float64 else 1e-5  # the concept means: only the mean's sum order differs
     torch.testing.assert_close(c, c_ref, rtol=tol, atol=tol)
-    assert abs(info.inertia - i_ref.inertia) <= 1e-9 * max(1.0, i_ref.inertia)
+    assert abs(info.inertia - i_ref.inertia) <= tol * max(1.0, i_ref.inertia)  # centroid_update of U: its sum order
 
 
 class _ThreadRanks:

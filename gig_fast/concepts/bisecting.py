@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from .core import (Kernels, apply_split, check_inputs, concepts_from_members, next_batch, split_batch,
+from .core import (Kernels, apply_splits, check_inputs, concepts_from_members, next_batch, split_batch,
                    unit_rows)
 from ..ops.reference import accumulation_dtype
 
@@ -90,9 +90,9 @@ def bisecting_spherical_kmeans(X: torch.Tensor, K: int, *, beta: torch.Tensor | 
     while len(members) < K:
         batch = next_batch(heap, mode, K - len(members))
         rounds += 1
-        for cid, side, fell_back in split_batch(U, members, batch, kern, seed, n_init, max_iter, init_sample):
-            fallbacks += int(fell_back)
-            apply_split(members, heap, cid, side)
+        done = split_batch(U, members, batch, kern, seed, n_init, max_iter, init_sample)
+        fallbacks += sum(int(fell_back) for _, _, fell_back in done)
+        apply_splits(members, heap, done)
 
     return concepts_from_members(X, Xc, U, members, kern, K, return_info, rounds, fallbacks, mode)
 

@@ -15,7 +15,7 @@ from .. import ops
 from ..ops import checks as v
 
 __all__ = ["BisectingInfo", "cosine_inertia", "MODES", "Kernels", "unit_rows", "split_seed", "check_inputs",
-           "split_batch", "apply_split", "next_batch", "concepts_from_members", "threads_for"]
+           "split_batch", "apply_split", "apply_splits", "next_batch", "concepts_from_members", "threads_for"]
 
 MODES = ("sequential", "fast")  # see bisecting_spherical_kmeans(mode=…)
 
@@ -130,7 +130,9 @@ def split_batch(U: torch.Tensor, members: list, batch: list, kern: Kernels, seed
     batched backend all at once as segments (a fixed number of tensor ops per Lloyd iteration: the GPU
     route); the torch reference splits one cluster at a time (small ones on one thread, see
     :func:`threads_for`)."""
-    seeds = [split_seed(seed, int(members[cid][0]), -neg_size) for neg_size, cid in batch]
+    # the first members of the batch in one host transfer (one sync on a GPU, not one per cluster)
+    firsts = torch.stack([members[cid][0] for _, cid in batch]).tolist() if batch else []
+    seeds = [split_seed(seed, first, -neg_size) for (neg_size, _), first in zip(batch, firsts)]
     if kern.split_name in WHOLE_BATCH_BACKENDS:
         # cpp parallelises over the clusters itself; the batched ops are small for small rounds
         rows = sum(-neg_size for neg_size, _ in batch) if kern.split_name == "batched" else 0
@@ -156,6 +158,28 @@ def apply_split(members: list, heap: list, cid: int, side: torch.Tensor) -> None
     heapq.heappush(heap, (-right.shape[0], len(members) - 1))
 
 
+def apply_splits(members: list, heap: list, done: list[tuple[int, torch.Tensor, bool]]) -> None:
+    """:func:`apply_split` for every ``(id, side, fell_back)`` of a round, in that order, with one
+    stable sort of the round's members by (cluster, side) instead of two mask selections (two host
+    syncs on a GPU) per cluster: the same member lists, cluster ids and heap."""
+    if len(done) <= 1:
+        for cid, side, _ in done:
+            apply_split(members, heap, cid, side)
+        return
+    idx = torch.cat([members[cid] for cid, _, _ in done])
+    sizes = torch.tensor([members[cid].shape[0] for cid, _, _ in done], device=idx.device)
+    key = 2 * torch.repeat_interleave(torch.arange(len(done), device=idx.device), sizes) + torch.cat(
+        [side for _, side, _ in done])
+    counts = torch.bincount(key, minlength=2 * len(done)).tolist()
+    pieces = idx[torch.argsort(key, stable=True)].split(counts)  # member order kept within each side
+    for j, (cid, _, _) in enumerate(done):
+        left, right = pieces[2 * j], pieces[2 * j + 1]
+        members[cid] = left
+        members.append(right)
+        heapq.heappush(heap, (-left.shape[0], cid))
+        heapq.heappush(heap, (-right.shape[0], len(members) - 1))
+
+
 def next_batch(heap: list, mode: str, budget: int) -> list[tuple[int, int]]:
     """The clusters split in the next round: the largest (``sequential``), or every cluster at least half
     the largest's size, at most ``budget`` of them (``fast``)."""
@@ -172,8 +196,8 @@ def concepts_from_members(X, Xc, U, members, kern, K, return_info, rounds, fallb
     """Labels ``[N]`` from the member lists, concepts ``[K, C]`` = cluster means of the centred ``Xc``
     (and the :class:`BisectingInfo` with ``return_info``)."""
     labels = torch.empty(X.shape[0], dtype=torch.int64, device=X.device)
-    for cid, idx in enumerate(members):
-        labels[idx] = cid
+    sizes = torch.tensor([idx.shape[0] for idx in members], device=X.device)
+    labels[torch.cat(members)] = torch.repeat_interleave(torch.arange(len(members), device=X.device), sizes)
     sums, counts = kern.update(Xc.contiguous(), labels, K)
     concepts = (sums / counts.clamp_min(1).to(sums.dtype)[:, None]).to(X.dtype)
     if not return_info:
