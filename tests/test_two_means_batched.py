@@ -201,10 +201,10 @@ def test_opcheck_with_the_batched_backend():
                           (U, torch.arange(0, 200, 2), torch.randn(2, 6, dtype=torch.float64, generator=g), "batched"))
 
 
-def test_batched_is_the_cuda_default_and_cpu_keeps_cpp():
-    assert ops.spec("two_means_splits").preference["cuda"][0] == "batched"
-    name, _ = ops.kernel("two_means_splits", "cpu", "batched")
-    assert name == "batched"
+def test_batched_is_the_cuda_default_and_runs_on_the_cpu_when_asked():
+    for op in ("two_means_splits", "two_means_step"):
+        assert ops.spec(op).preference["cuda"][0] == "batched" and "batched" not in ops.spec(op).preference["cpu"]
+        assert ops.kernel(op, "cpu", "batched")[0] == "batched"
 
 
 # ------------------------------------------------------------------ bisecting k-means on the batched splits
