@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from _grids import DEVICES, accumulation_bound, unit_roundoff
 from gig_fast import ops
@@ -162,6 +163,34 @@ def test_batched_splits_with_the_cuda_reduction_on_the_cpu(case, seed, monkeypat
     S_bound, I_bound = _bounds(U, members, True, 300)
     assert bool(((got[1] - ref[1]).abs() <= S_bound).all()) and bool(((got[2] - ref[2]).abs() <= I_bound).all())
     assert torch.equal(got[3], ref[3])
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the aten ops that compute (views — reshapes, broadcasts — left out: PyTorch takes other
+    view paths for a batch of one) dispatched inside the ``with`` block."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("size", [40, 300])  # under and over init_sample (sampled, then refined)
+def test_tensor_ops_do_not_grow_with_the_number_of_clusters(size, seed):
+    """B copies of one cluster (same members, same seed: the same draws and Lloyd iterations) take the
+    very same number of tensor ops as one: every step is batched over the clusters, none loops over them."""
+    g = torch.Generator().manual_seed(seed)
+    U = _points(600, 8, torch.float32, g)
+    m = torch.randperm(600, generator=g)[:size].sort().values
+    counts = []
+    for B in (1, 24):
+        with _CountOps() as mode:
+            two_means_batched.two_means_splits_batched(U, [m] * B, [seed] * B, 3, 30, 128, True)
+        counts.append(mode.ops)
+    assert counts[0] == counts[1], counts
 
 
 def test_sides_are_a_lloyd_fixed_point_of_the_batched_step(seed):

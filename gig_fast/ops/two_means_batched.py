@@ -302,9 +302,14 @@ def two_means_splits_batched(U: torch.Tensor, members: list[torch.Tensor], seeds
     sampled = [b for b in range(B) if n[b] > init_sample]
     draws = _Draws(seeds)
     picks = list(members)
-    for b in sampled:  # host draws: the first init_sample of the cluster's stream
-        picks[b] = members[b][torch.as_tensor(_sample_positions(seeds[b], n[b], init_sample), device=dev)]
-        draws.count[b] = init_sample
+    if sampled:  # host draws (the first init_sample of each cluster's stream), then one gather for all
+        start = np.cumsum([0] + [n[b] for b in sampled])
+        where = np.concatenate([start[j] + np.array(_sample_positions(seeds[b], n[b], init_sample))
+                                for j, b in enumerate(sampled)])
+        rows = torch.cat([members[b] for b in sampled])[torch.as_tensor(where, device=dev)]
+        for b, piece in zip(sampled, rows.split(init_sample)):
+            picks[b] = piece
+        draws.count[sampled] = init_sample
     sample = _Segments(picks, dev)
     sizes = torch.as_tensor(n, dtype=torch.float64, device=dev)
     side, S, inertia = _best_of_inits(U, sample, sizes, draws, n_init, max_iter)
