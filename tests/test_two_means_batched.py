@@ -85,6 +85,13 @@ def _bounds(U: torch.Tensor, members: list[torch.Tensor], refine: bool, init_sam
     return torch.stack(S_bound), torch.tensor(I_bound, dtype=torch.float64)
 
 
+def test_a_one_member_cluster_is_a_named_error():
+    """A size-1 cluster cannot be split: the op refuses it by name on this backend too."""
+    U = _unit(torch.randn(10, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"members\[1\] has 1 member"):
+        ops.two_means_splits(U, [torch.arange(4), torch.tensor([7])], [1, 2], backend="batched")
+
+
 def test_vectorised_splitmix64_is_the_stream():
     """The k-th draw computed in closed form equals the k-th ``next()`` of the reference generator."""
     for seed in (0, 1234567, 2**62 + 12345, 2**63 - 2):

@@ -153,7 +153,8 @@ class SideSums:
         if self.chunked:
             self.per = (lengths + SUM_CHUNK - 1) // SUM_CHUNK  # chunks of each cluster
             chunk_seg = torch.repeat_interleave(torch.arange(self.B, device=seg.device), self.per)
-            nth = torch.arange(chunk_seg.shape[0], device=seg.device) - (torch.cumsum(self.per, 0) - self.per)[chunk_seg]
+            first_chunk = torch.cumsum(self.per, 0) - self.per
+            nth = torch.arange(chunk_seg.shape[0], device=seg.device) - first_chunk[chunk_seg]  # chunk's rank
             self.chunk_lengths = (lengths[chunk_seg] - nth * SUM_CHUNK).clamp(max=SUM_CHUNK)
 
     def __call__(self, X64: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
