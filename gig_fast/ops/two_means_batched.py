@@ -266,9 +266,9 @@ def _fall_back(U: torch.Tensor, members: list[torch.Tensor], sides: list[torch.T
     fell = torch.zeros(len(members), dtype=torch.bool, device=U.device)
     if not eligible:
         return fell
-    parts = _Segments([sides[b] for b in eligible], U.device)
-    ones = _count(parts.seg, parts.rows, parts.B)
-    flat = (ones == 0) | (ones == parts.lengths)
+    flags = _Segments([sides[b] for b in eligible], U.device)  # its "rows" are the sides themselves
+    ones = _count(flags.seg, flags.rows, flags.B)  # rows on side 1, per cluster
+    flat = (ones == 0) | (ones == flags.lengths)
     which = [b for b, f in zip(eligible, flat.tolist()) if f]
     if not which:
         return fell
