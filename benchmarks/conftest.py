@@ -127,8 +127,8 @@ class Bench:
 
     ``bench(fn, op=..., impl=..., case=..., shape=..., role=..., check=...)``: ``fn()`` runs once and
     ``check(result)`` must pass (it raises AssertionError with the figures otherwise, and returns a dict
-    of them, e.g. ``{"max_abs_err": ...}``, kept in ``extra_info``); then warm-up calls (GPU: several;
-    CPU: one, unless a call takes more than 0.1 s: the checked call warmed it) and pytest-benchmark's
+    of them, e.g. ``{"max_abs_err": ...}``, kept in ``extra_info``); then warm-up calls (GPU: three,
+    CPU: one; none when a call takes more than 0.1 s: the checked call warmed it) and pytest-benchmark's
     rounds. Calls longer than 0.1 s run ``max(--benchmark-min-rounds, --benchmark-max-time / call)``
     rounds of one call each (pedantic mode: no calibration call).
     """
@@ -196,7 +196,9 @@ class Bench:
         bm.extra_info.update(self._meta(**meta), **info, **(figures or {}))
         if not bm.enabled:  # --benchmark-disable: nothing is timed; mark the fixture used, no second call
             return bm.pedantic(lambda: out)
-        warm = 3 if self.device.startswith("cuda") else (1 if first_s < self.SLOW_S else 0)
+        # a call of SLOW_S or more was warmed by the checked call (GPU routes of seconds: bisecting, the
+        # per-cluster 2-means reference); three more would only eat the campaign's time box
+        warm = 0 if first_s >= self.SLOW_S else (3 if self.device.startswith("cuda") else 1)
         for _ in range(warm):
             fn()
         sync(self.device)

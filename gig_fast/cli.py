@@ -10,7 +10,7 @@
     gig-fast validate --config FILE [--vset K=V]   # run/resume the pipeline, then the validation suite
     gig-fast validate --demo [--out DIR]           # the same on the demo configuration
 
-Common flags: ``--device cpu|cuda``, ``--backend torch|cpp|triton|cuda`` (forces the op backend).
+Common flags: ``--device cpu|cuda``, ``--backend torch|cpp|triton|cuda|batched`` (forces the op backend).
 
 Several processes: ``torchrun --nproc_per_node=N -m gig_fast.cli run --config FILE`` (gloo on the CPU,
 NCCL with ``--device cuda``, one GPU per rank); rank 0 prints and writes the shared files.
@@ -28,7 +28,7 @@ __all__ = ["main"]
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: the config's, cpu)")
-    p.add_argument("--backend", default=None, help="force the op backend: torch, cpp, triton or cuda")
+    p.add_argument("--backend", default=None, help="force the op backend: torch, cpp, triton, cuda or batched")
     p.add_argument("--out", default=None, help="output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -30,7 +30,8 @@ TOL = {
 }
 
 # where each backend can run at all: a (backend, device) pair outside this is never generated
-_DEVICES_OF = {"torch": ("cpu", "cuda"), "cpp": ("cpu",), "triton": ("cpu", "cuda"), "cuda": ("cuda",)}
+_DEVICES_OF = {"torch": ("cpu", "cuda"), "cpp": ("cpu",), "triton": ("cpu", "cuda"), "cuda": ("cuda",),
+               "batched": ("cpu", "cuda")}
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:

@@ -9,10 +9,10 @@ from gig_fast.ops import available_backends, forced_backend, sparse_reconstruct,
 from gig_fast.ops.registry import resolve
 
 
-def test_available_backends_lists_all_four():
+def test_available_backends_lists_all_five():
     av = available_backends()
-    assert set(av) == {"torch", "cpp", "triton", "cuda"}
-    assert av["torch"] == "runs"
+    assert set(av) == {"torch", "cpp", "triton", "cuda", "batched"}
+    assert av["torch"] == "runs" and av["batched"] == "runs"
     assert av["cpp"] == "runs", gig_fast._extensions.extension_errors()
     assert av["triton"] != "missing"
 

@@ -1,10 +1,12 @@
 """bisecting_spherical_kmeans: contract of DESIGN.md §1.3, determinism, degenerate inputs, quality."""
+import heapq
 import warnings
 
 import pytest
 import torch
 
 from gig_fast.concepts import bisecting_spherical_kmeans, cosine_inertia
+from gig_fast.concepts.core import apply_split, apply_splits
 from gig_fast.ops import available_backends
 from gig_fast.testing import clustered_points
 
@@ -178,3 +180,25 @@ def test_fused_splits_do_not_depend_on_threads(mode):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(l1, l2) and torch.equal(c1, c2)
+
+
+def test_apply_splits_equals_one_split_at_a_time(seed):
+    """The round's splits applied with one stable sort give the member lists, ids and heap of
+    apply_split called cluster by cluster (in the round's order)."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(300, generator=g)
+    members = [c.sort().values for c in perm.split([40, 2, 97, 61, 100])]
+    done = []
+    for cid in (2, 0, 4, 1):  # not in id order
+        n = members[cid].shape[0]
+        side = torch.randint(0, 2, (n,), generator=g)
+        side[0], side[-1] = 0, 1  # both sides non-empty
+        done.append((cid, side, False))
+    one_members, one_heap = list(members), []
+    for cid, side, _ in done:
+        apply_split(one_members, one_heap, cid, side)
+    all_members, all_heap = list(members), []
+    apply_splits(all_members, all_heap, done)
+    assert len(all_members) == len(one_members) == 9
+    assert all(torch.equal(a, b) for a, b in zip(all_members, one_members))
+    assert [heapq.heappop(all_heap) for _ in range(8)] == [heapq.heappop(one_heap) for _ in range(8)]

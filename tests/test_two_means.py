@@ -81,7 +81,7 @@ def test_cpp_step_equals_the_reference(dtype):
     torch.testing.assert_close(sums, sums_ref, rtol=0, atol=SUM_TOL[dtype])
 
 
-@pytest.mark.parametrize("backend", ["torch"] + (["cpp"] if ops.available_backends()["cpp"] == "runs" else []))
+@pytest.mark.parametrize("backend", ["torch", "batched"] + (["cpp"] if ops.available_backends()["cpp"] == "runs" else []))
 def test_split_sides_are_the_lloyd_fixed_point_and_inertia_is_consistent(backend):
     """A returned split is stable under one more step, its sums are its sides' sums, and its inertia is
     n − |S0| − |S1|; identical rows fall back to the member order."""
@@ -99,7 +99,7 @@ def test_split_sides_are_the_lloyd_fixed_point_and_inertia_is_consistent(backend
 
 def test_registered_ops_pass_opcheck():
     U = _data(80, 6, 3, torch.float64, seed=7)
-    backends = ["torch"] + (["cpp"] if ops.available_backends()["cpp"] == "runs" else [])
+    backends = ["torch", "batched"] + (["cpp"] if ops.available_backends()["cpp"] == "runs" else [])
     for backend in backends:
         torch.library.opcheck(ops.spec("two_means_splits").custom_op,
                               (U, [torch.arange(80), torch.arange(10, 30)], [1, 2], 2, 10, 16, True, backend),

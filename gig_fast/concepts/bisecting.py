@@ -19,8 +19,10 @@ initialisations, Lloyd, refinement, fallback; algorithm and random draws in ``cs
 and ``centroid_update`` (the final concept means). Their inputs are validated once here and the
 chosen backend's bare kernels are called in the loop. On the ``cpp`` backend (the CPU default) the
 splits of a round are one C++ call, run in parallel: per-split dispatch from Python, not arithmetic,
-was the cost of the 2,047 small splits of a layer. The ``torch`` backend is the reference: the same
-algorithm with the same random draws, so both give the same concepts up to float rounding.
+was the cost of the 2,047 small splits of a layer. On the ``batched`` backend (the CUDA default) the
+splits of a round are segments of one concatenation, each Lloyd iteration a fixed number of tensor ops
+over all of them. The ``torch`` backend is the reference: the same algorithm with the same random
+draws, so all three give the same concepts up to float rounding.
 
 Determinism: the random draws of a split depend only on ``seed`` and on the cluster being split (its
 size and first member), not on when it is split, so the same seed gives the same concepts, and the
@@ -35,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from .core import (Kernels, apply_split, check_inputs, concepts_from_members, next_batch, split_batch,
+from .core import (Kernels, apply_splits, check_inputs, concepts_from_members, next_batch, split_batch,
                    unit_rows)
 from ..ops.reference import accumulation_dtype
 
@@ -88,9 +90,9 @@ def bisecting_spherical_kmeans(X: torch.Tensor, K: int, *, beta: torch.Tensor | 
     while len(members) < K:
         batch = next_batch(heap, mode, K - len(members))
         rounds += 1
-        for cid, side, fell_back in split_batch(U, members, batch, kern, seed, n_init, max_iter, init_sample):
-            fallbacks += int(fell_back)
-            apply_split(members, heap, cid, side)
+        done = split_batch(U, members, batch, kern, seed, n_init, max_iter, init_sample)
+        fallbacks += sum(int(fell_back) for _, _, fell_back in done)
+        apply_splits(members, heap, done)
 
     return concepts_from_members(X, Xc, U, members, kern, K, return_info, rounds, fallbacks, mode)
 

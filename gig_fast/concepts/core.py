@@ -15,7 +15,7 @@ from .. import ops
 from ..ops import checks as v
 
 __all__ = ["BisectingInfo", "cosine_inertia", "MODES", "Kernels", "unit_rows", "split_seed", "check_inputs",
-           "split_batch", "apply_split", "next_batch", "concepts_from_members", "threads_for"]
+           "split_batch", "apply_split", "apply_splits", "next_batch", "concepts_from_members", "threads_for"]
 
 MODES = ("sequential", "fast")  # see bisecting_spherical_kmeans(mode=…)
 
@@ -32,7 +32,8 @@ class BisectingInfo:
         fallback_splits: splits made by member order because 2-means could not separate the points.
         mode: "sequential" or "fast".
         backends: the backends used for the 2-means splits (``two_means``: ``cpp`` — one fused C++ call
-            per round — or ``torch``, the reference) and the concept means (``centroid_update``).
+            per round —, ``batched`` — a round's splits as segments of batched tensor ops, the CUDA
+            default — or ``torch``, the reference) and the concept means (``centroid_update``).
         sharded_splits: splits whose refinement ran data-parallel over several ranks (0 in one process).
     """
     inertia: float
@@ -72,6 +73,8 @@ def cosine_inertia(X: torch.Tensor, labels: torch.Tensor, K: int, beta: torch.Te
     counts = torch.bincount(labels, minlength=K).to(acc)
     return float((counts - sums.norm(dim=1)).sum())
 
+
+WHOLE_BATCH_BACKENDS = ("cpp", "batched")  # their two_means_splits take a round's clusters in one call
 
 PARALLEL_MIN_ELEMS = 1 << 22  # a cluster smaller than this (points × channels) is split on one thread
 
@@ -123,12 +126,19 @@ def check_inputs(X, K, beta, n_init, max_iter, mode):
 def split_batch(U: torch.Tensor, members: list, batch: list, kern: Kernels, seed: int, n_init: int,
                 max_iter: int, init_sample: int) -> list[tuple[int, torch.Tensor, bool]]:
     """2-means splits of the clusters ``batch`` (``(−size, id)`` pairs): ``(id, side int64 [n], fell_back)``
-    each. The cpp backend splits them all in one C++ call (in parallel when there are several); the
-    torch reference splits one cluster at a time (small ones on one thread, see :func:`threads_for`)."""
-    seeds = [split_seed(seed, int(members[cid][0]), -neg_size) for neg_size, cid in batch]
-    if kern.split_name == "cpp":
-        sides, _, _, fell_back = kern.splits(U, [members[cid] for _, cid in batch], seeds, n_init, max_iter,
-                                             init_sample, True)
+    each. The cpp backend splits them all in one C++ call (in parallel when there are several), the
+    batched backend all at once as segments (a fixed number of tensor ops per Lloyd iteration: the GPU
+    route); the torch reference splits one cluster at a time (small ones on one thread, see
+    :func:`threads_for`)."""
+    # the first members of the batch in one host transfer (one sync on a GPU, not one per cluster)
+    firsts = torch.stack([members[cid][0] for _, cid in batch]).tolist() if batch else []
+    seeds = [split_seed(seed, first, -neg_size) for (neg_size, _), first in zip(batch, firsts)]
+    if kern.split_name in WHOLE_BATCH_BACKENDS:
+        # cpp parallelises over the clusters itself; the batched ops are small for small rounds
+        rows = sum(-neg_size for neg_size, _ in batch) if kern.split_name == "batched" else 0
+        with threads_for(rows * U.shape[1], U.device) if rows else contextlib.nullcontext():
+            sides, _, _, fell_back = kern.splits(U, [members[cid] for _, cid in batch], seeds, n_init, max_iter,
+                                                 init_sample, True)
         return [(cid, side, fell) for (_, cid), side, fell in zip(batch, sides, fell_back.tolist())]
     out = []
     for (neg_size, cid), s in zip(batch, seeds):
@@ -148,6 +158,28 @@ def apply_split(members: list, heap: list, cid: int, side: torch.Tensor) -> None
     heapq.heappush(heap, (-right.shape[0], len(members) - 1))
 
 
+def apply_splits(members: list, heap: list, done: list[tuple[int, torch.Tensor, bool]]) -> None:
+    """:func:`apply_split` for every ``(id, side, fell_back)`` of a round, in that order, with one
+    stable sort of the round's members by (cluster, side) instead of two mask selections (two host
+    syncs on a GPU) per cluster: the same member lists, cluster ids and heap."""
+    if len(done) <= 1:
+        for cid, side, _ in done:
+            apply_split(members, heap, cid, side)
+        return
+    idx = torch.cat([members[cid] for cid, _, _ in done])
+    sizes = torch.tensor([members[cid].shape[0] for cid, _, _ in done], device=idx.device)
+    key = 2 * torch.repeat_interleave(torch.arange(len(done), device=idx.device), sizes) + torch.cat(
+        [side for _, side, _ in done])
+    counts = torch.bincount(key, minlength=2 * len(done)).tolist()
+    pieces = idx[torch.argsort(key, stable=True)].split(counts)  # member order kept within each side
+    for j, (cid, _, _) in enumerate(done):
+        left, right = pieces[2 * j], pieces[2 * j + 1]
+        members[cid] = left
+        members.append(right)
+        heapq.heappush(heap, (-left.shape[0], cid))
+        heapq.heappush(heap, (-right.shape[0], len(members) - 1))
+
+
 def next_batch(heap: list, mode: str, budget: int) -> list[tuple[int, int]]:
     """The clusters split in the next round: the largest (``sequential``), or every cluster at least half
     the largest's size, at most ``budget`` of them (``fast``)."""
@@ -164,8 +196,8 @@ def concepts_from_members(X, Xc, U, members, kern, K, return_info, rounds, fallb
     """Labels ``[N]`` from the member lists, concepts ``[K, C]`` = cluster means of the centred ``Xc``
     (and the :class:`BisectingInfo` with ``return_info``)."""
     labels = torch.empty(X.shape[0], dtype=torch.int64, device=X.device)
-    for cid, idx in enumerate(members):
-        labels[idx] = cid
+    sizes = torch.tensor([idx.shape[0] for idx in members], device=X.device)
+    labels[torch.cat(members)] = torch.repeat_interleave(torch.arange(len(members), device=X.device), sizes)
     sums, counts = kern.update(Xc.contiguous(), labels, K)
     concepts = (sums / counts.clamp_min(1).to(sums.dtype)[:, None]).to(X.dtype)
     if not return_info:

@@ -84,11 +84,14 @@ def _split_small(U, members, batch, kern, seed, n_init, max_iter, init_sample, r
     buf = torch.zeros(offsets[-1] + len(batch), dtype=torch.int64)  # sides, then one fallback flag each
     mine = [j for j in range(len(batch)) if j % world == rank]
     done = split_batch(U, members, [batch[j] for j in mine], kern, seed, n_init, max_iter, init_sample)
-    for j, (_, side, fell_back) in zip(mine, done):
-        buf[offsets[j]:offsets[j + 1]] = side.cpu()
-        buf[offsets[-1] + j] = int(fell_back)
+    if done:  # one device→host copy of this rank's sides (not one per cluster: a sync each on a GPU)
+        sides = torch.cat([side for _, side, _ in done]).cpu().split([sizes[j] for j in mine])
+        for j, side, (_, _, fell_back) in zip(mine, sides, done):
+            buf[offsets[j]:offsets[j + 1]] = side
+            buf[offsets[-1] + j] = int(fell_back)
     buf = reduce(buf)
-    return {cid: (buf[offsets[j]:offsets[j + 1]].to(U.device), bool(buf[offsets[-1] + j]))
+    on_device = buf[:offsets[-1]].to(U.device)
+    return {cid: (on_device[offsets[j]:offsets[j + 1]], bool(buf[offsets[-1] + j]))
             for j, (_, cid) in enumerate(batch)}
 
 

@@ -5,9 +5,10 @@ bare kernels and its ``torch.library`` custom op); :func:`spec` and :func:`kerne
 reach them, e.g. for a k-means loop that validates its inputs once and then calls the bare kernels, or
 for a test that runs ``torch.library.opcheck`` on the registered op.
 
-Four backends exist: ``torch`` (pure-PyTorch reference: the oracle of every test, runs anywhere),
-``cpp`` (C++/OpenMP on CPU tensors), ``triton`` (GPU, or CPU under ``TRITON_INTERPRET=1`` for tests)
-and ``cuda`` (CUDA C++). Each op names the backends it implements and its order of preference per
+Five backends exist: ``torch`` (pure-PyTorch reference: the oracle of every test, runs anywhere),
+``cpp`` (C++/OpenMP on CPU tensors), ``triton`` (GPU, or CPU under ``TRITON_INTERPRET=1`` for tests),
+``cuda`` (CUDA C++) and ``batched`` (pure PyTorch batched over many problems at once — e.g. all the
+2-means splits of a round as segments — for the GPU; runs anywhere). Each op names the backends it implements and its order of preference per
 device; the default is the first one that is built and runs on the tensors' device.
 
 A backend can be forced with the context manager :func:`use_backend` or the environment variable
@@ -27,7 +28,7 @@ import torch
 
 from .. import _extensions as ext
 
-BACKENDS = ("torch", "cpp", "triton", "cuda")
+BACKENDS = ("torch", "cpp", "triton", "cuda", "batched")
 ENV_VAR = "GIG_FAST_BACKEND"
 
 __all__ = ["BACKENDS", "OpSpec", "register", "spec", "specs", "kernel", "resolve", "available_backends",
@@ -42,10 +43,10 @@ def available_backends() -> dict[str, str]:
     ``"compiled"`` (built but no device to run it on) or ``"missing"``.
 
     Example on a CPU-only machine with a CUDA toolkit: ``{'torch': 'runs', 'cpp': 'runs',
-    'triton': 'runs (interpreter)' or 'compiled', 'cuda': 'compiled'}``.
+    'triton': 'runs (interpreter)' or 'compiled', 'cuda': 'compiled', 'batched': 'runs'}``.
     """
     gpu = torch.cuda.is_available()
-    out = {"torch": "runs"}
+    out = {"torch": "runs", "batched": "runs"}
     out["cpp"] = "runs" if ext.has_cpp_extension() else "missing"
     if not ext.has_triton():
         out["triton"] = "missing"
@@ -62,7 +63,7 @@ def available_backends() -> dict[str, str]:
 
 def backend_runs_on(backend: str, device: torch.device) -> bool:
     """Whether ``backend`` is built and can execute on tensors living on ``device``."""
-    if backend == "torch":
+    if backend in ("torch", "batched"):
         return True
     if backend == "cpp":
         return device.type == "cpu" and ext.has_cpp_extension()

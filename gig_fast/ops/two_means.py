@@ -7,8 +7,11 @@ the whole cluster, fallback by member order for inseparable points), each with i
 ``two_means_step`` is one Lloyd step from given side sums (the data-parallel refinement of the distributed
 extractor is made of it). Backends: ``torch`` (the reference, :func:`gig_fast.ops.reference.two_means_splits_ref`:
 the same algorithm and the same :class:`~gig_fast.ops.reference.SplitMix64` draws, so both backends give
-the same partitions up to float rounding) and ``cpp`` (one fused C++ call per batch, clusters in parallel:
-per-split dispatch from Python, not arithmetic, was the cost of the 2,047 small splits of a layer).
+the same partitions up to float rounding), ``cpp`` (one fused C++ call per batch, clusters in parallel:
+per-split dispatch from Python, not arithmetic, was the cost of the 2,047 small splits of a layer) and
+``batched`` (:mod:`gig_fast.ops.two_means_batched`: pure PyTorch on any device, all clusters of a batch
+at once as segments of one concatenation, a fixed number of tensor ops per Lloyd iteration — the
+route on CUDA).
 """
 from __future__ import annotations
 
@@ -17,11 +20,16 @@ import torch
 from . import checks as v
 from .reference import two_means_splits_ref, two_means_step_ref
 from .registry import OpSpec, register, resolve
+from .two_means_batched import two_means_splits_batched, two_means_step_batched
 
 __all__ = ["two_means_splits", "two_means_step"]
 
-IMPLEMENTED = ("torch", "cpp")
-PREFERENCE = {"cpu": ("cpp", "torch"), "cuda": ("torch",)}
+IMPLEMENTED = ("torch", "cpp", "batched")
+# cuda: the batched splits first (the per-cluster reference is thousands of tiny launches per layer).
+# cpu: the fused C++; batched is not a CPU default: a CPU op costs microseconds, not a launch and a sync,
+# and one round of splits measured 0.73-0.83x the per-cluster reference there (N = 20,000, C = 64,
+# B = 8 and 64 clusters, one thread, bench_kmeans side by side), the C++ 10-16x it.
+PREFERENCE = {"cpu": ("cpp", "torch"), "cuda": ("batched", "torch")}
 
 
 def _splits_cpp(U, members, seeds, n_init, max_iter, init_sample, refine):
@@ -34,9 +42,9 @@ def _step_cpp(U, members, sums):
 
 # backend → fn(U [N, C], members [int64 [n_b]], seeds [int], n_init, max_iter, init_sample, refine)
 #   -> (sides, sums float64 [B, 2, C], inertia float64 [B], fell_back bool [B]); inputs validated.
-SPLIT_IMPLS = {"torch": two_means_splits_ref, "cpp": _splits_cpp}
+SPLIT_IMPLS = {"torch": two_means_splits_ref, "cpp": _splits_cpp, "batched": two_means_splits_batched}
 # backend → fn(U [N, C], members int64 [n], sums float64 [2, C]) -> (side int64 [n], sums float64 [2, C]).
-STEP_IMPLS = {"torch": two_means_step_ref, "cpp": _step_cpp}
+STEP_IMPLS = {"torch": two_means_step_ref, "cpp": _step_cpp, "batched": two_means_step_batched}
 
 
 @torch.library.custom_op("gig_fast::two_means_splits", mutates_args=())
@@ -44,6 +52,8 @@ def _two_means_splits_op(U: torch.Tensor, members: list[torch.Tensor], seeds: li
                          max_iter: int, init_sample: int, refine: bool, backend: str
                          ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
     sides, sums, inertia, fell_back = SPLIT_IMPLS[backend](U, members, seeds, n_init, max_iter, init_sample, refine)
+    if backend == "batched":  # its sides are views of one tensor; a custom op's outputs may not alias
+        sides = [s.clone() for s in sides]
     return list(sides), sums, inertia, fell_back
 
 
@@ -100,7 +110,7 @@ def two_means_splits(U: torch.Tensor, members: list[torch.Tensor], seeds: list[i
         max_iter: Lloyd steps per initialisation at most (it stops once no side changes).
         init_sample: a cluster larger than this picks its initialisation on a random sample of this many
             members, then refines it on all of them (``refine=False``: it stops after the sample).
-        backend: ``"cpp"`` or ``"torch"`` (default: the fastest for U's device).
+        backend: ``"cpp"``, ``"batched"`` or ``"torch"`` (default: the fastest for U's device).
 
     Returns:
         ``(sides, sums, inertia, fell_back)``: ``sides[b]`` int64 ``[n_b]`` in {0, 1} (both non-empty),
