@@ -2,7 +2,8 @@
 # One device call on a lent GPU: build the CUDA extension there, check every backend against the
 # reference (the GPU rows of the test suite), run the benchmark suite (pytest-benchmark, full size:
 # every route checked against its reference, then timed) topic by topic, and write the results file,
-# pytest-benchmark's JSON per topic, the logs and a Markdown table to $OUT (first argument).
+# pytest-benchmark's JSON per topic, the logs and a Markdown table to $OUT (first argument): results.jsonl,
+# table.md and device.txt as they are, the rest packed in campaign.tar.gz (a device call returns ≤ 8 files).
 # Rows are recorded only when the GPU tests passed within their budget; otherwise the suite still
 # runs (its log and JSON are kept for diagnosis) and the script exits non-zero.
 #
@@ -18,6 +19,29 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 GIG_FAST_RESULTS="$OUT/results.jsonl"
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
+
+# A device call brings back at most 8 files of at most 16 MiB from $OUT: on exit (also after a failed
+# build or a time-out) everything but results.jsonl, table.md and device.txt goes into campaign.tar.gz
+# (logs, per-topic JSON, profile and trace), split into 15 MiB parts if larger
+# (`cat campaign.tar.gz.part-* > campaign.tar.gz` to reassemble).
+pack() {
+  ( cd "$OUT" || exit 0
+    shopt -s nullglob
+    keep=(results.jsonl table.md device.txt)
+    items=()
+    for f in *; do
+      case " ${keep[*]} " in *" $f "*) continue ;; esac
+      case "$f" in campaign.tar.gz*) continue ;; esac
+      items+=("$f")
+    done
+    [ ${#items[@]} -gt 0 ] || exit 0
+    tar -czf campaign.tar.gz "${items[@]}" && rm -rf "${items[@]}"
+    if [ "$(stat -c %s campaign.tar.gz)" -gt $((15 * 1024 * 1024)) ]; then
+      split -b 15M campaign.tar.gz campaign.tar.gz.part- && rm campaign.tar.gz
+    fi
+    ls -la "$OUT" )
+}
+trap pack EXIT
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   nvcc --version | tail -1
