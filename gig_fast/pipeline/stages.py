@@ -92,7 +92,7 @@ def pfv_dataset(pipe) -> list[Path]:
     # this rank's chunks not done yet (another rank's chunk, or a finished one on resume, is skipped)
     todo = [ci for ci in range(len(chunks)) if dist.owns(ci) and not is_complete(files[ci], _stage1_keys(pipe))]
     loaded = image_batches(pipe, [b for ci in todo for b in _batches(chunks[ci], cfg.batch_size)])
-    with BackgroundWriter() as writer:  # the next chunk computes while this one is written
+    with BackgroundWriter(save_npz) as writer:  # the next chunk computes while this one is written
         for ci in _bar(pipe, todo, "stage 1: PFV–iERF dataset"):
             chunk, path = chunks[ci], files[ci]
             k = cfg.pfvs_per_image
@@ -261,7 +261,7 @@ def decompose(pipe) -> list[Path]:
     files = [pipe.work / "codes" / f"chunk_{ci:05d}.npz" for ci in range(len(chunks))]
     todo = [ci for ci in range(len(chunks)) if dist.owns(ci) and not is_complete(files[ci], _code_keys(pipe))]
     loaded = image_batches(pipe, [b for ci in todo for b in _batches(chunks[ci], cfg.batch_size)])
-    with BackgroundWriter() as writer:  # the next chunk computes while this one is written
+    with BackgroundWriter(save_npz) as writer:  # the next chunk computes while this one is written
         for ci in _bar(pipe, todo, "stage 3: decomposition"):
             chunk, path = chunks[ci], files[ci]
             out: dict[str, list] = {}
@@ -472,7 +472,7 @@ def _attribute_transition(pipe, a: str, b: str, code_files: list[Path]) -> None:
     f_ab = pipe.adapter.f_ab(a, None if b == CLASSES else b)
     k = min(cfg.top_concepts, V.shape[0])
     plain = {**cfg.gig_options(), "tolerance": None}
-    with BackgroundWriter() as writer:  # the next chunk computes while this one is written
+    with BackgroundWriter(save_npz) as writer:  # the next chunk computes while this one is written
         for ci, cpath in enumerate(code_files):
             path = trans_dir(pipe, a, b) / f"chunk_{ci:05d}.npz"
             if not dist.owns(ci) or is_complete(path, GIG_KEYS):

@@ -122,7 +122,8 @@ class BackgroundWriter:
     """:func:`save_npz` on one background thread, so that a stage computes its next chunk while the last
     one is written (``np.savez`` + ``fsync``: stage-4 chunk files hold ``[classes, T, K]`` float64 sums,
     tens of MB each at K = 16,384). The arrays are copied to host numpy on the caller's thread; at most
-    ``pending`` files wait behind the one being written (their arrays stay in memory until then). Every
+    ``pending`` files wait behind the one being written (their arrays stay in memory until then);
+    ``save(path, **arrays)`` writes one file (default :func:`save_npz`). Every
     file is still written atomically; leaving the ``with`` block waits for every write and raises the
     first failure (a failure also surfaces at the next :meth:`save_npz`).
 
@@ -132,7 +133,8 @@ class BackgroundWriter:
         # every file is on disk here
     """
 
-    def __init__(self, pending: int = 1):
+    def __init__(self, save=None, pending: int = 1):
+        self._save = save or save_npz  # the function that writes one file (its caller's, e.g. a test's wrapper)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gig-write")
         self._futures: list = []
         self._pending = pending
@@ -143,7 +145,7 @@ class BackgroundWriter:
         self._futures = [f for f in self._futures if not f.done()]
         while len(self._futures) > self._pending:
             self._futures.pop(0).result()
-        self._futures.append(self._pool.submit(_write_npz, Path(path), _as_numpy(arrays)))
+        self._futures.append(self._pool.submit(self._save, Path(path), **_as_numpy(arrays)))
 
     def wait(self) -> None:
         """Block until every submitted file is written; raise the first failure."""
