@@ -326,6 +326,8 @@ def run_scale(plan: ScalePlan, device: str, out: Path, budget: float) -> dict:
     stages["outputs"] = {"s": t_out, "images": n3, **peaks}
     note()
     quality = _codes_quality(pipe)
+    for layer, m in quality.items():  # the run's own check (the subset routes compare it with torch's)
+        assert math.isfinite(m["rel_l2"]) and 0 <= m["l0_ratio"] <= 1, f"{layer}: {m}"
 
     # each subset route: its share, less when the stages ran over theirs (at least 20 s of timing)
     box = max(20.0, min(SHARES["subset"] * budget, remaining() / 2))

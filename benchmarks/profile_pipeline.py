@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import json
+import math
 import pstats
 import shutil
 import tempfile
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -151,19 +154,64 @@ def writer_compare(folder: str, mb: float, compute_ms: float, files: int = 8) ->
         shutil.rmtree(base, ignore_errors=True)
 
 
+def sampler_compare(batch: int = 128, rounds: int = 7) -> dict:
+    """The stage-1 sampler's draws over ResNet-50's 16 blocks (3 at 56×56, 4 at 28×28, 6 at 14×14, 3 at
+    7×7 positions): its per-image loop on the main thread (the pipeline's ``_sampler``) vs the same draws
+    on a thread pool of one thread per core (a candidate fix, not adopted: slower on the 2-core box); best of ``rounds``, alternating; checks that the draws are the same."""
+    import numpy as np
+
+    from gig_fast.pipeline.stages import image_generator
+
+    g = torch.Generator().manual_seed(0)
+    contribs = [torch.randn(batch, s, s, generator=g) for s in [56] * 3 + [28] * 4 + [14] * 6 + [7] * 3]
+    images = np.arange(batch) * 7
+
+    def loop(point, contrib):  # the code before: one draw after the other
+        w = contrib.flatten(1).double().clamp_min(0)
+        w[w.sum(1) <= 0] = 1.0
+        return torch.stack([torch.multinomial(w[i], 1, replacement=False, generator=image_generator(0, im, point))
+                            for i, im in enumerate(images.tolist())])
+
+    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+
+    def select(point, contrib):  # the same draws, the images' on a thread pool (torch may release the GIL)
+        w = contrib.flatten(1).double().clamp_min(0)
+        w[w.sum(1) <= 0] = 1.0
+        draw = lambda i, im: torch.multinomial(w[i], 1, replacement=False,  # noqa: E731
+                                               generator=image_generator(0, im, point))
+        return torch.stack(list(pool.map(draw, range(len(images)), images.tolist())))
+
+    times = {"main-thread loop": math.inf, "thread pool": math.inf}
+    for _ in range(rounds):  # the two ways alternate, so that a busy spell of the machine hits both
+        for name, fn in (("main-thread loop", loop), ("thread pool", select)):
+            t0 = time.perf_counter()
+            drawn = [fn(f"layer{i}", c) for i, c in enumerate(contribs)]
+            times[name] = min(times[name], time.perf_counter() - t0)
+            if name == "main-thread loop":
+                ref = drawn
+            else:
+                assert all(torch.equal(a, b) for a, b in zip(ref, drawn)), "the thread pool drew other positions"
+    return {"images": batch, "ms_per_image": {k: round(v / batch * 1e3, 3) for k, v in times.items()},
+            "speedup": round(times["main-thread loop"] / times["thread pool"], 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--images", required=True, help="an image folder DIR/<class>/<file>")
+    ap.add_argument("--images", help="an image folder DIR/<class>/<file> (the profile and --loader-compare)")
     ap.add_argument("--loader-workers", type=int, default=0)
     ap.add_argument("--top", type=int, default=25, help="functions listed by their own time")
     ap.add_argument("--loader-compare", type=float, default=None, metavar="DEVICE_MS",
                     help="only compare the ways of loading stage 1's images, DEVICE_MS simulated device work per batch")
     ap.add_argument("--writer-compare", type=float, nargs=2, default=None, metavar=("MB", "COMPUTE_MS"),
                     help="only compare inline and background chunk-file writes")
+    ap.add_argument("--sampler-compare", action="store_true", help="only compare the stage-1 sampler's two ways")
     ap.add_argument("--out", default=None, help="output folder (default: a temporary one, removed)")
     args = ap.parse_args()
     if args.loader_compare is not None:
         print(json.dumps(loader_compare(args.images, args.loader_compare, args.loader_workers or 2)))
+        return
+    if args.sampler_compare:
+        print(json.dumps(sampler_compare()))
         return
     if args.writer_compare is not None:
         print(json.dumps(writer_compare(args.out or tempfile.gettempdir(), *args.writer_compare)))
