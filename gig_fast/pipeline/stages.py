@@ -358,9 +358,10 @@ def class_pair_weights(pipe, a: str, b: str, sources: np.ndarray) -> np.ndarray:
     return total
 
 
-def top_sets(pipe, point: str) -> np.ndarray:
-    """``[n_classes, top]`` the top concepts of ``point`` per class (by the score from the layer above)."""
-    scores = class_scores(pipe, point, _above(pipe, point))
+def top_sets(pipe, point: str, scores: np.ndarray | None = None) -> np.ndarray:
+    """``[n_classes, top]`` the top concepts of ``point`` per class (by the score from the layer above;
+    ``scores``: its :func:`class_scores`, when the caller has read them already)."""
+    scores = class_scores(pipe, point, _above(pipe, point)) if scores is None else scores
     k = min(pipe.config.top_concepts, scores.shape[1])
     return np.argsort(-scores, axis=1, kind="stable")[:, :k]
 
@@ -394,14 +395,16 @@ def shared_sets(pipe, point: str, scores: np.ndarray | None = None) -> dict[tupl
             for i, c1 in enumerate(present) for c2 in present[i + 1:]}
 
 
-def view_sets(pipe, point: str) -> np.ndarray:
+def view_sets(pipe, point: str, scores: np.ndarray | None = None) -> np.ndarray:
     """``[n_classes, T]`` (−1 padded) the concepts of ``point`` whose GIG a class's images carry: its top
     set (first, in :func:`top_sets` order), then every concept it shares with another class
     (:func:`shared_sets`) that is not in its top set (ascending), so a pair view can wire its shared
-    concepts to their children (paper Fig. 1)."""
-    tops = top_sets(pipe, point)
+    concepts to their children (paper Fig. 1). ``scores``: as in :func:`top_sets`."""
+    # one pass over the chunk files of the transition above (tens of MB each at K = 16,384), not one per set
+    scores = class_scores(pipe, point, _above(pipe, point)) if scores is None else scores
+    tops = top_sets(pipe, point, scores)
     extra: dict[int, set] = {c: set() for c in range(pipe.num_classes)}
-    for (c1, c2), shared in shared_sets(pipe, point).items():
+    for (c1, c2), shared in shared_sets(pipe, point, scores).items():
         for q, _ in shared:
             extra[c1].add(q)
             extra[c2].add(q)
