@@ -32,7 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 # cause → the functions whose cumulative time it is (file name fragment, function name); a cause counts a
 # call once even when it nests (load_images inside explain's caller, etc.)
 CAUSES = {
-    "image loading + decoding (main thread)": [("pipeline/run.py", "load_images"), ("pipeline/loading.py", "batches")],
+    # before issue #28 load_images ran on the main thread; after it, the main thread only waits in
+    # loading.py's generators for batches not ready yet (the loading itself runs on other threads/processes)
+    "image loading + decoding (main thread)": [("pipeline/run.py", "load_images"), ("pipeline/loading.py", "_threaded"),
+                                               ("pipeline/loading.py", "_worker_processes")],
     "stage-1 sampler (per-image generators)": [("pipeline/stages.py", "select")],
     "chunk-file writes (save_npz, fsync)": [("pipeline/store.py", "save_npz")],
     "chunk-file checks (CRC on resume)": [("pipeline/store.py", "npz_problem")],
@@ -45,7 +48,8 @@ CAUSES = {
 
 
 def cause_seconds(stats: pstats.Stats) -> dict[str, float]:
-    """Per cause, the cumulative seconds of its functions (the largest where several match: they nest)."""
+    """Per cause, the cumulative seconds of its functions (the largest where several match: they nest).
+    cProfile sees the main thread only: work moved to other threads leaves the main thread's waits."""
     out = {}
     for cause, funcs in CAUSES.items():
         best = 0.0
