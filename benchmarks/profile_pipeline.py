@@ -3,6 +3,9 @@ split by cause — image loading and decoding, the stage-1 sampler's per-image l
 reads, the model/op compute — as shares of the run's wall time.
 
     python benchmarks/profile_pipeline.py --images DIR [--loader-workers N] [--out DIR]
+    python benchmarks/profile_pipeline.py --images DIR --loader-compare 60 --loader-workers 2  # side by side
+    python benchmarks/profile_pipeline.py --writer-compare 40 200     # inline vs background chunk writes
+    python benchmarks/profile_pipeline.py --sampler-compare           # stage-1 draws: loop vs thread pool
 
 ``DIR`` is an image folder (``DIR/<class>/<file>``, e.g. JPEGs of ImageNet's typical 500×375); the run
 uses the demo-shaped network (random weights) at 28×28 grey, its last four blocks, so that the host-side
