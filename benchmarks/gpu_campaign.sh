@@ -9,6 +9,16 @@
 #
 #   bash benchmarks/gpu_campaign.sh "$OUT" [topic ...]        # topics: bench_<topic>.py, default all
 #
+# Topic pipeline_scale (not in the default list): the pipeline's scale run (issue #28, bench_pipeline.py
+# --scale gpu: ResNet-50, 16 blocks, K = 8·C, time-boxed stages within GIG_FAST_SCALE_BUDGET s, default
+# 420, killed 60 s later), its summary copied to $OUT/pipeline_scale_summary.json. One call of <= 8 min:
+#
+#   GIG_FAST_SKIP_BUILD=1 GIG_FAST_TEST_BUDGET=0 bash benchmarks/gpu_campaign.sh "$OUT" pipeline_scale
+#
+# GIG_FAST_SKIP_BUILD=1: use the carried build (gig_fast/_C*.so) when its CUDA backend loads, else build.
+# GIG_FAST_TEST_BUDGET=0: no GPU test suite; then only pipeline_scale records rows (it checks its own
+# results: finite codes, and the default route's codes against the pure-torch route's on its subset).
+#
 # Outside baselines (Captum, flash-kmeans) travel as wheels in .whl/ (see README: Benchmarks).
 set -uo pipefail
 OUT=${1:-${OUT:-/tmp/gig_fast_gpu}}
@@ -54,21 +64,34 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-stamp "building the extensions (sm_90, register report in build.log)"
-GIG_FAST_CUDA_ARCH=90 GIG_FAST_PTXAS_VERBOSE=1 MAX_JOBS=16 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
-  || { stamp "BUILD FAILED"; grep -a -E "error" "$OUT/build.log" | head -40; exit 1; }
-grep -a -E "registers|spill" "$OUT/build.log" | grep -a -v " 0 bytes spill" | head -5
+cuda_loads() { python3 -c "import gig_fast, sys; sys.exit(gig_fast.ops.available_backends().get('cuda') != 'runs')" 2>/dev/null; }
+if [ "${GIG_FAST_SKIP_BUILD:-0}" = 1 ] && cuda_loads; then
+  stamp "using the carried build of the extensions"
+else
+  stamp "building the extensions (sm_90, register report in build.log)"
+  GIG_FAST_CUDA_ARCH=90 GIG_FAST_PTXAS_VERBOSE=1 MAX_JOBS=16 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
+    || { stamp "BUILD FAILED"; grep -a -E "error" "$OUT/build.log" | head -40; exit 1; }
+  grep -a -E "registers|spill" "$OUT/build.log" | grep -a -v " 0 bytes spill" | head -5
+fi
 python3 -c "import gig_fast; print(gig_fast.ops.available_backends(), gig_fast._extensions.extension_errors())"
 
-stamp "GPU correctness: the test suite's gpu rows (at most ${GIG_FAST_TEST_BUDGET:-150} s)"
-timeout "${GIG_FAST_TEST_BUDGET:-150}" python3 -m pytest tests -q -p no:cacheprovider -m gpu > "$OUT/tests_gpu.log" 2>&1
-tests_status=$?
-grep -a -E "passed|failed|FAILED|Error" "$OUT/tests_gpu.log" | tail -15
 record=()
-if [ "$tests_status" -ne 0 ]; then
-  stamp "GPU tests did not pass (status $tests_status): the benchmarks run for the log, NO rows are recorded"
+tests_status=0
+if [ "${GIG_FAST_TEST_BUDGET:-150}" = 0 ]; then
+  stamp "GPU test suite skipped (GIG_FAST_TEST_BUDGET=0): only pipeline_scale, which checks itself, records rows"
   record=(--no-record)
+else
+  stamp "GPU correctness: the test suite's gpu rows (at most ${GIG_FAST_TEST_BUDGET:-150} s)"
+  timeout "${GIG_FAST_TEST_BUDGET:-150}" python3 -m pytest tests -q -p no:cacheprovider -m gpu > "$OUT/tests_gpu.log" 2>&1
+  tests_status=$?
+  grep -a -E "passed|failed|FAILED|Error" "$OUT/tests_gpu.log" | tail -15
+  if [ "$tests_status" -ne 0 ]; then
+    stamp "GPU tests did not pass (status $tests_status): the benchmarks run for the log, NO rows are recorded"
+    record=(--no-record)
+  fi
 fi
+scale_record=(--results "$OUT/results.jsonl")
+[ "$tests_status" -ne 0 ] && scale_record=()
 
 # Where one gig() call's time goes (issue 26): the goal's cases (B = 32 and 2, m = 50, fixed rule)
 # profiled once each, the shares in profile/gig_profile.md (its output also in bench.log), the first
@@ -82,6 +105,19 @@ timeout "${GIG_FAST_PROFILE_BUDGET:-150}" python3 benchmarks/profile_gig.py --de
 # SIGINT and still writes the JSON of the benchmarks it finished (their rows are recorded).
 [ ${#TOPICS[@]} -gt 0 ] || TOPICS=(sparse_reconstruct gig kmeans sparse_code pipeline)
 for topic in "${TOPICS[@]}"; do
+  if [ "$topic" = pipeline_scale ]; then
+    budget=${GIG_FAST_SCALE_BUDGET:-420}
+    stamp "pipeline scale run: stages time-boxed within $budget s (killed at $(( budget + 60 )) s)"
+    timeout -k 10 $(( budget + 60 )) python3 benchmarks/bench_pipeline.py --scale gpu --device cuda --budget "$budget" \
+      --out /tmp/gig_pipeline_scale "${scale_record[@]}" 2>&1 | tee -a "$OUT/bench.log"
+    scale_status=${PIPESTATUS[0]}
+    [ "$scale_status" -ne 0 ] && { stamp "pipeline scale run FAILED (status $scale_status)"; tests_status=$scale_status; }
+    python3 benchmarks/profile_pipeline.py --sampler-compare 2>&1 | tee -a "$OUT/bench.log"  # 16 cores: a pool for the draws?
+    for f in summary stages; do  # the work folder stays behind (GBs); a cut run leaves stages.json
+      [ -f /tmp/gig_pipeline_scale/$f.json ] && cp /tmp/gig_pipeline_scale/$f.json "$OUT/pipeline_scale_$f.json"
+    done
+    continue
+  fi
   stamp "benchmark $topic"
   timeout -s INT -k 30 "${GIG_FAST_BENCH_BUDGET:-90}" python3 benchmarks/run.py "$topic" --gig-device cuda \
     --results "$OUT/results.jsonl" --json "$OUT/bench_$topic.json" "${record[@]}" 2>&1 | tee -a "$OUT/bench.log"

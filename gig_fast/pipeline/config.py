@@ -28,7 +28,7 @@ AUTOCAST = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}  # gig_au
 # sizes change only the float rounding of batched convolutions; ``device`` (its type) and ``backend``
 # change numerics and may not change within a work folder (such a relaunch is refused); the rest changes
 # no result.
-_NOT_HASHED = {"out", "device", "backend", "progress", "batch_size", "gig_batch_size", "chunk_images",
+_NOT_HASHED = {"out", "device", "backend", "progress", "batch_size", "gig_batch_size", "chunk_images", "loader_workers",
                "report_images", "report_crops", "graph_images", "graph_pairs"}
 
 
@@ -76,8 +76,9 @@ class PipelineConfig:
     concepts stage 4 wires: each class with its ``pair_neighbours`` most similar classes, by the cosine
     of their classifier-level concept scores; None = every pair, n² of them), ``class_by`` (``label`` |
     ``prediction``), ``class_probability``.
-    Execution: ``seed``, ``device``, ``backend``, ``batch_size``, ``gig_batch_size``,
-    ``chunk_images`` (checkpoint granularity), ``out``, ``progress``.
+    Execution: ``seed``, ``device``, ``backend``, ``batch_size``, ``gig_batch_size``, ``loader_workers``
+    (processes decoding the images of stages 1 and 3; None = automatic: see
+    :mod:`gig_fast.pipeline.loading`), ``chunk_images`` (checkpoint granularity), ``out``, ``progress``.
     Report (``report.html``, not hashed): ``report_images`` (explained images embedded with their
     picture and concept heat-maps for the image view), ``report_crops`` (nearest samples per concept).
     Outputs (not hashed): ``graph_images`` (per-image graphs kept in ``graph.json``, round-robin over
@@ -128,6 +129,7 @@ class PipelineConfig:
     backend: str | None = None
     batch_size: int = 256
     gig_batch_size: int | None = None
+    loader_workers: int | None = None
     chunk_images: int = 500
     out: str = "gig_out"
     progress: bool = True
@@ -248,6 +250,8 @@ def _problems(cfg: "PipelineConfig") -> list[str]:
         bad("gig_tolerance", "null or a number > 0")
     if cfg.gig_batch_size is not None and not (_is_int(cfg.gig_batch_size) and cfg.gig_batch_size >= 1):
         bad("gig_batch_size", "null or an integer >= 1")
+    if cfg.loader_workers is not None and not (_is_int(cfg.loader_workers) and cfg.loader_workers >= 0):
+        bad("loader_workers", "null (automatic) or an integer >= 0")
     if cfg.gig_rule == "trapezoid" and _is_int(cfg.gig_steps) and cfg.gig_steps < 2:
         out.append("gig_rule 'trapezoid' needs gig_steps >= 2")
     if cfg.class_token == "drop" and cfg.store_ierf is False:

@@ -133,9 +133,9 @@ def graph_summary(pipe) -> tuple[dict, "_PairGraphs"]:
     pts = pipe.points
     n_cls = pipe.num_classes
     trans = transitions(pipe)  # top-down
-    tops = {p: top_sets(pipe, p) for p in pts}
-    views = {p: view_sets(pipe, p) for p in pts}  # top sets, then the concepts shared with other classes
-    scores = {a: class_scores(pipe, a, b) for a, b in trans}  # [n_classes, K_a]
+    scores = {a: class_scores(pipe, a, b) for a, b in trans}  # [n_classes, K_a]: one pass over each transition's files
+    tops = {p: top_sets(pipe, p, scores[p]) for p in pts}
+    views = {p: view_sets(pipe, p, scores[p]) for p in pts}  # top sets, then the concepts shared with other classes
     shared = {p: shared_sets(pipe, p, scores[p]) for p in pts}
     layers = [{"name": p, "channels": pipe.adapter.channels(p), "n_concepts": int(scores[p].shape[1]),
                "spatial": list(pipe.spatial[p])} for p in pts] + [{"name": CLASSES, "n_concepts": n_cls}]

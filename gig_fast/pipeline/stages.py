@@ -28,7 +28,8 @@ from ..ops.checks import check_finite
 from ..ops.sparse_code import SparseCodeConvergenceWarning
 from ..srd import explain
 from . import distributed as dist
-from .store import is_complete, load_npz, save_npz
+from .loading import image_batches
+from .store import BackgroundWriter, is_complete, load_npz, save_npz
 
 __all__ = ["pfv_dataset", "extract_concepts", "decompose", "attribute", "chunk_ids", "concept_bank", "bank_dir", "CLASSES",
            "image_top_concepts", "shared_concepts", "view_sets"]
@@ -85,36 +86,37 @@ def pfv_dataset(pipe) -> list[Path]:
     ``L|ierf [n, H_in, W_in]`` (``ierf_dtype``; only with ``store_ierf``), ``L|position [n]``, and ``image [n]``, ``label [n]``,
     ``target [n]`` (the explained class). Returns the chunk files in order.
     """
-    cfg, files = pipe.config, []
-    ids = pipe.concept_ids
-    chunks = chunk_ids(ids, cfg.chunk_images)
-    for ci, chunk in enumerate(_bar(pipe, chunks, "stage 1: PFV–iERF dataset")):
-        path = pipe.work / "stage1" / f"chunk_{ci:05d}.npz"
-        files.append(path)
-        if not dist.owns(ci) or is_complete(path, _stage1_keys(pipe)):  # another rank's chunk, or done (resume)
-            continue
-        k = cfg.pfvs_per_image
-        parts: dict[str, list] = {}
-        for batch in _batches(chunk, cfg.batch_size):
-            x, y = pipe.load_images(batch)
-            select = _sampler(k, cfg.seed, batch)
-            res = explain(pipe.adapter, x, pipe.explained_class(x, y), method=cfg.attribution,
-                          select=select if cfg.store_ierf else None, points=pipe.points)
-            if not cfg.store_ierf:  # contributions only: sample top-down as the SRD pass would
-                res.positions = {p: select(p, res.contributions[p]) for p in reversed(pipe.points)}
-            for point in pipe.points:
-                v = res.record.preact(point).flatten(2)  # [B, C, P]
-                pos = res.positions[point].reshape(len(batch), k)
-                pfv = torch.gather(v, 2, pos[:, None, :].expand(-1, v.shape[1], -1)).permute(0, 2, 1)
-                parts.setdefault(f"{point}|pfv", []).append(pfv.reshape(-1, v.shape[1]).float().cpu())
-                parts.setdefault(f"{point}|position", []).append(pos.reshape(-1).cpu())
-                if cfg.store_ierf:
-                    ierf = res.ierf[point].reshape(len(batch) * k, *x.shape[-2:])
-                    parts.setdefault(f"{point}|ierf", []).append(ierf.to(getattr(torch, cfg.ierf_dtype)).cpu())
-            parts.setdefault("image", []).append(torch.as_tensor(batch).repeat_interleave(k))
-            parts.setdefault("label", []).append(y.cpu().repeat_interleave(k))
-            parts.setdefault("target", []).append(res.target.cpu().repeat_interleave(k))
-        save_npz(path, **{key: torch.cat(v) for key, v in parts.items()})
+    cfg = pipe.config
+    chunks = chunk_ids(pipe.concept_ids, cfg.chunk_images)
+    files = [pipe.work / "stage1" / f"chunk_{ci:05d}.npz" for ci in range(len(chunks))]
+    # this rank's chunks not done yet (another rank's chunk, or a finished one on resume, is skipped)
+    todo = [ci for ci in range(len(chunks)) if dist.owns(ci) and not is_complete(files[ci], _stage1_keys(pipe))]
+    loaded = image_batches(pipe, [b for ci in todo for b in _batches(chunks[ci], cfg.batch_size)])
+    with BackgroundWriter(save_npz) as writer:  # the next chunk computes while this one is written
+        for ci in _bar(pipe, todo, "stage 1: PFV–iERF dataset"):
+            chunk, path = chunks[ci], files[ci]
+            k = cfg.pfvs_per_image
+            parts: dict[str, list] = {}
+            for batch in _batches(chunk, cfg.batch_size):
+                x, y = next(loaded)
+                select = _sampler(k, cfg.seed, batch)
+                res = explain(pipe.adapter, x, pipe.explained_class(x, y), method=cfg.attribution,
+                              select=select if cfg.store_ierf else None, points=pipe.points)
+                if not cfg.store_ierf:  # contributions only: sample top-down as the SRD pass would
+                    res.positions = {p: select(p, res.contributions[p]) for p in reversed(pipe.points)}
+                for point in pipe.points:
+                    v = res.record.preact(point).flatten(2)  # [B, C, P]
+                    pos = res.positions[point].reshape(len(batch), k)
+                    pfv = torch.gather(v, 2, pos[:, None, :].expand(-1, v.shape[1], -1)).permute(0, 2, 1)
+                    parts.setdefault(f"{point}|pfv", []).append(pfv.reshape(-1, v.shape[1]).float().cpu())
+                    parts.setdefault(f"{point}|position", []).append(pos.reshape(-1).cpu())
+                    if cfg.store_ierf:
+                        ierf = res.ierf[point].reshape(len(batch) * k, *x.shape[-2:])
+                        parts.setdefault(f"{point}|ierf", []).append(ierf.to(getattr(torch, cfg.ierf_dtype)).cpu())
+                parts.setdefault("image", []).append(torch.as_tensor(batch).repeat_interleave(k))
+                parts.setdefault("label", []).append(y.cpu().repeat_interleave(k))
+                parts.setdefault("target", []).append(res.target.cpu().repeat_interleave(k))
+            writer.save_npz(path, **{key: torch.cat(v) for key, v in parts.items()})
     dist.barrier()  # stage 2 reads every rank's chunks
     return files
 
@@ -253,51 +255,53 @@ def decompose(pipe) -> list[Path]:
     ``L|l0_sum``, ``L|count`` (for the per-layer rel-L2 and l0 ratio), ``L|not_converged`` (rows the
     coder stopped at its iteration cap).
     """
-    cfg, files = pipe.config, []
+    cfg = pipe.config
     concepts = {p: load_concepts(pipe, p) for p in pipe.points}
-    for ci, chunk in enumerate(_bar(pipe, chunk_ids(pipe.explain_ids, cfg.chunk_images), "stage 3: decomposition")):
-        path = pipe.work / "codes" / f"chunk_{ci:05d}.npz"
-        files.append(path)
-        if not dist.owns(ci) or is_complete(path, _code_keys(pipe)):
-            continue
-        out: dict[str, list] = {}
-        for batch in _batches(chunk, cfg.batch_size):
-            x, y = pipe.load_images(batch)
-            with torch.no_grad():
-                rec = pipe.adapter.record(x, keep="preact")
-            out.setdefault("image", []).append(torch.as_tensor(batch))
-            out.setdefault("label", []).append(y.cpu())
-            out.setdefault("prediction", []).append(rec.logits.argmax(1).cpu())
-            for point in pipe.points:
-                v = rec.preact(point)
-                if not torch.isfinite(v).all():
-                    raise ValueError(f"non-finite (NaN/inf) activations at {point} for images {batch.tolist()[:5]}…")
-                B, C, H, W = v.shape
-                X = v.permute(0, 2, 3, 1).reshape(-1, C)
-                V, beta = concepts[point]["V"].to(X), concepts[point]["beta"].to(X)
-                idx, val, not_converged = _code(X, V, beta, cfg)
-                recon = sparse_reconstruct(idx, val.to(X), V, beta)
-                rel = (X - recon).norm(dim=1) / X.norm(dim=1).clamp_min(1e-12)
-                l0 = 1.0 - (idx >= 0).sum(1).double() / V.shape[0]
-                s = idx.shape[1]
-                out.setdefault(f"{point}|idx", []).append(idx.reshape(B, H * W, s).cpu())
-                out.setdefault(f"{point}|val", []).append(val.reshape(B, H * W, s).float().cpu())
-                out.setdefault(f"{point}|rel_l2_sum", []).append(rel.double().sum().reshape(1).cpu())
-                out.setdefault(f"{point}|l0_sum", []).append(l0.sum().reshape(1).cpu())
-                out.setdefault(f"{point}|count", []).append(torch.tensor([X.shape[0]]))
-                out.setdefault(f"{point}|not_converged", []).append(torch.tensor([not_converged]))
-        arrays = {}
-        for key, parts in out.items():
-            if key.endswith("|idx") or key.endswith("|val"):
-                s = max(p.shape[-1] for p in parts)
-                fill = -1 if key.endswith("|idx") else 0.0
-                parts = [torch.nn.functional.pad(p, (0, s - p.shape[-1]), value=fill) for p in parts]
-                arrays[key] = torch.cat(parts)
-            elif key.endswith("_sum") or key.endswith("|count") or key.endswith("|not_converged"):
-                arrays[key] = torch.stack(parts).sum(0)
-            else:
-                arrays[key] = torch.cat(parts)
-        save_npz(path, **arrays)
+    chunks = chunk_ids(pipe.explain_ids, cfg.chunk_images)
+    files = [pipe.work / "codes" / f"chunk_{ci:05d}.npz" for ci in range(len(chunks))]
+    todo = [ci for ci in range(len(chunks)) if dist.owns(ci) and not is_complete(files[ci], _code_keys(pipe))]
+    loaded = image_batches(pipe, [b for ci in todo for b in _batches(chunks[ci], cfg.batch_size)])
+    with BackgroundWriter(save_npz) as writer:  # the next chunk computes while this one is written
+        for ci in _bar(pipe, todo, "stage 3: decomposition"):
+            chunk, path = chunks[ci], files[ci]
+            out: dict[str, list] = {}
+            for batch in _batches(chunk, cfg.batch_size):
+                x, y = next(loaded)
+                with torch.no_grad():
+                    rec = pipe.adapter.record(x, keep="preact")
+                out.setdefault("image", []).append(torch.as_tensor(batch))
+                out.setdefault("label", []).append(y.cpu())
+                out.setdefault("prediction", []).append(rec.logits.argmax(1).cpu())
+                for point in pipe.points:
+                    v = rec.preact(point)
+                    if not torch.isfinite(v).all():
+                        raise ValueError(f"non-finite (NaN/inf) activations at {point} for images {batch.tolist()[:5]}…")
+                    B, C, H, W = v.shape
+                    X = v.permute(0, 2, 3, 1).reshape(-1, C)
+                    V, beta = concepts[point]["V"].to(X), concepts[point]["beta"].to(X)
+                    idx, val, not_converged = _code(X, V, beta, cfg)
+                    recon = sparse_reconstruct(idx, val.to(X), V, beta)
+                    rel = (X - recon).norm(dim=1) / X.norm(dim=1).clamp_min(1e-12)
+                    l0 = 1.0 - (idx >= 0).sum(1).double() / V.shape[0]
+                    s = idx.shape[1]
+                    out.setdefault(f"{point}|idx", []).append(idx.reshape(B, H * W, s).cpu())
+                    out.setdefault(f"{point}|val", []).append(val.reshape(B, H * W, s).float().cpu())
+                    out.setdefault(f"{point}|rel_l2_sum", []).append(rel.double().sum().reshape(1).cpu())
+                    out.setdefault(f"{point}|l0_sum", []).append(l0.sum().reshape(1).cpu())
+                    out.setdefault(f"{point}|count", []).append(torch.tensor([X.shape[0]]))
+                    out.setdefault(f"{point}|not_converged", []).append(torch.tensor([not_converged]))
+            arrays = {}
+            for key, parts in out.items():
+                if key.endswith("|idx") or key.endswith("|val"):
+                    s = max(p.shape[-1] for p in parts)
+                    fill = -1 if key.endswith("|idx") else 0.0
+                    parts = [torch.nn.functional.pad(p, (0, s - p.shape[-1]), value=fill) for p in parts]
+                    arrays[key] = torch.cat(parts)
+                elif key.endswith("_sum") or key.endswith("|count") or key.endswith("|not_converged"):
+                    arrays[key] = torch.stack(parts).sum(0)
+                else:
+                    arrays[key] = torch.cat(parts)
+            writer.save_npz(path, **arrays)
     dist.barrier()  # stage 4 reads every rank's codes
     return files
 
@@ -354,9 +358,10 @@ def class_pair_weights(pipe, a: str, b: str, sources: np.ndarray) -> np.ndarray:
     return total
 
 
-def top_sets(pipe, point: str) -> np.ndarray:
-    """``[n_classes, top]`` the top concepts of ``point`` per class (by the score from the layer above)."""
-    scores = class_scores(pipe, point, _above(pipe, point))
+def top_sets(pipe, point: str, scores: np.ndarray | None = None) -> np.ndarray:
+    """``[n_classes, top]`` the top concepts of ``point`` per class (by the score from the layer above;
+    ``scores``: its :func:`class_scores`, when the caller has read them already)."""
+    scores = class_scores(pipe, point, _above(pipe, point)) if scores is None else scores
     k = min(pipe.config.top_concepts, scores.shape[1])
     return np.argsort(-scores, axis=1, kind="stable")[:, :k]
 
@@ -413,14 +418,16 @@ def shared_sets(pipe, point: str, scores: np.ndarray | None = None) -> dict[tupl
     return {(c1, c2): shared_concepts(scores, c1, c2, pipe.config.top_shared) for c1, c2 in class_pairs(pipe)}
 
 
-def view_sets(pipe, point: str) -> np.ndarray:
+def view_sets(pipe, point: str, scores: np.ndarray | None = None) -> np.ndarray:
     """``[n_classes, T]`` (−1 padded) the concepts of ``point`` whose GIG a class's images carry: its top
     set (first, in :func:`top_sets` order), then every concept it shares with another class
     (:func:`shared_sets`) that is not in its top set (ascending), so a pair view can wire its shared
-    concepts to their children (paper Fig. 1)."""
-    tops = top_sets(pipe, point)
+    concepts to their children (paper Fig. 1). ``scores``: as in :func:`top_sets`."""
+    # one pass over the chunk files of the transition above (tens of MB each at K = 16,384), not one per set
+    scores = class_scores(pipe, point, _above(pipe, point)) if scores is None else scores
+    tops = top_sets(pipe, point, scores)
     extra: dict[int, set] = {c: set() for c in range(pipe.num_classes)}
-    for (c1, c2), shared in shared_sets(pipe, point).items():
+    for (c1, c2), shared in shared_sets(pipe, point, scores).items():
         for q, _ in shared:
             extra[c1].add(q)
             extra[c2].add(q)
@@ -491,34 +498,35 @@ def _attribute_transition(pipe, a: str, b: str, code_files: list[Path]) -> None:
     f_ab = pipe.adapter.f_ab(a, None if b == CLASSES else b)
     k = min(cfg.top_concepts, V.shape[0])
     plain = {**cfg.gig_options(), "tolerance": None}
-    for ci, cpath in enumerate(code_files):
-        path = trans_dir(pipe, a, b) / f"chunk_{ci:05d}.npz"
-        if not dist.owns(ci) or is_complete(path, GIG_KEYS):
-            continue
-        with np.load(cpath, allow_pickle=False) as z:
-            idx_all, val_all = torch.from_numpy(z[f"{a}|idx"]), torch.from_numpy(z[f"{a}|val"])
-            images, groups = z["image"], z["label" if cfg.class_by == "label" else "prediction"]
-        acc = _ChunkAttributions(images, groups, target_ids, n_top, K=V.shape[0], k=k, own_is_class=b == CLASSES)
-        codes_of = lambda rows: (idx_all[rows].to(pipe.device), val_all[rows].to(pipe.device).to(V.dtype))  # noqa: E731
-        for slot, c in enumerate(acc.classes):
-            extra = [int(t) for t in target_ids[c, n_top:] if t >= 0]
-            for sub in _batches(np.nonzero(groups == c)[0], cfg.batch_size):
-                res = gig(f_ab, codes_of(sub), V, beta, _targets(pipe, b, Vb, c, target_ids[c, :n_top]),
-                          spatial=pipe.spatial[a], **cfg.gig_options())
-                acc.add(slot, sub, res, f"{a} → {b}")
-                if extra:
-                    res = gig(f_ab, codes_of(sub), V, beta, _targets(pipe, b, Vb, c, extra), spatial=pipe.spatial[a],
-                              **plain)
-                    acc.add_shared(slot, sub, res, f"{a} → {b} (shared concepts)")
-        if b != CLASSES:  # an image's own targets are its own top concepts of b, chosen in the transition above
-            with np.load(trans_dir(pipe, b, _above(pipe, b)) / cpath.name, allow_pickle=False) as z:
-                own_targets = z["own_nodes"]
-            for sub in _batches(np.arange(len(images)), cfg.batch_size):
-                vectors = [ConceptTarget(Vb[torch.from_numpy(own_targets[sub, t]).to(pipe.device)])
-                           for t in range(own_targets.shape[1])]
-                res = gig(f_ab, codes_of(sub), V, beta, vectors, spatial=pipe.spatial[a], **cfg.gig_options())
-                acc.add_own(sub, own_targets[sub], res, f"{a} → {b} (image graphs)")
-        save_npz(path, **acc.arrays())
+    with BackgroundWriter(save_npz) as writer:  # the next chunk computes while this one is written
+        for ci, cpath in enumerate(code_files):
+            path = trans_dir(pipe, a, b) / f"chunk_{ci:05d}.npz"
+            if not dist.owns(ci) or is_complete(path, GIG_KEYS):
+                continue
+            with np.load(cpath, allow_pickle=False) as z:
+                idx_all, val_all = torch.from_numpy(z[f"{a}|idx"]), torch.from_numpy(z[f"{a}|val"])
+                images, groups = z["image"], z["label" if cfg.class_by == "label" else "prediction"]
+            acc = _ChunkAttributions(images, groups, target_ids, n_top, K=V.shape[0], k=k, own_is_class=b == CLASSES)
+            codes_of = lambda rows: (idx_all[rows].to(pipe.device), val_all[rows].to(pipe.device).to(V.dtype))  # noqa: E731
+            for slot, c in enumerate(acc.classes):
+                extra = [int(t) for t in target_ids[c, n_top:] if t >= 0]
+                for sub in _batches(np.nonzero(groups == c)[0], cfg.batch_size):
+                    res = gig(f_ab, codes_of(sub), V, beta, _targets(pipe, b, Vb, c, target_ids[c, :n_top]),
+                              spatial=pipe.spatial[a], **cfg.gig_options())
+                    acc.add(slot, sub, res, f"{a} → {b}")
+                    if extra:
+                        res = gig(f_ab, codes_of(sub), V, beta, _targets(pipe, b, Vb, c, extra), spatial=pipe.spatial[a],
+                                  **plain)
+                        acc.add_shared(slot, sub, res, f"{a} → {b} (shared concepts)")
+            if b != CLASSES:  # an image's own targets are its own top concepts of b, chosen in the transition above
+                with np.load(trans_dir(pipe, b, _above(pipe, b)) / cpath.name, allow_pickle=False) as z:
+                    own_targets = z["own_nodes"]
+                for sub in _batches(np.arange(len(images)), cfg.batch_size):
+                    vectors = [ConceptTarget(Vb[torch.from_numpy(own_targets[sub, t]).to(pipe.device)])
+                               for t in range(own_targets.shape[1])]
+                    res = gig(f_ab, codes_of(sub), V, beta, vectors, spatial=pipe.spatial[a], **cfg.gig_options())
+                    acc.add_own(sub, own_targets[sub], res, f"{a} → {b} (image graphs)")
+            writer.save_npz(path, **acc.arrays())
 
 
 # the arrays every finished chunk file holds (a damaged or partial file is recomputed)

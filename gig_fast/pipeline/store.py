@@ -13,11 +13,12 @@ import os
 import re
 import warnings
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["atomic_write_text", "atomic_write_parts", "save_json", "load_json", "save_npz", "load_npz",
+__all__ = ["atomic_write_text", "atomic_write_parts", "save_json", "load_json", "save_npz", "BackgroundWriter", "load_npz",
            "npz_problem", "is_complete", "remove_stale_tmp"]
 
 _TMP = re.compile(r"^\..+\.tmp(\d+)$")
@@ -98,21 +99,72 @@ def load_json(path: str | Path):
         raise ValueError(f"{path} is damaged: not valid JSON ({e})") from None
 
 
+def _as_numpy(arrays: dict) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v) for k, v in arrays.items()}
+
+
 def save_npz(path: str | Path, **arrays) -> None:
     """Atomically save numpy-convertible arrays (tensors are moved to CPU numpy first)."""
-    path = Path(path)
+    _write_npz(Path(path), _as_numpy(arrays))
+
+
+def _write_npz(path: Path, out: dict[str, np.ndarray]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp(path)
-    out = {}
-    for k, v in arrays.items():
-        if hasattr(v, "detach"):
-            v = v.detach().cpu().numpy()
-        out[k] = np.asarray(v)
     with open(tmp, "wb") as f:
         np.savez(f, **out)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+class BackgroundWriter:
+    """:func:`save_npz` on one background thread, so that a stage computes its next chunk while the last
+    one is written (``np.savez`` + ``fsync``: stage-4 chunk files hold ``[classes, T, K]`` float64 sums,
+    tens of MB each at K = 16,384). The arrays are copied to host numpy on the caller's thread; at most
+    ``pending`` files wait behind the one being written (their arrays stay in memory until then);
+    ``save(path, **arrays)`` writes one file (default :func:`save_npz`). Every
+    file is still written atomically; leaving the ``with`` block waits for every write and raises the
+    first failure (a failure also surfaces at the next :meth:`save_npz`).
+
+        with BackgroundWriter() as writer:
+            for ...:
+                writer.save_npz(path, **arrays)
+        # every file is on disk here
+    """
+
+    def __init__(self, save=None, pending: int = 1):
+        self._save = save or save_npz  # the function that writes one file (its caller's, e.g. a test's wrapper)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gig-write")
+        self._futures: list = []
+        self._pending = pending
+
+    def save_npz(self, path: str | Path, **arrays) -> None:
+        for f in [f for f in self._futures if f.done()]:
+            f.result()  # a failed write raises here
+        self._futures = [f for f in self._futures if not f.done()]
+        while len(self._futures) > self._pending:
+            self._futures.pop(0).result()
+        self._futures.append(self._pool.submit(self._save, Path(path), **_as_numpy(arrays)))
+
+    def wait(self) -> None:
+        """Block until every submitted file is written; raise the first failure."""
+        futures, self._futures = self._futures, []
+        for f in futures:
+            f.result()
+
+    def __enter__(self) -> "BackgroundWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.wait()
+            else:  # finish what was submitted (each file whole or absent); the body's error wins
+                for f in self._futures:
+                    f.exception()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def load_npz(path: str | Path) -> dict[str, np.ndarray]:
