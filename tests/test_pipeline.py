@@ -233,7 +233,9 @@ def test_sigkill_then_resume_gives_the_same_graph(tmp_path):
     time.sleep(random.uniform(0.1, 0.8) * full)
     child.send_signal(signal.SIGKILL)
     child.wait()
-    assert not (killed / "graph.json").exists() or child.returncode == 0
+    # graph.json is written atomically before metrics and the report: a kill after it finds it whole
+    if (killed / "graph.json").exists():
+        json.loads((killed / "graph.json").read_text())
     run_tiny(killed)  # resume
     assert (killed / "graph.json").read_bytes() == (reference / "graph.json").read_bytes()
 
