@@ -39,7 +39,6 @@ Bytes: the gradients once, the codes, the output and the distinct concept rows.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import pytest
@@ -48,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from checks import check_relative, check_sums
-from gig_fast.gig import ClassTarget, ConceptTarget, gig, quadrature
+from gig_fast.gig import ClassTarget, ConceptTarget, gig, quadrature, tf32_allowed
 from gig_fast.ops import gig_accumulate, kernel, sparse_reconstruct
 from gig_fast.ops.reference import gig_accumulate_ref
 from gig_fast.slicing import bn_shift, make_f_ab, preactivation
@@ -151,7 +150,6 @@ def accumulate_problem(request, device):
     return AccumulateProblem(request.param, device)
 
 
-@contextlib.contextmanager
 def fp32_exact():
     """cuDNN convolutions and CUDA matmuls in IEEE float32 inside the block (flags restored after it).
 
@@ -159,12 +157,7 @@ def fp32_exact():
     the model as it is, so its routes and the oracle run in here; ``gig`` sets the same itself
     (``tf32=False``), which the GPU rows check since the suite leaves PyTorch's defaults alone.
     """
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    return tf32_allowed(False)
 
 
 def _in_fp32_exact(fn):

@@ -32,7 +32,7 @@ import torch
 from .ops import checks, kernel
 from .ops.reference import accumulation_dtype
 
-__all__ = ["gig", "GIGResult", "ConceptTarget", "ClassTarget", "quadrature", "RULES"]
+__all__ = ["gig", "GIGResult", "ConceptTarget", "ClassTarget", "quadrature", "RULES", "tf32_allowed"]
 
 # Named regions of a gig() call in a torch.profiler trace (benchmarks/profile_gig.py sums them); a
 # record_function costs about a microsecond without a profiler, against milliseconds per F_ab pass.
@@ -40,7 +40,7 @@ _region = torch.profiler.record_function
 
 
 @contextlib.contextmanager
-def _tf32_allowed(allowed: bool):
+def tf32_allowed(allowed: bool):
     """cuDNN convolutions and CUDA matmuls in TF32 (``allowed``) or IEEE float32 inside the block; the
     process-wide flags are restored after it. No effect on the CPU or on bf16/fp16 work."""
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
@@ -358,7 +358,7 @@ def gig(f_ab: Callable[[torch.Tensor], torch.Tensor], codes: tuple[torch.Tensor,
     run = _Pass(f_ab, H, W, V, beta, targets, backend, batch_size, low_precision, acc,
                 kernel("gig_accumulate", V.device, backend)[1])
     nodes64, weights64 = quadrature(rule, steps)
-    with _tf32_allowed(tf32):
+    with tf32_allowed(tf32):
         attr, value_1, value_0, steps_used, refined = _attribute(run, idx, val, nodes64, weights64, rule, tolerance,
                                                                  max_steps, autocast)
 
