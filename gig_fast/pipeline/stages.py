@@ -78,6 +78,17 @@ def _sampler(k: int, seed: int, images: np.ndarray):
     return select
 
 
+def _image_chunks(pipe, ids, folder: str, keys):
+    """The chunks of a per-image stage (1 or 3): ``(chunks [image ids per chunk], files, todo, loaded)`` —
+    ``todo`` this rank's chunks not done yet (another rank's chunk, or a finished one on resume, is
+    skipped), ``loaded`` the iterator of their image batches, loaded ahead (:func:`image_batches`)."""
+    chunks = chunk_ids(ids, pipe.config.chunk_images)
+    files = [pipe.work / folder / f"chunk_{ci:05d}.npz" for ci in range(len(chunks))]
+    todo = [ci for ci in range(len(chunks)) if dist.owns(ci) and not is_complete(files[ci], keys)]
+    loaded = image_batches(pipe, [b for ci in todo for b in _batches(chunks[ci], pipe.config.batch_size)])
+    return chunks, files, todo, loaded
+
+
 def pfv_dataset(pipe) -> list[Path]:
     """Stage 1: for each concept image and analysed layer, sample ``pfvs_per_image`` PFVs by their
     contribution to the class logit and keep each with its iERF (DESIGN.md §1.2).
@@ -87,11 +98,7 @@ def pfv_dataset(pipe) -> list[Path]:
     ``target [n]`` (the explained class). Returns the chunk files in order.
     """
     cfg = pipe.config
-    chunks = chunk_ids(pipe.concept_ids, cfg.chunk_images)
-    files = [pipe.work / "stage1" / f"chunk_{ci:05d}.npz" for ci in range(len(chunks))]
-    # this rank's chunks not done yet (another rank's chunk, or a finished one on resume, is skipped)
-    todo = [ci for ci in range(len(chunks)) if dist.owns(ci) and not is_complete(files[ci], _stage1_keys(pipe))]
-    loaded = image_batches(pipe, [b for ci in todo for b in _batches(chunks[ci], cfg.batch_size)])
+    chunks, files, todo, loaded = _image_chunks(pipe, pipe.concept_ids, "stage1", _stage1_keys(pipe))
     with BackgroundWriter(save_npz) as writer:  # the next chunk computes while this one is written
         for ci in _bar(pipe, todo, "stage 1: PFV–iERF dataset"):
             chunk, path = chunks[ci], files[ci]
@@ -257,10 +264,7 @@ def decompose(pipe) -> list[Path]:
     """
     cfg = pipe.config
     concepts = {p: load_concepts(pipe, p) for p in pipe.points}
-    chunks = chunk_ids(pipe.explain_ids, cfg.chunk_images)
-    files = [pipe.work / "codes" / f"chunk_{ci:05d}.npz" for ci in range(len(chunks))]
-    todo = [ci for ci in range(len(chunks)) if dist.owns(ci) and not is_complete(files[ci], _code_keys(pipe))]
-    loaded = image_batches(pipe, [b for ci in todo for b in _batches(chunks[ci], cfg.batch_size)])
+    chunks, files, todo, loaded = _image_chunks(pipe, pipe.explain_ids, "codes", _code_keys(pipe))
     with BackgroundWriter(save_npz) as writer:  # the next chunk computes while this one is written
         for ci in _bar(pipe, todo, "stage 3: decomposition"):
             chunk, path = chunks[ci], files[ci]
