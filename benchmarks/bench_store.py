@@ -1,7 +1,7 @@
 """The per-image store at scale: write a 50,000-image store of demo-shaped rows, then time "the top 20
 images of concept q at layer L" and an image-graph lookup, and state the size per image.
 
-Demo-shaped rows (the demo net, DESIGN.md §5): 16 layers, K = 8·C = 256/512/1024/2048 concepts at
+Demo-shaped rows (the demo net, docs/design.md §5): 16 layers, K = 8·C = 256/512/1024/2048 concepts at
 14×14, 7×7, 4×4 and 2×2 positions, ~1% of K coded per position (the paper's l0 ratio ≥ 0.99) drawn
 from a skewed concept distribution, and per image a graph of top-5 concepts per layer with 5 edges
 per layer pair. One chunk of 500 images is drawn and repeated with new image ids and per-repeat

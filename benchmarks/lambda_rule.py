@@ -5,7 +5,7 @@
 Reads a finished run (``gig-fast demo``: its concepts, K = 8·C per layer, and its model) and codes the
 PFVs of every position of ``--images`` explained images (balanced over classes) at each analysed layer
 with :func:`gig_fast.ops.sparse_code` for every ``λ_rel`` of ``--lams`` (``λ = λ_rel · ‖V(x − β)‖_∞``
-per PFV, DESIGN.md §1.4). Per (layer, λ_rel): mean rel-L2 ``‖x − x̃‖/‖x‖`` (the pipeline's metric),
+per PFV, docs/design.md §1.4). Per (layer, λ_rel): mean rel-L2 ``‖x − x̃‖/‖x‖`` (the pipeline's metric),
 l0 ratio (share of zero coefficients), mean / median / 95th-percentile active concepts per PFV, the
 share of rows stopped at the iteration cap, mean and largest coordinate-descent sweeps, and seconds.
 

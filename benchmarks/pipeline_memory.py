@@ -1,4 +1,4 @@
-"""Peak memory of a pipeline run vs the number of explained images (issue #10, DESIGN.md §6).
+"""Peak memory of a pipeline run vs the number of explained images (issue #10, docs/design.md §6).
 
     OMP_NUM_THREADS=1 python benchmarks/pipeline_memory.py --explain 5000 --out /tmp/mem5k
     OMP_NUM_THREADS=1 python benchmarks/pipeline_memory.py --explain 50000 --out /tmp/mem50k

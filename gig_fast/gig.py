@@ -1,6 +1,6 @@
 """The GIG engine: Generalized Integrated Gradients from the concepts of layer a to a target of layer b.
 
-DESIGN.md §1.5 / paper Eq. 4–7. With the codes ``(idx, val)`` of layer a, its concepts ``V`` and its BN
+docs/design.md §1.5 / paper Eq. 4–7. With the codes ``(idx, val)`` of layer a, its concepts ``V`` and its BN
 shift ``β``, the path is ``X(α) = β + α·U V`` (at α = 1 the reconstruction, at α = 0 "no concept").
 For a target ``T`` on ``Ω = F_ab(X(α))``::
 
@@ -283,7 +283,7 @@ def gig(f_ab: Callable[[torch.Tensor], torch.Tensor], codes: tuple[torch.Tensor,
         rule: str = "gausslegendre", tolerance: float | None = 0.01, max_steps: int | None = None,
         batch_size: int | None = None, backend: str | None = None, spatial: tuple[int, int] | None = None,
         autocast: torch.dtype | None = None, tf32: bool = False) -> GIGResult:
-    """Generalized Integrated Gradients from the concepts of layer a to ``target`` (DESIGN.md §1.5).
+    """Generalized Integrated Gradients from the concepts of layer a to ``target`` (docs/design.md §1.5).
 
     Args:
         f_ab: ``X^a [n, C_a, H_a, W_a] → X^b [n, C_b, H_b, W_b]`` or logits ``[n, n_classes]``

@@ -1,4 +1,4 @@
-"""Slice a CNN at two analysed points, so GIG runs ``F_ab`` without recomputing the prefix (DESIGN.md §1.1).
+"""Slice a CNN at two analysed points, so GIG runs ``F_ab`` without recomputing the prefix (docs/design.md §1.1).
 
 A *point* names a place in the network whose value is a layer's pre-activation embedding ``X^a``:
 
@@ -270,7 +270,7 @@ def _net_shift(model: nn.Module, node: fx.Node) -> torch.Tensor | None:
 
 
 def bn_shift(model: nn.Module, point: str) -> torch.Tensor:
-    """``β^a`` (the paper's μ_BN, Eq. 8): the net BN shift of the point's value (DESIGN.md §1.1).
+    """``β^a`` (the paper's μ_BN, Eq. 8): the net BN shift of the point's value (docs/design.md §1.1).
 
     Each BN contributes ``bn.bias − bn.weight · running_mean / sqrt(running_var + eps)``, its output
     where its input is zero ("no concept present"). A sum of BN outputs gets the sum of their shifts:

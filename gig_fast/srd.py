@@ -1,6 +1,6 @@
 """Sharing Ratio Decomposition (SRD, Han et al. 2024) for ResNets, batched, under ``no_grad``.
 
-Used by stage 1 (DESIGN.md §1.2, paper App. C, Eq. 10) to score every position of every analysed
+Used by stage 1 (docs/design.md §1.2, paper App. C, Eq. 10) to score every position of every analysed
 layer by its contribution to a class logit, and to label one sampled PFV per layer with its iERF
 (the input-pixel relevance of that PFV). See ``paper/srd-notes.md`` for the rules; in short:
 

@@ -1,4 +1,4 @@
-"""bisecting_spherical_kmeans: contract of DESIGN.md §1.3, determinism, degenerate inputs, quality."""
+"""bisecting_spherical_kmeans: contract of docs/design.md §1.3, determinism, degenerate inputs, quality."""
 import heapq
 import warnings
 

@@ -1,4 +1,4 @@
-"""Multi-process runs (DESIGN.md §6): ``torchrun --nproc_per_node=2`` on the CPU (gloo) gives the same
+"""Multi-process runs (docs/design.md §6): ``torchrun --nproc_per_node=2`` on the CPU (gloo) gives the same
 concepts and graph as one process, the distributed k-means equals the single-process one, and a run
 whose rank was SIGKILLed resumes from the finished chunks to the same graph."""
 import json

@@ -1,4 +1,4 @@
-"""Tests of ``sparse_code`` (Lasso / OMP coding on a concept dictionary, DESIGN.md §1.4).
+"""Tests of ``sparse_code`` (Lasso / OMP coding on a concept dictionary, docs/design.md §1.4).
 
 Oracles: scikit-learn's converged ``Lasso`` (alpha = λ/C) for the objective, scikit-learn's OMP for the
 supports, and the ``torch`` backend (the reference) for the other backends. Triton runs under its
@@ -171,7 +171,7 @@ def test_cpp_converges_on_near_duplicate_concepts():
         rows = slice(0, 12)  # scikit-learn itself crawls on these concepts: a few rows are its oracle
         ours = _objectives(X[rows], V, idx[rows], val[rows], info.lam[rows])
         ref = sklearn_lasso_objective(X[rows].double().numpy(), V.double().numpy(), info.lam[rows].double().numpy())
-        assert np.all(ours <= ref * (1 + 1e-4))  # DESIGN §3: within 1e-4 of the converged objective
+        assert np.all(ours <= ref * (1 + 1e-4))  # docs/design.md §3: within 1e-4 of the converged objective
 
 
 def test_cpp_converges_on_the_demo_networks_pfvs():
@@ -268,7 +268,7 @@ def test_bad_inputs_raise():
 
 def test_default_lambda_on_the_demo_networks_pfvs():
     """DEFAULT_LAM_REL on real PFVs (the shipped demo net's layer3.5, C = 128, K = 8·C concepts): ≤ 1% of
-    the coefficients non-zero (DESIGN.md §1.4, the paper's l0 ratio ≥ 0.99), with a reconstruction
+    the coefficients non-zero (docs/design.md §1.4, the paper's l0 ratio ≥ 0.99), with a reconstruction
     better than λ_rel = 0.2's (the old default, whose error barely moved with K: docs/lambda_rule.md)."""
     from gig_fast.concepts import bisecting_spherical_kmeans
     from gig_fast.data import fashion_mnist

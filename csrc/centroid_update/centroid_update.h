@@ -1,4 +1,4 @@
-// centroid_update: the update step of (spherical) k-means (DESIGN.md §1.3, §3).
+// centroid_update: the update step of (spherical) k-means (docs/design.md §1.3, §3).
 //
 //   sums[k, c] = sum_{n : labels[n] = k} X[n, c]          counts[k] = #{n : labels[n] = k}
 //

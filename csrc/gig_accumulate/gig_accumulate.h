@@ -1,4 +1,4 @@
-// gig_accumulate: the fused quadrature sum and active-concept projection of GIG (DESIGN.md §1.5, §3;
+// gig_accumulate: the fused quadrature sum and active-concept projection of GIG (docs/design.md §1.5, §3;
 // paper Eq. 4 with the integral over alpha replaced by a quadrature rule).
 //
 //   g[t, p, c]      = sum_k weights[k] * grads[t, k, p, c]                  (alpha-integral of the gradient)

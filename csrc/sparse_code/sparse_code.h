@@ -1,4 +1,4 @@
-// sparse_code: Lasso and OMP coding of vectors on a concept dictionary (DESIGN.md §1.4, paper §3.2.2).
+// sparse_code: Lasso and OMP coding of vectors on a concept dictionary (docs/design.md §1.4, paper §3.2.2).
 //
 // Every solver works on the Gram form of one vector y (a centred PFV x − beta) against concepts V [K, C]:
 //   c = V y (correlations, [K]),  G = V V^T ([K, K]),  q = c − G u = V (y − V^T u)  (residual correlations)

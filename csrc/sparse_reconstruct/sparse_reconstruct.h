@@ -1,4 +1,4 @@
-// sparse_reconstruct: the active-concept 1x1 conv (DESIGN.md §3, paper Eq. 1: X~ = U V + beta).
+// sparse_reconstruct: the active-concept 1x1 conv (docs/design.md §3, paper Eq. 1: X~ = U V + beta).
 //
 //   out[p, c] = bias[c] + sum_j val[p, j] * V[idx[p, j], c]        (idx = -1 is padding)
 //

@@ -1,4 +1,4 @@
-// spherical_assign: the assignment step of spherical k-means (DESIGN.md §1.3, §3).
+// spherical_assign: the assignment step of spherical k-means (docs/design.md §1.3, §3).
 //
 //   labels[n] = argmax_k  <X[n], centroids[k]> / (|X[n]| |centroids[k]|)        ties -> smaller k
 //   best[n]   = that maximal cosine

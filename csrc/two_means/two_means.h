@@ -1,5 +1,5 @@
 // two_means: the spherical 2-means splits of the bisecting concept extractor, fused on the CPU
-// (DESIGN.md §1.3; gig_fast/ops/two_means.py is the op, gig_fast/ops/reference.py its pure-PyTorch form with the
+// (docs/design.md §1.3; gig_fast/ops/two_means.py is the op, gig_fast/ops/reference.py its pure-PyTorch form with the
 // same random draws).
 //
 // A cluster is given by the sorted indices `members [n]` of its rows in the unit-row matrix U [N, C]

@@ -420,7 +420,7 @@ class Run:
             return bank.code(X)
 
     def decompose(self, image: torch.Tensor, layer: str) -> Decomposition:
-        """Code one image's PFVs at ``layer`` on the stored concepts (DESIGN.md §1.4).
+        """Code one image's PFVs at ``layer`` on the stored concepts (docs/design.md §1.4).
 
         Args:
             image: ``[C, H, W]`` preprocessed (e.g. :meth:`load_image`).
@@ -438,7 +438,7 @@ class Run:
                              *self.position_grid(layer))
 
     def explain(self, image: torch.Tensor, target: int | str | None = None, top: int | None = None) -> Explanation:
-        """The GIG graph of one image on the stored concepts (DESIGN.md §1.5, paper Fig. 3).
+        """The GIG graph of one image on the stored concepts (docs/design.md §1.5, paper Fig. 3).
 
         Codes every layer's PFVs, takes GIG from the last layer to the class (predicted unless
         ``target``), then from each layer to the ``top`` (default: the run's ``top_concepts``)

@@ -234,7 +234,7 @@ class Explanation:
 
 @dataclass
 class Decomposition:
-    """One image's PFVs at one layer coded on the run's concepts (DESIGN.md §1.4): ``X̃ = U V + β``.
+    """One image's PFVs at one layer coded on the run's concepts (docs/design.md §1.4): ``X̃ = U V + β``.
 
     Attributes:
         layer: the layer; ``spatial``: ``(H, W)`` with ``P = H·W``.

@@ -1,4 +1,4 @@
-"""Concept extraction (DESIGN.md §1.3, paper §3.2.1): bisecting spherical k-means on a layer's PFVs.
+"""Concept extraction (docs/design.md §1.3, paper §3.2.1): bisecting spherical k-means on a layer's PFVs.
 
 * :func:`bisecting_spherical_kmeans` — one process (:mod:`.bisecting`, the algorithm's description);
 * :func:`distributed_bisecting_kmeans` — the same concepts computed by several ranks (:mod:`.distributed`);

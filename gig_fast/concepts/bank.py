@@ -5,7 +5,7 @@ loaded by another tool (safetensors has readers in Rust, JavaScript, C++ …), o
 A bank folder holds two files:
 
 * ``concepts.safetensors``: ``V [K, C]`` float32 (rows are concepts: cluster means of ``x − β``),
-  ``beta [C]`` float32 (the layer's BN shift, the "no concept" point of DESIGN.md §1.1) and ``sizes [K]``
+  ``beta [C]`` float32 (the layer's BN shift, the "no concept" point of docs/design.md §1.1) and ``sizes [K]``
   int64 (stage-1 PFVs per cluster). No pickle: loading runs no code.
 * ``bank.json``: ``format`` (``"gig_fast.concept_bank"``), ``version``, ``layer``, ``K``, ``C``,
   ``model`` (``arch``, ``weights``), ``extraction`` (how the concepts were made: k-means settings,
@@ -35,7 +35,7 @@ TENSOR_FILE, META_FILE = "concepts.safetensors", "bank.json"
 
 @dataclass
 class ConceptBank:
-    """The concepts of one analysed layer (DESIGN.md §1.3) and how they were made.
+    """The concepts of one analysed layer (docs/design.md §1.3) and how they were made.
 
     Attributes:
         layer: the analysed point's name (``"layer3.5"``, ``"_blocks.12"``).
@@ -136,7 +136,7 @@ class ConceptBank:
         return bank
 
     def code(self, X: torch.Tensor, **overrides):
-        """Sparse codes of PFVs ``X [P, C]`` on this bank with its stored coding settings (DESIGN.md §1.4):
+        """Sparse codes of PFVs ``X [P, C]`` on this bank with its stored coding settings (docs/design.md §1.4):
         ``(idx [P, s] int64, −1 padded; val [P, s])``. ``overrides`` replace stored settings."""
         opts = {k: self.coding[k] for k in ("lam", "method", "positive") if k in self.coding}
         opts.update(overrides)

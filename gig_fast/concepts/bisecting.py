@@ -1,4 +1,4 @@
-"""Concept extraction: bisecting spherical k-means on the PFVs of one layer (DESIGN.md §1.3, paper §3.2.1).
+"""Concept extraction: bisecting spherical k-means on the PFVs of one layer (docs/design.md §1.3, paper §3.2.1).
 
 Given ``N`` sampled PFVs ``X [N, C]`` and the layer's BN shift ``β [C]``:
 
@@ -59,7 +59,7 @@ def bisecting_spherical_kmeans(X: torch.Tensor, K: int, *, beta: torch.Tensor | 
                                n_init: int = 3, max_iter: int = 30, init_sample: int = 1024,
                                mode: str = "sequential",
                                backend: str | None = None, return_info: bool = False):
-    """Concept vectors of one layer by bisecting spherical k-means (DESIGN.md §1.3).
+    """Concept vectors of one layer by bisecting spherical k-means (docs/design.md §1.3).
 
     Args:
         X: ``[N, C]`` PFVs (raw, before centring), any float dtype.

@@ -1,4 +1,4 @@
-"""Bisecting spherical k-means over several processes (DESIGN.md §1.3, §6): the same concepts as
+"""Bisecting spherical k-means over several processes (docs/design.md §1.3, §6): the same concepts as
 :func:`gig_fast.concepts.bisecting_spherical_kmeans` with the same seed, the work shared by the ranks.
 
 Every rank passes the same per-layer PFV sample ``X`` (the documented per-layer memory bound) and

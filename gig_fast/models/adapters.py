@@ -1,7 +1,7 @@
 """Model adapters: name the analysed points of a network, their BN shift β, and walk its forward.
 
 An analysed point of a ResNet is a residual block (``layer3.5``); its PFVs are the block output
-*before* the final ReLU (``bn3(conv3(·)) + identity``, DESIGN.md §1.1) and its β is the net shift of
+*before* the final ReLU (``bn3(conv3(·)) + identity``, docs/design.md §1.1) and its β is the net shift of
 the BN feeding that sum. :meth:`ResNetAdapter.record` runs the forward once and keeps every
 intermediate that SRD (``gig_fast.srd``) needs; :meth:`ResNetAdapter.run_from` runs the network from
 one point's pre-activation to another's (or to the logits) without recomputing the prefix.
@@ -85,7 +85,7 @@ class ResNetAdapter:
         return branch_modules(self.blocks[point])[-1][1].num_features
 
     def bn_shift(self, point: str) -> torch.Tensor:
-        """β ``[C]``: the net BN shift of the block's residual sum (paper Eq. 8, DESIGN.md §1.1).
+        """β ``[C]``: the net BN shift of the block's residual sum (paper Eq. 8, docs/design.md §1.1).
 
         The sum of the shifts of the BNs summed into the pre-activation: ``bn3``'s at an identity
         block, ``bn3``'s plus the downsample BN's at a block with a downsample branch — the same rule

@@ -53,7 +53,7 @@ def branch_modules(block: nn.Module) -> list[tuple[nn.Conv2d, nn.Module]]:
 
 
 def residual_sum_bns(block: nn.Module) -> list[nn.Module]:
-    """The BNs whose outputs are summed into a ResNet block's pre-activation (DESIGN.md §1.1).
+    """The BNs whose outputs are summed into a ResNet block's pre-activation (docs/design.md §1.1).
 
     The main branch's last BN (``bn3`` of a ``Bottleneck``, ``bn2`` of a ``BasicBlock``), plus the
     downsample branch's BN where the block has one (torchvision's ``downsample = Sequential(conv, bn)``;

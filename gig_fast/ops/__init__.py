@@ -1,4 +1,4 @@
-"""The op layer of gig_fast (DESIGN.md §3).
+"""The op layer of gig_fast (docs/design.md §3).
 
 Seven ops, each with a pure-PyTorch reference (``torch`` backend) and compiled backends (``cpp``,
 ``triton``, ``cuda``), registered with ``torch.library`` so they work under ``torch.compile``:

@@ -1,7 +1,7 @@
 """``centroid_update``: per-cluster sums and counts (the k-means update step).
 
 Deterministic on every backend (a fixed summation order, no float atomics), and fast when all points
-fall in two clusters, the 2-means case of the bisecting extractor (DESIGN.md §1.3).
+fall in two clusters, the 2-means case of the bisecting extractor (docs/design.md §1.3).
 """
 from __future__ import annotations
 

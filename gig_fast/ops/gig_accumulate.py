@@ -1,4 +1,4 @@
-"""``gig_accumulate``: the fused quadrature sum and active-concept projection of GIG (DESIGN.md §1.5).
+"""``gig_accumulate``: the fused quadrature sum and active-concept projection of GIG (docs/design.md §1.5).
 
 ``attr[..., p, j] = val[p,j]·⟨Σ_k weights[k]·grads[..., k, p, :], V[idx[p,j]]⟩`` — one pass over the
 α-gradients, touching only the active concepts of each position (paper Eq. 4 with the integral

@@ -2,7 +2,7 @@
 
 They run on any device and are the oracle of every test: short, obviously correct, accumulating in
 float32 (float64 stays float64). They may use more memory than the kernels, never a different formula.
-Shapes follow DESIGN.md §3: padded sparse codes are ``idx [P, s]`` (int64, −1 = padding) and
+Shapes follow docs/design.md §3: padded sparse codes are ``idx [P, s]`` (int64, −1 = padding) and
 ``val [P, s]`` (0 at padding); ``V [K, C]`` holds one concept per row. One section per op, in this file
 only: sparse_reconstruct, spherical_assign, centroid_update, gig_accumulate, two_means (the 2-means splits
 with the kernel's own random generator) and sparse_code (the Gram-form solvers).
@@ -315,7 +315,7 @@ def two_means_splits_ref(U: torch.Tensor, members: list[torch.Tensor], seeds: li
 # ------------------------------------------------------------------------------------ sparse_code
 # The reference solvers of ``sparse_code`` work on the *Gram form* of the problem, shared by every backend:
 # for centred vectors ``y = x − β`` (rows of ``Y [N, C]``) and concepts ``V [K, C]``, correlations
-# ``c = V y`` (``[N, K]``) and the Gram matrix ``G = V Vᵀ`` (``[K, K]``), the Lasso (DESIGN.md §1.4, paper
+# ``c = V y`` (``[N, K]``) and the Gram matrix ``G = V Vᵀ`` (``[K, K]``), the Lasso (docs/design.md §1.4, paper
 # §3.2.2) ``min_u ½‖y − Vᵀu‖² + λ‖u‖₁ = ½‖y‖² − cᵀu + ½uᵀGu + λ‖u‖₁``. It is solved by batched FISTA with
 # adaptive (gradient) restart, stopped by the duality gap, which every backend computes the same way from
 # ``q = c − G u = V r`` (``r = y − Vᵀu``):

@@ -1,4 +1,4 @@
-"""``sparse_code``: Lasso / OMP coding of vectors on a concept dictionary (DESIGN.md §1.4, paper §3.2.2).
+"""``sparse_code``: Lasso / OMP coding of vectors on a concept dictionary (docs/design.md §1.4, paper §3.2.2).
 
 Every PFV ``x`` of a layer is coded against the concepts ``V [K, C]`` (rows):
 
@@ -43,7 +43,7 @@ __all__ = ["sparse_code", "SparseCodeInfo", "SparseCodeConvergenceWarning", "DEF
 
 # Chosen on the demo network's 16 layers at K = 8·C (benchmarks/lambda_rule.py, docs/lambda_rule.md;
 # 100 images, every position, λ_rel ∈ {0.02 … 0.5}). λ_rel = 0.1 is the smallest value of that grid
-# that keeps the paper's sparsity — l0 ratio ≥ 0.99 (DESIGN.md §1.4) — on every layer of C ≥ 128
+# that keeps the paper's sparsity — l0 ratio ≥ 0.99 (docs/design.md §1.4) — on every layer of C ≥ 128
 # (0.992–0.996; the paper's ResNet-50 layers have C ≥ 256; at C = 64 it is 0.989–0.990 and at C = 32
 # 0.980–0.984, where 0.99 would allow 2.6 concepts per PFV). Against the former 0.2 it lowers rel-L2
 # at K = 8·C from 0.30–0.48 to 0.20–0.34 with 4–8 active concepts per PFV instead of 3–7, and gives
@@ -281,7 +281,7 @@ def sparse_code(X: torch.Tensor, V: torch.Tensor, *, lam: float | None = None, m
                 bias: torch.Tensor | None = None, positive: bool = False, max_iter: int = DEFAULT_MAX_ITER,
                 tol: float = DEFAULT_TOL, lam_mode: str = "relative", n_nonzero: int | None = None,
                 backend: str | None = None, return_info: bool = False):
-    """Sparse codes of the rows of ``X`` on the concepts ``V`` (DESIGN.md §1.4).
+    """Sparse codes of the rows of ``X`` on the concepts ``V`` (docs/design.md §1.4).
 
     Lasso: ``u = argmin ½‖(x − β) − Vᵀu‖² + λ‖u‖₁`` per row. OMP: ``n_nonzero`` greedy atoms,
     least-squares coefficients (scikit-learn's ``orthogonal_mp_gram`` rules).

@@ -1,7 +1,7 @@
 """``spherical_assign``: cosine argmax of every point against the centroids (k-means assignment step).
 
 ``labels[n] = argmax_k cos(X[n], centroids[k])``, ties to the smaller k, never materialising ``N×K``.
-Used by the bisecting spherical k-means of the concept extractor (DESIGN.md §1.3).
+Used by the bisecting spherical k-means of the concept extractor (docs/design.md §1.3).
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """``two_means_splits`` / ``two_means_step``: the spherical 2-means splits of the bisecting concept
-extractor (DESIGN.md §1.3; the algorithm and its random draws are written out in ``csrc/two_means/two_means.h``).
+extractor (docs/design.md §1.3; the algorithm and its random draws are written out in ``csrc/two_means/two_means.h``).
 
 A cluster is given by the sorted indices ``members [n]`` of its rows in the unit-row matrix ``U [N, C]``.
 ``two_means_splits`` splits a batch of clusters (sample, k-means++ initialisations, Lloyd, refinement on

@@ -1,4 +1,4 @@
-"""The GIG pipeline (DESIGN.md §1): PFV–iERF dataset → concepts → decomposition → GIG → graph.
+"""The GIG pipeline (docs/design.md §1): PFV–iERF dataset → concepts → decomposition → GIG → graph.
 
 ``Pipeline(config).run()`` runs (or resumes) everything; each stage is also a function of a
 ``Pipeline``: :func:`pfv_dataset`, :func:`extract_concepts`, :func:`decompose`, :func:`attribute`,

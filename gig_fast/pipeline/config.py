@@ -48,7 +48,7 @@ RESULTS_VERSION = 2
 
 @dataclass
 class PipelineConfig:
-    """Everything a run depends on (DESIGN.md §1). Defaults follow the paper where it fixes them.
+    """Everything a run depends on (docs/design.md §1). Defaults follow the paper where it fixes them.
 
     Model/data: ``model`` (``demo``, ``demo-vit``, ``efficientnet-lite0``, a torchvision name such as
     ``resnet50``/``vit_b_16``/``convnext_tiny``, ``torchvision:<name>`` or ``timm:<name>``: see

@@ -1,4 +1,4 @@
-"""Multi-process runs under ``torchrun`` (DESIGN.md §6): rank/world, barriers and all-reduces.
+"""Multi-process runs under ``torchrun`` (docs/design.md §6): rank/world, barriers and all-reduces.
 
 ``torchrun --nproc_per_node=N -m gig_fast.cli run ...`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``MASTER_ADDR`` and ``MASTER_PORT``; :func:`setup` then joins the process group (NCCL when the run's

@@ -1,4 +1,4 @@
-"""The dataset-wide concept graph (DESIGN.md §1.6) and its files: ``graph.json``, ``metrics.json``.
+"""The dataset-wide concept graph (docs/design.md §1.6) and its files: ``graph.json``, ``metrics.json``.
 
 Schema: ``docs/graph_schema.md`` (``schema = "gig_fast.graph"``, ``version = 1``). Built only from
 the stage files, so a resumed run writes the same graph as an uninterrupted one. :func:`write_graph`

@@ -34,7 +34,7 @@ def _dataset_labels(ds) -> np.ndarray:
 
 
 class Pipeline:
-    """A GIG run: ``Pipeline(config).run()`` → the output folder (DESIGN.md §1).
+    """A GIG run: ``Pipeline(config).run()`` → the output folder (docs/design.md §1).
 
     Args:
         config: a :class:`PipelineConfig` (or a dict of its fields).

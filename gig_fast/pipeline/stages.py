@@ -1,4 +1,4 @@
-"""The four stages of a GIG run (DESIGN.md §1.2–1.5), each resumable per layer / per chunk of images.
+"""The four stages of a GIG run (docs/design.md §1.2–1.5), each resumable per layer / per chunk of images.
 
 Work files live in ``<out>/work-<config key>/``; every file is written atomically, so a run killed
 at any point (SIGKILL included) resumes from the last finished chunk and ends with the same results.
@@ -91,7 +91,7 @@ def _image_chunks(pipe, ids, folder: str, keys):
 
 def pfv_dataset(pipe) -> list[Path]:
     """Stage 1: for each concept image and analysed layer, sample ``pfvs_per_image`` PFVs by their
-    contribution to the class logit and keep each with its iERF (DESIGN.md §1.2).
+    contribution to the class logit and keep each with its iERF (docs/design.md §1.2).
 
     Writes ``stage1/chunk_XXXXX.npz`` with, per layer ``L``: ``L|pfv [n, C]`` float32,
     ``L|ierf [n, H_in, W_in]`` (``ierf_dtype``; only with ``store_ierf``), ``L|position [n]``, and ``image [n]``, ``label [n]``,
@@ -157,7 +157,7 @@ CONCEPT_KEYS = ("V", "beta", "labels", "sizes", "representatives", "rep_cosine")
 
 
 def extract_concepts(pipe) -> dict[str, Path]:
-    """Stage 2: bisecting spherical k-means per layer (DESIGN.md §1.3) on the stage-1 PFVs.
+    """Stage 2: bisecting spherical k-means per layer (docs/design.md §1.3) on the stage-1 PFVs.
 
     Writes ``concepts/<layer>.npz``: ``V [K, C]`` (concept vectors = cluster means of ``x − β``),
     ``beta [C]`` (``adapter.baseline``: the BN shift, or the mean of the PFVs where no BN feeds the
@@ -255,7 +255,7 @@ def _code_keys(pipe) -> list[str]:
 
 
 def decompose(pipe) -> list[Path]:
-    """Stage 3: code every PFV of the explained images on its layer's concepts (DESIGN.md §1.4).
+    """Stage 3: code every PFV of the explained images on its layer's concepts (docs/design.md §1.4).
 
     Writes ``codes/chunk_XXXXX.npz`` with ``image``, ``label``, ``prediction`` and, per layer ``L``:
     ``L|idx [B, P, s]`` int64 (−1 padded), ``L|val [B, P, s]`` float32, ``L|rel_l2_sum``,
@@ -459,7 +459,7 @@ def image_top_concepts(per_concept: torch.Tensor, k: int) -> tuple[torch.Tensor,
 
 
 def attribute(pipe) -> None:
-    """Stage 4: GIG per explained image, top-down (DESIGN.md §1.5–1.6).
+    """Stage 4: GIG per explained image, top-down (docs/design.md §1.5–1.6).
 
     For (last layer → classes) the target is the image's class (``class_by``); for (a → b) the
     targets of a class's images are its :func:`view_sets` of ``b`` (its top concepts, then the concepts

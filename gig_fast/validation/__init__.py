@@ -1,4 +1,4 @@
-"""Validation suite (paper §4.2, App. D/E/F/I/J; DESIGN.md §1.7): C-Deletion/C-Insertion, reconstruction
+"""Validation suite (paper §4.2, App. D/E/F/I/J; docs/design.md §1.7): C-Deletion/C-Insertion, reconstruction
 quality, sparsity–error curves, inter-layer deletion/insertion, dictionary-learning and SAE baselines, the
 K ablation, the noise-robustness check, a targeted adversarial attack, PFV decompositions and concept
 trajectories. Entry point: :func:`validate` (CLI: ``gig-fast validate``)."""

@@ -1,4 +1,4 @@
-"""Validation metrics as pure functions (paper §4.2, App. D/I/J; DESIGN.md §1.7).
+"""Validation metrics as pure functions (paper §4.2, App. D/I/J; docs/design.md §1.7).
 
 Curves are evaluated on a uniform grid over the fraction of concepts edited, x ∈ [0, 1]; the AUC is
 the trapezoid rule on that grid. Codes are the padded sparse codes of the pipeline: ``idx [P, s]``
