@@ -1,7 +1,7 @@
 # The README's two commands are `make demo` and `make test`; both set everything up first.
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
-# Serialise builds: several shells (or helpers) may build in this tree at once.
+# Serialise builds: several shells may build in this tree at once.
 LOCK = flock /tmp/gig_fast_build.lock
 
 .PHONY: setup deps-run deps install install-demo build build-cpu demo demo-vit test test-fast bench bench-smoke bench-save bench-compare clean

@@ -28,8 +28,8 @@ the suite leaves the global default on, so the GPU rows check that), the Captum 
 run in :func:`fp32_exact`.
 
 Sizes: torchvision ResNet-50 (random weights, randomised BN statistics), K = 8·C concepts.
-GPU (full): 224×224, s = 30, B = 32 at m = 50 for layer3.5 → logits and layer1.2 → layer2.0 (the goal's
-cases, first), then B = 2 at m = 50 for those and layer3.5 → layer4.0, and at m ∈ {20, 300} for
+GPU (full): 224×224, s = 30, B = 32 at m = 50 for layer3.5 → logits and layer1.2 → layer2.0 (the two
+headline cases, first), then B = 2 at m = 50 for those and layer3.5 → layer4.0, and at m ∈ {20, 300} for
 layer3.5 → logits. CPU: 32×32 (quick) or 64×64 (full), s = 16, m = 20, B = 2 for the three transitions
 and B = 32 for layer1.2 → layer2.0.
 
@@ -126,10 +126,10 @@ def engine_cases(size: str, device: str) -> list[EngineCase]:
     if size == "smoke":
         return [EngineCase("layer3.5", "logits", 4, 2, 32, 4), EngineCase("layer1.2", "layer2.0", 4, 2, 32, 4)]
     if device.startswith("cuda"):
-        goal = [EngineCase("layer3.5", "logits", 50, 32, 224, 30), EngineCase("layer1.2", "layer2.0", 50, 32, 224, 30)]
+        headline = [EngineCase("layer3.5", "logits", 50, 32, 224, 30), EngineCase("layer1.2", "layer2.0", 50, 32, 224, 30)]
         at_50 = [EngineCase(a, b, 50, 2, 224, 30) for a, b in
                  (("layer3.5", "logits"), ("layer3.5", "layer4.0"), ("layer1.2", "layer2.0"))]
-        return goal + at_50 + [EngineCase("layer3.5", "logits", m, 2, 224, 30) for m in (20, 300)]
+        return headline + at_50 + [EngineCase("layer3.5", "logits", m, 2, 224, 30) for m in (20, 300)]
     px = 32 if size == "quick" else 64
     return [EngineCase(a, b, 20, 2, px, 16) for a, b in
             (("layer3.5", "logits"), ("layer3.5", "layer4.0"), ("layer1.2", "layer2.0"))] + \

@@ -20,7 +20,7 @@
   same algorithm, and its default ``"biggest_inertia"``); on a GPU also against our fused CPU path on
   the machine's own cores. Checked: K non-empty clusters; cosine inertia (``cosine_inertia``) reported
   with its ratio to the sequential reference, ours within 5% of it. Single-digit rounds (seconds a call).
-  On a GPU also issue 25's case: K = 8,192 over 200,000 × 1,024 vectors around 1,024 directions, fast
+  On a GPU also the GPU bisecting case: K = 8,192 over 200,000 × 1,024 vectors around 1,024 directions, fast
   mode only (the sequential mode is 8,191 rounds), against our fused CPU fast path (its inertia the
   reference: ours within 0.5%), and a 20,000-row sample of the same mixture (K = 1,024) on which
   scikit-learn runs too.
@@ -117,9 +117,9 @@ def splits_cases(size: str, device: str) -> list[SplitsCase]:
     return [SplitsCase(50_000, 256, 256), SplitsCase(50_000, 256, 16)]
 
 
-# issue 25's GPU case and the sample of its mixture that scikit-learn can run (the same 1,024 directions)
-ISSUE_25 = BisectCase(200_000, 1024, 8192, reference="fast", modes=("fast",), sklearn=False)
-ISSUE_25_SAMPLE = BisectCase(20_000, 1024, 1024, directions=1024, modes=("fast",))  # sequential: 1,023 rounds
+# the GPU bisecting case (K = 8,192 over 200,000 × 1,024) and the sample of its mixture that scikit-learn can run (the same 1,024 directions)
+GPU_BISECT = BisectCase(200_000, 1024, 8192, reference="fast", modes=("fast",), sklearn=False)
+GPU_BISECT_SAMPLE = BisectCase(20_000, 1024, 1024, directions=1024, modes=("fast",))  # sequential: 1,023 rounds
 
 
 def bisect_cases(size: str, device: str) -> list[BisectCase]:
@@ -128,7 +128,7 @@ def bisect_cases(size: str, device: str) -> list[BisectCase]:
     if size == "quick" and not device.startswith("cuda"):
         return [BisectCase(4000, 64, 128)]  # scikit-learn takes seconds a call here
     if device.startswith("cuda"):
-        return [BisectCase(50_000, 256, 2048), ISSUE_25, ISSUE_25_SAMPLE]
+        return [BisectCase(50_000, 256, 2048), GPU_BISECT, GPU_BISECT_SAMPLE]
     return [BisectCase(50_000, 256, 2048)]
 
 
@@ -305,7 +305,7 @@ def bench_update(bench, update_problem, impl):
 
 
 # ---------------------------------------------------------------------------------------------------
-# One round of 2-means splits (issue 25: the batched route against the per-cluster reference)
+# One round of 2-means splits (the GPU's batched route against the per-cluster reference)
 
 
 class SplitsProblem:
@@ -409,7 +409,7 @@ def bench_bisecting(bench, bisect_problem, impl, device, gig_size):
             pytest.skip(f"{mode} mode: not timed on this case ({K - 1} rounds)")
         X, beta = p.X.to(on), p.beta.to(on)
         role = "baseline" if impl.endswith("(CPU)") else "ours"
-        # issue 25: within 0.5% of the fused CPU fast path's inertia; otherwise within 5% of the sequential one's
+        # the GPU bisecting case: within 0.5% of the fused CPU fast path's inertia; otherwise within 5% of the sequential one's
         most = None if role == "baseline" else (1.005 if p.case.reference == "fast" else 1.05)
         # a GPU campaign time-boxes each module: one round a route there (the sequential mode takes seconds)
         bench(lambda: bisecting_spherical_kmeans(X, K, beta=beta, mode=mode)[1], impl=impl, role=role,

@@ -14,7 +14,7 @@ synthetic images, all 16 blocks (K = C, 4 PFVs per image so K ≤ N at layer4; n
 explained images. CPU: the demo-shaped network at 28×28 on 48 images, the last block (smoke, quick) or
 the last four (full), 1, 2 or 4 explained images (the torch Lasso dominates the torch route).
 
-**The scale run** (issue #28; a script, not a pytest benchmark): one call, time-boxed stages, rows
+**The scale run** (a script, not a pytest benchmark): one call, time-boxed stages, rows
 ``pipeline_scale/<stage>`` in the results file and a JSON summary::
 
     python benchmarks/bench_pipeline.py --scale gpu --device cuda --budget 420 --out DIR --results FILE
@@ -151,7 +151,7 @@ def bench_pipeline(bench, problem, impl, backend, role):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The scale run (issue #28): one call, time-boxed stages
+# The scale run: one call, time-boxed stages
 
 
 @dataclasses.dataclass
@@ -177,7 +177,7 @@ PLANS = {"gpu": ScalePlan("resnet50", 224, 3, concept_images=20480, explain_imag
 # shares of the budget: stage 1, stages 3 + 4, each subset route; stage 2, the outputs and the set-up
 # take the rest (not cut: reported as they come)
 SHARES = {"stage1": 0.2, "stage34": 0.35, "subset": 0.1}
-TARGET_IMAGES, TARGET_SAMPLES = 50_000, 20_000  # the headline graph (issue #28)
+TARGET_IMAGES, TARGET_SAMPLES = 50_000, 20_000  # the headline graph of the scale run
 
 
 class SyntheticImages(torch.utils.data.Dataset):
@@ -463,7 +463,7 @@ def scale_rows(summary: dict) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="The pipeline's scale run (issue #28): see the module docstring.")
+    ap = argparse.ArgumentParser(description="The pipeline's scale run: see the module docstring.")
     ap.add_argument("--scale", choices=sorted(PLANS), help="run the scale run of this plan")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--budget", type=float, default=420.0, help="seconds for the whole call (stages get shares)")

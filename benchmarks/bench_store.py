@@ -8,7 +8,7 @@ per layer pair. One chunk of 500 images is drawn and repeated with new image ids
 scaled code values (so every chunk moves the rankings, as new images would), through the real
 writer (:class:`gig_fast.image_store.ImageStoreWriter`) and reader (:class:`gig_fast.image_store.ImageStore`).
 
-    python benchmarks/bench_store.py --images 50000 --out /tmp/store_bench
+    python benchmarks/bench_store.py --images 50000 --out store_bench
 """
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def query(folder: Path, repeats: int = 5) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--images", type=int, default=50_000)
-    ap.add_argument("--out", default="/tmp/gig_store_bench")
+    ap.add_argument("--out", default="gig_store_bench")
     args = ap.parse_args()
     folder = Path(args.out) / "store"
     shutil.rmtree(folder, ignore_errors=True)

@@ -88,7 +88,7 @@ def pytest_configure(config):
         config.option.benchmark_storage = "file://" + str(HERE / "saved" / harness.machine_kind(device))
     # TF32: PyTorch's defaults stay (cuDNN convolutions in TF32, matmuls not). Each route says what it
     # computes in: gig sets IEEE fp32 itself (tf32=False), Captum's routes run in bench_gig.fp32_exact,
-    # the "tf32" rows enable it explicitly (issue 26: TF32 convolutions made Captum and gig_fast differ
+    # the "tf32" rows enable it explicitly (TF32 convolutions made Captum and gig_fast differ
     # by 2e-3..1.3e-2 on the H200).
     config.gig_registry = []
     if _size(config) == "smoke":  # tiny shapes check the benchmark code; their timings would mean nothing
@@ -244,11 +244,16 @@ def pytest_sessionstart(session):
     session.config.gig_commit = harness.commit()
 
 
+def _package() -> str:
+    """Where gig_fast was imported from, without this machine's paths: the checkout or the installed package."""
+    return "<root>/gig_fast" if Path(gig_fast.__file__).resolve().parent == ROOT / "gig_fast" else "installed"
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
     device = _device(config)
     machine_info["gig_fast"] = {"device": harness.device_name(device), "kind": harness.machine_kind(device),
                                 "threads": torch.get_num_threads(), "size": _size(config),
-                                "package": str(Path(gig_fast.__file__).parent), **harness.versions()}
+                                "package": _package(), **harness.versions()}
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):

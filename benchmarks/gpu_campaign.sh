@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call on a lent GPU: build the CUDA extension there, check every backend against the
+# One campaign on a GPU machine: build the CUDA extension there, check every backend against the
 # reference (the GPU rows of the test suite), run the benchmark suite (pytest-benchmark, full size:
 # every route checked against its reference, then timed) topic by topic, and write the results file,
 # pytest-benchmark's JSON per topic, the logs and a Markdown table to $OUT (first argument): results.jsonl,
@@ -9,7 +9,7 @@
 #
 #   bash benchmarks/gpu_campaign.sh "$OUT" [topic ...]        # topics: bench_<topic>.py, default all
 #
-# Topic pipeline_scale (not in the default list): the pipeline's scale run (issue #28, bench_pipeline.py
+# Topic pipeline_scale (not in the default list): the pipeline's scale run (bench_pipeline.py
 # --scale gpu: ResNet-50, 16 blocks, K = 8·C, time-boxed stages within GIG_FAST_SCALE_BUDGET s, default
 # 420, killed 60 s later), its summary copied to $OUT/pipeline_scale_summary.json. One call of <= 8 min:
 #
@@ -21,7 +21,10 @@
 #
 # Outside baselines (Captum, flash-kmeans) travel as wheels in .whl/ (see README: Benchmarks).
 set -uo pipefail
-OUT=${1:-${OUT:-/tmp/gig_fast_gpu}}
+TMP=${TMPDIR:-/tmp}
+OUT=${1:-${OUT:-$TMP/gig_fast_gpu}}
+SITE=$TMP/site                      # the outside baselines' wheels, installed for the campaign
+SCALE_OUT=$TMP/gig_pipeline_scale   # the scale run's folder (its work folder is GBs: not under $OUT; a rerun resumes)
 shift || true
 TOPICS=("$@")
 mkdir -p "$OUT"
@@ -60,8 +63,8 @@ trap pack EXIT
 cat "$OUT/device.txt"
 
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
+    && export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 fi
 
 cuda_loads() { python3 -c "import gig_fast, sys; sys.exit(gig_fast.ops.available_backends().get('cuda') != 'runs')" 2>/dev/null; }
@@ -93,7 +96,7 @@ fi
 scale_record=(--results "$OUT/results.jsonl")
 [ "$tests_status" -ne 0 ] && scale_record=()
 
-# Where one gig() call's time goes (issue 26): the goal's cases (B = 32 and 2, m = 50, fixed rule)
+# Where one gig() call's time goes: the two headline cases (B = 32 and 2, m = 50, fixed rule)
 # profiled once each, the shares in profile/gig_profile.md (its output also in bench.log), the first
 # case's chrome trace in profile/gig_trace.json.gz. Time-boxed; it records no rows.
 stamp "profile of gig() (at most ${GIG_FAST_PROFILE_BUDGET:-150} s)"
@@ -101,7 +104,7 @@ timeout "${GIG_FAST_PROFILE_BUDGET:-150}" python3 benchmarks/profile_gig.py --de
   --B 32 2 --modes fixed --trace 2>&1 | tee -a "$OUT/bench.log" | grep -a -E "^###|Unprofiled|gig\.(forward|backward)|Python"
 [ -f "$OUT/profile/gig_profile.md" ] || stamp "profile did not finish (see bench.log)"
 
-# Each topic gets a time box, so that one slow module cannot eat the whole lease: at its end pytest gets
+# Each topic gets a time box, so that one slow module cannot eat the machine's whole time: at its end pytest gets
 # SIGINT and still writes the JSON of the benchmarks it finished (their rows are recorded).
 [ ${#TOPICS[@]} -gt 0 ] || TOPICS=(sparse_reconstruct gig kmeans sparse_code pipeline)
 for topic in "${TOPICS[@]}"; do
@@ -109,12 +112,12 @@ for topic in "${TOPICS[@]}"; do
     budget=${GIG_FAST_SCALE_BUDGET:-420}
     stamp "pipeline scale run: stages time-boxed within $budget s (killed at $(( budget + 60 )) s)"
     timeout -k 10 $(( budget + 60 )) python3 benchmarks/bench_pipeline.py --scale gpu --device cuda --budget "$budget" \
-      --out /tmp/gig_pipeline_scale "${scale_record[@]}" 2>&1 | tee -a "$OUT/bench.log"
+      --out "$SCALE_OUT" "${scale_record[@]}" 2>&1 | tee -a "$OUT/bench.log"
     scale_status=${PIPESTATUS[0]}
     [ "$scale_status" -ne 0 ] && { stamp "pipeline scale run FAILED (status $scale_status)"; tests_status=$scale_status; }
     python3 benchmarks/profile_pipeline.py --sampler-compare 2>&1 | tee -a "$OUT/bench.log"  # 16 cores: a pool for the draws?
     for f in summary stages; do  # the work folder stays behind (GBs); a cut run leaves stages.json
-      [ -f /tmp/gig_pipeline_scale/$f.json ] && cp /tmp/gig_pipeline_scale/$f.json "$OUT/pipeline_scale_$f.json"
+      [ -f "$SCALE_OUT/$f.json" ] && cp "$SCALE_OUT/$f.json" "$OUT/pipeline_scale_$f.json"
     done
     continue
   fi

@@ -1,7 +1,7 @@
 """The bound model and the row format of the benchmark suite (timing is pytest-benchmark's).
 
 * Bound model: the ceilings a time is measured against (:data:`PEAKS`: HBM bandwidth and GEMM rates of
-  the GPUs we were lent; the memory-copy bandwidth measured in the same run by ``bench_ceilings.py``
+  the GPUs it was measured on; the memory-copy bandwidth measured in the same run by ``bench_ceilings.py``
   where the suite ran it), and :func:`derive`, which turns each benchmark's median into GB/s, TFLOP/s,
   % of its bound and its speed-up against the fastest baseline of its group.
 * Row format: one JSON line per measurement in ``benchmarks/results.jsonl`` (device, versions, commit,

@@ -1,4 +1,4 @@
-"""The λ rule measured on the demo (issue #19 item 7): rel-L2, l0 ratio and active concepts per PFV against λ_rel.
+"""The λ rule measured on the demo: rel-L2, l0 ratio and active concepts per PFV against λ_rel.
 
     OMP_NUM_THREADS=2 python benchmarks/lambda_rule.py --run gig_demo --out docs/lambda_rule
 

@@ -1,7 +1,7 @@
-"""Peak memory of a pipeline run vs the number of explained images (issue #10, docs/design.md §6).
+"""Peak memory of a pipeline run vs the number of explained images (docs/design.md §6).
 
-    OMP_NUM_THREADS=1 python benchmarks/pipeline_memory.py --explain 5000 --out /tmp/mem5k
-    OMP_NUM_THREADS=1 python benchmarks/pipeline_memory.py --explain 50000 --out /tmp/mem50k
+    OMP_NUM_THREADS=1 python benchmarks/pipeline_memory.py --explain 5000 --out mem5k
+    OMP_NUM_THREADS=1 python benchmarks/pipeline_memory.py --explain 50000 --out mem50k
 
 Runs the demo network (the weights shipped in the package) on the Fashion-MNIST train split
 (60k images) in a reduced configuration sized for two CPU cores — layers ``layer4.1,layer4.2``,

@@ -1,4 +1,4 @@
-"""Where the time of one ``gig()`` call goes (issue 26): torch.profiler over the goal's cases.
+"""Where the time of one ``gig()`` call goes: torch.profiler over the two headline cases.
 
     python benchmarks/profile_gig.py --out docs/gig_profile                 # CPU: 32 px (the quick bench size)
     python benchmarks/profile_gig.py --device cuda --out "$OUT" --trace     # GPU: 224 px, one chrome trace

@@ -1,4 +1,4 @@
-"""Where a pipeline run's wall time goes on the host (issue #28): one run under ``cProfile``, its time
+"""Where a pipeline run's wall time goes on the host: one run under ``cProfile``, its time
 split by cause — image loading and decoding, the stage-1 sampler's per-image loop, chunk-file writes and
 reads, the model/op compute — as shares of the run's wall time.
 
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 # cause → the functions whose cumulative time it is (file name fragment, function name); a cause counts a
 # call once even when it nests (load_images inside explain's caller, etc.)
 CAUSES = {
-    # before issue #28 load_images ran on the main thread; after it, the main thread only waits in
+    # load_images once ran on the main thread; now the main thread only waits in
     # loading.py's generators for batches not ready yet (the loading itself runs on other threads/processes)
     "image loading + decoding (main thread)": [("pipeline/run.py", "load_images"), ("pipeline/loading.py", "_threaded"),
                                                ("pipeline/loading.py", "_worker_processes")],
@@ -93,7 +93,7 @@ def run(images: str, out: str, loader_workers: int, top: int = 25) -> dict:
 def loader_compare(images: str, device_ms: float, workers: int, batch_size: int = 32) -> dict:
     """Stage 1's image loading alone, three ways over the same batches, with ``device_ms`` of simulated
     device work per batch (a sleep: the host waits on the GPU, its cores idle): (a) ``load_images`` on the
-    main thread, then the compute (the code before issue #28); (b) :func:`image_batches` with
+    main thread, then the compute (how the pipeline loaded images at first); (b) :func:`image_batches` with
     ``loader_workers=0`` (one loading thread); (c) with ``workers`` decoding processes. Checks that every
     way yields the same tensors."""
     from gig_fast.models import DemoResNet

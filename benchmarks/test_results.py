@@ -30,7 +30,7 @@ def test_speedup_is_against_the_fastest_baseline_of_the_group():
 
 
 def test_relative_to_names_another_impl_of_the_group():
-    """The adaptive GIG rule's time over the fixed rule's on the same images (issue 26)."""
+    """The adaptive GIG rule's time over the fixed rule's on the same images."""
     entries = [_bench("g", "captum", "baseline", [4.0, 4.0, 4.0]), _bench("g", "fixed", "ours", [1.0, 1.0, 1.0]),
                _bench("g", "adaptive", "ours", [2.5, 3.0, 3.5], relative_to="fixed"),
                _bench("h", "fixed", "ours", [9.0, 9.0, 9.0])]
@@ -80,7 +80,7 @@ def test_pipeline_stages_become_rows():
 
 
 def test_profile_gig_writes_the_shares_and_the_trace(tmp_path):
-    """benchmarks/profile_gig.py (issue 26) at B = 2, fixed rule: every F_ab region is in the table, the
+    """benchmarks/profile_gig.py at B = 2, fixed rule: every F_ab region is in the table, the
     region shares add up to the wall time with what is outside them, and the chrome trace holds the regions."""
     import gzip
     import re

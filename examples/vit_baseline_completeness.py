@@ -8,7 +8,7 @@ share of images the 8-node rule left over the bar (refined), the nodes used on a
 relative gap |Σ GIG − (T(X(1)) − T(X(0)))| / |T(X(1)) − T(X(0))| (median, worst), the rel-L2 of the
 decomposition of layer a, and the GIG stage's time::
 
-    PYTHONPATH=. python examples/vit_baseline_completeness.py --out /tmp/vit_beta [--concept-images 2000 --explain-images 200]
+    PYTHONPATH=. python examples/vit_baseline_completeness.py --out vit_beta [--concept-images 2000 --explain-images 200]
 
 The README's table ("Vision transformers and timm models") comes from this script.
 """

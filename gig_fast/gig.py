@@ -317,7 +317,7 @@ def gig(f_ab: Callable[[torch.Tensor], torch.Tensor], codes: tuple[torch.Tensor,
         tf32: let f_ab's float32 convolutions and matmuls use TF32 tensor cores on the GPU. Off by
             default, whatever the global flags say: PyTorch lets cuDNN convolutions use TF32 by default
             (``torch.backends.cudnn.allow_tf32``), which rounds their inputs to 10 mantissa bits and put
-            gig and Captum 2e-3 to 1.3e-2 apart on an H200 (issue 26). The flags are set for the
+            gig and Captum 2e-3 to 1.3e-2 apart on an H200. The flags are set for the
             duration of the call and restored after it (they are process-wide: do not run another
             TF32-sensitive computation on another thread meanwhile).
 

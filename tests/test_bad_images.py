@@ -1,4 +1,4 @@
-"""One bad image never kills a folder run (issue 18, defect 2): unreadable images — a truncated JPEG
+"""One bad image never kills a folder run: unreadable images — a truncated JPEG
 (it passes ``Image.verify()``), garbage, an image that claims 400 Mpixels (PIL's
 DecompressionBombError) — are skipped, counted, listed in metrics.json and recorded in the work folder
 so that a relaunch skips the same ones; huge images are refused with a message or, by option,

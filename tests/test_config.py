@@ -1,5 +1,5 @@
-"""Every user error in a configuration is caught up front, named, and never a traceback in the CLI
-(issue 18, defect 4): options are validated when a PipelineConfig is made — before any stage runs —
+"""Every user error in a configuration is caught up front, named, and never a traceback in the CLI.
+Options are validated when a PipelineConfig is made — before any stage runs —
 files and the model's input when a Pipeline is made."""
 import json
 

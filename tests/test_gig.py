@@ -449,7 +449,7 @@ def test_cuda_engine_matches_cpu(backend, tolerance):
 def test_autocast_is_close_to_full_precision(low):
     """autocast: f_ab's forward and backward run in bf16/fp16 while the path, the targets and the
     attributions stay float32 — per-concept GIG within 1e-2 (relative to the largest) of the float32 call
-    (the GPU goal's bound; measured 2e-3 bf16, 3e-4 fp16 here), and each result still carries its delta."""
+    (the bound required on the GPU; measured 2e-3 bf16, 3e-4 fp16 here), and each result still carries its delta."""
     torch.manual_seed(0)
     model = tiny_resnet(dtype=torch.float32)
     x = torch.randn(2, 3, 8, 8)
@@ -506,7 +506,7 @@ def tf32_globally_on():
 def test_fp32_means_ieee_fp32_inside_f_ab(tf32_globally_on, tolerance):
     """gig runs F_ab's forward and backward with TF32 off (cuDNN convolutions and matmuls) whatever the
     global flags say, unless tf32=True; the caller's flags come back after the call, also after an error.
-    (issue 26: TF32 convolutions put gig and Captum 2e-3..1.3e-2 apart on an H200.)"""
+    (TF32 convolutions put gig and Captum 2e-3..1.3e-2 apart on an H200.)"""
     model = tiny_resnet()
     f, codes, V, beta, hw = _setup(model, "layer1.1", "logits", B=2)
     spy = _FlagSpy(f)

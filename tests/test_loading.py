@@ -1,5 +1,5 @@
 """Images loaded ahead of the compute (pipeline/loading.py) and chunk files written in the background
-(store.BackgroundWriter): the same values as the direct ways, and failures still surface (issue #28)."""
+(store.BackgroundWriter): the same values as the direct ways, and failures still surface."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Bad and extreme inputs to the ops and the GIG engine (issue 18, defects 5 and 6).
+"""Bad and extreme inputs to the ops and the GIG engine.
 
 The policy under test (``gig_fast/ops/__init__.py``): every public op checks the finiteness of each float
 input it reads, all of them in one host sync, and answers with a ValueError that names the input; the

@@ -1,4 +1,4 @@
-"""Resume that cannot mix data (issue 18, defects 1 and 3): stage-1 draws per image, the work folder's
+"""Resume that cannot mix data: stage-1 draws per image, the work folder's
 record (chunking pinned, backend/device/data set refused when changed), damaged work files recomputed,
 stale temporary files removed, and a fault-injection run: SIGKILL in every stage, a damaged chunk,
 other ``chunk_images``/``batch_size`` at every launch — the final graph is the uninterrupted run's."""

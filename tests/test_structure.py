@@ -4,7 +4,11 @@ in its package). Read from the source with ``ast``; nothing is imported."""
 from __future__ import annotations
 
 import ast
+import re
+import subprocess
 from pathlib import Path
+
+import pytest
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,3 +172,59 @@ def test_the_checks_catch_what_they_should(tmp_path):
     assert _private_violation("gig_fast.pipeline.run", "gig_fast._extensions", "has_triton") is None
     assert _private_violation("tests.test_x", "gig_fast._extensions", "has_triton")
     assert _private_violation("gig_fast.ops.registry", "gig_fast", "_extensions") is None
+
+
+# -- the product speaks of the product ------------------------------------------------------------
+# Words about how the work was organised (who asked, in which round) say nothing to a reader of the
+# product: a case is named by what it is ("the GPU bisecting case: K = 8,192 over 200,000 × 1,024").
+# Written so that this file's own source does not match them.
+ORGANISATION_WORDS = re.compile(
+    r"\bsessions? \d|\bin session\b|\bissues? ?#?\d|\bhelper[ ]runs?\b|\bCI[ ]replicas?\b|\bgoal[']s\b"
+    r"|\bengine[e]rs?\b|\bwork[t]rees?\b", re.IGNORECASE)
+# A machine's absolute paths (results and logs are written relative to the repository, or as <root>).
+MACHINE_PATHS = re.compile(r"(?<![\w.$}-])/(?:work|tmp|root|home)/")
+# The one deliberate absolute path: builds of every checkout on a machine share one lock file.
+ALLOWED_LINES = {("Makefile", "LOCK = flock /" + "tmp/gig_fast_build.lock")}
+
+
+def _tracked_text_files() -> list[Path]:
+    """The files git tracks in the checkout that are text (binary files: a NUL byte in the first 8 KiB)."""
+    out = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    files = []
+    for name in out.decode().split("\0"):
+        path = ROOT / name
+        if name and path.is_file() and b"\0" not in path.read_bytes()[:8192]:
+            files.append(path)
+    return files
+
+
+def _organisation_problems(path: Path, rel: str) -> list[str]:
+    bad = []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if (rel, line.strip()) in ALLOWED_LINES:
+            continue
+        for pattern, what in ((ORGANISATION_WORDS, "words about how the work was organised"),
+                              (MACHINE_PATHS, "a machine's absolute path")):
+            m = pattern.search(line)
+            if m:
+                bad.append(f"{rel}:{n}: {what}: {m.group(0)!r} in {line.strip()[:120]!r}")
+    return bad
+
+
+def test_tracked_files_speak_of_the_product_only():
+    bad = [msg for path in _tracked_text_files() for msg in _organisation_problems(path, path.relative_to(ROOT).as_posix())]
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("line, flagged", [
+    ("measured in sess" + "ion 5", True), ("(issue " + "25's case)", True), ("see issue" + " #10", True),
+    ("a helper " + "run", True), ("beside a CI " + "replica", True), ("the go" + "al's cases", True),
+    ("four other engin" + "eers", True), ('"package": "/' + 'work/wt/bench/gig_fast"', True),
+    ("--out /" + "tmp/store_bench", True),
+    ("the GPU bisecting case: K = 8,192 over 200,000 × 1,024", False), ("TMP=${TMPDIR:-/tmp}", False),
+    ('"package": "<root>/gig_fast"', False), ("an HTTP session", False), ("issues/123 on GitHub", False),
+    ("/pytorch/aten/src/ATen/SparseCsrTensorImpl.cpp", False), ("the concept's score", False)])
+def test_the_organisation_check_catches_what_it_should(tmp_path, line, flagged):
+    path = tmp_path / "doc.md"
+    path.write_text(f"first line\n{line}\n", encoding="utf-8")
+    assert bool(_organisation_problems(path, "doc.md")) == flagged

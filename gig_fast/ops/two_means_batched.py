@@ -1,5 +1,5 @@
 """The ``batched`` backend of ``two_means_splits`` / ``two_means_step``: every cluster of a batch split at
-once, as segments of one concatenation (issue 25: the GPU route of the bisecting concept extractor).
+once, as segments of one concatenation (the GPU route of the bisecting concept extractor).
 
 The algorithm, its split rule and its random draws are those of :func:`gig_fast.ops.reference.two_means_splits_ref`
 (written out in ``csrc/two_means/two_means.h``). The reference loops over clusters and over Lloyd
@@ -131,7 +131,7 @@ def _directions(S: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 CHUNKED_SUM_DEVICES = {"cuda"}
 # Rows per first-level chunk: a segment_reduce thread adds its chunk's rows one after the other, so a
 # chunk bounds that serial loop (one 200,000-row cluster would otherwise be 200,000 dependent adds per
-# thread) while the second level adds at most ⌈n/256⌉ chunk sums per cluster. Not measured yet (issue 25).
+# thread) while the second level adds at most ⌈n/256⌉ chunk sums per cluster. Not measured yet.
 SUM_CHUNK = 256
 
 

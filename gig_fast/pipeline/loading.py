@@ -1,4 +1,4 @@
-"""The images of stages 1 and 3, loaded ahead of the compute (issue #28: keep the device busy).
+"""The images of stages 1 and 3, loaded ahead of the compute (to keep the device busy).
 
 A stage asks for all the batches it will compute, in order, once (:func:`image_batches`); they arrive
 as ``(x [B, C, H, W] float32 on the device, y [B])``, the same values as ``pipe.load_images(batch)``.
