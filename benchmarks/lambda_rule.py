@@ -37,7 +37,7 @@ from gig_fast.ops import sparse_code, sparse_reconstruct  # noqa: E402
 from gig_fast.ops.sparse_code import SparseCodeConvergenceWarning  # noqa: E402
 from gig_fast.pipeline import Pipeline  # noqa: E402
 from gig_fast.pipeline.config import PipelineConfig  # noqa: E402
-from gig_fast.pipeline.explain import find_work  # noqa: E402
+from gig_fast import Run  # noqa: E402
 from gig_fast.pipeline.stages import load_concepts, load_pfvs  # noqa: E402
 from gig_fast.pipeline.store import load_json  # noqa: E402
 
@@ -45,7 +45,7 @@ LAMS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5)
 
 
 def _pipeline(run: Path) -> Pipeline:
-    work = find_work(run)
+    work = Run.open(run).work
     cfg = PipelineConfig(**load_json(work / "config.json")["config"]).replace(out=str(run), progress=False)
     pipe = Pipeline(cfg)
     pipe.work = work  # the folder found, even if this code version would key the config differently

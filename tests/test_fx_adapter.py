@@ -167,8 +167,8 @@ def test_pipeline_on_efficientnet_lite0_and_the_offline_photos(lite0, tmp_path):
     assert metrics["completeness"]["_blocks.14->_blocks.15"]["median_rel"] < 0.05
     # the library use: the cat photo explained against the stored concepts, for its predicted class
     from gig_fast.data import OfflinePhotos
-    from gig_fast.pipeline.explain import explain_image
+    from gig_fast import Run
     pre = cfg.preprocessing()
     photo = OfflinePhotos(["chelsea"], size=224, mean=pre["mean"], std=pre["std"])[0][0]
-    one = explain_image(out, photo, model=lite0)
+    one = Run.open(out, model=lite0).explain(photo).to_dict()
     assert one["class_name"] in ("Egyptian cat", "tiger cat", "tabby") and set(one["nodes"]) == {"_blocks.14", "_blocks.15"}

@@ -16,7 +16,7 @@ from PIL import Image
 from gig_fast.models import DemoResNet
 from gig_fast.cli import main
 from gig_fast.pipeline import Pipeline, PipelineConfig, extract_concepts, load_config, pfv_dataset
-from gig_fast.pipeline.explain import explain_image
+from gig_fast import Run
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ["layer3.5", "layer4.0", "layer4.2"]
@@ -87,7 +87,7 @@ def test_tiny_run_writes_graph_metrics_report(tmp_path):
     run_tiny(tmp_path / "run")
     assert (out / "graph.json").read_bytes() == before
     # one image against the stored concepts (the library-backend use), and the CLI's pair view
-    one = explain_image(out, tiny_data()[0][0], model=tiny_model(), target=1)
+    one = Run.open(out, model=tiny_model()).explain(tiny_data()[0][0], target=1).to_dict()
     assert one["class"] == 1 and one["class_name"] == "boot & shoe"
     assert set(one["nodes"]) == set(LAYERS) and all(np.isfinite(d) for d in one["completeness_max_abs"].values())
     assert main(["show", "--run", str(out), "--classes", "bag", "0"]) == 0
@@ -102,7 +102,7 @@ def test_image_graphs_equal_explain_for_the_same_image(tmp_path):
     graph = json.loads((out / "graph.json").read_text())
     data = tiny_data()
     for g in graph["images"][:4]:
-        one = explain_image(out, data[g["id"]][0], model=tiny_model(), target=g["class"])
+        one = Run.open(out, model=tiny_model()).explain(data[g["id"]][0], target=g["class"]).to_dict()
         assert one["nodes"].keys() == g["nodes"].keys()
         for layer, items in g["nodes"].items():
             assert [n["concept"] for n in one["nodes"][layer]] == [n["concept"] for n in items]

@@ -73,11 +73,11 @@ def test_demo_vit_writes_graph_metrics_report(vit_run):
 
 def test_explain_one_image_on_the_vit_run(vit_run):
     from gig_fast.data import fashion_mnist
-    from gig_fast.pipeline.explain import explain_image
+    from gig_fast import Run
 
     out, _, _ = vit_run
     image = fashion_mnist("test")[7][0]
-    result = explain_image(out, image, target=3)
+    result = Run.open(out).explain(image, target=3).to_dict()
     assert result["class"] == 3 and set(result["nodes"]) == set(VIT_LAYERS)
     assert set(result["completeness_max_abs"]) == {"blocks.3->classes", "blocks.2->blocks.3", "blocks.1->blocks.2",
                                                    "blocks.0->blocks.1"}

@@ -7,7 +7,7 @@ pipeline: :func:`gig_fast.pipeline.write_report` and :func:`gig_fast.pipeline.re
 """
 from .cards import DECOMPOSITION_CARD_KIND, check_decomposition_card
 from .render import embed_json, insert_decompositions, insert_section, render_explorer
-from .summary import render_report, summary_html
+from .summary import summary_html
 
-__all__ = ["render_explorer", "embed_json", "summary_html", "render_report", "insert_decompositions",
+__all__ = ["render_explorer", "embed_json", "summary_html", "insert_decompositions",
            "insert_section", "check_decomposition_card", "DECOMPOSITION_CARD_KIND"]

@@ -1,9 +1,9 @@
-"""The static run summary of ``report.html`` (an HTML fragment of the metrics tables), and a page of it alone."""
+"""The static run summary of ``report.html``: an HTML fragment of the metrics tables."""
 from __future__ import annotations
 
 import html
 
-__all__ = ["summary_html", "render_report"]
+__all__ = ["summary_html"]
 
 
 def summary_html(graph: dict, metrics: dict) -> str:
@@ -41,13 +41,4 @@ def summary_html(graph: dict, metrics: dict) -> str:
 <h2>Top concepts per class (upper layers)</h2>{''.join(classes)}
 <h2>Shared concepts at the last layer</h2><table><tr><th>classes</th><th>concepts (score)</th></tr>{''.join(pairs)}</table>
 <h2>Timings (s)</h2><table>{timing}</table>
-"""
-
-
-def render_report(graph: dict, metrics: dict) -> str:
-    """A static HTML summary without the interactive graph (see :func:`gig_fast.explorer.render_explorer`
-    for ``report.html``); every string from the data is escaped."""
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>gig_fast report</title>
-<style>body{{font-family:sans-serif;max-width:60em;margin:auto}}td,th{{padding:2px 8px;text-align:left}}</style></head><body>
-{summary_html(graph, metrics)}</body></html>
 """

@@ -445,7 +445,7 @@ def view_sets(pipe, point: str, scores: np.ndarray | None = None) -> np.ndarray:
 def image_top_concepts(per_concept: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """An image graph's nodes of layer a: each image's ``k`` concepts with the largest signed GIG summed over
     its targets (ties to the smaller id), and their GIG to each target (paper Fig. 3; stage 4 and
-    :func:`gig_fast.pipeline.explain.explain_image` both use this).
+    :meth:`gig_fast.Run.explain` both use this).
 
     Args:
         per_concept: ``[T, n, K_a]`` GIG of every concept of a to each of the T targets, per image.

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["atomic_write_text", "atomic_write_parts", "save_json", "load_json", "save_npz", "BackgroundWriter", "load_npz",
+__all__ = ["atomic_write_text", "save_json", "load_json", "save_npz", "BackgroundWriter", "load_npz",
            "npz_problem", "is_complete", "remove_stale_tmp"]
 
 _TMP = re.compile(r"^\..+\.tmp(\d+)$")
@@ -63,24 +63,6 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_parts(path: str | Path, parts) -> None:
-    """Like :func:`atomic_write_text` for text made of the strings of the iterable ``parts``, written as
-    they come, so a large file (``graph.json`` of many images) is never held in memory whole."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for part in parts:
-                f.write(part)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     os.replace(tmp, path)
 
 

@@ -12,7 +12,7 @@ import torch
 
 from ..explorer.cards import DECOMPOSITION_CARD_KIND
 from ..explorer.pictures import png_data_uri
-from ..pipeline.explain import explain_image
+from ..api import Run
 from ..pipeline.pictures import nearest_samples, sample_crops
 from ..pipeline.stages import load_concepts, load_pfvs, top_sets
 from .attack import targeted_pgd
@@ -210,7 +210,7 @@ def _origins(pipe, attacked: dict, comparison: dict, tops: np.ndarray, source: i
 def adversarial_graph(pipe, image_id: int, target: int, eps: float, step_size: float, steps: int) -> dict:
     """App. J (paper Fig. 12): attack image ``image_id`` towards class ``target`` with targeted L∞ PGD
     (``eps``, ``step_size`` in pixel units, ``steps``), then explain the attacked and the clean image
-    with the run's concepts (:func:`~gig_fast.pipeline.explain.explain_image`: the graph of the
+    with the run's concepts (:meth:`gig_fast.Run.explain`: the graph of the
     predicted class) and compare them layer by layer against the graph's class top sets.
     """
     x, y = pipe.load_images([image_id])
@@ -228,8 +228,8 @@ def adversarial_graph(pipe, image_id: int, target: int, eps: float, step_size: f
            "steps": int(info["steps"][0]), "linf_pixels": round(float(info["linf"][0]) * std, 5),
            "target_probability": round(float(prob[target]), 4), "source_probability": round(float(prob[source]), 4),
            "clean_target_probability": round(float(torch.softmax(clean_logits, 1)[0, target]), 4)}
-    clean_g = explain_image(pipe.out, x[0], model=pipe.model, device=str(pipe.device))
-    adv_g = explain_image(pipe.out, adv[0], model=pipe.model, device=str(pipe.device))
+    run = Run.open(pipe.out, model=pipe.model, device=str(pipe.device))
+    clean_g, adv_g = run.explain(x[0]).to_dict(), run.explain(adv[0]).to_dict()
     tops = {p: top_sets(pipe, p) for p in pipe.points}
     comparison = {p: _layer_comparison(pipe, p, clean_g, adv_g, source, target, tops[p]) for p in pipe.points}
     res.update(layers=comparison, origins=_origins(pipe, adv_g, comparison, tops, source, target),
