@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .ops import checks, kernel
-from .ops.reference import accumulation_dtype
+from .ops.common import accumulation_dtype
 
 __all__ = ["gig", "GIGResult", "ConceptTarget", "ClassTarget", "quadrature", "RULES", "tf32_allowed"]
 

@@ -16,7 +16,7 @@ PACKAGE = ROOT / "gig_fast"
 
 
 def _modules() -> dict[str, Path]:
-    """Dotted module name → file, for every module of the package (``kernels`` is a link to ``/kernels``)."""
+    """Dotted module name → file, for every module of the package."""
     out = {}
     for path in sorted(PACKAGE.rglob("*.py")):
         parts = path.relative_to(ROOT).with_suffix("").parts

@@ -14,8 +14,8 @@ from _grids import DEVICES, accumulation_bound, unit_roundoff
 from gig_fast import ops
 from gig_fast.concepts import bisecting_spherical_kmeans, distributed_bisecting_kmeans
 from gig_fast.ops.reference import SplitMix64
-from gig_fast.ops import two_means_batched
-from gig_fast.ops.two_means_batched import SUM_CHUNK, SideSums, splitmix64_draws
+from gig_fast.kernels import two_means_batched
+from gig_fast.kernels.two_means_batched import SUM_CHUNK, SideSums, splitmix64_draws
 from gig_fast.testing import clustered_points, pfv_like
 
 

@@ -55,7 +55,7 @@ MUTANTS = [
     Mutant("stage4_path_without_beta", "gig_fast/pipeline/stages.py",
            "res = gig(f_ab, codes, V, beta, targets(int(c))", "res = gig(f_ab, codes, V, 0 * beta, targets(int(c))",
            ("tests/test_pipeline_values.py",), "stage 4 builds the GIG path without β"),
-    Mutant("triton_rescore_ignored", "kernels/spherical_assign.py",
+    Mutant("triton_rescore_ignored", "gig_fast/kernels/spherical_assign.py",
            "take2 = (s2 > s1) | ((s2 == s1) & (k2 < k1))", "take2 = s2 != s2",
            ("tests/test_spherical_assign.py", "-k", "triton"), "the Triton assignment keeps its bf16 choice"),
     Mutant("gig_accumulate_bf16_sum", "gig_fast/ops/reference.py",

@@ -39,7 +39,7 @@ import torch
 
 from .core import (Kernels, apply_splits, check_inputs, concepts_from_members, next_batch, split_batch,
                    unit_rows)
-from ..ops.reference import accumulation_dtype
+from ..ops.common import accumulation_dtype
 
 __all__ = ["bisecting_spherical_kmeans"]
 

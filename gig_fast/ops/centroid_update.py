@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from . import checks as v
-from .reference import accumulation_dtype, centroid_update_ref
+from .common import accumulation_dtype
+from .reference import centroid_update_ref
 from .registry import OpSpec, register, resolve
 
 __all__ = ["centroid_update"]

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .reference import accumulation_dtype
+from .common import accumulation_dtype
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 

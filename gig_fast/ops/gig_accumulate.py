@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from . import checks as v
-from .reference import accumulation_dtype, gig_accumulate_ref
+from .common import accumulation_dtype
+from .reference import gig_accumulate_ref
 from .registry import OpSpec, register, resolve
 
 __all__ = ["gig_accumulate"]

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
+from .common import accumulation_dtype, scale_extreme_rows
+
 __all__ = [
-    "accumulation_dtype",
     "padded_rows",
-    "scale_extreme_rows",
     "sparse_reconstruct_ref",
     "sparse_reconstruct_backward_ref",
     "spherical_assign_ref",
@@ -27,13 +27,7 @@ __all__ = [
     "duality_gap",
     "lasso_gram_ref",
     "omp_gram_ref",
-    "dense_to_padded",
 ]
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; everything else accumulates in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def padded_rows(V: torch.Tensor, idx: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,32 +98,6 @@ def segment_sum(values: torch.Tensor, keys: torch.Tensor, K: int) -> torch.Tenso
     used = counts > 0
     if bool(used.any()):
         out[used] = torch.segment_reduce(values[order], "sum", lengths=counts[used], axis=0)
-    return out
-
-
-# Cosine is scale-free, but the squares of an fp32 row with entries ≳ 1e19 overflow (its norm becomes inf
-# and every cosine 0) and those of a denormal row underflow. So rows whose largest |entry| lies outside
-# [2^-30, 2^30] (≈ 1e-9 … 1e9) are first scaled by the power of two that brings it into [0.5, 1): exact, so every other
-# row is scored bit for bit as before. Every backend does the same (the C++ host code in
-# csrc/spherical_assign/spherical_assign.h, the Triton wrapper through this function).
-SAFE_ROW_EXPONENT = 30
-
-
-def scale_extreme_rows(t: torch.Tensor) -> torch.Tensor:
-    """``t [N, C]`` with every row whose largest |entry| lies outside ``[2^-30, 2^30]`` multiplied by the
-    power of two that brings it into ``[0.5, 1)``; ``t`` itself when there is none (one host sync)."""
-    if t.numel() == 0:
-        return t
-    m = torch.linalg.vector_norm(t, float("inf"), dim=1).double()
-    bound = 2.0 ** SAFE_ROW_EXPONENT
-    bad = (m > bound) | ((m < 1.0 / bound) & (m > 0))
-    if not bool(bad.any()):
-        return t
-    e = torch.frexp(m[bad]).exponent.double()[:, None]  # m = mantissa·2^e, mantissa in [0.5, 1)
-    half = torch.floor(-e / 2)  # two factors: 2^±1074 (a float64 denormal row) is out of float64's range
-    rows = t[bad].double() * torch.exp2(half) * torch.exp2(-e - half)
-    out = t.clone()
-    out[bad] = rows.to(t.dtype)
     return out
 
 
@@ -451,15 +419,3 @@ def omp_gram_ref(c: torch.Tensor, G: torch.Tensor, n_nonzero: int, residual_corr
         coef_ok = torch.where(slot_ok, coef, 0)
     u = torch.zeros_like(c).scatter_add_(1, support, coef_ok)
     return u, slot_ok.sum(1)
-
-
-def dense_to_padded(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense codes ``[N, K]`` → padded ``(idx [N, s] int64, −1 padding, sorted; val [N, s], 0 at padding)``."""
-    nz = u != 0
-    s = int(nz.sum(1).max()) if u.numel() else 0
-    # stable sort puts the non-zeros first, in increasing concept index
-    order = torch.sort((~nz).to(torch.int8), dim=1, stable=True).indices[:, :s]
-    keep = torch.gather(nz, 1, order)
-    idx = torch.where(keep, order, torch.full_like(order, -1))
-    val = torch.where(keep, torch.gather(u, 1, order), torch.zeros((), dtype=u.dtype, device=u.device))
-    return idx, val

@@ -22,7 +22,7 @@ the solvers then touch only the few concepts that matter:
 * ``triton`` — the same working-set scheme batched on the GPU: the full residual correlations
   ``q = c − G u`` are a ``sparse_reconstruct`` of the codes on ``G`` (G is symmetric), violators are a
   top-k, and one Triton kernel runs the coordinate descent on every vector's working set
-  (``kernels/sparse_code.py``).
+  (``gig_fast/kernels/sparse_code.py``).
 
 Convergence: a vector is done when its duality gap ``≤ tol·‖y‖²``; vectors that hit ``max_iter``
 first are reported (``SparseCodeConvergenceWarning`` and ``info.gap``), never silently returned.
@@ -36,7 +36,8 @@ import warnings
 import torch
 
 from . import checks as v
-from .reference import accumulation_dtype, dense_to_padded, lasso_gram_ref, omp_gram_ref
+from .common import accumulation_dtype, dense_to_padded
+from .reference import lasso_gram_ref, omp_gram_ref
 from .registry import OpSpec, register, resolve
 
 __all__ = ["sparse_code", "SparseCodeInfo", "SparseCodeConvergenceWarning", "DEFAULT_LAM_REL"]

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from . import checks as v
-from .reference import accumulation_dtype, spherical_assign_ref
+from .common import accumulation_dtype
+from .reference import spherical_assign_ref
 from .registry import OpSpec, register, resolve
 
 __all__ = ["spherical_assign"]

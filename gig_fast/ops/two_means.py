@@ -9,7 +9,7 @@ extractor is made of it). Backends: ``torch`` (the reference, :func:`gig_fast.op
 the same algorithm and the same :class:`~gig_fast.ops.reference.SplitMix64` draws, so both backends give
 the same partitions up to float rounding), ``cpp`` (one fused C++ call per batch, clusters in parallel:
 per-split dispatch from Python, not arithmetic, was the cost of the 2,047 small splits of a layer) and
-``batched`` (:mod:`gig_fast.ops.two_means_batched`: pure PyTorch on any device, all clusters of a batch
+``batched`` (:mod:`gig_fast.kernels.two_means_batched`: pure PyTorch on any device, all clusters of a batch
 at once as segments of one concatenation, a fixed number of tensor ops per Lloyd iteration — the
 route on CUDA).
 """
@@ -20,7 +20,7 @@ import torch
 from . import checks as v
 from .reference import two_means_splits_ref, two_means_step_ref
 from .registry import OpSpec, register, resolve
-from .two_means_batched import two_means_splits_batched, two_means_step_batched
+from ..kernels.two_means_batched import two_means_splits_batched, two_means_step_batched
 
 __all__ = ["two_means_splits", "two_means_step"]
 

@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..ops.reference import dense_to_padded  # re-exported: the baselines pad their dense codes with it
+from ..ops.common import dense_to_padded  # re-exported: the baselines pad their dense codes with it
 
 __all__ = ["auc", "step_counts", "curve_grid", "edit_codes", "edited_inputs", "concept_curve", "class_score",
            "label_hits", "max_projection", "reconstruction_quality", "top_overlap", "dense_to_padded",

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gig_fast.ops.reference import accumulation_dtype
+from ..ops.common import accumulation_dtype
 
 
 @triton.jit

@@ -23,7 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from gig_fast.ops.reference import dense_to_padded, omp_gram_ref
+from ..ops.common import dense_to_padded
+from ..ops.reference import omp_gram_ref
+from .sparse_reconstruct import sparse_reconstruct_forward
 
 MIN_GROW = 8
 INNER_SWEEPS = 64  # sweeps per kernel launch at most: the outer loop re-syncs q and re-checks the gap
@@ -103,8 +105,8 @@ def _residual_corr(c: torch.Tensor, G: torch.Tensor, widx: torch.Tensor, u: torc
     if G.dtype == torch.float64:  # sparse_reconstruct accumulates in fp32; keep fp64 exact (tests, CPU)
         dense = torch.zeros_like(c).scatter_add_(1, widx.clamp_min(0), torch.where(widx >= 0, u, 0))
         return c - dense @ G
-    from gig_fast.ops import sparse_reconstruct
-    return c - sparse_reconstruct(widx, u, G, backend="triton")
+    # the Triton kernel itself, not the public op: the op layer imports this module (no import cycle)
+    return c - sparse_reconstruct_forward(widx.contiguous(), u.to(G.dtype).contiguous(), G.contiguous(), None)
 
 
 def _outer_gap(c, q, widx, u, y2, lam, positive):

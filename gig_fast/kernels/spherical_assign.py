@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gig_fast.ops.reference import accumulation_dtype, scale_extreme_rows
+from ..ops.common import accumulation_dtype, scale_extreme_rows
 
 
 @triton.jit
