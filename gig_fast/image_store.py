@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .run_folder import tmp_path
+
 __all__ = ["ImageStore", "ImageStoreWriter", "ConceptRanking", "concept_usage", "STORE_FORMAT", "STORE_VERSION",
            "RANK_DEPTH", "TABLES"]
 
@@ -159,7 +161,7 @@ class ImageStoreWriter:
         import pyarrow.parquet as pq
 
         self.folder = Path(folder)
-        self.tmp = self.folder.with_name(f".{self.folder.name}.tmp{os.getpid()}")
+        self.tmp = tmp_path(self.folder)
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
         self.layers, self.run_key = dict(layers), run_key

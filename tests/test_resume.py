@@ -19,7 +19,8 @@ import test_pipeline as tp
 from gig_fast.cli import main
 from gig_fast.pipeline import Pipeline, pfv_dataset, rebuild_report
 from gig_fast.pipeline.stages import load_pfvs
-from gig_fast.pipeline.store import npz_problem, remove_stale_tmp
+from gig_fast.pipeline.store import npz_problem
+from gig_fast.run_folder import remove_stale_tmp
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ["layer4.0", "layer4.2"]  # two layers and the fixed rule: a run of a few seconds

@@ -39,8 +39,10 @@ from ..ops.sparse_code import SparseCodeConvergenceWarning
 from ..pipeline.config import PipelineConfig
 from ..pipeline.samples import nearest_rows, stage1_samples
 from ..pipeline.graph import image_layer_graph
-from ..pipeline.stages import CLASSES, bank_dir, image_top_concepts
+from ..pipeline.stages import CLASSES, image_top_concepts
 from ..pipeline.store import load_json, load_npz
+from ..run_folder import (CODES, CONFIG_FILE, GRAPH_FILE, METRICS_FILE, STORE_DIR, bank_dir, chunk_files, concept_file,
+                          work_dir)
 from .types import (ClassInfo, ClassUse, ConceptCard, ConceptSample, ConceptUse, Decomposition, Edge, Explanation,
                     Graph, ImageGraph, LayerInfo, Metrics, Node, PairGraph)
 
@@ -70,8 +72,8 @@ class Run:
         self.path = path
         self._graph = graph
         self.key: str = graph["run_key"]
-        self.work = path / f"work-{self.key}"
-        stored = self.work / "config.json"
+        self.work = work_dir(path, self.key)
+        stored = self.work / CONFIG_FILE
         if not stored.is_file():
             raise FileNotFoundError(f"{stored} does not exist: {path} is not a complete run folder")
         self.config = PipelineConfig(**load_json(stored)["config"])
@@ -102,7 +104,7 @@ class Run:
             ValueError: ``graph.json`` is not a gig_fast graph.
         """
         path = Path(path)
-        gpath = path / "graph.json"
+        gpath = path / GRAPH_FILE
         if not gpath.is_file():
             raise FileNotFoundError(f"no graph.json in {path}; is it the output folder of a finished run?")
         try:
@@ -156,7 +158,7 @@ class Run:
                 if bank.run_key != self.key:
                     raise ValueError(f"the concept bank {folder} belongs to run {bank.run_key}, not {self.key}")
             else:
-                c = load_npz(self.work / "concepts" / f"{layer}.npz")
+                c = load_npz(concept_file(self.work, layer))
                 bank = ConceptBank(layer, torch.from_numpy(c["V"]), torch.from_numpy(c["beta"]),
                                    torch.from_numpy(c["sizes"]), coding=self.config.code_options(), run_key=self.key)
             self._banks[layer] = bank
@@ -185,7 +187,7 @@ class Run:
         if not qs:
             return {}
         bank = self.bank(layer)
-        labels = torch.from_numpy(load_npz(self.work / "concepts" / f"{layer}.npz")["labels"])
+        labels = torch.from_numpy(load_npz(concept_file(self.work, layer))["labels"])
         rows, cos, member = nearest_rows(self.work, layer, bank.V, bank.beta, labels, qs, k)
         meta, maps = stage1_samples(self.work, layer, rows.ravel())
         images = self.display_images([m[0] for m in meta.values()]) if pictures and maps else {}
@@ -224,7 +226,7 @@ class Run:
     @cached_property
     def store(self) -> ImageStore | None:
         """The per-image store (``store/``), or None for a run written before it existed."""
-        folder = self.path / self._graph.get("store", "store")
+        folder = self.path / self._graph.get("store", STORE_DIR)
         if not (folder / "store.json").is_file():
             return None
         store = ImageStore(folder)
@@ -285,7 +287,7 @@ class Run:
         """``{image id: (stage-3 file, row)}`` of every explained image (read once)."""
         if self._codes_index is None:
             self._codes_index = {}
-            for f in sorted((self.work / "codes").glob("chunk_*.npz")):
+            for f in chunk_files(self.work / CODES):
                 with np.load(f, allow_pickle=False) as z:
                     for r, i in enumerate(z["image"].tolist()):
                         self._codes_index[int(i)] = (f, r)
@@ -493,7 +495,7 @@ class Run:
     @cached_property
     def metrics(self) -> Metrics:
         """``metrics.json`` as :class:`Metrics`."""
-        path = self.path / "metrics.json"
+        path = self.path / METRICS_FILE
         if not path.is_file():
             raise FileNotFoundError(f"no metrics.json in {self.path}")
         return Metrics.from_dict(load_json(path))

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ..ops import sparse_code
+from ..run_folder import atomic_open
 
 __all__ = ["ConceptBank", "BANK_FORMAT", "BANK_VERSION", "TENSOR_FILE", "META_FILE"]
 
@@ -99,9 +100,11 @@ class ConceptBank:
         # one metadata entry: safetensors writes its metadata map in hash order, so two keys could swap
         # places between saves and the same bank would not give the same bytes
         data = save({"V": self.V, "beta": self.beta, "sizes": self.sizes}, metadata={BANK_FORMAT: self.layer})
-        _atomic_write(folder / TENSOR_FILE, data)
+        with atomic_open(folder / TENSOR_FILE) as f:
+            f.write(data)
         meta = {**self.metadata(), "sha256": hashlib.sha256(data).hexdigest()}
-        _atomic_write(folder / META_FILE, json.dumps(meta, indent=1, allow_nan=False).encode("utf-8"))
+        with atomic_open(folder / META_FILE) as f:
+            f.write(json.dumps(meta, indent=1, allow_nan=False).encode("utf-8"))
         return folder
 
     @classmethod
@@ -142,15 +145,6 @@ class ConceptBank:
         opts.update(overrides)
         V = self.V.to(X.device, X.dtype)
         return sparse_code(X, V, bias=self.beta.to(X.device, X.dtype), **opts)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _read_metadata(path: Path) -> dict:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..image_store import ImageStoreWriter
+from ..run_folder import CODES, STORE_DIR, chunk_files
 from .stages import (CLASSES, class_pair_weights, class_scores, load_concepts, present_classes, shared_sets,
                      top_sets, trans_dir, transitions, view_sets)
 from .store import save_json
@@ -74,7 +75,7 @@ def write_graph(pipe, path: str | Path) -> dict:
             batch = {(a, b): pairs.entry(a, b) for a, b in pairs.keys[start:start + PAIR_BATCH]}
             writer.add_pair_graphs(list(batch.values()))
             head["pair_graphs"].update({f"{a}-{b}": g for (a, b), g in batch.items() if (a, b) in kept})
-        for cpath, chunk in zip(sorted((pipe.work / "codes").glob("chunk_*.npz")), _image_graph_chunks(pipe)):
+        for cpath, chunk in zip(chunk_files(pipe.work / CODES), _image_graph_chunks(pipe)):
             writer.add_graphs(chunk)
             _rank_concepts(pipe, writer, cpath)
             images += _take_sample(chunk, sample)
@@ -88,7 +89,6 @@ def write_graph(pipe, path: str | Path) -> dict:
     return graph
 
 
-STORE_DIR = "store"  # the per-image store's folder, relative to graph.json
 PAIR_BATCH = 256  # pair graphs built and written to the store at a time
 
 
@@ -277,7 +277,7 @@ def _image_graph_chunks(pipe):
     reading only that chunk's files."""
     trans = transitions(pipe)
     last = -1
-    for cpath in sorted((pipe.work / "codes").glob("chunk_*.npz")):
+    for cpath in chunk_files(pipe.work / CODES):
         with np.load(cpath, allow_pickle=False) as z:
             meta = dict(zip(z["image"].tolist(), zip(z["label"].tolist(), z["prediction"].tolist())))
         per_image: dict[int, dict] = {}

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..explorer import render_explorer
+from ..run_folder import CODES, REPORT_FILE, chunk_files, concept_file
 from .pictures import collect_pictures
 from .stages import trans_dir, transitions
 from .store import atomic_write_text, load_json
@@ -19,7 +20,7 @@ def collect_metrics(pipe, timings: dict) -> dict:
     """Per-layer decomposition quality (paper Table 1 form) and per-transition completeness deltas."""
     layers = {}
     sums: dict[str, np.ndarray] = {}
-    for path in sorted((pipe.work / "codes").glob("chunk_*.npz")):
+    for path in chunk_files(pipe.work / CODES):
         with np.load(path, allow_pickle=False) as z:
             for p in pipe.points:
                 for key in ("rel_l2_sum", "l0_sum", "count", "not_converged"):
@@ -28,7 +29,7 @@ def collect_metrics(pipe, timings: dict) -> dict:
                         sums[k] = sums.get(k, 0) + z[k].astype(np.float64)
     for p in pipe.points:
         n = float(sums[f"{p}|count"].sum())
-        with np.load(pipe.work / "concepts" / f"{p}.npz", allow_pickle=False) as z:
+        with np.load(concept_file(pipe.work, p), allow_pickle=False) as z:
             sizes = z["sizes"]  # stage-1 PFVs per concept: how well each concept is sampled
         layers[p] = {"rel_l2": float(sums[f"{p}|rel_l2_sum"].sum() / n), "l0_ratio": float(sums[f"{p}|l0_sum"].sum() / n),
                      "pfvs": int(n), "not_converged": int(np.sum(sums.get(f"{p}|not_converged", 0))),
@@ -36,7 +37,7 @@ def collect_metrics(pipe, timings: dict) -> dict:
                      "concept_size_min": int(sizes.min())}
     deltas = {}
     for a, b in transitions(pipe):
-        chunks = [np.load(f, allow_pickle=False) for f in sorted(trans_dir(pipe, a, b).glob("chunk_*.npz"))]
+        chunks = [np.load(f, allow_pickle=False) for f in chunk_files(trans_dir(pipe, a, b))]
         # every (image, target) pair of the transition under the run's rule: the class graphs' top
         # targets and the image graphs' own targets
         ad = np.abs(np.concatenate([z[k].ravel() for z in chunks for k in ("delta", "own_delta") if k in z.files]))
@@ -67,7 +68,7 @@ def collect_metrics(pipe, timings: dict) -> dict:
     all_d = np.array([v["max_abs"] for v in deltas.values()])
     all_r = np.concatenate([[v["max_rel"], v["median_rel"]] for v in deltas.values()]) if deltas else np.array([])
     n_explained, n_labelled, n_correct = 0, 0, 0  # streamed over the chunks: no per-image table in memory
-    for path in sorted((pipe.work / "codes").glob("chunk_*.npz")):
+    for path in chunk_files(pipe.work / CODES):
         with np.load(path, allow_pickle=False) as z:
             n_explained += len(z["image"])
             labelled = z["label"] >= 0  # offline photos carry no label
@@ -104,7 +105,7 @@ def write_report(run, graph: dict, metrics: dict, *, max_images: int = 20, crops
     Returns the page's path.
     """
     pictures = collect_pictures(run, graph, crops=crops, max_images=max_images)
-    path = Path(path) if path is not None else run.path / "report.html"
+    path = Path(path) if path is not None else run.path / REPORT_FILE
     section, cards = _validation_extras(run.path)
     atomic_write_text(path, render_explorer(graph, metrics, pictures, max_images=max_images, section_html=section,
                                             decompositions=cards))

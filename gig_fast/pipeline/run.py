@@ -12,11 +12,12 @@ from tqdm import tqdm
 from ..api.run import Run
 from ..data import open_dataset
 from ..models import FASHION_CLASSES, get_adapter, load_model
+from ..run_folder import CODES, GRAPH_FILE, METRICS_FILE, bank_dir, chunk_files, work_dir
 from . import distributed as dist
 from .config import PipelineConfig
 from .graph import write_graph
 from .report import collect_metrics, write_report
-from .stages import attribute, bank_dir, concept_bank, decompose, extract_concepts, pfv_dataset
+from .stages import attribute, concept_bank, decompose, extract_concepts, pfv_dataset
 from .store import load_json, save_json
 from .workdir import check_numerics, open_work, unreadable_ids
 
@@ -85,7 +86,7 @@ class Pipeline:
             raise ValueError(f"dataset has label {self.labels.max()} but the model has {self.num_classes} classes")
         self.concept_ids, self.explain_ids = self._select_images()
         self.out = Path(cfg.out)
-        self.work = self.out / f"work-{cfg.key()}"
+        self.work = work_dir(self.out, cfg.key())
         self.spatial = self._probe()
         # the work folder's record: may pin chunk_images (self.config), lists the unreadable images
         self.record = open_work(self, self._screen_images)
@@ -198,7 +199,7 @@ class Pipeline:
         """``{image id: (label, prediction)}`` of every explained image (one entry per image: the
         pipeline itself streams the chunks instead)."""
         meta = {}
-        for path in sorted((self.work / "codes").glob("chunk_*.npz")):
+        for path in chunk_files(self.work / CODES):
             with np.load(path, allow_pickle=False) as z:
                 for i, lab, pred in zip(z["image"].tolist(), z["label"].tolist(), z["prediction"].tolist()):
                     meta[i] = (lab, pred)
@@ -212,7 +213,7 @@ class Pipeline:
             return np.bincount(self.labels[self.explain_ids], minlength=self.num_classes)
         if self._per_class is None:
             counts = np.zeros(self.num_classes, dtype=np.int64)
-            for path in sorted((self.work / "codes").glob("chunk_*.npz")):
+            for path in chunk_files(self.work / CODES):
                 with np.load(path, allow_pickle=False) as z:
                     counts += np.bincount(z["prediction"], minlength=self.num_classes)
             self._per_class = counts
@@ -255,14 +256,14 @@ class Pipeline:
         # returned with a sample of the per-image graphs (report_images per class) for the page
         for point in self.points:  # the concept banks first: graph.json marks a finished output folder
             concept_bank(self, point).save(bank_dir(self.out, point))
-        graph = write_graph(self, self.out / "graph.json")  # and the per-image store beside it
+        graph = write_graph(self, self.out / GRAPH_FILE)  # and the per-image store beside it
         timings["graph"] = round(time.perf_counter() - t0, 2)
         metrics = collect_metrics(self, timings)
         t0 = time.perf_counter()
         run = Run.open(self.out, model=self.model, dataset=self.dataset, device=str(self.device))
         write_report(run, graph, metrics, max_images=self.config.report_images, crops=self.config.report_crops)
         timings["report"] = round(time.perf_counter() - t0, 2)  # in metrics.json (the page was already written)
-        save_json(self.out / "metrics.json", metrics)
+        save_json(self.out / METRICS_FILE, metrics)
 
 
 def rebuild_report(run_dir, *, html=None, max_images: int | None = None, device: str = "cpu", model=None,
@@ -274,6 +275,6 @@ def rebuild_report(run_dir, *, html=None, max_images: int | None = None, device:
     ``dataset``: the objects the run was given, when it was not run from names in its configuration.
     """
     run = Run.open(run_dir, model=model, dataset=dataset, device=device)
-    metrics = load_json(Path(run_dir) / "metrics.json")
+    metrics = load_json(Path(run_dir) / METRICS_FILE)
     limit = run.config.report_images if max_images is None else max_images
     return write_report(run, run.graph_dict(), metrics, max_images=limit, crops=run.config.report_crops, path=html)

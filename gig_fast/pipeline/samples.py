@@ -8,12 +8,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..run_folder import STAGE1, chunk_files
+
 __all__ = ["stage1_files", "nearest_rows", "stage1_samples"]
 
 
 def stage1_files(work: Path) -> tuple[list[Path], np.ndarray]:
     """The stage-1 chunk files in order and ``[files + 1]`` their first global rows (and the total)."""
-    files = sorted((Path(work) / "stage1").glob("chunk_*.npz"))
+    files = chunk_files(Path(work) / STAGE1)
     starts, n = [], 0
     for f in files:
         starts.append(n)

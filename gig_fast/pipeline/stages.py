@@ -26,12 +26,13 @@ from ..gig import ClassTarget, ConceptTarget, gig
 from ..ops import sparse_code, sparse_reconstruct
 from ..ops.checks import check_finite
 from ..ops.sparse_code import SparseCodeConvergenceWarning
+from ..run_folder import CODES, STAGE1, chunk_file, chunk_files, concept_file, transition_dir
 from ..srd import explain
 from . import distributed as dist
 from .loading import image_batches
 from .store import BackgroundWriter, is_complete, load_npz, save_npz
 
-__all__ = ["pfv_dataset", "extract_concepts", "decompose", "attribute", "chunk_ids", "concept_bank", "bank_dir", "CLASSES",
+__all__ = ["pfv_dataset", "extract_concepts", "decompose", "attribute", "chunk_ids", "concept_bank", "CLASSES",
            "image_top_concepts", "shared_concepts", "view_sets"]
 
 CLASSES = "classes"  # the name of the last graph layer (the class targets)
@@ -83,7 +84,7 @@ def _image_chunks(pipe, ids, folder: str, keys):
     ``todo`` this rank's chunks not done yet (another rank's chunk, or a finished one on resume, is
     skipped), ``loaded`` the iterator of their image batches, loaded ahead (:func:`image_batches`)."""
     chunks = chunk_ids(ids, pipe.config.chunk_images)
-    files = [pipe.work / folder / f"chunk_{ci:05d}.npz" for ci in range(len(chunks))]
+    files = [chunk_file(pipe.work / folder, ci) for ci in range(len(chunks))]
     todo = [ci for ci in range(len(chunks)) if dist.owns(ci) and not is_complete(files[ci], keys)]
     loaded = image_batches(pipe, [b for ci in todo for b in _batches(chunks[ci], pipe.config.batch_size)])
     return chunks, files, todo, loaded
@@ -98,7 +99,7 @@ def pfv_dataset(pipe) -> list[Path]:
     ``target [n]`` (the explained class). Returns the chunk files in order.
     """
     cfg = pipe.config
-    chunks, files, todo, loaded = _image_chunks(pipe, pipe.concept_ids, "stage1", _stage1_keys(pipe))
+    chunks, files, todo, loaded = _image_chunks(pipe, pipe.concept_ids, STAGE1, _stage1_keys(pipe))
     with BackgroundWriter(save_npz) as writer:  # the next chunk computes while this one is written
         for ci in _bar(pipe, todo, "stage 1: PFV–iERF dataset"):
             chunk, path = chunks[ci], files[ci]
@@ -137,7 +138,7 @@ def load_pfvs(pipe, point: str) -> dict[str, np.ndarray]:
     """The stage-1 samples of one layer: ``pfv [N, C]``, ``position``, ``image``, ``label`` (no iERFs)."""
     out: dict[str, list] = {}
     for ci in range(len(chunk_ids(pipe.concept_ids, pipe.config.chunk_images))):
-        with np.load(pipe.work / "stage1" / f"chunk_{ci:05d}.npz", allow_pickle=False) as z:
+        with np.load(chunk_file(pipe.work / STAGE1, ci), allow_pickle=False) as z:
             for key in ("pfv", "position"):
                 out.setdefault(key, []).append(z[f"{point}|{key}"])
             for key in ("image", "label"):
@@ -166,7 +167,7 @@ def extract_concepts(pipe) -> dict[str, Path]:
     """
     cfg, files = pipe.config, {}
     for point in _bar(pipe, pipe.points, "stage 2: concepts"):
-        path = pipe.work / "concepts" / f"{point}.npz"
+        path = concept_file(pipe.work, point)
         files[point] = path
         if is_complete(path, CONCEPT_KEYS):  # written by rank 0 before the last barrier: every rank agrees
             continue
@@ -212,20 +213,13 @@ def _representatives(Xc: torch.Tensor, V: torch.Tensor, labels: torch.Tensor, r:
 def load_concepts(pipe, point: str) -> dict[str, torch.Tensor]:
     """The concept file of ``point`` as tensors; V and β are checked for NaN/Inf once, here (the ops that
     stages 3 and 4 call with them would refuse them too, but could not name the file)."""
-    path = pipe.work / "concepts" / f"{point}.npz"
+    path = concept_file(pipe.work, point)
     d = {k: torch.from_numpy(v) for k, v in load_npz(path).items()}
     try:
         check_finite(V=d.get("V"), beta=d.get("beta"))
     except ValueError as e:
         raise ValueError(f"{path} is damaged: {e}; delete it to compute the concepts again") from None
     return d
-
-
-def bank_dir(out: Path, point: str) -> Path:
-    """The folder of the concept bank of ``point`` in the output folder ``out``: ``out/concepts/<point>``."""
-    if not point or point.startswith(".") or any(ch in point for ch in "/\\:"):
-        raise ValueError(f"layer name {point!r} cannot name a concept bank folder")
-    return Path(out) / "concepts" / point
 
 
 def concept_bank(pipe, point: str) -> ConceptBank:
@@ -264,7 +258,7 @@ def decompose(pipe) -> list[Path]:
     """
     cfg = pipe.config
     concepts = {p: load_concepts(pipe, p) for p in pipe.points}
-    chunks, files, todo, loaded = _image_chunks(pipe, pipe.explain_ids, "codes", _code_keys(pipe))
+    chunks, files, todo, loaded = _image_chunks(pipe, pipe.explain_ids, CODES, _code_keys(pipe))
     with BackgroundWriter(save_npz) as writer:  # the next chunk computes while this one is written
         for ci in _bar(pipe, todo, "stage 3: decomposition"):
             chunk, path = chunks[ci], files[ci]
@@ -322,14 +316,14 @@ def transitions(pipe) -> list[tuple[str, str]]:
 
 def trans_dir(pipe, a, b) -> Path:
     """The folder of the GIG chunk files of the transition ``a → b``."""
-    return pipe.work / "gig" / f"{a}__{b}"
+    return transition_dir(pipe.work, a, b)
 
 
 def _class_sums(pipe, a: str, b: str):
     """Per chunk file of (a → b): ``(classes [n], class_sum [n, T, K_a], n_top)``: the GIG summed over
     each class's images to its targets of b, the first ``n_top`` of which are the class's top set
     (older files hold every class, and only top targets)."""
-    for path in sorted(trans_dir(pipe, a, b).glob("chunk_*.npz")):
+    for path in chunk_files(trans_dir(pipe, a, b)):
         with np.load(path, allow_pickle=False) as z:
             sums = z["class_sum"]
             classes = z["classes"] if "classes" in z.files else np.arange(sums.shape[0])

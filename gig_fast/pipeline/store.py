@@ -1,16 +1,10 @@
-"""Atomic artifact writing (tmp + ``os.replace``), safe loading (npz without pickle, JSON) and the checks
-that let a resumed run trust its files: a damaged file is named, and a work file is recomputed.
-
-A write goes to ``.<name>.tmp<PID>`` next to its target and is renamed over it once complete, so a
-reader never sees a partial file; a process killed mid-write leaves the temporary file behind, which
-:func:`remove_stale_tmp` deletes once its process is gone (torchrun ranks write at the same time, so
-only files of dead processes are touched).
+"""Saving and loading a run's files — JSON and npz, each written atomically
+(:func:`gig_fast.run_folder.atomic_open`), read without pickle — and the checks that let a resumed run
+trust its files: a damaged file is named, and a work file is recomputed.
 """
 from __future__ import annotations
 
 import json
-import os
-import re
 import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -18,52 +12,16 @@ from pathlib import Path
 
 import numpy as np
 
+from ..run_folder import atomic_open
+
 __all__ = ["atomic_write_text", "save_json", "load_json", "save_npz", "BackgroundWriter", "load_npz",
-           "npz_problem", "is_complete", "remove_stale_tmp"]
-
-_TMP = re.compile(r"^\..+\.tmp(\d+)$")
-
-
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def remove_stale_tmp(folder: str | Path, recursive: bool = True) -> list[Path]:
-    """Delete the ``.<name>.tmp<PID>`` files in ``folder`` (and its sub-folders) whose process no longer
-    runs (left by a kill mid-write); returns them. Files of live processes (another rank writing now)
-    are kept."""
-    removed = []
-    folder = Path(folder)
-    if not folder.is_dir():
-        return removed
-    for path in (folder.rglob if recursive else folder.glob)(".*.tmp*"):
-        m = _TMP.match(path.name)
-        if m and path.is_file() and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
-            path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
+           "npz_problem", "is_complete"]
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` so that a reader (or a resumed run) never sees a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path, "w", encoding="utf-8") as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_json(path: str | Path, obj, compact: bool = False) -> None:
@@ -91,13 +49,8 @@ def save_npz(path: str | Path, **arrays) -> None:
 
 
 def _write_npz(path: Path, out: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    with open(tmp, "wb") as f:
+    with atomic_open(path) as f:
         np.savez(f, **out)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class BackgroundWriter:

@@ -30,9 +30,10 @@ import numpy as np
 import torch
 
 from ..ops import forced_backend
+from ..run_folder import CONFIG_FILE, STAGE1, chunk_file, remove_stale_tmp
 from . import distributed as dist
 from .stages import chunk_ids
-from .store import load_json, remove_stale_tmp, save_json
+from .store import load_json, save_json
 
 __all__ = ["open_work", "check_numerics", "numerics", "dataset_fingerprint", "unreadable_ids"]
 
@@ -60,7 +61,7 @@ def open_work(pipe, screen) -> dict:
     ValueError.
     """
     cfg, work = pipe.config, pipe.work
-    run_file = work / "config.json"
+    run_file = work / CONFIG_FILE
     if dist.is_main():
         for folder, recursive in ((work, True), (pipe.out, False)):
             remove_stale_tmp(folder, recursive=recursive)
@@ -91,7 +92,7 @@ def check_numerics(pipe, record: dict) -> None:
     stored = record.get("numerics")
     if stored is None:  # made by an older gig_fast, which drew stage-1 samples per chunk, not per image
         n_chunks = len(chunk_ids(pipe.concept_ids, pipe.config.chunk_images))
-        if not all((pipe.work / "stage1" / f"chunk_{ci:05d}.npz").exists() for ci in range(n_chunks)):
+        if not all(chunk_file(pipe.work / STAGE1, ci).exists() for ci in range(n_chunks)):
             raise ValueError(f"{pipe.work} was started by an older gig_fast that drew the stage-1 samples per chunk "
                              "(now per image): finishing its stage 1 would mix both. Use another out folder to "
                              "start afresh")

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from ..ops.sparse_code import DEFAULT_LAM_REL
 from ..pipeline.store import load_json, load_npz, save_json, save_npz
+from ..run_folder import CONFIG_FILE, GRAPH_FILE
 from . import appendix as ap
 from . import experiments as ex
 from .baselines import METHODS, dictionary_learning_codes, fit_dictionary_learning, fit_sae, load_decomposition, ours
@@ -580,7 +581,7 @@ def validate(pipe, opts: ValidationOptions | None = None) -> dict:
     from .report import write_outputs
 
     opts = opts or ValidationOptions()
-    if not (pipe.work / "config.json").exists() or not (pipe.out / "graph.json").exists():
+    if not (pipe.work / CONFIG_FILE).exists() or not (pipe.out / GRAPH_FILE).exists():
         raise ValueError(f"missing pipeline outputs in {pipe.out} (work folder {pipe.work.name}): run the pipeline first")
     L = _resolve_layers(pipe, opts)
     vwork = pipe.work / "validation"
