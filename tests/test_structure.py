@@ -228,3 +228,73 @@ def test_the_organisation_check_catches_what_it_should(tmp_path, line, flagged):
     path = tmp_path / "doc.md"
     path.write_text(f"first line\n{line}\n", encoding="utf-8")
     assert bool(_organisation_problems(path, "doc.md")) == flagged
+
+
+# -- the layers (docs/architecture.md) ------------------------------------------------------------
+# Top to bottom; a module belongs to the layer of the longest prefix that names it. A module may import
+# modules of its own layer and of the layers below, never of a layer above (function-local imports
+# count). Keep this list and docs/architecture.md in step.
+LAYERS = [
+    ("public surface", ("gig_fast",)),
+    ("command line", ("gig_fast.cli",)),
+    ("HTTP server", ("gig_fast.api.server",)),
+    ("validation", ("gig_fast.validation",)),
+    ("results reader", ("gig_fast.api",)),
+    ("pipeline", ("gig_fast.pipeline",)),
+    ("renderers and stores", ("gig_fast.explorer", "gig_fast.image_store", "gig_fast.testing")),
+    ("method", ("gig_fast.concepts", "gig_fast.gig", "gig_fast.srd", "gig_fast.slicing", "gig_fast.models",
+                "gig_fast.data")),
+    ("run folder", ("gig_fast.run_folder",)),
+    ("ops", ("gig_fast.ops", "gig_fast.kernels", "gig_fast._extensions")),
+]
+# Known breaks of the rule, each to be removed by the change that fixes it:
+# Pipeline._write_outputs opens a Run (the results reader) to render report.html; it goes when the
+# report page and rebuild_report move to a layer above the reader.
+KNOWN_UPWARD = {("gig_fast.pipeline.run", "gig_fast.api.run")}
+
+
+def _layer(module: str, layers=LAYERS) -> int:
+    """The index (0 = top) of the layer that holds ``module``: the longest prefix listed."""
+    best, depth = None, -1
+    for i, (_, prefixes) in enumerate(layers):
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".")) and p.count(".") > depth:
+                best, depth = i, p.count(".")
+    if best is None:
+        raise KeyError(f"{module} is in no layer: add it to LAYERS and docs/architecture.md")
+    return best
+
+
+def _upward_imports(graph: dict[str, set[str]], layers=LAYERS, known=frozenset()) -> list[str]:
+    """``importer -> imported`` for every import of a module of a higher layer, outside ``known``."""
+    names = [name for name, _ in layers]
+    return [f"{a} ({names[_layer(a, layers)]}) imports {b} ({names[_layer(b, layers)]})"
+            for a in sorted(graph) for b in sorted(graph[a])
+            if _layer(b, layers) < _layer(a, layers) and (a, b) not in known]
+
+
+def test_every_module_has_a_layer():
+    for module in MODULES:
+        _layer(module)
+
+
+def test_no_module_imports_a_higher_layer():
+    bad = _upward_imports(_graph(), known=KNOWN_UPWARD)
+    assert not bad, "imports against the layer rule (docs/architecture.md):\n" + "\n".join(bad)
+
+
+def test_the_known_exceptions_are_still_needed():
+    """An exception that the code no longer needs is removed from the list, so it cannot hide a new one."""
+    graph = _graph()
+    stale = [f"{a} -> {b}" for a, b in KNOWN_UPWARD if b not in graph.get(a, set())]
+    assert not stale, f"remove these from KNOWN_UPWARD: {stale}"
+
+
+def test_the_layer_check_catches_an_upward_import():
+    layers = [("top", ("p.top",)), ("mid", ("p.mid",)), ("low", ("p.low", "p.mid.low_part"))]
+    graph = {"p.top": {"p.mid"}, "p.mid": {"p.low", "p.top"}, "p.low": set(), "p.mid.low_part": {"p.mid"}}
+    assert _upward_imports(graph, layers) == ["p.mid (mid) imports p.top (top)",
+                                              "p.mid.low_part (low) imports p.mid (mid)"]
+    assert _upward_imports(graph, layers, known={("p.mid", "p.top"), ("p.mid.low_part", "p.mid")}) == []
+    with pytest.raises(KeyError, match="in no layer"):
+        _layer("q.other", layers)
