@@ -48,6 +48,7 @@ class UnitStore:
 
 
 def our_decomposition(pipe, point, lam=None):
+    """The run's own concepts at ``point`` with its sparse coder (at the run's λ, or ``lam``)."""
     from ..pipeline.stages import load_concepts
 
     c = load_concepts(pipe, point)
