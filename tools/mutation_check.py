@@ -10,8 +10,13 @@ extension rebuilds incrementally), each mutant is applied there, tested, and rev
     python tools/mutation_check.py --list          # the mutants and their test selections
     python tools/mutation_check.py --only sr_cpp_stops_at_padding gl_weights_uniform
     python tools/mutation_check.py --markdown docs/mutation.md   # write the result table
+    python tools/mutation_check.py --baseline      # first check that the unmutated copy passes each selection
+    python tools/mutation_check.py --changed-since origin/main --time-budget 240   # CI: a change's mutants
 
-Exit status 1 when any mutant survives. The last result is kept in ``docs/mutation.md``.
+``--changed-since REF`` keeps the mutants whose file, or one of whose test files, differs from ``REF``
+(committed or not): the check a change needs, in CI's time. ``--time-budget S`` starts no mutant after S
+seconds (those left are listed as not run). Exit status 1 when any mutant survives (or the baseline
+fails). The last full result is kept in ``docs/mutation.md``.
 """
 from __future__ import annotations
 
@@ -81,6 +86,75 @@ MUTANTS = [
            ("tests/test_centroid_update.py",), "the reference update forgets the last point"),
 ]
 
+# Mutants of the second round: the patterns the suite did not look for (selections checked by value, the run
+# key, boundary ids, stored ranks, paths the fixtures did not reach, escaping), and one or more in every module
+# of gig_fast/ that the first round left alone.
+RUN_VALUES, RUN_BOUNDS, STORED, ESCAPING = ("tests/test_run_values.py",), ("tests/test_run_boundaries.py",), \
+    ("tests/test_stored_files.py",), ("tests/test_report_escaping.py",)
+MUTANTS += [
+    Mutant("shared_concepts_max_not_min", "gig_fast/pipeline/stages.py",
+           "both = np.minimum(s1 / s1.max(), s2 / s2.max())", "both = np.maximum(s1 / s1.max(), s2 / s2.max())",
+           ("tests/test_selection_rules.py",), "a pair's shared concepts scored by the larger of the two classes' scores"),
+    Mutant("class_scores_every_target", "gig_fast/pipeline/stages.py",
+           "total[classes] += sums[:, :n_top].sum(1)", "total[classes] += sums.sum(1)",
+           ("tests/test_selection_rules.py",), "a class's concept scores add its shared targets to its top ones"),
+    Mutant("top_sets_skip_the_first", "gig_fast/pipeline/stages.py",
+           'return np.argsort(-scores, axis=1, kind="stable")[:, :k]',
+           'return np.argsort(-scores, axis=1, kind="stable")[:, 1:k + 1]',
+           RUN_VALUES, "a class's top set starts at its second strongest concept (caught on a run)"),
+    Mutant("run_key_forgets_top_shared", "gig_fast/pipeline/config.py",
+           '"report_images", "report_crops", "graph_images", "graph_pairs"}',
+           '"report_images", "report_crops", "graph_images", "graph_pairs", "top_shared"}',
+           ("tests/test_run_key.py",), "top_shared left out of the run key (a relaunch resumes the old targets)"),
+    Mutant("edge_normalized_signed", "gig_fast/pipeline/graph.py",
+           '"normalized": _r(abs(w) / peak if peak > 0 else 0.0)}', '"normalized": _r(w / peak if peak > 0 else 0.0)}',
+           STORED, "graph.json's edge display weight keeps the sign (outside [0, 1])"),
+    Mutant("class_id_one_past_the_last", "gig_fast/api/run.py",
+           "0 <= int(name_or_id) < len(self.classes)", "0 <= int(name_or_id) <= len(self.classes)",
+           RUN_BOUNDS, "Run accepts the class id n (an empty graph; the server answered 500)"),
+    Mutant("concept_id_one_past_the_last", "gig_fast/api/run.py",
+           "not 0 <= int(concept) < K", "not 0 <= int(concept) <= K",
+           RUN_BOUNDS, "Run accepts the concept id K"),
+    Mutant("store_ranks_from_zero", "gig_fast/image_store.py",
+           '"rank": r + 1,', '"rank": r,', STORED, "the store's per-concept image ranks start at 0"),
+    Mutant("store_ranks_least_used_first", "gig_fast/image_store.py",
+           "order = np.lexsort((merged[0], -merged[2], group))", "order = np.lexsort((merged[0], merged[2], group))",
+           STORED, "the store ranks a concept's images by usage ascending"),
+    Mutant("drop_one_prefix_token_only", "gig_fast/models/transformer.py",
+           'return self.prefix if self.class_token == "drop" else 0', 'return 1 if self.class_token == "drop" else 0',
+           ("tests/test_transformer_prefix.py",), "class_token=drop skips the class token but samples register tokens"),
+    Mutant("dropped_prefix_not_renumbered", "gig_fast/srd.py",
+           "pos = pos.long() + skip  # positions in the point's own numbering", "pos = pos.long()",
+           ("tests/test_transformer_prefix.py",), "positions chosen among patch tokens are stored as row positions"),
+    Mutant("beta_ignores_add_alpha", "gig_fast/slicing.py",
+           'scale = node.kwargs.get("alpha", 1) if k == 1 else 1', "scale = 1",
+           ("tests/test_beta_scaled_residual.py",), "β at torch.add(a, b, alpha=s) adds b's shift unscaled"),
+    Mutant("refinement_always_replaces", "gig_fast/gig.py",
+           "if worst < fixed_excess[b]:  # keep whichever is more complete", "if True:",
+           ("tests/test_refinement_cap.py",), "a capped refinement replaces the fixed rule even when it is worse"),
+    Mutant("summary_unescaped", "gig_fast/explorer/summary.py",
+           "e = lambda s: html.escape(str(s), quote=True)", "e = lambda s: str(s)",
+           ESCAPING, "the report's summary writes run strings (model, layers, classes) as HTML"),
+    Mutant("images_scaled_by_std", "gig_fast/data.py",
+           "return (t - mean) / std", "return (t - mean) * std",
+           ("tests/test_data.py",), "image normalisation multiplies by the std"),
+    Mutant("cli_user_error_exit_1", "gig_fast/cli.py",
+           "        return 2\n", "        return 1\n",
+           ("tests/test_config.py",), "a user error exits with status 1 instead of the documented 2"),
+    Mutant("auc_ignores_x", "gig_fast/validation/metrics.py",
+           "return np.trapezoid(y, x=x, axis=-1)", "return np.trapezoid(y, dx=1.0 / (y.shape[-1] - 1), axis=-1)",
+           ("tests/test_validation.py", "-k", "auc"), "the AUC of a curve on uneven positions taken as evenly spaced"),
+    Mutant("triton_centroid_update_drops_last_row", "kernels/centroid_update.py",
+           "r_ok = rows < N\n", "r_ok = rows < N - 1\n",
+           ("tests/test_centroid_update.py", "-k", "triton"), "the Triton centroid sums skip the last point"),
+    Mutant("oracle_dense_codes_unsigned", "gig_fast/testing/sparse_code.py",
+           "torch.where(ok, val2, 0)", "torch.where(ok, val2.abs(), 0)",
+           ("tests/test_sparse_code.py",), "the tests' dense-code oracle loses signs (the tests must disagree)"),
+    Mutant("cpp_extension_never_found", "gig_fast/_extensions.py",
+           'return _import("gig_fast._C")', 'return _import("gig_fast._C_missing")',
+           ("tests/test_backend.py",), "the C++ extension is reported missing where it is built"),
+]
+
 
 def _copy_tree(dest: Path) -> None:
     """The tracked and untracked (not ignored) files of the working tree, plus the built extensions."""
@@ -99,9 +173,32 @@ def _copy_tree(dest: Path) -> None:
             target.parent.mkdir(parents=True, exist_ok=True)
             if not target.exists() or target.read_bytes() != src.read_bytes():
                 shutil.copy2(src, target)
-    for so in (ROOT / "gig_fast").glob("*.so"):
+    for so in list((ROOT / "gig_fast").glob("*.so")) or _installed_extensions():
         if not (dest / "gig_fast" / so.name).exists():
             shutil.copy2(so, dest / "gig_fast" / so.name)
+
+
+def _installed_extensions() -> list[Path]:
+    """The compiled extensions of an installed gig_fast (CI installs the package and builds nothing in the
+    checkout); found from outside the checkout so that the installed copy is the one imported."""
+    probe = "import gig_fast, pathlib; print(pathlib.Path(gig_fast.__file__).parent)"
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=Path.home(), capture_output=True, text=True)
+    folder = Path(proc.stdout.strip()) if proc.returncode == 0 else None
+    return sorted(folder.glob("*.so")) if folder and folder.resolve() != (ROOT / "gig_fast").resolve() else []
+
+
+def changed_files(ref: str) -> set[str]:
+    """Files that differ from ``ref`` in the working tree (committed since or not), and untracked ones."""
+    diff = subprocess.run(["git", "diff", "--name-only", ref, "--"], cwd=ROOT, check=True, capture_output=True,
+                          text=True).stdout.split()
+    new = subprocess.run(["git", "ls-files", "-o", "--exclude-standard"], cwd=ROOT, check=True, capture_output=True,
+                         text=True).stdout.split()
+    return set(diff) | set(new)
+
+
+def touched_by(m: Mutant, changed: set[str]) -> bool:
+    """Whether a change of these files needs mutant ``m`` run: its file or one of its test files changed."""
+    return m.path in changed or any(t in changed for t in m.tests if t.endswith(".py"))
 
 
 def _build(tree: Path) -> None:
@@ -111,50 +208,74 @@ def _build(tree: Path) -> None:
                    capture_output=True)
 
 
-def _run_tests(tree: Path, tests: tuple, timeout: int) -> tuple[str, float]:
+def _run_tests(tree: Path, tests: tuple, timeout: int) -> tuple[str, float, str]:
+    """``(status, seconds, the first failing test's id or "")`` of one test selection in the copy."""
     t0 = time.time()
     try:
         proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
                               cwd=tree, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return "timeout", time.time() - t0
+        return "timeout", time.time() - t0, ""
     status = {0: "survived", 1: "killed"}.get(proc.returncode, f"error (pytest exit {proc.returncode})")
-    return status, time.time() - t0
+    failed = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+    return status, time.time() - t0, failed[0] if failed else ""
 
 
-def check(mutants: list[Mutant], timeout: int) -> list[tuple[Mutant, str, float]]:
+def baseline(mutants: list[Mutant], timeout: int) -> bool:
+    """Run each distinct test selection of ``mutants`` on the unmutated copy: a mutant only counts as
+    killed by tests that pass without it."""
+    tree = SCRATCH / "tree"
+    _copy_tree(tree)
+    ok = True
+    for tests in dict.fromkeys(m.tests for m in mutants):
+        status, seconds, _ = _run_tests(tree, tests, timeout)
+        passed = status == "survived"  # pytest exit 0
+        ok &= passed
+        print(f"{'baseline':32s} {'passes' if passed else status:10s} {seconds:6.1f} s  {' '.join(tests)}", flush=True)
+    return ok
+
+
+def check(mutants: list[Mutant], timeout: int, budget: float | None = None) -> list[tuple[Mutant, str, float, str]]:
+    """``(mutant, status, seconds, killing test)`` per mutant, each applied to the copy, tested and reverted."""
     tree = SCRATCH / "tree"
     _copy_tree(tree)
     results = []
+    t0 = time.time()
     for m in mutants:
+        if budget is not None and time.time() - t0 > budget:
+            results.append((m, "not run (time budget)", 0.0, ""))
+            print(f"{m.name:32s} not run (time budget)", flush=True)
+            continue
         path = tree / m.path
         original = path.read_text(encoding="utf-8")
         if original.count(m.find) != 1:
-            results.append((m, f"stale: the snippet occurs {original.count(m.find)} times", 0.0))
+            results.append((m, f"stale: the snippet occurs {original.count(m.find)} times", 0.0, ""))
             continue
         cpp = m.path.startswith("csrc/")
         try:
             path.write_text(original.replace(m.find, m.replace), encoding="utf-8")
             if cpp:
                 _build(tree)
-            status, seconds = _run_tests(tree, m.tests, timeout)
+            status, seconds, killer = _run_tests(tree, m.tests, timeout)
         finally:
             path.write_text(original, encoding="utf-8")
             if cpp:
                 _build(tree)
-        results.append((m, status, seconds))
-        print(f"{m.name:32s} {status:10s} {seconds:6.1f} s  {m.what}", flush=True)
+        results.append((m, status, seconds, killer))
+        print(f"{m.name:32s} {status:10s} {seconds:6.1f} s  {m.what}  [{killer}]", flush=True)
     return results
 
 
 def markdown(results) -> str:
-    rows = "\n".join(f"| `{m.name}` | {m.what} | `{m.path}` | `{' '.join(m.tests)}` | **{status}** | {s:.0f} |"
-                     for m, status, s in results)
-    killed = sum(1 for _, status, _ in results if status == "killed")
+    rows = "\n".join(f"| `{m.name}` | {m.what} | `{m.path}` | `{' '.join(m.tests)}` | `{killer}` | **{status}** | {s:.0f} |"
+                     for m, status, s, killer in results)
+    killed = sum(1 for _, status, _, _ in results if status == "killed")
+    modules = sorted({m.path for m, _, _, _ in results})
     return (f"# Mutation check\n\n`python tools/mutation_check.py` injects each bug below into a copy of the tree and "
-            f"runs the tests named beside it (the op's own test file for op bugs). Last run: "
+            f"runs the tests named beside it; the killing test is the first that failed. Last run: "
             f"{time.strftime('%Y-%m-%d')}, {killed} of {len(results)} mutants killed.\n\n"
-            "| mutant | the bug | file | tests | result | seconds |\n|---|---|---|---|---|---|\n" + rows + "\n")
+            "| mutant | the bug | file | tests | killed by | result | seconds |\n|---|---|---|---|---|---|---|\n" + rows +
+            "\n\nFiles mutated: " + ", ".join(f"`{p}`" for p in modules) + ".\n")
 
 
 def main(argv=None) -> int:
@@ -163,18 +284,28 @@ def main(argv=None) -> int:
     ap.add_argument("--list", action="store_true", help="list the mutants and exit")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per mutant's test run")
     ap.add_argument("--markdown", help="write the result table to this file")
+    ap.add_argument("--changed-since", metavar="REF", help="only the mutants of files (or tests) changed since REF")
+    ap.add_argument("--time-budget", type=float, metavar="S", help="start no mutant after S seconds")
+    ap.add_argument("--baseline", action="store_true", help="first run each test selection on the unmutated copy")
     args = ap.parse_args(argv)
     chosen = [m for m in MUTANTS if not args.only or m.name in args.only]
     if args.only and len(chosen) != len(args.only):
         ap.error(f"unknown mutant(s); known: {[m.name for m in MUTANTS]}")
+    if args.changed_since:
+        changed = changed_files(args.changed_since)
+        chosen = [m for m in chosen if touched_by(m, changed)]
+        print(f"{len(chosen)} mutant(s) of the files changed since {args.changed_since}", flush=True)
     if args.list:
         for m in chosen:
             print(f"{m.name:32s} {m.path}  [{' '.join(m.tests)}]  {m.what}")
         return 0
-    results = check(chosen, args.timeout)
+    if args.baseline and not baseline(chosen, args.timeout):
+        print("the unmutated tree fails a selection: no mutant is checked", flush=True)
+        return 1
+    results = check(chosen, args.timeout, args.time_budget)
     if args.markdown:
         Path(args.markdown).write_text(markdown(results), encoding="utf-8")
-    return 0 if all(status == "killed" for _, status, _ in results) else 1
+    return 0 if all(status in ("killed", "not run (time budget)") for _, status, _, _ in results) else 1
 
 
 if __name__ == "__main__":
