@@ -103,7 +103,7 @@ def test_every_endpoint_answers_what_run_gives(served_run, server):
     run = Run.open(served_run / "run")
     graph = json.loads((served_run / "run" / "graph.json").read_text())
     status, info = _call(server, "/api/run")
-    assert status == 200 and info["run_key"] == run.key and [lay["name"] for lay in info["layers"]] == LAYERS + ["classes"]
+    assert status == 200 and info["run_key"] == run.key and [lay["name"] for lay in info["layers"]] == LAYERS
     assert info["images_total"] == 6 and info["rank_depth"] == 100
     status, classes = _call(server, "/api/classes")
     assert [c["name"] for c in classes] == ["<b>tee</b>", "boot & shoe", "bag"] + [str(i) for i in range(3, 10)]

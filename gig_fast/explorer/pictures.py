@@ -21,7 +21,7 @@ import io
 import numpy as np
 import torch
 
-__all__ = ["png_data_uri", "display_rgb", "ierf_crop", "fit", "heat_map_png", "graph_concepts", "pick_images",
+__all__ = ["png_data_uri", "png_bytes", "display_rgb", "ierf_crop", "fit", "heat_map_png", "graph_concepts", "pick_images",
            "IMAGE_PX"]
 
 IERF_TINT = np.array([0.12, 0.35, 1.0])  # the paper's blue iERF area
@@ -31,8 +31,16 @@ IMAGE_PX = 192  # longest side of an embedded input image (the heat-map underlay
 PALETTE_COLOURS = 32  # palette PNGs: ~35 % of the RGB size; 32 colours look the same as 64 here
 
 
-def png_data_uri(pixels: np.ndarray, palette: bool = False) -> str:
-    """``data:image/png;base64,…`` of ``pixels`` (uint8 ``[H, W]``, ``[H, W, 3]`` or ``[H, W, 4]``)."""
+def png_data_uri(pixels: np.ndarray | bytes, palette: bool = False) -> str:
+    """``data:image/png;base64,…`` of ``pixels`` (uint8 ``[H, W]``, ``[H, W, 3]`` or ``[H, W, 4]``, or
+    the bytes of a PNG)."""
+    data = pixels if isinstance(pixels, bytes) else png_bytes(pixels, palette)
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def png_bytes(pixels: np.ndarray, palette: bool = False) -> bytes:
+    """The PNG file of ``pixels`` (uint8 ``[H, W]``, ``[H, W, 3]`` or ``[H, W, 4]``); ``palette``: RGB
+    quantised to :data:`PALETTE_COLOURS` colours."""
     from PIL import Image
 
     img = Image.fromarray(np.ascontiguousarray(pixels))
@@ -40,7 +48,7 @@ def png_data_uri(pixels: np.ndarray, palette: bool = False) -> str:
         img = img.quantize(PALETTE_COLOURS)
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return buf.getvalue()
 
 
 def display_rgb(x: torch.Tensor) -> np.ndarray:

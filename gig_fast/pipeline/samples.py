@@ -1,12 +1,15 @@
 """The stage-1 PFV–iERF dataset read back from a work folder: rows numbered across the chunk files, the
 rows nearest in cosine to given concepts, and the samples' metadata and iERF maps (for concept cards,
-iERF crops and the appendix figures). Memory stays at one chunk of PFVs."""
+iERF crops and the appendix figures). Memory stays at one chunk of PFVs; samples are read row by row
+from memory maps of the chunk files (a crop needs one 28×28 iERF, not the chunk's 3,000)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .store import npz_member
 
 __all__ = ["stage1_files", "nearest_rows", "stage1_samples"]
 
@@ -17,8 +20,7 @@ def stage1_files(work: Path) -> tuple[list[Path], np.ndarray]:
     starts, n = [], 0
     for f in files:
         starts.append(n)
-        with np.load(f, allow_pickle=False) as z:
-            n += len(z["image"])
+        n += len(npz_member(f, "image"))
     return files, np.array(starts + [n])
 
 
@@ -49,23 +51,28 @@ def nearest_rows(work: Path, layer: str, V: torch.Tensor, beta: torch.Tensor, la
     return best_row.numpy(), best_val.numpy(), member.numpy()
 
 
-def stage1_samples(work: Path, layer: str, rows) -> tuple[dict[int, tuple[int, int, int]], dict[int, np.ndarray]]:
+def stage1_samples(work: Path, layer: str, rows, files=None) -> tuple[dict[int, tuple[int, int, int]], dict[int, np.ndarray]]:
     """For global stage-1 ``rows`` of ``layer``: ``{row: (image, position, label)}`` and ``{row: iERF map
-    [H, W]}`` (empty when the run kept no iERFs, ``store_ierf=False``)."""
-    files, starts = stage1_files(work)
+    [H, W]}`` (empty when the run kept no iERFs, ``store_ierf=False``). ``files``: :func:`stage1_files`
+    when the caller has it."""
+    files, starts = files or stage1_files(work)
     meta: dict[int, tuple[int, int, int]] = {}
     maps: dict[int, np.ndarray] = {}
-    wanted = sorted(set(int(r) for r in rows))
-    for fi, f in enumerate(files):
-        local = [r - int(starts[fi]) for r in wanted if starts[fi] <= r < starts[fi + 1]]
-        if not local:
-            continue
-        with np.load(f, allow_pickle=False) as z:
-            img, pos, lab = z["image"], z[f"{layer}|position"], z["label"]
-            ierf = z[f"{layer}|ierf"] if f"{layer}|ierf" in z.files else None
-        for r in local:
-            row = r + int(starts[fi])
-            meta[row] = (int(img[r]), int(pos[r]), int(lab[r]))
+    wanted = np.unique(np.asarray(rows, dtype=np.int64).ravel())
+    if wanted.size and (wanted[0] < 0 or wanted[-1] >= starts[-1]):
+        raise ValueError(f"stage-1 rows must be in 0..{int(starts[-1]) - 1}")
+    which = np.searchsorted(starts, wanted, side="right") - 1
+    for fi in np.unique(which).tolist():
+        glob = wanted[which == fi]
+        local = glob - int(starts[fi])
+        f = files[fi]
+        img, pos, lab = (np.asarray(npz_member(f, key)[local]) for key in ("image", f"{layer}|position", "label"))
+        try:
+            ierf = np.asarray(npz_member(f, f"{layer}|ierf")[local])
+        except KeyError:
+            ierf = None
+        for j, row in enumerate(glob.tolist()):
+            meta[row] = (int(img[j]), int(pos[j]), int(lab[j]))
             if ierf is not None:
-                maps[row] = ierf[r]
+                maps[row] = ierf[j]
     return meta, maps
