@@ -93,6 +93,11 @@ class Workers:
             with self._lock:
                 self._admitted -= 1
 
+    @property
+    def admitted(self) -> int:
+        """Model calls running or waiting now."""
+        return self._admitted
+
     def _timed(self, fn, args):
         t0 = time.perf_counter()
         try:
