@@ -290,10 +290,10 @@ def slashed(tmp_path_factory):
     thread.join(timeout=30)
 
 
-def _call_with_headers(base, path, data=None, method=None):
+def _call_with_headers(base, path, data=None, method=None, timeout=120):
     req = urllib.request.Request(base + path, data=data, method=method)
     try:
-        with urllib.request.urlopen(req, timeout=120) as r:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, dict(r.headers), json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), json.loads(e.read())
@@ -318,7 +318,7 @@ def test_requests_are_answered_while_an_explain_runs_and_a_full_queue_is_a_503(s
     second = threading.Thread(target=post, args=(2,))
     second.start()
     _wait(lambda: workers.admitted == 2, "the second explain to queue")
-    status, headers, body = _call_with_headers(base, "/api/explain", data=png, method="POST")
+    status, headers, body = _call_with_headers(base, "/api/explain", data=png, method="POST", timeout=30)
     assert status == 503 and set(body) == {"error"} and "try again" in body["error"]
     assert int(headers["retry-after"]) >= 1
     held.release.set()
