@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import warnings
 from functools import cached_property
 from pathlib import Path
@@ -29,7 +30,7 @@ import torch
 
 from ..concepts import ConceptBank
 from ..data import load_image, open_dataset
-from ..explorer.pictures import display_rgb, ierf_crop
+from ..explorer.pictures import display_rgb, ierf_crop, png_bytes
 from ..gig import ClassTarget, ConceptTarget, gig
 from ..image_store import ImageStore
 from ..models import DEMO_MEAN, DEMO_STD, get_adapter, load_model
@@ -37,10 +38,11 @@ from ..models.transformer import TransformerAdapter, position_grid
 from ..ops import sparse_reconstruct
 from ..ops.sparse_code import SparseCodeConvergenceWarning
 from ..pipeline.config import PipelineConfig
-from ..pipeline.samples import nearest_rows, stage1_samples
+from ..pipeline.sample_index import SampleIndex, layer_index, load_layer_index, open_sample_index
+from ..pipeline.samples import nearest_rows, stage1_files, stage1_samples
 from ..pipeline.graph import image_layer_graph
 from ..pipeline.stages import CLASSES, image_top_concepts
-from ..pipeline.store import load_json, load_npz
+from ..pipeline.store import load_json, load_npz, npz_member, npz_rows
 from ..run_folder import (CODES, CONFIG_FILE, GRAPH_FILE, METRICS_FILE, STORE_DIR, bank_dir, chunk_files, concept_file,
                           work_dir)
 from .types import (ClassInfo, ClassUse, ConceptCard, ConceptSample, ConceptUse, Decomposition, Edge, Explanation,
@@ -87,6 +89,12 @@ class Run:
         self._banks: dict[str, ConceptBank] = {}
         self._codes_index: dict[int, Path] | None = None
         self._token_grid: tuple[int, tuple[int, int]] | None = None
+        # Held while the model runs (explain, decompose, recording a patch grid): its hooks are per model.
+        self.model_lock = threading.RLock()
+        self._index_meta, self.index_missing = open_sample_index(path, self.key)  # concept_samples/ or why not
+        self._sample_index: dict[str, SampleIndex] = {}  # per layer: ~K·k·41 bytes (0.8 MB at K = 2,048, k = 10)
+        self._index_locks = {lay.name: threading.RLock() for lay in self.layers}
+        self._stage1: tuple[list[Path], np.ndarray] | None = None
 
     # -- opening -----------------------------------------------------------------------------------
     @classmethod
@@ -181,28 +189,89 @@ class Run:
     def concept_samples(self, layer: str, concepts: list[int], k: int = 10,
                         pictures: bool = True) -> dict[int, list[ConceptSample]]:
         """Per concept its ``k`` stage-1 PFVs nearest in cosine to the concept vector (``x − β``
-        against ``v_q``; paper Fig. 1 "top 10 nearest embeddings"), nearest first. Streams the stage-1
-        chunks (memory: one chunk of PFVs). ``pictures``: fill ``ierf``, ``picture`` and ``crop``."""
+        against ``v_q``; paper Fig. 1 "top 10 nearest embeddings"), nearest first (:meth:`nearest_rows`).
+        ``pictures``: fill ``ierf``, ``picture`` and ``crop``."""
         qs = sorted({self._concept_id(layer, q) for q in concepts})
         if not qs:
             return {}
-        bank = self.bank(layer)
-        labels = torch.from_numpy(load_npz(concept_file(self.work, layer))["labels"])
-        rows, cos, member = nearest_rows(self.work, layer, bank.V, bank.beta, labels, qs, k)
-        meta, maps = stage1_samples(self.work, layer, rows.ravel())
-        images = self.display_images([m[0] for m in meta.values()]) if pictures and maps else {}
+        rows, cos, member = self.nearest_rows(layer, qs, k)
+        meta, maps = stage1_samples(self.work, layer, rows.ravel(), files=self._stage1_files())
+        maps = maps if pictures else {}
+        images = self.display_images([meta[r][0] for r in maps]) if maps else {}
         out: dict[int, list[ConceptSample]] = {}
         for qi, q in enumerate(qs):
             items = []
             for r, cv, mem in zip(rows[qi].tolist(), cos[qi].tolist(), member[qi].tolist()):
                 img, pos, lab = meta[r]
-                ierf = maps.get(r) if pictures else None
+                ierf = maps.get(r)
                 pic = images.get(img) if ierf is not None else None
                 crop = ierf_crop(pic, ierf) if pic is not None else None
                 items.append(ConceptSample(img, pos, lab, float(cv), bool(mem),
                                            None if ierf is None else ierf.astype(np.float32), pic, crop))
             out[q] = items
         return out
+
+    # -- the nearest samples, from concept_samples/ when the run has it -----------------------------
+    def _stage1_files(self) -> tuple[list[Path], np.ndarray]:
+        if self._stage1 is None:
+            self._stage1 = stage1_files(self.work)
+        return self._stage1
+
+    def sample_index(self, layer: str, k: int = 1) -> SampleIndex | None:
+        """``layer``'s nearest samples of every concept (at least ``k`` each): from ``concept_samples/``
+        (written when the run ended), or built in memory by :meth:`build_sample_index`; None when
+        neither has them (then :meth:`nearest_rows` streams the stage-1 files)."""
+        idx = self._sample_index.get(layer)
+        if idx is None and self._index_meta is not None and layer in self._index_meta["layers"]:
+            with self._index_locks[layer]:
+                idx = self._sample_index.get(layer) or load_layer_index(self.path, layer)
+                self._sample_index[layer] = idx
+        return idx if idx is not None and idx.k >= k else None
+
+    def reload_sample_index(self) -> None:
+        """Read ``concept_samples/`` again (after :func:`~gig_fast.pipeline.sample_index.write_sample_index`)."""
+        self._index_meta, self.index_missing = open_sample_index(self.path, self.key)
+        self._sample_index.clear()
+
+    def build_sample_index(self, layer: str, k: int | None = None) -> SampleIndex:
+        """Build ``layer``'s nearest samples of every concept in memory (``k``: default the run's
+        ``report_crops``), for a run that has no ``concept_samples/``: one pass over its stage-1 files
+        (seconds per layer), after which cards and views of ``layer`` read it. Top-1 crops are drawn
+        when asked for."""
+        k = max(int(k or self.config.report_crops), 1)
+        with self._index_locks[self.layer(layer).name]:
+            idx = self._sample_index.get(layer)
+            if idx is None or idx.k < k:
+                idx = layer_index(self, layer, k, crops=False)
+                self._sample_index[layer] = idx
+        return idx
+
+    def nearest_rows(self, layer: str, concepts: list[int], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(rows [Q, k] global stage-1 rows, cosines [Q, k], member [Q, k])`` of ``concepts``: read from
+        the sample index when it holds ``k`` per concept, else one pass over the stage-1 files."""
+        qs = [self._concept_id(layer, q) for q in concepts]
+        idx = self.sample_index(layer, k)
+        if idx is not None:
+            return idx.rows[qs, :k], idx.cosine[qs, :k], idx.member[qs, :k]
+        bank = self.bank(layer)
+        labels = torch.from_numpy(np.array(npz_member(concept_file(self.work, layer), "labels")))
+        return nearest_rows(self.work, layer, bank.V, bank.beta, labels, qs, k)
+
+    def sample_meta(self, layer: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(image, position, label)`` int64 arrays shaped as ``rows`` (global stage-1 rows of ``layer``)."""
+        meta, _ = stage1_samples(self.work, layer, rows, files=self._stage1_files())
+        rows = np.asarray(rows, dtype=np.int64)
+        table = np.array([meta[r] for r in rows.ravel().tolist()], dtype=np.int64).reshape(*rows.shape, 3)
+        return table[..., 0], table[..., 1], table[..., 2]
+
+    def sample_crop_pngs(self, layer: str, rows) -> dict[int, bytes]:
+        """``{row: PNG}``: the iERF-with-context crop of each stage-1 sample (palette PNG, as the page
+        embeds it); empty when the run kept no iERFs."""
+        meta, maps = stage1_samples(self.work, layer, rows, files=self._stage1_files())
+        if not maps:
+            return {}
+        pics = self.display_images([meta[r][0] for r in maps])
+        return {r: png_bytes(ierf_crop(pics[meta[r][0]], m), palette=True) for r, m in maps.items()}
 
     # -- graphs ------------------------------------------------------------------------------------
     def class_graph(self, c: int | str) -> Graph:
@@ -285,12 +354,12 @@ class Run:
     # -- per-image pictures from the work files ---------------------------------------------------
     def _explained_index(self) -> dict[int, tuple[Path, int]]:
         """``{image id: (stage-3 file, row)}`` of every explained image (read once)."""
-        if self._codes_index is None:
-            self._codes_index = {}
+        if self._codes_index is None:  # built whole, then published: another thread never sees a part
+            index = {}
             for f in chunk_files(self.work / CODES):
-                with np.load(f, allow_pickle=False) as z:
-                    for r, i in enumerate(z["image"].tolist()):
-                        self._codes_index[int(i)] = (f, r)
+                for r, i in enumerate(npz_member(f, "image").tolist()):
+                    index[int(i)] = (f, r)
+            self._codes_index = index
         return self._codes_index
 
     def _codes_file(self, image: int) -> tuple[Path, int]:
@@ -304,8 +373,8 @@ class Run:
         it for a new image; ``rel_l2`` is NaN: the run keeps only its per-layer mean)."""
         lay = self.layer(layer)
         path, r = self._codes_file(image)
-        with np.load(path, allow_pickle=False) as z:
-            idx, val = torch.from_numpy(z[f"{layer}|idx"][r]), torch.from_numpy(z[f"{layer}|val"][r])
+        # one row of the chunk's arrays (a memory map): the whole chunk is ~25 MB per layer on the demo
+        idx, val = (torch.from_numpy(npz_rows(path, f"{layer}|{key}", [r])[0]) for key in ("idx", "val"))
         return Decomposition(layer, lay.spatial, idx, val, torch.full((idx.shape[0],), float("nan")), lay.n_concepts,
                              *self.position_grid(layer))
 
@@ -317,8 +386,9 @@ class Run:
             return 0, tuple(lay.spatial)
         if self._token_grid is None:  # the patch grid follows from an input's size: record one image
             x, _ = self.load_dataset_images([min(self._explained_index())])
-            self.adapter.record(x.to(self.device))
-            self._token_grid = position_grid(self.adapter, layer, lay.spatial)
+            with self.model_lock:
+                self.adapter.record(x.to(self.device))
+                self._token_grid = position_grid(self.adapter, layer, lay.spatial)
         return self._token_grid
 
     def heat_map(self, image: int, layer: str, concept: int) -> np.ndarray:

@@ -10,6 +10,7 @@ import numpy as np
 from ..explorer import render_explorer
 from ..run_folder import CODES, REPORT_FILE, chunk_files, concept_file
 from .pictures import collect_pictures
+from .sample_index import write_sample_index
 from .stages import trans_dir, transitions
 from .store import atomic_write_text, load_json
 
@@ -102,8 +103,14 @@ def write_report(run, graph: dict, metrics: dict, *, max_images: int = 20, crops
         graph, metrics: its ``graph.json`` and ``metrics.json`` dicts.
         max_images: explained images embedded with pictures (the report's image view).
         crops: nearest samples per concept on its card.
+    The nearest samples of every concept go to ``concept_samples/`` first (when the page goes into the run
+    folder): the page's pictures and every card of ``gig-fast serve`` read them.
+
     Returns the page's path.
     """
+    if path is None:
+        write_sample_index(run, max(crops, 1))
+        run.reload_sample_index()
     pictures = collect_pictures(run, graph, crops=crops, max_images=max_images)
     path = Path(path) if path is not None else run.path / REPORT_FILE
     section, cards = _validation_extras(run.path)
