@@ -239,6 +239,7 @@ LAYERS = [
     ("command line", ("gig_fast.cli",)),
     ("HTTP server", ("gig_fast.api.server",)),
     ("validation", ("gig_fast.validation",)),
+    ("test runs", ("gig_fast.testing.runs",)),
     ("results reader", ("gig_fast.api",)),
     ("pipeline", ("gig_fast.pipeline",)),
     ("renderers and stores", ("gig_fast.explorer", "gig_fast.image_store", "gig_fast.testing")),
