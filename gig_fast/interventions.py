@@ -239,6 +239,8 @@ def _targets(targets, layers: Mapping[str, tuple[int, int]], first: str) -> dict
         return {lay: None for lay in later}
     out: dict[str, list[int] | None] = {}
     for t in targets:
+        if not isinstance(t, str) and not (isinstance(t, (tuple, list)) and len(t) == 2):
+            raise EditError(f"a target is a layer name or (layer, concept), got {t!r}")
         layer, q = (t, None) if isinstance(t, str) else tuple(t)
         if layer not in later:
             raise EditError(f"target layer {layer!r} is not an analysed layer after {first} (the first edited "

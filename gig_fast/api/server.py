@@ -19,6 +19,10 @@ Endpoints (JSON unless said; ``{cls}`` is a class id or name, ``{layer}`` an ana
 ``GET  /api/images/{id}/view``             what the page draws for an image: its compact graph,
                                            picture, heat-maps and node pictures
 ``POST /api/explain[?target=&view=]``      the body is an image file (PNG, JPEG …): its explanation
+``POST /api/intervene``                    JSON ``{"images": [id, …], "edits": [[layer, q, factor], …],
+                                           "targets": [[layer, q], …], "top": 5}``: per image the ``top``
+                                           classes' probabilities and the target concepts (default: the
+                                           ``top`` later ones that changed most) before and after
 ========================================  ======================================================
 
 Errors are JSON ``{"error": message}``: 404 for an unknown class, layer, concept or image, 400 for
@@ -27,6 +31,7 @@ a malformed request (422 when a parameter has the wrong type), 413 for an upload
 the caches are not thread-safe.
 """
 
+import json
 import threading
 from pathlib import Path
 
@@ -41,6 +46,7 @@ from .run import NotFoundError, Run
 __all__ = ["create_app", "serve", "MAX_UPLOAD"]
 
 MAX_UPLOAD = 20 * 1024 * 1024  # bytes of one uploaded image
+MAX_INTERVENE_IMAGES = 64  # images of one intervention request (each is a forward pass and a few sparse codings)
 
 
 def _card(run: Run, layer: str, q: int, samples: int) -> dict:
@@ -232,7 +238,48 @@ def create_app(run: Run, *, page_images: int | None = None):
             return {**_view(run, g, display_rgb(x), _heat(g, decomposed.__getitem__), set()),
                     "class_name": ex.class_name, "completeness_max_abs": ex.completeness}
 
+    @app.post("/api/intervene")
+    async def intervene(request: Request):
+        body = await request.body()
+        if len(body) > MAX_UPLOAD:
+            return JSONResponse({"error": f"the request has {len(body)} bytes; the limit is {MAX_UPLOAD}"}, status_code=413)
+        with lock:
+            return _intervene(run, _json_body(body))
+
     return app
+
+
+def _json_body(body: bytes) -> dict:
+    """A JSON object from a request body (``ValueError`` naming what is wrong: the server answers 400)."""
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"the request body is not JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError("the request body is a JSON object: {\"images\": [ids], \"edits\": [[layer, concept, factor]]}")
+    return data
+
+
+def _intervene(run: Run, data: dict) -> dict:
+    """``POST /api/intervene``: :meth:`Run.intervene` on each of ``data["images"]`` (dataset ids)."""
+    unknown = set(data) - {"images", "edits", "targets", "top"}
+    if unknown:
+        raise ValueError(f"unknown field(s) {sorted(unknown)}; valid: images, edits, targets, top")
+    images, top = data.get("images"), data.get("top", 5)
+    if not isinstance(images, list) or not images or not all(isinstance(i, int) and not isinstance(i, bool) for i in images):
+        raise ValueError("images must be a non-empty list of image ids (dataset indices)")
+    if len(images) > MAX_INTERVENE_IMAGES:
+        raise ValueError(f"{len(images)} images in one request; the limit is {MAX_INTERVENE_IMAGES}")
+    if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= 100:
+        raise ValueError(f"top must be an integer in 1..100, got {top!r}")
+    x, _ = run.load_dataset_images(images)
+    out = [{"image": i, **run.intervene(x[j], data.get("edits"), targets=data.get("targets")).to_dict(top)}
+           for j, i in enumerate(images)]
+    for r in out:  # every class's probabilities would be 1,000 numbers per image: the top classes carry them
+        del r["probabilities_before"], r["probabilities_after"]
+        if data.get("targets") is None:  # every later concept of a 16-layer run is ~20,000 numbers per image
+            r["concepts"] = sorted(r["concepts"], key=lambda c: -abs(c["after"] - c["before"]))[:top]
+    return {"results": out}
 
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu") -> None:
