@@ -257,7 +257,7 @@ def _targets(targets, layers: Mapping[str, tuple[int, int]], first: str) -> dict
 
 
 @torch.no_grad()
-def intervene(adapter, banks: Mapping, image: torch.Tensor, edits, targets=None) -> Intervention:
+def intervene(adapter, banks: Mapping, image: torch.Tensor, edits, targets=None, record=None) -> Intervention:
     """Run ``image`` through the model with ``edits`` applied (see the module docstring).
 
     Args:
@@ -268,10 +268,11 @@ def intervene(adapter, banks: Mapping, image: torch.Tensor, edits, targets=None)
         edits: see :func:`parse_edits`; an empty list reproduces the model's logits bit for bit.
         targets: the later concepts to report: None (all concepts of every layer after the first edited
             one), layer names, or ``(layer, concept)`` pairs.
+        record: ``adapter.record(image, keep="preact")`` when the caller has it already.
     Returns:
         :class:`Intervention`.
     """
-    rec = adapter.record(image, keep="preact")
+    rec = adapter.record(image, keep="preact") if record is None else record
     points = [p for p in adapter.points if p in banks]
     layers = {p: (int(banks[p].V.shape[0]), _rows(rec.preact(p)).shape[0]) for p in points}
     plan = parse_edits(edits, layers)

@@ -506,14 +506,11 @@ class Run:
             EditError (a ``ValueError``): unknown layer, concept out of range, bad factor, vector of the
                 wrong length, positions out of range.
         """
-        x = self._check_image(image)
+        rec = self._record(image)
         banks = {p: self.bank(p) for p in self.points}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SparseCodeConvergenceWarning)
-            try:
-                return intervene(self.adapter, banks, x, edits, targets)
-            except RuntimeError as e:  # wrong channels or size for the model
-                raise ValueError(f"the model cannot take an image of shape {tuple(image.shape)}: {e}") from None
+            return intervene(self.adapter, banks, rec.image, edits, targets, record=rec)
 
     # -- metrics -----------------------------------------------------------------------------------
     @cached_property
