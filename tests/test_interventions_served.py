@@ -122,5 +122,6 @@ def test_the_remove_button_shows_the_change_of_classes_and_nodes(server, served_
     for r, key in zip(node_rows, below):
         after = float(r.find_elements(By.TAG_NAME, "td")[2].text)
         assert after == pytest.approx(sum(changes[key]) / len(changes[key]), rel=2e-3, abs=2e-3)
+    browser.execute_script("arguments[0].scrollIntoView()", browser.find_element(By.CSS_SELECTOR, "#card .intervention"))
     browser.save_screenshot(str(artifacts / "explorer_intervention.png"))
     assert _errors(browser) == []
