@@ -103,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     va.add_argument("--vset", nargs="*", default=[], metavar="KEY=VALUE",
                     help="override validation options (gig_fast.validation.ValidationOptions, docs/validation.md), "
                          "e.g. images=20 experiments=c_deletion,inter_layer sae_steps=1000 (experiments: "
-                         "c_deletion, sparsity, inter_layer, ablation, noise, attack, decomposition, trajectory)")
+                         "c_deletion, sparsity, inter_layer, ablation, noise, attack, decomposition, trajectory, faithfulness)")
     _common(va)
     return ap
 
