@@ -11,9 +11,10 @@ edge's weight ``GIG(q → t)`` (also summed over the class's images, from ``grap
 * ``code``: the drop of the child concept's code, ``Σ_p u_pt`` (the run's sparse coder at b).
 
 Per transition, pooled over classes: Spearman's rank correlation of weight against drop, the share of
-edges whose drop has the weight's sign, and ``Σ|drop| / Σ|weight|`` (1 where the removal's effect has the
-size GIG gives the concept; GIG integrates from "no concept at all" to the reconstruction, a removal
-takes one concept out of the real PFVs: the first-order reading of an edge).
+edges whose drop has the weight's sign, and for the target ``Σ|drop| / Σ|weight|`` (1 where the removal
+moves it by what GIG gives the concept; a code is in its own units). GIG integrates from "no concept at
+all" to the reconstruction with every concept scaled together; a removal takes one concept out of the
+real PFVs: the first-order reading of an edge.
 """
 from __future__ import annotations
 
@@ -109,8 +110,9 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float | None:
 
 
 def transition_summary(edges: list[list]) -> dict:
-    """Spearman ρ, sign agreement and ``Σ|drop| / Σ|weight|`` of pooled edges ``[[q, t, w, drop_t, drop_c], …]``
-    (edges of weight 0 — a concept no image of the class uses — are left out)."""
+    """Spearman ρ and sign agreement of pooled edges ``[[q, t, w, drop_t, drop_c], …]`` for both readouts, and
+    ``Σ|drop| / Σ|weight|`` for the target (edges of weight 0 — a concept no image of the class uses — are
+    left out)."""
     e = [r for r in edges if r[2] != 0]
     w = np.array([r[2] for r in e], dtype=np.float64)
     out = {"edges": len(e)}
@@ -118,8 +120,9 @@ def transition_summary(edges: list[list]) -> dict:
         if not e or e[0][k] is None:
             continue
         d = np.array([r[k] for r in e], dtype=np.float64)
-        out[name] = {"spearman": _spearman(w, d), "sign_agreement": float(np.mean(np.sign(d) == np.sign(w))),
-                     "magnitude_ratio": float(np.abs(d).sum() / np.abs(w).sum())}
+        out[name] = {"spearman": _spearman(w, d), "sign_agreement": float(np.mean(np.sign(d) == np.sign(w)))}
+        if name == "target":  # a code is in units of its concept's coefficient, not of what GIG attributes
+            out[name]["magnitude_ratio"] = float(np.abs(d).sum() / np.abs(w).sum())
     return out
 
 
@@ -167,15 +170,15 @@ def _cell(x, fmt="{:.2f}") -> str:
 
 def faithfulness_table(res: dict) -> str:
     """The per-transition summary as a Markdown table (top-down, as the graph)."""
-    head = ["Transition", "edges", "ρ target", "sign target", "|drop|/|GIG| target", "ρ code", "sign code",
-            "|drop|/|GIG| code"]
+    head = ["Transition", "edges", "ρ target", "sign target", "Σ|drop| / Σ|GIG| target", "ρ code", "sign code"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, s in res["transitions"].items():
         cells = [key, str(s["edges"])]
         for name in READOUTS:
             r = s.get(name)
-            cells += [_cell(r and r["spearman"]), _cell(r and r["sign_agreement"], "{:.0%}"),
-                      _cell(r and r["magnitude_ratio"], "{:.3g}")] if r else ["–", "–", "–"]
+            cells += [_cell(r and r["spearman"]), _cell(r and r["sign_agreement"], "{:.0%}")] if r else ["–", "–"]
+            if name == "target":
+                cells.append(_cell(r and r["magnitude_ratio"], "{:.3g}") if r else "–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -204,7 +207,7 @@ def faithfulness_section(res: dict) -> list[str]:
            "against the edge's GIG weight. target: the drop of what GIG attributes (Σ_p ⟨x_p, v_t/‖v_t‖⟩; the "
            "class probability into the classes); code: the drop of t's code Σ_p u_pt. ρ: Spearman over the "
            "transition's edges of every class; sign: share of edges whose drop has the weight's sign; "
-           "|drop|/|GIG|: Σ|drop| / Σ|weight|.", "", faithfulness_table(res), ""]
+           "Σ|drop| / Σ|GIG|: 1 where the removal moves the target by what GIG gives the concept.", "", faithfulness_table(res), ""]
     for readout in READOUTS:
         holds, fails = _verdicts(res, readout)
         out.append(f"- {readout}: first-order reading holds (ρ ≥ {HOLDS[0]}, sign ≥ {HOLDS[1]:.0%}) at "
