@@ -160,6 +160,11 @@ def run_faithfulness(pipe, units, opts, bar, decomposition) -> dict:
     for a, b in trans:
         key = f"{a}->{b}"
         summary[key] = transition_summary([e for r in per_class.values() for e in r["edges"].get(key, [])])
+        within = [transition_summary(r["edges"].get(key, [])) for r in per_class.values()]
+        for name in READOUTS:  # pooled ranks mix the classes' scales: the median of the per-class ρ too
+            rhos = [w[name]["spearman"] for w in within if w.get(name) and w[name]["spearman"] is not None]
+            if name in summary[key]:
+                summary[key][name]["spearman_in_class"] = float(np.median(rhos)) if rhos else None
     return {"classes": classes, "images_per_class": opts.faithfulness_images, "per_class": per_class,
             "transitions": summary}
 
@@ -170,13 +175,15 @@ def _cell(x, fmt="{:.2f}") -> str:
 
 def faithfulness_table(res: dict) -> str:
     """The per-transition summary as a Markdown table (top-down, as the graph)."""
-    head = ["Transition", "edges", "ρ target", "sign target", "Σ|drop| / Σ|GIG| target", "ρ code", "sign code"]
+    head = ["Transition", "edges", "ρ target", "ρ target in a class (median)", "sign target", "size: Σ abs(drop) / Σ abs(GIG)",
+            "ρ code", "ρ code in a class (median)", "sign code"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, s in res["transitions"].items():
         cells = [key, str(s["edges"])]
         for name in READOUTS:
             r = s.get(name)
-            cells += [_cell(r and r["spearman"]), _cell(r and r["sign_agreement"], "{:.0%}")] if r else ["–", "–"]
+            cells += [_cell(r["spearman"]), _cell(r.get("spearman_in_class")), _cell(r["sign_agreement"], "{:.0%}")] \
+                if r else ["–", "–", "–"]
             if name == "target":
                 cells.append(_cell(r and r["magnitude_ratio"], "{:.3g}") if r else "–")
         lines.append("| " + " | ".join(cells) + " |")
@@ -206,8 +213,9 @@ def faithfulness_section(res: dict) -> list[str]:
            "active, residual kept) and the network runs on. Per edge q → t: the drop summed over the images "
            "against the edge's GIG weight. target: the drop of what GIG attributes (Σ_p ⟨x_p, v_t/‖v_t‖⟩; the "
            "class probability into the classes); code: the drop of t's code Σ_p u_pt. ρ: Spearman over the "
-           "transition's edges of every class; sign: share of edges whose drop has the weight's sign; "
-           "Σ|drop| / Σ|GIG|: 1 where the removal moves the target by what GIG gives the concept.", "", faithfulness_table(res), ""]
+           "transition's edges of every class (in a class: the median over classes of ρ within one class); "
+           "sign: share of edges whose drop has the weight's sign; size: 1 where the removal moves the target by "
+           "what GIG gives the concept.", "", faithfulness_table(res), ""]
     for readout in READOUTS:
         holds, fails = _verdicts(res, readout)
         out.append(f"- {readout}: first-order reading holds (ρ ≥ {HOLDS[0]}, sign ≥ {HOLDS[1]:.0%}) at "
