@@ -287,9 +287,13 @@ def intervene(adapter, banks: Mapping, image: torch.Tensor, edits, targets=None,
         here = [e for e in plan if e.layer == p]
         if here or p in report:
             rows = _rows(X)
-            idx, val = banks[p].code(rows)
-            if p in report:
-                concepts += _changes(p, report[p], banks[p], _rows(rec.preact(p)), idx, val)
+            if p in report:  # one coding of the edited and the unedited rows: the coder's set-up is paid once
+                both = banks[p].code(torch.cat([rows, _rows(rec.preact(p))]))
+                idx, val = (t[:rows.shape[0]] for t in both)
+                concepts += _changes(p, report[p], int(banks[p].V.shape[0]), idx, val,
+                                     *(t[rows.shape[0]:] for t in both))
+            else:
+                idx, val = banks[p].code(rows)
             if here:
                 X = _map(edit_rows(rows, idx, val, banks[p].V, here), X)
         last = i == len(points) - 1 or (not any(e.layer in points[i + 1:] for e in plan)
@@ -301,11 +305,10 @@ def intervene(adapter, banks: Mapping, image: torch.Tensor, edits, targets=None,
     return Intervention(plan, before, after[0].double().cpu(), concepts)
 
 
-def _changes(layer: str, concepts: list[int] | None, bank, rows_before: torch.Tensor, idx, val) -> list[ConceptChange]:
-    """The :class:`ConceptChange` of ``concepts`` (None: all) of one layer: usage of the codes of the
-    unedited rows ``rows_before [P, C]`` against the edited pass's codes ``idx/val [P, s]``."""
-    K = int(bank.V.shape[0])
-    old = _usage(*bank.code(rows_before), K)
+def _changes(layer: str, concepts: list[int] | None, K: int, idx, val, idx_before, val_before) -> list[ConceptChange]:
+    """The :class:`ConceptChange` of ``concepts`` (None: all K) of one layer: usage of the unedited pass's
+    codes ``idx_before/val_before [P, s]`` against the edited pass's ``idx/val [P, s]``."""
+    old = _usage(idx_before, val_before, K)
     new = _usage(idx, val, K)
     qs = range(K) if concepts is None else concepts
     return [ConceptChange(layer, q, float(old[q]), float(new[q])) for q in qs]
