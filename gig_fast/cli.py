@@ -311,8 +311,10 @@ def cmd_intervene(args) -> int:
     name = {c.id: c.name for c in run.classes}
     print("class probabilities (before → after):")
     for c, b, a in res.top_classes(args.top):
-        print(f"  {name.get(c, c)}: {b:.4f} → {a:.4f}")
-    moved = sorted(res.concepts, key=lambda c: -abs(c.change))[:args.top]
+        print(f"  {name.get(c, c)}: {b:.6g} → {a:.6g}")
+    moved = [c for c in sorted(res.concepts, key=lambda c: -abs(c.change))[:args.top] if c.change != 0]
+    if res.concepts and not moved:
+        print("no later concept changed (is the edited concept active in this image?)")
     if moved:
         print("later concepts that changed most (Σ of the code over positions, before → after):")
         for c in moved:
