@@ -4,6 +4,7 @@
     gig-fast run --config FILE [--out DIR] ...     # YAML/JSON config; flags override it
     gig-fast train-demo [--arch vit] [--epochs N] [--force]   # retrain the demo ResNet (the shipped weights' recipe) or train the ViT
     gig-fast explain --image FILE --run DIR        # one image's graph on a finished run's concepts
+    gig-fast intervene --run DIR --image FILE --edit layer3.2:117:0   # remove a concept, see what changes
     gig-fast show --run DIR --classes A B          # shared concepts of two classes in a run's graph.json
     gig-fast report --run DIR [--html FILE]        # rewrite a finished run's interactive report.html
     gig-fast serve --run DIR [--port 8000]         # local HTTP JSON API over the run + its explorer page
@@ -66,6 +67,21 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--target", type=int, default=None, help="class to explain (default: predicted)")
     ex.add_argument("--json", default=None, help="write the graph here (default: stdout)")
     _common(ex)
+    iv = sub.add_parser("intervene", help="edit concepts inside the model for one image: class probabilities "
+                                          "and later concepts before and after")
+    src = iv.add_mutually_exclusive_group(required=True)
+    src.add_argument("--image", help="image file, or photo:NAME for a photo that ships offline")
+    src.add_argument("--dataset-image", type=int, help="an image of the run's data set, by index")
+    iv.add_argument("--run", default=None, help="output folder of a finished run (default: --out or gig_demo)")
+    iv.add_argument("--edit", action="append", default=[], metavar="LAYER:CONCEPT:FACTOR",
+                    help="scale a concept where active (FACTOR 0 removes it); repeat for several edits")
+    iv.add_argument("--add", action="append", default=[], metavar="LAYER:CONCEPT:V1,V2,…[@P1,P2,…]",
+                    help="add the concept with coefficients V at positions P (row-major; default every position)")
+    iv.add_argument("--targets", nargs="*", default=None, metavar="LAYER[:CONCEPT]",
+                    help="later concepts to report (default: every concept of every later layer)")
+    iv.add_argument("--top", type=int, default=5, help="classes and changed concepts printed")
+    iv.add_argument("--json", default=None, help="write the whole result here as JSON")
+    _common(iv)
     sh = sub.add_parser("show", help="print the shared concepts of two classes from a run's graph.json")
     sh.add_argument("--run", default="gig_demo")
     sh.add_argument("--classes", nargs=2, required=True, help="two class names or ids")
@@ -87,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     va.add_argument("--vset", nargs="*", default=[], metavar="KEY=VALUE",
                     help="override validation options (gig_fast.validation.ValidationOptions, docs/validation.md), "
                          "e.g. images=20 experiments=c_deletion,inter_layer sae_steps=1000 (experiments: "
-                         "c_deletion, sparsity, inter_layer, ablation, noise, attack, decomposition, trajectory)")
+                         "c_deletion, sparsity, inter_layer, ablation, noise, attack, decomposition, trajectory, faithfulness)")
     _common(va)
     return ap
 
@@ -258,6 +274,54 @@ def cmd_explain(args) -> int:
     return 0
 
 
+def _edit_args(edits: list[str], adds: list[str]) -> list[tuple]:
+    """``--edit LAYER:Q:FACTOR`` and ``--add LAYER:Q:V1,V2[@P1,P2]`` as edit tuples (checked by the run)."""
+    out = []
+    for text, is_add in [(e, False) for e in edits] + [(a, True) for a in adds]:
+        parts = text.rsplit(":", 2)
+        if len(parts) != 3:
+            raise ValueError(f"an edit is LAYER:CONCEPT:{'V1,V2[@P1,P2]' if is_add else 'FACTOR'}, got {text!r}")
+        layer, q, value = parts
+        try:
+            if not is_add:
+                out.append((layer, int(q), float(value)))
+                continue
+            values, _, positions = value.partition("@")
+            vec = [float(v) for v in values.split(",")]
+            out.append((layer, int(q), vec) + ((tuple(int(p) for p in positions.split(",")),) if positions else ()))
+        except ValueError:
+            raise ValueError(f"cannot read the edit {text!r}: CONCEPT and positions are integers, values numbers") from None
+    return out
+
+
+def cmd_intervene(args) -> int:
+    from .api import Run
+
+    run = Run.open(args.run or args.out or "gig_demo", device=args.device or "cpu")
+    if args.image is not None:
+        image = run.load_image(args.image)
+    else:
+        image = run.load_dataset_images([args.dataset_image])[0][0]
+    targets = None if args.targets is None else [t if ":" not in t else (t.rsplit(":", 1)[0], int(t.rsplit(":", 1)[1]))
+                                                 for t in args.targets]
+    res = run.intervene(image, _edit_args(args.edit, args.add), targets=targets)
+    if args.json:
+        from .pipeline.store import atomic_write_text
+        atomic_write_text(args.json, json.dumps(res.to_dict(args.top), indent=1))
+    name = {c.id: c.name for c in run.classes}
+    print("class probabilities (before → after):")
+    for c, b, a in res.top_classes(args.top):
+        print(f"  {name.get(c, c)}: {b:.6g} → {a:.6g}")
+    moved = [c for c in sorted(res.concepts, key=lambda c: -abs(c.change))[:args.top] if c.change != 0]
+    if res.concepts and not moved:
+        print("no later concept changed (is the edited concept active in this image?)")
+    if moved:
+        print("later concepts that changed most (Σ of the code over positions, before → after):")
+        for c in moved:
+            print(f"  {c.layer}:{c.concept}: {c.before:.4g} → {c.after:.4g}")
+    return 0
+
+
 def cmd_serve(args) -> int:
     from .api.server import serve
 
@@ -330,6 +394,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         return {"run": cmd_run, "demo": cmd_demo, "train-demo": cmd_train_demo, "explain": cmd_explain,
+                "intervene": cmd_intervene,
                 "show": cmd_show, "report": cmd_report, "serve": cmd_serve, "validate": cmd_validate}[args.command](args)
     except (ValueError, OSError) as e:  # a user error (bad option, file, image, data): one line, no traceback
         print(f"gig-fast: error: {e}", file=sys.stderr)

@@ -554,15 +554,17 @@ def test_tiny_validate_resumes(validated, monkeypatch):
 
     def boom(*a, **k):
         raise AssertionError("recomputed")
+    from gig_fast.validation import faithfulness as fa
+
     for mod, fn in ((ex, "c_deletion"), (ex, "noise_robustness"), (ex, "decomposition_quality"),
-                    (ap, "adversarial_graph"), (ap, "pfv_decomposition"), (ap, "trajectory")):
+                    (ap, "adversarial_graph"), (ap, "pfv_decomposition"), (ap, "trajectory"), (fa, "class_edges")):
         monkeypatch.setattr(mod, fn, boom)
     other = validate(pipe, _opts(inter_steps=3))
     assert len(other["inter_layer"]["layer4.0->layer4.2"]["gig"]["deletion"]["curve"]) == 4
     monkeypatch.setattr(ex, "inter_layer", boom)
     again = validate(pipe, _opts())
     for key in ("c_deletion", "sparsity", "inter_layer", "inter_layer_paper", "ablation", "noise", "attack",
-                "decomposition", "trajectory"):
+                "decomposition", "trajectory", "faithfulness"):
         assert again[key] == doc[key], key
     assert (out / "report.html").read_text().count('id="validation"') == 1
 

@@ -8,6 +8,7 @@
     run.top_images("layer4.2", 17, n=20)              # [ConceptUse]: which images use it most, where
     run.image_graph(123)                              # ImageGraph of an explained image (the store)
     run.explain(x), run.decompose(x, "layer4.2")      # a new image against the stored concepts
+    run.intervene(x, [("layer3.2", 117, 0.0)])        # Intervention: remove a concept, see what changes
     run.bank("layer4.2")                              # ConceptBank (V, β, settings): reuse elsewhere
 
 What it reads (``docs/graph_schema.md``): ``graph.json`` (class and pair graphs, concept facts),
@@ -33,6 +34,7 @@ from ..data import load_image, open_dataset
 from ..explorer.pictures import display_rgb, ierf_crop, png_bytes
 from ..gig import ClassTarget, ConceptTarget, gig
 from ..image_store import ImageStore
+from ..interventions import Intervention, intervene
 from ..models import DEMO_MEAN, DEMO_STD, get_adapter, load_model
 from ..models.transformer import TransformerAdapter, position_grid
 from ..ops import sparse_reconstruct
@@ -560,6 +562,27 @@ class Run:
             targets = sel[0].tolist()
         return Explanation(pred, cls, self.classes[cls].name if cls < len(self.classes) else str(cls),
                            Graph(nodes, edges), deltas)
+
+    def intervene(self, image: torch.Tensor, edits, targets=None) -> Intervention:
+        """Edit concepts inside the model for one image and compare before / after
+        (:mod:`gig_fast.interventions`): ``X' = X + Σ (u' − u)·v_q`` at the edited positions, the
+        reconstruction residual kept, the rest of the network run from there.
+
+        Args:
+            image: ``[C, H, W]`` preprocessed (e.g. :meth:`load_image` or a dataset image).
+            edits: e.g. ``[("layer3.2", 117, 0.0)]`` (remove), ``("layer3.2", 117, 2.0)`` (scale),
+                ``("layer3.2", 117, [1.5, 0.5], [3, 10])`` (add at positions 3 and 10), or
+                :class:`~gig_fast.interventions.Edit` objects; applied in layer order.
+            targets: later concepts to report: None (all), layer names or ``(layer, concept)`` pairs.
+        Raises:
+            EditError (a ``ValueError``): unknown layer, concept out of range, bad factor, vector of the
+                wrong length, positions out of range.
+        """
+        rec = self._record(image)
+        banks = {p: self.bank(p) for p in self.points}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SparseCodeConvergenceWarning)
+            return intervene(self.adapter, banks, rec.image, edits, targets, record=rec)
 
     # -- metrics -----------------------------------------------------------------------------------
     @cached_property

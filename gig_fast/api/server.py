@@ -20,6 +20,10 @@ Endpoints (JSON unless said; ``{cls}`` is a class id or name, ``{layer}`` an ana
 ``GET  /api/images/{id}/view``             what the page draws for an image: its compact graph,
                                            picture, heat-maps and node pictures
 ``POST /api/explain[?target=&view=]``      the body is an image file (PNG, JPEG …): its explanation
+``POST /api/intervene``                    JSON ``{"images": [id, …], "edits": [[layer, q, factor], …],
+                                           "targets": [[layer, q], …], "top": 5}``: per image the ``top``
+                                           classes' probabilities and the target concepts (default: the
+                                           ``top`` later ones that changed most) before and after
 ========================================  ======================================================
 
 A class name may hold any character: percent-encode it (``T-shirt/top`` is ``T-shirt%2Ftop``).
@@ -36,6 +40,7 @@ computed once (:mod:`.views`).
 """
 
 import asyncio
+import json
 import math
 import sys
 import threading
@@ -53,6 +58,7 @@ MAX_UPLOAD = 20 * 1024 * 1024  # bytes of one uploaded image
 VIEW_WORKERS = 4  # threads for reads and views: 2 per core, so a slow view does not hold up short reads
 EXPLAIN_WORKERS = 1  # explains at once: the model is used by one request at a time
 EXPLAIN_QUEUE = 4  # explains waiting beyond those running; one more is answered 503 + Retry-After
+MAX_INTERVENE_IMAGES = 64  # images of one intervention request (each is a forward pass and a few sparse codings)
 
 
 class Busy(Exception):
@@ -271,7 +277,48 @@ def create_app(run: Run, *, page_images: int | None = None, workers: Workers | N
             return JSONResponse({"error": f"the upload has {len(body)} bytes; the limit is {MAX_UPLOAD}"}, status_code=413)
         return await work.model(views.explain, body, None if target is None else _class(target), view)
 
+    @app.post("/api/intervene")
+    async def intervene(request: Request):
+        body = await request.body()
+        if len(body) > MAX_UPLOAD:
+            return JSONResponse({"error": f"the request has {len(body)} bytes; the limit is {MAX_UPLOAD}"}, status_code=413)
+        return await work.model(_intervene, run, _json_body(body))
+
     return app
+
+
+def _json_body(body: bytes) -> dict:
+    """A JSON object from a request body (``ValueError`` naming what is wrong: the server answers 400)."""
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"the request body is not JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError("the request body is a JSON object: {\"images\": [ids], \"edits\": [[layer, concept, factor]]}")
+    return data
+
+
+def _intervene(run: Run, data: dict) -> dict:
+    """``POST /api/intervene``: :meth:`Run.intervene` on each of ``data["images"]`` (dataset ids)."""
+    unknown = set(data) - {"images", "edits", "targets", "top"}
+    if unknown:
+        raise ValueError(f"unknown field(s) {sorted(unknown)}; valid: images, edits, targets, top")
+    images, top = data.get("images"), data.get("top", 5)
+    if not isinstance(images, list) or not images or not all(isinstance(i, int) and not isinstance(i, bool) for i in images):
+        raise ValueError("images must be a non-empty list of image ids (dataset indices)")
+    if len(images) > MAX_INTERVENE_IMAGES:
+        raise ValueError(f"{len(images)} images in one request; the limit is {MAX_INTERVENE_IMAGES}")
+    if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= 100:
+        raise ValueError(f"top must be an integer in 1..100, got {top!r}")
+    with run.model_lock:  # the model is used by one request at a time
+        x, _ = run.load_dataset_images(images)
+        out = [{"image": i, **run.intervene(x[j], data.get("edits"), targets=data.get("targets")).to_dict(top)}
+               for j, i in enumerate(images)]
+    for r in out:  # every class's probabilities would be 1,000 numbers per image: the top classes carry them
+        del r["probabilities_before"], r["probabilities_after"]
+        if data.get("targets") is None:  # every later concept of a 16-layer run is ~20,000 numbers per image
+            r["concepts"] = sorted(r["concepts"], key=lambda c: -abs(c["after"] - c["before"]))[:top]
+    return {"results": out}
 
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu") -> None:

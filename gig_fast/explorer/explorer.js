@@ -524,6 +524,64 @@
     return [el("p", { class: "facts" }, `Among all ${main.images_total} explained images, by Σ of its code values.`), box];
   }
 
+  function pageImages(view) {
+    // the explained images the page shows for this view (as the localisation section): at most 8
+    const ids = view.kind === "image" ? [view.image]
+      : main.images.filter((g) => view.classes.includes(g.class)).map((g) => g.id);
+    return ids.filter((id) => typeof id === "number").slice(0, 8);
+  }
+
+  function interventionSection(view, node) {
+    // served only: remove the concept in the page's images (POST /api/intervene) and show what changes:
+    // the top classes' probabilities and the codes of the graph's nodes below the classifier, above this one
+    const images = pageImages(view);
+    const below = [...view.nodes.values()].filter((n) => n.li > node.li && n.li !== CLASSES)
+      .sort((x, y) => x.li - y.li || x.q - y.q);
+    const box = el("div", { class: "intervention" });
+    const button = el("button", { type: "button", class: "remove-concept" }, "remove it");
+    button.disabled = !images.length;
+    button.addEventListener("click", () => {
+      button.disabled = true;
+      box.replaceChildren(el("span", { class: "note" }, "running…"));
+      const body = { images, edits: [[layers[node.li].name, node.q, 0]], top: 3,
+        targets: below.map((n) => [layers[n.li].name, n.q]) };
+      api("/intervene", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) })
+        .then((res) => { box.replaceChildren(...interventionTables(res.results, below)); })
+        .catch((err) => box.replaceChildren(el("span", { class: "note" }, "could not run: " + err.message)))
+        .finally(() => { button.disabled = false; });
+    });
+    const lead = el("p", { class: "facts" }, images.length
+      ? `Set its code to 0 at ${layers[node.li].name} in ${images.length} image(s) of this view (the rest of the ` +
+        "PFV kept) and run the network on from there."
+      : "No embedded image in this view to run it on.");
+    return [lead, button, box];
+  }
+
+  function interventionTables(results, below) {
+    const classes = el("table", { class: "classes-change" }, el("tr", {}, el("th", {}, "image"), el("th", {}, "class"),
+      el("th", { class: "num" }, "p before"), el("th", { class: "num" }, "p after")));
+    for (const r of results) {
+      for (const t of r.top_classes) {
+        classes.append(el("tr", { "data-image": r.image, "data-class": t["class"] }, el("td", {}, `#${r.image}`),
+          el("td", {}, className(t["class"])), el("td", { class: "num" }, fmt(t.before)), el("td", { class: "num" }, fmt(t.after))));
+      }
+    }
+    const out = [el("h4", {}, "Top classes"), classes];
+    if (below.length) {
+      const nodes = el("table", { class: "nodes-change" }, el("tr", {}, el("th", {}, "concept"),
+        el("th", { class: "num" }, "Σ code before"), el("th", { class: "num" }, "after")));
+      for (const n of below) {
+        const name = layers[n.li].name;
+        const rows = results.flatMap((r) => r.concepts.filter((c) => c.layer === name && c.concept === n.q));
+        const mean = (k) => rows.reduce((a, c) => a + c[k], 0) / Math.max(rows.length, 1);
+        nodes.append(el("tr", { "data-key": n.key }, el("td", {}, nodeName(n.key)),
+          el("td", { class: "num" }, fmt(mean("before"))), el("td", { class: "num" }, fmt(mean("after")))));
+      }
+      out.push(el("h4", {}, "Graph nodes above it (mean over the images)"), nodes);
+    }
+    return out;
+  }
+
   function usageSection(li, q) {
     const flat = lazyJSON("gig-usage")[conceptKey(li, q)] || [];
     const box = el("div", { class: "usage" });
@@ -584,6 +642,7 @@
       cropsSection(node.li, node.q));
     body.append(el("h3", {}, "Localisation"), ...localisationSection(view, node.li, node.q));
     if (API) body.append(el("h3", {}, "Images that use it most"), ...topImagesSection(node.li, node.q));
+    if (API) body.append(el("h3", {}, "Intervention"), ...interventionSection(view, node));
     body.append(el("h3", {}, "Used by classes"), ...usageSection(node.li, node.q));
     body.append(el("h3", {}, "GIG to parents (layer above)"), gigTable(view, key, "up"));
     body.append(el("h3", {}, "GIG from children (layer below)"), gigTable(view, key, "down"));

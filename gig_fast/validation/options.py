@@ -20,7 +20,8 @@ DEFAULT_DL_LAYERS = ["layer1.1", "layer2.2", "layer3.2"]
 PAPER_TABLE3_LAYERS = ["layer1.2", "layer2.2", "layer3.0", "layer3.5", "layer4.2"]
 PAPER_FIG5_POINTS = ["layer1.2", "layer2.3", "layer3.0", "layer3.2", "layer3.5", "layer4.2"]  # Fig. 5's transitions
 PAPER_FIG7_LAYERS = ["layer4.2", "layer3.5", "layer3.2", "layer3.0", "layer2.3", "layer1.2"]  # App. E, Figs. 7–9
-EXPERIMENTS = ("c_deletion", "sparsity", "inter_layer", "ablation", "noise", "attack", "decomposition", "trajectory")
+EXPERIMENTS = ("c_deletion", "sparsity", "inter_layer", "ablation", "noise", "attack", "decomposition", "trajectory",
+               "faithfulness")
 _NOT_HASHED = {"progress", "curve_batch"}
 # part of every unit key: raised when what a unit computes changes, so older unit files are not reused
 # (2: held-out importance and accuracy curves, batch LARS dictionary learning, Templeton-trained SAE)
@@ -35,7 +36,8 @@ _GROUPS = {"c_deletion": ("images", "importance_images", "curve_concepts", "curv
            "noise": ("noise_sigma", "noise_images", "noise_top", "seed"),
            "attack": ("attack_eps", "attack_step_size", "attack_steps", "seed"),
            "decomposition": ("decomposition_top", "decomposition_samples", "seed"),
-           "trajectory": ("trajectory_points", "seed")}
+           "trajectory": ("trajectory_points", "seed"),
+           "faithfulness": ("faithfulness_images",)}
 
 
 @dataclass
@@ -71,6 +73,9 @@ class ValidationOptions:
     Trajectory (App. I): ``trajectory_layer`` (None: layer3.5, else the middle analysed point),
     ``trajectory_k_factors``, ``trajectory_anchors`` (classes whose top concept anchors a trajectory),
     ``trajectory_points``.
+    Faithfulness of the class graphs' edges (:mod:`.faithfulness`): ``faithfulness_images`` (the first N
+    explained images of each class; the graph's edge weights sum over all of them, so the default 100 is
+    the demo's ``per_class``), ``faithfulness_classes`` (None: every class with a graph).
     ``experiments``: which of :data:`EXPERIMENTS` to run. ``seed``, ``progress``.
     """
     layers: list | None = None
@@ -115,6 +120,8 @@ class ValidationOptions:
     trajectory_k_factors: list = field(default_factory=lambda: [0.5, 2, 8])
     trajectory_anchors: int = 2
     trajectory_points: int = 8
+    faithfulness_images: int = 100
+    faithfulness_classes: list | None = None
     experiments: list = field(default_factory=lambda: list(EXPERIMENTS))
     seed: int = 0
     progress: bool = True
@@ -123,14 +130,14 @@ class ValidationOptions:
         for name in ("images", "importance_images", "curve_concepts", "curve_steps", "accuracy_steps", "curve_batch",
                      "inter_images", "inter_targets", "inter_steps", "noise_images", "noise_top", "sae_steps",
                      "sae_sweep_steps", "dl_iter", "attack_steps", "decomposition_top", "decomposition_samples",
-                     "trajectory_points"):
+                     "trajectory_points", "faithfulness_images"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"validation option {name} must be ≥ 1, got {getattr(self, name)}")
         if self.trajectory_points < 2:
             raise ValueError(f"validation option trajectory_points must be ≥ 2, got {self.trajectory_points}")
         for name in ("layers", "baseline_layers", "dl_layers", "inter_layers", "paper_points", "ablation_layers",
                      "noise_layers", "baselines", "experiments", "decomposition_layers", "k_factors", "lam_levels",
-                     "sae_lambdas", "trajectory_k_factors"):
+                     "sae_lambdas", "trajectory_k_factors", "faithfulness_classes"):
             v = getattr(self, name)
             if isinstance(v, str):
                 setattr(self, name, [s.strip() for s in v.split(",") if s.strip()])

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..explorer import insert_decompositions, insert_section
 from ..pipeline.store import atomic_write_text, save_json
+from .faithfulness import faithfulness_section
 from .metrics import MATCHED_ACTIVE, interpolate_at
 from .plots import NAMES as _NAMES, ORDER as _ORDER, write_plots
 
@@ -253,6 +254,8 @@ def tables_markdown(doc: dict) -> str:
                   "cards in report.html)", ""] + _decomposition_md(doc)
     if doc.get("trajectory", {}).get("anchors"):
         parts += [f"## Concept trajectory (App. I, Fig. 11) at {doc['trajectory']['layer']}", ""] + _trajectory_md(doc)
+    if doc.get("faithfulness", {}).get("transitions"):
+        parts += faithfulness_section(doc["faithfulness"])
     parts += ["Compute time of the units (s, summed over the runs that computed them): "
               + ", ".join(f"{k} {v}" for k, v in doc.get("compute_s", {}).items()),
               "Wall time of this run (s; finished units are loaded, not recomputed): "

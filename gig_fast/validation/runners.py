@@ -9,6 +9,7 @@ import torch
 from ..ops.sparse_code import DEFAULT_LAM_REL
 from . import appendix as ap
 from . import experiments as ex
+from . import faithfulness as fa
 from .baselines import dictionary_learning_codes, ours
 from .units import baseline_fit, kmeans_clusters, our_decomposition, sweep_sae
 
@@ -263,6 +264,8 @@ def count_units(pipe, L, opts) -> int:
         n += len(L["decomposition_layers"])
     if "trajectory" in opts.experiments:
         n += opts.trajectory_anchors
+    if "faithfulness" in opts.experiments:
+        n += len(fa.graph_classes(pipe, opts.faithfulness_classes))
     return n
 
 
@@ -278,5 +281,6 @@ def run_experiment(name: str, pipe, units, vwork, L: dict, opts, bar) -> dict:
            "noise": lambda: _run_noise(pipe, units, L, opts, bar),
            "attack": lambda: _run_attack(pipe, units, L, opts, bar),
            "decomposition": lambda: _run_decomposition(pipe, units, L, opts, bar),
-           "trajectory": lambda: _run_trajectory(pipe, units, vwork, L, opts, bar)}[name]
+           "trajectory": lambda: _run_trajectory(pipe, units, vwork, L, opts, bar),
+           "faithfulness": lambda: fa.run_faithfulness(pipe, units, opts, bar, our_decomposition)}[name]
     return {name: run()}
