@@ -244,7 +244,7 @@ LAYERS = [
     ("pipeline", ("gig_fast.pipeline",)),
     ("renderers and stores", ("gig_fast.explorer", "gig_fast.image_store", "gig_fast.testing")),
     ("method", ("gig_fast.concepts", "gig_fast.gig", "gig_fast.srd", "gig_fast.slicing", "gig_fast.models",
-                "gig_fast.data")),
+                "gig_fast.data", "gig_fast.interventions")),
     ("run folder", ("gig_fast.run_folder",)),
     ("ops", ("gig_fast.ops", "gig_fast.kernels", "gig_fast._extensions")),
 ]
