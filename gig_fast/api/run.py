@@ -38,7 +38,7 @@ from ..ops import sparse_reconstruct
 from ..ops.sparse_code import SparseCodeConvergenceWarning
 from ..pipeline.config import PipelineConfig
 from ..pipeline.samples import nearest_rows, stage1_samples
-from ..pipeline.graph import image_layer_graph
+from ..pipeline.graph import READABLE_VERSIONS, image_layer_graph
 from ..pipeline.stages import CLASSES, bank_dir, image_top_concepts
 from ..pipeline.store import load_json, load_npz
 from .types import (ClassInfo, ClassUse, ConceptCard, ConceptSample, ConceptUse, Decomposition, Edge, Explanation,
@@ -111,6 +111,9 @@ class Run:
             raise ValueError(f"{gpath} is not valid JSON: {e}") from None
         if not isinstance(graph, dict) or graph.get("schema") != "gig_fast.graph":
             raise ValueError(f"{gpath} is not a gig_fast graph (schema 'gig_fast.graph')")
+        if graph.get("version", 1) not in READABLE_VERSIONS:
+            raise ValueError(f"{gpath} is gig_fast.graph version {graph.get('version')}; this gig_fast reads versions "
+                             f"{', '.join(map(str, READABLE_VERSIONS))} (a newer gig_fast wrote it)")
         return cls(path, graph, model=model, dataset=dataset, device=device)
 
     # -- names -------------------------------------------------------------------------------------
@@ -263,7 +266,7 @@ class Run:
         for n in sorted(nodes.to_pylist(), key=lambda n: n["rank"]):
             by_layer.setdefault(n["layer"], []).append({"concept": n["concept"], "score": n["score"]})
         order = [lay.name for lay in reversed(self.layers) if lay.name in by_layer]  # top-down, as graph.json
-        graph = Graph.from_dict({"nodes": {k: by_layer[k] for k in order},
+        graph = Graph.from_dict({"nodes": {k: by_layer[k] for k in order}, "errors": self.store.image_errors(int(image)),
                                  "edges": [{"source": [e["source_layer"], e["source"]], "target": [e["target_layer"], e["target"]],
                                             "weight": e["weight"], "normalized": e["normalized"]} for e in edges.to_pylist()]})
         return ImageGraph(m["image"], m["label"], m["prediction"], m["class"], graph)

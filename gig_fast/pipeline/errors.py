@@ -1,0 +1,165 @@
+"""Error nodes: the part of each layer's change that its concepts do not explain.
+
+GIG integrates along ``X(α) = β + α·U V`` (DESIGN.md §1.5), so the concepts of layer a account for
+``T(F_ab(X̃)) − T(F_ab(β))``, the change of a target ``T`` from the baseline β to the *reconstruction*
+``X̃ = β + U V``; the model itself runs on the real pre-activation ``X = X̃ + E``, with the
+reconstruction residual ``E = X − β − U V`` (rel-L2 of 0.2–0.3 on the demo). Continue the path from
+``X̃`` to ``X`` along ``X̃ + α·E``: the IG of ``E`` on that second leg is the **error node** of layer a,
+
+    error(a → T) = ∫₀¹ ⟨∇T(F_ab(X̃ + αE)), E⟩ dα = T(F_ab(X)) − T(F_ab(X̃))
+
+(completeness on a straight line is exact, so the two forwards give the integral without quadrature
+error). Over the joined path β → X̃ → X the concepts and the error node sum to the model's real change
+``T(F_ab(X)) − T(F_ab(β))`` up to the concepts' quadrature gap, and the concepts keep the attributions
+the paper defines (the first leg is unchanged): turning error nodes on adds nodes, it changes none.
+
+:func:`error_nodes` is the pass after stage 4: it reloads each chunk of explained images, records their
+real pre-activations, rebuilds ``X̃`` from the stage-3 codes and evaluates, per transition, every target
+that the image's graph (its own targets) and its class's graph (the class's top targets) hold.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import distributed as dist
+from .loading import image_batches
+from .stages import CLASSES, chunk_ids, load_concepts, trans_dir, transitions
+from .store import BackgroundWriter, is_complete, save_npz
+from ..ops import sparse_reconstruct
+
+__all__ = ["error_nodes", "error_keys", "target_values", "reconstruction", "load_errors", "class_error_sums"]
+
+ERRORS_DIR = "errors"
+
+
+def error_keys(pipe) -> list[str]:
+    """The arrays of a finished ``errors/chunk_XXXXX.npz`` (a damaged or partial file is recomputed)."""
+    return ["image"] + [f"{a}|{key}" for a, _ in transitions(pipe) for key in ("own_error", "own_span", "class_error")]
+
+
+def target_values(out: torch.Tensor, targets: torch.Tensor, Vb: torch.Tensor | None, probability: bool) -> torch.Tensor:
+    """The GIG targets of ``targets [n, T]`` on F_ab's output rows ``out [n, ...]`` (row i's own targets).
+
+    ``Vb`` None: ``out`` is logits ``[n, n_classes]`` and a target is a class (softmax probability, or the
+    logit with ``probability=False``); else a target is concept ``t`` of b, ``T = Σ_positions ⟨Ω, v_t/‖v_t‖⟩``
+    on ``out [n, C_b, H_b, W_b]`` — :class:`gig_fast.ConceptTarget` and :class:`gig_fast.ClassTarget`.
+    Returns ``[n, T]``.
+    """
+    if Vb is None:
+        scores = torch.softmax(out, dim=1) if probability else out
+        return scores.gather(1, targets)
+    unit = Vb / Vb.norm(dim=1, keepdim=True)
+    summed = out.flatten(2).sum(2)  # [n, C_b]: the projection is linear, so sum the positions first
+    return torch.einsum("nc,ntc->nt", summed, unit.to(out.dtype)[targets])
+
+
+def reconstruction(idx: torch.Tensor, val: torch.Tensor, V: torch.Tensor, beta: torch.Tensor, H: int, W: int
+                   ) -> torch.Tensor:
+    """``X̃ = β + U V`` as F_ab's input ``[B, C, H, W]`` from the stage-3 codes ``idx``/``val [B, P, s]``."""
+    B, P, s = idx.shape
+    rec = sparse_reconstruct(idx.reshape(B * P, s), val.reshape(B * P, s).to(V.dtype), V, beta)
+    return rec.reshape(B, H, W, -1).permute(0, 3, 1, 2)
+
+
+def _transition_errors(pipe, f_ab, X, X_rec, base, own, top, Vb):
+    """``(own_error, own_span, class_error)`` of one batch: the error node's value for each image's own
+    targets ``own [B, T_o]`` and its class's top targets ``top [B, n_top]``, and the real change
+    ``T(X) − T(β)`` of the own targets. ``X``, ``X_rec [B, C, H, W]``, ``base [1, C, H, W]``."""
+    prob = pipe.config.class_probability
+    with torch.no_grad():
+        out = f_ab(torch.cat([X, X_rec, base]))
+    B = X.shape[0]
+    real, rec, zero = out[:B], out[B:2 * B], out[2 * B:].expand(B, *out.shape[1:])
+    targets = torch.cat([own, top], dim=1)
+    diff = target_values(real, targets, Vb, prob) - target_values(rec, targets, Vb, prob)
+    span = target_values(real, own, Vb, prob) - target_values(zero, own, Vb, prob)
+    n_own = own.shape[1]
+    return diff[:, :n_own], span, diff[:, n_own:]
+
+
+def _chunk_targets(pipe, a: str, b: str, name: str, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each image's own targets ``[B, T_o]`` and its class's top targets ``[B, n_top]`` in the transition
+    a → b, from stage 4's chunk file ``name``."""
+    with np.load(trans_dir(pipe, a, b) / name, allow_pickle=False) as z:
+        own, classes, targets, n_top = z["own_targets"], z["classes"], z["targets"], int(z["n_top"])
+    slots = np.searchsorted(classes, groups)
+    return own, targets[slots, :n_top]
+
+
+def error_nodes(pipe) -> None:
+    """The error nodes of every explained image and transition (after stage 4; ``error_nodes`` option).
+
+    Writes ``errors/chunk_XXXXX.npz`` (the chunks of stages 3 and 4) with ``image [B]`` and, per
+    transition a → b, ``a|own_error [B, T_o]`` (the error node of a to each of the image's own targets of
+    b, as stage 4's ``own_targets``), ``a|own_span [B, T_o]`` (the real change ``T(F_ab(X)) − T(F_ab(β))``
+    of those targets) and ``a|class_error [B, n_top]`` (to its class's top targets of b, the class graph's).
+    """
+    cfg = pipe.config
+    trans = transitions(pipe)
+    concepts = {a: load_concepts(pipe, a) for a, _ in trans}
+    V = {a: c["V"].to(pipe.device) for a, c in concepts.items()}
+    beta = {a: c["beta"].to(pipe.device) for a, c in concepts.items()}
+    Vb = {a: None if b == CLASSES else V[b] for a, b in trans}
+    f_ab = {a: pipe.adapter.f_ab(a, None if b == CLASSES else b) for a, b in trans}
+    chunks = chunk_ids(pipe.explain_ids, cfg.chunk_images)
+    files = [pipe.work / ERRORS_DIR / f"chunk_{ci:05d}.npz" for ci in range(len(chunks))]
+    codes = [pipe.work / "codes" / f.name for f in files]
+    todo = [ci for ci in range(len(chunks)) if dist.owns(ci) and not is_complete(files[ci], error_keys(pipe))]
+    batches = {ci: [chunks[ci][i:i + cfg.batch_size] for i in range(0, len(chunks[ci]), cfg.batch_size)] for ci in todo}
+    loaded = image_batches(pipe, [b for ci in todo for b in batches[ci]])
+    with BackgroundWriter(save_npz) as writer:
+        for ci in todo:
+            with np.load(codes[ci], allow_pickle=False) as z:
+                images = z["image"]
+                groups = z["label" if cfg.class_by == "label" else "prediction"]
+                code = {a: (torch.from_numpy(z[f"{a}|idx"]), torch.from_numpy(z[f"{a}|val"])) for a, _ in trans}
+            wanted = {a: _chunk_targets(pipe, a, b, codes[ci].name, groups) for a, b in trans}
+            parts: dict[str, list] = {}
+            row = 0
+            for batch in batches[ci]:
+                x, _ = next(loaded)
+                with torch.no_grad():
+                    rec = pipe.adapter.record(x, keep="preact")
+                rows = slice(row, row + len(batch))
+                row += len(batch)
+                for a, _b in trans:
+                    X = rec.preact(a).to(V[a].dtype)
+                    H, W = X.shape[-2:]
+                    X_rec = reconstruction(code[a][0][rows].to(pipe.device), code[a][1][rows].to(pipe.device),
+                                           V[a], beta[a], H, W)
+                    base = beta[a].reshape(1, -1, 1, 1).expand(1, -1, H, W)
+                    own, top = (torch.from_numpy(np.ascontiguousarray(t[rows])).to(pipe.device) for t in wanted[a])
+                    for key, value in zip(("own_error", "own_span", "class_error"),
+                                          _transition_errors(pipe, f_ab[a], X, X_rec, base, own, top, Vb[a])):
+                        parts.setdefault(f"{a}|{key}", []).append(value.double().cpu())
+            if row != len(images) or not np.array_equal(images, chunks[ci]):
+                raise ValueError(f"{codes[ci]} does not hold the images of chunk {ci}; delete {pipe.work} and rerun")
+            writer.save_npz(files[ci], image=torch.from_numpy(images), **{k: torch.cat(v) for k, v in parts.items()})
+    dist.barrier()
+
+
+def load_errors(pipe, name: str) -> dict[str, np.ndarray] | None:
+    """The error-node file of code chunk ``name`` (None when the run has no error nodes)."""
+    path = pipe.work / ERRORS_DIR / name
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def class_error_sums(pipe, a: str) -> np.ndarray | None:
+    """``[n_classes, n_top]`` the error node of ``a`` to each of a class's top targets of the layer above,
+    summed over the class's explained images (the class graph's error node); None without error nodes."""
+    out = None
+    for cpath in sorted((pipe.work / "codes").glob("chunk_*.npz")):
+        errors = load_errors(pipe, cpath.name)
+        if errors is None:
+            return None
+        with np.load(cpath, allow_pickle=False) as z:
+            groups = z["label" if pipe.config.class_by == "label" else "prediction"]
+        values = errors[f"{a}|class_error"]
+        if out is None:
+            out = np.zeros((pipe.num_classes, values.shape[1]))
+        np.add.at(out, groups, values)
+    return out
