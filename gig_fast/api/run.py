@@ -29,6 +29,7 @@ import torch
 
 from ..concepts import ConceptBank
 from ..data import load_image, open_dataset
+from ..export import FORMATS, GraphContext, merge_graphs, neuronpedia_graph
 from ..explorer.pictures import display_rgb, ierf_crop
 from ..gig import ClassTarget, ConceptTarget, gig
 from ..image_store import ImageStore
@@ -40,11 +41,17 @@ from ..pipeline.config import PipelineConfig
 from ..pipeline.samples import nearest_rows, stage1_samples
 from ..pipeline.graph import READABLE_VERSIONS, image_layer_graph
 from ..pipeline.stages import CLASSES, bank_dir, image_top_concepts
-from ..pipeline.store import load_json, load_npz
+from ..pipeline.store import load_json, load_npz, save_json
 from .types import (ClassInfo, ClassUse, ConceptCard, ConceptSample, ConceptUse, Decomposition, Edge, Explanation,
                     Graph, ImageGraph, LayerInfo, Metrics, Node, PairGraph)
 
 __all__ = ["Run", "NotFoundError"]
+
+
+def _version() -> str:
+    from .. import __version__  # the package's, set once it has finished importing
+
+    return __version__
 
 
 class _Upload(io.BytesIO):
@@ -491,6 +498,84 @@ class Run:
             targets = sel[0].tolist()
         return Explanation(pred, cls, self.classes[cls].name if cls < len(self.classes) else str(cls),
                            Graph(nodes, edges), deltas)
+
+    # -- export ------------------------------------------------------------------------------------
+    EXPORT_KINDS = ("image", "class", "pair")
+
+    def export(self, kind: str, which, path: str | os.PathLike | None = None, *, format: str = "neuronpedia",
+               probabilities: bool = True) -> dict:
+        """An image, class or pair graph as the attribution-graph JSON that Neuronpedia's and circuit-tracer's
+        graph viewers open (:mod:`gig_fast.export`, ``docs/export.md``).
+
+        Args:
+            kind: ``"image"`` (``which``: an explained image's dataset index), ``"class"`` (a class id or
+                name) or ``"pair"`` (two classes: both class graphs and the edges of their shared concepts).
+            path: where to write the JSON (atomically); None: only return it.
+            format: ``"neuronpedia"`` (the one format so far).
+            probabilities: the logit nodes' p — the image's softmax probability of its classes, or the mean
+                over a class's explained images — by running the model on those images; False writes
+                ``p=nan`` and needs neither model nor data.
+        Returns:
+            the JSON as a dict.
+        """
+        if format not in FORMATS:
+            raise ValueError(f"unknown export format {format!r}; valid: {', '.join(FORMATS)}")
+        if kind not in self.EXPORT_KINDS:
+            raise ValueError(f"unknown graph kind {kind!r}; valid: {', '.join(self.EXPORT_KINDS)}")
+        graph, ctx = getattr(self, f"_export_{kind}")(which, probabilities)
+        ctx.info = {"description": ctx.prompt + f"; GIG concept graph of run {self.key}, {self.model_info.get('arch')} "
+                                                f"on {self.model_info.get('dataset')}",
+                    "generator": {"name": "gig_fast", "version": _version()}}
+        out = neuronpedia_graph(graph, ctx)
+        if path is not None:
+            save_json(path, out)
+        return out
+
+    def _context(self, slug: str, prompt: str, probabilities: dict | None = None, **kw) -> GraphContext:
+        return GraphContext(slug, str(self.model_info.get("arch")), prompt, self.points,
+                            [c.name for c in self.classes], probabilities or {}, **kw)
+
+    def _export_image(self, image, probabilities: bool):
+        g = self.image_graph(int(image))
+        names = {c.id: c.name for c in self.classes}
+        probs = {}
+        if probabilities:
+            x, _ = self.load_dataset_images([g.id])
+            with torch.no_grad():
+                p = torch.softmax(self.model(x.to(self.device)).float(), dim=1)[0].cpu()
+            probs = {c: float(p[c]) for c in range(len(p))}
+        activations = {(n.layer, n.concept): float(self.stored_codes(g.id, n.layer).usage()[n.concept])
+                       for n in g.graph.nodes}
+        label = f"label {names[g.label]}, " if g.label >= 0 else ""
+        return g.graph, self._context(f"image-{g.id}", f"image {g.id} ({label}explained as {names[g.explained_class]})",
+                                      probs, activations=activations)
+
+    def _class_probability(self, c: int) -> float:
+        """The mean softmax probability of class ``c`` over its explained images (the model run on them)."""
+        ids, total = self.image_ids(c), 0.0
+        for i in range(0, len(ids), 64):
+            x, _ = self.load_dataset_images(ids[i:i + 64])
+            with torch.no_grad():
+                total += float(torch.softmax(self.model(x.to(self.device)).float(), dim=1)[:, c].sum())
+        return total / max(1, len(ids))
+
+    def _export_class(self, which, probabilities: bool):
+        c = self.class_id(which)
+        name = self.classes[c].name
+        probs = {c: self._class_probability(c)} if probabilities else {}
+        return self.class_graph(c), self._context(f"class-{name}", f"the {self.classes[c].n_images} explained images "
+                                                                   f"of class {name}", probs)
+
+    def _export_pair(self, which, probabilities: bool):
+        if not isinstance(which, (tuple, list)) or len(which) != 2:
+            raise ValueError(f"a pair graph is named by two classes, got {which!r}")
+        pg = self.pair_graph(*which)
+        a, b = pg.classes
+        graph = merge_graphs([self.class_graph(a), self.class_graph(b)], pg.edges)
+        probs = {c: self._class_probability(c) for c in (a, b)} if probabilities else {}
+        na, nb = self.classes[a].name, self.classes[b].name
+        return graph, self._context(f"pair-{na}-{nb}", f"the explained images of classes {na} and {nb}", probs,
+                                    pinned=[(s.layer, s.concept) for s in pg.shared])
 
     # -- metrics -----------------------------------------------------------------------------------
     @cached_property
