@@ -51,7 +51,7 @@ def test_error_node_closes_completeness_against_the_models_real_output(run):
     of b's real pre-activation on v_t) — not from F_ab. Without the error node the gap is far larger."""
     pipe, graph = run
     tol = pipe.config.gig_tolerance
-    closed, open_gaps = [], []
+    closed, open_gaps, shares = [], [], {}
     for g in graph["images"]:
         x, _ = pipe.load_images([g["id"]])
         with torch.no_grad():
@@ -76,10 +76,16 @@ def test_error_node_closes_completeness_against_the_models_real_output(run):
                 span = real[i] - float(res.value_at_baseline[i, 0])
                 closed.append(abs(concepts + e["weight"] - span) / abs(span))
                 open_gaps.append(abs(concepts - span) / abs(span))
+                shares.setdefault(f"{a}->{b}", []).append(abs(e["weight"]) / abs(span))
     assert len(closed) >= 3 * len(graph["images"])
     # the concepts' own quadrature bar (1 %), float32 folding of F_ab's BNs and graph.json's 6 digits
     assert max(closed) <= tol + 1e-3, max(closed)
     assert np.median(open_gaps) > 5 * tol, np.median(open_gaps)  # the residual matters on this run
+    metrics = json.loads((pipe.out / "metrics.json").read_text())["error_nodes"]
+    assert set(metrics) == set(shares)
+    for key, share in shares.items():  # metrics.json's error share, from the work files
+        assert metrics[key]["n"] == len(share)
+        assert metrics[key]["median_share"] == pytest.approx(float(np.median(share)), rel=1e-3), key
 
 
 def test_class_graph_error_node_sums_its_images(run):

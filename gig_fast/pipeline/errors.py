@@ -28,7 +28,8 @@ from .stages import CLASSES, chunk_ids, load_concepts, trans_dir, transitions
 from .store import BackgroundWriter, is_complete, save_npz
 from ..ops import sparse_reconstruct
 
-__all__ = ["error_nodes", "error_keys", "target_values", "reconstruction", "load_errors", "class_error_sums"]
+__all__ = ["error_nodes", "error_keys", "target_values", "reconstruction", "load_errors", "class_error_sums",
+           "error_metrics"]
 
 ERRORS_DIR = "errors"
 
@@ -162,4 +163,24 @@ def class_error_sums(pipe, a: str) -> np.ndarray | None:
         if out is None:
             out = np.zeros((pipe.num_classes, values.shape[1]))
         np.add.at(out, groups, values)
+    return out
+
+
+def error_metrics(pipe) -> dict | None:
+    """``metrics.json``'s ``error_nodes``: per transition ``a->b`` how much of the model's real change of the
+    image graphs' targets the error node carries, ``|error| / |T(F_ab(X)) − T(F_ab(β))|`` over every (image,
+    own target) pair: ``median_share``, ``p90_share``, ``n``. None without error nodes."""
+    shares: dict[str, list] = {}
+    for cpath in sorted((pipe.work / "codes").glob("chunk_*.npz")):
+        errors = load_errors(pipe, cpath.name)
+        if errors is None:
+            return None
+        for a, b in transitions(pipe):
+            share = np.abs(errors[f"{a}|own_error"]) / np.maximum(np.abs(errors[f"{a}|own_span"]), 1e-30)
+            shares.setdefault(f"{a}->{b}", []).append(share.ravel())
+    out = {}
+    for key, parts in shares.items():
+        share = np.concatenate(parts)
+        out[key] = {"median_share": float(np.median(share)), "p90_share": float(np.quantile(share, 0.9)),
+                    "n": int(share.size)}
     return out

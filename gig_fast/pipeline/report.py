@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..explorer import render_explorer
+from .errors import error_metrics
 from .pictures import collect_pictures
 from .stages import trans_dir, transitions
 from .store import atomic_write_text, load_json
@@ -80,7 +81,8 @@ def collect_metrics(pipe, timings: dict) -> dict:
             "completeness_max_rel": float(all_r[0::2].max()) if all_r.size else None,
             "completeness_median_rel": float(np.median(all_r[1::2])) if all_r.size else None,
             "explained_images": n_explained, "concept_images": int(len(pipe.concept_ids)),
-            "accuracy_on_explained": acc, "skipped_images": pipe.skipped, "timings_s": timings}
+            "accuracy_on_explained": acc, "skipped_images": pipe.skipped, "timings_s": timings,
+            "error_nodes": error_metrics(pipe)}  # None for a run without error nodes
 
 
 def _validation_extras(out: Path) -> tuple[str, list[dict]]:
