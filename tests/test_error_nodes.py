@@ -144,3 +144,17 @@ def test_error_nodes_off_writes_none(tmp_path):
     graph = json.loads((out / "graph.json").read_text())
     assert graph["version"] == 2 and all("errors" not in g for g in graph["images"])
     assert all("errors" not in cg for cg in graph["class_graphs"].values())
+
+
+def test_explain_gives_the_same_error_nodes_as_the_pipeline(run):
+    """``Run.explain`` of an explained dataset image computes its error nodes as the pipeline's pass did."""
+    pipe, graph = run
+    opened = Run.open(pipe.out, model=pipe.model, dataset=pipe.dataset)
+    g = graph["images"][2]
+    x, _ = opened.load_dataset_images([g["id"]])
+    got = opened.explain(x[0], target=g["class"]).graph.to_dict()
+    assert set(got["errors"]) == set(g["errors"])
+    for layer, node in g["errors"].items():
+        assert [e["target"] for e in got["errors"][layer]["edges"]] == [e["target"] for e in node["edges"]]
+        for mine, want in zip(got["errors"][layer]["edges"], node["edges"]):
+            assert mine["weight"] == pytest.approx(want["weight"], rel=1e-4, abs=1e-6 * abs(node["score"]))

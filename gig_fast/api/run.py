@@ -39,11 +39,12 @@ from ..ops import sparse_reconstruct
 from ..ops.sparse_code import SparseCodeConvergenceWarning
 from ..pipeline.config import PipelineConfig
 from ..pipeline.samples import nearest_rows, stage1_samples
-from ..pipeline.graph import READABLE_VERSIONS, image_layer_graph
+from ..pipeline.errors import reconstruction, transition_errors
+from ..pipeline.graph import READABLE_VERSIONS, error_entry, image_layer_graph
 from ..pipeline.stages import CLASSES, bank_dir, image_top_concepts
 from ..pipeline.store import load_json, load_npz, save_json
-from .types import (ClassInfo, ClassUse, ConceptCard, ConceptSample, ConceptUse, Decomposition, Edge, Explanation,
-                    Graph, ImageGraph, LayerInfo, Metrics, Node, PairGraph)
+from .types import (ClassInfo, ClassUse, ConceptCard, ConceptSample, ConceptUse, Decomposition, Edge, ErrorNode,
+                    Explanation, Graph, ImageGraph, LayerInfo, Metrics, Node, PairGraph)
 
 __all__ = ["Run", "NotFoundError"]
 
@@ -473,7 +474,7 @@ class Run:
             X = v.permute(0, 2, 3, 1).reshape(-1, v.shape[1])
             idx, val = self._code(X, p)
             codes[p] = (idx.reshape(1, X.shape[0], -1), val.reshape(1, X.shape[0], -1).to(X))
-        nodes, edges, deltas = [], [], {}
+        nodes, edges, errors, deltas = [], [], [], {}
         targets: list[int] = [cls]
         pts = self.points
         for i in range(len(pts) - 1, -1, -1):
@@ -495,9 +496,25 @@ class Run:
             peak = max((abs(n["score"]) for n in entries), default=0.0) or 1.0
             nodes += [Node(a, n["concept"], n["score"], abs(n["score"]) / peak) for n in entries]
             edges += [Edge(a, e["source"][1], b, e["target"][1], e["weight"], e["normalized"]) for e in layer_edges]
+            if cfg.error_nodes:  # as the pipeline's error pass: the residual's part of each target's change
+                errors.append(self._error_node(a, b, rec.preact(a), codes[a], targets, layer_edges, f_ab))
             targets = sel[0].tolist()
         return Explanation(pred, cls, self.classes[cls].name if cls < len(self.classes) else str(cls),
-                           Graph(nodes, edges), deltas)
+                           Graph(nodes, edges, errors), deltas)
+
+    def _error_node(self, a: str, b: str, X: torch.Tensor, codes, targets: list[int], layer_edges: list[dict], f_ab
+                    ) -> ErrorNode:
+        """The error node of layer a for one image (``X [1, C, H, W]``, its ``codes``) to its ``targets`` of b
+        (:mod:`gig_fast.pipeline.errors`), normalised on the scale of the layer pair's ``layer_edges``."""
+        V, beta = self.bank(a).V.to(X), self.bank(a).beta.to(X)
+        H, W = X.shape[-2:]
+        X_rec = reconstruction(codes[0], codes[1], V, beta, H, W)
+        Vb = None if b == CLASSES else self.bank(b).V.to(X)
+        own = torch.tensor([targets], dtype=torch.int64, device=X.device)
+        error, _, _ = transition_errors(f_ab, X, X_rec, beta.reshape(1, -1, 1, 1).expand(1, -1, H, W), own,
+                                        own[:, :0], Vb, self.config.class_probability)
+        peak = max((abs(e["weight"]) for e in layer_edges), default=0.0)
+        return ErrorNode.from_dict(a, error_entry(b, targets, error[0].double().cpu().numpy(), peak))
 
     # -- export ------------------------------------------------------------------------------------
     EXPORT_KINDS = ("image", "class", "pair")

@@ -28,8 +28,8 @@ from .stages import CLASSES, chunk_ids, load_concepts, trans_dir, transitions
 from .store import BackgroundWriter, is_complete, save_npz
 from ..ops import sparse_reconstruct
 
-__all__ = ["error_nodes", "error_keys", "target_values", "reconstruction", "load_errors", "class_error_sums",
-           "error_metrics"]
+__all__ = ["error_nodes", "error_keys", "target_values", "transition_errors", "reconstruction", "load_errors",
+           "class_error_sums", "error_metrics"]
 
 ERRORS_DIR = "errors"
 
@@ -63,18 +63,19 @@ def reconstruction(idx: torch.Tensor, val: torch.Tensor, V: torch.Tensor, beta: 
     return rec.reshape(B, H, W, -1).permute(0, 3, 1, 2)
 
 
-def _transition_errors(pipe, f_ab, X, X_rec, base, own, top, Vb):
-    """``(own_error, own_span, class_error)`` of one batch: the error node's value for each image's own
-    targets ``own [B, T_o]`` and its class's top targets ``top [B, n_top]``, and the real change
-    ``T(X) − T(β)`` of the own targets. ``X``, ``X_rec [B, C, H, W]``, ``base [1, C, H, W]``."""
-    prob = pipe.config.class_probability
+def transition_errors(f_ab, X, X_rec, base, own, top, Vb, probability: bool):
+    """``(own_error, own_span, class_error)`` of a batch of images in one transition a → b: the error node's
+    value for each image's own targets ``own [B, T_o]`` and for its class's top targets ``top [B, n_top]``,
+    and the real change ``T(X) − T(β)`` of the own targets — one forward of ``F_ab`` (``f_ab``) on the real
+    ``X``, the reconstructions ``X_rec`` (``[B, C, H, W]`` each) and ``base`` (β, ``[1, C, H, W]``).
+    ``Vb``, ``probability``: as in :func:`target_values`."""
     with torch.no_grad():
         out = f_ab(torch.cat([X, X_rec, base]))
     B = X.shape[0]
     real, rec, zero = out[:B], out[B:2 * B], out[2 * B:].expand(B, *out.shape[1:])
     targets = torch.cat([own, top], dim=1)
-    diff = target_values(real, targets, Vb, prob) - target_values(rec, targets, Vb, prob)
-    span = target_values(real, own, Vb, prob) - target_values(zero, own, Vb, prob)
+    diff = target_values(real, targets, Vb, probability) - target_values(rec, targets, Vb, probability)
+    span = target_values(real, own, Vb, probability) - target_values(zero, own, Vb, probability)
     n_own = own.shape[1]
     return diff[:, :n_own], span, diff[:, n_own:]
 
@@ -131,8 +132,8 @@ def error_nodes(pipe) -> None:
                                            V[a], beta[a], H, W)
                     base = beta[a].reshape(1, -1, 1, 1).expand(1, -1, H, W)
                     own, top = (torch.from_numpy(np.ascontiguousarray(t[rows])).to(pipe.device) for t in wanted[a])
-                    for key, value in zip(("own_error", "own_span", "class_error"),
-                                          _transition_errors(pipe, f_ab[a], X, X_rec, base, own, top, Vb[a])):
+                    values = transition_errors(f_ab[a], X, X_rec, base, own, top, Vb[a], cfg.class_probability)
+                    for key, value in zip(("own_error", "own_span", "class_error"), values):
                         parts.setdefault(f"{a}|{key}", []).append(value.double().cpu())
             if row != len(images) or not np.array_equal(images, chunks[ci]):
                 raise ValueError(f"{codes[ci]} does not hold the images of chunk {ci}; delete {pipe.work} and rerun")
