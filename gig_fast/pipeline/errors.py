@@ -19,6 +19,8 @@ that the image's graph (its own targets) and its class's graph (the class's top 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -89,6 +91,56 @@ def _chunk_targets(pipe, a: str, b: str, name: str, groups: np.ndarray) -> tuple
     return own, targets[slots, :n_top]
 
 
+@dataclass
+class _Slice:
+    """What the error pass needs of one transition a → b: a's concepts ``V [K_a, C_a]`` and ``beta [C_a]``,
+    b's concepts ``Vb`` (None for b = classes) and ``f_ab``."""
+    a: str
+    b: str
+    V: torch.Tensor
+    beta: torch.Tensor
+    Vb: torch.Tensor | None
+    f_ab: object
+
+    @classmethod
+    def of(cls, pipe, a: str, b: str) -> "_Slice":
+        concepts = load_concepts(pipe, a)
+        Vb = None if b == CLASSES else load_concepts(pipe, b)["V"].to(pipe.device)
+        return cls(a, b, concepts["V"].to(pipe.device), concepts["beta"].to(pipe.device), Vb,
+                   pipe.adapter.f_ab(a, None if b == CLASSES else b))
+
+
+def _chunk_errors(pipe, slices: dict, codes_path, chunk: np.ndarray, batches: list, loaded) -> dict[str, torch.Tensor]:
+    """The arrays of one error file: every transition's error nodes for the images ``chunk`` of the
+    stage-3 file ``codes_path``, batch by batch (``loaded`` yields their images)."""
+    cfg = pipe.config
+    with np.load(codes_path, allow_pickle=False) as z:
+        images = z["image"]
+        groups = z["label" if cfg.class_by == "label" else "prediction"]
+        code = {a: (torch.from_numpy(z[f"{a}|idx"]), torch.from_numpy(z[f"{a}|val"])) for a in slices}
+    if not np.array_equal(images, chunk):
+        raise ValueError(f"{codes_path} does not hold the images of its chunk; delete {pipe.work} and rerun")
+    wanted = {a: _chunk_targets(pipe, a, s.b, codes_path.name, groups) for a, s in slices.items()}
+    parts: dict[str, list] = {}
+    row = 0
+    for batch in batches:
+        x, _ = next(loaded)
+        with torch.no_grad():
+            rec = pipe.adapter.record(x, keep="preact")
+        rows = slice(row, row + len(batch))
+        row += len(batch)
+        for a, s in slices.items():
+            X = rec.preact(a).to(s.V.dtype)
+            H, W = X.shape[-2:]
+            X_rec = reconstruction(code[a][0][rows].to(pipe.device), code[a][1][rows].to(pipe.device), s.V, s.beta, H, W)
+            base = s.beta.reshape(1, -1, 1, 1).expand(1, -1, H, W)
+            own, top = (torch.from_numpy(np.ascontiguousarray(t[rows])).to(pipe.device) for t in wanted[a])
+            values = transition_errors(s.f_ab, X, X_rec, base, own, top, s.Vb, cfg.class_probability)
+            for key, value in zip(("own_error", "own_span", "class_error"), values):
+                parts.setdefault(f"{a}|{key}", []).append(value.double().cpu())
+    return {"image": torch.from_numpy(images), **{k: torch.cat(v) for k, v in parts.items()}}
+
+
 def error_nodes(pipe) -> None:
     """The error nodes of every explained image and transition (after stage 4; ``error_nodes`` option).
 
@@ -98,46 +150,16 @@ def error_nodes(pipe) -> None:
     of those targets) and ``a|class_error [B, n_top]`` (to its class's top targets of b, the class graph's).
     """
     cfg = pipe.config
-    trans = transitions(pipe)
-    concepts = {a: load_concepts(pipe, a) for a, _ in trans}
-    V = {a: c["V"].to(pipe.device) for a, c in concepts.items()}
-    beta = {a: c["beta"].to(pipe.device) for a, c in concepts.items()}
-    Vb = {a: None if b == CLASSES else V[b] for a, b in trans}
-    f_ab = {a: pipe.adapter.f_ab(a, None if b == CLASSES else b) for a, b in trans}
+    slices = {a: _Slice.of(pipe, a, b) for a, b in transitions(pipe)}
     chunks = chunk_ids(pipe.explain_ids, cfg.chunk_images)
     files = [pipe.work / ERRORS_DIR / f"chunk_{ci:05d}.npz" for ci in range(len(chunks))]
-    codes = [pipe.work / "codes" / f.name for f in files]
     todo = [ci for ci in range(len(chunks)) if dist.owns(ci) and not is_complete(files[ci], error_keys(pipe))]
     batches = {ci: [chunks[ci][i:i + cfg.batch_size] for i in range(0, len(chunks[ci]), cfg.batch_size)] for ci in todo}
     loaded = image_batches(pipe, [b for ci in todo for b in batches[ci]])
-    with BackgroundWriter(save_npz) as writer:
+    with BackgroundWriter(save_npz) as writer:  # the next chunk computes while this one is written
         for ci in todo:
-            with np.load(codes[ci], allow_pickle=False) as z:
-                images = z["image"]
-                groups = z["label" if cfg.class_by == "label" else "prediction"]
-                code = {a: (torch.from_numpy(z[f"{a}|idx"]), torch.from_numpy(z[f"{a}|val"])) for a, _ in trans}
-            wanted = {a: _chunk_targets(pipe, a, b, codes[ci].name, groups) for a, b in trans}
-            parts: dict[str, list] = {}
-            row = 0
-            for batch in batches[ci]:
-                x, _ = next(loaded)
-                with torch.no_grad():
-                    rec = pipe.adapter.record(x, keep="preact")
-                rows = slice(row, row + len(batch))
-                row += len(batch)
-                for a, _b in trans:
-                    X = rec.preact(a).to(V[a].dtype)
-                    H, W = X.shape[-2:]
-                    X_rec = reconstruction(code[a][0][rows].to(pipe.device), code[a][1][rows].to(pipe.device),
-                                           V[a], beta[a], H, W)
-                    base = beta[a].reshape(1, -1, 1, 1).expand(1, -1, H, W)
-                    own, top = (torch.from_numpy(np.ascontiguousarray(t[rows])).to(pipe.device) for t in wanted[a])
-                    values = transition_errors(f_ab[a], X, X_rec, base, own, top, Vb[a], cfg.class_probability)
-                    for key, value in zip(("own_error", "own_span", "class_error"), values):
-                        parts.setdefault(f"{a}|{key}", []).append(value.double().cpu())
-            if row != len(images) or not np.array_equal(images, chunks[ci]):
-                raise ValueError(f"{codes[ci]} does not hold the images of chunk {ci}; delete {pipe.work} and rerun")
-            writer.save_npz(files[ci], image=torch.from_numpy(images), **{k: torch.cat(v) for k, v in parts.items()})
+            codes = pipe.work / "codes" / files[ci].name
+            writer.save_npz(files[ci], **_chunk_errors(pipe, slices, codes, chunks[ci], batches[ci], loaded))
     dist.barrier()
 
 
