@@ -94,6 +94,18 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--run", default="gig_demo", help="output folder of a finished run")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     sv.add_argument("--port", type=int, default=8000)
+    xp = sub.add_parser("export", help="write an image, class or pair graph as attribution-graph JSON "
+                                       "(Neuronpedia's and circuit-tracer's graph viewers; docs/export.md)")
+    xp.add_argument("--run", default="gig_demo", help="output folder of a finished run")
+    xp.add_argument("--format", default="neuronpedia", choices=["neuronpedia"])
+    which = xp.add_mutually_exclusive_group(required=True)
+    which.add_argument("--image", type=int, help="an explained image (dataset index)")
+    which.add_argument("--class", dest="class_", help="a class name or id")
+    which.add_argument("--pair", nargs=2, help="two class names or ids")
+    xp.add_argument("--out", default=None, help="the JSON file (default: <slug>.json in the current folder)")
+    xp.add_argument("--no-probabilities", action="store_true",
+                    help="write p=nan on the logit nodes instead of running the model on the graph's images")
+    xp.add_argument("--device", default="cpu")
     sv.add_argument("--device", default="cpu", help="where uploaded images are explained")
     va = sub.add_parser("validate", help="run/resume the pipeline, then the validation suite (paper §4.2)")
     va.add_argument("--config", default=None,
@@ -322,6 +334,20 @@ def cmd_intervene(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .api import Run
+
+    run = Run.open(args.run, device=args.device)
+    kind, which = next((k, w) for k, w in (("image", args.image), ("class", args.class_), ("pair", args.pair))
+                       if w is not None)
+    graph = run.export(kind, which, format=args.format, probabilities=not args.no_probabilities)
+    out = args.out or f"{graph['metadata']['slug']}.json"
+    from .pipeline.store import save_json
+    save_json(out, graph)
+    print(f"export: {kind} graph, {len(graph['nodes'])} nodes, {len(graph['links'])} links → {out}")
+    return 0
+
+
 def cmd_serve(args) -> int:
     from .api.server import serve
 
@@ -394,7 +420,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         return {"run": cmd_run, "demo": cmd_demo, "train-demo": cmd_train_demo, "explain": cmd_explain,
-                "intervene": cmd_intervene,
+                "intervene": cmd_intervene, "export": cmd_export,
                 "show": cmd_show, "report": cmd_report, "serve": cmd_serve, "validate": cmd_validate}[args.command](args)
     except (ValueError, OSError) as e:  # a user error (bad option, file, image, data): one line, no traceback
         print(f"gig-fast: error: {e}", file=sys.stderr)

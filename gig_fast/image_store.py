@@ -17,6 +17,9 @@ image's graph and the per-concept image rankings live here, in ``<out>/store/`` 
 * ``pair_graphs.parquet`` (version 2): one row per class pair of the run: ``c1 < c2`` and ``graph``, the
   pair graph as compact JSON in ``graph.json``'s ``pair_graphs`` form (``graph.json`` keeps a sample:
   every pair of a 1,000-class run is thousands of graphs of ~900 edges). Sorted by ``c1``, ``c2``.
+* ``image_errors.parquet`` (version 3): each image's error nodes (a layer's reconstruction residual) and
+  their edges: ``image``, ``layer``, ``score`` (the node's, on each of its rows), ``target_layer``,
+  ``target``, ``weight``, ``normalized`` (``graph.json``'s ``images[].errors``); empty without error nodes.
 * ``store.json``: ``format``, ``version``, ``run_key``, row counts, ``rank_depth``.
 
 :class:`ImageStoreWriter` takes the tables chunk by chunk (the images and their graphs are written as
@@ -39,15 +42,16 @@ from .run_folder import tmp_path
 __all__ = ["ImageStore", "ImageStoreWriter", "ConceptRanking", "concept_usage", "STORE_FORMAT", "STORE_VERSION",
            "RANK_DEPTH", "TABLES"]
 
-STORE_FORMAT, STORE_VERSION = "gig_fast.store", 2
-READABLE_VERSIONS = (1, 2)  # version 1 has no pair_graphs table
+STORE_FORMAT, STORE_VERSION = "gig_fast.store", 3
+READABLE_VERSIONS = (1, 2, 3)  # version 1 has no pair_graphs table, versions 1-2 no image_errors
 RANK_DEPTH = 100  # images kept per concept in concept_images.parquet (a card shows 10-20)
 # Row groups of ~64k rows: small enough that a concept lookup reads little, large enough that
 # 50,000 images' tables stay a few hundred groups (each group costs a footer entry).
 ROW_GROUP = 1 << 16
 # A pair graph is ~900 edges (~70 KB of JSON) on the demo: groups of 64 pairs keep a lookup to a few MB.
 PAIR_ROW_GROUP = 64
-TABLES = ("images", "image_nodes", "image_edges", "concept_images", "pair_graphs")
+TABLES = ("images", "image_nodes", "image_edges", "concept_images", "pair_graphs", "image_errors")
+_TABLES_OF_VERSION = {1: TABLES[:4], 2: TABLES[:5], 3: TABLES}
 
 
 def _schemas():
@@ -66,6 +70,9 @@ def _schemas():
                                      ("image", pa.int64()), ("class", pa.int32()), ("usage", pa.float32()),
                                      ("peak", pa.float32()), ("peak_position", pa.int32()), ("active", pa.int32())]),
         "pair_graphs": pa.schema([("c1", pa.int32()), ("c2", pa.int32()), ("graph", pa.string())]),
+        "image_errors": pa.schema([("image", pa.int64()), ("layer", layer), ("score", pa.float64()),
+                                   ("target_layer", layer), ("target", pa.int32()), ("weight", pa.float64()),
+                                   ("normalized", pa.float64())]),
     }
 
 
@@ -168,7 +175,7 @@ class ImageStoreWriter:
         self.layer_names = list(self.layers) + ["classes"]
         self.schemas = _schemas()
         self.writers = {name: pq.ParquetWriter(self.tmp / f"{name}.parquet", self.schemas[name], compression="zstd")
-                        for name in ("images", "image_nodes", "image_edges", "pair_graphs")}
+                        for name in ("images", "image_nodes", "image_edges", "pair_graphs", "image_errors")}
         self.rankings = {layer: ConceptRanking(K, depth) for layer, K in self.layers.items()}
         self.depth = depth
         self.rows = dict.fromkeys(TABLES, 0)
@@ -216,6 +223,14 @@ class ImageStoreWriter:
                     edges[k].append(v)
         self._write("image_nodes", nodes)
         self._write("image_edges", edges)
+        errors = {k: [] for k in ("image", "layer", "score", "target_layer", "target", "weight", "normalized")}
+        for g in graphs:
+            for layer, node in g.get("errors", {}).items():
+                for e in node["edges"]:
+                    row = (g["id"], layer, node["score"], e["target"][0], e["target"][1], e["weight"], e["normalized"])
+                    for k, v in zip(errors, row):
+                        errors[k].append(v)
+        self._write("image_errors", errors)
 
     def add_pair_graphs(self, graphs: list[dict]) -> None:
         """Add pair graphs in ``graph.json``'s ``pair_graphs`` form (``classes`` ascending across calls)."""
@@ -312,7 +327,7 @@ class ImageStore:
             raise ValueError(f"{manifest} is not a {STORE_FORMAT} manifest of version "
                              f"{' or '.join(map(str, READABLE_VERSIONS))}")
         self.info = StoreInfo(meta["run_key"], meta["layers"], meta["rank_depth"], meta["rows"])
-        self.tables = TABLES if meta["version"] >= 2 else TABLES[:-1]
+        self.tables = _TABLES_OF_VERSION[meta["version"]]
         for name in self.tables:
             if not (self.folder / f"{name}.parquet").is_file():
                 raise FileNotFoundError(f"the per-image store {self.folder} lacks {name}.parquet")
@@ -390,3 +405,15 @@ class ImageStore:
         empty when the image is not in the store)."""
         f = [("image", "=", int(image))]
         return self.read("images", f), self.read("image_nodes", f), self.read("image_edges", f)
+
+    def image_errors(self, image: int) -> dict:
+        """The error nodes of one explained image in ``graph.json``'s ``images[].errors`` form (empty for a
+        run without error nodes or a store older than version 3)."""
+        if "image_errors" not in self.tables:
+            return {}
+        out: dict = {}
+        for r in self.read("image_errors", [("image", "=", int(image))]).to_pylist():
+            node = out.setdefault(r["layer"], {"score": r["score"], "edges": []})
+            node["edges"].append({"target": [r["target_layer"], r["target"]], "weight": r["weight"],
+                                  "normalized": r["normalized"]})
+        return out

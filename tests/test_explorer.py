@@ -150,6 +150,10 @@ def test_compact_graph_round_trip():
     first = g["edges"][0]
     assert e[0].tolist() == [index[first["source"][0]], first["source"][1], index[first["target"][0]],
                              first["target"][1], first["weight"], first["normalized"]]
+    assert "x" not in flat  # a graph without error nodes (graph.json version 1)
+    g = {**g, "errors": {"layer1.0": {"score": 3.0, "edges": [{"target": ["layer1.1", 5], "weight": 1.0, "normalized": 0.5},
+                                                             {"target": ["layer1.1", 6], "weight": 2.0, "normalized": 1.0}]}}}
+    assert compact_graph(g, index)["x"] == [0, 3.0, 1, 5, 1.0, 0.5, 0, 3.0, 1, 6, 2.0, 1.0]
 
 
 def test_pictures_of_a_real_run(tiny_run):
@@ -289,7 +293,7 @@ def test_tiny_report_loads_and_opens_a_card_with_10_crops(tiny_run, browser, art
     _open(browser, out / "report.html")
     assert _errors(browser) == []
     browser.save_screenshot(str(artifacts / "explorer_tiny_class.png"))
-    concepts = _nodes(browser, ".node:not(.cls)")
+    concepts = _nodes(browser, ".node:not(.cls):not(.error)")
     assert len(concepts) == sum(len(v) for v in graph["class_graphs"]["0"]["nodes"].values())
     assert all(n.find_elements(By.TAG_NAME, "image") for n in concepts)  # top-1 picture on every node
     concepts[0].click()
@@ -303,8 +307,41 @@ def test_tiny_report_loads_and_opens_a_card_with_10_crops(tiny_run, browser, art
     # the image view: one embedded image, its card shows that image's heat-map or says why not
     browser.find_element(By.CSS_SELECTOR, 'button.mode[data-mode="image"]').click()
     assert "Image #" in browser.find_element(By.ID, "status").text
-    _nodes(browser, ".node:not(.cls)")[0].click()
+    _nodes(browser, ".node:not(.cls):not(.error)")[0].click()
     assert len(card.find_elements(By.CSS_SELECTOR, ".heat")) <= 1
+    assert _errors(browser) == []
+
+
+def test_explorer_draws_error_nodes_apart_from_the_concepts(tiny_run, browser, artifacts):
+    """Each layer's error node (graph.json version 2) is a dashed grey node at the end of its layer's row,
+    right of every concept, with dashed edges to exactly the targets the graph gives it; its card explains
+    it. In the class view and in the image view."""
+    from selenium.webdriver.common.by import By
+
+    out, _ = tiny_run
+    graph, _ = _load(out)
+    index = {layer["name"]: i for i, layer in enumerate(graph["layers"])}
+    _open(browser, out / "report.html", "#class=0")
+    for errors in (graph["class_graphs"]["0"]["errors"], None):
+        if errors is None:  # the image view of the first embedded image
+            browser.find_element(By.CSS_SELECTOR, 'button.mode[data-mode="image"]').click()
+            shown = int(browser.find_element(By.ID, "status").text.split("Image #")[1].split()[0].rstrip(":,"))
+            errors = next(g for g in graph["images"] if g["id"] == shown)["errors"]
+        nodes = _nodes(browser, ".node.error")
+        assert sorted(n.get_attribute("data-layer") for n in nodes) == sorted(errors)
+        for n in nodes:
+            frame = n.find_element(By.CSS_SELECTOR, ".frame")
+            assert browser.execute_script("return getComputedStyle(arguments[0]).strokeDasharray", frame) not in ("", "none")
+            row = [c for c in _nodes(browser, ".node:not(.cls):not(.error)")
+                   if c.get_attribute("data-layer") == n.get_attribute("data-layer")]
+            assert row and all(c.location["x"] < n.location["x"] for c in row)
+        drawn = {p.get_attribute("data-key") for p in browser.find_elements(By.CSS_SELECTOR, "#graph path.edge.from-error")}
+        assert drawn == {f"{index[a]}|-1>{index[e['target'][0]]}|{e['target'][1]}"
+                         for a, node in errors.items() for e in node["edges"]}
+    nodes[0].click()
+    card = browser.find_element(By.ID, "card")
+    assert card.is_displayed() and "Error node of" in card.text and "do not explain" in card.text
+    browser.save_screenshot(str(artifacts / "explorer_error_nodes.png"))
     assert _errors(browser) == []
 
 
@@ -331,7 +368,7 @@ def test_1000_class_graph_is_interactive_in_under_2s(big_page, browser, artifact
     print(f"\n1,000-class page ({page.stat().st_size / 1e6:.1f} MB): interactive after {ready_ms:.0f} ms")
     assert ready_ms < 2000
     t0 = time.perf_counter()
-    _nodes(browser, ".node:not(.cls)")[3].click()
+    _nodes(browser, ".node:not(.cls):not(.error)")[3].click()
     assert browser.find_element(By.ID, "card").is_displayed()
     assert time.perf_counter() - t0 < 1.0
     assert len(_nodes(browser)) == 16 * 5 + 1
@@ -342,7 +379,7 @@ def test_1000_class_graph_is_interactive_in_under_2s(big_page, browser, artifact
     browser.find_element(By.CSS_SELECTOR, '#results-a button[data-class="987"]').click()
     assert "class 987" in browser.find_element(By.ID, "status").text
     expected = {(layer, n["concept"]) for layer, items in graph["class_graphs"]["987"]["nodes"].items() for n in items}
-    shown = {(n.get_attribute("data-layer"), int(n.get_attribute("data-concept"))) for n in _nodes(browser, ".node:not(.cls)")}
+    shown = {(n.get_attribute("data-layer"), int(n.get_attribute("data-concept"))) for n in _nodes(browser, ".node:not(.cls):not(.error)")}
     assert shown == expected
     box.send_keys(Keys.ESCAPE)
     browser.save_screenshot(str(artifacts / "explorer_1000_classes.png"))
@@ -402,7 +439,7 @@ def test_pair_view_draws_the_edges_of_the_shared_concepts(tmp_path, browser, art
     pair = graph["pair_graphs"]["0-1"]
     assert pair["edges"], "the pair graph has no edges to draw"
     _open(browser, out / "report.html", "#pair=0-1")
-    drawn = {p.get_attribute("data-key") for p in browser.find_elements(By.CSS_SELECTOR, "#graph path.edge")}
+    drawn = {p.get_attribute("data-key") for p in browser.find_elements(By.CSS_SELECTOR, "#graph path.edge:not(.from-error)")}
     expected = {key(e) for c in ("0", "1") for e in graph["class_graphs"][c]["edges"]} | {key(e) for e in pair["edges"]}
     assert drawn == expected
     for layer, items in pair["shared"].items():
@@ -456,11 +493,17 @@ def test_exports_csv_svg_png(tiny_run, browser):
         for n in items:
             assert float(nodes[(layer, n["concept"])]["score"]) == n["score"]
     assert nodes[("classes", 1)]["name"] == "boot & shoe"
+    errors = {(r["layer"], r["target_layer"], int(r["target_id"])): float(r["weight"])
+              for r in rows if r["kind"] == "error edge"}
+    assert errors == {(a, e["target"][0], e["target"][1]): e["weight"]
+                      for a, node in g["errors"].items() for e in node["edges"]}
     # SVG: well-formed, self-contained (styles and pictures inline)
     root = ET.fromstring(browser.execute_script("return GIG.svgText()").encode())
     ns = "{http://www.w3.org/2000/svg}"
     assert root.tag == ns + "svg" and root.find(f"{ns}style") is not None
-    assert len(root.findall(f".//{ns}path")) == len(g["edges"])
+    paths = root.findall(f".//{ns}path")
+    assert len([p for p in paths if "from-error" not in p.get("class")]) == len(g["edges"])
+    assert len(paths) == len(g["edges"]) + sum(len(node["edges"]) for node in g["errors"].values())
     assert all(i.get("href").startswith("data:image/png") for i in root.findall(f".//{ns}image"))
     # PNG: rendered from the SVG through a canvas
     png = browser.execute_async_script("""
@@ -509,7 +552,7 @@ def test_efficientnet_example_opens_on_a_class_with_images(effnet_report, browse
     status = browser.find_element(By.ID, "status").text
     first = min(int(c) for c in graph["class_graphs"])
     assert graph["classes"][first]["name"] in status and "0 concepts, 0 edges" not in status
-    concepts = _nodes(browser, ".node:not(.cls)")
+    concepts = _nodes(browser, ".node:not(.cls):not(.error)")
     assert len(concepts) == sum(len(v) for v in graph["class_graphs"][str(first)]["nodes"].values()) > 0
     browser.save_screenshot(str(artifacts / "explorer_effnet_first_view.png"))
     # the class search hides the 993 classes without explained images, or marks them when asked

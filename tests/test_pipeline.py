@@ -57,7 +57,7 @@ def test_tiny_run_writes_graph_metrics_report(tmp_path):
     graph = json.loads((out / "graph.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
     report = (out / "report.html").read_text()
-    assert graph["schema"] == "gig_fast.graph" and graph["version"] == 1
+    assert graph["schema"] == "gig_fast.graph" and graph["version"] == 2
     assert [layer["name"] for layer in graph["layers"]] == LAYERS + ["classes"]
     assert [c["name"] for c in graph["classes"]] == ["<b>tee</b>", "boot & shoe", "bag"]
     assert set(graph["concepts"]) == set(LAYERS) and len(graph["concepts"]["layer4.0"]) == 4

@@ -92,7 +92,7 @@ def test_every_endpoint_answers_what_run_gives(served_run, server):
     assert [c["id"] for c in _call(server, "/api/classes?with_images=true")[1]] == [0, 1, 2]
     for cid, g in graph["class_graphs"].items():
         status, cg = _call(server, f"/api/classes/{cid}/graph")
-        assert status == 200 and {"nodes": cg["nodes"], "edges": cg["edges"]} == g
+        assert status == 200 and {k: cg[k] for k in ("nodes", "edges", "errors")} == g
     assert _call(server, "/api/classes/boot%20%26%20shoe/graph")[1]["class"] == 1
     assert list(graph["pair_graphs"]) == ["0-1"] and graph["pairs_total"] == 3
     assert _call(server, "/api/pairs/1/0")[1] == graph["pair_graphs"]["0-1"]
@@ -191,7 +191,7 @@ def test_the_served_page_loads_top_images_and_any_image_from_the_api(server, ser
     browser.get(server + "/#class=0")
     _wait(lambda: browser.execute_script("return document.documentElement.getAttribute('data-ready')") == "1", "the page")
     # a drawn concept that some explained image uses (a class's top concept may have all-zero codes)
-    node, want = next((n, want) for n in _nodes(browser, ".node:not(.cls)")
+    node, want = next((n, want) for n in _nodes(browser, ".node:not(.cls):not(.error)")
                       if (want := [u.image for u in run.top_images(n.get_attribute("data-layer"),
                                                                    int(n.get_attribute("data-concept")), 12)]))
     node.click()
@@ -207,7 +207,7 @@ def test_the_served_page_loads_top_images_and_any_image_from_the_api(server, ser
     browser.find_element(By.ID, "image-load").click()
     _wait(lambda: f"Image #{other}" in browser.find_element(By.ID, "status").text, "the image view")
     g = run.image_graph(other)
-    drawn = {(n.get_attribute("data-layer"), int(n.get_attribute("data-concept"))) for n in _nodes(browser, ".node:not(.cls)")}
+    drawn = {(n.get_attribute("data-layer"), int(n.get_attribute("data-concept"))) for n in _nodes(browser, ".node:not(.cls):not(.error)")}
     assert drawn == {(n.layer, n.concept) for n in g.graph.nodes} | {(e.target_layer, e.target) for e in g.graph.edges
                                                                      if e.target_layer != "classes"}
     browser.save_screenshot(str(artifacts / "explorer_served_image.png"))

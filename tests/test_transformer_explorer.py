@@ -105,7 +105,7 @@ def test_vit_report_in_the_browser(vit_run, browser, artifacts):  # noqa: F811
     graph = json.loads((out / "graph.json").read_text())
     _open(browser, out / "report.html")
     assert _errors(browser) == []
-    concepts = _nodes(browser, ".node:not(.cls)")
+    concepts = _nodes(browser, ".node:not(.cls):not(.error)")
     assert len(concepts) == sum(len(v) for v in graph["class_graphs"]["0"]["nodes"].values())
     assert {n.get_attribute("data-layer") for n in concepts} == set(VIT_LAYERS)
     assert all(n.find_elements(By.TAG_NAME, "image") for n in concepts)  # a token-grid iERF on every node

@@ -11,10 +11,10 @@ Concept banks are :class:`gig_fast.concepts.ConceptBank`; the per-image store is
 :mod:`gig_fast.image_store`.
 """
 from .run import NotFoundError, Run
-from .types import (ClassInfo, ClassUse, ConceptCard, ConceptSample, ConceptUse, Decomposition, Edge, Explanation,
+from .types import (ClassInfo, ClassUse, ConceptCard, ConceptSample, ConceptUse, Decomposition, Edge, ErrorNode, Explanation,
                     Graph, ImageGraph, LayerInfo, LayerMetrics, Metrics, Node, PairEdge, PairGraph, SharedConcept,
                     TransitionMetrics)
 
 __all__ = ["Run", "NotFoundError", "ClassInfo", "ClassUse", "ConceptCard", "ConceptSample", "ConceptUse", "Decomposition", "Edge",
-           "Explanation", "Graph", "ImageGraph", "LayerInfo", "LayerMetrics", "Metrics", "Node", "PairEdge", "PairGraph",
+           "ErrorNode", "Explanation", "Graph", "ImageGraph", "LayerInfo", "LayerMetrics", "Metrics", "Node", "PairEdge", "PairGraph",
            "SharedConcept", "TransitionMetrics"]

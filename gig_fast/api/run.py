@@ -31,6 +31,7 @@ import torch
 
 from ..concepts import ConceptBank
 from ..data import load_image, open_dataset
+from ..export import FORMATS, GraphContext, merge_graphs, neuronpedia_graph
 from ..explorer.pictures import display_rgb, ierf_crop, png_bytes
 from ..gig import ClassTarget, ConceptTarget, gig
 from ..image_store import ImageStore
@@ -40,17 +41,24 @@ from ..models.transformer import TransformerAdapter, position_grid
 from ..ops import sparse_reconstruct
 from ..ops.sparse_code import SparseCodeConvergenceWarning
 from ..pipeline.config import PipelineConfig
+from ..pipeline.errors import reconstruction, transition_errors
 from ..pipeline.sample_index import SampleIndex, layer_index, load_layer_index, open_sample_index
 from ..pipeline.samples import nearest_rows, stage1_files, stage1_samples
-from ..pipeline.graph import image_layer_graph
+from ..pipeline.graph import READABLE_VERSIONS, error_entry, image_layer_graph
 from ..pipeline.stages import CLASSES, image_top_concepts
-from ..pipeline.store import load_json, load_npz, npz_member, npz_rows
+from ..pipeline.store import load_json, load_npz, npz_member, npz_rows, save_json
 from ..run_folder import (CODES, CONFIG_FILE, GRAPH_FILE, METRICS_FILE, STORE_DIR, bank_dir, chunk_files, concept_file,
                           work_dir)
-from .types import (ClassInfo, ClassUse, ConceptCard, ConceptSample, ConceptUse, Decomposition, Edge, Explanation,
-                    Graph, ImageGraph, LayerInfo, Metrics, Node, PairGraph)
+from .types import (ClassInfo, ClassUse, ConceptCard, ConceptSample, ConceptUse, Decomposition, Edge, ErrorNode,
+                    Explanation, Graph, ImageGraph, LayerInfo, Metrics, Node, PairGraph)
 
 __all__ = ["Run", "NotFoundError"]
+
+
+def _version() -> str:
+    from .. import __version__  # the package's, set once it has finished importing
+
+    return __version__
 
 
 class _Upload(io.BytesIO):
@@ -123,6 +131,9 @@ class Run:
             raise ValueError(f"{gpath} is not valid JSON: {e}") from None
         if not isinstance(graph, dict) or graph.get("schema") != "gig_fast.graph":
             raise ValueError(f"{gpath} is not a gig_fast graph (schema 'gig_fast.graph')")
+        if graph.get("version", 1) not in READABLE_VERSIONS:
+            raise ValueError(f"{gpath} is gig_fast.graph version {graph.get('version')}; this gig_fast reads versions "
+                             f"{', '.join(map(str, READABLE_VERSIONS))} (a newer gig_fast wrote it)")
         return cls(path, graph, model=model, dataset=dataset, device=device)
 
     # -- names -------------------------------------------------------------------------------------
@@ -336,7 +347,7 @@ class Run:
         for n in sorted(nodes.to_pylist(), key=lambda n: n["rank"]):
             by_layer.setdefault(n["layer"], []).append({"concept": n["concept"], "score": n["score"]})
         order = [lay.name for lay in reversed(self.layers) if lay.name in by_layer]  # top-down, as graph.json
-        graph = Graph.from_dict({"nodes": {k: by_layer[k] for k in order},
+        graph = Graph.from_dict({"nodes": {k: by_layer[k] for k in order}, "errors": self.store.image_errors(int(image)),
                                  "edges": [{"source": [e["source_layer"], e["source"]], "target": [e["target_layer"], e["target"]],
                                             "weight": e["weight"], "normalized": e["normalized"]} for e in edges.to_pylist()]})
         return ImageGraph(m["image"], m["label"], m["prediction"], m["class"], graph)
@@ -537,7 +548,7 @@ class Run:
             X = v.permute(0, 2, 3, 1).reshape(-1, v.shape[1])
             idx, val = self._code(X, p)
             codes[p] = (idx.reshape(1, X.shape[0], -1), val.reshape(1, X.shape[0], -1).to(X))
-        nodes, edges, deltas = [], [], {}
+        nodes, edges, errors, deltas = [], [], [], {}
         targets: list[int] = [cls]
         pts = self.points
         for i in range(len(pts) - 1, -1, -1):
@@ -559,9 +570,103 @@ class Run:
             peak = max((abs(n["score"]) for n in entries), default=0.0) or 1.0
             nodes += [Node(a, n["concept"], n["score"], abs(n["score"]) / peak) for n in entries]
             edges += [Edge(a, e["source"][1], b, e["target"][1], e["weight"], e["normalized"]) for e in layer_edges]
+            if cfg.error_nodes:  # as the pipeline's error pass: the residual's part of each target's change
+                errors.append(self._error_node(a, b, rec.preact(a), codes[a], targets, layer_edges, f_ab))
             targets = sel[0].tolist()
         return Explanation(pred, cls, self.classes[cls].name if cls < len(self.classes) else str(cls),
-                           Graph(nodes, edges), deltas)
+                           Graph(nodes, edges, errors), deltas)
+
+    def _error_node(self, a: str, b: str, X: torch.Tensor, codes, targets: list[int], layer_edges: list[dict], f_ab
+                    ) -> ErrorNode:
+        """The error node of layer a for one image (``X [1, C, H, W]``, its ``codes``) to its ``targets`` of b
+        (:mod:`gig_fast.pipeline.errors`), normalised on the scale of the layer pair's ``layer_edges``."""
+        V, beta = self.bank(a).V.to(X), self.bank(a).beta.to(X)
+        H, W = X.shape[-2:]
+        X_rec = reconstruction(codes[0], codes[1], V, beta, H, W)
+        Vb = None if b == CLASSES else self.bank(b).V.to(X)
+        own = torch.tensor([targets], dtype=torch.int64, device=X.device)
+        error, _, _ = transition_errors(f_ab, X, X_rec, beta.reshape(1, -1, 1, 1).expand(1, -1, H, W), own,
+                                        own[:, :0], Vb, self.config.class_probability)
+        peak = max((abs(e["weight"]) for e in layer_edges), default=0.0)
+        return ErrorNode.from_dict(a, error_entry(b, targets, error[0].double().cpu().numpy(), peak))
+
+    # -- export ------------------------------------------------------------------------------------
+    EXPORT_KINDS = ("image", "class", "pair")
+
+    def export(self, kind: str, which, path: str | os.PathLike | None = None, *, format: str = "neuronpedia",
+               probabilities: bool = True) -> dict:
+        """An image, class or pair graph as the attribution-graph JSON that Neuronpedia's and circuit-tracer's
+        graph viewers open (:mod:`gig_fast.export`, ``docs/export.md``).
+
+        Args:
+            kind: ``"image"`` (``which``: an explained image's dataset index), ``"class"`` (a class id or
+                name) or ``"pair"`` (two classes: both class graphs and the edges of their shared concepts).
+            path: where to write the JSON (atomically); None: only return it.
+            format: ``"neuronpedia"`` (the one format so far).
+            probabilities: the logit nodes' p — the image's softmax probability of its classes, or the mean
+                over a class's explained images — by running the model on those images; False writes
+                ``p=nan`` and needs neither model nor data.
+        Returns:
+            the JSON as a dict.
+        """
+        if format not in FORMATS:
+            raise ValueError(f"unknown export format {format!r}; valid: {', '.join(FORMATS)}")
+        if kind not in self.EXPORT_KINDS:
+            raise ValueError(f"unknown graph kind {kind!r}; valid: {', '.join(self.EXPORT_KINDS)}")
+        graph, ctx = getattr(self, f"_export_{kind}")(which, probabilities)
+        ctx.info = {"description": ctx.prompt + f"; GIG concept graph of run {self.key}, {self.model_info.get('arch')} "
+                                                f"on {self.model_info.get('dataset')}",
+                    "generator": {"name": "gig_fast", "version": _version()}}
+        out = neuronpedia_graph(graph, ctx)
+        if path is not None:
+            save_json(path, out)
+        return out
+
+    def _context(self, slug: str, prompt: str, probabilities: dict | None = None, **kw) -> GraphContext:
+        return GraphContext(slug, str(self.model_info.get("arch")), prompt, self.points,
+                            [c.name for c in self.classes], probabilities or {}, **kw)
+
+    def _export_image(self, image, probabilities: bool):
+        g = self.image_graph(int(image))
+        names = {c.id: c.name for c in self.classes}
+        probs = {}
+        if probabilities:
+            x, _ = self.load_dataset_images([g.id])
+            with torch.no_grad():
+                p = torch.softmax(self.model(x.to(self.device)).float(), dim=1)[0].cpu()
+            probs = {c: float(p[c]) for c in range(len(p))}
+        activations = {(n.layer, n.concept): float(self.stored_codes(g.id, n.layer).usage()[n.concept])
+                       for n in g.graph.nodes}
+        label = f"label {names[g.label]}, " if g.label >= 0 else ""
+        return g.graph, self._context(f"image-{g.id}", f"image {g.id} ({label}explained as {names[g.explained_class]})",
+                                      probs, activations=activations)
+
+    def _class_probability(self, c: int) -> float:
+        """The mean softmax probability of class ``c`` over its explained images (the model run on them)."""
+        ids, total = self.image_ids(c), 0.0
+        for i in range(0, len(ids), 64):
+            x, _ = self.load_dataset_images(ids[i:i + 64])
+            with torch.no_grad():
+                total += float(torch.softmax(self.model(x.to(self.device)).float(), dim=1)[:, c].sum())
+        return total / max(1, len(ids))
+
+    def _export_class(self, which, probabilities: bool):
+        c = self.class_id(which)
+        name = self.classes[c].name
+        probs = {c: self._class_probability(c)} if probabilities else {}
+        return self.class_graph(c), self._context(f"class-{name}", f"the {self.classes[c].n_images} explained images "
+                                                                   f"of class {name}", probs)
+
+    def _export_pair(self, which, probabilities: bool):
+        if not isinstance(which, (tuple, list)) or len(which) != 2:
+            raise ValueError(f"a pair graph is named by two classes, got {which!r}")
+        pg = self.pair_graph(*which)
+        a, b = pg.classes
+        graph = merge_graphs([self.class_graph(a), self.class_graph(b)], pg.edges)
+        probs = {c: self._class_probability(c) for c in (a, b)} if probabilities else {}
+        na, nb = self.classes[a].name, self.classes[b].name
+        return graph, self._context(f"pair-{na}-{nb}", f"the explained images of classes {na} and {nb}", probs,
+                                    pinned=[(s.layer, s.concept) for s in pg.shared])
 
     def intervene(self, image: torch.Tensor, edits, targets=None) -> Intervention:
         """Edit concepts inside the model for one image and compare before / after

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-__all__ = ["LayerInfo", "ClassInfo", "Node", "Edge", "Graph", "ImageGraph", "SharedConcept", "PairGraph",
+__all__ = ["LayerInfo", "ClassInfo", "Node", "Edge", "ErrorNode", "Graph", "ImageGraph", "SharedConcept", "PairGraph",
            "ConceptSample", "ClassUse", "ConceptCard", "ConceptUse", "Explanation", "Decomposition",
            "LayerMetrics", "TransitionMetrics", "Metrics"]
 
@@ -56,6 +56,29 @@ class Edge:
     normalized: float
 
 
+@dataclass(frozen=True)
+class ErrorNode:
+    """The reconstruction residual ``X − β − U V`` of ``layer`` as a node: the part of the change of the
+    layer above that the layer's concepts do not explain (``T(F_ab(X)) − T(F_ab(X̃))`` per target).
+    ``edges``: to the graph's targets of the layer above, ``source`` = :data:`ERROR_SOURCE`; ``score``:
+    their sum (for a class graph, over the class's images)."""
+    layer: str
+    score: float
+    edges: tuple[Edge, ...]
+
+    @classmethod
+    def from_dict(cls, layer: str, d: dict) -> "ErrorNode":
+        return cls(layer, float(d["score"]), tuple(Edge(layer, ERROR_SOURCE, e["target"][0], int(e["target"][1]),
+                                                        float(e["weight"]), float(e["normalized"])) for e in d["edges"]))
+
+    def to_dict(self) -> dict:
+        return {"score": self.score, "edges": [{"target": [e.target_layer, e.target], "weight": e.weight,
+                                                "normalized": e.normalized} for e in self.edges]}
+
+
+ERROR_SOURCE = -1  # the ``source`` of an error node's edges (it is no concept of its layer)
+
+
 def _normalized(items: list[dict]) -> list[float]:
     peak = max((abs(n["score"]) for n in items), default=0.0) or 1.0
     return [n["normalized"] if "normalized" in n else abs(n["score"]) / peak for n in items]
@@ -63,9 +86,11 @@ def _normalized(items: list[dict]) -> list[float]:
 
 @dataclass
 class Graph:
-    """A concept graph (of a class, or of one image): nodes per layer, top-down edges."""
+    """A concept graph (of a class, or of one image): nodes per layer, top-down edges, and per layer its
+    error node where the run has them (``graph.json`` version 2; empty for older runs)."""
     nodes: list[Node]
     edges: list[Edge]
+    errors: list[ErrorNode] = field(default_factory=list)
 
     def layer(self, name: str) -> list[Node]:
         """The nodes of one layer, strongest first."""
@@ -78,7 +103,8 @@ class Graph:
                  for layer, items in d["nodes"].items() for n, norm in zip(items, _normalized(items))]
         edges = [Edge(e["source"][0], int(e["source"][1]), e["target"][0], int(e["target"][1]), float(e["weight"]),
                       float(e["normalized"])) for e in d["edges"]]
-        return cls(nodes, edges)
+        errors = [ErrorNode.from_dict(layer, e) for layer, e in d.get("errors", {}).items()]
+        return cls(nodes, edges, errors)
 
     def to_dict(self, node_normalized: bool = True) -> dict:
         """The ``graph.json`` form (``node_normalized=False``: image-graph nodes, ``{concept, score}``)."""
@@ -90,7 +116,10 @@ class Graph:
             nodes.setdefault(n.layer, []).append(item)
         edges = [{"source": [e.source_layer, e.source], "target": [e.target_layer, e.target], "weight": e.weight,
                   "normalized": e.normalized} for e in self.edges]
-        return {"nodes": nodes, "edges": edges}
+        out = {"nodes": nodes, "edges": edges}
+        if self.errors:
+            out["errors"] = {e.layer: e.to_dict() for e in self.errors}
+        return out
 
 
 @dataclass

@@ -25,6 +25,8 @@
   const ROW = 118;         // vertical distance between layers
   const LEFT = 120;        // room for the layer names
   const CLS_W = 150, CLS_H = 40;
+  const ERROR = -1;        // the id of a layer's error node (a concept id is >= 0)
+  const ERROR_GAP = 32;    // extra room between a row's concepts and its error node
   const MIN_SCALE = 0.7;   // first view: pictures at least ~45 px; "fit" shows everything
 
   const $ = (id) => document.getElementById(id);
@@ -124,9 +126,15 @@
   }
 
   function decode(view, g, tag) {
-    const n = g.n, e = g.e;
+    const n = g.n, e = g.e, x = g.x || [];
     for (let i = 0; i < n.length; i += 4) addNode(view, n[i], n[i + 1], tag, n[i + 2], n[i + 3]);
     for (let i = 0; i < e.length; i += 6) addEdge(view, e, i, tag);
+    // error nodes (graph.json version 2): one per layer, id ERROR, its edges in x = [layer, score, target
+    // layer, target, weight, normalized, ...] (the score repeats on each of its edges)
+    for (let i = 0; i < x.length; i += 6) {
+      addNode(view, x[i], ERROR, tag, x[i + 1], 0).error = true;
+      addEdge(view, [x[i], ERROR, x[i + 2], x[i + 3], x[i + 4], x[i + 5]], 0, tag);
+    }
   }
 
   const classGraph = (c) => lazyJSON("gig-class-" + c) || { n: [], e: [] };
@@ -176,7 +184,9 @@
     for (let i = 0; i < e.length; i += 7) addEdge(view, e, i, e[i + 6] === a ? "a" : "b");
     // a concept among the top concepts of both classes is shared even if the pair list is absent
     for (const node of view.nodes.values()) {
-      if (node.li !== CLASSES && node.tags.has("a") && node.tags.has("b") && !node.shared) node.shared = { score: null };
+      if (node.li !== CLASSES && !node.error && node.tags.has("a") && node.tags.has("b") && !node.shared) {
+        node.shared = { score: null };
+      }
     }
     return view;
   }
@@ -195,6 +205,7 @@
   // layout and drawing: the classifier on top, each analysed layer one row further down
   // ---------------------------------------------------------------------------------------------
   function groupRank(view, node) {
+    if (node.error) return 3;  // a layer's error node: at the end of its row, apart from the concepts
     if (view.kind !== "pair") return 0;
     if (node.shared) return 1;
     return node.tags.has("a") ? 0 : 2;
@@ -210,13 +221,14 @@
     let widest = 0;
     for (const li of order) {
       rows.get(li).sort((u, v) => groupRank(view, u) - groupRank(view, v) || v.norm - u.norm || u.q - v.q);
-      widest = Math.max(widest, rows.get(li).length * (li === CLASSES ? CLS_W + 20 : COL));
+      const gap = rows.get(li).some((node) => node.error) ? ERROR_GAP : 0;
+      widest = Math.max(widest, rows.get(li).length * (li === CLASSES ? CLS_W + 20 : COL) + gap);
     }
     order.forEach((li, r) => {
       const row = rows.get(li);
       const step = li === CLASSES ? CLS_W + 20 : COL;
       const start = LEFT + (widest - row.length * step) / 2 + step / 2;
-      row.forEach((node, i) => { node.x = start + i * step; node.y = 40 + r * ROW; });
+      row.forEach((node, i) => { node.x = start + i * step + (node.error ? ERROR_GAP : 0); node.y = 40 + r * ROW; });
     });
     view.rows = order;
     view.width = LEFT + widest + 20;
@@ -233,7 +245,7 @@
     const sy = s.y - PIC / 2 - 2, ty = t.y + (t.li === CLASSES ? CLS_H / 2 : PIC / 2 + 16);
     const my = (sy + ty) / 2;
     const path = svg("path", {
-      class: "edge", d: `M${s.x},${sy} C${s.x},${my} ${t.x},${my} ${t.x},${ty}`,
+      class: s.error ? "edge from-error" : "edge", d: `M${s.x},${sy} C${s.x},${my} ${t.x},${my} ${t.x},${ty}`,
       stroke: edgeColour(e), "stroke-width": (0.6 + 6 * e.n).toFixed(2),
       "stroke-opacity": (0.35 + 0.65 * e.n).toFixed(2), "data-key": e.key,
     });
@@ -252,7 +264,7 @@
   function drawNode(view, node) {
     const cls = ["node"];
     if (node.li === CLASSES) cls.push("cls");
-    if (view.kind === "pair" && node.li !== CLASSES) {
+    if (view.kind === "pair" && node.li !== CLASSES && !node.error) {
       if (node.shared) cls.push("shared");
       else cls.push(node.tags.has("a") ? "in-a" : "in-b");
     }
@@ -266,6 +278,16 @@
       const label = svg("text", { y: 5 });
       const name = className(node.q);
       label.textContent = name.length > 22 ? name.slice(0, 21) + "…" : name;
+      g.append(label);
+      return g;
+    }
+    if (node.error) {
+      g.classList.add("error");
+      title.textContent = `reconstruction error of ${layers[node.li].name}: the part of the layer above's change ` +
+        `its concepts do not explain (Σ ${fmt(Object.values(node.score)[0])})`;
+      g.append(title, svg("rect", { class: "frame", x: -PIC / 2 - 3, y: -PIC / 2 - 3, width: PIC + 6, height: PIC + 22, rx: 4 }));
+      const label = svg("text", { y: 5 });
+      label.textContent = "error";
       g.append(label);
       return g;
     }
@@ -444,6 +466,7 @@
   // ---------------------------------------------------------------------------------------------
   function nodeName(key) {
     const [li, q] = key.split("|").map(Number);
+    if (q === ERROR && li !== CLASSES) return `error (${layers[li].name})`;
     return li === CLASSES ? "class " + className(q) : `#${q} (${layers[li].name})`;
   }
 
@@ -623,6 +646,7 @@
     $("card").hidden = false;
     body.setAttribute("data-key", key);
     if (node.li === CLASSES) { classCard(body, node.q); return; }
+    if (node.error) { errorCard(body, view, node); return; }
     const [size, norm] = main.concepts[conceptKey(node.li, node.q)] || [null, null];
     body.append(el("h2", {}, `Concept #${node.q}`),
       el("p", { class: "facts" }, `layer ${layers[node.li].name} · id ${node.q}` +
@@ -646,6 +670,15 @@
     body.append(el("h3", {}, "Used by classes"), ...usageSection(node.li, node.q));
     body.append(el("h3", {}, "GIG to parents (layer above)"), gigTable(view, key, "up"));
     body.append(el("h3", {}, "GIG from children (layer below)"), gigTable(view, key, "down"));
+  }
+
+  function errorCard(body, view, node) {
+    const scores = Object.entries(node.score).map(([tag, s]) => `${className(view.classes[tag === "b" ? 1 : 0])}: ${fmt(s)}`);
+    body.append(el("h2", {}, `Error node of ${layers[node.li].name}`),
+      el("p", { class: "facts" }, "The layer's reconstruction residual X − β − UV: its GIG is the part of each " +
+        "target's change that the layer's concepts do not explain, T(X) − T(β + UV); concepts and error add up " +
+        "to the model's real change. Score (Σ over its targets) " + scores.join(" · ")),
+      el("h3", {}, "GIG to parents (layer above)"), gigTable(view, node.key, "up"));
   }
 
   // ---------------------------------------------------------------------------------------------
@@ -719,8 +752,9 @@
   }
 
   function describe(view) {
-    const n = [...view.nodes.values()].filter((x) => x.li !== CLASSES).length;
-    const base = `${n} concepts, ${view.edges.size} edges`;
+    const n = [...view.nodes.values()].filter((x) => x.li !== CLASSES && !x.error).length;
+    const errors = [...view.nodes.values()].filter((x) => x.error).length;
+    const base = `${n} concepts, ${view.edges.size} edges` + (errors ? `, ${errors} error nodes` : "");
     if (view.kind === "class" && !hasImages(view.classes[0])) {
       return `Class “${className(view.classes[0])}” has no explained images, so no graph · ` +
         `${main.class_graphs.length} of ${classes.length} classes have one`;
@@ -948,13 +982,13 @@
     const name = (li, q) => (li === CLASSES ? className(q) : "");
     for (const n of view.nodes.values()) {
       const a = n.score.a !== undefined ? n.score.a : null, b = n.score.b !== undefined ? n.score.b : null;
-      lines.push([view.title, "node", layers[n.li].name, n.q, name(n.li, n.q), null, null, null, null,
+      lines.push([view.title, n.error ? "error node" : "node", layers[n.li].name, n.q, name(n.li, n.q), null, null, null, null,
         n.li === CLASSES ? null : n.norm, a, b, view.kind === "pair" && n.li !== CLASSES ? (n.shared ? 1 : 0) : null]
         .map(csvField).join(","));
     }
     for (const e of view.edges.values()) {
       const s = view.nodes.get(e.s), t = view.nodes.get(e.t);
-      lines.push([view.title, "edge", layers[s.li].name, s.q, name(s.li, s.q), layers[t.li].name, t.q, name(t.li, t.q),
+      lines.push([view.title, s.error ? "error edge" : "edge", layers[s.li].name, s.q, name(s.li, s.q), layers[t.li].name, t.q, name(t.li, t.q),
         e.w, e.n, null, null, null].map(csvField).join(","));
     }
     return lines.join("\r\n") + "\r\n";

@@ -50,7 +50,9 @@ def _asset(name: str) -> str:
 def compact_graph(g: dict, layer_index: dict[str, int]) -> dict:
     """One graph (class or image) as flat arrays: ``n = [layer, concept, score, normalized, …]`` and
     ``e = [source layer, source, target layer, target, weight, normalized, …]`` (layer = index into
-    ``layers``). Image graphs have no node ``normalized``: it is |score| / max |score| per layer."""
+    ``layers``). Image graphs have no node ``normalized``: it is |score| / max |score| per layer.
+    A graph with error nodes (``graph.json`` version 2) also has ``x = [layer, score, target layer, target,
+    weight, normalized, …]``, one entry per edge of each layer's error node."""
     nodes: list = []
     for layer, items in g["nodes"].items():
         peak = max((abs(n["score"]) for n in items), default=0.0) or 1.0
@@ -61,7 +63,12 @@ def compact_graph(g: dict, layer_index: dict[str, int]) -> dict:
     for e in g["edges"]:
         (sl, s), (tl, t) = e["source"], e["target"]
         edges += [layer_index[sl], s, layer_index[tl], t, e["weight"], e["normalized"]]
-    return {"n": nodes, "e": edges}
+    if not g.get("errors"):
+        return {"n": nodes, "e": edges}
+    errors = [v for layer, node in g["errors"].items() for e in node["edges"]
+              for v in (layer_index[layer], node["score"], layer_index[e["target"][0]], e["target"][1], e["weight"],
+                        e["normalized"])]
+    return {"n": nodes, "e": edges, "x": errors}
 
 
 def concept_usage(graph: dict) -> dict[str, list]:

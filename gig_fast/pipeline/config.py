@@ -29,7 +29,7 @@ AUTOCAST = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}  # gig_au
 # change numerics and may not change within a work folder (such a relaunch is refused); the rest changes
 # no result.
 _NOT_HASHED = {"out", "device", "backend", "progress", "batch_size", "gig_batch_size", "chunk_images", "loader_workers",
-               "report_images", "report_crops", "graph_images", "graph_pairs"}
+               "report_images", "report_crops", "graph_images", "graph_pairs", "error_nodes"}
 
 
 # Options added after runs were made, with the value those runs behaved as (left out of the key there).
@@ -83,7 +83,10 @@ class PipelineConfig:
     picture and concept heat-maps for the image view), ``report_crops`` (nearest samples per concept).
     Outputs (not hashed): ``graph_images`` (per-image graphs kept in ``graph.json``, round-robin over
     classes; every image's graph is in the per-image store ``<out>/store/``), ``graph_pairs`` (pair
-    graphs kept in ``graph.json``, round-robin over classes; every pair's is in the store).
+    graphs kept in ``graph.json``, round-robin over classes; every pair's is in the store),
+    ``error_nodes`` (each layer's reconstruction residual as a node of the image and class graphs, its
+    value ``T(F_ab(X)) − T(F_ab(X̃))``: :mod:`gig_fast.pipeline.errors`; a pass over the explained images
+    after stage 4).
     """
     model: str = "demo"
     weights: str | None = None
@@ -137,6 +140,7 @@ class PipelineConfig:
     report_crops: int = 10
     graph_images: int = 200
     graph_pairs: int = 200
+    error_nodes: bool = True
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -201,7 +205,7 @@ class PipelineConfig:
 _POSITIVE_INTS = ("image_size", "max_image_pixels", "concept_images", "explain_images", "pfvs_per_image", "representatives",
                   "gig_steps", "top_concepts", "chunk_images", "batch_size", "graph_images")
 _NON_NEGATIVE_INTS = ("per_class", "top_shared", "seed", "report_images", "report_crops", "graph_pairs")
-_BOOLS = ("reduce_large_images", "store_ierf", "positive", "class_probability", "progress")
+_BOOLS = ("reduce_large_images", "store_ierf", "positive", "class_probability", "progress", "error_nodes")
 _STRINGS = ("model", "dataset", "split", "out")
 _CHOICES = {"attribution": ("srd", "gradxinput"), "ierf_dtype": ("float16", "float32"),
             "code_method": ("lasso", "omp"), "gig_rule": RULES, "class_by": ("label", "prediction"),

@@ -15,13 +15,16 @@ import numpy as np
 
 from ..image_store import ImageStoreWriter
 from ..run_folder import CODES, STORE_DIR, chunk_files
+from .errors import class_error_sums, load_errors
 from .stages import (CLASSES, class_pair_weights, class_scores, load_concepts, present_classes, shared_sets,
                      top_sets, trans_dir, transitions, view_sets)
 from .store import save_json
 
-__all__ = ["build_graph", "write_graph", "image_layer_graph", "SCHEMA", "SCHEMA_VERSION"]
+__all__ = ["build_graph", "write_graph", "image_layer_graph", "error_entry", "SCHEMA", "SCHEMA_VERSION",
+           "READABLE_VERSIONS"]
 
-SCHEMA, SCHEMA_VERSION = "gig_fast.graph", 1
+SCHEMA, SCHEMA_VERSION = "gig_fast.graph", 2
+READABLE_VERSIONS = (1, 2)  # version 1: no error nodes (read as none)
 
 
 def _norm(weights: np.ndarray) -> np.ndarray:
@@ -146,6 +149,7 @@ def graph_summary(pipe) -> tuple[dict, "_PairGraphs"]:
     # [n_classes, T, S] per transition: the GIG of each class's view-set sources to its view-set targets
     # (top sets first), read once (not once per class: it sums every chunk file)
     pair_w = {(a, b): class_pair_weights(pipe, a, b, views[a]) for a, b in trans if b != CLASSES}
+    class_errors = {a: class_error_sums(pipe, a) for a, _ in trans}  # None where the run has no error nodes
     class_graphs, peak = {}, {}
     for c in present:
         nodes, edges = {}, []
@@ -163,6 +167,10 @@ def graph_summary(pipe) -> tuple[dict, "_PairGraphs"]:
             peak[(c, a)] = max((abs(p[2]) for p in pairs), default=0.0)
             edges += _edges(a, b, pairs, peak[(c, a)])
         class_graphs[str(c)] = {"nodes": nodes, "edges": edges}
+        if all(e is not None for e in class_errors.values()):
+            class_graphs[str(c)]["errors"] = {
+                a: error_entry(b, [c] if b == CLASSES else tops[b][c], class_errors[a][c], peak[(c, a)])
+                for a, b in trans}
 
     pairs = _PairGraphs(pts, trans, tops, views, scores, shared, pair_w, peak)
     head = {
@@ -271,6 +279,17 @@ def image_layer_graph(a: str, b: str, nodes, targets, values, top: int) -> tuple
     return entries, _edges(a, b, cand, max((abs(e[2]) for e in cand), default=0.0))
 
 
+def error_entry(b: str, targets, values, peak: float) -> dict:
+    """A graph's error node of one layer a (``docs/graph_schema.md``): its GIG ``values [T]`` to the graph's
+    ``targets [T]`` of b; ``score`` their sum; ``normalized`` on the scale of the graph's concept edges of
+    the layer pair (``peak``: their largest |weight|), or its own where it is larger."""
+    values = np.asarray(values, dtype=np.float64)
+    m = max(float(peak), float(np.abs(values).max(initial=0.0)))
+    return {"score": _r(values.sum()),
+            "edges": [{"target": [b, int(t)], "weight": _r(w), "normalized": _r(abs(w) / m if m > 0 else 0.0)}
+                      for t, w in zip(targets, values)]}
+
+
 def _image_graph_chunks(pipe):
     """Per explained image its own graph: its strongest concepts per layer and edges to its own top
     concepts of the layer above (paper Fig. 3); yields one list per stage-3/4 chunk (images ascending),
@@ -287,6 +306,9 @@ def _image_graph_chunks(pipe):
                     raise ValueError(f"{trans_dir(pipe, a, b) / cpath.name} has no image graphs (an older run); "
                                      f"delete {pipe.work} and rerun")
                 imgs, targets, nodes, values = z["image"], z["own_targets"], z["own_nodes"], z["own_val"]
+            errors = load_errors(pipe, cpath.name)
+            if errors is not None and not np.array_equal(errors["image"], imgs):
+                raise ValueError(f"the error nodes of {cpath.name} are of other images; delete {pipe.work} and rerun")
             for r, img in enumerate(imgs.tolist()):
                 label, pred = meta[img]
                 c = label if pipe.config.class_by == "label" else pred
@@ -294,6 +316,9 @@ def _image_graph_chunks(pipe):
                                                "nodes": {}, "edges": []})
                 g["nodes"][a], edges = image_layer_graph(a, b, nodes[r], targets[r], values[r], pipe.config.top_concepts)
                 g["edges"] += edges
+                if errors is not None:
+                    peak = max((abs(e["weight"]) for e in edges), default=0.0)
+                    g.setdefault("errors", {})[a] = error_entry(b, targets[r], errors[f"{a}|own_error"][r], peak)
         ids = sorted(per_image)
         if ids and ids[0] <= last:  # chunks hold ascending, disjoint image ranges (chunk_ids of sorted ids)
             raise ValueError(f"{cpath} repeats or reorders explained images; delete {pipe.work} and rerun")

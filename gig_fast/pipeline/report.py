@@ -9,6 +9,7 @@ import numpy as np
 
 from ..explorer import render_explorer
 from ..run_folder import CODES, REPORT_FILE, chunk_files, concept_file
+from .errors import error_metrics
 from .pictures import collect_pictures
 from .sample_index import write_sample_index
 from .stages import trans_dir, transitions
@@ -82,7 +83,8 @@ def collect_metrics(pipe, timings: dict) -> dict:
             "completeness_max_rel": float(all_r[0::2].max()) if all_r.size else None,
             "completeness_median_rel": float(np.median(all_r[1::2])) if all_r.size else None,
             "explained_images": n_explained, "concept_images": int(len(pipe.concept_ids)),
-            "accuracy_on_explained": acc, "skipped_images": pipe.skipped, "timings_s": timings}
+            "accuracy_on_explained": acc, "skipped_images": pipe.skipped, "timings_s": timings,
+            "error_nodes": error_metrics(pipe)}  # None for a run without error nodes
 
 
 def _validation_extras(out: Path) -> tuple[str, list[dict]]:

@@ -15,6 +15,7 @@ from ..models import FASHION_CLASSES, get_adapter, load_model
 from ..run_folder import CODES, GRAPH_FILE, METRICS_FILE, bank_dir, chunk_files, work_dir
 from . import distributed as dist
 from .config import PipelineConfig
+from .errors import error_nodes
 from .graph import write_graph
 from .report import collect_metrics, write_report
 from .stages import attribute, concept_bank, decompose, extract_concepts, pfv_dataset
@@ -244,6 +245,10 @@ class Pipeline:
                 t0 = time.perf_counter()
                 stage(self)
                 timings[name] = round(time.perf_counter() - t0, 2)
+            if self.config.error_nodes:  # each layer's reconstruction residual as a node (pipeline/errors.py)
+                t0 = time.perf_counter()
+                error_nodes(self)
+                timings["stage4_error_nodes"] = round(time.perf_counter() - t0, 2)
             if dist.is_main():
                 self._write_outputs(timings)
         dist.barrier()  # every rank returns with the outputs written
