@@ -240,7 +240,7 @@ LAYERS = [
     ("HTTP server", ("gig_fast.api.server",)),
     ("validation", ("gig_fast.validation",)),
     ("test runs", ("gig_fast.testing.runs",)),
-    ("results reader", ("gig_fast.api",)),
+    ("results reader", ("gig_fast.api", "gig_fast.export")),
     ("pipeline", ("gig_fast.pipeline",)),
     ("renderers and stores", ("gig_fast.explorer", "gig_fast.image_store", "gig_fast.testing")),
     ("method", ("gig_fast.concepts", "gig_fast.gig", "gig_fast.srd", "gig_fast.slicing", "gig_fast.models",
