@@ -44,6 +44,8 @@ def _get(base: str, path: str, data: bytes | None = None) -> tuple[int, float, b
             status, body = r.status, r.read()
     except urllib.error.HTTPError as e:
         status, body = e.code, e.read()
+    except TimeoutError:  # counted as TIMEOUT seconds, status 0
+        status, body = 0, b""
     return status, time.perf_counter() - t0, body
 
 
@@ -176,6 +178,8 @@ def measure(run_dir: Path, code: Path, requests: int, budget: float, threads: in
         out["start_s"] = round(server.start_s, 2)
         status, dt, page = _get(server.base, "/")
         out["page_first_s"] = round(dt, 2)
+        if status == 0:
+            out.setdefault("timed_out", []).append("/")
         out["page_mb"] = round(len(page) / 1e6, 2)
         out["page_warm"] = _stats([_get(server.base, "/")[1] for _ in range(3)])
         out["endpoints"] = {}
@@ -186,8 +190,10 @@ def measure(run_dir: Path, code: Path, requests: int, budget: float, threads: in
                     out["cut_short"].append(name)
                     break
                 status, dt, body = _get(server.base, url)
-                if status != 200:
+                if status not in (0, 200):
                     raise RuntimeError(f"{url}: {status} {body[:200]!r}")
+                if status == 0:
+                    out.setdefault("timed_out", []).append(url)
                 cold.append(dt)
             for url in urls[:len(cold)]:
                 if time.perf_counter() > t_end:
@@ -208,6 +214,8 @@ def _table(res: dict) -> str:
         c, w = v["cold"], v["warm"]
         fmt = lambda s: f"{s['p50_ms']} / {s['p95_ms']} / {s['max_ms']}" if s["n"] else "-"  # noqa: E731
         lines.append(f"| {name} | {fmt(c)} | {fmt(w)} | {c['n']} |")
+    if res.get("timed_out"):
+        lines.append(f"timed out after {TIMEOUT} s (counted as {TIMEOUT} s): {', '.join(res['timed_out'])}")
     d, i, e = res["api_run_during_explain"], res["api_run_idle"], res["explain"]
     lines.append(f"GET /api/run during explains: p50 {d.get('p50_ms')} / p95 {d.get('p95_ms')} / max {d.get('max_ms')} ms "
                  f"(n {d['n']}); without: p50 {i.get('p50_ms')} / p95 {i.get('p95_ms')} / max {i.get('max_ms')} ms "

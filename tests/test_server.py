@@ -368,7 +368,6 @@ def test_api_run_lists_the_layers_the_concept_endpoints_take(slashed):
 def test_the_sample_index_holds_what_streaming_stage1_gives(served_run, tmp_path):
     from gig_fast.api.views import Views
     from gig_fast.explorer.pictures import png_bytes
-    from gig_fast.pipeline.samples import nearest_rows
 
     run = Run.open(served_run / "run")
     assert run.index_missing == ""
@@ -376,10 +375,15 @@ def test_the_sample_index_holds_what_streaming_stage1_gives(served_run, tmp_path
         idx = run.sample_index(layer, run.config.report_crops)
         K = run.layer(layer).n_concepts
         bank = run.bank(layer)
-        labels = torch.from_numpy(np.load(run.work / "concepts" / f"{layer}.npz")["labels"])
-        rows, cos, member = nearest_rows(run.work, layer, bank.V, bank.beta, labels, list(range(K)), idx.k)
-        assert np.array_equal(idx.rows, rows) and np.allclose(idx.cosine, cos, rtol=0, atol=1e-12)
-        assert np.array_equal(idx.member, member)
+        labels = np.load(run.work / "concepts" / f"{layer}.npz")["labels"]
+        # every stage-1 PFV against every concept in float64, sorted: the nearest rows by brute force
+        X = np.concatenate([np.load(f)[f"{layer}|pfv"] for f in sorted((run.work / "stage1").glob("chunk_*.npz"))])
+        X = X.astype(np.float64) - bank.beta.double().numpy()
+        V = bank.V.double().numpy()
+        cos = (V / np.linalg.norm(V, axis=1, keepdims=True)) @ (X / np.linalg.norm(X, axis=1, keepdims=True)).T
+        rows = np.argsort(-cos, axis=1, kind="stable")[:, :idx.k]
+        assert np.array_equal(idx.rows, rows) and np.allclose(idx.cosine, np.take_along_axis(cos, rows, 1), rtol=0, atol=1e-12)
+        assert np.array_equal(idx.member, labels[rows] == np.arange(K)[:, None])
         for q in range(K):
             top = run.concept(layer, q, samples=1).samples[0]
             assert (idx.image[q, 0], idx.position[q, 0]) == (top.image, top.position)
@@ -404,7 +408,7 @@ def test_the_sample_index_holds_what_streaming_stage1_gives(served_run, tmp_path
 
 
 def test_npz_member_reads_the_rows_np_load_reads(tmp_path):
-    from gig_fast.pipeline.store import npz_member, save_npz
+    from gig_fast.pipeline.store import npz_member, npz_rows, save_npz
 
     rng = np.random.default_rng(0)
     arrays = {"L|ierf": rng.standard_normal((50, 7, 5)).astype(np.float16), "image": np.arange(50),
@@ -418,5 +422,10 @@ def test_npz_member_reads_the_rows_np_load_reads(tmp_path):
                 assert got.dtype == z[key].dtype and np.array_equal(np.asarray(got), z[key])
                 assert np.array_equal(got[[3, 1, 4]], z[key][[3, 1, 4]])
     assert isinstance(npz_member(tmp_path / "a.npz", "L|ierf"), np.memmap)
+    for name in ("a.npz", "c.npz"):
+        with np.load(tmp_path / name) as z:
+            for key in arrays:
+                got = npz_rows(tmp_path / name, key, [4, 0, 4, -1])
+                assert got.dtype == z[key].dtype and np.array_equal(got, z[key][[4, 0, 4, -1]])
     with pytest.raises(KeyError):
         npz_member(tmp_path / "a.npz", "nope")

@@ -42,7 +42,7 @@ from ..pipeline.sample_index import SampleIndex, layer_index, load_layer_index, 
 from ..pipeline.samples import nearest_rows, stage1_files, stage1_samples
 from ..pipeline.graph import image_layer_graph
 from ..pipeline.stages import CLASSES, bank_dir, image_top_concepts
-from ..pipeline.store import load_json, load_npz, npz_member
+from ..pipeline.store import load_json, load_npz, npz_member, npz_rows
 from .types import (ClassInfo, ClassUse, ConceptCard, ConceptSample, ConceptUse, Decomposition, Edge, Explanation,
                     Graph, ImageGraph, LayerInfo, Metrics, Node, PairGraph)
 
@@ -372,7 +372,7 @@ class Run:
         lay = self.layer(layer)
         path, r = self._codes_file(image)
         # one row of the chunk's arrays (a memory map): the whole chunk is ~25 MB per layer on the demo
-        idx, val = (torch.from_numpy(np.array(npz_member(path, f"{layer}|{key}")[r])) for key in ("idx", "val"))
+        idx, val = (torch.from_numpy(npz_rows(path, f"{layer}|{key}", [r])[0]) for key in ("idx", "val"))
         return Decomposition(layer, lay.spatial, idx, val, torch.full((idx.shape[0],), float("nan")), lay.n_concepts,
                              *self.position_grid(layer))
 

@@ -74,6 +74,9 @@ class Views:
         (one pass over the stage-1 files per layer; until a layer's is built its cards stream them)."""
         run = self.run
         self.page()
+        for layer in run.points:  # banks and stored nearest samples: ~0.1 s a layer on a card's first call
+            run.bank(layer)
+            run.sample_index(layer)
         ids = run.image_ids(limit=1)
         if ids:
             run.display_images(ids)
