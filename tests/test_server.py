@@ -429,3 +429,30 @@ def test_npz_member_reads_the_rows_np_load_reads(tmp_path):
                 assert got.dtype == z[key].dtype and np.array_equal(got, z[key][[4, 0, 4, -1]])
     with pytest.raises(KeyError):
         npz_member(tmp_path / "a.npz", "nope")
+
+
+def test_store_lookups_read_what_pyarrow_filters_read(served_run, tmp_path):
+    """ImageStore.read prunes row groups by their statistics itself: the same rows as pyarrow's filters,
+    on tables cut into groups of 3 rows (so that pruning has groups to skip)."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "store"
+    shutil.copytree(served_run / "run" / "store", folder)
+    for name in ("concept_images", "image_edges"):
+        pq.write_table(pq.read_table(folder / f"{name}.parquet"), folder / f"{name}.parquet", row_group_size=3)
+    store = ImageStore(folder)
+    assert pq.ParquetFile(folder / "concept_images.parquet").metadata.num_row_groups > 3
+    image = Run.open(served_run / "run").image_ids()[2]
+    cases = [("concept_images", [("layer", "=", LAYERS[1]), ("concept", "=", 2), ("rank", "<=", 3)], None),
+             ("concept_images", [("layer", "=", LAYERS[0]), ("rank", ">", 1), ("rank", "<", 4)], ["image", "usage"]),
+             ("concept_images", [("concept", ">=", 3)], None), ("concept_images", [("layer", "=", "nope")], None),
+             ("image_edges", [("image", "=", image)], None), ("image_edges", None, ["weight"])]
+    for table, filters, columns in cases:
+        got = store.read(table, filters, columns=columns)
+        want = pq.read_table(folder / f"{table}.parquet", filters=filters, columns=columns)
+        assert got.column_names == want.column_names and got.to_pylist() == want.to_pylist(), (table, filters)
+    assert store.read("concept_images", [("layer", "=", LAYERS[1])]).num_rows > 0
+    with pytest.raises(ValueError, match="cannot filter"):
+        store.read("concept_images", [("nope", "=", 1)])
