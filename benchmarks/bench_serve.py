@@ -167,7 +167,8 @@ def _during_explain(base: str, png: bytes, seconds: float) -> dict:
     return {"api_run_during_explain": _stats(during), "api_run_idle": _stats(idle), "explain": _stats(explains)}
 
 
-def measure(run_dir: Path, code: Path, requests: int, budget: float, threads: int, explain_s: float, log: Path) -> dict:
+def measure(run_dir: Path, code: Path, requests: int, budget: float, threads: int, explain_s: float, log: Path,
+            page: bool = True) -> dict:
     """Every figure of the module docstring for one server (``code``) on ``run_dir``."""
     t_end = time.perf_counter() + budget
     out: dict = {"run": run_dir.name, "cut_short": []}
@@ -176,12 +177,13 @@ def measure(run_dir: Path, code: Path, requests: int, budget: float, threads: in
     server = Server(run_dir, code, threads, log)
     try:
         out["start_s"] = round(server.start_s, 2)
-        status, dt, page = _get(server.base, "/")
-        out["page_first_s"] = round(dt, 2)
-        if status == 0:
-            out.setdefault("timed_out", []).append("/")
-        out["page_mb"] = round(len(page) / 1e6, 2)
-        out["page_warm"] = _stats([_get(server.base, "/")[1] for _ in range(3)])
+        if page:
+            status, dt, body = _get(server.base, "/")
+            out["page_first_s"] = round(dt, 2)
+            if status == 0:
+                out.setdefault("timed_out", []).append("/")
+            out["page_mb"] = round(len(body) / 1e6, 2)
+            out["page_warm"] = _stats([_get(server.base, "/")[1] for _ in range(3)])
         out["endpoints"] = {}
         for name, urls in cases.items():
             cold, warm = [], []
@@ -207,8 +209,8 @@ def measure(run_dir: Path, code: Path, requests: int, budget: float, threads: in
 
 
 def _table(res: dict) -> str:
-    lines = [f"start {res['start_s']} s; GET / first call {res['page_first_s']} s ({res['page_mb']} MB), "
-             f"then p50 {res['page_warm']['p50_ms']} ms",
+    lines = [f"start {res['start_s']} s" + (f"; GET / first call {res['page_first_s']} s ({res['page_mb']} MB), "
+                                           f"then p50 {res['page_warm']['p50_ms']} ms" if "page_warm" in res else ""),
              "| endpoint | cold p50 / p95 / max (ms) | warm p50 / p95 / max (ms) | n |", "|---|---|---|---|"]
     for name, v in res["endpoints"].items():
         c, w = v["cold"], v["warm"]
@@ -242,12 +244,13 @@ def main(argv=None) -> dict:
     p.add_argument("--budget", type=float, default=600, help="seconds for the whole measurement (default 600)")
     p.add_argument("--explain-seconds", type=float, default=20, help="seconds of the during-explain phase (default 20)")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the server (default 2)")
+    p.add_argument("--no-page", action="store_true", help="leave out GET / (a server that draws it for minutes)")
     p.add_argument("--json", type=Path, help="write the figures here")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="gig_bench_serve_") as tmp:
         run_dir = small_run(Path(tmp)) if args.small else args.run.resolve()
         res = measure(run_dir, args.code.resolve(), args.requests, args.budget, args.threads, args.explain_seconds,
-                      Path(tmp) / "server.log")
+                      Path(tmp) / "server.log", page=not args.no_page)
     res["code"] = "this checkout" if args.code.resolve() == ROOT else args.code.name
     print(_table(res))
     if args.json:

@@ -6,6 +6,8 @@
 * :mod:`.types`: the dataclasses it returns.
 * :mod:`.server` (optional extra ``gig_fast[serve]``): ``gig-fast serve --run DIR``, a JSON API over
   :class:`Run` (FastAPI + uvicorn).
+* :mod:`.views`: what the server draws for the explorer page (cards, pair and image views), from what
+  the run computed once.
 
 Concept banks are :class:`gig_fast.concepts.ConceptBank`; the per-image store is
 :mod:`gig_fast.image_store`.
