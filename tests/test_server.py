@@ -335,7 +335,7 @@ def test_a_class_name_with_a_slash_is_addressable(slashed):
     base, run, *_ = slashed
     status, g = _call(base, "/api/classes/T-shirt%2Ftop/graph")
     assert status == 200 and g["class"] == 0 and g["name"] == "T-shirt/top"
-    assert {"nodes": g["nodes"], "edges": g["edges"]} == run.class_graph(0).to_dict()
+    assert {k: v for k, v in g.items() if k not in ("class", "name")} == run.class_graph(0).to_dict()
     assert _call(base, "/api/pairs/T-shirt%2Ftop/boot%20%26%20shoe") == (200, run.pair_graph(0, 1).to_dict())
     assert _call(base, "/api/pairs/bag/T-shirt%2ftop")[1] == run.pair_graph(0, 2).to_dict()
     status, view = _call(base, "/api/pairs/T-shirt%2Ftop/2/view")
