@@ -92,9 +92,9 @@ def test_the_remove_button_shows_the_change_of_classes_and_nodes(server, served_
     browser.get("about:blank")
     browser.get(server + f"/#class={c}")
     _wait(lambda: browser.execute_script("return document.documentElement.getAttribute('data-ready')") == "1", "the page")
-    node = next(n for n in _nodes(browser, ".node:not(.cls)") if n.get_attribute("data-layer") == LAYERS[0])
+    node = next(n for n in _nodes(browser, ".node:not(.cls):not(.error)") if n.get_attribute("data-layer") == LAYERS[0])
     layer, q = node.get_attribute("data-layer"), int(node.get_attribute("data-concept"))
-    drawn = {(n.get_attribute("data-layer"), int(n.get_attribute("data-concept"))) for n in _nodes(browser, ".node:not(.cls)")}
+    drawn = {(n.get_attribute("data-layer"), int(n.get_attribute("data-concept"))) for n in _nodes(browser, ".node:not(.cls):not(.error)")}
     node.click()
     button = browser.find_element(By.CSS_SELECTOR, "#card button.remove-concept")
     button.click()

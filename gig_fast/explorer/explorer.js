@@ -558,7 +558,7 @@
     // served only: remove the concept in the page's images (POST /api/intervene) and show what changes:
     // the top classes' probabilities and the codes of the graph's nodes below the classifier, above this one
     const images = pageImages(view);
-    const below = [...view.nodes.values()].filter((n) => n.li > node.li && n.li !== CLASSES)
+    const below = [...view.nodes.values()].filter((n) => n.li > node.li && n.li !== CLASSES && !n.error)
       .sort((x, y) => x.li - y.li || x.q - y.q);
     const box = el("div", { class: "intervention" });
     const button = el("button", { type: "button", class: "remove-concept" }, "remove it");
