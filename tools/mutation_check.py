@@ -50,15 +50,17 @@ MUTANTS = [
     Mutant("gl_weights_uniform", "gig_fast/gig.py",
            "nodes, weights = 0.5 * (x + 1.0), 0.5 * w", "nodes, weights = 0.5 * (x + 1.0), np.full(m, 1.0 / m)",
            ("tests/test_gig.py", "-k", "not captum"), "Gauss–Legendre weights replaced by 1/m (caught without Captum)"),
-    Mutant("gig_sign_flipped", "gig_fast/ops/gig_accumulate.py",
-           "    return IMPLS[backend](grads, weights, idx, val, V)\n",
-           "    return -IMPLS[backend](grads, weights, idx, val, V)\n",
+    # gig() calls gig_accumulate's bare kernel (not the public op) since its host-overhead work: the sign is
+    # flipped there, where every backend's result enters GIG
+    Mutant("gig_sign_flipped", "gig_fast/gig.py",
+           "        return run.accumulate(grads.contiguous(), weights.contiguous(), idx.contiguous(), val.contiguous(), run.V)\n",
+           "        return -run.accumulate(grads.contiguous(), weights.contiguous(), idx.contiguous(), val.contiguous(), run.V)\n",
            ("tests/test_pipeline_values.py",), "GIG's sign flipped on every backend (caught by a pipeline test)"),
     Mutant("sr_cpp_stops_at_padding", "csrc/sparse_reconstruct/sparse_reconstruct_cpu.cpp",
            "if (k < 0 || w == acc(0)) continue;", "if (k < 0) break;\n      if (w == acc(0)) continue;",
            ("tests/test_sparse_reconstruct.py",), "the cpp forward stops at the first −1 instead of skipping it"),
     Mutant("stage4_path_without_beta", "gig_fast/pipeline/stages.py",
-           "res = gig(f_ab, codes, V, beta, targets(int(c))", "res = gig(f_ab, codes, V, 0 * beta, targets(int(c))",
+           "res = gig(f_ab, codes_of(sub), V, beta, _class_targets(", "res = gig(f_ab, codes_of(sub), V, 0 * beta, _class_targets(",
            ("tests/test_pipeline_values.py",), "stage 4 builds the GIG path without β"),
     Mutant("triton_rescore_ignored", "kernels/spherical_assign.py",
            "take2 = (s2 > s1) | ((s2 == s1) & (k2 < k1))", "take2 = s2 != s2",
@@ -252,6 +254,7 @@ def check(mutants: list[Mutant], timeout: int, budget: float | None = None) -> l
         original = path.read_text(encoding="utf-8")
         if original.count(m.find) != 1:
             results.append((m, f"stale: the snippet occurs {original.count(m.find)} times", 0.0, ""))
+            print(f"{m.name:32s} {results[-1][1]}", flush=True)
             continue
         cpp = m.path.startswith("csrc/")
         try:
