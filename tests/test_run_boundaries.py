@@ -150,10 +150,10 @@ def test_server_boundary_ids(run, server):
     for path in good:
         status, body = _call(server + path)
         assert status == 200, (path, body)
-    bad = [f"/api/classes/{n}/graph", "/api/classes/-1/graph", f"/api/pairs/0/{n}", f"/api/pairs/-1/0",
+    bad = [f"/api/classes/{n}/graph", "/api/classes/-1/graph", f"/api/pairs/0/{n}", "/api/pairs/-1/0",
            f"/api/pairs/{n}/{n}/view", f"/api/concepts/{layer}/{K}", f"/api/concepts/{layer}/-1",
            f"/api/concepts/{layer}/{K}/images", f"/api/concepts/{layer}/-1/images", f"/api/images?class_id={n}",
-           f"/api/concepts/classes/0"]
+           "/api/concepts/classes/0"]
     bad += [f"/api/images/{i}/{what}" for i in _not_explained(run) for what in ("graph", "view")]
     for path in bad:
         status, body = _call(server + path)

@@ -14,7 +14,9 @@ from gig_fast.pipeline import PipelineConfig
 # a relaunch with another value must resume the same work folder.
 NOT_RESULTS = {"out": "elsewhere", "device": "cuda", "backend": "torch", "progress": False, "batch_size": 7,
                "gig_batch_size": 33, "chunk_images": 9, "loader_workers": 0, "report_images": 3, "report_crops": 2,
-               "graph_images": 5, "graph_pairs": 4}
+               "graph_images": 5, "graph_pairs": 4,
+               # the error pass writes its own work files (errors/) whatever the key; off, graph.json has none
+               "error_nodes": False}
 
 # Every other field, with a valid value other than its default: each changes a stored result.
 CHANGES_RESULTS = {

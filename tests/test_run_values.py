@@ -80,7 +80,7 @@ def direct_scores(run):
 
 
 def test_class_graph_nodes_are_the_top_concepts_of_direct_scores(run, direct_scores):
-    pipe, graph = run
+    _, graph = run
     scores, tops = direct_scores
     for cid, cg in graph["class_graphs"].items():
         c = int(cid)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from gig_fast.pipeline.stages import (CLASSES, class_pair_weights, class_scores, image_top_concepts, neighbour_pairs,
-                                      shared_concepts, top_sets, trans_dir, view_sets)
+from gig_fast.pipeline.stages import (CLASSES, class_pair_weights, class_pairs, class_scores, image_top_concepts,
+                                      neighbour_pairs, shared_concepts, top_sets, trans_dir, view_sets)
 
 
 # ---------------------------------------------------------------------------------------------- shared
@@ -125,8 +125,6 @@ def test_view_sets_are_the_top_set_then_the_shared_concepts_outside_it(tmp_path)
 
 @pytest.mark.parametrize("neighbours, want", [(1, [(0, 1), (2, 3)]), (None, [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)])])
 def test_class_pairs_follow_pair_neighbours_on_the_last_layers_scores(tmp_path, neighbours, want):
-    from gig_fast.pipeline.stages import class_pairs
-
     pipe = _pipe(tmp_path, num_classes=4, pair_neighbours=neighbours, points=("a", "b"))
     sb = np.array([[1.0, 0.0], [0.9, 0.2], [0.0, 1.0], [0.1, 0.8]])
     _chunk(pipe, "b", CLASSES, 0, [0, 1, 2, 3], sb[:, None, :], n_top=1)

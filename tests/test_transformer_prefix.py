@@ -29,7 +29,7 @@ def _deit_distilled():
                                       num_heads=2, mlp_ratio=2.0)
 
 
-@pytest.fixture(params=[("registers", 4), ("distilled", 2)], ids=["class+3 registers", "class+distillation"])
+@pytest.fixture(params=[("registers", 4), ("distilled", 2)], ids=["class-and-3-registers", "class-and-distillation"])
 def model_and_prefix(request):
     torch.manual_seed(0)
     kind, prefix = request.param
