@@ -40,7 +40,7 @@ def _descending(values) -> bool:
 
 def test_graph_json_top_level_and_orders(run):
     pipe, _, g = run
-    assert set(g) == TOP_KEYS and g["schema"] == "gig_fast.graph" and g["version"] == 1
+    assert set(g) == TOP_KEYS and g["schema"] == "gig_fast.graph" and g["version"] == 2
     assert g["run_key"] == pipe.config.key() and (pipe.out / f"work-{g['run_key']}").is_dir()
     assert [c["name"] for c in g["classes"]] == CLASS_NAMES and [c["id"] for c in g["classes"]] == [0, 1, 2]
     assert [lay["name"] for lay in g["layers"]] == pipe.points + ["classes"]
