@@ -73,7 +73,7 @@ bench-compare:
 	$(PYTHON) -m pytest benchmarks $(BENCH_ARGS) --benchmark-compare --benchmark-compare-fail=$(BENCH_FAIL)
 
 # Mutation check (tools/mutation_check.py, docs/mutation.md). `make mutation`: every mutant, after checking
-# that the unmutated tree passes each test selection (~25 min on 2 cores). `make mutation-changed` (CI): the
+# that the unmutated tree passes each test selection (about 40 min on a loaded 2-core CPU). `make mutation-changed` (CI): the
 # mutants of the files a change touches since MUTATION_BASE, none started after MUTATION_BUDGET seconds.
 MUTATION_BASE ?= HEAD~1
 MUTATION_BUDGET ?= 240

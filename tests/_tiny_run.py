@@ -1,4 +1,4 @@
-"""One finished tiny run shared by the run-level test files (built once per test session): settings that
+"""One finished tiny run shared by the run-level test files (built once per pytest run): settings that
 reach every path of stage 4 and the graph — ``top_concepts`` (1) below ``k`` (4), so a class's shared
 concepts can lie outside its top set and stage 4 runs its shared pass; every class pair — and names
 that must stay data wherever they are shown."""
