@@ -19,8 +19,21 @@
 # GIG_FAST_TEST_BUDGET=0: no GPU test suite; then only pipeline_scale records rows (it checks its own
 # results: finite codes, and the default route's codes against the pure-torch route's on its subset).
 #
+# GIG_FAST_CAMPAIGN_DEVICE=cpu: a dry run of the same script on a machine without a GPU, so that it cannot
+# rot between device windows — the CPU build is used (or built), the GPU test suite is skipped, every topic
+# runs at the smoke size (GIG_FAST_BENCH_SIZE overrides), pipeline_scale runs its CPU plan, and nothing is
+# recorded unless GIG_FAST_RECORD=1:
+#
+#   GIG_FAST_CAMPAIGN_DEVICE=cpu GIG_FAST_SCALE_BUDGET=120 bash benchmarks/gpu_campaign.sh "$OUT" gig pipeline_scale
+#
 # Outside baselines (Captum, flash-kmeans) travel as wheels in .whl/ (see README: Benchmarks).
 set -uo pipefail
+DEVICE=${GIG_FAST_CAMPAIGN_DEVICE:-cuda}
+if [ "$DEVICE" = cpu ]; then
+  SIZE=${GIG_FAST_BENCH_SIZE:-smoke}; SCALE_PLAN=cpu; GIG_FAST_TEST_BUDGET=0
+else
+  SIZE=${GIG_FAST_BENCH_SIZE:-}; SCALE_PLAN=gpu
+fi
 TMP=${TMPDIR:-/tmp}
 OUT=${1:-${OUT:-$TMP/gig_fast_gpu}}
 SITE=$TMP/site                      # the outside baselines' wheels, installed for the campaign
@@ -56,8 +69,8 @@ pack() {
 }
 trap pack EXIT
 
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  nvcc --version | tail -1
+{ if [ "$DEVICE" = cuda ]; then nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    nvcc --version | tail -1; else echo "CPU dry run: $(nproc) cores"; fi
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   git rev-parse --short HEAD 2>/dev/null; } > "$OUT/device.txt" 2>&1
 cat "$OUT/device.txt"
@@ -67,8 +80,11 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-cuda_loads() { python3 -c "import gig_fast, sys; sys.exit(gig_fast.ops.available_backends().get('cuda') != 'runs')" 2>/dev/null; }
-if [ "${GIG_FAST_SKIP_BUILD:-0}" = 1 ] && cuda_loads; then
+backend_runs() { python3 -c "import gig_fast, sys; sys.exit(gig_fast.ops.available_backends().get('$1') != 'runs')" 2>/dev/null; }
+if [ "$DEVICE" = cpu ]; then
+  backend_runs cpp || GIG_FAST_SKIP_CUDA=1 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
+    || { stamp "BUILD FAILED"; grep -a -E "error" "$OUT/build.log" | head -40; exit 1; }
+elif [ "${GIG_FAST_SKIP_BUILD:-0}" = 1 ] && backend_runs cuda; then
   stamp "using the carried build of the extensions"
 else
   stamp "building the extensions (sm_90, register report in build.log)"
@@ -95,13 +111,16 @@ else
 fi
 scale_record=(--results "$OUT/results.jsonl")
 [ "$tests_status" -ne 0 ] && scale_record=()
+[ "$DEVICE" = cpu ] && [ "${GIG_FAST_RECORD:-0}" != 1 ] && scale_record=()
+size=(); [ -n "$SIZE" ] && size=(--gig-size "$SIZE")
+profile_cases=(--B 32 2); [ "$DEVICE" = cpu ] && profile_cases=(--B 2 --repeats 1)
 
 # Where one gig() call's time goes: the two headline cases (B = 32 and 2, m = 50, fixed rule)
 # profiled once each, the shares in profile/gig_profile.md (its output also in bench.log), the first
 # case's chrome trace in profile/gig_trace.json.gz. Time-boxed; it records no rows.
 stamp "profile of gig() (at most ${GIG_FAST_PROFILE_BUDGET:-150} s)"
-timeout "${GIG_FAST_PROFILE_BUDGET:-150}" python3 benchmarks/profile_gig.py --device cuda --out "$OUT/profile" \
-  --B 32 2 --modes fixed --trace 2>&1 | tee -a "$OUT/bench.log" | grep -a -E "^###|Unprofiled|gig\.(forward|backward)|Python"
+timeout "${GIG_FAST_PROFILE_BUDGET:-150}" python3 benchmarks/profile_gig.py --device "$DEVICE" --out "$OUT/profile" \
+  "${profile_cases[@]}" --modes fixed --trace 2>&1 | tee -a "$OUT/bench.log" | grep -a -E "^###|Unprofiled|gig\.(forward|backward)|Python"
 [ -f "$OUT/profile/gig_profile.md" ] || stamp "profile did not finish (see bench.log)"
 
 # Each topic gets a time box, so that one slow module cannot eat the machine's whole time: at its end pytest gets
@@ -111,7 +130,7 @@ for topic in "${TOPICS[@]}"; do
   if [ "$topic" = pipeline_scale ]; then
     budget=${GIG_FAST_SCALE_BUDGET:-420}
     stamp "pipeline scale run: stages time-boxed within $budget s (killed at $(( budget + 60 )) s)"
-    timeout -k 10 $(( budget + 60 )) python3 benchmarks/bench_pipeline.py --scale gpu --device cuda --budget "$budget" \
+    timeout -k 10 $(( budget + 60 )) python3 benchmarks/bench_pipeline.py --scale "$SCALE_PLAN" --device "$DEVICE" --budget "$budget" \
       --out "$SCALE_OUT" "${scale_record[@]}" 2>&1 | tee -a "$OUT/bench.log"
     scale_status=${PIPESTATUS[0]}
     [ "$scale_status" -ne 0 ] && { stamp "pipeline scale run FAILED (status $scale_status)"; tests_status=$scale_status; }
@@ -122,7 +141,7 @@ for topic in "${TOPICS[@]}"; do
     continue
   fi
   stamp "benchmark $topic"
-  timeout -s INT -k 30 "${GIG_FAST_BENCH_BUDGET:-90}" python3 benchmarks/run.py "$topic" --gig-device cuda \
+  timeout -s INT -k 30 "${GIG_FAST_BENCH_BUDGET:-90}" python3 benchmarks/run.py "$topic" --gig-device "$DEVICE" "${size[@]}" \
     --results "$OUT/results.jsonl" --json "$OUT/bench_$topic.json" "${record[@]}" 2>&1 | tee -a "$OUT/bench.log"
 done
 [ -f "$OUT/results.jsonl" ] && python3 benchmarks/results.py render --results "$OUT/results.jsonl" --out "$OUT/table.md"
