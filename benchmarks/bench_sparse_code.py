@@ -303,9 +303,9 @@ def bench_lasso(bench, problem, impl, gig_size):
 
 
 OMP = ["sklearn omp", "torch omp", "cpp omp", "triton omp", "spams omp fp64", "spams omp fp32"]
-# SPAMS's OMP picks by another rule in places (its residual was 5% below scikit-learn's on the unit case):
-# its supports must match on this share of the rows, and its residual come within this factor
-SPAMS_SUPPORT_SHARE = 0.5
+# SPAMS's OMP picks its atoms by another rule (its residual was 5% below scikit-learn's on the unit case,
+# its supports differ on most rows): its supports are reported, not required; its residual must come
+# within this factor of scikit-learn's
 SPAMS_RESIDUAL_MOST = 1.01
 
 
@@ -327,7 +327,7 @@ def bench_omp(bench, problem, impl, gig_size):
         ratio = residual(p.Y, p.V, torch.from_numpy(run())) / p.omp_residual
         if ratio > SPAMS_RESIDUAL_MOST:  # not the same result: no speed to compare
             pytest.skip(f"{impl}: residual {ratio:.3g}x scikit-learn's OMP residual (not an equal result)")
-        bench(run, role="baseline", check=p.check_omp(impl, SPAMS_SUPPORT_SHARE), dtype=np.dtype(dtype).name,
+        bench(run, role="baseline", check=p.check_omp(impl, least_share=0.0), dtype=np.dtype(dtype).name,
               **common)
         return
     backend = impl.split()[0]
