@@ -66,6 +66,20 @@ acc rescale_if_extreme(acc* r, int64_t C, acc amax, acc sq) {
   return s;
 }
 
+// Row x[0..C) into r in the accumulation dtype (rescaled where extreme); returns 1/|r| (0-safe).
+template <typename scalar_t>
+acc_t<scalar_t> load_row(const scalar_t* x, int64_t C, acc_t<scalar_t>* r) {
+  using acc = acc_t<scalar_t>;
+  acc sq = 0, amax = 0;
+#pragma omp simd reduction(+ : sq) reduction(max : amax)
+  for (int64_t c = 0; c < C; ++c) {
+    r[c] = static_cast<acc>(x[c]);
+    sq += r[c] * r[c];
+    amax = std::max(amax, std::abs(r[c]));
+  }
+  return inv_norm(rescale_if_extreme(r, C, amax, sq));
+}
+
 // Unit rows of `centroids` in the accumulation dtype: [K, C].
 at::Tensor unit_rows(const at::Tensor& t, at::ScalarType acc_type) {
   auto a = t.to(acc_type).contiguous();
@@ -83,16 +97,8 @@ void assign_direct(const scalar_t* X, const acc_t<scalar_t>* Cn, int64_t N, int6
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc> row(C);
     for (int64_t n = begin; n < end; ++n) {
-      const scalar_t* x = X + n * C;
       acc* r = row.data();
-      acc sq = 0, amax = 0;
-#pragma omp simd reduction(+ : sq) reduction(max : amax)
-      for (int64_t c = 0; c < C; ++c) {
-        r[c] = static_cast<acc>(x[c]);
-        sq += r[c] * r[c];
-        amax = std::max(amax, std::abs(r[c]));
-      }
-      const acc inv = inv_norm(rescale_if_extreme(r, C, amax, sq));
+      const acc inv = load_row(X + n * C, C, r);
       acc top = 0;
       int64_t arg = 0;
       for (int64_t k = 0; k < K; ++k) {
@@ -117,16 +123,8 @@ template <typename scalar_t>
 void unit_block(const scalar_t* Xp, int64_t r0, int64_t rows, int64_t C, acc_t<scalar_t>* out) {
   using acc = acc_t<scalar_t>;
   for (int64_t i = 0; i < rows; ++i) {
-    const scalar_t* x = Xp + (r0 + i) * C;
     acc* o = out + i * C;
-    acc sq = 0, amax = 0;
-#pragma omp simd reduction(+ : sq) reduction(max : amax)
-    for (int64_t c = 0; c < C; ++c) {
-      o[c] = static_cast<acc>(x[c]);
-      sq += o[c] * o[c];
-      amax = std::max(amax, std::abs(o[c]));
-    }
-    const acc inv = inv_norm(rescale_if_extreme(o, C, amax, sq));
+    const acc inv = load_row(Xp + (r0 + i) * C, C, o);
     for (int64_t c = 0; c < C; ++c) o[c] *= inv;
   }
 }
