@@ -3,7 +3,10 @@
 * ``spherical_assign`` (ours: ``cpp``, ``triton`` fp32 and bf16, ``cuda``) against ``(X @ Cᵀ).argmax(1)`` on
   unit rows in fp32 (``matmul+argmax fp32``), tf32 and bf16 (GPU routes), our ``torch`` reference, the bare
   bf16 GEMM of the same shape (``bare bf16 GEMM (floor)``: ours is reported as a multiple of it) and
-  flash-kmeans's fused cosine assignment (``flash-kmeans``, fp16, where the package imports). Checked: the
+  flash-kmeans's fused cosine assignment (``flash-kmeans``, fp16, where the package imports); on a CPU
+  faiss's exact search ``IndexFlatIP`` on the same unit rows (``faiss IndexFlatIP``: its BLAS GEMM in
+  blocks, then a top-1 scan; ``faiss-cpu``, optional, the row skips with the reason where it is missing)
+  and the fp32 GEMM the assignment contains (``fp32 GEMM (floor)``: ``X @ Cᵀ``, torch's BLAS). Checked: the
   share of labels equal to a float64 argmax on a subsample of rows (``agreement``), ≥ 0.999 for ours
   (bf16 scores are re-scored in fp32 where the top two are close) and ≥ 0.95 for the outside routes.
   FLOPs: ``2·N·C·K``.
@@ -23,11 +26,14 @@
   On a GPU also the GPU bisecting case: K = 8,192 over 200,000 × 1,024 vectors around 1,024 directions, fast
   mode only (the sequential mode is 8,191 rounds), against our fused CPU fast path (its inertia the
   reference: ours within 0.5%), and a 20,000-row sample of the same mixture (K = 1,024) on which
-  scikit-learn runs too.
+  scikit-learn runs too. On a CPU also faiss's flat ``Kmeans(spherical=True)`` (20 Lloyd iterations, the
+  same unit rows) at equal quality: its row carries the inertia-against-time curve of faiss (1 … 32
+  iterations) next to one run of ours, faiss's inertia at our time and its time to reach our inertia.
 """
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -95,7 +101,12 @@ def assign_cases(size: str, device: str) -> list[AssignCase]:
     if device.startswith("cuda"):
         return [AssignCase(200_000, 1024, 8192, 20_000), AssignCase(200_000, 256, 2048, 20_000),
                 AssignCase(50_000, 2048, 16384, 5_000)]
-    return [AssignCase(4000, 256, 2048, 1000)] if size == "quick" else [AssignCase(20_000, 256, 2048, 2000)]
+    if size == "quick":
+        return [AssignCase(4000, 256, 2048, 1000)]
+    # 100,000 × 256 against 2,048, then the pipeline's K = 8·C at the same GEMM size (about 105 GFLOP each)
+    return [AssignCase(20_000, 256, 2048, 2000), AssignCase(100_000, 256, 2048, 5000),
+            AssignCase(25_000, 512, 4096, 2000), AssignCase(6_250, 1024, 8192, 2000),
+            AssignCase(1_600, 2048, 16384, 1600)]
 
 
 def update_cases(size: str, device: str) -> list[UpdateCase]:
@@ -191,13 +202,59 @@ class AssignProblem:
         return check
 
 
+    def with_faiss_agreement(self, check):
+        """``check`` plus ``equal_to_faiss``: the share of all N labels equal to faiss's (where it imports)."""
+        try:
+            import faiss  # noqa: F401
+        except ImportError:
+            return check
+
+        def both(labels):
+            figures = check(labels)
+            theirs = _faiss_assign(self.X, self.cents)()
+            figures["equal_to_faiss"] = float((labels[0].cpu() == theirs).double().mean())
+            return figures
+        return both
+
+
 @pytest.fixture(scope="module")
 def assign_problem(request, device):
     return AssignProblem(request.param, device)
 
 
 ASSIGN_BASELINES = ["matmul+argmax fp32", "matmul+argmax tf32", "matmul+argmax bf16", "bare bf16 GEMM (floor)",
-                    "flash-kmeans"]
+                    "flash-kmeans", "faiss IndexFlatIP", "fp32 GEMM (floor)"]
+
+
+def import_faiss(threads: int):
+    """faiss with ``threads`` OpenMP threads (its own pool, not torch's), or a skip that says why."""
+    try:
+        import faiss
+    except ImportError:
+        pytest.skip("faiss is not installed (optional benchmark dependency: pip install faiss-cpu)")
+    faiss.omp_set_num_threads(threads)
+    return faiss
+
+
+def outside_blas() -> str:
+    """The BLAS each outside library loaded here runs, as threadpoolctl reports it ("openblas 0.3.15
+    Zen (faiss_cpu.libs)"): a CPU-tuned kernel or a generic one decides a BLAS-bound rival's speed."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "unknown (threadpoolctl missing)"
+    found = [f"{i.get('internal_api')} {i.get('version')} {i.get('architecture', '')} "
+             f"({i['filepath'].split('/')[-2]})" for i in threadpool_info() if i.get("user_api") == "blas"]
+    return "; ".join(found) or "none"
+
+
+def _faiss_assign(X: torch.Tensor, cents: torch.Tensor):
+    """faiss's exact inner-product search on unit rows: ``labels [N]`` (int64), as a user would run it."""
+    faiss = import_faiss(torch.get_num_threads())
+    Xn, Cn = X.cpu().numpy(), cents.cpu().numpy()
+    index = faiss.IndexFlatIP(Cn.shape[1])
+    index.add(Cn)
+    return lambda: torch.from_numpy(index.search(Xn, 1)[1][:, 0])
 
 
 @pytest.mark.parametrize("impl", ASSIGN_BASELINES, ids=[b.replace(" ", "_") for b in ASSIGN_BASELINES])
@@ -230,6 +287,15 @@ def bench_assign_baseline(bench, assign_problem, impl):
             return check_sums(scores[:rows].float().cpu(), want.cpu(), magnitude.cpu(), torch.bfloat16, p.case.C,
                               "bf16 GEMM")
         bench(lambda: Xb @ Cb.T, role="floor", check=check, dtype="bfloat16", flops_dtype="bfloat16", **common)
+    elif impl == "faiss IndexFlatIP":
+        if p.X.device.type != "cpu":
+            pytest.skip("faiss-cpu: compared on CPU devices")
+        bench(_faiss_assign(X, cents), role="baseline", check=p.check(0.999), flops_dtype="float32",
+              blas=outside_blas(), **common)
+    elif impl == "fp32 GEMM (floor)":
+        if p.X.device.type != "cpu":
+            pytest.skip("the CPU's bound: on a GPU the bf16 GEMM is the floor")
+        bench(lambda: X @ cents.T, role="floor", flops_dtype="float32", **common)
     else:
         bench.gpu_only(impl)
         assign = _flash_kmeans_assign()
@@ -250,9 +316,12 @@ def bench_assign(bench, assign_problem, backend, dtype):
     p = assign_problem
     Xd, Cd = p.X.to(getattr(torch, dtype)), p.cents.to(getattr(torch, dtype))
     short = {"float32": "fp32", "bfloat16": "bf16"}[dtype]
+    check = p.check(0.999, Xd.dtype)
+    if backend == "cpp" and dtype == "float32":
+        check = p.with_faiss_agreement(check)
     bench(lambda: spherical_assign(Xd, Cd, backend=backend), op="spherical_assign", impl=backend,
           label=f"{backend} {short}", role="baseline" if backend == "torch" else "ours", case=p.case.name,
-          shape={**p.shape, "dtype": dtype}, check=p.check(0.999, Xd.dtype), flops=p.flops, flops_dtype=dtype)
+          shape={**p.shape, "dtype": dtype}, check=check, flops=p.flops, flops_dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -371,18 +440,20 @@ class BisectProblem:
         self.shape = {"N": case.N, "C": case.C, "K": case.K}
         self.device = device
 
-    def check(self, most: float | None):
+    def check(self, most: float | None, all_clusters: bool = True):
+        """Labels in [0, K), K non-empty clusters (``all_clusters``: a flat k-means may leave a few centroids
+        without points, reported as ``clusters``), the cosine inertia at most ``most`` × the reference's."""
         K = self.case.K
 
         def check(labels):
             labels = torch.as_tensor(labels).cpu().long()
             assert labels.min() >= 0 and labels.max() < K, "labels outside [0, K)"
             clusters = int(torch.unique(labels).numel())
-            assert clusters == K, f"{clusters} non-empty clusters, asked for {K}"
+            assert clusters == K or not all_clusters, f"{clusters} non-empty clusters, asked for {K}"
             inertia = cosine_inertia(self.X, labels, K, self.beta)
             ratio = inertia / self.reference_inertia
             assert most is None or ratio <= most, f"cosine inertia {ratio:.4f}x the {self.case.reference} reference's"
-            return {"cosine_inertia": inertia, f"inertia_vs_{self.case.reference}": ratio}
+            return {"cosine_inertia": inertia, f"inertia_vs_{self.case.reference}": ratio, "clusters": clusters}
         return check
 
 
@@ -392,7 +463,57 @@ def bisect_problem(request, device):
 
 
 BISECT = ["gig_fast sequential", "gig_fast fast", "gig_fast fast (CPU)", "sklearn largest_cluster",
-          "sklearn biggest_inertia"]
+          "sklearn biggest_inertia", "faiss Kmeans spherical"]
+# faiss's flat spherical k-means: Lloyd iterations of its timed row, and those of its inertia-against-time
+# curve (each a fresh run from the same seed)
+FAISS_ITERATIONS = 20
+FAISS_CURVE = (1, 2, 4, 8, 16, 32)
+
+
+def _unit_centred(p) -> "np.ndarray":
+    """The rows the outside k-means see: ``(x − β)/‖x − β‖`` in float32 (ours centres and normalises itself)."""
+    U = p.X.double() - p.beta.double()
+    return (U / U.norm(dim=1, keepdim=True)).float().numpy()
+
+
+def _faiss_kmeans(U, K: int, niter: int):
+    """faiss ``Kmeans(spherical=True)`` trained on ``U`` with ``niter`` iterations, seed 0; returns a
+    callable giving the labels of U under the final centroids (int64 ``[N]``)."""
+    faiss = import_faiss(torch.get_num_threads())
+
+    def run():
+        km = faiss.Kmeans(U.shape[1], K, niter=niter, spherical=True, seed=0, verbose=False)
+        km.train(U)
+        return torch.from_numpy(km.index.search(U, 1)[1][:, 0]).long()
+    return run
+
+
+def _wall(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def inertia_against_time(p, U) -> dict:
+    """Ours (fast mode, the default settings) against faiss's flat k-means at equal quality: one run of
+    ours and one faiss run per iteration count of FAISS_CURVE, interleaved in this process. Returns the
+    curve, faiss's inertia at our time (its longest run that took no longer), faiss's time to reach our
+    inertia (its shortest run that did; None if none), and whether ours reaches faiss's inertia at its
+    timed iteration count."""
+    K = p.case.K
+    ours_labels, ours_s = _wall(lambda: bisecting_spherical_kmeans(p.X, K, beta=p.beta, mode="fast")[1])
+    ours = cosine_inertia(p.X, ours_labels, K, p.beta)
+    curve = []
+    for niter in FAISS_CURVE:
+        labels, seconds = _wall(_faiss_kmeans(U, K, niter))
+        curve.append({"iterations": niter, "s": seconds, "cosine_inertia": cosine_inertia(p.X, labels, K, p.beta)})
+    within = [c for c in curve if c["s"] <= ours_s]
+    reach = [c for c in curve if c["cosine_inertia"] <= ours]
+    timed = min(curve, key=lambda c: abs(c["iterations"] - FAISS_ITERATIONS))
+    return {"ours_s": ours_s, "ours_cosine_inertia": ours, "faiss_curve": curve,
+            "faiss_inertia_at_our_time": within[-1]["cosine_inertia"] if within else None,
+            "faiss_s_to_our_inertia": reach[0]["s"] if reach else None,
+            "ours_reaches_faiss_inertia": ours <= timed["cosine_inertia"]}
 
 
 @pytest.mark.parametrize("impl", BISECT, ids=[b.replace(" ", "_").replace("(", "").replace(")", "") for b in BISECT])
@@ -415,6 +536,15 @@ def bench_bisecting(bench, bisect_problem, impl, device, gig_size):
         bench(lambda: bisecting_spherical_kmeans(X, K, beta=beta, mode=mode)[1], impl=impl, role=role,
               check=p.check(most), rounds=1 if device.startswith("cuda") else None,
               two_means=ops.kernel("two_means_splits", on)[0], **common)
+        return
+    if impl.startswith("faiss"):
+        if device != "cpu":
+            pytest.skip("faiss-cpu: compared on CPU devices")
+        U = _unit_centred(p)
+        run = _faiss_kmeans(U, K, FAISS_ITERATIONS)
+        curve = inertia_against_time(p, U) if gig_size != "smoke" else {}
+        bench(run, impl=f"faiss Kmeans spherical niter={FAISS_ITERATIONS}", label=impl, role="baseline",
+              check=p.check(None, all_clusters=False), rounds=3, blas=outside_blas(), **curve, **common)
         return
     if not p.case.sklearn:
         pytest.skip("scikit-learn: too slow at this size; it runs on the case of a sample of this mixture")

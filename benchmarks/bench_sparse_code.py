@@ -13,6 +13,11 @@ alpha by n_features internally). Routes on the same vectors ``Y [N, C]`` (centre
   smoke size only (to check the benchmark code).
 * OMP with as many atoms as the reference Lasso codes have on average — ours: ``cpp omp``, ``triton omp``;
   baselines: ``sklearn omp`` (``sparse_encode``, warm, same ``n_jobs``) and our ``torch omp``.
+* SPAMS (``spams-bin``, optional; rows skip with the reason where it is missing), on the CPU, float64 and
+  float32 (it takes both), our thread count (``numThreads``), inputs in its column-major layout prepared
+  outside the timing: ``spams lasso`` (LARS, the same objective; checked like every Lasso route) and
+  ``spams omp`` (unit-norm atoms only — it assumes them; a route whose residual is more than 1% above
+  scikit-learn's OMP is skipped as not the same result, with the figure).
 
 Checks: every Lasso route's objective (Σ over rows, float64) at most 1e-4 (relative) above the reference
 objective — scikit-learn's on the CPU, that of FISTA fp32 after 3,000 iterations on the GPU (scikit-learn
@@ -21,8 +26,9 @@ supports (scikit-learn's on the CPU, our torch OMP's on the GPU) on ≥ 95% of t
 (``same_support_share``).
 
 Data: ``random`` (Gaussian), ``pfv`` (PFV-like, ``gig_fast.testing.pfv_like``) and ``demo`` (real PFVs of
-the shipped demo network's layer4.1 coded on their own K = 2048 concepts). Sizes: CPU C = 256, K = 2048
-with N = 30 (quick) or 300 (full); GPU the layer1/3/4 shapes (C, K) = (256, 2048), (1024, 8192),
+the shipped demo network's layer4.1 coded on their own K = 2048 concepts), ``unit`` (PFV-like on unit-norm
+concepts). Sizes: CPU C = 256, K = 2048 with N = 30 (quick) or 300 (full), and at the full size ``unit``
+2,000 × 256 on 2,048 concepts and 500 × 512 on 4,096; GPU the layer1/3/4 shapes (C, K) = (256, 2048), (1024, 8192),
 (2048, 16384) at N = 1,000, and layer3 at N = 12,544 (a 64-image batch).
 
 ``python benchmarks/bench_sparse_code.py --calibrate`` (from the root, with gig_fast importable) prints the
@@ -59,12 +65,16 @@ class Case:
 
 def cases(size: str, device: str) -> list[Case]:
     if size == "smoke":
-        return [Case("pfv", 8, 16, 64)]
+        return [Case("pfv", 8, 16, 64), Case("unit", 8, 16, 64)]
     if device.startswith("cuda"):
         return [Case("pfv", 1000, 256, 2048, "layer1"), Case("pfv", 1000, 1024, 8192, "layer3"),
                 Case("pfv", 1000, 2048, 16384, "layer4"), Case("pfv", 12544, 1024, 8192, "layer3")]
-    N = 30 if size == "quick" else 300
-    return [Case(data, N, 256, 2048) for data in ("pfv", "random", "demo")]
+    if size == "quick":
+        return [Case(data, 30, 256, 2048) for data in ("pfv", "random", "demo")] + [Case("unit", 30, 256, 2048)]
+    # "unit": PFV-like vectors on unit-norm concepts (what the pipeline's concepts are, and what SPAMS's
+    # OMP assumes); 2,000 vectors on 2,048 concepts, then the pipeline's K = 8·C at C = 512
+    return [Case(data, 300, 256, 2048) for data in ("pfv", "random", "demo")] + \
+        [Case("unit", 2000, 256, 2048), Case("unit", 500, 512, 4096)]
 
 
 def pytest_generate_tests(metafunc):
@@ -79,6 +89,12 @@ def objective(Y: torch.Tensor, V: torch.Tensor, U: torch.Tensor, lam: float) -> 
     Y, V, U = Y.double(), V.double(), U.double().to(Y.device)
     R = Y - U @ V
     return float((0.5 * (R * R).sum(1) + lam * U.abs().sum(1)).sum())
+
+
+def residual(Y: torch.Tensor, V: torch.Tensor, U: torch.Tensor) -> float:
+    """Σ_n ‖y_n − Vᵀu_n‖² in float64 (U dense ``[N, K]``)."""
+    R = Y.double() - U.double().to(Y.device) @ V.double()
+    return float((R * R).sum())
 
 
 def _demo_problem(N: int, layer: str = "layer4.1", fit_images: int = 3000):
@@ -146,6 +162,8 @@ class Problem:
         else:
             X, V, beta = pfv_like(case.N, case.C, case.K, dtype=torch.float32, generator=g)
             Y = X - beta
+            if case.data == "unit":
+                V = V / V.norm(dim=1, keepdim=True)
         self.Y, self.V = Y.to(device), V.to(device)
         self.lam = float(DEFAULT_LAM_REL * (Y @ V.T).abs().amax(1).mean())
         self.shape = {"data": case.data, "N": case.N, "C": case.C, "K": case.K, **({"layer": case.layer} if case.layer else {})}
@@ -163,6 +181,7 @@ class Problem:
         if reference == "sklearn":
             omp = _sklearn_encode(self.Yn, self.Vn, algorithm="omp", n_nonzero_coefs=self.atoms)
             self.supports = [set(np.flatnonzero(row).tolist()) for row in omp]
+            self.omp_residual = residual(self.Y, self.V, torch.from_numpy(omp))
         else:
             idx, _ = sparse_code(self.Y, self.V, method="omp", n_nonzero=self.atoms, backend="torch")
             self.supports = [set(r[r >= 0].tolist()) for r in idx.cpu()]
@@ -184,15 +203,22 @@ class Problem:
                     **({} if must_reach else {"reached_objective": rel <= 1e-4})}
         return check
 
-    def check_omp(self, name: str):
+    def check_omp(self, name: str, least_share: float = 0.95):
+        """Supports equal to the reference's on ≥ ``least_share`` of the rows; the residual is reported
+        (``residual_vs_reference``: Σ‖y − Vᵀu‖² over the reference OMP's)."""
         def check(codes):
             if isinstance(codes, np.ndarray):
                 got = [set(np.flatnonzero(row).tolist()) for row in codes]
+                U = torch.from_numpy(codes)
             else:
                 got = [set(r[r >= 0].tolist()) for r in codes[0].cpu()]
+                U = dense_codes(codes[0], codes[1], self.case.K)
             share = float(np.mean([a == b for a, b in zip(got, self.supports)]))
-            assert share >= 0.95, f"{name}: the reference's supports on only {share:.1%} of the rows"
-            return {"atoms": self.atoms, "same_support_share": share}
+            assert share >= least_share, f"{name}: the reference's supports on only {share:.1%} of the rows"
+            figures = {"atoms": self.atoms, "same_support_share": share}
+            if getattr(self, "omp_residual", None):
+                figures["residual_vs_reference"] = residual(self.Y, self.V, U) / self.omp_residual
+            return figures
         return check
 
 
@@ -201,7 +227,48 @@ def problem(request, device):
     return Problem(request.param, device)
 
 
-LASSO = ["sklearn lasso_cd", "torch lasso", "dense FISTA fp32", "dense FISTA tf32", "cpp lasso", "triton lasso"]
+def import_spams():
+    try:
+        import spams
+    except ImportError:
+        pytest.skip("SPAMS is not installed (optional benchmark dependency: pip install spams-bin)")
+    return spams
+
+
+def _spams_inputs(p, dtype):
+    """SPAMS's layout: signals and atoms as Fortran-ordered columns, ``Y [C, N]`` and ``D [C, K]``, in
+    ``dtype`` (prepared outside the timing)."""
+    return (np.asfortranarray(p.Y.cpu().numpy().T.astype(dtype)),
+            np.asfortranarray(p.V.cpu().numpy().T.astype(dtype)))
+
+
+def _spams_dense(codes) -> np.ndarray:
+    """SPAMS's sparse ``[K, N]`` codes as a dense float64 ``[N, K]``."""
+    return np.asarray(codes.toarray().T, dtype=np.float64)
+
+
+def spams_lasso(p, dtype):
+    """SPAMS ``lasso`` (LARS, mode 2: ½‖y − Dα‖² + λ‖α‖₁), our thread count."""
+    spams = import_spams()
+    Yf, Df = _spams_inputs(p, dtype)
+    threads = torch.get_num_threads()
+    return lambda: _spams_dense(spams.lasso(Yf, D=Df, lambda1=p.lam, mode=2, numThreads=threads))
+
+
+def spams_omp(p, dtype):
+    """SPAMS ``omp`` with ``p.atoms`` atoms per signal, our thread count (its atoms must be unit-norm)."""
+    spams = import_spams()
+    norms = p.V.double().norm(dim=1)
+    if float((norms - 1).abs().max()) > 1e-3:
+        pytest.skip("SPAMS omp assumes unit-norm atoms; this case's concepts have norms "
+                    f"{float(norms.min()):.3g}…{float(norms.max()):.3g} (see the 'unit' cases)")
+    Yf, Df = _spams_inputs(p, dtype)
+    threads = torch.get_num_threads()
+    return lambda: _spams_dense(spams.omp(Yf, D=Df, L=p.atoms, numThreads=threads))
+
+
+LASSO = ["sklearn lasso_cd", "torch lasso", "dense FISTA fp32", "dense FISTA tf32", "cpp lasso", "triton lasso",
+         "spams lasso fp64", "spams lasso fp32"]
 
 
 @pytest.mark.parametrize("impl", LASSO, ids=[i.replace(" ", "_") for i in LASSO])
@@ -213,6 +280,12 @@ def bench_lasso(bench, problem, impl, gig_size):
             pytest.skip("scikit-learn codes on the CPU: compared on CPU devices")
         bench(lambda: _sklearn_encode(p.Yn, p.Vn, algorithm="lasso_cd", alpha=p.lam, max_iter=1000), role="baseline",
               check=p.check_lasso(impl), n_jobs=torch.get_num_threads(), **common)
+    elif impl.startswith("spams"):
+        if p.device != "cpu":
+            pytest.skip("SPAMS codes on the CPU: compared on CPU devices")
+        dtype = np.float64 if impl.endswith("fp64") else np.float32
+        bench(spams_lasso(p, dtype), role="baseline", check=p.check_lasso(impl), dtype=np.dtype(dtype).name,
+              **common)
     elif impl.startswith("dense FISTA"):
         bench.gpu_only(impl)
         tf32 = impl.endswith("tf32")
@@ -229,7 +302,11 @@ def bench_lasso(bench, problem, impl, gig_size):
               role="baseline" if backend == "torch" else "ours", check=p.check_lasso(impl), **common)
 
 
-OMP = ["sklearn omp", "torch omp", "cpp omp", "triton omp"]
+OMP = ["sklearn omp", "torch omp", "cpp omp", "triton omp", "spams omp fp64", "spams omp fp32"]
+# SPAMS's OMP picks its atoms by another rule (its residual was 5% below scikit-learn's on the unit case,
+# its supports differ on most rows): its supports are reported, not required; its residual must come
+# within this factor of scikit-learn's
+SPAMS_RESIDUAL_MOST = 1.01
 
 
 @pytest.mark.parametrize("impl", OMP, ids=[i.replace(" ", "_") for i in OMP])
@@ -241,6 +318,17 @@ def bench_omp(bench, problem, impl, gig_size):
             pytest.skip("scikit-learn codes on the CPU: compared on CPU devices")
         bench(lambda: _sklearn_encode(p.Yn, p.Vn, algorithm="omp", n_nonzero_coefs=p.atoms), role="baseline",
               check=p.check_omp(impl), n_jobs=torch.get_num_threads(), **common)
+        return
+    if impl.startswith("spams"):
+        if p.device != "cpu":
+            pytest.skip("SPAMS codes on the CPU: compared on CPU devices")
+        dtype = np.float64 if impl.endswith("fp64") else np.float32
+        run = spams_omp(p, dtype)
+        ratio = residual(p.Y, p.V, torch.from_numpy(run())) / p.omp_residual
+        if ratio > SPAMS_RESIDUAL_MOST:  # not the same result: no speed to compare
+            pytest.skip(f"{impl}: residual {ratio:.3g}x scikit-learn's OMP residual (not an equal result)")
+        bench(run, role="baseline", check=p.check_omp(impl, least_share=0.0), dtype=np.dtype(dtype).name,
+              **common)
         return
     backend = impl.split()[0]
     bench.skip_unless_runs(backend)

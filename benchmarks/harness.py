@@ -78,8 +78,10 @@ def commit() -> dict:
     """``{"commit": short hash or "unknown", "dirty": bool}``; dirty = tracked files other than the
     records differ from that commit (rows of a dirty tree are kept but never rendered)."""
     sha = _git("rev-parse", "--short", "HEAD") or "unknown"
+    # `top`: the record paths are relative to the repository root, and git runs in benchmarks/ (a plain
+    # exclude would name benchmarks/benchmarks/..., so every run after one that wrote rows was "dirty")
     changes = _git("status", "--porcelain", "--untracked-files=no", "--", ".",
-                   *(f":(exclude){p}" for p in RECORD_PATHS)) if sha != "unknown" else ""
+                   *(f":(top,exclude){p}" for p in RECORD_PATHS)) if sha != "unknown" else ""
     return {"commit": sha, "dirty": bool(changes)}
 
 

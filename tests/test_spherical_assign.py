@@ -23,7 +23,10 @@ def _device_backends():
 def _shapes(backend):
     if backend == "triton":  # the interpreter is slow: tiny shapes, still odd and multi-tile
         return [(1, 1, 1), (3, 5, 7), (17, 33, 19), (40, 9, 2)]
-    return [(1, 1, 1), (3, 5, 7), (129, 33, 2), (1000, 64, 9), (700, 8, 1100)]  # (N, C, K)
+    # (N, C, K); the last two reach the CPU's fused fp32 kernel past its C chunk (256: partial sums kept
+    # between chunks, a ragged last chunk) and past one pass of centroids (464 at C = 1100), with N and K
+    # off its 6-row and 16-centroid tiles
+    return [(1, 1, 1), (3, 5, 7), (129, 33, 2), (1000, 64, 9), (700, 8, 1100), (203, 300, 37), (50, 1100, 500)]
 
 
 def _check(X, cents, labels, best, backend):

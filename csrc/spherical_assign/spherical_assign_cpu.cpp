@@ -8,14 +8,29 @@
 //    scratch tile and multiplied with one tile of unit centroids at a time by at::mm (BLAS, on the
 //    owning thread), then each row folds the tile into its running best. Scratch per thread is
 //    [kRowBlock, C] + [kRowBlock, kColTile], never N x K.
+//    On AVX2+FMA CPUs the fp32 accumulation (fp32/fp16/bf16 inputs) instead runs our own blocked GEMM
+//    with the argmax fused into its epilogue (fused_argmax_avx2.h): nothing but the running best leaves
+//    the registers. One thread, 20,000 x 256 against 2,048 centroids (CPU time, loaded 2-core machine):
+//    91 GFLOP/s against 70 for at::mm + scan (MKL) and 80 for faiss's IndexFlatIP search.
 #include "spherical_assign/spherical_assign.h"
 
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
+
+#if GIG_HAVE_AVX2_PATH && defined(__GNUC__) && !defined(__clang__)
+#define GIG_FUSED_ARGMAX 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#include "spherical_assign/fused_argmax_avx2.h"  // its functions only: called where cpu has AVX2 and FMA
+#pragma GCC pop_options
+#else
+#define GIG_FUSED_ARGMAX 0
+#endif
 
 namespace gig_fast {
 namespace {
@@ -51,6 +66,20 @@ acc rescale_if_extreme(acc* r, int64_t C, acc amax, acc sq) {
   return s;
 }
 
+// Row x[0..C) into r in the accumulation dtype (rescaled where extreme); returns 1/|r| (0-safe).
+template <typename scalar_t>
+acc_t<scalar_t> load_row(const scalar_t* x, int64_t C, acc_t<scalar_t>* r) {
+  using acc = acc_t<scalar_t>;
+  acc sq = 0, amax = 0;
+#pragma omp simd reduction(+ : sq) reduction(max : amax)
+  for (int64_t c = 0; c < C; ++c) {
+    r[c] = static_cast<acc>(x[c]);
+    sq += r[c] * r[c];
+    amax = std::max(amax, std::abs(r[c]));
+  }
+  return inv_norm(rescale_if_extreme(r, C, amax, sq));
+}
+
 // Unit rows of `centroids` in the accumulation dtype: [K, C].
 at::Tensor unit_rows(const at::Tensor& t, at::ScalarType acc_type) {
   auto a = t.to(acc_type).contiguous();
@@ -68,16 +97,8 @@ void assign_direct(const scalar_t* X, const acc_t<scalar_t>* Cn, int64_t N, int6
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc> row(C);
     for (int64_t n = begin; n < end; ++n) {
-      const scalar_t* x = X + n * C;
       acc* r = row.data();
-      acc sq = 0, amax = 0;
-#pragma omp simd reduction(+ : sq) reduction(max : amax)
-      for (int64_t c = 0; c < C; ++c) {
-        r[c] = static_cast<acc>(x[c]);
-        sq += r[c] * r[c];
-        amax = std::max(amax, std::abs(r[c]));
-      }
-      const acc inv = inv_norm(rescale_if_extreme(r, C, amax, sq));
+      const acc inv = load_row(X + n * C, C, r);
       acc top = 0;
       int64_t arg = 0;
       for (int64_t k = 0; k < K; ++k) {
@@ -97,6 +118,49 @@ void assign_direct(const scalar_t* X, const acc_t<scalar_t>* Cn, int64_t N, int6
   });
 }
 
+// Rows r0..r0+rows of X as unit rows (rescaled where extreme, zero rows kept zero) into out [rows, C].
+template <typename scalar_t>
+void unit_block(const scalar_t* Xp, int64_t r0, int64_t rows, int64_t C, acc_t<scalar_t>* out) {
+  using acc = acc_t<scalar_t>;
+  for (int64_t i = 0; i < rows; ++i) {
+    acc* o = out + i * C;
+    const acc inv = load_row(Xp + (r0 + i) * C, C, o);
+    for (int64_t c = 0; c < C; ++c) o[c] *= inv;
+  }
+}
+
+#if GIG_FUSED_ARGMAX
+// The fused fp32 path (fused_argmax_avx2.h): the centroids packed once, then each thread's rows in blocks
+// of kBlockRows, in passes of pass_cols(C) centroids. Cn: unit centroids fp32 [K, C].
+template <typename scalar_t>
+void assign_fused(const scalar_t* Xp, int64_t N, int64_t C, const float* Cn, int64_t K, int64_t* labels,
+                  float* best) {
+  namespace fa = fused_argmax;
+  const int64_t panels = (K + fa::kNr - 1) / fa::kNr;
+  std::vector<float> packed(static_cast<size_t>(panels * fa::kNr * C));
+  fa::pack_panels(Cn, K, C, fa::kNr, packed.data());
+  const int64_t pass = fa::pass_cols(C);
+  // one contiguous range of rows per thread, as the tiled path: enough rows for a thread to pay off
+  const int64_t grain = std::max<int64_t>(fa::kBlockRows, kMinTaskWork / std::max<int64_t>(1, C * K));
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> rows_buf(static_cast<size_t>(fa::kBlockRows * C)), pack((rows_buf.size()) + fa::kMr * C);
+    std::vector<float> partial(C > fa::kKc ? fa::kBlockRows * fa::kTileCols : 0);
+    std::vector<fa::LaneBest> lanes(fa::kBlockRows);
+    for (int64_t k0 = 0; k0 < K; k0 += pass) {
+      for (int64_t r0 = begin; r0 < end; r0 += fa::kBlockRows) {
+        const int64_t rows = std::min(fa::kBlockRows, end - r0);
+        unit_block<scalar_t>(Xp, r0, rows, C, rows_buf.data());
+        fa::pack_panels(rows_buf.data(), rows, C, fa::kMr, pack.data());
+        fa::reset(lanes.data(), rows);
+        fa::fold_pass(pack.data(), rows, packed.data(), panels, k0, std::min(pass, K - k0), C,
+                      partial.empty() ? nullptr : partial.data(), lanes.data());
+        fa::merge_pass(lanes.data(), rows, k0 == 0, best + r0, labels + r0);
+      }
+    }
+  });
+}
+#endif
+
 template <typename scalar_t>
 void assign_tiled(const at::Tensor& X, const at::Tensor& Cn, int64_t* labels, acc_t<scalar_t>* best) {
   using acc = acc_t<scalar_t>;
@@ -110,18 +174,8 @@ void assign_tiled(const at::Tensor& X, const at::Tensor& Cn, int64_t* labels, ac
     acc* xbp = xb.data_ptr<acc>();
     for (int64_t b = b_begin; b < b_end; ++b) {
       const int64_t r0 = b * kRowBlock, rows = std::min(kRowBlock, N - r0);
-      for (int64_t i = 0; i < rows; ++i) {  // normalise the row block
-        const scalar_t* x = Xp + (r0 + i) * C;
-        acc* o = xbp + i * C;
-        acc sq = 0, amax = 0;
-#pragma omp simd reduction(+ : sq) reduction(max : amax)
-        for (int64_t c = 0; c < C; ++c) {
-          o[c] = static_cast<acc>(x[c]);
-          sq += o[c] * o[c];
-          amax = std::max(amax, std::abs(o[c]));
-        }
-        const acc inv = inv_norm(rescale_if_extreme(o, C, amax, sq));
-        for (int64_t c = 0; c < C; ++c) o[c] *= inv;
+      unit_block<scalar_t>(Xp, r0, rows, C, xbp);
+      for (int64_t i = 0; i < rows; ++i) {
         labels[r0 + i] = 0;
         best[r0 + i] = -std::numeric_limits<acc>::infinity();
       }
@@ -149,6 +203,16 @@ void assign_tiled(const at::Tensor& X, const at::Tensor& Cn, int64_t* labels, ac
 
 }  // namespace
 
+// The fused path needs FMA as well as AVX2 (every AVX2 CPU has it; checked all the same).
+static bool use_fused_argmax() {
+#if GIG_FUSED_ARGMAX
+  static const bool fma = __builtin_cpu_supports("fma");
+  return cpu_has_avx2() && fma;
+#else
+  return false;
+#endif
+}
+
 std::tuple<at::Tensor, at::Tensor> spherical_assign_cpu(const at::Tensor& X_in, const at::Tensor& centroids_in) {
   check_spherical_assign_inputs(X_in, centroids_in, c10::DeviceType::CPU);
   // scale-free (see spherical_assign.h): the centroids are brought into range here, each row of X as the
@@ -163,10 +227,20 @@ std::tuple<at::Tensor, at::Tensor> spherical_assign_cpu(const at::Tensor& X_in, 
   auto Cn = unit_rows(centroids, acc_type);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "spherical_assign_cpu", [&] {
     using acc = acc_t<scalar_t>;
-    if (K <= kDirectMaxK || C == 0)
+    if (K <= kDirectMaxK || C == 0) {
       assign_direct<scalar_t>(X.data_ptr<scalar_t>(), Cn.data_ptr<acc>(), N, K, C, labels.data_ptr<int64_t>(),
                               best.data_ptr<acc>());
-    else
+      return;
+    }
+#if GIG_FUSED_ARGMAX
+    if constexpr (std::is_same_v<acc, float>) {
+      if (use_fused_argmax()) {
+        assign_fused<scalar_t>(X.data_ptr<scalar_t>(), N, C, Cn.data_ptr<float>(), K, labels.data_ptr<int64_t>(),
+                               best.data_ptr<float>());
+        return;
+      }
+    }
+#endif
       assign_tiled<scalar_t>(X, Cn, labels.data_ptr<int64_t>(), best.data_ptr<acc>());
   });
   return {labels, best};
