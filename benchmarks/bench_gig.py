@@ -33,6 +33,17 @@ cases, first), then B = 2 at m = 50 for those and layer3.5 → layer4.0, and at 
 layer3.5 → logits. CPU: 32×32 (quick) or 64×64 (full), s = 16, m = 20, B = 2 for the three transitions
 and B = 32 for layer1.2 → layer2.0.
 
+Time to accuracy (``gig_time_to_accuracy``): the pipeline's stage-4 workload — B images, each with its
+top T = 5 concepts of layer b as per-image ``ConceptTarget`` s (its predicted class for the logits), codes
+with s = 16 on K = 8·C random concepts, ResNet-50 at 96 px (CPU) or 224 px (GPU). Accuracy is the share
+of (image, target) pairs whose completeness gap is within 1 % of ``|T(X(1)) − T(X(0))|``. ``gig_fast``
+is :func:`gig_fast.gig` as stage 4 calls it (the adapters' BN-folded F_ab, the pipeline's defaults:
+16 Gauss–Legendre nodes, adaptive refinement at 1 %); Captum's ``IntegratedGradients`` gets every pair in
+one call (codes repeated per target, per-example targets, the ``embedding_bag`` rebuild, Gauss–Legendre)
+at the fewest of :data:`CAPTUM_STEPS` whose share reaches ours, with the fastest of
+:data:`CAPTUM_BATCHES` as ``internal_batch_size``, on the model as is and on the same folded F_ab (how
+much of the gain is the fold). The steps and both shares are in each row.
+
 ``gig_accumulate``: the public op of each backend (ours) against the torch path (``torch``, baseline)
 and the bare kernel (``<backend> kernel``, floor: the public op's host-side cost is its excess over it).
 Bytes: the gradients once, the codes, the output and the distinct concept rows.

@@ -11,8 +11,9 @@ over the m nodes/weights of a quadrature rule on [0, 1]. Completeness:
 (``delta``).
 
 How it is fast: all m α-points of a chunk of images run through ``F_ab`` as one batch — one forward
-shared by every target, then one backward per target (``batch_size`` bounds the rows per batch, so
-memory does not grow with m); the weighted α-sum of the gradients and its projection onto only the
+shared by every target, then one backward per target over the rows that carry a weight (the path's
+ends and the refinement's boundaries only need F_ab's value: a forward without a graph); ``batch_size``
+bounds the rows per batch, so memory does not grow with m; the weighted α-sum of the gradients and its projection onto only the
 *active* concepts of each position are one fused op (:func:`gig_fast.ops.gig_accumulate`); the prefix
 up to a is never run.
 The path tensor is laid out ``[n, H_a, W_a, C_a]`` (channels-last) so the sparse reconstruction, the
@@ -487,9 +488,10 @@ def _integrate(run: _Pass, UV, idx, val, nodes64, weights64):
     """The m-node rule for every image at once (``UV [B, P, C]``, codes ``[B, P, s]``, float64 nodes and
     weights ``[m]``). Returns ``attr [T, B, P, s]``, ``T(X(1))`` and ``T(X(0))`` ``[T, B]``.
 
-    The endpoints X(1) and X(0) ride along as two extra nodes of weight 0 (α = 1, then α = 0): one forward
-    through f_ab serves the integral and the completeness check; a separate forward of 2·B rows costs far
-    more than its share of the batch (on the CPU it is mostly weight traffic).
+    The endpoints X(1) and X(0) are two extra nodes of weight 0 (α = 1, then α = 0) in the same chunks;
+    :func:`_through_f_ab` runs them in a forward without a graph, so the T backwards of the chunk carry
+    only the m weighted nodes (with them, each backward carried 2 of 18 rows for nothing at the
+    pipeline's 16 nodes).
     """
     V = run.V
     B, P, C = UV.shape
