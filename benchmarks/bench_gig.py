@@ -280,8 +280,9 @@ class EngineInputs:
                    **options)
 
 
-def engine_inputs(case: EngineCase, device: str) -> EngineInputs:
-    """The inputs of ``case`` on ``device`` (seeded: the same on every call; the model is built once)."""
+def resnet50_on(device: str) -> nn.Module:
+    """torchvision's ResNet-50 with random weights and randomised BN statistics (seed 0), eval mode, no
+    parameter gradients; built once per device."""
     import torchvision
     torch.manual_seed(0)
     if device not in _MODELS:
@@ -289,7 +290,12 @@ def engine_inputs(case: EngineCase, device: str) -> EngineInputs:
         for p in model.parameters():
             p.requires_grad_(False)
         _MODELS[device] = model
-    model = _MODELS[device]
+    return _MODELS[device]
+
+
+def engine_inputs(case: EngineCase, device: str) -> EngineInputs:
+    """The inputs of ``case`` on ``device`` (seeded: the same on every call; the model is built once)."""
+    model = resnet50_on(device)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(case.B, 3, case.size, case.size, generator=g).to(device)
     with torch.no_grad():
@@ -522,14 +528,7 @@ class AccuracyProblem:
     def __init__(self, case: AccuracyCase, device: str):
         from gig_fast.models.bn import fold_batchnorm
         from gig_fast.pipeline.config import PipelineConfig
-        import torchvision
-        torch.manual_seed(0)
-        if device not in _MODELS:
-            model = randomize_bn(torchvision.models.resnet50()).eval().to(device)
-            for p in model.parameters():
-                p.requires_grad_(False)
-            _MODELS[device] = model
-        model = _MODELS[device]
+        model = resnet50_on(device)
         g = torch.Generator().manual_seed(2)
         x = torch.randn(case.B, 3, case.size, case.size, generator=g).to(device)
         with torch.no_grad():
