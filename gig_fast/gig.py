@@ -11,8 +11,8 @@ over the m nodes/weights of a quadrature rule on [0, 1]. Completeness:
 (``delta``).
 
 How it is fast: all m α-points of a chunk of images run through ``F_ab`` as one batch — one forward
-shared by every target, then one backward per target over the rows that carry a weight (the path's
-ends and the refinement's boundaries only need F_ab's value: a forward without a graph); ``batch_size``
+shared by every target, then one backward per target over the rows that carry a weight (with several
+targets, the path's ends and the refinement's boundaries go through a forward without a graph); ``batch_size``
 bounds the rows per batch, so memory does not grow with m; the weighted α-sum of the gradients and its projection onto only the
 *active* concepts of each position are one fused op (:func:`gig_fast.ops.gig_accumulate`); the prefix
 up to a is never run.
@@ -442,21 +442,25 @@ def _through_f_ab(run: _Pass, path: torch.Tensor, image: torch.Tensor, n_grad: i
     Returns F_ab's output ``[n, ...]`` (detached, in the path's dtype) and ``[T, n_grad, P, C]`` the
     gradient of each target (summed over rows) with respect to the first ``n_grad`` rows (None if 0):
     one forward for every target, then one backward per target through the kept graph — the targets
-    share the path, so replicating it T times would redo T−1 identical forwards. The rows without a
-    gradient (the path's ends, the refinement's subinterval boundaries) run in a forward of their own
-    without a graph: inside the graph each of the T backwards would carry them too (the ends were 2 of
-    the 18 rows of the pipeline's 16-node rule). F_ab gets the path as a channels-last view (no copy),
-    so its gradient comes back in ``gig_accumulate``'s layout.
+    share the path, so replicating it T times would redo T−1 identical forwards. With several targets
+    the rows without a gradient (the path's ends, the refinement's subinterval boundaries) run in a
+    forward of their own without a graph, else each of the T backwards carries them too: the fixed
+    16-node rule at layer1.2 → layer2.0 of a ResNet-50, 96 px, B = 2, T = 5 took 1/1.34 of the time
+    with them apart; with one target the extra small forward costs more than it saves (0.85× at
+    layer3.5 → logits), so they ride along. F_ab gets the path as a channels-last view (no copy), so
+    its gradient comes back in ``gig_accumulate``'s layout.
     """
     n, P, C = path.shape
     leaf = path.reshape(n, run.H, run.W, C).permute(0, 3, 1, 2)
-    if n_grad < n:
+    T = len(run.targets)
+    apart = n_grad < n and (n_grad == 0 or T > 1)  # the rows without a gradient in a forward of their own
+    if apart:
         with torch.no_grad(), run.low_precision, _region("gig.forward"):
             rest = run.f_ab(leaf[n_grad:]).to(leaf.dtype)
         if n_grad == 0:
             return rest, None
-    leaf = leaf[:n_grad].detach().requires_grad_(True)
-    T = len(run.targets)
+    n_graph = n_grad if apart else n
+    leaf = leaf[:n_graph].detach().requires_grad_(True)
     # one target: its gradient is the result as it is (channels-last from the convolutions, so the view
     # below is free); several: one buffer, each gradient copied in as it comes
     grads = torch.empty(T, n_grad, P, C, dtype=leaf.dtype, device=leaf.device) if T > 1 else None
@@ -466,16 +470,16 @@ def _through_f_ab(run: _Pass, path: torch.Tensor, image: torch.Tensor, n_grad: i
         out = out.to(leaf.dtype)  # targets in full precision (a no-op without autocast)
         for t, tgt in enumerate(run.targets):
             with _region("gig.targets"):
-                value = _evaluate(tgt, out, image[:n_grad]).sum()
+                value = _evaluate(tgt, out, image[:n_graph]).sum()
             with _region("gig.backward"):
                 (grad,) = torch.autograd.grad(value, leaf, retain_graph=t < T - 1)
-                grad = grad.permute(0, 2, 3, 1).reshape(n_grad, P, C)
+                grad = grad[:n_grad].permute(0, 2, 3, 1).reshape(n_grad, P, C)
                 if T == 1:
                     grads = grad[None]
                 else:
                     grads[t] = grad
     out = out.detach()
-    return (torch.cat([out, rest]) if n_grad < n else out), grads
+    return (torch.cat([out, rest]) if apart else out), grads
 
 
 def _values(run: _Pass, out: torch.Tensor, image: torch.Tensor, rows: slice) -> torch.Tensor:
@@ -489,9 +493,8 @@ def _integrate(run: _Pass, UV, idx, val, nodes64, weights64):
     weights ``[m]``). Returns ``attr [T, B, P, s]``, ``T(X(1))`` and ``T(X(0))`` ``[T, B]``.
 
     The endpoints X(1) and X(0) are two extra nodes of weight 0 (α = 1, then α = 0) in the same chunks;
-    :func:`_through_f_ab` runs them in a forward without a graph, so the T backwards of the chunk carry
-    only the m weighted nodes (with them, each backward carried 2 of 18 rows for nothing at the
-    pipeline's 16 nodes).
+    with several targets :func:`_through_f_ab` runs them in a forward without a graph, so the T backwards
+    carry only the m weighted nodes.
     """
     V = run.V
     B, P, C = UV.shape
