@@ -33,12 +33,24 @@ headline cases, first), then B = 2 at m = 50 for those and layer3.5 → layer4.0
 layer3.5 → logits. CPU: 32×32 (quick) or 64×64 (full), s = 16, m = 20, B = 2 for the three transitions
 and B = 32 for layer1.2 → layer2.0.
 
+Time to accuracy (``gig_time_to_accuracy``): the pipeline's stage-4 workload — B images, each with its
+top T = 5 concepts of layer b as per-image ``ConceptTarget`` s (its predicted class for the logits), codes
+with s = 16 on K = 8·C random concepts, ResNet-50 at 96 px (CPU) or 224 px (GPU). Accuracy is the share
+of (image, target) pairs whose completeness gap is within 1 % of ``|T(X(1)) − T(X(0))|``. ``gig_fast``
+is :func:`gig_fast.gig` as stage 4 calls it (the adapters' BN-folded F_ab, the pipeline's defaults:
+16 Gauss–Legendre nodes, adaptive refinement at 1 %); Captum's ``IntegratedGradients`` gets every pair in
+one call (codes repeated per target, per-example targets, the ``embedding_bag`` rebuild, Gauss–Legendre)
+at the fewest of :data:`CAPTUM_STEPS` whose share reaches ours, with the fastest of
+:data:`CAPTUM_BATCHES` as ``internal_batch_size``, on the model as is and on the same folded F_ab (how
+much of the gain is the fold). The steps and both shares are in each row.
+
 ``gig_accumulate``: the public op of each backend (ours) against the torch path (``torch``, baseline)
 and the bare kernel (``<backend> kernel``, floor: the public op's host-side cost is its excess over it).
 Bytes: the gradients once, the codes, the output and the distinct concept rows.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -138,7 +150,8 @@ def engine_cases(size: str, device: str) -> list[EngineCase]:
 
 def pytest_generate_tests(metafunc):
     size, device = metafunc.config.gig_size, metafunc.config.gig_device
-    for name, make in (("accumulate_problem", accumulate_cases), ("engine_problem", engine_cases)):
+    for name, make in (("accumulate_problem", accumulate_cases), ("engine_problem", engine_cases),
+                       ("accuracy_problem", accuracy_cases)):
         if name in metafunc.fixturenames:
             found = make(size, device)
             metafunc.parametrize(name, found, ids=[c.name.replace(" ", "-") for c in found], indirect=True,
@@ -267,8 +280,9 @@ class EngineInputs:
                    **options)
 
 
-def engine_inputs(case: EngineCase, device: str) -> EngineInputs:
-    """The inputs of ``case`` on ``device`` (seeded: the same on every call; the model is built once)."""
+def resnet50_on(device: str) -> nn.Module:
+    """torchvision's ResNet-50 with random weights and randomised BN statistics (seed 0), eval mode, no
+    parameter gradients; built once per device."""
     import torchvision
     torch.manual_seed(0)
     if device not in _MODELS:
@@ -276,7 +290,12 @@ def engine_inputs(case: EngineCase, device: str) -> EngineInputs:
         for p in model.parameters():
             p.requires_grad_(False)
         _MODELS[device] = model
-    model = _MODELS[device]
+    return _MODELS[device]
+
+
+def engine_inputs(case: EngineCase, device: str) -> EngineInputs:
+    """The inputs of ``case`` on ``device`` (seeded: the same on every call; the model is built once)."""
+    model = resnet50_on(device)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(case.B, 3, case.size, case.size, generator=g).to(device)
     with torch.no_grad():
@@ -418,3 +437,207 @@ def bench_accumulate(bench, accumulate_problem, impl, bare):
     role = "floor" if bare else ("baseline" if impl == "torch" else "ours")
     bench(call, op="gig_accumulate", impl=f"{impl} kernel" if bare else impl, role=role, case=p.case.name,
           shape=p.shape, check=p.check, bytes_moved=p.bytes)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Time to accuracy: the pipeline's workload (stage 4), ours at its defaults against Captum at the fewest
+# steps that reach our completeness
+
+# Captum's candidate step counts (Gauss–Legendre), smallest first: the first that reaches our share of
+# complete pairs is timed; the last one is timed if none does (the ratio is then a lower bound)
+CAPTUM_STEPS = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+# Captum's internal_batch_size candidates (rows = examples × steps per forward; None: all at once),
+# the fastest of one call each at the chosen steps is timed
+CAPTUM_BATCHES = (64, 256, None)
+
+
+@dataclass(frozen=True)
+class AccuracyCase:
+    """``B`` images × their targets of layer b (``T`` top concepts, or the class for the logits) at
+    ``size`` px, codes with ``s`` active concepts per position."""
+    a: str
+    b: str
+    B: int
+    T: int
+    size: int
+    s: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.a}->{self.b} B={self.B} T={1 if self.b == 'logits' else self.T} {self.size}px s={self.s}"
+
+
+def accuracy_cases(size: str, device: str) -> list[AccuracyCase]:
+    if size == "smoke":
+        return [AccuracyCase("layer3.5", "layer4.0", 1, 2, 32, 4)]
+    B, px = (8, 224) if device.startswith("cuda") else (2, 96)
+    return [AccuracyCase(a, b, B, 5, px, 16) for a, b in
+            (("layer1.2", "layer2.0"), ("layer3.5", "layer4.0"), ("layer3.5", "logits"))]
+
+
+def complete_share(relative_gap: torch.Tensor) -> float:
+    """The share of (image, target) pairs whose completeness gap is within 1 % of ``|T(X(1)) − T(X(0))|``."""
+    return float((relative_gap <= 0.01).double().mean())
+
+
+class PairwiseTargets:
+    """The (target, image) pairs of a workload as Captum's per-example targets: the codes repeated per
+    target (``[T·B, P, s]``, target-major) and ``T(F_ab(X))`` per row (``[T·B]``), a class's softmax
+    probability or a concept's projection summed over positions."""
+
+    def __init__(self, targets: list, B: int):
+        self.T = len(targets)
+        if isinstance(targets[0], ClassTarget):
+            self.classes = targets[0].index.repeat(self.T)
+            self.units = None
+        else:
+            self.units = torch.cat([t.vector / t.vector.norm(dim=-1, keepdim=True) for t in targets])  # [T·B, C_b]
+
+    def repeat(self, t: torch.Tensor) -> torch.Tensor:
+        return t.repeat(self.T, *([1] * (t.dim() - 1)))
+
+    def value(self, out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``T`` of each row of F_ab's output ``out``; ``rows [n]``: the example each row belongs to."""
+        if self.units is None:
+            return torch.softmax(out, 1).gather(1, self.classes[rows][:, None])[:, 0]
+        return torch.einsum("nchw,nc->n", out, self.units[rows])
+
+
+def _captum_pairs(f, idx, val, V, beta, pairs: PairwiseTargets, hw, n_steps, internal_batch_size):
+    """Captum IG of every (target, image) pair in one call: ``val`` repeated per target ``[T·B, P, s]``,
+    the example index as an additional argument (Captum expands it with the steps), the rebuild by
+    ``embedding_bag``. Returns ``[T·B, P, s]``."""
+    from captum.attr import IntegratedGradients
+    H, W = hw
+    vals, idxs = pairs.repeat(val), pairs.repeat(idx)
+    rows = torch.arange(vals.shape[0], device=val.device)
+
+    def forward(v, idx_rows, row):
+        X = _rebuild_embedding_bag(idx_rows, v, V, beta).reshape(v.shape[0], H, W, -1).permute(0, 3, 1, 2)
+        return pairs.value(f(X), row)
+
+    return IntegratedGradients(forward).attribute(
+        vals, baselines=torch.zeros_like(vals), additional_forward_args=(idxs, rows), n_steps=n_steps,
+        method="gausslegendre", internal_batch_size=internal_batch_size)
+
+
+class AccuracyProblem:
+    """One transition of the workload: F_ab as the pipeline builds it (BNs folded) and as the model is,
+    the codes, each image's targets, ours at the pipeline's defaults, and Captum's chosen steps."""
+
+    def __init__(self, case: AccuracyCase, device: str):
+        from gig_fast.models.bn import fold_batchnorm
+        from gig_fast.pipeline.config import PipelineConfig
+        model = resnet50_on(device)
+        g = torch.Generator().manual_seed(2)
+        x = torch.randn(case.B, 3, case.size, case.size, generator=g).to(device)
+        with torch.no_grad():
+            xa = preactivation(model, case.a, x)
+        _, C, H, W = xa.shape
+        self.case, self.device, self.hw = case, device, (H, W)
+        self.f_model = make_f_ab(model, case.a, case.b)
+        self.f_folded = fold_batchnorm(self.f_model)  # what the pipeline's adapters give stage 4
+        self.beta = bn_shift(model, case.a).to(device)
+        self.V = (torch.randn(8 * C, C, generator=g) / C ** 0.5).to(device)
+        idx, val = random_codes((case.B, H * W), case.s, 8 * C, pad_frac=0.25, scale=0.5, generator=g)
+        self.idx, self.val = idx.to(device), val.to(device)
+        with torch.no_grad():
+            out = self.f_model(xa)
+        if out.dim() == 2:  # each image's class: its prediction
+            self.targets = [ClassTarget(out.argmax(1))]
+        else:  # each image's top T concepts of layer b (K_b = 8·C_b random unit-scale concepts)
+            Cb = out.shape[1]
+            Vb = (torch.randn(8 * Cb, Cb, generator=g) / Cb ** 0.5).to(device)
+            top = torch.einsum("nchw,kc->nk", out, Vb).topk(case.T, dim=1).indices
+            self.targets = [ConceptTarget(Vb[top[:, t]]) for t in range(case.T)]
+        self.pairs = PairwiseTargets(self.targets, case.B)
+        self.options = {k: v for k, v in PipelineConfig().gig_options().items() if k != "batch_size"}
+        self.ours = self.gig()
+        self.share = complete_share(self.ours.relative_delta())
+        self.span = self._span()
+        self.n_steps, self.captum_share, self.shares_seen = self._captum_steps()
+        self.internal_batch = self._captum_batch()
+        self.shape = {"model": "resnet50", "size": case.size, "a": case.a, "b": case.b, "B": case.B,
+                      "T": len(self.targets), "K": self.V.shape[0], "s": case.s, "P": H * W}
+
+    def gig(self):
+        """Ours as stage 4 calls it: the folded F_ab, the pipeline's defaults (adaptive refinement on)."""
+        return gig(self.f_folded, (self.idx, self.val), self.V, self.beta, self.targets, spatial=self.hw,
+                   **self.options)
+
+    def captum(self, f, n_steps: int, internal_batch_size=None):
+        with fp32_exact():
+            return _captum_pairs(f, self.idx, self.val, self.V, self.beta, self.pairs, self.hw, n_steps,
+                                 internal_batch_size)
+
+    def _span(self):
+        """``T(X(1))`` and ``T(X(0))`` of every pair ``[T·B]`` (Captum's completeness reference)."""
+        rows = torch.arange(len(self.targets) * self.case.B, device=self.device)
+        vals, idxs = self.pairs.repeat(self.val), self.pairs.repeat(self.idx)
+        H, W = self.hw
+        with torch.no_grad(), fp32_exact():
+            ends = [self.pairs.value(self.f_model(_rebuild_embedding_bag(idxs, v, self.V, self.beta)
+                                                  .reshape(v.shape[0], H, W, -1).permute(0, 3, 1, 2)), rows)
+                    for v in (vals, torch.zeros_like(vals))]
+        return ends[0], ends[1]
+
+    def captum_share_at(self, attr) -> float:
+        v1, v0 = self.span
+        return complete_share((attr.sum((1, 2)) - (v1 - v0)).abs() / (v1 - v0).abs().clamp_min(1e-30))
+
+    def _captum_steps(self):
+        """The fewest of :data:`CAPTUM_STEPS` at which Captum reaches our share (the last if none does)."""
+        seen = {}
+        for n in CAPTUM_STEPS:
+            seen[n] = self.captum_share_at(self.captum(self.f_model, n, 256).detach())
+            if seen[n] >= self.share:
+                break
+        return n, seen[n], seen
+
+    def _captum_batch(self):
+        times = {}
+        for ibs in CAPTUM_BATCHES:
+            t0 = time.perf_counter()
+            self.captum(self.f_model, self.n_steps, ibs)
+            times[ibs] = time.perf_counter() - t0
+        return min(times, key=times.get)
+
+    def run(self, impl: str):
+        if impl == "gig_fast":
+            return self.gig
+        f = self.f_model if impl == "captum_ig_sparse" else self.f_folded
+        return lambda: self.captum(f, self.n_steps, self.internal_batch)
+
+    def check(self, impl: str):
+        def check(out):
+            if impl == "gig_fast":
+                share = complete_share(out.relative_delta())
+                assert share == self.share, f"gig's share of complete pairs changed between calls: {share} != {self.share}"
+                return {"share_within_1pct": share, "mean_nodes": float(out.steps.double().mean()),
+                        "refined_share": float(out.refined.double().mean())}
+            share = self.captum_share_at(out)
+            assert share >= self.share or self.n_steps == CAPTUM_STEPS[-1], \
+                f"{impl} at {self.n_steps} steps: {share} of pairs complete, ours {self.share}"
+            return {"share_within_1pct": share, "n_steps": self.n_steps, "internal_batch_size": self.internal_batch,
+                    "ours_share_within_1pct": self.share,
+                    "reached_our_share": share >= self.share,
+                    "shares_by_steps": {str(k): v for k, v in self.shares_seen.items()}}
+        return check
+
+
+@pytest.fixture(scope="module")
+def accuracy_problem(request, device):
+    pytest.importorskip("captum.attr", reason="Captum is not installed (pip install captum)")
+    return AccuracyProblem(request.param, device)
+
+
+ACCURACY = ["captum_ig_sparse", "captum_ig_sparse folded", "gig_fast"]
+
+
+@pytest.mark.parametrize("impl", ACCURACY, ids=[e.replace(" ", "_") for e in ACCURACY])
+def bench_time_to_accuracy(bench, accuracy_problem, impl):
+    p = accuracy_problem
+    role = "ours" if impl == "gig_fast" else "baseline"
+    label = {"captum_ig_sparse": "captum (model as is)", "captum_ig_sparse folded": "captum (BNs folded)"}.get(impl)
+    bench(p.run(impl), op="gig_time_to_accuracy", impl=impl, label=label, role=role, case=p.case.name,
+          shape=p.shape, check=p.check(impl))

@@ -353,6 +353,28 @@ def test_chunked_forward_batches_are_bounded():
     assert max(seen) <= 5 and sum(seen) == 2 * 12 + 2 * 2
 
 
+def test_rows_without_a_weight_skip_the_backward_and_the_ends_are_evaluated_once():
+    """F_ab's rows with T = 2 targets: the fixed rule's m·B weighted nodes go through a forward that the T
+    backwards use, the 2·B endpoint rows through a forward of their own (no graph); the refinement's first
+    round evaluates its subintervals' nodes and their inner boundaries only (T(X(0)), T(X(1)) come from
+    the fixed pass)."""
+    f, codes, V, beta, targets, hw = _refinement_problem("layer2.0", "logits", torch.Generator().manual_seed(3))
+    calls = []
+
+    def spy(x):
+        calls.append((x.shape[0], x.requires_grad))
+        return f(x)
+
+    steps = 8  # the refinement starts with steps / 4 = 2 subintervals of 4 nodes: one inner boundary
+    res = gig(spy, codes, V, beta, targets, steps=steps, spatial=hw)
+    B, flagged = codes[0].shape[0], int(res.refined.sum())
+    assert flagged > 0 and calls[:2] == [(2 * B, False), (steps * B, True)]
+    assert calls[2:4] == [(flagged, False), (flagged * steps, True)]  # the first refinement round
+    calls.clear()  # one target: the ends ride along in the graph (an extra small forward costs more)
+    gig(spy, codes, V, beta, targets[0], steps=steps, tolerance=None, spatial=hw)
+    assert calls == [((steps + 2) * B, True)]
+
+
 @pytest.mark.parametrize("backend", [b for b in ("cpp", "triton") if available_backends()[b].startswith("runs")])
 def test_backends_agree(backend):
     """The compiled backends of the engine's ops give the torch reference's attributions (float64)."""
