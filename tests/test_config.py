@@ -22,7 +22,7 @@ BAD_OPTIONS = [  # (option, value, what the message says)
     ("lam", -1, "lam must be null or a number > 0"),
     ("lam", 0, "lam must be null or a number > 0"),
     ("lam", float("nan"), "lam must be null or a number > 0"),
-    ("gig_rule", "foo", "gig_rule must be one of 'gausslegendre'"),
+    ("gig_rule", "foo", "gig_rule must be one of 'adaptive', 'gausslegendre'"),
     ("gig_batch_size", 0, "gig_batch_size must be null or an integer >= 1"),
     ("k_factor", "eight", "k_factor must be a number > 0, got 'eight'"),
     ("k_factor", 0, "k_factor must be a number > 0"),
@@ -72,6 +72,11 @@ def _literal(text):
 def test_combinations_and_every_problem_at_once():
     with pytest.raises(ValueError, match="needs gig_steps >= 2"):
         PipelineConfig(gig_rule="trapezoid", gig_steps=1)
+    with pytest.raises(ValueError, match="gig_rule 'adaptive' needs gig_steps >= 2"):
+        PipelineConfig(gig_steps=1)
+    with pytest.raises(ValueError, match="gig_rule 'adaptive' needs a gig_tolerance"):
+        PipelineConfig(gig_tolerance=None)
+    PipelineConfig(gig_rule="gausslegendre", gig_tolerance=None, gig_steps=1)  # a fixed rule alone is fine
     with pytest.raises(ValueError, match="positive: true needs code_method 'lasso'"):
         PipelineConfig(code_method="omp", positive=True)
     with pytest.raises(ValueError) as e:

@@ -35,7 +35,7 @@ def test_an_unreachable_bar_keeps_the_more_complete_result_per_image():
         capped = gig(f, codes, V, beta, targets, steps=8, tolerance=1e-9, max_steps=12, spatial=hw)
         worst_fixed, worst = fixed.relative_delta().amax(0), capped.relative_delta().amax(0)  # [B]
         assert torch.all(worst > 1e-9), seed  # the bar is out of reach for every image
-        assert torch.all(capped.steps <= 12) and torch.all(capped.steps % 4 == 0)
+        assert torch.all(capped.steps <= 12)
         assert torch.all(worst <= worst_fixed), (seed, worst, worst_fixed)  # never less complete than the fixed rule
         kept, refined = ~capped.refined, capped.refined
         # kept: the fixed rule's numbers exactly, with its node count

@@ -25,8 +25,8 @@ CHANGES_RESULTS = {
     "class_token": "drop", "max_image_pixels": 1000, "reduce_large_images": True, "concept_images": 17,
     "pfvs_per_image": 2, "attribution": "gradxinput", "ierf_dtype": "float32", "store_ierf": False,
     "layers": ["layer4.2"], "k_factor": 2.0, "k": 7, "kmeans_mode": "fast", "representatives": 3,
-    "explain_images": 11, "per_class": 1, "lam": 0.3, "code_method": "omp", "positive": True, "gig_steps": 5,
-    "gig_rule": "trapezoid", "gig_tolerance": None, "gig_autocast": "bf16", "top_concepts": 2, "top_shared": 1,
+    "explain_images": 11, "per_class": 1, "lam": 0.3, "code_method": "omp", "positive": True, "gig_steps": 7,
+    "gig_rule": "trapezoid", "gig_tolerance": 0.05, "gig_max_steps": 32, "gig_shared_steps": 4, "gig_autocast": "bf16", "top_concepts": 2, "top_shared": 1,
     "pair_neighbours": None, "class_by": "prediction", "class_probability": False, "seed": 1,
     "extra": {"note": 1},
 }

@@ -13,7 +13,7 @@ import torch
 
 from ..concepts.core import MODES as KMEANS_MODES
 from ..data import MAX_IMAGE_PIXELS
-from ..gig import RULES
+from ..gig import ADAPTIVE, RULES
 from ..ops import BACKENDS
 from ..ops.sparse_code import DEFAULT_LAM_REL
 
@@ -42,8 +42,9 @@ _ADDED_LATER = {"gig_autocast": None, "gig_tolerance": None, "max_image_pixels":
 
 # Bumped when the code computes different results (or work files) from the same config, so that a run
 # never resumes from work files of an older method: 2 = β the net BN shift (bn3 + downsample BN), stage-4
-# targets widened to the shared concepts, per-image graphs of the image's own concepts.
-RESULTS_VERSION = 2
+# targets widened to the shared concepts, per-image graphs of the image's own concepts; 3 = the adaptive
+# rule refines a fixed rule's incomplete images (composite trapezoid on nested nodes).
+RESULTS_VERSION = 3
 
 
 @dataclass
@@ -69,8 +70,11 @@ class PipelineConfig:
     10, the paper's "top-10 nearest embeddings").
     Stage 3: ``explain_images`` (≥ ``per_class`` of each class), ``lam`` (λ relative to λ_max; None =
     the coder's default), ``code_method``, ``positive``.
-    Stage 4: ``gig_steps``, ``gig_rule``, ``gig_tolerance`` (completeness bar of the adaptive
-    refinement, None = the fixed rule), ``gig_autocast`` (None | ``bf16`` | ``fp16``: F_ab in low
+    Stage 4: ``gig_rule`` (``adaptive``, default: each image's nodes where its path needs them; or a
+    fixed rule), ``gig_steps`` (the adaptive rule's starting nodes, or the fixed rule's), ``gig_tolerance``
+    (the completeness bar the adaptive rule stops at, or that sends a fixed rule's incomplete images to
+    it; None = the fixed rule alone), ``gig_max_steps`` (most nodes per image of the adaptive rule),
+    ``gig_shared_steps`` (most nodes per image for the shared-concept targets), ``gig_autocast`` (None | ``bf16`` | ``fp16``: F_ab in low
     precision; both see :func:`gig_fast.gig`), ``top_concepts`` (per class per layer), ``top_shared``
     (per pair of classes), ``pair_neighbours`` (the class pairs that get a pair graph and whose shared
     concepts stage 4 wires: each class with its ``pair_neighbours`` most similar classes, by the cosine
@@ -115,9 +119,11 @@ class PipelineConfig:
     lam: float | None = None
     code_method: str = "lasso"
     positive: bool = False
-    gig_steps: int = 16
-    gig_rule: str = "gausslegendre"
+    gig_steps: int = 5
+    gig_rule: str = ADAPTIVE
     gig_tolerance: float | None = 0.01
+    gig_max_steps: int = 64
+    gig_shared_steps: int = 8
     gig_autocast: str | None = None
     top_concepts: int = 5
     top_shared: int = 3
@@ -175,7 +181,20 @@ class PipelineConfig:
     def gig_options(self) -> dict:
         """The keyword arguments of :func:`gig_fast.gig` that this configuration sets (stage 4's rule)."""
         return {"steps": self.gig_steps, "rule": self.gig_rule, "batch_size": self.gig_batch_size,
-                "autocast": AUTOCAST[self.gig_autocast], "tolerance": self.gig_tolerance}
+                "autocast": AUTOCAST[self.gig_autocast], "tolerance": self.gig_tolerance,
+                "max_steps": max(self.gig_max_steps, self.gig_steps)}
+
+    def shared_gig_options(self) -> dict:
+        """The options of stage 4's pass to the shared concepts (the pair graphs' edges): at most
+        ``gig_shared_steps`` nodes per image. 14–26 targets per class on the demo, several of them with a
+        span near 0 that no rule brings within a relative bar: with the adaptive rule's 64-node cap this
+        pass took 4–16× the nodes of the fixed 8-node rule on the demo's layer4.1 → layer4.2 (and 9× when
+        the former refinement ran it). The adaptive rule stops there or at the bar, a fixed rule takes
+        exactly that many nodes with no refinement."""
+        options = self.gig_options()
+        if self.gig_rule == ADAPTIVE:
+            return {**options, "steps": min(self.gig_steps, self.gig_shared_steps), "max_steps": self.gig_shared_steps}
+        return {**options, "steps": self.gig_shared_steps, "tolerance": None}
 
     def code_options(self) -> dict:
         """The keyword arguments of :func:`gig_fast.ops.sparse_code` that this configuration sets (stage 3)."""
@@ -203,12 +222,13 @@ class PipelineConfig:
 # Every option is checked when a PipelineConfig is made, before any stage runs: a misspelt name or a value
 # out of range fails in a second with every problem listed, not after an hour of stage 1.
 _POSITIVE_INTS = ("image_size", "max_image_pixels", "concept_images", "explain_images", "pfvs_per_image", "representatives",
-                  "gig_steps", "top_concepts", "chunk_images", "batch_size", "graph_images")
+                  "gig_steps", "gig_max_steps", "gig_shared_steps", "top_concepts", "chunk_images", "batch_size",
+                  "graph_images")
 _NON_NEGATIVE_INTS = ("per_class", "top_shared", "seed", "report_images", "report_crops", "graph_pairs")
 _BOOLS = ("reduce_large_images", "store_ierf", "positive", "class_probability", "progress", "error_nodes")
 _STRINGS = ("model", "dataset", "split", "out")
 _CHOICES = {"attribution": ("srd", "gradxinput"), "ierf_dtype": ("float16", "float32"),
-            "code_method": ("lasso", "omp"), "gig_rule": RULES, "class_by": ("label", "prediction"),
+            "code_method": ("lasso", "omp"), "gig_rule": (ADAPTIVE,) + RULES, "class_by": ("label", "prediction"),
             "kmeans_mode": (None,) + KMEANS_MODES, "backend": (None,) + BACKENDS,
             "gig_autocast": tuple(AUTOCAST), "class_token": ("keep", "drop")}
 
@@ -256,8 +276,12 @@ def _problems(cfg: "PipelineConfig") -> list[str]:
         bad("gig_batch_size", "null or an integer >= 1")
     if cfg.loader_workers is not None and not (_is_int(cfg.loader_workers) and cfg.loader_workers >= 0):
         bad("loader_workers", "null (automatic) or an integer >= 0")
-    if cfg.gig_rule == "trapezoid" and _is_int(cfg.gig_steps) and cfg.gig_steps < 2:
-        out.append("gig_rule 'trapezoid' needs gig_steps >= 2")
+    if cfg.gig_rule in ("trapezoid", ADAPTIVE):
+        for name in ("gig_steps", "gig_max_steps", "gig_shared_steps"):
+            if _is_int(getattr(cfg, name)) and getattr(cfg, name) < 2:
+                out.append(f"gig_rule {cfg.gig_rule!r} needs {name} >= 2")
+    if cfg.gig_rule == ADAPTIVE and cfg.gig_tolerance is None:
+        out.append("gig_rule 'adaptive' needs a gig_tolerance (it refines until that bar); null takes a fixed rule")
     if cfg.class_token == "drop" and cfg.store_ierf is False:
         out.append("class_token 'drop' needs store_ierf: true (stage 1 samples through the adapter then)")
     if cfg.code_method == "omp" and cfg.positive is True:
@@ -343,7 +367,7 @@ def demo_config(arch: str = "resnet", **overrides) -> PipelineConfig:
     all of them. The ViT keeps the 5,000 images × 1 token it was measured with (README: "Vision transformers and timm models").
     """
     base = dict(model="demo", dataset="fashion-mnist", split="test", concept_images=10000, pfvs_per_image=3,
-                explain_images=1000, per_class=100, k_factor=8.0, gig_steps=8, kmeans_mode="fast",
+                explain_images=1000, per_class=100, k_factor=8.0, kmeans_mode="fast",
                 gig_batch_size=400, batch_size=250, chunk_images=500, out="gig_demo")
     # gig_batch_size: rows (images × α-points) per F_ab forward. On this 2-core CPU stage 4 of the demo took
     # 86 s at 400 against 125 s at 2,048 (side by side, idle; 112 s with the former one call per class)

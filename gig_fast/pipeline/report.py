@@ -59,7 +59,7 @@ def collect_metrics(pipe, timings: dict) -> dict:
         if steps.size:
             deltas[f"{a}->{b}"].update(refined_share=float(np.mean(refined)),
                                        mean_steps=float(steps.mean()), max_steps=int(steps.max()))
-        # the pair graphs' edges into shared concepts: the plain gig_steps-node rule (NaN: padding)
+        # the pair graphs' edges into shared concepts, reported apart (NaN: padding)
         shared = np.concatenate([z["shared_rel_delta"].ravel() for z in chunks if "shared_rel_delta" in z.files]
                                 or [np.zeros(0)])
         shared = shared[np.isfinite(shared)]

@@ -479,13 +479,13 @@ def attribute(pipe) -> None:
 def _attribute_transition(pipe, a: str, b: str, code_files: list[Path]) -> None:
     """Stage 4 for one layer pair: every code chunk that is not done yet and belongs to this rank.
 
-    Three GIG passes per chunk: (1) each image to its class's top concepts of b (or the class), all
-    classes in one batch through per-image targets — the class graphs; (2) to the other concepts of its :func:`view_sets` (shared with another class) — the
-    pair graphs' edges into shared concepts, with the plain ``gig_steps``-node rule: there are 14–24
-    of them per class on the demo, and with the adaptive refinement (which re-integrates an image when
-    any of its targets misses the bar) they cost 9× the first pass, 0.8× without (measured on
-    layer3.5 → layer4.0); their completeness is reported apart; (3) each image to its own top concepts
-    of b (:func:`image_top_concepts` of the transition above) — the image graphs, as ``explain``.
+    Three GIG passes per chunk, with the configured rule (the adaptive one by default): (1) each
+    image to its class's top concepts of b (or the class), all classes in one batch through per-image
+    targets — the class graphs; (2) to the other concepts of its :func:`view_sets` (shared with another
+    class) — the pair graphs' edges into shared concepts, per class (each class has its own number of
+    them), with at most ``gig_shared_steps`` nodes per image (:meth:`PipelineConfig.shared_gig_options`);
+    their completeness is reported apart; (3) each image to its own top concepts of b
+    (:func:`image_top_concepts` of the transition above) — the image graphs, as ``explain``.
     """
     cfg = pipe.config
     ca = load_concepts(pipe, a)
@@ -495,7 +495,6 @@ def _attribute_transition(pipe, a: str, b: str, code_files: list[Path]) -> None:
     Vb = load_concepts(pipe, b)["V"].to(pipe.device) if b != CLASSES else None
     f_ab = pipe.adapter.f_ab(a, None if b == CLASSES else b)
     k = min(cfg.top_concepts, V.shape[0])
-    plain = {**cfg.gig_options(), "tolerance": None}
     with BackgroundWriter(save_npz) as writer:  # the next chunk computes while this one is written
         for ci, cpath in enumerate(code_files):
             path = trans_dir(pipe, a, b) / f"chunk_{ci:05d}.npz"
@@ -517,7 +516,7 @@ def _attribute_transition(pipe, a: str, b: str, code_files: list[Path]) -> None:
                 extra = [int(t) for t in target_ids[c, n_top:] if t >= 0]
                 for sub in _batches(np.nonzero(groups == c)[0], cfg.batch_size) if extra else ():
                     res = gig(f_ab, codes_of(sub), V, beta, _targets(pipe, b, Vb, c, extra), spatial=pipe.spatial[a],
-                              **plain)
+                              **cfg.shared_gig_options())
                     acc.add_shared(slot, sub, res, f"{a} → {b} (shared concepts)")
             if b != CLASSES:  # an image's own targets are its own top concepts of b, chosen in the transition above
                 with np.load(trans_dir(pipe, b, _above(pipe, b)) / cpath.name, allow_pickle=False) as z:
