@@ -46,7 +46,7 @@ CAUSES = {
     "SRD / forward (stages 1, 3)": [("gig_fast/srd.py", "explain"), ("models/adapters.py", "record")],
     "sparse coding (stage 3)": [("ops/sparse_code.py", "sparse_code")],
     "GIG (stage 4)": [("gig_fast/gig.py", "gig")],
-    "graph.json + store + report": [("pipeline/graph.py", "write_graph"), ("pipeline/report.py", "write_report")],
+    "graph.json + store + report": [("pipeline/graph.py", "write_graph"), ("report/page.py", "write_report")],
 }
 
 
@@ -66,6 +66,7 @@ def cause_seconds(stats: pstats.Stats) -> dict[str, float]:
 def run(images: str, out: str, loader_workers: int, top: int = 25) -> dict:
     from gig_fast.models import DemoResNet
     from gig_fast.pipeline import Pipeline, PipelineConfig
+    from gig_fast.report import publish
     from gig_fast.testing import randomize_bn
 
     torch.manual_seed(0)
@@ -77,7 +78,9 @@ def run(images: str, out: str, loader_workers: int, top: int = 25) -> dict:
     prof = cProfile.Profile()
     t0 = time.perf_counter()
     prof.enable()
-    Pipeline(cfg, model=model).run()
+    pipe = Pipeline(cfg, model=model)
+    pipe.run()
+    publish(pipe)  # as gig-fast run does
     prof.disable()
     wall = time.perf_counter() - t0
     stats = pstats.Stats(prof)

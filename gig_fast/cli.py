@@ -160,12 +160,14 @@ def cmd_train_demo(args) -> int:
 
 def _run_pipeline(cfg, label: str) -> Path:
     from .pipeline import Pipeline
-
     from .pipeline import distributed as dist
+    from .report import publish
 
     t0 = time.perf_counter()
-    out = Pipeline(cfg).run()
+    pipe = Pipeline(cfg)
+    out = pipe.run()  # the stage files, graph.json and metrics.json
     if dist.is_main():  # one report per job, not one per torchrun rank
+        publish(pipe)  # report.html and concept_samples/
         print(f"{label}: wrote {out}/graph.json, metrics.json, report.html in {time.perf_counter() - t0:.1f} s")
     return out
 
@@ -349,7 +351,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .api.server import serve
+    from .serve import serve
 
     print(f"gig-fast serve: {args.run} on http://{args.host}:{args.port}/ (API under /api, docs /api/docs); "
           "Ctrl-C stops it", flush=True)
@@ -358,7 +360,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .pipeline import rebuild_report
+    from .report import rebuild_report
 
     t0 = time.perf_counter()
     path = rebuild_report(args.run, html=args.html, max_images=args.images)
@@ -380,6 +382,7 @@ def _split_validation(path):
 
 def cmd_validate(args) -> int:
     from .pipeline import Pipeline, PipelineConfig, demo_config
+    from .report import publish
     from .validation import ValidationOptions, validate
 
     t0 = time.perf_counter()
@@ -402,6 +405,7 @@ def cmd_validate(args) -> int:
     opts = ValidationOptions.from_dict(vopts)
     pipe = Pipeline(cfg)
     pipe.run()
+    publish(pipe)  # the page the validation section goes into
     t1 = time.perf_counter()
     doc = validate(pipe, opts)
     print((Path(cfg.out) / "validation.md").read_text())

@@ -3,7 +3,10 @@
 The pipeline writes through these names and :class:`gig_fast.Run` reads through them (the layout:
 docs/design.md §7)::
 
-    <out>/graph.json, metrics.json, report.html
+    <out>/graph.json, metrics.json      the computation's results (:meth:`gig_fast.Pipeline.run`)
+    <out>/report.html, concept_samples/ the published page and the nearest samples of every concept
+                                        (:func:`gig_fast.report.publish`)
+    <out>/validation_section.html, validation_figures.json   what ``gig-fast validate`` puts into the page
     <out>/concepts/<layer>/             the concept banks (:class:`gig_fast.ConceptBank`)
     <out>/store/                        the per-image Parquet store (:mod:`gig_fast.image_store`)
     <out>/work-<run key>/config.json    what a relaunch must agree with (:mod:`gig_fast.pipeline.workdir`)
@@ -24,11 +27,14 @@ import os
 import re
 from pathlib import Path
 
-__all__ = ["GRAPH_FILE", "METRICS_FILE", "REPORT_FILE", "CONFIG_FILE", "BANKS_DIR", "STORE_DIR", "STAGE1", "CONCEPTS",
+__all__ = ["GRAPH_FILE", "METRICS_FILE", "REPORT_FILE", "SAMPLES_DIR", "VALIDATION_SECTION_FILE",
+           "VALIDATION_FIGURES_FILE", "CONFIG_FILE", "BANKS_DIR", "STORE_DIR", "STAGE1", "CONCEPTS",
            "CODES", "GIG", "work_dir", "chunk_file", "chunk_files", "concept_file", "bank_dir", "transition_dir",
            "tmp_path", "atomic_open", "remove_stale_tmp"]
 
 GRAPH_FILE, METRICS_FILE, REPORT_FILE = "graph.json", "metrics.json", "report.html"
+SAMPLES_DIR = "concept_samples"  # the nearest stage-1 samples of every concept (:mod:`gig_fast.pipeline.sample_index`)
+VALIDATION_SECTION_FILE, VALIDATION_FIGURES_FILE = "validation_section.html", "validation_figures.json"
 CONFIG_FILE = "config.json"  # in the work folder
 BANKS_DIR = "concepts"  # <out>/concepts/<layer>/: one concept bank per layer
 STORE_DIR = "store"  # the per-image store, relative to graph.json (graph.json's "store" field)

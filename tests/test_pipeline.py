@@ -16,6 +16,7 @@ from PIL import Image
 from gig_fast.models import DemoResNet
 from gig_fast.cli import main
 from gig_fast.pipeline import Pipeline, PipelineConfig, extract_concepts, load_config, pfv_dataset
+from gig_fast.report import publish
 from gig_fast import Run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,10 +54,18 @@ def run_tiny(out, **kw):
 
 
 def test_tiny_run_writes_graph_metrics_report(tmp_path):
-    out = run_tiny(tmp_path / "run")
+    pipe = Pipeline(tiny_config(tmp_path / "run"), model=tiny_model(), dataset=tiny_data())
+    out = pipe.run()
     graph = json.loads((out / "graph.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
+    # computing a run writes no page: publishing it is the step after (what gig-fast run takes)
+    assert not (out / "report.html").exists() and not (out / "concept_samples").exists()
+    assert "report" not in metrics["timings_s"]
+    assert publish(pipe) == out / "report.html"
     report = (out / "report.html").read_text()
+    assert (out / "concept_samples" / "concept_samples.json").is_file()
+    published = json.loads((out / "metrics.json").read_text())
+    assert published.pop("timings_s")["report"] > 0 and published == {k: v for k, v in metrics.items() if k != "timings_s"}
     assert graph["schema"] == "gig_fast.graph" and graph["version"] == 2
     assert [layer["name"] for layer in graph["layers"]] == LAYERS + ["classes"]
     assert [c["name"] for c in graph["classes"]] == ["<b>tee</b>", "boot & shoe", "bag"]

@@ -1,4 +1,5 @@
-"""The nearest stage-1 samples of every concept, computed once when a run ends (``concept_samples/``), so
+"""The nearest stage-1 samples of every concept, computed once when a run is published (``concept_samples/``,
+:func:`gig_fast.report.publish`), so
 that a concept card, a node picture or a served view reads them instead of streaming the whole stage-1
 PFV dataset (30,000 PFVs × 16 layers on the demo: ~10 s per view before).
 

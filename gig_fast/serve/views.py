@@ -18,9 +18,9 @@ import numpy as np
 
 from ..explorer.pictures import IMAGE_PX, display_rgb, fit, graph_concepts, heat_map_png, png_data_uri
 from ..explorer.render import compact_graph, compact_pair_graph, render_explorer
-from ..pipeline.pictures import collect_pictures
+from ..report.collect import collect_pictures
 from ..pipeline.store import load_json
-from .run import Run
+from ..api import Run
 
 __all__ = ["Views", "CROP_CACHE"]
 
