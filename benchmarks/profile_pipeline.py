@@ -42,7 +42,7 @@ CAUSES = {
     "stage-1 sampler (per-image generators)": [("pipeline/stages.py", "select")],
     "chunk-file writes (save_npz, fsync)": [("pipeline/store.py", "save_npz")],
     "chunk-file checks (CRC on resume)": [("pipeline/store.py", "npz_problem")],
-    "stage-4 class-score re-reads": [("pipeline/stages.py", "_class_sums")],
+    "stage-4 class-score re-reads": [("pipeline/selection.py", "_class_sums")],
     "SRD / forward (stages 1, 3)": [("gig_fast/srd.py", "explain"), ("models/adapters.py", "record")],
     "sparse coding (stage 3)": [("ops/sparse_code.py", "sparse_code")],
     "GIG (stage 4)": [("gig_fast/gig.py", "gig")],

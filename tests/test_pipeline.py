@@ -154,7 +154,7 @@ def _class_gig(out, a, b, c, target_concept):
 def test_neighbour_pairs_pick_each_class_nearest_classes():
     """Each class with its n most similar classes (cosine of the class-score rows), ties to the smaller
     id; every pair when n is None or covers the other classes; only the present classes."""
-    from gig_fast.pipeline.stages import neighbour_pairs
+    from gig_fast.pipeline.selection import neighbour_pairs
 
     scores = np.array([[1.0, 0.0, 0.0], [0.9, 0.1, 0.0], [0.0, 0.0, 1.0], [0.0, 0.1, 0.9], [5.0, 0.0, 0.1]])
     every = [(0, 1), (0, 2), (0, 3), (0, 4), (1, 2), (1, 3), (1, 4), (2, 3), (2, 4), (3, 4)]
@@ -170,7 +170,7 @@ def test_neighbour_pairs_pick_each_class_nearest_classes():
 def test_pair_neighbours_bound_the_pair_graphs_and_the_shared_targets(tmp_path):
     """With pair_neighbours = 1 of 3 classes, only the chosen pairs get pair graphs, and stage 4's
     targets of a class hold only the concepts it shares within them (every pair would give 3 graphs)."""
-    from gig_fast.pipeline.stages import class_pairs, shared_sets, top_sets, view_sets
+    from gig_fast.pipeline.selection import class_pairs, shared_sets, top_sets, view_sets
 
     out = run_tiny(tmp_path / "run", top_concepts=1, top_shared=3, pair_neighbours=1)
     pipe = Pipeline(tiny_config(tmp_path / "run", top_concepts=1, top_shared=3, pair_neighbours=1), model=tiny_model(),

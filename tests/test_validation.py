@@ -483,7 +483,7 @@ def test_paper_transition_spans_blocks_and_ends_at_the_bias(validated):
 
 
 def test_attack_graph_shares_recomputed(validated):
-    from gig_fast.pipeline.stages import top_sets
+    from gig_fast.pipeline.selection import top_sets
 
     out, pipe, doc = validated
     attacks = doc["attack"]["attacks"]

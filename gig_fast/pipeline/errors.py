@@ -26,7 +26,8 @@ import torch
 
 from . import distributed as dist
 from .loading import image_batches
-from .stages import CLASSES, chunk_ids, load_concepts, trans_dir, transitions
+from .selection import CLASSES, trans_dir, transitions
+from .stages import chunk_ids, load_concepts
 from .store import BackgroundWriter, is_complete, save_npz
 from ..ops import sparse_reconstruct
 

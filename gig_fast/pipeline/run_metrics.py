@@ -6,7 +6,7 @@ import numpy as np
 
 from ..run_folder import CODES, chunk_files, concept_file
 from .errors import error_metrics
-from .stages import trans_dir, transitions
+from .selection import trans_dir, transitions
 
 __all__ = ["collect_metrics"]
 

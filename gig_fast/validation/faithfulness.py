@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..interventions import Edit, concept_coefficients, edit_rows
-from ..pipeline.stages import CLASSES, transitions
+from ..pipeline.selection import CLASSES, transitions
 from ..pipeline.store import load_json
 from .experiments import flat_codes, layer_inputs
 
