@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 CAUSES = {
     # load_images once ran on the main thread; now the main thread only waits in
     # loading.py's generators for batches not ready yet (the loading itself runs on other threads/processes)
-    "image loading + decoding (main thread)": [("pipeline/run.py", "load_images"), ("pipeline/loading.py", "_threaded"),
-                                               ("pipeline/loading.py", "_worker_processes")],
+    "image loading + decoding (main thread)": [("pipeline/runner.py", "load_images"), ("pipeline/image_loader.py", "_threaded"),
+                                               ("pipeline/image_loader.py", "_worker_processes")],
     "stage-1 sampler (per-image generators)": [("pipeline/stages.py", "select")],
     "chunk-file writes (save_npz, fsync)": [("pipeline/store.py", "save_npz")],
     "chunk-file checks (CRC on resume)": [("pipeline/store.py", "npz_problem")],
@@ -101,7 +101,7 @@ def loader_compare(images: str, device_ms: float, workers: int, batch_size: int 
     way yields the same tensors."""
     from gig_fast.models import DemoResNet
     from gig_fast.pipeline import Pipeline, PipelineConfig
-    from gig_fast.pipeline.loading import image_batches
+    from gig_fast.pipeline.image_loader import image_batches
 
     out = tempfile.mkdtemp(prefix="gig_loader_")
     try:

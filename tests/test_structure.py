@@ -169,7 +169,7 @@ def test_the_checks_catch_what_they_should(tmp_path):
     assert len(_reach_ins(bad)) == 2
     assert _private_violation("tests.test_x", "gig_fast.ops.sparse_code", "_sparse_code_op")
     assert _private_violation("gig_fast.concepts.core", "gig_fast.ops.checks", None) is None
-    assert _private_violation("gig_fast.pipeline.run", "gig_fast._extensions", "has_triton") is None
+    assert _private_violation("gig_fast.pipeline.runner", "gig_fast._extensions", "has_triton") is None
     assert _private_violation("tests.test_x", "gig_fast._extensions", "has_triton")
     assert _private_violation("gig_fast.ops.registry", "gig_fast", "_extensions") is None
 

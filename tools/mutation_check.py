@@ -152,7 +152,7 @@ MUTANTS += [
     Mutant("triton_centroid_update_drops_last_row", "gig_fast/kernels/centroid_update.py",
            "r_ok = rows < N\n", "r_ok = rows < N - 1\n",
            ("tests/test_centroid_update.py", "-k", "triton"), "the Triton centroid sums skip the last point"),
-    Mutant("oracle_dense_codes_unsigned", "gig_fast/testing/sparse_code.py",
+    Mutant("oracle_dense_codes_unsigned", "gig_fast/testing/coding_problems.py",
            "torch.where(ok, val2, 0)", "torch.where(ok, val2.abs(), 0)",
            ("tests/test_sparse_code.py",), "the tests' dense-code oracle loses signs (the tests must disagree)"),
     Mutant("cpp_extension_never_found", "gig_fast/_extensions.py",

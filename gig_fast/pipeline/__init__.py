@@ -7,7 +7,7 @@
 """
 from .config import PipelineConfig, demo_config, load_config
 from .graph import SCHEMA, SCHEMA_VERSION, build_graph, write_graph
-from .run import Pipeline
+from .runner import Pipeline
 from .stages import attribute, decompose, extract_concepts, pfv_dataset
 
 __all__ = ["Pipeline", "PipelineConfig", "load_config", "demo_config", "pfv_dataset", "extract_concepts",

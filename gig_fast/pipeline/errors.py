@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import distributed as dist
-from .loading import image_batches
+from .image_loader import image_batches
 from .selection import CLASSES, trans_dir, transitions
 from .stages import chunk_ids, load_concepts
 from .store import BackgroundWriter, is_complete, save_npz

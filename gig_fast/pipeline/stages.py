@@ -31,7 +31,7 @@ from ..ops.sparse_code import SparseCodeConvergenceWarning
 from ..run_folder import CODES, STAGE1, chunk_file, concept_file
 from ..srd import explain
 from . import distributed as dist
-from .loading import image_batches
+from .image_loader import image_batches
 from .selection import CLASSES, image_top_concepts, layer_above, trans_dir, transitions, view_sets
 from .store import BackgroundWriter, is_complete, load_npz, save_npz
 

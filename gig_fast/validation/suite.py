@@ -33,7 +33,7 @@ def validate(pipe, opts: ValidationOptions | None = None) -> dict:
     Returns:
         the ``validation.json`` content (pictures, kept in ``validation_figures.json``, left out).
     """
-    from .report import write_outputs
+    from .outputs import write_outputs
 
     opts = opts or ValidationOptions()
     if not (pipe.work / CONFIG_FILE).exists() or not (pipe.out / GRAPH_FILE).exists():
