@@ -174,8 +174,9 @@ def _run_pipeline(cfg, label: str) -> Path:
 
 def _summary(out: Path) -> None:
     from .pipeline.store import load_json
+    from .run_folder import METRICS_FILE
 
-    m = load_json(out / "metrics.json")
+    m = load_json(out / METRICS_FILE)
     print(f"{'layer':10s} {'rel-L2':>8s} {'l0 ratio':>9s} {'active/PFV':>10s} {'K':>5s} {'PFVs/concept (median)':>22s} "
           f"{'at cap':>7s}")
     for name, v in m["layers"].items():
@@ -383,6 +384,7 @@ def _split_validation(path):
 def cmd_validate(args) -> int:
     from .pipeline import Pipeline, PipelineConfig, demo_config
     from .report import publish
+    from .run_folder import VALIDATION_MD
     from .validation import ValidationOptions, validate
 
     t0 = time.perf_counter()
@@ -408,7 +410,7 @@ def cmd_validate(args) -> int:
     publish(pipe)  # the page the validation section goes into
     t1 = time.perf_counter()
     doc = validate(pipe, opts)
-    print((Path(cfg.out) / "validation.md").read_text())
+    print((Path(cfg.out) / VALIDATION_MD).read_text())
     print(f"validate: wrote {cfg.out}/validation.json, validation.md, validation_plots/ "
           f"(pipeline {t1 - t0:.1f} s, validation {time.perf_counter() - t1:.1f} s, wall {time.perf_counter() - t0:.1f} s)")
     return 0 if doc else 1

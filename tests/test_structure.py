@@ -298,3 +298,52 @@ def test_the_layer_check_catches_an_upward_import():
     assert _upward_imports(graph, layers, known={("p.mid", "p.top"), ("p.mid.low_part", "p.mid")}) == []
     with pytest.raises(KeyError, match="in no layer"):
         _layer("q.other", layers)
+
+
+# -- the run folder's layout is spelled in one module ---------------------------------------------
+# gig_fast/run_folder.py names every file and folder of a run's output folder; the pipeline writes and
+# the reader reads through those names, so a layout change is one edit. A module that spells one of
+# them out again (outside docstrings), or builds a chunk file's or the work folder's name itself, fails.
+RUN_FOLDER = PACKAGE / "run_folder.py"
+CHUNK_OR_WORK_NAME = re.compile(r"^chunk_(?:[{*\d]|$)|^work-")
+
+
+def _layout_names() -> set[str]:
+    """The string constants of run_folder.py that name a file or folder with a dot or an underscore
+    (``graph.json``, ``concept_samples`` …; plain words such as ``codes`` are dict keys elsewhere too)."""
+    names = set()
+    for node in ast.parse(RUN_FOLDER.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign):
+            values = node.value.elts if isinstance(node.value, ast.Tuple) else [node.value]
+            for v in values:
+                if isinstance(v, ast.Constant) and isinstance(v.value, str) and ("." in v.value or "_" in v.value):
+                    names.add(v.value)
+    return names
+
+
+def _layout_spelled(path: Path, rel: str, names: set[str]) -> list[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [f"{rel}:{node.lineno}: {node.value!r} spells the run folder's layout: use gig_fast.run_folder"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+            and (node.value in names or CHUNK_OR_WORK_NAME.search(node.value))]
+
+
+def test_the_run_folder_layout_is_spelled_in_run_folder_only():
+    names = _layout_names()
+    assert {"graph.json", "metrics.json", "report.html", "concept_samples"} <= names
+    bad = [msg for path in MODULES.values() if path != RUN_FOLDER
+           for msg in _layout_spelled(path, path.relative_to(ROOT).as_posix(), names)]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_layout_check_catches_a_spelled_path(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text('"""graph.json in a docstring is fine."""\nx = out / "metrics.json"\ny = f"chunk_{ci:05d}.npz"\n'
+                   'z = out / "work-abc"\nw = cfg.chunk_images\nv = "chunk_images"\n', encoding="utf-8")
+    assert [m.split(": ")[:2] for m in _layout_spelled(bad, "bad.py", _layout_names())] == [
+        ["bad.py:2", "'metrics.json' spells the run folder's layout"], ["bad.py:3", "'chunk_' spells the run folder's layout"],
+        ["bad.py:4", "'work-abc' spells the run folder's layout"]]

@@ -28,7 +28,7 @@ from ..gig import ClassTarget, ConceptTarget, gig
 from ..ops import sparse_code, sparse_reconstruct
 from ..ops.checks import check_finite
 from ..ops.sparse_code import SparseCodeConvergenceWarning
-from ..run_folder import CODES, STAGE1, chunk_file, concept_file
+from ..run_folder import CODES, STAGE1, chunk_file, chunk_files, concept_file
 from ..srd import explain
 from . import distributed as dist
 from .image_loader import image_batches
@@ -325,7 +325,7 @@ def attribute(pipe) -> None:
     has fewer), ``own_delta``/``own_rel_delta [T_o, B]``, ``steps [B]`` (the quadrature nodes each image
     used for its top targets) and ``refined [B]`` (whether the adaptive refinement gave that result).
     """
-    code_files = sorted((pipe.work / "codes").glob("chunk_*.npz"))
+    code_files = chunk_files(pipe.work / CODES)
     for a, b in _bar(pipe, transitions(pipe), "stage 4: GIG"):
         _attribute_transition(pipe, a, b, code_files)
         dist.barrier()  # the next transition's targets are the class scores summed over all chunks
@@ -353,7 +353,7 @@ def _attribute_transition(pipe, a: str, b: str, code_files: list[Path]) -> None:
     plain = {**cfg.gig_options(), "tolerance": None}
     with BackgroundWriter(save_npz) as writer:  # the next chunk computes while this one is written
         for ci, cpath in enumerate(code_files):
-            path = trans_dir(pipe, a, b) / f"chunk_{ci:05d}.npz"
+            path = chunk_file(trans_dir(pipe, a, b), ci)
             if not dist.owns(ci) or is_complete(path, GIG_KEYS):
                 continue
             with np.load(cpath, allow_pickle=False) as z:
