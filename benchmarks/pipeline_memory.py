@@ -94,7 +94,7 @@ def run(explain: int, out: str) -> dict:
 def old_graph(explain: int, out: str) -> dict:
     """The previous way: the whole graph (every image's entry) as one dict, then one json.dumps."""
     from gig_fast.pipeline import Pipeline, build_graph
-    from gig_fast.pipeline.store import save_json
+    from gig_fast.pipeline.files import save_json
 
     pipe = Pipeline(config(explain, out))
     before = _reset_hwm()

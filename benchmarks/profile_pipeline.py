@@ -40,8 +40,8 @@ CAUSES = {
     "image loading + decoding (main thread)": [("pipeline/runner.py", "load_images"), ("pipeline/image_loader.py", "_threaded"),
                                                ("pipeline/image_loader.py", "_worker_processes")],
     "stage-1 sampler (per-image generators)": [("pipeline/stages.py", "select")],
-    "chunk-file writes (save_npz, fsync)": [("pipeline/store.py", "save_npz")],
-    "chunk-file checks (CRC on resume)": [("pipeline/store.py", "npz_problem")],
+    "chunk-file writes (save_npz, fsync)": [("pipeline/files.py", "save_npz")],
+    "chunk-file checks (CRC on resume)": [("pipeline/files.py", "npz_problem")],
     "stage-4 class-score re-reads": [("pipeline/selection.py", "_class_sums")],
     "SRD / forward (stages 1, 3)": [("gig_fast/srd.py", "explain"), ("models/adapters.py", "record")],
     "sparse coding (stage 3)": [("ops/sparse_code.py", "sparse_code")],
@@ -132,12 +132,12 @@ def loader_compare(images: str, device_ms: float, workers: int, batch_size: int 
 
 
 def writer_compare(folder: str, mb: float, compute_ms: float, files: int = 8) -> dict:
-    """Chunk-file writes on the critical path vs :class:`~gig_fast.pipeline.store.BackgroundWriter`: ``files``
+    """Chunk-file writes on the critical path vs :class:`~gig_fast.pipeline.files.BackgroundWriter`: ``files``
     chunk files of ``mb`` MB (float64, the size of a stage-4 ``class_sum``) each after ``compute_ms`` of
     simulated device work (a sleep); the same bytes both ways (checked)."""
     import numpy as np
 
-    from gig_fast.pipeline.store import BackgroundWriter, load_npz, save_npz
+    from gig_fast.pipeline.files import BackgroundWriter, load_npz, save_npz
 
     rng = np.random.default_rng(0)
     arrays = [rng.standard_normal(int(mb * 2**20 / 8)) for _ in range(2)]

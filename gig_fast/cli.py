@@ -173,7 +173,7 @@ def _run_pipeline(cfg, label: str) -> Path:
 
 
 def _summary(out: Path) -> None:
-    from .pipeline.store import load_json
+    from .pipeline.files import load_json
     from .run_folder import METRICS_FILE
 
     m = load_json(out / METRICS_FILE)
@@ -281,7 +281,7 @@ def cmd_explain(args) -> int:
         result = run.explain(image, target=args.target).to_dict()
     text = json.dumps(result, indent=1)
     if args.json:
-        from .pipeline.store import atomic_write_text
+        from .pipeline.files import atomic_write_text
         atomic_write_text(args.json, text)
         print(f"explain: {result['class_name']} (prediction {result['prediction']}) → {args.json}")
     else:
@@ -321,7 +321,7 @@ def cmd_intervene(args) -> int:
                                                  for t in args.targets]
     res = run.intervene(image, _edit_args(args.edit, args.add), targets=targets)
     if args.json:
-        from .pipeline.store import atomic_write_text
+        from .pipeline.files import atomic_write_text
         atomic_write_text(args.json, json.dumps(res.to_dict(args.top), indent=1))
     name = {c.id: c.name for c in run.classes}
     print("class probabilities (before → after):")
@@ -345,7 +345,7 @@ def cmd_export(args) -> int:
                        if w is not None)
     graph = run.export(kind, which, format=args.format, probabilities=not args.no_probabilities)
     out = args.out or f"{graph['metadata']['slug']}.json"
-    from .pipeline.store import save_json
+    from .pipeline.files import save_json
     save_json(out, graph)
     print(f"export: {kind} graph, {len(graph['nodes'])} nodes, {len(graph['links'])} links → {out}")
     return 0

@@ -10,7 +10,7 @@ from PIL import Image
 from gig_fast.models import DemoResNet
 from gig_fast.pipeline import Pipeline, PipelineConfig
 from gig_fast.pipeline.image_loader import image_batches, loader_workers
-from gig_fast.pipeline.store import BackgroundWriter, load_npz, save_npz
+from gig_fast.pipeline.files import BackgroundWriter, load_npz, save_npz
 
 
 def _folder(root, seed: int, per_class: int = 5):

@@ -407,7 +407,7 @@ def test_the_sample_index_holds_what_streaming_stage1_gives(served_run, tmp_path
 
 
 def test_npz_member_reads_the_rows_np_load_reads(tmp_path):
-    from gig_fast.pipeline.store import npz_member, npz_rows, save_npz
+    from gig_fast.pipeline.files import npz_member, npz_rows, save_npz
 
     rng = np.random.default_rng(0)
     arrays = {"L|ierf": rng.standard_normal((50, 7, 5)).astype(np.float16), "image": np.arange(50),

@@ -28,7 +28,7 @@ from . import distributed as dist
 from .image_loader import image_batches
 from .selection import CLASSES, trans_dir, transitions
 from .stages import chunk_ids, load_concepts
-from .store import BackgroundWriter, is_complete, save_npz
+from .files import BackgroundWriter, is_complete, save_npz
 from ..ops import sparse_reconstruct
 from ..run_folder import CODES, ERRORS, chunk_file, chunk_files
 

@@ -19,7 +19,7 @@ from .errors import class_error_sums, load_errors
 from .selection import (CLASSES, class_pair_weights, class_scores, present_classes, shared_sets, top_sets, trans_dir,
                         transitions, view_sets)
 from .stages import load_concepts
-from .store import save_json
+from .files import save_json
 
 __all__ = ["build_graph", "write_graph", "image_layer_graph", "error_entry", "SCHEMA", "SCHEMA_VERSION",
            "READABLE_VERSIONS"]

@@ -18,7 +18,7 @@ from .errors import error_nodes
 from .graph import write_graph
 from .run_metrics import collect_metrics
 from .stages import attribute, concept_bank, decompose, extract_concepts, pfv_dataset
-from .store import save_json
+from .files import save_json
 from .workdir import check_numerics, open_work, unreadable_ids
 
 __all__ = ["Pipeline"]

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..run_folder import SAMPLES_DIR, SAMPLES_MANIFEST, layer_file
-from .store import load_json, load_npz, save_json, save_npz
+from .files import load_json, load_npz, save_json, save_npz
 
 __all__ = ["INDEX_FORMAT", "INDEX_VERSION", "INDEX_FOLDER", "SampleIndex", "write_sample_index", "open_sample_index",
            "layer_index"]

@@ -33,7 +33,7 @@ from ..srd import explain
 from . import distributed as dist
 from .image_loader import image_batches
 from .selection import CLASSES, image_top_concepts, layer_above, trans_dir, transitions, view_sets
-from .store import BackgroundWriter, is_complete, load_npz, save_npz
+from .files import BackgroundWriter, is_complete, load_npz, save_npz
 
 __all__ = ["pfv_dataset", "extract_concepts", "decompose", "attribute", "chunk_ids", "concept_bank", "load_pfvs",
            "load_concepts", "n_concepts"]

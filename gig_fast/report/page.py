@@ -15,7 +15,7 @@ from ..api import Run
 from ..explorer import render_explorer
 from ..pipeline import Pipeline
 from ..pipeline.sample_index import write_sample_index
-from ..pipeline.store import atomic_write_text, load_json, save_json
+from ..pipeline.files import atomic_write_text, load_json, save_json
 from ..run_folder import METRICS_FILE, REPORT_FILE, VALIDATION_FIGURES_FILE, VALIDATION_SECTION_FILE
 from .collect import collect_pictures
 

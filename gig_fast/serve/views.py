@@ -20,7 +20,7 @@ from ..explorer.pictures import IMAGE_PX, display_rgb, fit, graph_concepts, heat
 from ..explorer.render import compact_graph, compact_pair_graph, render_explorer
 from ..report.collect import collect_pictures
 from ..run_folder import METRICS_FILE, REPORT_FILE
-from ..pipeline.store import load_json
+from ..pipeline.files import load_json
 from ..api import Run
 
 __all__ = ["Views", "CROP_CACHE"]

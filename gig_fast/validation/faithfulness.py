@@ -23,7 +23,7 @@ import torch
 
 from ..interventions import Edit, concept_coefficients, edit_rows
 from ..pipeline.selection import CLASSES, transitions
-from ..pipeline.store import load_json
+from ..pipeline.files import load_json
 from ..run_folder import GRAPH_FILE
 from .experiments import flat_codes, layer_inputs
 

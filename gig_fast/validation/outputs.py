@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..explorer import insert_decompositions, insert_section
-from ..pipeline.store import atomic_write_text, save_json
+from ..pipeline.files import atomic_write_text, save_json
 from ..run_folder import (REPORT_FILE, VALIDATION_FIGURES_FILE, VALIDATION_JSON, VALIDATION_MD, VALIDATION_PLOTS_DIR,
                           VALIDATION_SECTION_FILE)
 from .faithfulness import faithfulness_section

@@ -14,7 +14,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from ..pipeline.store import save_json
+from ..pipeline.files import save_json
 from ..run_folder import CONFIG_FILE, GRAPH_FILE, VALIDATION_WORK
 from .options import EXPERIMENTS, ValidationOptions, resolve_layers
 from .runners import count_units, run_experiment
