@@ -347,3 +347,27 @@ def test_the_layout_check_catches_a_spelled_path(tmp_path):
     assert [m.split(": ")[:2] for m in _layout_spelled(bad, "bad.py", _layout_names())] == [
         ["bad.py:2", "'metrics.json' spells the run folder's layout"], ["bad.py:3", "'chunk_' spells the run folder's layout"],
         ["bad.py:4", "'work-abc' spells the run folder's layout"]]
+
+
+# -- names that say one thing each ----------------------------------------------------------------
+def _repeated_names(paths: list[Path]) -> dict[str, list[str]]:
+    """File names that more than one module has, except ``__init__.py`` and an op's backends: a file of
+    ``gig_fast/kernels/`` named as the op of ``gig_fast/ops/`` it implements."""
+    ops = {p.name for p in paths if p.parent.name == "ops"}
+    seen: dict[str, list[str]] = {}
+    for p in paths:
+        if p.name != "__init__.py":
+            seen.setdefault(p.name, []).append(p.relative_to(ROOT).as_posix() if p.is_relative_to(ROOT) else str(p))
+    return {name: where for name, where in seen.items() if len(where) > 1
+            and not (name in ops and all(Path(w).parent.name in ("ops", "kernels") for w in where))}
+
+
+def test_no_two_modules_share_a_name():
+    repeated = _repeated_names(list(MODULES.values()))
+    assert not repeated, f"modules of the same name (give each a name that says its job): {repeated}"
+
+
+def test_the_name_check_catches_a_repeated_name():
+    paths = [ROOT / p for p in ("gig_fast/ops/sparse_code.py", "gig_fast/kernels/sparse_code.py", "gig_fast/a/run.py",
+                                "gig_fast/b/run.py", "gig_fast/a/__init__.py", "gig_fast/b/__init__.py")]
+    assert _repeated_names(paths) == {"run.py": ["gig_fast/a/run.py", "gig_fast/b/run.py"]}
