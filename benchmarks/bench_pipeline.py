@@ -60,6 +60,7 @@ if __name__ == "__main__":  # run as a script: this checkout's gig_fast (under p
 
 from gig_fast.models import DemoResNet, get_adapter
 from gig_fast.pipeline import Pipeline, PipelineConfig
+from gig_fast.report import publish
 from gig_fast.srd import explain
 from gig_fast.testing import randomize_bn
 
@@ -100,12 +101,15 @@ class Problem:
                       "steps": self.kw["gig_steps"], "layers": len(self.kw.get("layers") or []) or 16}
 
     def run(self, backend: str | None) -> dict:
-        """One run from an empty folder; returns its metrics.json."""
+        """One run from an empty folder, published as ``gig-fast run`` does (``report.html``); returns its
+        metrics.json."""
         out = tempfile.mkdtemp(prefix="gig_bench_pipeline_")
         try:
             cfg = PipelineConfig(model="bench", dataset="synthetic", device=self.device, backend=backend, out=out,
                                  progress=False, kmeans_mode="fast", **self.kw)
-            Pipeline(cfg, model=self.model, dataset=self.data).run()
+            pipe = Pipeline(cfg, model=self.model, dataset=self.data)
+            pipe.run()
+            publish(pipe)
             return json.loads((Path(out) / "metrics.json").read_text())
         finally:
             shutil.rmtree(out, ignore_errors=True)

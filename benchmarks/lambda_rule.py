@@ -39,7 +39,7 @@ from gig_fast.pipeline import Pipeline  # noqa: E402
 from gig_fast.pipeline.config import PipelineConfig  # noqa: E402
 from gig_fast import Run  # noqa: E402
 from gig_fast.pipeline.stages import load_concepts, load_pfvs  # noqa: E402
-from gig_fast.pipeline.store import load_json  # noqa: E402
+from gig_fast.pipeline.files import load_json  # noqa: E402
 
 LAMS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5)
 

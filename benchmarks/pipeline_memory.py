@@ -60,8 +60,10 @@ def config(explain: int, out: str):
 
 
 def run(explain: int, out: str) -> dict:
-    """``Pipeline.run()`` step by step (the same calls), the peak RSS of each step on its own."""
+    """``Pipeline.run()`` and the publishing step after it, step by step (the same calls), the peak RSS of
+    each step on its own."""
     from gig_fast.pipeline import Pipeline, attribute, decompose, extract_concepts, pfv_dataset
+    from gig_fast.report import publish
 
     t0 = time.perf_counter()
     pipe = Pipeline(config(explain, out))
@@ -77,7 +79,8 @@ def run(explain: int, out: str) -> dict:
         timings[name] = round(time.perf_counter() - t1, 2)
         stage_peak[name] = round(_hwm_mib(), 1)
     stage_start["outputs"] = round(_reset_hwm(), 1)
-    pipe._write_outputs(timings)  # graph.json (streamed), metrics.json, report.html
+    pipe._write_outputs(timings)  # graph.json (streamed), metrics.json
+    publish(pipe)  # report.html, concept_samples/ (as gig-fast run does)
     stage_peak["outputs"] = round(_hwm_mib(), 1)
     m = json.loads((Path(out) / "metrics.json").read_text())
     # (ru_maxrss and /usr/bin/time follow the resets: the process peak is the max of these)
@@ -91,7 +94,7 @@ def run(explain: int, out: str) -> dict:
 def old_graph(explain: int, out: str) -> dict:
     """The previous way: the whole graph (every image's entry) as one dict, then one json.dumps."""
     from gig_fast.pipeline import Pipeline, build_graph
-    from gig_fast.pipeline.store import save_json
+    from gig_fast.pipeline.files import save_json
 
     pipe = Pipeline(config(explain, out))
     before = _reset_hwm()

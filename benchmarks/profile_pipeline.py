@@ -37,16 +37,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 CAUSES = {
     # load_images once ran on the main thread; now the main thread only waits in
     # loading.py's generators for batches not ready yet (the loading itself runs on other threads/processes)
-    "image loading + decoding (main thread)": [("pipeline/run.py", "load_images"), ("pipeline/loading.py", "_threaded"),
-                                               ("pipeline/loading.py", "_worker_processes")],
+    "image loading + decoding (main thread)": [("pipeline/runner.py", "load_images"), ("pipeline/image_loader.py", "_threaded"),
+                                               ("pipeline/image_loader.py", "_worker_processes")],
     "stage-1 sampler (per-image generators)": [("pipeline/stages.py", "select")],
-    "chunk-file writes (save_npz, fsync)": [("pipeline/store.py", "save_npz")],
-    "chunk-file checks (CRC on resume)": [("pipeline/store.py", "npz_problem")],
-    "stage-4 class-score re-reads": [("pipeline/stages.py", "_class_sums")],
+    "chunk-file writes (save_npz, fsync)": [("pipeline/files.py", "save_npz")],
+    "chunk-file checks (CRC on resume)": [("pipeline/files.py", "npz_problem")],
+    "stage-4 class-score re-reads": [("pipeline/selection.py", "_class_sums")],
     "SRD / forward (stages 1, 3)": [("gig_fast/srd.py", "explain"), ("models/adapters.py", "record")],
     "sparse coding (stage 3)": [("ops/sparse_code.py", "sparse_code")],
     "GIG (stage 4)": [("gig_fast/gig.py", "gig")],
-    "graph.json + store + report": [("pipeline/graph.py", "write_graph"), ("pipeline/report.py", "write_report")],
+    "graph.json + store + report": [("pipeline/graph.py", "write_graph"), ("report/page.py", "write_report")],
 }
 
 
@@ -66,6 +66,7 @@ def cause_seconds(stats: pstats.Stats) -> dict[str, float]:
 def run(images: str, out: str, loader_workers: int, top: int = 25) -> dict:
     from gig_fast.models import DemoResNet
     from gig_fast.pipeline import Pipeline, PipelineConfig
+    from gig_fast.report import publish
     from gig_fast.testing import randomize_bn
 
     torch.manual_seed(0)
@@ -77,7 +78,9 @@ def run(images: str, out: str, loader_workers: int, top: int = 25) -> dict:
     prof = cProfile.Profile()
     t0 = time.perf_counter()
     prof.enable()
-    Pipeline(cfg, model=model).run()
+    pipe = Pipeline(cfg, model=model)
+    pipe.run()
+    publish(pipe)  # as gig-fast run does
     prof.disable()
     wall = time.perf_counter() - t0
     stats = pstats.Stats(prof)
@@ -98,7 +101,7 @@ def loader_compare(images: str, device_ms: float, workers: int, batch_size: int 
     way yields the same tensors."""
     from gig_fast.models import DemoResNet
     from gig_fast.pipeline import Pipeline, PipelineConfig
-    from gig_fast.pipeline.loading import image_batches
+    from gig_fast.pipeline.image_loader import image_batches
 
     out = tempfile.mkdtemp(prefix="gig_loader_")
     try:
@@ -129,12 +132,12 @@ def loader_compare(images: str, device_ms: float, workers: int, batch_size: int 
 
 
 def writer_compare(folder: str, mb: float, compute_ms: float, files: int = 8) -> dict:
-    """Chunk-file writes on the critical path vs :class:`~gig_fast.pipeline.store.BackgroundWriter`: ``files``
+    """Chunk-file writes on the critical path vs :class:`~gig_fast.pipeline.files.BackgroundWriter`: ``files``
     chunk files of ``mb`` MB (float64, the size of a stage-4 ``class_sum``) each after ``compute_ms`` of
     simulated device work (a sleep); the same bytes both ways (checked)."""
     import numpy as np
 
-    from gig_fast.pipeline.store import BackgroundWriter, load_npz, save_npz
+    from gig_fast.pipeline.files import BackgroundWriter, load_npz, save_npz
 
     rng = np.random.default_rng(0)
     arrays = [rng.standard_normal(int(mb * 2**20 / 8)) for _ in range(2)]

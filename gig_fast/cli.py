@@ -160,20 +160,23 @@ def cmd_train_demo(args) -> int:
 
 def _run_pipeline(cfg, label: str) -> Path:
     from .pipeline import Pipeline
-
     from .pipeline import distributed as dist
+    from .report import publish
 
     t0 = time.perf_counter()
-    out = Pipeline(cfg).run()
+    pipe = Pipeline(cfg)
+    out = pipe.run()  # the stage files, graph.json and metrics.json
     if dist.is_main():  # one report per job, not one per torchrun rank
+        publish(pipe)  # report.html and concept_samples/
         print(f"{label}: wrote {out}/graph.json, metrics.json, report.html in {time.perf_counter() - t0:.1f} s")
     return out
 
 
 def _summary(out: Path) -> None:
-    from .pipeline.store import load_json
+    from .pipeline.files import load_json
+    from .run_folder import METRICS_FILE
 
-    m = load_json(out / "metrics.json")
+    m = load_json(out / METRICS_FILE)
     print(f"{'layer':10s} {'rel-L2':>8s} {'l0 ratio':>9s} {'active/PFV':>10s} {'K':>5s} {'PFVs/concept (median)':>22s} "
           f"{'at cap':>7s}")
     for name, v in m["layers"].items():
@@ -278,7 +281,7 @@ def cmd_explain(args) -> int:
         result = run.explain(image, target=args.target).to_dict()
     text = json.dumps(result, indent=1)
     if args.json:
-        from .pipeline.store import atomic_write_text
+        from .pipeline.files import atomic_write_text
         atomic_write_text(args.json, text)
         print(f"explain: {result['class_name']} (prediction {result['prediction']}) → {args.json}")
     else:
@@ -318,7 +321,7 @@ def cmd_intervene(args) -> int:
                                                  for t in args.targets]
     res = run.intervene(image, _edit_args(args.edit, args.add), targets=targets)
     if args.json:
-        from .pipeline.store import atomic_write_text
+        from .pipeline.files import atomic_write_text
         atomic_write_text(args.json, json.dumps(res.to_dict(args.top), indent=1))
     name = {c.id: c.name for c in run.classes}
     print("class probabilities (before → after):")
@@ -342,14 +345,14 @@ def cmd_export(args) -> int:
                        if w is not None)
     graph = run.export(kind, which, format=args.format, probabilities=not args.no_probabilities)
     out = args.out or f"{graph['metadata']['slug']}.json"
-    from .pipeline.store import save_json
+    from .pipeline.files import save_json
     save_json(out, graph)
     print(f"export: {kind} graph, {len(graph['nodes'])} nodes, {len(graph['links'])} links → {out}")
     return 0
 
 
 def cmd_serve(args) -> int:
-    from .api.server import serve
+    from .serve import serve
 
     print(f"gig-fast serve: {args.run} on http://{args.host}:{args.port}/ (API under /api, docs /api/docs); "
           "Ctrl-C stops it", flush=True)
@@ -358,7 +361,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .pipeline import rebuild_report
+    from .report import rebuild_report
 
     t0 = time.perf_counter()
     path = rebuild_report(args.run, html=args.html, max_images=args.images)
@@ -380,6 +383,8 @@ def _split_validation(path):
 
 def cmd_validate(args) -> int:
     from .pipeline import Pipeline, PipelineConfig, demo_config
+    from .report import publish
+    from .run_folder import VALIDATION_MD
     from .validation import ValidationOptions, validate
 
     t0 = time.perf_counter()
@@ -402,9 +407,10 @@ def cmd_validate(args) -> int:
     opts = ValidationOptions.from_dict(vopts)
     pipe = Pipeline(cfg)
     pipe.run()
+    publish(pipe)  # the page the validation section goes into
     t1 = time.perf_counter()
     doc = validate(pipe, opts)
-    print((Path(cfg.out) / "validation.md").read_text())
+    print((Path(cfg.out) / VALIDATION_MD).read_text())
     print(f"validate: wrote {cfg.out}/validation.json, validation.md, validation_plots/ "
           f"(pipeline {t1 - t0:.1f} s, validation {time.perf_counter() - t1:.1f} s, wall {time.perf_counter() - t0:.1f} s)")
     return 0 if doc else 1

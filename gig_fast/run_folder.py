@@ -3,7 +3,11 @@
 The pipeline writes through these names and :class:`gig_fast.Run` reads through them (the layout:
 docs/design.md §7)::
 
-    <out>/graph.json, metrics.json, report.html
+    <out>/graph.json, metrics.json      the computation's results (:meth:`gig_fast.Pipeline.run`)
+    <out>/report.html, concept_samples/ the published page and the nearest samples of every concept
+                                        (:func:`gig_fast.report.publish`)
+    <out>/validation.json, validation.md, validation_plots/, validation_section.html, validation_figures.json
+                                        what ``gig-fast validate`` writes (the last two go into the page)
     <out>/concepts/<layer>/             the concept banks (:class:`gig_fast.ConceptBank`)
     <out>/store/                        the per-image Parquet store (:mod:`gig_fast.image_store`)
     <out>/work-<run key>/config.json    what a relaunch must agree with (:mod:`gig_fast.pipeline.workdir`)
@@ -11,6 +15,8 @@ docs/design.md §7)::
     <out>/work-<run key>/concepts/<layer>.npz       stage 2: concepts, cluster labels, representatives
     <out>/work-<run key>/codes/chunk_00000.npz …    stage 3: sparse codes per chunk of images
     <out>/work-<run key>/gig/<a>__<b>/chunk_00000.npz …   stage 4: GIG per layer pair and chunk
+    <out>/work-<run key>/errors/chunk_00000.npz …  stage 4's error nodes per code chunk (``error_nodes``)
+    <out>/work-<run key>/validation/    ``gig-fast validate``'s units and trained baselines
 
 Atomic writes: a file is written to ``.<name>.tmp<PID>`` beside its target and renamed over it once
 complete (:func:`atomic_open`), so a reader — or a resumed run — never sees a partial file; a process
@@ -24,16 +30,25 @@ import os
 import re
 from pathlib import Path
 
-__all__ = ["GRAPH_FILE", "METRICS_FILE", "REPORT_FILE", "CONFIG_FILE", "BANKS_DIR", "STORE_DIR", "STAGE1", "CONCEPTS",
-           "CODES", "GIG", "work_dir", "chunk_file", "chunk_files", "concept_file", "bank_dir", "transition_dir",
-           "tmp_path", "atomic_open", "remove_stale_tmp"]
+__all__ = ["GRAPH_FILE", "METRICS_FILE", "REPORT_FILE", "SAMPLES_DIR", "SAMPLES_MANIFEST", "VALIDATION_JSON",
+           "VALIDATION_MD", "VALIDATION_PLOTS_DIR", "VALIDATION_SECTION_FILE", "VALIDATION_FIGURES_FILE", "CONFIG_FILE",
+           "BANKS_DIR", "STORE_DIR", "STAGE1", "CONCEPTS", "CODES", "GIG", "ERRORS", "VALIDATION_WORK", "work_dir",
+           "chunk_file", "chunk_files", "layer_file", "concept_file", "bank_dir", "transition_dir", "tmp_path",
+           "atomic_open", "remove_stale_tmp"]
 
 GRAPH_FILE, METRICS_FILE, REPORT_FILE = "graph.json", "metrics.json", "report.html"
+SAMPLES_DIR = "concept_samples"  # the nearest stage-1 samples of every concept (:mod:`gig_fast.pipeline.sample_index`)
+SAMPLES_MANIFEST = "concept_samples.json"  # in SAMPLES_DIR, beside one layer_file per layer
+# what gig-fast validate writes into <out> (gig_fast.validation.outputs)
+VALIDATION_JSON, VALIDATION_MD, VALIDATION_PLOTS_DIR = "validation.json", "validation.md", "validation_plots"
+VALIDATION_SECTION_FILE, VALIDATION_FIGURES_FILE = "validation_section.html", "validation_figures.json"
 CONFIG_FILE = "config.json"  # in the work folder
 BANKS_DIR = "concepts"  # <out>/concepts/<layer>/: one concept bank per layer
 STORE_DIR = "store"  # the per-image store, relative to graph.json (graph.json's "store" field)
 # the work folder's sub-folders, one per stage
 STAGE1, CONCEPTS, CODES, GIG = "stage1", "concepts", "codes", "gig"
+ERRORS = "errors"  # stage 4's error nodes, one file per code chunk (same names as CODES)
+VALIDATION_WORK = "validation"  # gig-fast validate's resumable units and trained baselines
 
 _TMP = re.compile(r"^\..+\.tmp(\d+)$")
 
@@ -54,9 +69,15 @@ def chunk_files(folder: Path) -> list[Path]:
     return sorted(Path(folder).glob("chunk_*.npz"))
 
 
+def layer_file(folder: Path, point: str) -> Path:
+    """The file of the analysed layer ``point`` in a per-layer folder (``work / CONCEPTS``, ``SAMPLES_DIR``):
+    ``<point>.npz``."""
+    return Path(folder) / f"{point}.npz"
+
+
 def concept_file(work: Path, point: str) -> Path:
     """Stage 2's file of the analysed layer ``point``."""
-    return Path(work) / CONCEPTS / f"{point}.npz"
+    return layer_file(Path(work) / CONCEPTS, point)
 
 
 def bank_dir(out: str | os.PathLike, point: str) -> Path:

@@ -39,7 +39,7 @@ def tiny_config(out):
 
 
 def run_kmeans(out: Path) -> None:
-    import gig_fast.concepts.distributed as cd
+    import gig_fast.concepts.distributed_bisecting as cd
 
     X, beta = kmeans_data()
     res = {"sharded_splits": np.zeros(1, dtype=np.int64)}

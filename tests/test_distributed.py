@@ -172,7 +172,7 @@ def test_killed_rank_then_relaunch_resumes_to_the_same_graph(tmp_path, single):
 
 def test_streamed_graph_has_the_bytes_of_the_whole_graph(single):
     from gig_fast.pipeline import build_graph
-    from gig_fast.pipeline.store import save_json
+    from gig_fast.pipeline.files import save_json
 
     pipe = Pipeline(child.tiny_config(single), model=child.tp.tiny_model(), dataset=child.tp.tiny_data())
     save_json(single.parent / "whole.json", build_graph(pipe), compact=True)

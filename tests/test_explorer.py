@@ -24,7 +24,7 @@ from PIL import Image
 
 from gig_fast.cli import main
 from gig_fast.explorer import embed_json, render_explorer
-from gig_fast.pipeline import rebuild_report
+from gig_fast.report import publish, rebuild_report
 from gig_fast.explorer.render import compact_graph, concept_usage
 from gig_fast.pipeline import Pipeline
 
@@ -95,6 +95,7 @@ def tiny_run(tmp_path_factory):
     cfg = tiny_config(out, concept_images=24, report_images=4)
     pipe = Pipeline(cfg, model=tiny_model(), dataset=tiny_data())
     pipe.run()
+    publish(pipe)
     return out, pipe
 
 
@@ -431,8 +432,10 @@ def test_pair_view_draws_the_edges_of_the_shared_concepts(tmp_path, browser, art
     concept is wired to its parents and children."""
     from selenium.webdriver.common.by import By
 
-    out = Pipeline(tiny_config(tmp_path / "run", top_concepts=1, top_shared=3), model=tiny_model(),
-                   dataset=tiny_data()).run()
+    pipe = Pipeline(tiny_config(tmp_path / "run", top_concepts=1, top_shared=3), model=tiny_model(),
+                    dataset=tiny_data())
+    out = pipe.run()
+    publish(pipe)
     graph, _ = _load(out)
     index = {layer["name"]: i for i, layer in enumerate(graph["layers"])}
     key = lambda e: f"{index[e['source'][0]]}|{e['source'][1]}>{index[e['target'][0]]}|{e['target'][1]}"  # noqa: E731
@@ -539,7 +542,9 @@ def effnet_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("effnet") / "run"
     cfg = load_config(ROOT / "examples" / "efficientnet_photos.yaml", out=str(out), layers=["_blocks.14", "_blocks.15"],
                       pfvs_per_image=4, k=4, gig_steps=16, progress=False, report_images=7)
-    Pipeline(cfg).run()
+    pipe = Pipeline(cfg)
+    pipe.run()
+    publish(pipe)
     return out
 
 

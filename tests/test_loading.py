@@ -1,4 +1,4 @@
-"""Images loaded ahead of the compute (pipeline/loading.py) and chunk files written in the background
+"""Images loaded ahead of the compute (pipeline/image_loader.py) and chunk files written in the background
 (store.BackgroundWriter): the same values as the direct ways, and failures still surface."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from PIL import Image
 
 from gig_fast.models import DemoResNet
 from gig_fast.pipeline import Pipeline, PipelineConfig
-from gig_fast.pipeline.loading import image_batches, loader_workers
-from gig_fast.pipeline.store import BackgroundWriter, load_npz, save_npz
+from gig_fast.pipeline.image_loader import image_batches, loader_workers
+from gig_fast.pipeline.files import BackgroundWriter, load_npz, save_npz
 
 
 def _folder(root, seed: int, per_class: int = 5):

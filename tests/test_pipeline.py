@@ -16,6 +16,7 @@ from PIL import Image
 from gig_fast.models import DemoResNet
 from gig_fast.cli import main
 from gig_fast.pipeline import Pipeline, PipelineConfig, extract_concepts, load_config, pfv_dataset
+from gig_fast.report import publish
 from gig_fast import Run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,10 +54,18 @@ def run_tiny(out, **kw):
 
 
 def test_tiny_run_writes_graph_metrics_report(tmp_path):
-    out = run_tiny(tmp_path / "run")
+    pipe = Pipeline(tiny_config(tmp_path / "run"), model=tiny_model(), dataset=tiny_data())
+    out = pipe.run()
     graph = json.loads((out / "graph.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
+    # computing a run writes no page: publishing it is the step after (what gig-fast run takes)
+    assert not (out / "report.html").exists() and not (out / "concept_samples").exists()
+    assert "report" not in metrics["timings_s"]
+    assert publish(pipe) == out / "report.html"
     report = (out / "report.html").read_text()
+    assert (out / "concept_samples" / "concept_samples.json").is_file()
+    published = json.loads((out / "metrics.json").read_text())
+    assert published.pop("timings_s")["report"] > 0 and published == {k: v for k, v in metrics.items() if k != "timings_s"}
     assert graph["schema"] == "gig_fast.graph" and graph["version"] == 2
     assert [layer["name"] for layer in graph["layers"]] == LAYERS + ["classes"]
     assert [c["name"] for c in graph["classes"]] == ["<b>tee</b>", "boot & shoe", "bag"]
@@ -145,7 +154,7 @@ def _class_gig(out, a, b, c, target_concept):
 def test_neighbour_pairs_pick_each_class_nearest_classes():
     """Each class with its n most similar classes (cosine of the class-score rows), ties to the smaller
     id; every pair when n is None or covers the other classes; only the present classes."""
-    from gig_fast.pipeline.stages import neighbour_pairs
+    from gig_fast.pipeline.selection import neighbour_pairs
 
     scores = np.array([[1.0, 0.0, 0.0], [0.9, 0.1, 0.0], [0.0, 0.0, 1.0], [0.0, 0.1, 0.9], [5.0, 0.0, 0.1]])
     every = [(0, 1), (0, 2), (0, 3), (0, 4), (1, 2), (1, 3), (1, 4), (2, 3), (2, 4), (3, 4)]
@@ -161,7 +170,7 @@ def test_neighbour_pairs_pick_each_class_nearest_classes():
 def test_pair_neighbours_bound_the_pair_graphs_and_the_shared_targets(tmp_path):
     """With pair_neighbours = 1 of 3 classes, only the chosen pairs get pair graphs, and stage 4's
     targets of a class hold only the concepts it shares within them (every pair would give 3 graphs)."""
-    from gig_fast.pipeline.stages import class_pairs, shared_sets, top_sets, view_sets
+    from gig_fast.pipeline.selection import class_pairs, shared_sets, top_sets, view_sets
 
     out = run_tiny(tmp_path / "run", top_concepts=1, top_shared=3, pair_neighbours=1)
     pipe = Pipeline(tiny_config(tmp_path / "run", top_concepts=1, top_shared=3, pair_neighbours=1), model=tiny_model(),

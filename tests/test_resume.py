@@ -17,9 +17,10 @@ import pytest
 from _children import PACKAGE_ROOT
 import test_pipeline as tp
 from gig_fast.cli import main
-from gig_fast.pipeline import Pipeline, pfv_dataset, rebuild_report
+from gig_fast.pipeline import Pipeline, pfv_dataset
 from gig_fast.pipeline.stages import load_pfvs
-from gig_fast.pipeline.store import npz_problem
+from gig_fast.pipeline.files import npz_problem
+from gig_fast.report import rebuild_report
 from gig_fast.run_folder import remove_stale_tmp
 
 ROOT = Path(__file__).resolve().parents[1]

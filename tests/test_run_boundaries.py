@@ -105,7 +105,7 @@ def test_image_ids(run):
 def server(run):
     pytest.importorskip("fastapi")
     uvicorn = pytest.importorskip("uvicorn")
-    from gig_fast.api.server import create_app
+    from gig_fast.serve import create_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

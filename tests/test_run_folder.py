@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gig_fast.concepts import ConceptBank
-from gig_fast.pipeline.store import load_npz, save_json, save_npz
+from gig_fast.pipeline.files import load_npz, save_json, save_npz
 from gig_fast.run_folder import (CODES, STAGE1, atomic_open, bank_dir, chunk_file, chunk_files, concept_file,
                                  remove_stale_tmp, transition_dir, work_dir)
 

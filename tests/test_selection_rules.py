@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from gig_fast.pipeline.stages import (CLASSES, class_pair_weights, class_pairs, class_scores, image_top_concepts,
-                                      neighbour_pairs, shared_concepts, top_sets, trans_dir, view_sets)
+from gig_fast.pipeline.selection import (CLASSES, class_pair_weights, class_pairs, class_scores, image_top_concepts,
+                                         neighbour_pairs, shared_concepts, top_sets, trans_dir, view_sets)
 
 
 # ---------------------------------------------------------------------------------------------- shared

@@ -269,7 +269,7 @@ def slashed(tmp_path_factory):
     "T-shirt/top"; ``(base URL, run, held explains, workers, root)``."""
     import uvicorn
 
-    from gig_fast.api.server import Workers, create_app
+    from gig_fast.serve import Workers, create_app
 
     root = tmp_path_factory.mktemp("slashed")
     run = Run.open(named_tiny_run(root, class_names=("T-shirt/top", "boot & shoe", "bag")))
@@ -365,7 +365,7 @@ def test_api_run_lists_the_layers_the_concept_endpoints_take(slashed):
 # -- concept_samples/: written with the report, equal to streaming stage 1; older runs still open ---------
 
 def test_the_sample_index_holds_what_streaming_stage1_gives(served_run, tmp_path):
-    from gig_fast.api.views import Views
+    from gig_fast.serve import Views
     from gig_fast.explorer.pictures import png_bytes
 
     run = Run.open(served_run / "run")
@@ -407,7 +407,7 @@ def test_the_sample_index_holds_what_streaming_stage1_gives(served_run, tmp_path
 
 
 def test_npz_member_reads_the_rows_np_load_reads(tmp_path):
-    from gig_fast.pipeline.store import npz_member, npz_rows, save_npz
+    from gig_fast.pipeline.files import npz_member, npz_rows, save_npz
 
     rng = np.random.default_rng(0)
     arrays = {"L|ierf": rng.standard_normal((50, 7, 5)).astype(np.float16), "image": np.arange(50),

@@ -169,7 +169,7 @@ def test_the_checks_catch_what_they_should(tmp_path):
     assert len(_reach_ins(bad)) == 2
     assert _private_violation("tests.test_x", "gig_fast.ops.sparse_code", "_sparse_code_op")
     assert _private_violation("gig_fast.concepts.core", "gig_fast.ops.checks", None) is None
-    assert _private_violation("gig_fast.pipeline.run", "gig_fast._extensions", "has_triton") is None
+    assert _private_violation("gig_fast.pipeline.runner", "gig_fast._extensions", "has_triton") is None
     assert _private_violation("tests.test_x", "gig_fast._extensions", "has_triton")
     assert _private_violation("gig_fast.ops.registry", "gig_fast", "_extensions") is None
 
@@ -237,9 +237,10 @@ def test_the_organisation_check_catches_what_it_should(tmp_path, line, flagged):
 LAYERS = [
     ("public surface", ("gig_fast",)),
     ("command line", ("gig_fast.cli",)),
-    ("HTTP server", ("gig_fast.api.server",)),
+    ("HTTP server", ("gig_fast.serve",)),
     ("validation", ("gig_fast.validation",)),
     ("test runs", ("gig_fast.testing.runs",)),
+    ("report", ("gig_fast.report",)),
     ("results reader", ("gig_fast.api", "gig_fast.export")),
     ("pipeline", ("gig_fast.pipeline",)),
     ("renderers and stores", ("gig_fast.explorer", "gig_fast.image_store", "gig_fast.testing")),
@@ -248,10 +249,8 @@ LAYERS = [
     ("run folder", ("gig_fast.run_folder",)),
     ("ops", ("gig_fast.ops", "gig_fast.kernels", "gig_fast._extensions")),
 ]
-# Known breaks of the rule, each to be removed by the change that fixes it:
-# Pipeline._write_outputs opens a Run (the results reader) to render report.html; it goes when the
-# report page and rebuild_report move to a layer above the reader.
-KNOWN_UPWARD = {("gig_fast.pipeline.run", "gig_fast.api.run")}
+# Known breaks of the rule, each to be removed by the change that fixes it (none now).
+KNOWN_UPWARD: set[tuple[str, str]] = set()
 
 
 def _layer(module: str, layers=LAYERS) -> int:
@@ -299,3 +298,76 @@ def test_the_layer_check_catches_an_upward_import():
     assert _upward_imports(graph, layers, known={("p.mid", "p.top"), ("p.mid.low_part", "p.mid")}) == []
     with pytest.raises(KeyError, match="in no layer"):
         _layer("q.other", layers)
+
+
+# -- the run folder's layout is spelled in one module ---------------------------------------------
+# gig_fast/run_folder.py names every file and folder of a run's output folder; the pipeline writes and
+# the reader reads through those names, so a layout change is one edit. A module that spells one of
+# them out again (outside docstrings), or builds a chunk file's or the work folder's name itself, fails.
+RUN_FOLDER = PACKAGE / "run_folder.py"
+CHUNK_OR_WORK_NAME = re.compile(r"^chunk_(?:[{*\d]|$)|^work-")
+
+
+def _layout_names() -> set[str]:
+    """The string constants of run_folder.py that name a file or folder with a dot or an underscore
+    (``graph.json``, ``concept_samples`` …; plain words such as ``codes`` are dict keys elsewhere too)."""
+    names = set()
+    for node in ast.parse(RUN_FOLDER.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign):
+            values = node.value.elts if isinstance(node.value, ast.Tuple) else [node.value]
+            for v in values:
+                if isinstance(v, ast.Constant) and isinstance(v.value, str) and ("." in v.value or "_" in v.value):
+                    names.add(v.value)
+    return names
+
+
+def _layout_spelled(path: Path, rel: str, names: set[str]) -> list[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [f"{rel}:{node.lineno}: {node.value!r} spells the run folder's layout: use gig_fast.run_folder"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+            and (node.value in names or CHUNK_OR_WORK_NAME.search(node.value))]
+
+
+def test_the_run_folder_layout_is_spelled_in_run_folder_only():
+    names = _layout_names()
+    assert {"graph.json", "metrics.json", "report.html", "concept_samples"} <= names
+    bad = [msg for path in MODULES.values() if path != RUN_FOLDER
+           for msg in _layout_spelled(path, path.relative_to(ROOT).as_posix(), names)]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_layout_check_catches_a_spelled_path(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text('"""graph.json in a docstring is fine."""\nx = out / "metrics.json"\ny = f"chunk_{ci:05d}.npz"\n'
+                   'z = out / "work-abc"\nw = cfg.chunk_images\nv = "chunk_images"\n', encoding="utf-8")
+    assert [m.split(": ")[:2] for m in _layout_spelled(bad, "bad.py", _layout_names())] == [
+        ["bad.py:2", "'metrics.json' spells the run folder's layout"], ["bad.py:3", "'chunk_' spells the run folder's layout"],
+        ["bad.py:4", "'work-abc' spells the run folder's layout"]]
+
+
+# -- names that say one thing each ----------------------------------------------------------------
+def _repeated_names(paths: list[Path]) -> dict[str, list[str]]:
+    """File names that more than one module has, except ``__init__.py`` and an op's backends: a file of
+    ``gig_fast/kernels/`` named as the op of ``gig_fast/ops/`` it implements."""
+    ops = {p.name for p in paths if p.parent.name == "ops"}
+    seen: dict[str, list[str]] = {}
+    for p in paths:
+        if p.name != "__init__.py":
+            seen.setdefault(p.name, []).append(p.relative_to(ROOT).as_posix() if p.is_relative_to(ROOT) else str(p))
+    return {name: where for name, where in seen.items() if len(where) > 1
+            and not (name in ops and all(Path(w).parent.name in ("ops", "kernels") for w in where))}
+
+
+def test_no_two_modules_share_a_name():
+    repeated = _repeated_names(list(MODULES.values()))
+    assert not repeated, f"modules of the same name (give each a name that says its job): {repeated}"
+
+
+def test_the_name_check_catches_a_repeated_name():
+    paths = [ROOT / p for p in ("gig_fast/ops/sparse_code.py", "gig_fast/kernels/sparse_code.py", "gig_fast/a/run.py",
+                                "gig_fast/b/run.py", "gig_fast/a/__init__.py", "gig_fast/b/__init__.py")]
+    assert _repeated_names(paths) == {"run.py": ["gig_fast/a/run.py", "gig_fast/b/run.py"]}

@@ -13,6 +13,7 @@ import torch
 from gig_fast.models import load_model
 from gig_fast.pipeline import Pipeline, PipelineConfig
 from gig_fast.pipeline import stages as stages_module
+from gig_fast.report import publish
 
 
 def tiny_images(n=24, size=32, seed=3):
@@ -67,6 +68,7 @@ def test_timm_vit_runs_the_whole_pipeline_on_tokens(tmp_path, monkeypatch):
     pipe = Pipeline(tiny_config(tmp_path / "run", layers), model=model, dataset=tiny_images())
     assert pipe.spatial == {p: (1, 5) for p in layers}  # a token row: 1 class token + 4 patches
     out = pipe.run()
+    publish(pipe)
     graph, metrics = _check_run(out, layers, positions={p: 5 for p in layers})
     print("timings (s):", metrics["timings_s"])
     # stage 3 coded every token of every explained image through the sparse coder (6 images × 5 tokens)
@@ -124,6 +126,7 @@ def test_timm_cnns_run_the_whole_pipeline(tmp_path, name, layers, bn):
     pipe = Pipeline(tiny_config(tmp_path / "run", layers), model=model, dataset=tiny_images())
     assert type(pipe.adapter).__name__ == "FXAdapter"  # timm's ResNet blocks are not torchvision's: FX slicing
     out = pipe.run()
+    publish(pipe)
     _check_run(out, layers, positions={p: int(np.prod(pipe.spatial[p])) for p in layers})
     for layer in layers:
         with np.load(_work(out) / "concepts" / f"{layer}.npz") as c:

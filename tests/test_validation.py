@@ -370,10 +370,12 @@ def validated(tmp_path_factory):
     """The tiny pipeline run (3 classes, layers 3.5, 4.0, 4.2, K = 4; the net with a fitted classifier, so it
     classifies the images and can be attacked), validated once with every experiment."""
     from gig_fast.pipeline import Pipeline
+    from gig_fast.report import publish
 
     root = tmp_path_factory.mktemp("validated")
     pipe = Pipeline(tiny_config(root / "run"), model=fitted_tiny_model(), dataset=tiny_data())
     out = pipe.run()
+    publish(pipe)  # the page the validation section goes into
     return out, pipe, validate(pipe, _opts())
 
 
@@ -481,7 +483,7 @@ def test_paper_transition_spans_blocks_and_ends_at_the_bias(validated):
 
 
 def test_attack_graph_shares_recomputed(validated):
-    from gig_fast.pipeline.stages import top_sets
+    from gig_fast.pipeline.selection import top_sets
 
     out, pipe, doc = validated
     attacks = doc["attack"]["attacks"]

@@ -97,13 +97,13 @@ MUTANTS = [
 RUN_VALUES, RUN_BOUNDS, STORED, ESCAPING = ("tests/test_run_values.py",), ("tests/test_run_boundaries.py",), \
     ("tests/test_stored_files.py",), ("tests/test_report_escaping.py",)
 MUTANTS += [
-    Mutant("shared_concepts_max_not_min", "gig_fast/pipeline/stages.py",
+    Mutant("shared_concepts_max_not_min", "gig_fast/pipeline/selection.py",
            "both = np.minimum(s1 / s1.max(), s2 / s2.max())", "both = np.maximum(s1 / s1.max(), s2 / s2.max())",
            ("tests/test_selection_rules.py",), "a pair's shared concepts scored by the larger of the two classes' scores"),
-    Mutant("class_scores_every_target", "gig_fast/pipeline/stages.py",
+    Mutant("class_scores_every_target", "gig_fast/pipeline/selection.py",
            "total[classes] += sums[:, :n_top].sum(1)", "total[classes] += sums.sum(1)",
            ("tests/test_selection_rules.py",), "a class's concept scores add its shared targets to its top ones"),
-    Mutant("top_sets_skip_the_first", "gig_fast/pipeline/stages.py",
+    Mutant("top_sets_skip_the_first", "gig_fast/pipeline/selection.py",
            'return np.argsort(-scores, axis=1, kind="stable")[:, :k]',
            'return np.argsort(-scores, axis=1, kind="stable")[:, 1:k + 1]',
            RUN_VALUES, "a class's top set starts at its second strongest concept (caught on a run)"),
@@ -158,7 +158,7 @@ MUTANTS += [
     Mutant("triton_centroid_update_drops_last_row", "gig_fast/kernels/centroid_update.py",
            "r_ok = rows < N\n", "r_ok = rows < N - 1\n",
            ("tests/test_centroid_update.py", "-k", "triton"), "the Triton centroid sums skip the last point"),
-    Mutant("oracle_dense_codes_unsigned", "gig_fast/testing/sparse_code.py",
+    Mutant("oracle_dense_codes_unsigned", "gig_fast/testing/coding_problems.py",
            "torch.where(ok, val2, 0)", "torch.where(ok, val2.abs(), 0)",
            ("tests/test_sparse_code.py",), "the tests' dense-code oracle loses signs (the tests must disagree)"),
     Mutant("cpp_extension_never_found", "gig_fast/_extensions.py",

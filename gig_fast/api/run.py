@@ -45,8 +45,8 @@ from ..pipeline.errors import reconstruction, transition_errors
 from ..pipeline.sample_index import SampleIndex, layer_index, load_layer_index, open_sample_index
 from ..pipeline.samples import nearest_rows, stage1_files, stage1_samples
 from ..pipeline.graph import READABLE_VERSIONS, error_entry, image_layer_graph
-from ..pipeline.stages import CLASSES, image_top_concepts
-from ..pipeline.store import load_json, load_npz, npz_member, npz_rows, save_json
+from ..pipeline.selection import CLASSES, image_top_concepts
+from ..pipeline.files import load_json, load_npz, npz_member, npz_rows, save_json
 from ..run_folder import (CODES, CONFIG_FILE, GRAPH_FILE, METRICS_FILE, STORE_DIR, bank_dir, chunk_files, concept_file,
                           work_dir)
 from .types import (ClassInfo, ClassUse, ConceptCard, ConceptSample, ConceptUse, Decomposition, Edge, ErrorNode,

@@ -9,6 +9,6 @@
 from .bank import ConceptBank
 from .bisecting import bisecting_spherical_kmeans
 from .core import BisectingInfo, cosine_inertia
-from .distributed import distributed_bisecting_kmeans
+from .distributed_bisecting import distributed_bisecting_kmeans
 
 __all__ = ["ConceptBank", "bisecting_spherical_kmeans", "distributed_bisecting_kmeans", "BisectingInfo", "cosine_inertia"]

@@ -1,5 +1,5 @@
 """Pictures for the explorer page, as small PNG data URIs (pure functions of arrays and graph dicts;
-:mod:`gig_fast.pipeline.pictures` reads a run's work files and calls them).
+:mod:`gig_fast.report.collect` reads a run through :class:`gig_fast.Run` and calls them).
 
 * **iERF crops with context** (paper §3.1, Fig. 2): for a PFV sample, the input image with its iERF
   tinted blue and the rest dimmed, cropped to the region that holds most of the iERF mass plus a

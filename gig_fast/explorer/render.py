@@ -134,7 +134,7 @@ def render_explorer(graph: dict, metrics: dict | None = None, pictures: dict | N
     Args:
         graph: a ``graph.json`` dict (``docs/graph_schema.md``).
         metrics: its ``metrics.json`` dict, or None (then no metrics section unless ``summary_html``).
-        pictures: :func:`~gig_fast.explorer.collect_pictures` output, or None (nodes without pictures;
+        pictures: :func:`~gig_fast.report.collect_pictures` output, or None (nodes without pictures;
             the image view then offers up to ``max_images`` images without heat-maps).
         max_images: images offered in the image view when ``pictures`` is None.
         summary_html: trusted, already escaped HTML for the static summary section; default: the

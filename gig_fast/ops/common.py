@@ -1,5 +1,7 @@
 """Helpers that every backend of the ops shares (the reference included): the accumulation dtype,
-the rescaling of rows of extreme magnitude before a cosine, and dense codes turned into padded ones.
+the rescaling of rows of extreme magnitude before a cosine, dense codes turned into padded ones, and the
+batched OMP loop of ``sparse_code`` (the torch and Triton backends differ only in how they compute the
+residual correlations).
 
 They live apart from :mod:`gig_fast.ops.reference` (the test oracle) so that production code — the op
 layer, the kernels, the GIG engine, the concept extractor — never imports the oracle.
@@ -8,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["accumulation_dtype", "scale_extreme_rows", "SAFE_ROW_EXPONENT", "dense_to_padded"]
+__all__ = ["accumulation_dtype", "scale_extreme_rows", "SAFE_ROW_EXPONENT", "dense_to_padded", "omp_gram"]
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -52,3 +54,60 @@ def dense_to_padded(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     idx = torch.where(keep, order, torch.full_like(order, -1))
     val = torch.where(keep, torch.gather(u, 1, order), torch.zeros((), dtype=u.dtype, device=u.device))
     return idx, val
+
+
+def omp_gram(c: torch.Tensor, G: torch.Tensor, n_nonzero: int, residual_corr=None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched orthogonal matching pursuit on the Gram form (scikit-learn's ``orthogonal_mp_gram`` rules).
+
+    Each step adds the atom with the largest ``|q_k|`` (first index on ties) and re-fits the support by
+    least squares. A row stops early, like scikit-learn, when the best ``q_k² < eps`` or the new atom is
+    numerically in the span of the chosen ones (Cholesky pivot ``≤ eps``), ``eps`` of the dtype.
+
+    Args:
+        c: ``[N, K]`` correlations; G: ``[K, K]``; n_nonzero: atoms per row at most.
+        residual_corr: ``(support [N, n], coef [N, n]) -> q [N, K]`` = ``c − Σ_t coef_t G[support_t]``;
+            default: a dense ``u @ G`` (the GPU backend passes a sparse one).
+
+    Returns:
+        ``(u [N, K] dense codes, steps [N] int64 atoms chosen)``.
+    """
+    N, K = c.shape
+    eps = torch.finfo(c.dtype).eps
+    chosen = torch.zeros(N, K, dtype=torch.bool, device=c.device)
+    support = torch.zeros(N, 0, dtype=torch.int64, device=c.device)
+    slot_ok = torch.zeros(N, 0, dtype=torch.bool, device=c.device)  # False: a stopped row's dummy slot
+    alive = torch.ones(N, dtype=torch.bool, device=c.device)
+    rows = torch.arange(N, device=c.device)
+
+    def normal_matrix(sup, ok):
+        # G_SS with the dummy slots replaced by identity rows/columns, so every system stays regular
+        pair = ok[:, :, None] & ok[:, None, :]
+        eye = torch.eye(sup.shape[1], dtype=c.dtype, device=c.device).expand(N, -1, -1)
+        return torch.where(pair, G[sup[:, :, None], sup[:, None, :]], eye)
+
+    if residual_corr is None:
+        residual_corr = lambda sup, w: c - torch.zeros_like(c).scatter_add_(1, sup, w) @ G  # noqa: E731
+    coef_ok = torch.zeros(N, 0, dtype=c.dtype, device=c.device)
+    for n in range(min(n_nonzero, K)):
+        q = residual_corr(support, coef_ok) if n else c
+        score = torch.where(chosen, torch.full_like(q, -1.0), q.abs())
+        j = score.argmax(1)
+        best = score[rows, j]
+        # the pivot of the Cholesky factor of G_SS when j joins S: G_jj − G_jSᵀ G_SS⁻¹ G_Sj
+        pivot = G[j, j]
+        if n:
+            Gsj = torch.where(slot_ok, G[support, j[:, None]], 0)
+            w = torch.linalg.solve(normal_matrix(support, slot_ok), Gsj.unsqueeze(-1)).squeeze(-1)
+            pivot = pivot - (Gsj * w).sum(1)
+        alive = alive & (best * best >= eps) & (pivot > eps)
+        if not bool(alive.any()):
+            break
+        support = torch.cat([support, j[:, None]], 1)
+        slot_ok = torch.cat([slot_ok, alive[:, None]], 1)
+        chosen[rows[alive], j[alive]] = True
+        rhs = torch.where(slot_ok, c.gather(1, support), 0)
+        coef = torch.linalg.solve(normal_matrix(support, slot_ok), rhs.unsqueeze(-1)).squeeze(-1)
+        coef_ok = torch.where(slot_ok, coef, 0)
+    u = torch.zeros_like(c).scatter_add_(1, support, coef_ok)
+    return u, slot_ok.sum(1)

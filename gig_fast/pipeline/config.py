@@ -82,7 +82,7 @@ class PipelineConfig:
     ``prediction``), ``class_probability``.
     Execution: ``seed``, ``device``, ``backend``, ``batch_size``, ``gig_batch_size``, ``loader_workers``
     (processes decoding the images of stages 1 and 3; None = automatic: see
-    :mod:`gig_fast.pipeline.loading`), ``chunk_images`` (checkpoint granularity), ``out``, ``progress``.
+    :mod:`gig_fast.pipeline.image_loader`), ``chunk_images`` (checkpoint granularity), ``out``, ``progress``.
     Report (``report.html``, not hashed): ``report_images`` (explained images embedded with their
     picture and concept heat-maps for the image view), ``report_crops`` (nearest samples per concept).
     Outputs (not hashed): ``graph_images`` (per-image graphs kept in ``graph.json``, round-robin over

@@ -25,16 +25,15 @@ import numpy as np
 import torch
 
 from . import distributed as dist
-from .loading import image_batches
-from .stages import CLASSES, chunk_ids, load_concepts, trans_dir, transitions
-from .store import BackgroundWriter, is_complete, save_npz
+from .image_loader import image_batches
+from .selection import CLASSES, trans_dir, transitions
+from .stages import chunk_ids, load_concepts
+from .files import BackgroundWriter, is_complete, save_npz
 from ..ops import sparse_reconstruct
+from ..run_folder import CODES, ERRORS, chunk_file, chunk_files
 
 __all__ = ["error_nodes", "error_keys", "target_values", "transition_errors", "reconstruction", "load_errors",
            "class_error_sums", "error_metrics"]
-
-ERRORS_DIR = "errors"
-
 
 def error_keys(pipe) -> list[str]:
     """The arrays of a finished ``errors/chunk_XXXXX.npz`` (a damaged or partial file is recomputed)."""
@@ -152,20 +151,20 @@ def error_nodes(pipe) -> None:
     cfg = pipe.config
     slices = {a: _Slice.of(pipe, a, b) for a, b in transitions(pipe)}
     chunks = chunk_ids(pipe.explain_ids, cfg.chunk_images)
-    files = [pipe.work / ERRORS_DIR / f"chunk_{ci:05d}.npz" for ci in range(len(chunks))]
+    files = [chunk_file(pipe.work / ERRORS, ci) for ci in range(len(chunks))]
     todo = [ci for ci in range(len(chunks)) if dist.owns(ci) and not is_complete(files[ci], error_keys(pipe))]
     batches = {ci: [chunks[ci][i:i + cfg.batch_size] for i in range(0, len(chunks[ci]), cfg.batch_size)] for ci in todo}
     loaded = image_batches(pipe, [b for ci in todo for b in batches[ci]])
     with BackgroundWriter(save_npz) as writer:  # the next chunk computes while this one is written
         for ci in todo:
-            codes = pipe.work / "codes" / files[ci].name
+            codes = chunk_file(pipe.work / CODES, ci)
             writer.save_npz(files[ci], **_chunk_errors(pipe, slices, codes, chunks[ci], batches[ci], loaded))
     dist.barrier()
 
 
 def load_errors(pipe, name: str) -> dict[str, np.ndarray] | None:
     """The error-node file of code chunk ``name`` (None when the run has no error nodes)."""
-    path = pipe.work / ERRORS_DIR / name
+    path = pipe.work / ERRORS / name
     if not path.is_file():
         return None
     with np.load(path, allow_pickle=False) as z:
@@ -176,7 +175,7 @@ def class_error_sums(pipe, a: str) -> np.ndarray | None:
     """``[n_classes, n_top]`` the error node of ``a`` to each of a class's top targets of the layer above,
     summed over the class's explained images (the class graph's error node); None without error nodes."""
     out = None
-    for cpath in sorted((pipe.work / "codes").glob("chunk_*.npz")):
+    for cpath in chunk_files(pipe.work / CODES):
         errors = load_errors(pipe, cpath.name)
         if errors is None:
             return None
@@ -194,7 +193,7 @@ def error_metrics(pipe) -> dict | None:
     image graphs' targets the error node carries, ``|error| / |T(F_ab(X)) − T(F_ab(β))|`` over every (image,
     own target) pair: ``median_share``, ``p90_share``, ``n``. None without error nodes."""
     shares: dict[str, list] = {}
-    for cpath in sorted((pipe.work / "codes").glob("chunk_*.npz")):
+    for cpath in chunk_files(pipe.work / CODES):
         errors = load_errors(pipe, cpath.name)
         if errors is None:
             return None

@@ -16,9 +16,10 @@ import numpy as np
 from ..image_store import ImageStoreWriter
 from ..run_folder import CODES, STORE_DIR, chunk_files
 from .errors import class_error_sums, load_errors
-from .stages import (CLASSES, class_pair_weights, class_scores, load_concepts, present_classes, shared_sets,
-                     top_sets, trans_dir, transitions, view_sets)
-from .store import save_json
+from .selection import (CLASSES, class_pair_weights, class_scores, present_classes, shared_sets, top_sets, trans_dir,
+                        transitions, view_sets)
+from .stages import load_concepts
+from .files import save_json
 
 __all__ = ["build_graph", "write_graph", "image_layer_graph", "error_entry", "SCHEMA", "SCHEMA_VERSION",
            "READABLE_VERSIONS"]
@@ -263,7 +264,7 @@ def image_layer_graph(a: str, b: str, nodes, targets, values, top: int) -> tuple
 
     Args:
         a, b: the layer pair (b may be ``classes``).
-        nodes: ``[k]`` the image's own top concepts of a (:func:`~gig_fast.pipeline.stages.image_top_concepts`).
+        nodes: ``[k]`` the image's own top concepts of a (:func:`~gig_fast.pipeline.selection.image_top_concepts`).
         targets: ``[T]`` its own targets of b (its top concepts of b, or its class).
         values: ``[k, T]`` GIG of each node to each target (this image only).
         top: edges kept: the ``top`` strongest by |GIG|.

@@ -1,4 +1,5 @@
-"""The nearest stage-1 samples of every concept, computed once when a run ends (``concept_samples/``), so
+"""The nearest stage-1 samples of every concept, computed once when a run is published (``concept_samples/``,
+:func:`gig_fast.report.publish`), so
 that a concept card, a node picture or a served view reads them instead of streaming the whole stage-1
 PFV dataset (30,000 PFVs × 16 layers on the demo: ~10 s per view before).
 
@@ -23,13 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .store import load_json, load_npz, save_json, save_npz
+from ..run_folder import SAMPLES_DIR, SAMPLES_MANIFEST, layer_file
+from .files import load_json, load_npz, save_json, save_npz
 
 __all__ = ["INDEX_FORMAT", "INDEX_VERSION", "INDEX_FOLDER", "SampleIndex", "write_sample_index", "open_sample_index",
            "layer_index"]
 
 INDEX_FORMAT, INDEX_VERSION = "gig_fast.concept_samples", 1
-INDEX_FOLDER = "concept_samples"
+INDEX_FOLDER = SAMPLES_DIR
 
 
 @dataclass(frozen=True)
@@ -79,9 +81,9 @@ def write_sample_index(run, k: int) -> Path:
     layers = {}
     for layer in run.points:
         idx = layer_index(run, layer, k)
-        save_npz(tmp / f"{layer}.npz", **{f: getattr(idx, f) for f in SampleIndex.__dataclass_fields__})
+        save_npz(layer_file(tmp, layer), **{f: getattr(idx, f) for f in SampleIndex.__dataclass_fields__})
         layers[layer] = int(idx.rows.shape[0])
-    save_json(tmp / "concept_samples.json", {"format": INDEX_FORMAT, "version": INDEX_VERSION, "run_key": run.key,
+    save_json(tmp / SAMPLES_MANIFEST, {"format": INDEX_FORMAT, "version": INDEX_VERSION, "run_key": run.key,
                                              "k": int(k), "layers": layers, "ierf": bool(run.config.store_ierf)})
     old = out.with_name(f".{INDEX_FOLDER}.old")
     shutil.rmtree(old, ignore_errors=True)
@@ -95,7 +97,7 @@ def write_sample_index(run, k: int) -> Path:
 def open_sample_index(path: Path, run_key: str) -> tuple[dict | None, str]:
     """``(manifest, "")`` of the ``concept_samples/`` folder of the run at ``path``, or ``(None, why)``
     when there is none usable (absent, another run's, another version)."""
-    manifest = Path(path) / INDEX_FOLDER / "concept_samples.json"
+    manifest = Path(path) / INDEX_FOLDER / SAMPLES_MANIFEST
     if not manifest.is_file():
         return None, f"no {INDEX_FOLDER}/ (written by runs made before it existed)"
     meta = load_json(manifest)
@@ -108,5 +110,5 @@ def open_sample_index(path: Path, run_key: str) -> tuple[dict | None, str]:
 
 def load_layer_index(path: Path, layer: str) -> SampleIndex:
     """The :class:`SampleIndex` of ``layer`` from the run folder ``path``."""
-    z = load_npz(Path(path) / INDEX_FOLDER / f"{layer}.npz")
+    z = load_npz(layer_file(Path(path) / INDEX_FOLDER, layer))
     return SampleIndex(**{f: z[f] for f in SampleIndex.__dataclass_fields__})

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..run_folder import STAGE1, chunk_files
-from .store import npz_member, npz_rows
+from .files import npz_member, npz_rows
 
 __all__ = ["stage1_files", "nearest_rows", "stage1_samples"]
 

@@ -33,7 +33,7 @@ from ..ops import forced_backend
 from ..run_folder import CONFIG_FILE, STAGE1, chunk_file, remove_stale_tmp
 from . import distributed as dist
 from .stages import chunk_ids
-from .store import load_json, save_json
+from .files import load_json, save_json
 
 __all__ = ["open_work", "check_numerics", "numerics", "dataset_fingerprint", "unreadable_ids"]
 

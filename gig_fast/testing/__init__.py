@@ -1,13 +1,14 @@
 """Input builders and checks shared by the tests and the benchmarks (not part of the public API).
 
 One helper, one signature: ``codes`` (random padded sparse codes, benchmark shapes), ``kmeans``
-(clustered points, label quality), ``sparse_code`` (coding problems, objectives, scikit-learn
-oracles), ``gig`` (tiny models with random BN statistics, fitted codes).
+(clustered points, label quality), ``coding_problems`` (sparse-coding problems, objectives,
+scikit-learn oracles), ``gig_cases`` (tiny models with random BN statistics, fitted codes); ``runs``
+(tiny finished runs, imported on its own: it runs the pipeline).
 """
 from .codes import RECON_SHAPES, random_codes
-from .gig import TinyResidualCNN, captum_rule, fitted_codes, randomize_bn, tiny_residual_cnn, tiny_resnet
+from .gig_cases import TinyResidualCNN, captum_rule, fitted_codes, randomize_bn, tiny_residual_cnn, tiny_resnet
 from .kmeans import clustered_points, cosine_scores64, label_quality, random_unit
-from .sparse_code import (dense_codes, lasso_objective, pfv_like, random_problem, sklearn_lasso_objective,
+from .coding_problems import (dense_codes, lasso_objective, pfv_like, random_problem, sklearn_lasso_objective,
                           sklearn_omp_supports)
 
 __all__ = ["RECON_SHAPES", "random_codes", "TinyResidualCNN", "captum_rule", "fitted_codes", "randomize_bn",

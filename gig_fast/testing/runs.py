@@ -14,12 +14,14 @@ TINY_LAYERS = ["layer3.5", "layer4.0", "layer4.2"]
 
 def named_tiny_run(root: str | Path, class_names=("<b>tee</b>", "boot & shoe", "bag"), **config) -> Path:
     """Write into ``root`` a demo net of width 2 with random BN statistics (``weights.pt``), a folder of
-    4 random 28×28 PNGs per class (``data/c0`` …; 3 classes), and run the pipeline over them into
-    ``root/run`` (3 layers, K = 4, 6 explained images; ``config`` overrides). Returns ``root/run``."""
+    4 random 28×28 PNGs per class (``data/c0`` …; 3 classes), run the pipeline over them into
+    ``root/run`` (3 layers, K = 4, 6 explained images; ``config`` overrides) and publish it (``report.html``,
+    ``concept_samples/``), as ``gig-fast run`` does. Returns ``root/run``."""
     from PIL import Image
 
     from ..models import DemoResNet
     from ..pipeline import Pipeline, PipelineConfig
+    from ..report import publish
 
     root = Path(root)
     g = torch.Generator().manual_seed(3)
@@ -42,4 +44,7 @@ def named_tiny_run(root: str | Path, class_names=("<b>tee</b>", "boot & shoe", "
                     class_names=list(class_names), out=str(root / "run"),
                     graph_pairs=1)  # graph.json keeps pair 0-1; 0-2 and 1-2 come from the store
     settings.update(config)
-    return Pipeline(PipelineConfig(**settings)).run()
+    pipe = Pipeline(PipelineConfig(**settings))
+    out = pipe.run()
+    publish(pipe)
+    return out

@@ -7,7 +7,7 @@ from .attack import targeted_pgd
 from .metrics import auc, class_score, concept_curve, curve_grid, edit_codes, interpolate_at, label_hits, \
     max_projection, reconstruction_quality, step_counts, top_overlap
 from .options import EXPERIMENTS, ValidationOptions
-from .run import validate
+from .suite import validate
 
 __all__ = ["validate", "ValidationOptions", "EXPERIMENTS", "auc", "step_counts", "curve_grid", "edit_codes",
            "concept_curve", "class_score", "label_hits", "max_projection", "reconstruction_quality", "top_overlap",

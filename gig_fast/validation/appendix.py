@@ -13,8 +13,9 @@ import torch
 from ..explorer.cards import DECOMPOSITION_CARD_KIND
 from ..explorer.pictures import png_data_uri
 from ..api import Run
-from ..pipeline.pictures import nearest_samples, sample_crops
-from ..pipeline.stages import load_concepts, load_pfvs, top_sets
+from ..pipeline.crops import nearest_samples, sample_crops
+from ..pipeline.selection import top_sets
+from ..pipeline.stages import load_concepts, load_pfvs
 from .attack import targeted_pgd
 from .baselines import ours
 

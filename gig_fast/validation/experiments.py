@@ -1,7 +1,7 @@
 """The validation experiments on a finished (or resumed) pipeline run, one unit of work per function.
 
 Each function takes the :class:`~gig_fast.pipeline.Pipeline`, the experiment's inputs and the
-:class:`~gig_fast.validation.run.ValidationOptions`, and returns a JSON-ready dict; the driver saves
+:class:`~gig_fast.validation.options.ValidationOptions`, and returns a JSON-ready dict; the driver saves
 each result atomically as it finishes.
 """
 from __future__ import annotations

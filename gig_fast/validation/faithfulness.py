@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 from ..interventions import Edit, concept_coefficients, edit_rows
-from ..pipeline.stages import CLASSES, transitions
-from ..pipeline.store import load_json
+from ..pipeline.selection import CLASSES, transitions
+from ..pipeline.files import load_json
+from ..run_folder import GRAPH_FILE
 from .experiments import flat_codes, layer_inputs
 
 __all__ = ["class_edges", "transition_summary", "faithfulness_table", "faithfulness_section", "class_images",
@@ -128,14 +129,14 @@ def transition_summary(edges: list[list]) -> dict:
 
 def graph_classes(pipe, only=None) -> list[int]:
     """The classes with a graph in ``graph.json`` (among ``only`` when given)."""
-    classes = sorted(int(c) for c in load_json(pipe.out / "graph.json")["class_graphs"])
+    classes = sorted(int(c) for c in load_json(pipe.out / GRAPH_FILE)["class_graphs"])
     return classes if only is None else [c for c in classes if c in {int(x) for x in only}]
 
 
 def run_faithfulness(pipe, units, opts, bar, decomposition) -> dict:
     """Every class graph's transitions (:func:`class_edges`), one unit per class, then the per-transition
     summaries pooled over classes. ``decomposition(pipe, point)``: the run's decomposition of a layer."""
-    graph = load_json(pipe.out / "graph.json")
+    graph = load_json(pipe.out / GRAPH_FILE)
     classes = graph_classes(pipe, opts.faithfulness_classes)
     trans = transitions(pipe)  # top-down: (last, "classes"), …, (first, second)
     decs = {p: decomposition(pipe, p) for p in pipe.points}

@@ -109,7 +109,8 @@ def _run_sparsity(pipe, units, vwork, L, opts, bar):
 
 
 def _run_inter(pipe, units, L, opts, bar):
-    from ..pipeline.stages import load_concepts, top_sets
+    from ..pipeline.selection import top_sets
+    from ..pipeline.stages import load_concepts
 
     consecutive = list(zip(L["inter_layers"][:-1], L["inter_layers"][1:]))
     paper = list(zip(L["paper_points"][:-1], L["paper_points"][1:]))
@@ -209,7 +210,8 @@ def _run_decomposition(pipe, units, L, opts, bar):
 def _trajectory_anchors(pipe, point: str, n: int) -> list[tuple[int, int, int]]:
     """``(class, concept, stage-1 row)``: the top concept at ``point`` of ``n`` classes spread over the
     classes, and its member nearest to the concept vector (the anchor followed across K)."""
-    from ..pipeline.stages import load_concepts, top_sets
+    from ..pipeline.selection import top_sets
+    from ..pipeline.stages import load_concepts
 
     reps = load_concepts(pipe, point)["representatives"]
     tops = top_sets(pipe, point)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..ops.sparse_code import DEFAULT_LAM_REL
-from ..pipeline.store import load_json, load_npz, save_json, save_npz
+from ..pipeline.files import load_json, load_npz, save_json, save_npz
 from .baselines import fit_dictionary_learning, fit_sae, load_decomposition, ours
 from .options import ValidationOptions
 

@@ -14,8 +14,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from ..pipeline.store import save_json
-from ..run_folder import CONFIG_FILE, GRAPH_FILE
+from ..pipeline.files import save_json
+from ..run_folder import CONFIG_FILE, GRAPH_FILE, VALIDATION_WORK
 from .options import EXPERIMENTS, ValidationOptions, resolve_layers
 from .runners import count_units, run_experiment
 from .units import UnitStore
@@ -33,13 +33,13 @@ def validate(pipe, opts: ValidationOptions | None = None) -> dict:
     Returns:
         the ``validation.json`` content (pictures, kept in ``validation_figures.json``, left out).
     """
-    from .report import write_outputs
+    from .outputs import write_outputs
 
     opts = opts or ValidationOptions()
     if not (pipe.work / CONFIG_FILE).exists() or not (pipe.out / GRAPH_FILE).exists():
         raise ValueError(f"missing pipeline outputs in {pipe.out} (work folder {pipe.work.name}): run the pipeline first")
     L = resolve_layers(pipe, opts)
-    vwork = pipe.work / "validation"
+    vwork = pipe.work / VALIDATION_WORK
     vkey = opts.key(pipe.config.key())
     save_json(vwork / f"options-{vkey}.json", {"options": dataclasses.asdict(opts), "resolved_layers": L})
     units = UnitStore(vwork, opts, pipe.config.key())

@@ -49,7 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import unquote
 
-from .run import NotFoundError, Run
+from ..api import NotFoundError, Run
 from .views import Views
 
 __all__ = ["create_app", "serve", "Workers", "Busy", "MAX_UPLOAD", "VIEW_WORKERS", "EXPLAIN_WORKERS", "EXPLAIN_QUEUE"]

@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..explorer.pictures import (IMAGE_PX, display_rgb, fit, graph_concepts, heat_map_png, ierf_crop,
-                                 pick_images, png_data_uri)
-from .samples import nearest_rows, stage1_samples
-from .stages import load_concepts
+from ..explorer.pictures import IMAGE_PX, fit, graph_concepts, heat_map_png, pick_images, png_data_uri
 
-__all__ = ["collect_pictures", "sample_crops", "nearest_samples"]
+__all__ = ["collect_pictures"]
 
 
 def _concept_pictures(run, need: dict[str, set[int]], crops: int):
@@ -84,22 +81,3 @@ def collect_pictures(run, graph: dict, *, crops: int = 10, max_images: int = 20)
     concepts, table, stored = _concept_pictures(run, graph_concepts(graph, image_ids), crops)
     return {"crops": table, "concepts": concepts, "images": _heat_maps(run, graph, image_ids),
             "ierf": stored, "images_total": graph.get("images_total", len(graph["images"]))}
-
-
-def sample_crops(pipe, layer: str, rows, max_px: int = 96) -> dict[int, dict]:
-    """For global stage-1 ``rows`` of ``layer``: ``{row: {"image", "position", "label", "crop"}}`` with
-    ``crop`` the iERF-with-context picture (uint8 ``[h, w, 3]``, or None when the run kept no iERFs)."""
-    meta, maps = stage1_samples(pipe.work, layer, rows)
-    ids = sorted({m[0] for m in meta.values()}) if maps else []
-    x = pipe.load_images(ids)[0] if ids else None
-    pics = {img: display_rgb(x[j]) for j, img in enumerate(ids)}
-    return {r: {"image": m[0], "position": m[1], "label": m[2],
-                "crop": ierf_crop(pics[m[0]], maps[r], max_px=max_px) if r in maps else None}
-            for r, m in meta.items()}
-
-
-def nearest_samples(pipe, layer: str, concepts: list[int], k: int):
-    """``(rows [Q, k], cosines [Q, k], member [Q, k])``: the stage-1 PFVs nearest in cosine to each concept
-    (:func:`~gig_fast.pipeline.samples.nearest_rows` on the pipeline's work folder)."""
-    c = load_concepts(pipe, layer)
-    return nearest_rows(pipe.work, layer, c["V"], c["beta"], c["labels"], list(concepts), k)

@@ -9,7 +9,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..api.run import Run
 from ..data import open_dataset
 from ..models import FASHION_CLASSES, get_adapter, load_model
 from ..run_folder import CODES, GRAPH_FILE, METRICS_FILE, bank_dir, chunk_files, work_dir
@@ -17,12 +16,12 @@ from . import distributed as dist
 from .config import PipelineConfig
 from .errors import error_nodes
 from .graph import write_graph
-from .report import collect_metrics, write_report
+from .run_metrics import collect_metrics
 from .stages import attribute, concept_bank, decompose, extract_concepts, pfv_dataset
-from .store import load_json, save_json
+from .files import save_json
 from .workdir import check_numerics, open_work, unreadable_ids
 
-__all__ = ["Pipeline", "rebuild_report"]
+__all__ = ["Pipeline"]
 
 
 def _dataset_labels(ds) -> np.ndarray:
@@ -36,7 +35,9 @@ def _dataset_labels(ds) -> np.ndarray:
 
 
 class Pipeline:
-    """A GIG run: ``Pipeline(config).run()`` → the output folder (docs/design.md §1).
+    """A GIG run: ``Pipeline(config).run()`` → the output folder (docs/design.md §1), with the stage files,
+    ``graph.json`` and ``metrics.json``; :func:`gig_fast.report.publish` then writes its page
+    (``report.html``).
 
     Args:
         config: a :class:`PipelineConfig` (or a dict of its fields).
@@ -226,7 +227,9 @@ class Pipeline:
         check_numerics(self, self.record)
 
     def run(self) -> Path:
-        """Run (or resume) every stage; write ``graph.json``, ``metrics.json``, ``report.html``.
+        """Run (or resume) every stage; write the concept banks, ``graph.json`` (with the per-image store)
+        and ``metrics.json``. The page is a step of its own: :func:`gig_fast.report.publish` (``gig-fast
+        run`` and ``gig-fast demo`` take it).
 
         Under ``torchrun`` every rank calls it: the chunks are shared out, rank 0 writes the shared
         files, and every rank returns once they exist.
@@ -256,30 +259,11 @@ class Pipeline:
 
     def _write_outputs(self, timings: dict) -> None:
         """The concept banks (``concepts/<layer>/``), ``graph.json`` with the per-image store
-        (``store/``), ``metrics.json`` and ``report.html``, from the stage files."""
+        (``store/``) and ``metrics.json``, from the stage files."""
         t0 = time.perf_counter()
-        # returned with a sample of the per-image graphs (report_images per class) for the page
         for point in self.points:  # the concept banks first: graph.json marks a finished output folder
             concept_bank(self, point).save(bank_dir(self.out, point))
-        graph = write_graph(self, self.out / GRAPH_FILE)  # and the per-image store beside it
+        write_graph(self, self.out / GRAPH_FILE)  # and the per-image store beside it
         timings["graph"] = round(time.perf_counter() - t0, 2)
-        metrics = collect_metrics(self, timings)
-        t0 = time.perf_counter()
-        run = Run.open(self.out, model=self.model, dataset=self.dataset, device=str(self.device))
-        write_report(run, graph, metrics, max_images=self.config.report_images, crops=self.config.report_crops)
-        timings["report"] = round(time.perf_counter() - t0, 2)  # in metrics.json (the page was already written)
-        save_json(self.out / METRICS_FILE, metrics)
+        save_json(self.out / METRICS_FILE, collect_metrics(self, timings))
 
-
-def rebuild_report(run_dir, *, html=None, max_images: int | None = None, device: str = "cpu", model=None,
-                   dataset=None) -> Path:
-    """Rewrite a finished run's report from its ``graph.json``, ``metrics.json`` and work folder.
-
-    The data set is reopened from the run's stored configuration (only images are read; nothing is
-    recomputed). ``html``: where to write (default ``<run_dir>/report.html``); ``model`` /
-    ``dataset``: the objects the run was given, when it was not run from names in its configuration.
-    """
-    run = Run.open(run_dir, model=model, dataset=dataset, device=device)
-    metrics = load_json(Path(run_dir) / METRICS_FILE)
-    limit = run.config.report_images if max_images is None else max_images
-    return write_report(run, run.graph_dict(), metrics, max_images=limit, crops=run.config.report_crops, path=html)

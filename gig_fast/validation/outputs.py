@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from ..explorer import insert_decompositions, insert_section
-from ..pipeline.store import atomic_write_text, save_json
+from ..pipeline.files import atomic_write_text, save_json
+from ..run_folder import (REPORT_FILE, VALIDATION_FIGURES_FILE, VALIDATION_JSON, VALIDATION_MD, VALIDATION_PLOTS_DIR,
+                          VALIDATION_SECTION_FILE)
 from .faithfulness import faithfulness_section
 from .metrics import MATCHED_ACTIVE, interpolate_at
 from .plots import NAMES as _NAMES, ORDER as _ORDER, write_plots
@@ -293,19 +295,19 @@ def write_outputs(out: str | Path, doc: dict) -> dict:
     ``validation_plots/*.png`` and ``validation_section.html`` into ``out``; put the section and the PFV
     decomposition cards into ``report.html`` (replacing earlier ones). Returns the numbers' dict."""
     out = Path(out)
-    plots = write_plots(doc, out / "validation_plots")
+    plots = write_plots(doc, out / VALIDATION_PLOTS_DIR)
     numbers, pictures = split_pictures(doc)
     numbers["plots"] = [str(Path(p).relative_to(out)) for p in plots]
     md = tables_markdown(numbers) + "\nPlots: " + ", ".join(numbers["plots"]) + "\n"
-    save_json(out / "validation.json", numbers)
-    save_json(out / "validation_figures.json", pictures, compact=True)
-    atomic_write_text(out / "validation.md", md)
+    save_json(out / VALIDATION_JSON, numbers)
+    save_json(out / VALIDATION_FIGURES_FILE, pictures, compact=True)
+    atomic_write_text(out / VALIDATION_MD, md)
     # embedded: report.html's content policy loads images from data URIs only (no files, no network)
     imgs = "".join(f'<img alt="{html.escape(Path(p).stem)}" style="max-width:100%" src="data:image/png;base64,'
                    f'{base64.b64encode(Path(p).read_bytes()).decode("ascii")}">' for p in plots)
     section = f'<section id="validation">{_md_to_html(md)}{imgs}</section>'
-    atomic_write_text(out / "validation_section.html", section)
-    report = out / "report.html"
+    atomic_write_text(out / VALIDATION_SECTION_FILE, section)
+    report = out / REPORT_FILE
     if report.exists():
         page = insert_section(report.read_text(encoding="utf-8"), section, "validation")
         page = insert_decompositions(page, list(pictures.get("decomposition", {}).values()))

@@ -18,9 +18,10 @@ import numpy as np
 
 from ..explorer.pictures import IMAGE_PX, display_rgb, fit, graph_concepts, heat_map_png, png_data_uri
 from ..explorer.render import compact_graph, compact_pair_graph, render_explorer
-from ..pipeline.pictures import collect_pictures
-from ..pipeline.store import load_json
-from .run import Run
+from ..report.collect import collect_pictures
+from ..run_folder import METRICS_FILE, REPORT_FILE
+from ..pipeline.files import load_json
+from ..api import Run
 
 __all__ = ["Views", "CROP_CACHE"]
 
@@ -100,13 +101,13 @@ class Views:
                 pictures = self._report_pictures() if self.page_images is None else None
                 if pictures is None:
                     pictures = collect_pictures(run, graph, crops=run.config.report_crops, max_images=limit)
-                metrics = load_json(run.path / "metrics.json") if (run.path / "metrics.json").is_file() else None
+                metrics = load_json(run.path / METRICS_FILE) if (run.path / METRICS_FILE).is_file() else None
                 self._page = render_explorer(graph, metrics, pictures, max_images=limit, api="api")
             return self._page
 
     def _report_pictures(self) -> dict | None:
         """The pictures embedded in the run's ``report.html`` (None when it has none of this run)."""
-        path = self.run.path / "report.html"
+        path = self.run.path / REPORT_FILE
         if not path.is_file():
             return None
         found = {k: v for k, v in _EMBEDDED.findall(path.read_text(encoding="utf-8"))}

@@ -1,21 +1,14 @@
-"""A finished run's ``metrics.json`` (per-layer rel-L2, l0 ratio, completeness deltas, timings) and its
-``report.html`` (drawn by :mod:`gig_fast.explorer` from the graph, the metrics and the pictures that
-:mod:`.pictures` reads through :class:`gig_fast.Run`)."""
+"""A finished run's ``metrics.json``: per-layer rel-L2, l0 ratio and concept sizes, per-transition
+completeness deltas, accuracy, timings (the report page that shows them: :mod:`gig_fast.report`)."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 
-from ..explorer import render_explorer
-from ..run_folder import CODES, REPORT_FILE, chunk_files, concept_file
+from ..run_folder import CODES, chunk_files, concept_file
 from .errors import error_metrics
-from .pictures import collect_pictures
-from .sample_index import write_sample_index
-from .stages import trans_dir, transitions
-from .store import atomic_write_text, load_json
+from .selection import trans_dir, transitions
 
-__all__ = ["collect_metrics", "write_report"]
+__all__ = ["collect_metrics"]
 
 
 def collect_metrics(pipe, timings: dict) -> dict:
@@ -85,37 +78,3 @@ def collect_metrics(pipe, timings: dict) -> dict:
             "explained_images": n_explained, "concept_images": int(len(pipe.concept_ids)),
             "accuracy_on_explained": acc, "skipped_images": pipe.skipped, "timings_s": timings,
             "error_nodes": error_metrics(pipe)}  # None for a run without error nodes
-
-
-def _validation_extras(out: Path) -> tuple[str, list[dict]]:
-    """The validation section and the PFV decomposition cards that ``gig-fast validate`` left in ``out``
-    (``validation_section.html``, ``validation_figures.json``), so a rewritten report keeps them."""
-    section = out / "validation_section.html"
-    pics = out / "validation_figures.json"
-    cards = list(load_json(pics).get("decomposition", {}).values()) if pics.exists() else []
-    return (section.read_text(encoding="utf-8") if section.exists() else ""), cards
-
-
-def write_report(run, graph: dict, metrics: dict, *, max_images: int = 20, crops: int = 10, path=None) -> Path:
-    """Write ``report.html`` (default ``<run folder>/report.html``) for a finished run, atomically. A validation
-    section and decomposition cards written by ``gig-fast validate`` are kept.
-
-    Args:
-        run: the run (:class:`gig_fast.Run`): pictures and heat-maps come through it.
-        graph, metrics: its ``graph.json`` and ``metrics.json`` dicts.
-        max_images: explained images embedded with pictures (the report's image view).
-        crops: nearest samples per concept on its card.
-    The nearest samples of every concept go to ``concept_samples/`` first (when the page goes into the run
-    folder): the page's pictures and every card of ``gig-fast serve`` read them.
-
-    Returns the page's path.
-    """
-    if path is None:
-        write_sample_index(run, max(crops, 1))
-        run.reload_sample_index()
-    pictures = collect_pictures(run, graph, crops=crops, max_images=max_images)
-    path = Path(path) if path is not None else run.path / REPORT_FILE
-    section, cards = _validation_extras(run.path)
-    atomic_write_text(path, render_explorer(graph, metrics, pictures, max_images=max_images, section_html=section,
-                                            decompositions=cards))
-    return path
