@@ -45,7 +45,7 @@ CAUSES = {
     "stage-4 class-score re-reads": [("pipeline/selection.py", "_class_sums")],
     "SRD / forward (stages 1, 3)": [("gig_fast/srd.py", "explain"), ("models/adapters.py", "record")],
     "sparse coding (stage 3)": [("ops/sparse_code.py", "sparse_code")],
-    "GIG (stage 4)": [("gig_fast/gig.py", "gig")],
+    "GIG (stage 4)": [("gig_fast/gig/engine.py", "gig")],
     "graph.json + store + report": [("pipeline/graph.py", "write_graph"), ("report/page.py", "write_report")],
 }
 

@@ -30,8 +30,8 @@ from typing import Callable, Sequence, Union
 import numpy as np
 import torch
 
-from .ops import checks, kernel
-from .ops.common import accumulation_dtype
+from ..ops import checks, kernel
+from ..ops.common import accumulation_dtype
 
 __all__ = ["gig", "GIGResult", "ConceptTarget", "ClassTarget", "quadrature", "RULES", "ADAPTIVE", "tf32_allowed"]
 
