@@ -42,7 +42,7 @@ def _direct(pipe, a, b, c, targets, tolerance_default=True):
     """``[T, K_a]`` Σ over class c's explained images of GIG(concept of a → each target), float64."""
     V, beta = _concepts(pipe, a)
     f_ab = pipe.adapter.f_ab(a, None if b == "classes" else b)
-    options = pipe.config.gig_options() if tolerance_default else {**pipe.config.gig_options(), "tolerance": None}
+    options = pipe.config.gig_options() if tolerance_default else pipe.config.shared_gig_options()
     total = torch.zeros(len(targets), V.shape[0], dtype=torch.float64)
     for path in sorted((pipe.work / "codes").glob("chunk_*.npz")):
         z = _load(path, ("label", f"{a}|idx", f"{a}|val"))

@@ -225,7 +225,10 @@ def _attribute(run: Pass, idx, val, nodes64, weights64, rule, tolerance, max_ste
         return attr, value_1, value_0, steps_used, refined
     with torch.no_grad(), region("gig.reconstruct"):  # U V of every position, once; the path rescales it
         UV = _reconstruct(idx.reshape(B * P, s), val.reshape(B * P, s), V, run.backend).reshape(B, P, C)
-    eps = torch.finfo(autocast or acc).eps
+    # the bar's rounding floor: a fixed rule's refinement is for what the precision F_ab runs in can
+    # resolve (under autocast it rarely triggers); the adaptive rule has no other way to grow, so its
+    # floor is the accumulation's (a bf16 run refines as a float32 one does, up to max_steps)
+    eps = torch.finfo(acc if rule == ADAPTIVE else (autocast or acc)).eps
     if rule == ADAPTIVE:
         with region("gig.adaptive"):
             for b, (a, v1, v0, used, _) in adaptive_rule(run, UV, idx, val, list(range(B)), steps, max_steps,

@@ -338,7 +338,7 @@ def _attribute_transition(pipe, a: str, b: str, code_files: list[Path]) -> None:
     image to its class's top concepts of b (or the class), all classes in one batch through per-image
     targets — the class graphs; (2) to the other concepts of its :func:`view_sets` (shared with another
     class) — the pair graphs' edges into shared concepts, per class (each class has its own number of
-    them), with at most ``gig_shared_steps`` nodes per image (:meth:`PipelineConfig.shared_gig_options`);
+    them), with the fixed ``gig_shared_steps``-node rule (:meth:`PipelineConfig.shared_gig_options`);
     their completeness is reported apart; (3) each image to its own top concepts of b
     (:func:`image_top_concepts` of the transition above) — the image graphs, as ``explain``.
     """
