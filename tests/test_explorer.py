@@ -217,7 +217,7 @@ def test_package_ships_the_page_assets():
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert "gig_fast.explorer" in project["tool"]["setuptools"]["packages"]
+    assert "gig_fast*" in project["tool"]["setuptools"]["packages"]["find"]["include"]
     shipped = project["tool"]["setuptools"]["package-data"]["gig_fast.explorer"]
     for asset in ("explorer.js", "explorer.css", "explorer.html"):
         assert asset in shipped and (ROOT / "gig_fast" / "explorer" / asset).exists()

@@ -371,3 +371,24 @@ def test_the_name_check_catches_a_repeated_name():
     paths = [ROOT / p for p in ("gig_fast/ops/sparse_code.py", "gig_fast/kernels/sparse_code.py", "gig_fast/a/run.py",
                                 "gig_fast/b/run.py", "gig_fast/a/__init__.py", "gig_fast/b/__init__.py")]
     assert _repeated_names(paths) == {"run.py": ["gig_fast/a/run.py", "gig_fast/b/run.py"]}
+
+
+def _unshipped(package_dirs: list[Path], shipped: set[str]) -> list[str]:
+    """Dotted names of the folders with an ``__init__.py`` that the wheel would leave out."""
+    names = [".".join(d.relative_to(ROOT).parts) for d in package_dirs]
+    return sorted(n for n in names if n not in shipped)
+
+
+def test_every_package_folder_is_in_the_wheel():
+    # an installed (non-editable) copy that lacks a subpackage fails at `import gig_fast`, which an
+    # in-place checkout never shows
+    import tomllib
+
+    import setuptools
+
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    shipped = set(setuptools.find_packages(str(ROOT), include=find["include"]))
+    package_dirs = [p.parent for p in PACKAGE.rglob("__init__.py")]
+    assert "gig_fast.gig" in shipped
+    assert not _unshipped(package_dirs, shipped), f"package folders the wheel leaves out: {_unshipped(package_dirs, shipped)}"
+    assert _unshipped([PACKAGE / "gig", PACKAGE / "ops"], {"gig_fast.ops"}) == ["gig_fast.gig"]
