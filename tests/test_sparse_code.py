@@ -80,6 +80,23 @@ def test_omp_supports_match_sklearn(backend):
     np.testing.assert_allclose(dense_codes(idx, val, K).numpy(), ref_code, atol=1e-8, rtol=1e-6)
 
 
+def test_cpp_omp_in_float32_matches_float64():
+    """The cpp OMP codes float32 inputs from a float32 Gram and correlations (the Lasso stays in float64):
+    the supports of the float64 run on ≥ 99% of rows (a near-tie may flip one), and on those rows the
+    least-squares coefficients to float32 rounding of the Gram (≈ 1e-7 relative, times the conditioning)."""
+    if "cpp" not in BACKENDS:
+        pytest.skip("cpp extension not built")
+    X, V = random_problem(300, 32, 256)
+    idx64, val64 = sparse_code(X, V, method="omp", n_nonzero=8, backend="cpp")
+    idx32, val32 = sparse_code(X.float(), V.float(), method="omp", n_nonzero=8, backend="cpp")
+    assert val32.dtype == torch.float32
+    same = (idx32 == idx64).all(1)
+    assert float(same.double().mean()) >= 0.99
+    torch.testing.assert_close(val32[same].double(), val64[same], rtol=1e-4, atol=1e-5)
+    residual = lambda idx, val: float(((X - dense_codes(idx, val.double(), 256) @ V) ** 2).sum())  # noqa: E731
+    assert residual(idx32, val32) <= residual(idx64, val64) * (1 + 1e-5)
+
+
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
 def test_backends_match_reference_low_precision(backend):
     N, C, K = (13, 24, 64) if backend == "cpp" else (2, 8, 6)

@@ -127,6 +127,40 @@ def test_near_ties_are_resolved_in_float32(device, backend):
     assert torch.equal(labels.cpu()[clear], want[clear]), int((labels.cpu()[clear] != want[clear]).sum())
 
 
+# GIG_FAST_ASSIGN_ISA caps the cpp kernel (read at each call): on an AVX-512 CPU "avx2" reaches the AVX2
+# kernel and "blas" the at::mm + scan path, which the default run would never take there.
+@pytest.mark.parametrize("isa", ["avx2", "blas"])
+def test_cpp_every_cpu_path(monkeypatch, isa):
+    if "cpp" not in CPU_BACKENDS:
+        pytest.skip("cpp extension not built")
+    monkeypatch.setenv("GIG_FAST_ASSIGN_ISA", isa)
+    for dtype in (torch.float32, torch.bfloat16):
+        for N, C, K in _shapes("cpp"):
+            X = torch.randn(N, C, dtype=torch.float64).to(dtype)
+            cents = (torch.randn(K, C, dtype=torch.float64) * 3).to(dtype)
+            labels, best = spherical_assign(X, cents, backend="cpp")
+            _check(X, cents, labels, best, "cpp")
+            ref_labels, _ = spherical_assign_ref(X, cents)
+            assert int((labels != ref_labels).sum()) <= max(1, N // 1000), (isa, N, K)
+    test_ties_go_to_smaller_index("cpu", "cpp", 40)
+    test_zero_rows("cpu", "cpp")
+    test_fused_centroids_are_scale_free(isa)
+
+
+def test_fused_centroids_are_scale_free(isa="default"):
+    """The fused kernels bring each centroid into range as they pack it (K above the direct path's 8):
+    centroids scaled by 1e30 or 1e-40 (fp32 squares overflow / underflow) give the unscaled labels."""
+    if "cpp" not in CPU_BACKENDS:
+        pytest.skip("cpp extension not built")
+    g = torch.Generator().manual_seed(3)
+    X, cents = torch.randn(300, 40, generator=g), torch.randn(50, 40, generator=g)
+    want = spherical_assign_ref(X.double(), cents.double())[0]
+    for scale in (1e30, 1e-40):
+        big = (cents.double() * scale).float()
+        got = spherical_assign(X, big, backend="cpp")[0]
+        assert torch.equal(got, want), (isa, scale)
+
+
 def test_agreement_with_float64_cpp_large():
     """≥ 99.99% label agreement with a float64 argmax on random unit vectors (the issue's bar)."""
     if "cpp" not in CPU_BACKENDS:

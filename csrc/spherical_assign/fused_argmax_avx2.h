@@ -148,13 +148,6 @@ inline void micro_tile(const float* a, const float* b, int64_t kc, float* partia
 constexpr int64_t kBlockRows = 96;
 // Centroids per pass over a row block where C > kKc: bounds the partial-sum buffer at 96·512·4 = 192 KiB.
 constexpr int64_t kTileCols = 512;
-// Packed centroids per pass over a thread's rows: 2 MiB stay in a (shared) L3, so a dictionary larger than
-// the L3 (C = 2048, K = 16384: 128 MiB) is read from memory once per pass rather than once per row block
-// (one thread on a loaded machine: no change measured, 64-67 GFLOP/s either way).
-constexpr int64_t kPassBytes = int64_t(2) << 20;
-
-// Centroids per pass (a multiple of kNr, at least one panel).
-inline int64_t pass_cols(int64_t C) { return std::max<int64_t>(kNr, kPassBytes / (4 * std::max<int64_t>(C, 1)) / kNr * kNr); }
 
 // Fold `rows` (≤ kBlockRows) packed unit rows `ap` (pack_panels, width kMr) against the `count` centroids
 // k0..k0+count (k0 a multiple of kNr) of the centroid pack `bp` (pack_panels, width kNr, `all_panels`

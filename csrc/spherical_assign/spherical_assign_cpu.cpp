@@ -12,11 +12,16 @@
 //    with the argmax fused into its epilogue (fused_argmax_avx2.h): nothing but the running best leaves
 //    the registers. One thread, 20,000 x 256 against 2,048 centroids (CPU time, loaded 2-core machine):
 //    91 GFLOP/s against 70 for at::mm + scan (MKL) and 80 for faiss's IndexFlatIP search.
+//    On AVX-512 CPUs the same scheme runs with 512-bit registers (fused_argmax_avx512.h).
 #include "spherical_assign/spherical_assign.h"
 
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <sys/mman.h>
 #include <type_traits>
 #include <vector>
 
@@ -27,6 +32,10 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #include "spherical_assign/fused_argmax_avx2.h"  // its functions only: called where cpu has AVX2 and FMA
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma")
+#include "spherical_assign/fused_argmax_avx512.h"  // its functions only: called where cpu has AVX-512F
 #pragma GCC pop_options
 #else
 #define GIG_FUSED_ARGMAX 0
@@ -130,31 +139,126 @@ void unit_block(const scalar_t* Xp, int64_t r0, int64_t rows, int64_t C, acc_t<s
 }
 
 #if GIG_FUSED_ARGMAX
-// The fused fp32 path (fused_argmax_avx2.h): the centroids packed once, then each thread's rows in blocks
-// of kBlockRows, in passes of pass_cols(C) centroids. Cn: unit centroids fp32 [K, C].
-template <typename scalar_t>
-void assign_fused(const scalar_t* Xp, int64_t N, int64_t C, const float* Cn, int64_t K, int64_t* labels,
+// The two fused kernels behind one interface (their functions are compiled for their ISA; these
+// forwarders are not, so they call rather than inline them: one call per row block and pass).
+template <typename NS_LaneBest, int64_t Mr, int64_t Nr, int64_t BlockRows, int64_t TileCols>
+struct FusedTraits {
+  using LaneBest = NS_LaneBest;
+  static constexpr int64_t kMr = Mr, kNr = Nr, kBlockRows = BlockRows, kTileCols = TileCols;
+};
+struct Avx2Kernel : FusedTraits<fused_argmax::LaneBest, fused_argmax::kMr, fused_argmax::kNr,
+                                fused_argmax::kBlockRows, fused_argmax::kTileCols> {
+  static constexpr int64_t kKc = fused_argmax::kKc;
+  static void pack(const float* s, int64_t n, int64_t C, int64_t w, float* o) { fused_argmax::pack_panels(s, n, C, w, o); }
+  static void reset(LaneBest* b, int64_t rows) { fused_argmax::reset(b, rows); }
+  static void fold_pass(const float* ap, int64_t rows, const float* bp, int64_t all, int64_t k0, int64_t count,
+                        int64_t C, float* partial, LaneBest* lanes) {
+    fused_argmax::fold_pass(ap, rows, bp, all, k0, count, C, partial, lanes);
+  }
+  static void merge_pass(const LaneBest* l, int64_t rows, bool first, float* best, int64_t* label) {
+    fused_argmax::merge_pass(l, rows, first, best, label);
+  }
+};
+struct Avx512Kernel : FusedTraits<fused_argmax512::LaneBest, fused_argmax512::kMr, fused_argmax512::kNr,
+                                  fused_argmax512::kBlockRows, fused_argmax512::kTileCols> {
+  static constexpr int64_t kKc = fused_argmax512::kKc;
+  static void pack(const float* s, int64_t n, int64_t C, int64_t w, float* o) { fused_argmax512::pack_panels(s, n, C, w, o); }
+  static void reset(LaneBest* b, int64_t rows) { fused_argmax512::reset(b, rows); }
+  static void fold_pass(const float* ap, int64_t rows, const float* bp, int64_t all, int64_t k0, int64_t count,
+                        int64_t C, float* partial, LaneBest* lanes) {
+    fused_argmax512::fold_pass(ap, rows, bp, all, k0, count, C, partial, lanes);
+  }
+  static void merge_pass(const LaneBest* l, int64_t rows, bool first, float* best, int64_t* label) {
+    fused_argmax512::merge_pass(l, rows, first, best, label);
+  }
+};
+
+// Packed centroids per pass over a thread's rows: 2 MiB stay in a (shared) L3, so a dictionary larger than
+// the L3 (C = 2048, K = 16384: 128 MiB) is read from memory once per pass rather than once per row block.
+constexpr int64_t kPassBytes = int64_t(2) << 20;
+// Packed unit rows per thread kept across all passes: 4 MiB (at C = 2048, 512 rows). Each row is
+// normalised and packed once per call; repacking it once per pass cost 64 repacks per row at C = 2048
+// (K = 16384, 256 centroids per pass), about a fifth of the call.
+constexpr int64_t kSuperBytes = int64_t(4) << 20;
+
+// The fused fp32 path: the centroids packed once, then each thread's rows in super blocks (packed once,
+// in row blocks of kBlockRows), each folded against every pass of pass centroids. Cn: unit centroids fp32
+// [K, C].
+struct FreeDeleter {
+  void operator()(float* p) const { std::free(p); }
+};
+// An uninitialised buffer of n floats (every entry gets written) in 2 MiB-aligned memory marked for
+// transparent huge pages where the kernel offers them: the centroid pack is 128 MiB at K = 16384,
+// C = 2048, and first-touching it in 4 KiB pages (32,768 faults) cost about half of packing it.
+inline std::unique_ptr<float[], FreeDeleter> huge_page_floats(size_t n) {
+  constexpr size_t kHuge = size_t(2) << 20;
+  const size_t bytes = (n * sizeof(float) + kHuge - 1) / kHuge * kHuge;
+  void* p = std::aligned_alloc(kHuge, bytes);
+  TORCH_CHECK(p != nullptr, "spherical_assign: out of memory for the packed centroids (", bytes, " bytes)");
+#ifdef MADV_HUGEPAGE
+  madvise(p, bytes, MADV_HUGEPAGE);  // advice only: without it the pages are 4 KiB
+#endif
+  return std::unique_ptr<float[], FreeDeleter>(static_cast<float*>(p));
+}
+
+// The centroids `cents` [K, C] as unit rows (each brought into range and normalised as load_row does for a
+// row of X), packed as Kern::pack packs them (panels of Kern::kNr, zero past K) into `out`: one read of
+// the centroids and one write of the pack, split over the threads by panel. (Scaling, normalising and
+// packing them as three tensor passes and a serial pack took 266 ms of a call at K = 16384, C = 2048 on
+// one thread: twice the GEMM of 500 rows.)
+template <typename Kern, typename scalar_t>
+void pack_unit_centroids(const scalar_t* cents, int64_t K, int64_t C, float* out) {
+  constexpr int64_t Nr = Kern::kNr;
+  const int64_t panels = (K + Nr - 1) / Nr;
+  at::parallel_for(0, panels, std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, Nr * C)),
+                   [&](int64_t q0, int64_t q1) {
+    std::vector<float> unit(static_cast<size_t>(Nr * C));
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t rows = std::min(Nr, K - q * Nr);
+      unit_block<scalar_t>(cents, q * Nr, rows, C, unit.data());
+      std::fill(unit.begin() + rows * C, unit.end(), 0.f);
+      for (int64_t c0 = 0; c0 < C; c0 += Kern::kKc) {
+        const int64_t kc = std::min(Kern::kKc, C - c0);
+        float* o = out + c0 * panels * Nr + q * kc * Nr;
+        for (int64_t c = 0; c < kc; ++c)
+          for (int64_t j = 0; j < Nr; ++j) o[c * Nr + j] = unit[j * C + c0 + c];
+      }
+    }
+  });
+}
+
+template <typename Kern, typename scalar_t>
+void assign_fused(const scalar_t* Xp, int64_t N, int64_t C, const scalar_t* cents, int64_t K, int64_t* labels,
                   float* best) {
-  namespace fa = fused_argmax;
-  const int64_t panels = (K + fa::kNr - 1) / fa::kNr;
-  std::vector<float> packed(static_cast<size_t>(panels * fa::kNr * C));
-  fa::pack_panels(Cn, K, C, fa::kNr, packed.data());
-  const int64_t pass = fa::pass_cols(C);
+  constexpr int64_t B = Kern::kBlockRows, Mr = Kern::kMr, Nr = Kern::kNr;
+  const int64_t panels = (K + Nr - 1) / Nr;
+  auto packed = huge_page_floats(static_cast<size_t>(panels * Nr * C));
+  pack_unit_centroids<Kern, scalar_t>(cents, K, C, packed.get());
+  const int64_t pass = std::max<int64_t>(Nr, kPassBytes / (4 * std::max<int64_t>(C, 1)) / Nr * Nr);
+  const int64_t block_floats = (B + Mr - 1) / Mr * Mr * C;  // one packed row block
+  const int64_t super = std::max<int64_t>(B, kSuperBytes / (4 * std::max<int64_t>(C, 1)) / B * B);
   // one contiguous range of rows per thread, as the tiled path: enough rows for a thread to pay off
-  const int64_t grain = std::max<int64_t>(fa::kBlockRows, kMinTaskWork / std::max<int64_t>(1, C * K));
+  const int64_t grain = std::max<int64_t>(B, kMinTaskWork / std::max<int64_t>(1, C * K));
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> rows_buf(static_cast<size_t>(fa::kBlockRows * C)), pack((rows_buf.size()) + fa::kMr * C);
-    std::vector<float> partial(C > fa::kKc ? fa::kBlockRows * fa::kTileCols : 0);
-    std::vector<fa::LaneBest> lanes(fa::kBlockRows);
-    for (int64_t k0 = 0; k0 < K; k0 += pass) {
-      for (int64_t r0 = begin; r0 < end; r0 += fa::kBlockRows) {
-        const int64_t rows = std::min(fa::kBlockRows, end - r0);
+    const int64_t blocks = (std::min(super, end - begin) + B - 1) / B;
+    std::vector<float> rows_buf(static_cast<size_t>(B * C)), pack(static_cast<size_t>(blocks * block_floats));
+    std::vector<float> partial(C > Kern::kKc ? B * Kern::kTileCols : 0);
+    std::vector<typename Kern::LaneBest> lanes(B);
+    for (int64_t s0 = begin; s0 < end; s0 += super) {
+      const int64_t s1 = std::min(end, s0 + super);
+      for (int64_t r0 = s0; r0 < s1; r0 += B) {
+        const int64_t rows = std::min(B, s1 - r0);
         unit_block<scalar_t>(Xp, r0, rows, C, rows_buf.data());
-        fa::pack_panels(rows_buf.data(), rows, C, fa::kMr, pack.data());
-        fa::reset(lanes.data(), rows);
-        fa::fold_pass(pack.data(), rows, packed.data(), panels, k0, std::min(pass, K - k0), C,
-                      partial.empty() ? nullptr : partial.data(), lanes.data());
-        fa::merge_pass(lanes.data(), rows, k0 == 0, best + r0, labels + r0);
+        Kern::pack(rows_buf.data(), rows, C, Mr, pack.data() + (r0 - s0) / B * block_floats);
+      }
+      for (int64_t k0 = 0; k0 < K; k0 += pass) {
+        for (int64_t r0 = s0; r0 < s1; r0 += B) {
+          const int64_t rows = std::min(B, s1 - r0);
+          Kern::reset(lanes.data(), rows);
+          Kern::fold_pass(pack.data() + (r0 - s0) / B * block_floats, rows, packed.get(), panels, k0,
+                          std::min(pass, K - k0), C, partial.empty() ? nullptr : partial.data(), lanes.data());
+          Kern::merge_pass(lanes.data(), rows, k0 == 0, best + r0, labels + r0);
+        }
       }
     }
   });
@@ -204,12 +308,20 @@ void assign_tiled(const at::Tensor& X, const at::Tensor& Cn, int64_t* labels, ac
 }  // namespace
 
 // The fused path needs FMA as well as AVX2 (every AVX2 CPU has it; checked all the same).
-static bool use_fused_argmax() {
+// GIG_FAST_ASSIGN_ISA (read at each call) caps the kernel: "avx2" keeps AVX-512 CPUs on the AVX2 kernel,
+// "blas" on at::mm + scan; so one machine tests every path.
+enum class FusedIsa { kNone, kAvx2, kAvx512 };
+static FusedIsa fused_isa() {
 #if GIG_FUSED_ARGMAX
-  static const bool fma = __builtin_cpu_supports("fma");
-  return cpu_has_avx2() && fma;
+  static const bool fma = __builtin_cpu_supports("fma"), avx512 = __builtin_cpu_supports("avx512f");
+  FusedIsa isa = !(cpu_has_avx2() && fma) ? FusedIsa::kNone : avx512 ? FusedIsa::kAvx512 : FusedIsa::kAvx2;
+  if (const char* cap = std::getenv("GIG_FAST_ASSIGN_ISA")) {
+    if (std::strcmp(cap, "blas") == 0) isa = FusedIsa::kNone;
+    else if (std::strcmp(cap, "avx2") == 0 && isa == FusedIsa::kAvx512) isa = FusedIsa::kAvx2;
+  }
+  return isa;
 #else
-  return false;
+  return FusedIsa::kNone;
 #endif
 }
 
@@ -218,29 +330,36 @@ std::tuple<at::Tensor, at::Tensor> spherical_assign_cpu(const at::Tensor& X_in, 
   // scale-free (see spherical_assign.h): the centroids are brought into range here, each row of X as the
   // kernels read it (rescale_if_extreme)
   const at::Tensor& X = X_in;
-  const at::Tensor centroids = scale_extreme_rows(centroids_in);
-  const int64_t N = X.size(0), C = X.size(1), K = centroids.size(0);
+  const int64_t N = X.size(0), C = X.size(1), K = centroids_in.size(0);
   const auto acc_type = X.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto labels = at::empty({N}, X.options().dtype(at::kLong));
   auto best = at::empty({N}, X.options().dtype(acc_type));
   if (N == 0) return {labels, best};
-  auto Cn = unit_rows(centroids, acc_type);
+  // the fused kernels bring each centroid into range and normalise it as they pack it (pack_unit_centroids)
+  const FusedIsa isa = acc_type == at::kFloat && K > kDirectMaxK && C > 0 ? fused_isa() : FusedIsa::kNone;
+  const at::Tensor centroids = isa == FusedIsa::kNone ? scale_extreme_rows(centroids_in) : centroids_in;
+  const at::Tensor Cn = isa == FusedIsa::kNone ? unit_rows(centroids, acc_type) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "spherical_assign_cpu", [&] {
     using acc = acc_t<scalar_t>;
+#if GIG_FUSED_ARGMAX
+    if constexpr (std::is_same_v<acc, float>) {
+      if (isa == FusedIsa::kAvx512) {
+        assign_fused<Avx512Kernel, scalar_t>(X.data_ptr<scalar_t>(), N, C, centroids.data_ptr<scalar_t>(), K,
+                                             labels.data_ptr<int64_t>(), best.data_ptr<float>());
+        return;
+      }
+      if (isa == FusedIsa::kAvx2) {
+        assign_fused<Avx2Kernel, scalar_t>(X.data_ptr<scalar_t>(), N, C, centroids.data_ptr<scalar_t>(), K,
+                                           labels.data_ptr<int64_t>(), best.data_ptr<float>());
+        return;
+      }
+    }
+#endif
     if (K <= kDirectMaxK || C == 0) {
       assign_direct<scalar_t>(X.data_ptr<scalar_t>(), Cn.data_ptr<acc>(), N, K, C, labels.data_ptr<int64_t>(),
                               best.data_ptr<acc>());
       return;
     }
-#if GIG_FUSED_ARGMAX
-    if constexpr (std::is_same_v<acc, float>) {
-      if (use_fused_argmax()) {
-        assign_fused<scalar_t>(X.data_ptr<scalar_t>(), N, C, Cn.data_ptr<float>(), K, labels.data_ptr<int64_t>(),
-                               best.data_ptr<float>());
-        return;
-      }
-    }
-#endif
       assign_tiled<scalar_t>(X, Cn, labels.data_ptr<int64_t>(), best.data_ptr<acc>());
   });
   return {labels, best};
