@@ -36,6 +36,7 @@ import contextlib
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 

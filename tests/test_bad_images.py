@@ -53,7 +53,8 @@ def _make_folder(root):
 
 def folder_config(out, root, **kw):
     base = dict(dataset=str(root), image_size=28, channels=1, mean=[0.5], std=[0.5], concept_images=14,
-                explain_images=14, per_class=5, layers=["layer4.2"], gig_tolerance=None)
+                explain_images=14, per_class=5, layers=["layer4.2"], gig_rule="gausslegendre",
+                gig_tolerance=None)
     return tp.tiny_config(out, **{**base, **kw})
 
 

@@ -28,7 +28,7 @@ LAYERS = ["layer4.0", "layer4.2"]  # two layers and the fixed rule: a run of a f
 
 
 def config(out, **kw):
-    return tp.tiny_config(out, **{"layers": LAYERS, "gig_tolerance": None, **kw})
+    return tp.tiny_config(out, **{"layers": LAYERS, "gig_rule": "gausslegendre", "gig_tolerance": None, **kw})
 
 
 def pipeline(out, dataset=None, **kw):
