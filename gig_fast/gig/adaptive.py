@@ -45,29 +45,41 @@ def completeness_bar(attr, value_1, value_0, tolerance, eps):
 
 @dataclass
 class _Grid:
-    """One image's nodes in the adaptive rule: ``alpha`` sorted, and per node (host, float64) the targets
-    ``value [T]`` = T(X(α)), their α-derivatives ``slope [T]`` = ⟨∇T, U V⟩ and ``size [T]`` = Σ|attributions
-    of the node|, and (on the device) its attributions ``proj [T, P, s]`` at weight 1."""
-    alpha: list
-    value: dict
-    slope: dict
-    size: dict
-    proj: dict
+    """One image's nodes in the adaptive rule, sorted by ``alpha [n]``, and per node (host numpy, float64:
+    the rounds' bookkeeping is a few small operations per image and round, far cheaper in numpy than at
+    torch's per-operation cost) the targets ``value [n, T]`` = T(X(α)), their α-derivatives ``slope
+    [n, T]`` = ⟨∇T, U V⟩, ``size [n, T]`` = Σ|attributions of the node| and ``row [n]``: the node's row
+    among every row the call evaluated (its attributions at weight 1 stay on the device)."""
+    alpha: np.ndarray
+    value: np.ndarray
+    slope: np.ndarray
+    size: np.ndarray
+    row: np.ndarray
 
-    def weights(self) -> torch.Tensor:
+    @staticmethod
+    def empty(T: int) -> "_Grid":
+        return _Grid(np.zeros(0), np.zeros((0, T)), np.zeros((0, T)), np.zeros((0, T)), np.zeros(0, dtype=np.int64))
+
+    def add(self, alpha, value, slope, size, row) -> None:
+        """New nodes (``alpha [k]``, ``value/slope/size [k, T]``, ``row [k]``), merged in α order."""
+        order = np.argsort(np.concatenate([self.alpha, alpha]), kind="stable")
+        self.alpha = np.concatenate([self.alpha, alpha])[order]
+        self.value = np.concatenate([self.value, value])[order]
+        self.slope = np.concatenate([self.slope, slope])[order]
+        self.size = np.concatenate([self.size, size])[order]
+        self.row = np.concatenate([self.row, row])[order]
+
+    def weights(self) -> np.ndarray:
         """Trapezoid weights of the sorted nodes ``[n]`` (float64): half of each neighbouring width."""
-        h = torch.tensor(self.alpha, dtype=torch.float64).diff()
-        w = torch.zeros(len(self.alpha), dtype=torch.float64)
+        h = np.diff(self.alpha)
+        w = np.zeros(len(self.alpha))
         w[1:] += h / 2
         w[:-1] += h / 2
         return w
 
-    def local_gaps(self) -> torch.Tensor:
+    def local_gaps(self) -> np.ndarray:
         """``[n − 1, T]``: each subinterval's trapezoid sum of the slopes minus T's exact change over it."""
-        a = torch.tensor(self.alpha, dtype=torch.float64)
-        slope = torch.stack([self.slope[x] for x in self.alpha])
-        value = torch.stack([self.value[x] for x in self.alpha])
-        return a.diff()[:, None] * (slope[1:] + slope[:-1]) / 2 - value.diff(dim=0)
+        return np.diff(self.alpha)[:, None] * (self.slope[1:] + self.slope[:-1]) / 2 - np.diff(self.value, axis=0)
 
 
 def adaptive_rule(run: Pass, UV, idx, val, images: list, start: int, max_steps: int, tolerance, eps):
@@ -89,71 +101,90 @@ def adaptive_rule(run: Pass, UV, idx, val, images: list, start: int, max_steps: 
     layer3.5 → logits / → layer4.0 / layer1.2 → layer2.0, where one fixed Gauss–Legendre rule for all
     images needs 128 / > 256 / > 128 nodes for the same share.
 
-    Returns ``{image: (attr [T, P, s], T(X(1)) [T], T(X(0)) [T], nodes used, excess)}`` where ``excess``
-    is the worst target's ``|delta|`` over its :func:`completeness_bar` (≤ 1: complete).
+    Returns, for the images in the given order, ``attr [T, n, P, s]``, ``T(X(1))`` and ``T(X(0))`` ``[T, n]``,
+    the nodes each used ``[n]`` (numpy int) and ``excess [n]`` (numpy): the worst target's ``|delta|`` over
+    its :func:`completeness_bar` (≤ 1: complete).
     """
-    grids = {b: _Grid([], {}, {}, {}, {}) for b in images}
+    T = len(run.targets)
+    grids = {b: _Grid.empty(T) for b in images}
     pending = [(b, k / (start - 1)) for b in images for k in range(start)]
-    result = {}
+    projs = []  # every batch's attributions at weight 1, [T, rows, P, s]
+    excess = {}
     for _ in range(_MAX_ROUNDS):
         if not pending:
             break
-        _evaluate_nodes(run, UV, idx, val, pending, grids)
-        touched, pending = sorted({b for b, _ in pending}), []
+        touched = _evaluate_nodes(run, UV, idx, val, pending, grids, projs)
+        pending = []
         for b in touched:
             grid = grids[b]
-            grid.alpha.sort()
             local = grid.local_gaps()                       # [n − 1, T]
-            v1, v0 = grid.value[1.0], grid.value[0.0]
-            w = grid.weights()
-            size = (w[:, None] * torch.stack([grid.size[x] for x in grid.alpha])).sum(0)
-            bar = (tolerance * (v1 - v0).abs() + 4 * eps * (size + v1.abs() + v0.abs())).clamp_min(1e-300)
-            excess = float((local.sum(0).abs() / bar).max())
-            result[b] = excess
-            if excess > 1:
+            v1, v0 = grid.value[-1], grid.value[0]
+            size = grid.weights() @ grid.size
+            bar = np.maximum(tolerance * np.abs(v1 - v0) + 4 * eps * (size + np.abs(v1) + np.abs(v0)), 1e-300)
+            excess[b] = float((np.abs(local.sum(0)) / bar).max())
+            if excess[b] > 1:
                 room = max_steps - len(grid.alpha)
                 pending += [(b, 0.5 * (lo + hi)) for lo, hi in _choose(grid.alpha, local, bar, room)]
-    out = {}
-    for b in images:
-        grid = grids[b]
-        w = grid.weights().to(device=run.V.device, dtype=run.acc)
-        attr = torch.einsum("n,ntps->tps", w, torch.stack([grid.proj[x] for x in grid.alpha]))
-        v1 = grid.value[1.0].to(device=run.V.device, dtype=run.acc)
-        v0 = grid.value[0.0].to(device=run.V.device, dtype=run.acc)
-        out[b] = (attr, v1, v0, len(grid.alpha), result[b])
-    return out
+    return _assemble(run, [grids[b] for b in images], projs) + (
+        np.array([len(grids[b].alpha) for b in images]), np.array([excess[b] for b in images]))
+
+
+def _assemble(run: Pass, grids: list, projs: list):
+    """Each image's trapezoid sum of its nodes' attributions, one weighted ``index_add`` per batch:
+    ``attr [T, n, P, s]``, ``T(X(1))`` and ``T(X(0))`` ``[T, n]`` for the ``n`` grids in order."""
+    T, P, s = projs[0].shape[0], projs[0].shape[2], projs[0].shape[3]
+    rows = sum(p.shape[1] for p in projs)
+    weight, owner = np.zeros(rows), np.zeros(rows, dtype=np.int64)
+    for j, grid in enumerate(grids):
+        weight[grid.row], owner[grid.row] = grid.weights(), j
+    device = run.V.device
+    weight = torch.from_numpy(weight).to(device=device, dtype=run.acc)
+    owner = torch.from_numpy(owner).to(device)
+    attr = torch.zeros(T, len(grids), P, s, dtype=run.acc, device=device)
+    r0 = 0
+    for proj in projs:
+        r1 = r0 + proj.shape[1]
+        attr.index_add_(1, owner[r0:r1], proj * weight[None, r0:r1, None, None])
+        r0 = r1
+    ends = torch.from_numpy(np.stack([np.stack([g.value[-1], g.value[0]], 1) for g in grids], 2))  # [T, 2, n]
+    ends = ends.to(device=device, dtype=run.acc)
+    return attr, ends[:, 0], ends[:, 1]
 
 
 def _choose(alpha, local, bar, room):
     """The fewest subintervals ``(lo, hi)`` of the sorted nodes ``alpha``, worst first, whose local gaps
     ``local [n − 1, T]`` leave less than half of ``bar [T]`` for every target if they were closed; at most
-    ``room`` of them (host tensors: no read-backs)."""
-    badness = (local.abs() / bar).amax(1)
-    rest = local.abs().sum(0)
+    ``room`` of them (host arrays: no read-backs)."""
+    badness = (np.abs(local) / bar).max(1)
+    rest = np.abs(local).sum(0)
     chosen = []
-    for i in torch.argsort(badness, descending=True).tolist():
+    for i in np.argsort(-badness, kind="stable").tolist():
         if len(chosen) >= room or bool((rest <= 0.5 * bar).all()):
             break
         lo, hi = alpha[i], alpha[i + 1]
         if hi - lo >= _MIN_WIDTH:
             chosen.append((lo, hi))
-            rest = rest - local[i].abs()
+            rest = rest - np.abs(local[i])
     return chosen
 
 
-def _evaluate_nodes(run: Pass, UV, idx, val, nodes, grids) -> None:
-    """Every node ``(image, α)`` through F_ab (``batch_size`` rows at most per batch, images mixed), its
-    targets' values, α-derivatives and attributions at weight 1 stored in ``grids[image]``.
+def _evaluate_nodes(run: Pass, UV, idx, val, nodes, grids, projs) -> list:
+    """Every node ``(image, α)`` through F_ab (``batch_size`` rows at most per batch, images mixed): its
+    targets' values, α-derivatives and sizes merged into ``grids[image]``, its attributions at weight 1
+    appended to ``projs`` (one ``[T, rows, P, s]`` per batch). Returns the images that got nodes.
 
     The attributions of all rows of a batch are one ``gig_accumulate`` call: the rows' positions stacked
     (``[n·P]`` positions, one node of weight 1), each with its own image's codes."""
     V = run.V
     P, C = UV.shape[1:]
     s, T = idx.shape[2], len(run.targets)
-    image_all = torch.tensor([b for b, _ in nodes], device=V.device)
-    alpha_all = torch.tensor([a for _, a in nodes], dtype=torch.float64).to(V.device, V.dtype)
+    image_np = np.array([b for b, _ in nodes])
+    alpha_np = np.array([a for _, a in nodes], dtype=np.float64)
+    image_all = torch.from_numpy(image_np).to(V.device)
+    alpha_all = torch.from_numpy(alpha_np).to(V.device, V.dtype)
     one = torch.ones(1, dtype=run.acc, device=V.device)
     step = run.batch_size or len(nodes)
+    host, first_row = [], sum(p.shape[1] for p in projs)
     for r0 in range(0, len(nodes), step):
         r1 = min(len(nodes), r0 + step)
         image, n = image_all[r0:r1], r1 - r0
@@ -163,10 +194,12 @@ def _evaluate_nodes(run: Pass, UV, idx, val, nodes, grids) -> None:
         values = target_values(run, out, image, slice(0, n))                           # [T, n]
         proj = accumulate(run, grads.reshape(T, 1, n * P, C), one, idx[image].reshape(n * P, s),
                           val[image].reshape(n * P, s)).reshape(T, n, P, s)
-        # the few numbers the rounds decide on, in one read-back: [3, T, n]
-        host = torch.stack([values, proj.sum((2, 3)), proj.abs().sum((2, 3))]).to(torch.float64).cpu()
-        for i, (b, a) in enumerate(nodes[r0:r1]):
-            grid = grids[b]
-            grid.alpha.append(a)
-            grid.value[a], grid.slope[a], grid.size[a] = host[0, :, i], host[1, :, i], host[2, :, i]
-            grid.proj[a] = proj[:, i]
+        projs.append(proj)
+        # the few numbers the rounds decide on, in one read-back per batch: [3, T, n]
+        host.append(torch.stack([values, proj.sum((2, 3)), proj.abs().sum((2, 3))]).to(torch.float64).cpu().numpy())
+    host = np.concatenate(host, axis=2).transpose(0, 2, 1)                              # [3, nodes, T]
+    order = np.argsort(image_np, kind="stable")
+    touched, bounds = np.unique(image_np[order], return_index=True)
+    for b, sel in zip(touched.tolist(), np.split(order, bounds[1:])):
+        grids[b].add(alpha_np[sel], host[0, sel], host[1, sel], host[2, sel], first_row + sel)
+    return touched.tolist()

@@ -231,10 +231,10 @@ def _attribute(run: Pass, idx, val, nodes64, weights64, rule, tolerance, max_ste
     eps = torch.finfo(acc if rule == ADAPTIVE else (autocast or acc)).eps
     if rule == ADAPTIVE:
         with region("gig.adaptive"):
-            for b, (a, v1, v0, used, _) in adaptive_rule(run, UV, idx, val, list(range(B)), steps, max_steps,
-                                                         tolerance, eps).items():
-                attr[:, b], value_1[:, b], value_0[:, b], steps_used[b], refined[b] = a, v1, v0, used, used > steps
-        return attr, value_1, value_0, steps_used, refined
+            attr, value_1, value_0, used, _ = adaptive_rule(run, UV, idx, val, list(range(B)), steps, max_steps,
+                                                            tolerance, eps)
+        steps_used = torch.from_numpy(used).to(steps_used)
+        return attr, value_1, value_0, steps_used, steps_used > steps
     attr, value_1, value_0 = _integrate(run, UV, idx, val, nodes64, weights64)
     if tolerance is None:
         return attr, value_1, value_0, steps_used, refined
@@ -244,10 +244,15 @@ def _attribute(run: Pass, idx, val, nodes64, weights64, rule, tolerance, max_ste
         fixed_excess = excess.amax(0).tolist()  # [B] worst target per image: the one read-back
         flagged = [b for b, e in enumerate(fixed_excess) if e > 1]
         start = min(START_NODES, max_steps)
-        for b, (a, v1, v0, used, worst) in adaptive_rule(run, UV, idx, val, flagged, start, max_steps, tolerance,
-                                                         eps).items():
-            if worst < fixed_excess[b]:  # keep whichever is more complete
-                attr[:, b], value_1[:, b], value_0[:, b], steps_used[b], refined[b] = a, v1, v0, used, True
+        if not flagged:
+            return attr, value_1, value_0, steps_used, refined
+        a, v1, v0, used, worst = adaptive_rule(run, UV, idx, val, flagged, start, max_steps, tolerance, eps)
+        better = worst < np.array([fixed_excess[b] for b in flagged])  # keep whichever is more complete
+        keep = torch.tensor([b for b, k in zip(flagged, better) if k], dtype=torch.int64, device=attr.device)
+        pick = torch.from_numpy(np.flatnonzero(better)).to(attr.device)
+        attr[:, keep], value_1[:, keep], value_0[:, keep] = a[:, pick], v1[:, pick], v0[:, pick]
+        steps_used[keep] = torch.from_numpy(used[better]).to(steps_used)
+        refined[keep] = True
     return attr, value_1, value_0, steps_used, refined
 
 

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from .targets import evaluate_target
+from .targets import ConceptTarget, evaluate_target, output_gradient
 
 # Named regions of a gig() call in a torch.profiler trace (benchmarks/profile_gig.py sums them); a
 # record_function costs about a microsecond without a profiler, against milliseconds per F_ab pass.
@@ -90,9 +90,12 @@ def through_f_ab(run: Pass, path: torch.Tensor, image: torch.Tensor, n_grad: int
         out = out.to(leaf.dtype)  # targets in full precision (a no-op without autocast)
         for t, tgt in enumerate(run.targets):
             with region("gig.targets"):
-                value = evaluate_target(tgt, out, image[:n_graph]).sum()
+                # a concept: T is linear, the backward starts at the output with its gradient there; a
+                # class: through its softmax
+                seed = output_gradient(tgt, out, image[:n_graph])
+                value = out if seed is not None else evaluate_target(tgt, out, image[:n_graph]).sum()
             with region("gig.backward"):
-                (grad,) = torch.autograd.grad(value, leaf, retain_graph=t < T - 1)
+                (grad,) = torch.autograd.grad(value, leaf, seed, retain_graph=t < T - 1)
                 grad = grad[:n_grad].permute(0, 2, 3, 1).reshape(n_grad, P, C)
                 if T == 1:
                     grads = grad[None]
@@ -105,4 +108,8 @@ def through_f_ab(run: Pass, path: torch.Tensor, image: torch.Tensor, n_grad: int
 def target_values(run: Pass, out: torch.Tensor, image: torch.Tensor, rows: slice) -> torch.Tensor:
     """``[T, len(rows)]`` every target on the given rows of F_ab's output (only those are evaluated)."""
     with torch.no_grad(), region("gig.targets"):
-        return torch.stack([evaluate_target(t, out[rows], image[rows]).to(run.acc) for t in run.targets])
+        out, image = out[rows], image[rows]
+        sums = None  # F_ab's output summed over positions, once for every concept target
+        if out.dim() >= 2 and any(isinstance(t, ConceptTarget) for t in run.targets):
+            sums = out.reshape(out.shape[0], out.shape[1], -1).sum(2)
+        return torch.stack([evaluate_target(t, out, image, sums).to(run.acc) for t in run.targets])

@@ -71,20 +71,17 @@ def check_target(target, B: int, device: torch.device) -> Target:
     raise ValueError(f"target must be a ConceptTarget, a ClassTarget or a list of them, got {type(target).__name__}")
 
 
-def evaluate_target(target: Target, out: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+def evaluate_target(target: Target, out: torch.Tensor, image: torch.Tensor,
+                    position_sums: torch.Tensor | None = None) -> torch.Tensor:
     """``T`` on each row of ``out`` (``[n, C_b, ...]`` or logits ``[n, n_classes]``); ``image [n]`` says which
-    image each row belongs to (for per-image class indices). Returns ``[n]``."""
+    image each row belongs to (for per-image class indices). ``position_sums [n, C_b]``: ``out`` summed over
+    its positions, when the caller has it (one sum for all concept targets). Returns ``[n]``."""
     if isinstance(target, ConceptTarget):
-        vec = target.vector
-        if out.dim() < 2 or out.shape[1] != vec.shape[-1]:
-            raise ValueError(f"ConceptTarget.vector has C_b={vec.shape[-1]} entries but F_ab's output has shape "
-                             f"{tuple(out.shape)} (channels on dim 1)")
-        unit = (vec / vec.norm(dim=-1, keepdim=True)).to(out.dtype)
-        if unit.dim() == 1:
-            per_pos = torch.einsum("nc...,c->n...", out, unit)
-        else:  # one concept per image: row i of out belongs to image[i]
-            per_pos = torch.einsum("nc...,nc->n...", out, unit[image])
-        return per_pos.reshape(out.shape[0], -1).sum(1)
+        _check_concept_output(target, out)
+        if position_sums is None:
+            position_sums = out.reshape(out.shape[0], out.shape[1], -1).sum(2)
+        # T is linear: Σ_i ⟨Ω_i, u⟩ = ⟨Σ_i Ω_i, u⟩, one sum over the positions for every target
+        return (position_sums * _unit_rows(target, out, image)).sum(1)
     if out.dim() != 2:
         raise ValueError(f"ClassTarget needs logits [n, n_classes] from F_ab, got shape {tuple(out.shape)}")
     if out.shape[0] and target.top >= out.shape[1]:  # a _CheckedClass (from check_target)
@@ -93,3 +90,28 @@ def evaluate_target(target: Target, out: torch.Tensor, image: torch.Tensor) -> t
     if not isinstance(target.index, torch.Tensor):
         return scores[:, target.index]
     return scores.gather(1, target.index[image][:, None])[:, 0]
+
+
+def output_gradient(target: Target, out: torch.Tensor, image: torch.Tensor) -> torch.Tensor | None:
+    """The gradient of ``Σ_rows T`` with respect to F_ab's output ``out [n, C_b, ...]`` for a concept target:
+    T is linear in the output, so it is the target's unit vector at every position (a broadcast view, no
+    copy); the backward starts from it and skips T's own small graph. None for a class target (its softmax
+    goes through autograd)."""
+    if not isinstance(target, ConceptTarget):
+        return None
+    _check_concept_output(target, out)
+    rows = _unit_rows(target, out, image)                                   # [n, C_b]
+    return rows.reshape(*rows.shape, *([1] * (out.dim() - 2))).expand(out.shape)
+
+
+def _check_concept_output(target: ConceptTarget, out: torch.Tensor) -> None:
+    if out.dim() < 2 or out.shape[1] != target.vector.shape[-1]:
+        raise ValueError(f"ConceptTarget.vector has C_b={target.vector.shape[-1]} entries but F_ab's output has "
+                         f"shape {tuple(out.shape)} (channels on dim 1)")
+
+
+def _unit_rows(target: ConceptTarget, out: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """``[n, C_b]`` the unit concept of each row of ``out`` (row i belongs to image ``image[i]``)."""
+    vec = target.vector
+    unit = (vec / vec.norm(dim=-1, keepdim=True)).to(out.dtype)
+    return unit.expand(out.shape[0], -1) if unit.dim() == 1 else unit[image]
