@@ -575,3 +575,26 @@ def test_cuda_fp32_engine_matches_float64_with_tf32_on_globally(tf32_globally_on
     got = gig(f32, (idx.cuda(), val.float().cuda()), V.float().cuda(), beta.float().cuda(), ClassTarget(1), steps=6,
               tolerance=None, spatial=hw)
     _assert_rel(got.per_position.cpu().double(), ref.per_position, 1e-4)
+
+
+@pytest.mark.parametrize("out_shape", [(6, 5, 3, 4), (6, 5, 7)], ids=["conv", "tokens"])
+@pytest.mark.parametrize("per_image", [False, True])
+def test_a_concept_targets_output_gradient_is_autograds(out_shape, per_image):
+    """The backward of a concept target starts at F_ab's output with ``output_gradient``: it must be the
+    gradient of Σ_rows T there (the unit concept at every position of each row's image), and the values
+    from the position sums equal the per-position projections summed."""
+    from gig_fast.gig.targets import evaluate_target, output_gradient
+    g = torch.Generator().manual_seed(7)
+    out = torch.randn(*out_shape, generator=g, dtype=torch.float64, requires_grad=True)
+    image = torch.tensor([0, 1, 2, 0, 1, 2])
+    vector = torch.randn(3, 5, generator=g, dtype=torch.float64) * 3 if per_image else \
+        torch.randn(5, generator=g, dtype=torch.float64) * 3
+    target = ConceptTarget(vector)
+    (want,) = torch.autograd.grad(evaluate_target(target, out, image).sum(), out)
+    torch.testing.assert_close(output_gradient(target, out, image), want, rtol=1e-12, atol=0)
+    unit = vector / vector.norm(dim=-1, keepdim=True)
+    rows = unit[image] if per_image else unit.expand(6, -1)
+    per_position = (out.detach() * rows.reshape(6, 5, *([1] * (out.dim() - 2)))).sum(1)
+    torch.testing.assert_close(evaluate_target(target, out.detach(), image), per_position.reshape(6, -1).sum(1),
+                               rtol=1e-12, atol=1e-12)
+    assert output_gradient(ClassTarget(0), out, image) is None
