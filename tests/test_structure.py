@@ -181,6 +181,8 @@ def test_the_checks_catch_what_they_should(tmp_path):
 ORGANISATION_WORDS = re.compile(
     r"\bsessions? \d|\bin session\b|\bissues? ?#?\d|\bhelper[ ]runs?\b|\bCI[ ]replicas?\b|\bgoal[']s\b"
     r"|\bengine[e]rs?\b|\bwork[t]rees?\b", re.IGNORECASE)
+# Files outside the repository (the project's design is docs/design.md, in it).
+OUTSIDE_FILES = re.compile(r"\bDESIGN\.md\b|\.\./shared/")
 # A machine's absolute paths (results and logs are written relative to the repository, or as <root>).
 MACHINE_PATHS = re.compile(r"(?<![\w.$}-])/(?:work|tmp|root|home)/")
 # The one deliberate absolute path: builds of every checkout on a machine share one lock file.
@@ -204,7 +206,8 @@ def _organisation_problems(path: Path, rel: str) -> list[str]:
         if (rel, line.strip()) in ALLOWED_LINES:
             continue
         for pattern, what in ((ORGANISATION_WORDS, "words about how the work was organised"),
-                              (MACHINE_PATHS, "a machine's absolute path")):
+                              (MACHINE_PATHS, "a machine's absolute path"),
+                              (OUTSIDE_FILES, "a file outside the repository")):
             m = pattern.search(line)
             if m:
                 bad.append(f"{rel}:{n}: {what}: {m.group(0)!r} in {line.strip()[:120]!r}")
@@ -223,7 +226,8 @@ def test_tracked_files_speak_of_the_product_only():
     ("--out /" + "tmp/store_bench", True),
     ("the GPU bisecting case: K = 8,192 over 200,000 × 1,024", False), ("TMP=${TMPDIR:-/tmp}", False),
     ('"package": "<root>/gig_fast"', False), ("an HTTP session", False), ("issues/123 on GitHub", False),
-    ("/pytorch/aten/src/ATen/SparseCsrTensorImpl.cpp", False), ("the concept's score", False)])
+    ("/pytorch/aten/src/ATen/SparseCsrTensorImpl.cpp", False), ("the concept's score", False),
+    ("along X(α) (DESI" + "GN.md §1.5)", True), ("see ../sha" + "red/paper", True), ("docs/design.md §1.5", False)])
 def test_the_organisation_check_catches_what_it_should(tmp_path, line, flagged):
     path = tmp_path / "doc.md"
     path.write_text(f"first line\n{line}\n", encoding="utf-8")

@@ -1,6 +1,6 @@
 """Error nodes: the part of each layer's change that its concepts do not explain.
 
-GIG integrates along ``X(α) = β + α·U V`` (DESIGN.md §1.5), so the concepts of layer a account for
+GIG integrates along ``X(α) = β + α·U V`` (docs/design.md §1.5), so the concepts of layer a account for
 ``T(F_ab(X̃)) − T(F_ab(β))``, the change of a target ``T`` from the baseline β to the *reconstruction*
 ``X̃ = β + U V``; the model itself runs on the real pre-activation ``X = X̃ + E``, with the
 reconstruction residual ``E = X − β − U V`` (rel-L2 of 0.2–0.3 on the demo). Continue the path from
