@@ -296,18 +296,26 @@ def resnet50_on(device: str) -> nn.Module:
     return _MODELS[device]
 
 
+def _resnet50_codes(a: str, b: str, B: int, size: int, s: int, g: torch.Generator, device: str):
+    """ResNet-50's F_ab from ``a`` to ``b``, layer a's pre-activations ``xa [B, C, H, W]`` of ``B`` random
+    ``size``-px images, K = 8·C random concepts ``V`` and random codes (s per position, a quarter padded),
+    drawn from ``g`` in that order. Returns ``(f_ab, xa, V, idx, val)``."""
+    model = resnet50_on(device)
+    x = torch.randn(B, 3, size, size, generator=g).to(device)
+    with torch.no_grad():
+        xa = preactivation(model, a, x)
+    _, C, H, W = xa.shape
+    V = (torch.randn(8 * C, C, generator=g) / C ** 0.5).to(device)
+    idx, val = random_codes((B, H * W), s, 8 * C, pad_frac=0.25, scale=0.5, generator=g)
+    return make_f_ab(model, a, b), xa, V, idx, val
+
+
 def engine_inputs(case: EngineCase, device: str) -> EngineInputs:
     """The inputs of ``case`` on ``device`` (seeded: the same on every call; the model is built once)."""
-    model = resnet50_on(device)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(case.B, 3, case.size, case.size, generator=g).to(device)
-    with torch.no_grad():
-        xa = preactivation(model, case.a, x)
-    _, C, H, W = xa.shape
-    f = make_f_ab(model, case.a, case.b)
-    beta = bn_shift(model, case.a).to(device)
-    V = (torch.randn(8 * C, C, generator=g) / C ** 0.5).to(device)
-    idx, val = random_codes((case.B, H * W), case.s, 8 * C, pad_frac=0.25, scale=0.5, generator=g)
+    f, xa, V, idx, val = _resnet50_codes(case.a, case.b, case.B, case.size, case.s, g, device)
+    H, W = xa.shape[2:]
+    beta = bn_shift(resnet50_on(device), case.a).to(device)
     with torch.no_grad():
         out = f(xa)
     target = ClassTarget(0) if out.dim() == 2 else ConceptTarget(torch.randn(out.shape[1], generator=g).to(device))
@@ -547,13 +555,8 @@ def _resnet50_workload(case: AccuracyCase, device: str) -> dict:
     unit-scale concepts) by its projections, or its predicted class."""
     model = resnet50_on(device)
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(case.B, 3, case.size, case.size, generator=g).to(device)
-    with torch.no_grad():
-        xa = preactivation(model, case.a, x)
-    _, C, H, W = xa.shape
-    f_model = make_f_ab(model, case.a, case.b)
-    V = (torch.randn(8 * C, C, generator=g) / C ** 0.5).to(device)
-    idx, val = random_codes((case.B, H * W), case.s, 8 * C, pad_frac=0.25, scale=0.5, generator=g)
+    f_model, xa, V, idx, val = _resnet50_codes(case.a, case.b, case.B, case.size, case.s, g, device)
+    H, W = xa.shape[2:]
     with torch.no_grad():
         out = f_model(xa)
     if out.dim() == 2:  # each image's class: its prediction

@@ -9,25 +9,7 @@ import torch
 from torch import nn
 
 from gig_fast.gig import ClassTarget, ConceptTarget, gig, quadrature
-from gig_fast.slicing import bn_shift, make_f_ab, preactivation
-from gig_fast.testing import fitted_codes, random_codes, tiny_resnet
-
-
-def _problem(a, b, g, B=4):
-    """A random tiny ResNet (float64) with fitted codes for ``B`` images and two targets of each kind."""
-    model = tiny_resnet(dtype=torch.float64)
-    x = torch.randn(B, 3, 12, 12, generator=g, dtype=torch.float64)
-    xa = preactivation(model, a, x)
-    beta = bn_shift(model, a).to(torch.float64)
-    V, idx, val = fitted_codes(xa, beta, 3 * xa.shape[1], 4, g)
-    f = make_f_ab(model, a, b)
-    with torch.no_grad():
-        out = f(xa)
-    if b == "logits":
-        targets = [ClassTarget(out.argmax(1)), ClassTarget(out.argmin(1), probability=False)]
-    else:
-        targets = [ConceptTarget(out.sum((0, 2, 3))), ConceptTarget(torch.randn(out.shape[1], generator=g, dtype=torch.float64))]
-    return f, (idx, val), V, beta, targets, tuple(xa.shape[2:])
+from gig_fast.testing import random_codes, two_kinds_of_targets
 
 
 def test_a_linear_path_stops_at_the_starting_grid_with_the_trapezoid_rule():
@@ -61,7 +43,7 @@ def test_meets_the_bar_and_approaches_exact_ig(a, b):
     rule with the adaptive rule's mean nodes per image: 0.5–4.7 %, with 38–100 % of the pairs within the
     bar); an attribution put on the wrong position or node would be off by ~100 %."""
     seed = int(torch.randint(0, 2 ** 31, ()))
-    f, codes, V, beta, targets, hw = _problem(a, b, torch.Generator().manual_seed(seed))
+    f, codes, V, beta, targets, hw = two_kinds_of_targets(a, b, torch.Generator().manual_seed(seed))
     res = gig(f, codes, V, beta, targets, rule="adaptive", steps=5, max_steps=1024, spatial=hw)
     assert torch.all(res.relative_delta() <= 0.01), (seed, res.relative_delta())
     assert torch.all(res.steps >= 5) and torch.equal(res.refined, res.steps > 5) and res.refined.any(), seed
@@ -73,7 +55,7 @@ def test_meets_the_bar_and_approaches_exact_ig(a, b):
 def test_every_node_is_evaluated_once_with_its_gradient():
     """The starting grid of every image in one batch, then only the new midpoints: the rows through F_ab
     add up to the nodes the images report, and each is a full evaluation (forward with a graph)."""
-    f, codes, V, beta, targets, hw = _problem("layer2.0", "logits", torch.Generator().manual_seed(3))
+    f, codes, V, beta, targets, hw = two_kinds_of_targets("layer2.0", "logits", torch.Generator().manual_seed(3))
     calls = []
 
     def spy(x):
@@ -88,7 +70,7 @@ def test_every_node_is_evaluated_once_with_its_gradient():
 def test_images_are_independent_and_chunks_invisible():
     """An image's grid depends on its own path only: a batch gives what one-image calls give (node counts
     included), and bounded batches through F_ab give the unbounded result."""
-    f, codes, V, beta, targets, hw = _problem("layer1.1", "layer2.0", torch.Generator().manual_seed(1))
+    f, codes, V, beta, targets, hw = two_kinds_of_targets("layer1.1", "layer2.0", torch.Generator().manual_seed(1))
     batch = gig(f, codes, V, beta, targets, rule="adaptive", steps=3, spatial=hw)
     assert len(set(batch.steps.tolist())) > 1  # the images need different grids
     for b in range(4):
@@ -102,7 +84,7 @@ def test_images_are_independent_and_chunks_invisible():
 
 def test_the_cap_bounds_every_image():
     """An unreachable bar: each image grows to ``max_steps`` nodes and stops there, with its gap reported."""
-    f, codes, V, beta, targets, hw = _problem("layer1.1", "layer2.0", torch.Generator().manual_seed(2))
+    f, codes, V, beta, targets, hw = two_kinds_of_targets("layer1.1", "layer2.0", torch.Generator().manual_seed(2))
     res = gig(f, codes, V, beta, targets, rule="adaptive", steps=5, tolerance=1e-12, max_steps=11, spatial=hw)
     assert res.steps.tolist() == [11] * 4 and res.refined.all()
     assert torch.all(res.relative_delta().amax(0) > 1e-12)
@@ -112,7 +94,7 @@ def test_nodes_go_where_the_gaps_are():
     """Bisecting the worst subintervals first takes fewer nodes than refining the grid evenly: per image,
     the adaptive rule's nodes against the smallest uniform trapezoid grid (start·2^k) that meets the
     same bar. Measured on these 8 images: 113 nodes in all against 184 for the even grids."""
-    f, codes, V, beta, targets, hw = _problem("layer1.1", "layer2.0", torch.Generator().manual_seed(4), B=8)
+    f, codes, V, beta, targets, hw = two_kinds_of_targets("layer1.1", "layer2.0", torch.Generator().manual_seed(4), B=8)
     res = gig(f, codes, V, beta, targets, rule="adaptive", steps=3, max_steps=1024, spatial=hw)
     assert torch.all(res.relative_delta() <= 0.01)
     even = []

@@ -7,7 +7,8 @@ import torch
 from gig_fast.gig import RULES, ClassTarget, ConceptTarget, GIGResult, gig, quadrature
 from gig_fast.ops import available_backends, sparse_reconstruct
 from gig_fast.slicing import bn_shift, make_f_ab, preactivation
-from gig_fast.testing import captum_rule, fitted_codes, random_codes, tiny_residual_cnn, tiny_resnet
+from gig_fast.testing import (captum_rule, fitted_codes, random_codes, tiny_residual_cnn, tiny_resnet,
+                              two_kinds_of_targets)
 
 
 
@@ -219,21 +220,6 @@ def test_completeness_converges_in_steps():
     assert errs[1] < errs[0] and errs[1] <= 0.01 * scale, (errs, scale)
 
 
-def _refinement_problem(a, b, g):
-    """A random tiny ResNet (float64) with fitted codes for 4 images and two targets of each kind."""
-    model = tiny_resnet(dtype=torch.float64)
-    x = torch.randn(4, 3, 12, 12, generator=g, dtype=torch.float64)
-    xa = preactivation(model, a, x)
-    beta = bn_shift(model, a).to(torch.float64)
-    V, idx, val = fitted_codes(xa, beta, 3 * xa.shape[1], 4, g)
-    f = make_f_ab(model, a, b)
-    with torch.no_grad():
-        out = f(xa)
-    if b == "logits":
-        targets = [ClassTarget(out.argmax(1)), ClassTarget(out.argmin(1), probability=False)]
-    else:
-        targets = [ConceptTarget(out.sum((0, 2, 3))), ConceptTarget(torch.randn(out.shape[1], generator=g, dtype=torch.float64))]
-    return f, (idx, val), V, beta, targets, tuple(xa.shape[2:])
 
 
 @pytest.mark.parametrize("a, b", [("layer1.1", "layer2.0"), ("layer2.0", "logits")])
@@ -242,7 +228,7 @@ def test_refinement_meets_the_bar_and_moves_toward_exact_ig(a, b):
     adaptive refinement meets it for every (target, image), spends more nodes only where needed, and its
     attributions are at least as close to exact IG (a 4,096-node midpoint rule) as the fixed rule's."""
     seed = int(torch.randint(0, 2 ** 31, ()))
-    f, codes, V, beta, targets, hw = _refinement_problem(a, b, torch.Generator().manual_seed(seed))
+    f, codes, V, beta, targets, hw = two_kinds_of_targets(a, b, torch.Generator().manual_seed(seed))
     fixed = gig(f, codes, V, beta, targets, steps=4, tolerance=None, spatial=hw)
     adaptive = gig(f, codes, V, beta, targets, steps=4, max_steps=1024, spatial=hw)
     exact = gig(f, codes, V, beta, targets, steps=4096, rule="riemann_middle", tolerance=None, spatial=hw)
@@ -263,7 +249,7 @@ def test_refinement_is_per_image_and_chunk_independent():
     """Each image is refined on its own (per-image class indices included): a batch gives what one-image
     calls give, with the same node counts, and bounded chunks give the unchunked result."""
     # seed 3: with β the net BN shift of layer2.0 (bn3 + downsample BN) seed 0 refines all 4 images
-    f, codes, V, beta, targets, hw = _refinement_problem("layer2.0", "logits", torch.Generator().manual_seed(3))
+    f, codes, V, beta, targets, hw = two_kinds_of_targets("layer2.0", "logits", torch.Generator().manual_seed(3))
     batch = gig(f, codes, V, beta, targets, steps=8, spatial=hw)
     assert 0 < int(batch.refined.sum()) < 4  # this setting refines some images, not all (3 of 4 here)
     for b in range(4):
@@ -358,7 +344,7 @@ def test_rows_without_a_weight_skip_the_backward_and_the_ends_are_evaluated_once
     """F_ab's rows with T = 2 targets: the fixed rule's m·B weighted nodes go through a forward that the T
     backwards use, the 2·B endpoint rows through a forward of their own (no graph); the refinement
     evaluates every node of its nested grids once."""
-    f, codes, V, beta, targets, hw = _refinement_problem("layer2.0", "logits", torch.Generator().manual_seed(3))
+    f, codes, V, beta, targets, hw = two_kinds_of_targets("layer2.0", "logits", torch.Generator().manual_seed(3))
     calls = []
 
     def spy(x):

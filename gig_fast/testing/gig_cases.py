@@ -12,7 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["fitted_codes", "tiny_resnet", "tiny_residual_cnn", "TinyResidualCNN", "randomize_bn", "captum_rule"]
+from ..gig import ClassTarget, ConceptTarget
+from ..slicing import bn_shift, make_f_ab, preactivation
+
+__all__ = ["fitted_codes", "tiny_resnet", "tiny_residual_cnn", "TinyResidualCNN", "randomize_bn", "captum_rule",
+           "two_kinds_of_targets"]
 
 
 def randomize_bn(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
@@ -114,3 +118,25 @@ def fitted_codes(xa: torch.Tensor, beta: torch.Tensor, K: int, s: int, generator
     target = (xa - beta[:, None, None]).permute(0, 2, 3, 1).reshape(B, H * W, C)
     val = torch.linalg.lstsq(V[idx].transpose(-1, -2), target[..., None]).solution[..., 0]
     return V, idx, val.detach()
+
+
+def two_kinds_of_targets(a: str, b: str, generator: torch.Generator, B: int = 4):
+    """A random :func:`tiny_resnet` (float64) from ``a`` to ``b`` with fitted codes for ``B`` images of
+    12×12 px and two targets of each kind: each image's top and bottom class (probability, logit) for
+    ``b = "logits"``, else the images' summed output and a random concept of b.
+
+    Returns ``(f_ab, (idx, val), V, beta, targets, (H_a, W_a))``."""
+    model = tiny_resnet(dtype=torch.float64)
+    x = torch.randn(B, 3, 12, 12, generator=generator, dtype=torch.float64)
+    xa = preactivation(model, a, x)
+    beta = bn_shift(model, a).to(torch.float64)
+    V, idx, val = fitted_codes(xa, beta, 3 * xa.shape[1], 4, generator)
+    f = make_f_ab(model, a, b)
+    with torch.no_grad():
+        out = f(xa)
+    if b == "logits":
+        targets = [ClassTarget(out.argmax(1)), ClassTarget(out.argmin(1), probability=False)]
+    else:
+        targets = [ConceptTarget(out.sum((0, 2, 3))),
+                   ConceptTarget(torch.randn(out.shape[1], generator=generator, dtype=torch.float64))]
+    return f, (idx, val), V, beta, targets, tuple(xa.shape[2:])
