@@ -91,12 +91,17 @@ inline void fold(LaneBest& b, __m512 v, int32_t base, int32_t end) {
   _mm512_store_si512(b.index, _mm512_mask_mov_epi32(idx, gt, k));
 }
 
-// One 12×32 tile over a C chunk of length kc: a (12-row panel chunk, stride 12), b (32-centroid panel
-// chunk, stride 32). `partial` ([12][32], or null when the chunk is the whole of C) carries the sums
-// between chunks: read when !first, written when !last. On the last chunk the tile is folded into `best`
-// (the panel's 12 rows; `rows` of them real) for centroids base..base+31, those at or past `end` left out.
-inline void micro_tile(const float* a, const float* b, int64_t kc, float* partial, bool first, bool last,
-                       LaneBest* best, int64_t rows, int32_t base, int32_t end) {
+// One 12×32 tile over a C chunk of length kc: a (12-row panel chunk, stride 12), b (32-column panel chunk,
+// stride 32). `partial` ([12][32], or null when the chunk is the whole of C) carries the sums between
+// chunks: read when !first, written when !last. On the last chunk the finished tile goes to `epilogue`
+// row by row: epilogue(r, columns 0-15, columns 16-31) for r = 0..11 (rows past the matrix are the
+// epilogue's to skip). The one register-tile loop of both users: the fused argmax folds the tile into
+// its rows' lanes (fold_pass), matmul_nt stores it (csrc/matmul_nt/matmul_nt_avx512.h). Inlined with its
+// epilogue, and the rows handed over by constant index, so the accumulators stay in registers (handing
+// the epilogue the array by reference put them on the stack inside the FMA loop: half the speed).
+template <typename Epilogue>
+__attribute__((always_inline)) inline void micro_tile(const float* a, const float* b, int64_t kc, float* partial,
+                                                      bool first, bool last, Epilogue&& epilogue) {
   __m512 acc[kMr][2];
 #pragma GCC unroll 12
   for (int r = 0; r < kMr; ++r) {
@@ -122,43 +127,64 @@ inline void micro_tile(const float* a, const float* b, int64_t kc, float* partia
       _mm512_storeu_ps(partial + r * 32, acc[r][0]), _mm512_storeu_ps(partial + r * 32 + 16, acc[r][1]);
     return;
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    fold(best[r], acc[r][0], base, end);
-    fold(best[r], acc[r][1], base + 16, end);
-  }
+#pragma GCC unroll 12
+  for (int r = 0; r < kMr; ++r) epilogue(r, acc[r][0], acc[r][1]);
 }
 
 // Rows per row block (a multiple of kMr): its packed chunk (96·kKc floats) stays in L2 next to the
 // partial sums.
 constexpr int64_t kBlockRows = 96;
-// Centroids per tile where C > kKc: bounds the partial-sum buffer at 96·512·4 = 192 KiB.
+// Columns per tile where C > kKc: bounds the partial-sum buffer at 96·512·4 = 192 KiB.
 constexpr int64_t kTileCols = 512;
 
-// Fold `rows` (≤ kBlockRows) packed unit rows `ap` (pack_panels, width kMr) against the `count` centroids
-// k0..k0+count (k0 a multiple of kNr) of the centroid pack `bp` (pack_panels, width kNr, `all_panels`
-// panels) into `lanes` (reset first). `partial`: kBlockRows·kTileCols floats (C > kKc only).
-inline void fold_pass(const float* ap, int64_t rows, const float* bp, int64_t all_panels, int64_t k0,
-                      int64_t count, int64_t C, float* partial, LaneBest* lanes) {
+// The blocked product of `rows` (≤ kBlockRows) packed rows `ap` (pack_panels, width kMr) with the column
+// panels q0..q0+col_panels of the pack `bp` (pack_panels, width kNr, `all_panels` panels), chunk by chunk
+// of C, in tiles of kTileCols columns where C > kKc (`partial`: kBlockRows·kTileCols floats, C > kKc only).
+// Each finished 12×32 tile goes to `epilogue(i, p, r, v0, v1)` row by row (row panel i, column panel p
+// counted from q0, row r of the panel: micro_tile), only for the pairs where `want(i, p)` (the symmetric
+// product skips the tiles below the diagonal).
+template <typename Want, typename Epilogue>
+__attribute__((always_inline)) inline void tile_pass(const float* ap, int64_t rows, const float* bp,
+                                                     int64_t all_panels, int64_t q0, int64_t col_panels, int64_t C,
+                                                     float* partial, Want&& want, Epilogue&& epilogue) {
   const int64_t row_panels = (rows + kMr - 1) / kMr;
-  const int64_t col_panels = (count + kNr - 1) / kNr;
   const int64_t tile_panels = C > kKc ? kTileCols / kNr : col_panels;
-  const int32_t end = static_cast<int32_t>(k0 + count);
   for (int64_t p0 = 0; p0 < col_panels; p0 += tile_panels) {
     const int64_t p1 = std::min(col_panels, p0 + tile_panels);
     for (int64_t c0 = 0; c0 < C; c0 += kKc) {
       const int64_t kc = std::min(kKc, C - c0);
       const bool first = c0 == 0, last = c0 + kc >= C;
       for (int64_t p = p0; p < p1; ++p) {
-        const float* b = bp + panel_offset(k0 / kNr + p, c0, C, all_panels, kNr);
+        const float* b = bp + panel_offset(q0 + p, c0, C, all_panels, kNr);
         for (int64_t i = 0; i < row_panels; ++i) {
+          if (!want(i, p)) continue;
           const float* a = ap + panel_offset(i, c0, C, row_panels, kMr);
           float* part = partial ? partial + ((p - p0) * row_panels + i) * kMr * kNr : nullptr;
-          micro_tile(a, b, kc, part, first, last, lanes + i * kMr, std::min(kMr, rows - i * kMr),
-                     static_cast<int32_t>(k0 + p * kNr), end);
+          micro_tile(a, b, kc, part, first, last,
+                     [&](int r, __m512 v0, __m512 v1) __attribute__((always_inline)) { epilogue(i, p, r, v0, v1); });
         }
       }
     }
   }
+}
+
+// Fold `rows` (≤ kBlockRows) packed unit rows `ap` (pack_panels, width kMr) against the `count` centroids
+// k0..k0+count (k0 a multiple of kNr) of the centroid pack `bp` (pack_panels, width kNr, `all_panels`
+// panels) into `lanes` (reset first). `partial`: kBlockRows·kTileCols floats (C > kKc only).
+inline void fold_pass(const float* ap, int64_t rows, const float* bp, int64_t all_panels, int64_t k0,
+                      int64_t count, int64_t C, float* partial, LaneBest* lanes) {
+  const int32_t end = static_cast<int32_t>(k0 + count);
+  tile_pass(ap, rows, bp, all_panels, k0 / kNr, (count + kNr - 1) / kNr, C, partial,
+            [](int64_t, int64_t) __attribute__((always_inline)) { return true; },
+            [&](int64_t i, int64_t p, int r, __m512 v0, __m512 v1) __attribute__((always_inline)) {
+              // row r of the panel's 12 (skipped past the real rows), for centroids base..base+31 (those
+              // at or past `end` left out)
+              if (r >= rows - i * kMr) return;
+              LaneBest& best = lanes[i * kMr + r];
+              const int32_t base = static_cast<int32_t>(k0 + p * kNr);
+              fold(best, v0, base, end);
+              fold(best, v1, base + 16, end);
+            });
 }
 
 // Merge a pass's lanes into the rows' (best, label): the first pass sets them, later passes (larger
