@@ -1,7 +1,8 @@
 """Helpers that every backend of the ops shares (the reference included): the accumulation dtype,
 the rescaling of rows of extreme magnitude before a cosine, dense codes turned into padded ones, and the
 batched OMP loop of ``sparse_code`` (the torch and Triton backends differ only in how they compute the
-residual correlations).
+residual correlations), and the fp32 product ``a @ bᵀ`` / Gram ``a @ aᵀ`` of the CPU code paths
+(:func:`cpu_matmul_nt`).
 
 They live apart from :mod:`gig_fast.ops.reference` (the test oracle) so that production code — the op
 layer, the kernels, the GIG engine, the concept extractor — never imports the oracle.
@@ -10,7 +11,10 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["accumulation_dtype", "scale_extreme_rows", "SAFE_ROW_EXPONENT", "dense_to_padded", "omp_gram"]
+from .. import _extensions as ext
+
+__all__ = ["accumulation_dtype", "scale_extreme_rows", "SAFE_ROW_EXPONENT", "dense_to_padded", "omp_gram",
+           "cpu_matmul_nt"]
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -41,6 +45,47 @@ def scale_extreme_rows(t: torch.Tensor) -> torch.Tensor:
     rows = t[bad].double() * torch.exp2(half) * torch.exp2(-e - half)
     out = t.clone()
     out[bad] = rows.to(t.dtype)
+    return out
+
+
+def cpu_matmul_nt(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ bᵀ`` ``[M, N]`` for ``a [M, C]`` and ``b [N, C]`` (one floating dtype); ``b=None``: the Gram
+    ``a @ aᵀ`` ``[M, M]``, exactly symmetric (its upper triangle computed, the lower one a copy).
+
+    On the CPU with the C++ extension built it runs ``torch.ops.gig_fast_cpp.matmul_nt``: for contiguous
+    fp32 on an AVX-512 CPU our own blocked GEMM (csrc/matmul_nt/), which takes about half the time of
+    torch's and numpy's fp32 GEMM there (their BLAS runs AVX2 code on such CPUs; the Gram, which computes
+    only the tiles on and above the diagonal, about 0.4 times); else ``at::mm``. Elsewhere (a GPU, no
+    extension, inputs that need gradients) it is torch's ``a @ bᵀ``. Each entry is accumulated in the
+    inputs' dtype (fp32 for fp32). ``GIG_FAST_MATMUL_ISA=blas`` keeps the extension on ``at::mm``.
+
+    Raises:
+        ValueError: an input that is not a 2-D floating tensor, dtypes or devices that differ, or a
+            different C (dim 1).
+    """
+    for name, t in (("a", a), ("b", b)):
+        if name == "b" and t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"cpu_matmul_nt: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"cpu_matmul_nt: {name} must be 2-D ([rows, C]), got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"cpu_matmul_nt: {name} must be floating point, got {t.dtype}")
+    gram = b is None
+    b = a if gram else b
+    if b.dtype != a.dtype or b.device != a.device:
+        raise ValueError(f"cpu_matmul_nt: a ({a.dtype}, {a.device}) and b ({b.dtype}, {b.device}) must share "
+                         "dtype and device")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"cpu_matmul_nt: a is [M, C] = {list(a.shape)} and b is [N, C] = {list(b.shape)}: "
+                         "their C (dim 1) differ")
+    needs_grad = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
+    if a.device.type == "cpu" and not needs_grad and ext.has_cpp_extension():
+        return torch.ops.gig_fast_cpp.matmul_nt(a, b, gram)
+    out = a @ b.T
+    if gram:  # BLAS may round out[i, j] and out[j, i] differently: the upper triangle, copied down
+        out = torch.triu(out) + torch.triu(out, 1).T
     return out
 
 

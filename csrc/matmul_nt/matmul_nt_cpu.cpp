@@ -1,0 +1,149 @@
+// CPU entry of matmul_nt (contract and paths in matmul_nt.h).
+//
+// The AVX-512 path: b packed once into 32-column panels (in parallel), then the work items — a row block
+// of 96 rows × a column tile of 512 columns — spread over at::get_num_threads() threads by
+// at::parallel_for; each thread packs the row block it works on (once per run of items on one block)
+// and keeps its own partial-sum buffer. Symmetric: only the items that reach the diagonal or above it,
+// and within them only such 12×32 tiles; the lower triangle is copied from the upper one afterwards.
+#include "matmul_nt/matmul_nt.h"
+
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "common.h"
+
+#if GIG_HAVE_AVX2_PATH && defined(__GNUC__) && !defined(__clang__)
+#define GIG_MATMUL_AVX512 1
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma")
+#include "matmul_nt/matmul_nt_avx512.h"  // its functions only: called where the CPU has AVX-512F
+#pragma GCC pop_options
+#else
+#define GIG_MATMUL_AVX512 0
+#endif
+
+namespace gig_fast {
+namespace {
+
+// Multiply-adds per thread below which a call stays on one thread: a fork/join on this loaded kind of
+// machine costs tens of µs, about 2^21 multiply-adds of this kernel.
+constexpr int64_t kMinTaskWork = int64_t(1) << 21;
+
+// out [M, M] row-major: every entry below the diagonal set to its mirror above it, in 64×64 blocks so
+// that the column reads of the upper triangle stay in cache.
+template <typename scalar_t>
+void mirror_lower(scalar_t* out, int64_t M) {
+  constexpr int64_t kB = 64;
+  const int64_t blocks = (M + kB - 1) / kB;
+  at::parallel_for(0, blocks, std::max<int64_t>(1, kMinTaskWork / (kB * M)), [&](int64_t b0, int64_t b1) {
+    for (int64_t rb = b0; rb < b1; ++rb)
+      for (int64_t cb = 0; cb <= rb; ++cb)
+        for (int64_t r = rb * kB; r < std::min(M, rb * kB + kB); ++r)
+          for (int64_t c = cb * kB; c < std::min(r, cb * kB + kB); ++c) out[r * M + c] = out[c * M + r];
+  });
+}
+
+#if GIG_MATMUL_AVX512
+struct FreeDeleter {
+  void operator()(float* p) const { std::free(p); }
+};
+
+// `n` uninitialised floats (each gets written), 64-byte aligned so that no panel load splits a cache line.
+std::unique_ptr<float[], FreeDeleter> aligned_floats(size_t n) {
+  const size_t bytes = std::max<size_t>(64, (n * sizeof(float) + 63) / 64 * 64);
+  void* p = std::aligned_alloc(64, bytes);
+  TORCH_CHECK(p != nullptr, "matmul_nt: out of memory for the packed b (", bytes, " bytes)");
+  return std::unique_ptr<float[], FreeDeleter>(static_cast<float*>(p));
+}
+
+void matmul_nt_avx512(const float* a, int64_t M, const float* b, int64_t N, int64_t C, bool symmetric, float* out) {
+  namespace k = matmul_nt512;
+  const int64_t panels = (N + k::kNr - 1) / k::kNr;
+  auto bp = aligned_floats(static_cast<size_t>(panels * k::kNr * C));
+  at::parallel_for(0, panels, std::max<int64_t>(1, (int64_t(1) << 16) / (k::kNr * C)),
+                   [&](int64_t q0, int64_t q1) { k::pack_panel_range(b, N, C, q0, q1, bp.get()); });
+  const int64_t row_blocks = (M + k::kBlockRows - 1) / k::kBlockRows, tiles = (N + k::kTileCols - 1) / k::kTileCols;
+  std::vector<int64_t> items;  // row block · tiles + column tile, row-block-major: a thread's run shares blocks
+  items.reserve(static_cast<size_t>(row_blocks * tiles));
+  for (int64_t rb = 0; rb < row_blocks; ++rb)
+    // symmetric: the first tile holding a column ≥ the block's first row
+    for (int64_t t = symmetric ? rb * k::kBlockRows / k::kTileCols : 0; t < tiles; ++t) items.push_back(rb * tiles + t);
+  const int64_t item_work = k::kBlockRows * k::kTileCols * C;
+  at::parallel_for(0, static_cast<int64_t>(items.size()), std::max<int64_t>(1, kMinTaskWork / item_work),
+                   [&](int64_t i0, int64_t i1) {
+    auto ap = aligned_floats(static_cast<size_t>(k::kBlockRows * C));
+    auto partial = C > k::kKc ? aligned_floats(static_cast<size_t>(k::kBlockRows * k::kTileCols)) : nullptr;
+    int64_t packed = -1;
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t rb = items[it] / tiles, t = items[it] % tiles;
+      const int64_t r0 = rb * k::kBlockRows, rows = std::min(k::kBlockRows, M - r0);
+      if (rb != packed) k::pack_rows(a, r0, rows, C, ap.get()), packed = rb;
+      const int64_t n0 = t * k::kTileCols;
+      k::block(ap.get(), r0, rows, bp.get(), panels, n0, std::min(k::kTileCols, N - n0), C, partial.get(), symmetric,
+               out, N);
+    }
+  });
+  if (symmetric) mirror_lower(out, M);
+}
+#endif
+
+// The AVX-512 kernel where the CPU has AVX-512F. GIG_FAST_CPU_ISA=baseline (read once, csrc/common.h)
+// keeps the baseline build, and GIG_FAST_MATMUL_ISA=blas (read at each call, as GIG_FAST_ASSIGN_ISA is)
+// takes at::mm: so one machine tests both paths.
+bool use_avx512() {
+#if GIG_MATMUL_AVX512
+  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+  if (!avx512 || !cpu_has_avx2()) return false;
+  const char* cap = std::getenv("GIG_FAST_MATMUL_ISA");
+  return !(cap && std::strcmp(cap, "blas") == 0);
+#else
+  return false;
+#endif
+}
+
+bool same_tensor(const at::Tensor& a, const at::Tensor& b) {
+  return a.is_same(b) || (a.data_ptr() == b.data_ptr() && a.sizes() == b.sizes() && a.strides() == b.strides() &&
+                          a.scalar_type() == b.scalar_type());
+}
+
+}  // namespace
+
+at::Tensor matmul_nt_cpu(const at::Tensor& a, const at::Tensor& b, bool symmetric) {
+  TORCH_CHECK_VALUE(a.device().is_cpu() && b.device().is_cpu(), "matmul_nt: a and b must be CPU tensors, got ",
+                    a.device(), " and ", b.device());
+  TORCH_CHECK_VALUE(a.dim() == 2, "matmul_nt: a must be 2-D [M, C], got shape ", a.sizes());
+  TORCH_CHECK_VALUE(b.dim() == 2, "matmul_nt: b must be 2-D [N, C], got shape ", b.sizes());
+  TORCH_CHECK_VALUE(a.scalar_type() == b.scalar_type(), "matmul_nt: a and b must share a dtype, got ",
+                    a.scalar_type(), " and ", b.scalar_type());
+  TORCH_CHECK_VALUE(at::isFloatingType(a.scalar_type()), "matmul_nt: a and b must be floating point, got ",
+                    a.scalar_type());
+  TORCH_CHECK_VALUE(a.size(1) == b.size(1), "matmul_nt: a is [M, C] = ", a.sizes(), " and b is [N, C] = ", b.sizes(),
+                    ": their C (dim 1) differ");
+  TORCH_CHECK_VALUE(!symmetric || same_tensor(a, b), "matmul_nt: symmetric=True computes a @ a.T: b must be a");
+  const int64_t M = a.size(0), N = b.size(0), C = a.size(1);
+#if GIG_MATMUL_AVX512
+  if (a.scalar_type() == at::kFloat && a.is_contiguous() && b.is_contiguous() && use_avx512()) {
+    if (M == 0 || N == 0 || C == 0) return at::zeros({M, N}, a.options());
+    auto out = at::empty({M, N}, a.options());
+    matmul_nt_avx512(a.data_ptr<float>(), M, b.data_ptr<float>(), N, C, symmetric, out.data_ptr<float>());
+    return out;
+  }
+#endif
+  auto out = at::mm(a, b.t()).contiguous();
+  // BLAS computes out[m, n] and out[n, m] in different places of its kernels (their sums may round
+  // differently): the upper triangle is copied down so that every path returns an exactly symmetric Gram.
+  if (symmetric && M > 1)
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "matmul_nt_mirror",
+                                    [&] { mirror_lower<scalar_t>(out.data_ptr<scalar_t>(), M); });
+  return out;
+}
+
+TORCH_LIBRARY_FRAGMENT(gig_fast_cpp, m) {
+  m.def("matmul_nt(Tensor a, Tensor b, bool symmetric=False) -> Tensor", &matmul_nt_cpu);
+}
+
+}  // namespace gig_fast
