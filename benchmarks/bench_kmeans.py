@@ -10,6 +10,12 @@
   share of labels equal to a float64 argmax on a subsample of rows (``agreement``), ≥ 0.999 for ours
   (bf16 scores are re-scored in fp32 where the top two are close) and ≥ 0.95 for the outside routes.
   FLOPs: ``2·N·C·K``.
+* ``matmul_nt`` (the assignment's AVX-512 register tile as a plain fp32 GEMM: ``cpu_matmul_nt``, CPU only)
+  against torch's ``a @ b.T`` and numpy's (its OpenBLAS limited to the same threads by threadpoolctl), at
+  one and two threads: the product ``a [M, C] @ b [N, C]ᵀ`` (the sparse coder's correlations ``Y Vᵀ``)
+  and the Gram ``a @ aᵀ`` (its ``V Vᵀ``; ours computes the upper tiles only, numpy calls syrk). Checked
+  against float64 with the fp32 summation bound (``checks.check_sums``). FLOPs: ``2·M·N·C`` for every
+  route (the Gram's too, so the rates compare the same result).
 * ``centroid_update`` (ours: ``cpp``, ``triton``, ``cuda``) against ``index_add_`` + ``bincount`` and our
   ``torch`` reference, at K = 2 (the 2-means case) and the full K; sums checked against float64 with
   the summation bound, counts exactly. Bytes: ``N·C·4 + N·8 + K·C·4``.
@@ -33,6 +39,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass
 
@@ -44,6 +51,7 @@ from checks import check_sums
 from gig_fast import ops
 from gig_fast.concepts import bisecting_spherical_kmeans, cosine_inertia
 from gig_fast.ops import centroid_update, spherical_assign, two_means_splits
+from gig_fast.ops.common import cpu_matmul_nt
 from gig_fast.testing import clustered_points, label_quality, random_unit
 
 
@@ -79,6 +87,19 @@ class SplitsCase:
     @property
     def name(self) -> str:
         return f"N={self.N} C={self.C} B={self.B}"
+
+
+@dataclass(frozen=True)
+class MatmulCase:
+    M: int
+    C: int
+    N: int  # 0: the Gram a @ aᵀ of a [M, C]
+    threads: int
+
+    @property
+    def name(self) -> str:
+        what = f"Gram M={self.M} C={self.C}" if self.N == 0 else f"M={self.M} C={self.C} N={self.N}"
+        return f"{what} {self.threads}t"
 
 
 @dataclass(frozen=True)
@@ -134,6 +155,17 @@ GPU_BISECT = BisectCase(200_000, 1024, 8192, reference="fast", modes=("fast",), 
 GPU_BISECT_SAMPLE = BisectCase(20_000, 1024, 1024, directions=1024, modes=("fast",))  # sequential: 1,023 rounds
 
 
+def matmul_cases(size: str, device: str) -> list[MatmulCase]:
+    if device.startswith("cuda"):
+        return []  # a CPU op
+    if size == "smoke":
+        return [MatmulCase(50, 20, 70, 1), MatmulCase(50, 20, 0, 2)]
+    # the sparse coder's shapes: correlations of 2,000 rows with 2,048 atoms of 256 channels and of 500 rows
+    # with 4,096 of 512; the Grams of those dictionaries
+    shapes = [(2000, 256, 2048), (500, 512, 4096), (2048, 256, 0), (4096, 512, 0)]
+    return [MatmulCase(M, C, N, t) for t in (1, 2) for M, C, N in shapes]
+
+
 def bisect_cases(size: str, device: str) -> list[BisectCase]:
     if size == "smoke":  # the smoke run checks the code of the issue-25 rows at a tiny size
         return [BisectCase(600, 16, 16), BisectCase(1500, 16, 64, reference="fast", modes=("fast",), sklearn=False)]
@@ -151,7 +183,8 @@ def _params(metafunc, name, found):
 def pytest_generate_tests(metafunc):
     size, device = metafunc.config.gig_size, metafunc.config.gig_device
     for name, make in (("assign_problem", assign_cases), ("update_problem", update_cases),
-                       ("splits_problem", splits_cases), ("bisect_problem", bisect_cases)):
+                       ("splits_problem", splits_cases), ("bisect_problem", bisect_cases),
+                       ("matmul_problem", matmul_cases)):
         if name in metafunc.fixturenames:
             _params(metafunc, name, make(size, device))
 
@@ -323,6 +356,77 @@ def bench_assign(bench, assign_problem, backend, dtype):
     bench(lambda: spherical_assign(Xd, Cd, backend=backend), op="spherical_assign", impl=backend,
           label=f"{backend} {short}", role="baseline" if backend == "torch" else "ours", case=p.case.name,
           shape={**p.shape, "dtype": dtype}, check=check, flops=p.flops, flops_dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# matmul_nt: the fp32 GEMM on the assignment's register tile
+
+
+class MatmulProblem:
+    def __init__(self, case: MatmulCase):
+        g = torch.Generator().manual_seed(0)
+        self.case = case
+        self.a = torch.randn(case.M, case.C, generator=g)
+        self.b = self.a if case.N == 0 else torch.randn(case.N, case.C, generator=g)
+        N = self.b.shape[0]
+        self.shape = {"M": case.M, "C": case.C, "N": N}
+        self.flops = 2.0 * case.M * N * case.C
+        a64, b64 = self.a.double(), self.b.double()
+        self.want, self.magnitude = a64 @ b64.T, a64.abs() @ b64.abs().T
+
+    def check(self, what: str):
+        def check(out):
+            out = torch.as_tensor(out)
+            figures = check_sums(out, self.want, self.magnitude, torch.float32, self.case.C, what)
+            if self.case.N == 0:
+                figures["symmetric"] = bool(torch.equal(out, out.T))
+            return figures
+        return check
+
+
+@pytest.fixture(scope="module")
+def matmul_problem(request):
+    return MatmulProblem(request.param)
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    """torch at ``n`` threads (restored after): the op and torch's BLAS run on its pool."""
+    if n > (os.cpu_count() or 1):
+        pytest.skip(f"{n} threads on a {os.cpu_count()}-CPU machine")
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+MATMUL = ["cpu_matmul_nt", "torch a @ b.T", "numpy a @ b.T"]
+
+
+@pytest.mark.parametrize("impl", MATMUL, ids=["ours", "torch", "numpy"])
+def bench_matmul_nt(bench, matmul_problem, impl, device):
+    if device != "cpu":
+        pytest.skip("cpu_matmul_nt is a CPU op")
+    p = matmul_problem
+    a, b, gram = p.a, p.b, p.case.N == 0
+    common = dict(op="matmul_nt", case=p.case.name, shape=p.shape, flops=p.flops, flops_dtype="float32",
+                  check=p.check(impl))
+    with _threads(p.case.threads):
+        if impl == "cpu_matmul_nt":
+            bench.skip_unless_runs("cpp")
+            bench((lambda: cpu_matmul_nt(a)) if gram else (lambda: cpu_matmul_nt(a, b)), impl=impl, **common)
+        elif impl == "torch a @ b.T":
+            bench(lambda: a @ b.T, impl=impl, role="baseline", **common)
+        else:
+            try:
+                from threadpoolctl import threadpool_limits
+            except ImportError:
+                pytest.skip("threadpoolctl is not installed: numpy's BLAS threads cannot be limited")
+            an, bn = a.numpy(), b.numpy()  # the Gram: bn is an, so numpy runs syrk
+            with threadpool_limits(limits=p.case.threads, user_api="blas"):
+                bench(lambda: an @ bn.T, impl=impl, role="baseline", blas=outside_blas(), **common)
 
 
 # ---------------------------------------------------------------------------------------------------

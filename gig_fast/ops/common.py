@@ -53,11 +53,12 @@ def cpu_matmul_nt(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tenso
     ``a @ aᵀ`` ``[M, M]``, exactly symmetric (its upper triangle computed, the lower one a copy).
 
     On the CPU with the C++ extension built it runs ``torch.ops.gig_fast_cpp.matmul_nt``: for contiguous
-    fp32 on an AVX-512 CPU our own blocked GEMM (csrc/matmul_nt/), which takes about half the time of
-    torch's and numpy's fp32 GEMM there (their BLAS runs AVX2 code on such CPUs; the Gram, which computes
-    only the tiles on and above the diagonal, about 0.4 times); else ``at::mm``. Elsewhere (a GPU, no
-    extension, inputs that need gradients) it is torch's ``a @ bᵀ``. Each entry is accumulated in the
-    inputs' dtype (fp32 for fp32). ``GIG_FAST_MATMUL_ISA=blas`` keeps the extension on ``at::mm``.
+    fp32 on an AVX-512 CPU our own blocked GEMM (csrc/matmul_nt/), where torch's and numpy's BLAS run
+    AVX2 code (AMD Zen 5, one thread, benchmarks/bench_kmeans.py: 0.45-0.5 times the time of torch's
+    ``a @ bᵀ`` at the sparse coder's shapes; the Gram, which computes only the tiles on and above the
+    diagonal, 0.4 times); else ``at::mm``. Elsewhere (a GPU, no extension, inputs that need gradients) it
+    is torch's ``a @ bᵀ``. Each entry is accumulated in the inputs' dtype (fp32 for fp32).
+    ``GIG_FAST_MATMUL_ISA=blas`` keeps the extension on ``at::mm``.
 
     Raises:
         ValueError: an input that is not a 2-D floating tensor, dtypes or devices that differ, or a
