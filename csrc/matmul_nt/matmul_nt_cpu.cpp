@@ -4,7 +4,7 @@
 // of 96 rows × a column tile of 512 columns — spread over at::get_num_threads() threads by
 // at::parallel_for; each thread packs the row block it works on (once per run of items on one block)
 // and keeps its own partial-sum buffer. Symmetric: only the items that reach the diagonal or above it,
-// and within them only such 12×32 tiles; the lower triangle is copied from the upper one afterwards.
+// and within them only such 12×32 tiles; each item's entries above the diagonal are then copied down.
 #include "matmul_nt/matmul_nt.h"
 
 #include <ATen/Parallel.h>
@@ -20,7 +20,12 @@
 #define GIG_MATMUL_AVX512 1
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx2,fma")
+// GCC 12's own avx512fintrin.h trips -Wuninitialized in the shuffles of transpose16 (its "undefined"
+// pass-through operand): not ours to fix, and nothing of ours is left uninitialised.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include "matmul_nt/matmul_nt_avx512.h"  // its functions only: called where the CPU has AVX-512F
+#pragma GCC diagnostic pop
 #pragma GCC pop_options
 #else
 #define GIG_MATMUL_AVX512 0
@@ -83,11 +88,11 @@ void matmul_nt_avx512(const float* a, int64_t M, const float* b, int64_t N, int6
       const int64_t r0 = rb * k::kBlockRows, rows = std::min(k::kBlockRows, M - r0);
       if (rb != packed) k::pack_rows(a, r0, rows, C, ap.get()), packed = rb;
       const int64_t n0 = t * k::kTileCols;
-      k::block(ap.get(), r0, rows, bp.get(), panels, n0, std::min(k::kTileCols, N - n0), C, partial.get(), symmetric,
-               out, N);
+      const int64_t cols = std::min(k::kTileCols, N - n0);
+      k::block(ap.get(), r0, rows, bp.get(), panels, n0, cols, C, partial.get(), symmetric, out, N);
+      if (symmetric) k::mirror_block(out, N, r0, rows, n0, cols);
     }
   });
-  if (symmetric) mirror_lower(out, M);
 }
 #endif
 
