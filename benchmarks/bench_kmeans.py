@@ -369,7 +369,7 @@ class MatmulProblem:
         self.a = torch.randn(case.M, case.C, generator=g)
         self.b = self.a if case.N == 0 else torch.randn(case.N, case.C, generator=g)
         N = self.b.shape[0]
-        self.shape = {"M": case.M, "C": case.C, "N": N}
+        self.shape = {"M": case.M, "C": case.C, "N": N, **({"b": "a"} if case.N == 0 else {})}  # b = a: the Gram
         self.flops = 2.0 * case.M * N * case.C
         a64, b64 = self.a.double(), self.b.double()
         self.want, self.magnitude = a64 @ b64.T, a64.abs() @ b64.abs().T
