@@ -54,9 +54,9 @@ def cpu_matmul_nt(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tenso
 
     On the CPU with the C++ extension built it runs ``torch.ops.gig_fast_cpp.matmul_nt``: for contiguous
     fp32 on an AVX-512 CPU our own blocked GEMM (csrc/matmul_nt/), where torch's and numpy's BLAS run
-    AVX2 code (AMD Zen 5, one thread, benchmarks/bench_kmeans.py: 0.45-0.5 times the time of torch's
-    ``a @ bᵀ`` at the sparse coder's shapes; the Gram, which computes only the tiles on and above the
-    diagonal, 0.4 times); else ``at::mm``. Elsewhere (a GPU, no extension, inputs that need gradients) it
+    AVX2 code (AMD Zen 5, one thread, benchmarks/bench_kmeans.py: 0.54-0.59 times the time of torch's
+    ``a @ bᵀ`` and 0.65-0.68 times numpy's at the sparse coder's shapes; the Gram, which computes only
+    the tiles on and above the diagonal, 0.25-0.37 times torch's); else ``at::mm``. Elsewhere (a GPU, no extension, inputs that need gradients) it
     is torch's ``a @ bᵀ``. Each entry is accumulated in the inputs' dtype (fp32 for fp32).
     ``GIG_FAST_MATMUL_ISA=blas`` keeps the extension on ``at::mm``.
 
