@@ -80,6 +80,16 @@ def test_omp_supports_match_sklearn(backend):
     np.testing.assert_allclose(dense_codes(idx, val, K).numpy(), ref_code, atol=1e-8, rtol=1e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_omp_reports_its_squared_residual(backend):
+    """info.gap of OMP is ‖y − Vᵀu‖², computed here from the codes themselves."""
+    N, C, K, atoms = (12, 16, 48, 5) if backend != "triton" else (2, 6, 10, 3)
+    X, V = random_problem(N, C, K)
+    idx, val, info = sparse_code(X, V, method="omp", n_nonzero=atoms, backend=backend, return_info=True)
+    residual = ((X - dense_codes(idx, val, K) @ V) ** 2).sum(1)
+    torch.testing.assert_close(info.gap, residual, rtol=1e-9, atol=1e-12)
+
+
 def test_cpp_omp_in_float32_matches_float64():
     """The cpp OMP codes float32 inputs from a float32 Gram and correlations (the Lasso stays in float64):
     the supports of the float64 run on ≥ 99% of rows (a near-tie may flip one), and on those rows the
@@ -216,6 +226,47 @@ def test_cpp_converges_on_the_demo_networks_pfvs():
     for lam in (0.02, 0.05):
         _, _, info = sparse_code(X, V, bias=beta, lam=lam, backend="cpp", return_info=True)
         assert info.n_unconverged == 0 and int(info.iterations.max()) < 1000, (lam, int(info.iterations.max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("positive", [False, True])
+def test_cpp_homotopy_alone_reaches_tol(monkeypatch, dtype, positive):
+    """The cpp Lasso's homotopy (LARS with drops) by itself, coordinate descent switched off: on random
+    concepts (K > C, so codes join and leave the support) every row meets tol at scikit-learn's objective —
+    the fallback is for near-duplicate concepts, not a cover for a wrong path. float32 runs the path on a
+    float32 Gram matrix; its codes then solve that problem's normal equations in float64."""
+    if "cpp" not in BACKENDS:
+        pytest.skip("cpp extension not built")
+    monkeypatch.setenv("GIG_FAST_LASSO_FALLBACK", "0")
+    X, V = random_problem(40, 12, 30)
+    if positive:
+        X = X + 0.5
+    X, V = X.to(dtype), V.to(dtype)
+    tol = 1e-10 if dtype == torch.float64 else 1e-6
+    for lam in (0.05, 0.15):
+        idx, val, info = sparse_code(X, V, lam=lam, positive=positive, tol=tol, backend="cpp", return_info=True)
+        assert info.converged, (lam, info.max_rel_gap)
+        ours = _objectives(X.double(), V.double(), idx, val.double(), info.lam)
+        ref = sklearn_lasso_objective(X.double().numpy(), V.double().numpy(), info.lam.double().numpy(),
+                                      positive=positive)
+        np.testing.assert_allclose(ours, ref, rtol=1e-9 if dtype == torch.float64 else 1e-5)
+        # a LARS step per join or leave: a few more than the support, far below coordinate descent's sweeps
+        nnz = (idx >= 0).sum(1)
+        assert bool((info.iterations <= 3 * nnz + 4).all()), (info.iterations, nnz)
+
+
+def test_cpp_fallback_finishes_what_the_homotopy_cannot(monkeypatch):
+    """Near-duplicate concepts in float32: the homotopy alone leaves rows above tol (joining twins are
+    numerically dependent in float32); with the coordinate-descent fallback every row converges."""
+    if "cpp" not in BACKENDS:
+        pytest.skip("cpp extension not built")
+    X, V = _near_duplicate_problem()
+    monkeypatch.setenv("GIG_FAST_LASSO_FALLBACK", "0")
+    with pytest.warns(SparseCodeConvergenceWarning):
+        _, _, alone = sparse_code(X, V, lam=0.05, backend="cpp", return_info=True)
+    monkeypatch.delenv("GIG_FAST_LASSO_FALLBACK")
+    _, _, info = sparse_code(X, V, lam=0.05, backend="cpp", return_info=True)
+    assert alone.n_unconverged > 0 and info.n_unconverged == 0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

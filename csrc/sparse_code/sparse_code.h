@@ -6,22 +6,35 @@
 //   gap:    P = ½‖r‖² + lam‖u‖₁ with ‖r‖² = ‖y‖² − c·u − u·q;  s = min(1, lam / ‖q‖_∞)  (max(q)₊ if u ≥ 0)
 //           D = s (‖y‖² − c·u) − ½ s² ‖r‖²;   a vector is done when P − D ≤ tol·‖y‖².
 //
-// Lasso (per vector, OpenMP over vectors): covariance-update coordinate descent on a working set W.
-// W starts empty; each outer round recomputes the full q from the support (K·|supp| with G), stops on
-// the duality gap, and otherwise adds the largest KKT violators (|q_k| > lam outside W; at least 8,
-// doubling W) and runs CD sweeps on W — a dense |W|×|W| copy of G_WW — until W's own gap falls below a
-// quarter of the outer gap, cycling glmnet-style: one full sweep of W, then up to 20 sweeps over its
-// non-zero codes only. Zero atoms (G_kk = 0) never enter a code. max_iter caps the CD sweeps.
+// Lasso (per vector, OpenMP over vectors): the homotopy (LARS with the Lasso modification, SPAMS's
+// algorithm) on the correlations c and Gram matrix G given in T (float32 for float inputs): from λ_max
+// the support grows (a concept joins when its |q_k| reaches the shrinking λ) and shrinks (a code that
+// reaches 0 leaves) one event per step, on a growing Cholesky factor of G_SS that also keeps
+// Q = G[:, S] L⁻ᵀ, so each step costs K·|S| (the new column of Q) in 16-lane float32. At λ the codes are
+// recomputed from the support's normal equations in double, G_SS u = c_S − λ s_S, and the vector's
+// duality gap (q accumulated in double) decides: ≤ tol·‖y‖² is the answer. Vectors the homotopy cannot
+// finish — a joining concept numerically in the span of the support (near-duplicate concepts), the step
+// cap, or a gap above tol (float32 rounding on a nearly singular G_SS) — are solved again by coordinate
+// descent on the exact problem (Y and V in double, G entries from V): covariance-update coordinate
+// descent on a working set W that starts empty; each outer round recomputes the full q from the support
+// (K·C), stops on the duality gap, and otherwise adds the largest KKT violators (|q_k| > lam outside W; at
+// least 8, doubling W) and runs CD sweeps on W — a dense |W|×|W| copy of G_WW — until W's own gap falls
+// below a quarter of the outer gap, cycling glmnet-style: one full sweep of W, then up to 20 sweeps over
+// its non-zero codes only, with Newton steps on the support when they stall. Zero atoms (G_kk = 0) never
+// enter a code. max_iter caps the homotopy's steps and the CD sweeps together.
 //
-// OMP (per vector): the atom with the largest |q_k| joins (first index on ties), the Cholesky factor of
-// G_SS grows by one row (forward substitution), u_S = G_SS⁻¹ c_S by two triangular solves; a vector
-// stops early like scikit-learn's orthogonal_mp_gram when q_k² < eps or the new pivot ≤ eps.
+// OMP (per vector): the atom with the largest |q_k| joins (first index on ties), the factor grows by one
+// atom (the new column of Q, K·|S|) and q loses one term, q ← q − Q[:, n] z_n with z = L⁻¹ c_S; the codes
+// u_S = L⁻ᵀ z at the end. A vector stops early like scikit-learn's orthogonal_mp_gram when q_k² < eps or
+// the new pivot ≤ eps. Q and q in T, L and z in double.
 //
 // gram may be empty (a dictionary too large for K×K): the solvers then take G entries as dot products
 // of V rows and q = V (y − V^T u) from Y. Shapes: corr [N, K], gram [K, K] or [0], Y [N, C], V [K, C],
-// y2 [N] (‖y‖²), lam [N] (absolute); all one float dtype (fp32 or fp64), accumulation in double.
-// Returns padded codes idx [N, s] int64 (−1 padding, sorted increasingly), val [N, s] (0 at padding),
-// and per vector the duality gap and CD sweeps (Lasso) or atoms chosen (OMP).
+// y2 [N] (‖y‖²), lam [N] (absolute). OMP: all one float dtype (fp32 or fp64). Lasso: corr and gram in
+// fp32 or fp64 (fp64 without gram), Y and V in fp64 (the exact problem). Returns padded codes idx [N, s]
+// int64 (−1 padding, sorted increasingly), val [N, s] (0 at padding; Y's dtype for the Lasso), and per
+// vector the duality gap and homotopy steps plus CD sweeps (Lasso) or atoms chosen (OMP).
+// GIG_FAST_LASSO_FALLBACK=0 (read per call, for tests) runs the homotopy alone.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <tuple>

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -22,42 +23,74 @@ struct Code {
   int64_t iterations = 0;
 };
 
-// The solvers, compiled twice: for the baseline x86-64 the wheel targets and for AVX2 (4 doubles per
-// instruction in the Gram-row updates and dot products that are most of their time), chosen per call
-// by cpu_has_avx2() (common.h). Measured 1.2-1.9x against the baseline build on 300 vectors of a random
-// dictionary (C=256, K=2048; interleaved runs with GIG_FAST_CPU_ISA=baseline).
+// The solvers, compiled for three instruction sets: the baseline x86-64 the wheel targets, AVX2 (4
+// doubles per instruction in the Gram-row updates and dot products that are most of the coordinate
+// descent's time; measured 1.2-1.9x against the baseline build on 300 vectors, C=256, K=2048) and
+// AVX-512 (16 floats per instruction in the Q columns and correlation updates of the active-set solvers),
+// chosen per call by the CPU (cpu_has_avx2, cpu_has_avx512 below; GIG_FAST_CPU_ISA=baseline keeps the
+// baseline build).
 namespace base {
 #include "sparse_code/sparse_code_solvers.inc"
+#include "sparse_code/active_set_solvers.inc"
 }  // namespace base
 
 #if GIG_HAVE_AVX2_PATH && defined(__GNUC__) && !defined(__clang__)
-#define GIG_SPARSE_CODE_AVX2 1
+#define GIG_SPARSE_CODE_SIMD 1
 #pragma GCC push_options
-#pragma GCC target("avx2")
+#pragma GCC target("avx2,fma")
 namespace avx2 {
 #include "sparse_code/sparse_code_solvers.inc"
+#include "sparse_code/active_set_solvers.inc"
 }  // namespace avx2
 #pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx2,fma,prefer-vector-width=512")
+namespace avx512 {
+#include "sparse_code/sparse_code_solvers.inc"
+#include "sparse_code/active_set_solvers.inc"
+}  // namespace avx512
+#pragma GCC pop_options
 #else
-#define GIG_SPARSE_CODE_AVX2 0
+#define GIG_SPARSE_CODE_SIMD 0
 #endif
 
-// One vector's code, on the build this CPU runs best (G: the stored Gram matrix or nullptr).
-template <typename T>
-Code lasso_code(const T* G, const T* V, int64_t K, int64_t C, const T* c, const T* y, double y2, double lam,
-                bool positive, int64_t max_iter, double tol) {
-#if GIG_SPARSE_CODE_AVX2
-  if (cpu_has_avx2()) return avx2::lasso_one<T>(avx2::Gram<T>{G, V, K, C}, c, y, y2, lam, positive, max_iter, tol);
+bool cpu_has_avx512() {
+#if GIG_SPARSE_CODE_SIMD
+  static const bool has = cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                          __builtin_cpu_supports("avx512dq");
+  return has;
+#else
+  return false;
 #endif
-  return base::lasso_one<T>(base::Gram<T>{G, V, K, C}, c, y, y2, lam, positive, max_iter, tol);
+}
+
+// One vector's Lasso code, on the build this CPU runs best: the homotopy on the fast problem (G: its
+// stored Gram matrix in T, or nullptr with T = double) checked against the exact one (V64, y in double;
+// G64 where the fast problem is the exact one).
+template <typename T>
+Code lasso_code(const T* G, const double* G64, const double* V64, int64_t K, int64_t C, const T* c,
+                const double* c64, const double* y, double y2, double lam, bool positive, int64_t max_iter,
+                double tol, bool fallback) {
+  const T* Vt = std::is_same_v<T, double> ? reinterpret_cast<const T*>(V64) : nullptr;
+#if GIG_SPARSE_CODE_SIMD
+  if (cpu_has_avx512())
+    return avx512::lasso_active_set<T>(avx512::Gram<T>{G, Vt, K, C}, c, avx512::Gram<double>{G64, V64, K, C}, c64,
+                                       y, y2, lam, positive, max_iter, tol, fallback);
+  if (cpu_has_avx2())
+    return avx2::lasso_active_set<T>(avx2::Gram<T>{G, Vt, K, C}, c, avx2::Gram<double>{G64, V64, K, C}, c64, y,
+                                     y2, lam, positive, max_iter, tol, fallback);
+#endif
+  return base::lasso_active_set<T>(base::Gram<T>{G, Vt, K, C}, c, base::Gram<double>{G64, V64, K, C}, c64, y, y2,
+                                   lam, positive, max_iter, tol, fallback);
 }
 
 template <typename T>
-Code omp_code(const T* G, const T* V, int64_t K, int64_t C, const T* c, const T* y, int64_t n_nonzero) {
-#if GIG_SPARSE_CODE_AVX2
-  if (cpu_has_avx2()) return avx2::omp_one<T>(avx2::Gram<T>{G, V, K, C}, c, y, n_nonzero);
+Code omp_code(const T* G, const T* V, int64_t K, int64_t C, const T* c, int64_t n_nonzero) {
+#if GIG_SPARSE_CODE_SIMD
+  if (cpu_has_avx512()) return avx512::omp_one<T>(avx512::Gram<T>{G, V, K, C}, c, n_nonzero);
+  if (cpu_has_avx2()) return avx2::omp_one<T>(avx2::Gram<T>{G, V, K, C}, c, n_nonzero);
 #endif
-  return base::omp_one<T>(base::Gram<T>{G, V, K, C}, c, y, n_nonzero);
+  return base::omp_one<T>(base::Gram<T>{G, V, K, C}, c, n_nonzero);
 }
 
 void check_inputs(const at::Tensor& corr, const at::Tensor& gram, const at::Tensor& Y, const at::Tensor& V) {
@@ -112,24 +145,45 @@ void for_each_vector(int64_t N, F&& f) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_code_lasso_cpu(
     const at::Tensor& corr, const at::Tensor& gram, const at::Tensor& Y, const at::Tensor& V, const at::Tensor& y2,
     const at::Tensor& lam, bool positive, int64_t max_iter, double tol) {
-  check_inputs(corr, gram, Y, V);
+  for (const at::Tensor* t : {&corr, &gram, &Y, &V}) {
+    GIG_CHECK_CPU((*t));
+    GIG_CHECK_CONTIGUOUS((*t));
+  }
+  TORCH_CHECK(Y.scalar_type() == at::kDouble && V.scalar_type() == at::kDouble,
+              "sparse_code_lasso: Y and V (the exact problem) must be float64");
+  TORCH_CHECK(corr.scalar_type() == at::kFloat || corr.scalar_type() == at::kDouble,
+              "sparse_code_lasso: corr must be float32 or float64");
+  TORCH_CHECK(gram.scalar_type() == corr.scalar_type(), "sparse_code_lasso: gram must share corr's dtype");
+  TORCH_CHECK(gram.numel() > 0 || corr.scalar_type() == at::kDouble,
+              "sparse_code_lasso: without a Gram matrix the correlations must be float64");
+  TORCH_CHECK(V.dim() == 2 && corr.dim() == 2 && Y.dim() == 2, "sparse_code: V [K, C], corr [N, K], Y [N, C]");
   const int64_t N = corr.size(0), K = V.size(0), C = V.size(1);
+  TORCH_CHECK(corr.size(1) == K && Y.size(0) == N && Y.size(1) == C, "sparse_code: corr [N, K] and Y [N, C]");
+  TORCH_CHECK(gram.numel() == 0 || (gram.dim() == 2 && gram.size(0) == K && gram.size(1) == K),
+              "sparse_code: gram must be [K, K] or empty");
   TORCH_CHECK(y2.numel() == N && lam.numel() == N, "sparse_code: y2 and lam must be [N]");
   auto y2d = y2.to(at::kDouble).contiguous();
   auto lamd = lam.to(at::kDouble).contiguous();
+  // GIG_FAST_LASSO_FALLBACK=0 (read per call; for tests): the homotopy alone, no coordinate descent
+  const char* fb = std::getenv("GIG_FAST_LASSO_FALLBACK");
+  const bool fallback = !(fb && std::string_view(fb) == "0");
   std::vector<Code> codes(N);
-  AT_DISPATCH_FLOATING_TYPES(V.scalar_type(), "sparse_code_lasso_cpu", [&] {
+  const double* vp = V.data_ptr<double>();
+  const double* yp = Y.data_ptr<double>();
+  const double* y2p = y2d.data_ptr<double>();
+  const double* lp = lamd.data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES(corr.scalar_type(), "sparse_code_lasso_cpu", [&] {
+    constexpr bool exact = std::is_same_v<scalar_t, double>;  // the fast problem is the exact one
     const scalar_t* gp = gram.numel() ? gram.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* vp = V.data_ptr<scalar_t>();
     const scalar_t* cp = corr.data_ptr<scalar_t>();
-    const scalar_t* yp = Y.data_ptr<scalar_t>();
-    const double* y2p = y2d.data_ptr<double>();
-    const double* lp = lamd.data_ptr<double>();
+    const double* g64 = exact ? reinterpret_cast<const double*>(gp) : nullptr;
     for_each_vector(N, [&](int64_t n) {
-      codes[n] = lasso_code(gp, vp, K, C, cp + n * K, yp + n * C, y2p[n], lp[n], positive, max_iter, tol);
+      const double* c64 = exact ? reinterpret_cast<const double*>(cp + n * K) : nullptr;
+      codes[n] = lasso_code(gp, g64, vp, K, C, cp + n * K, c64, yp + n * C, y2p[n], lp[n], positive, max_iter, tol,
+                            fallback);
     });
   });
-  return pack(codes, V.options());
+  return pack(codes, Y.options());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_code_omp_cpu(const at::Tensor& corr, const at::Tensor& gram,
@@ -143,8 +197,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_code_omp_cpu(const at::Ten
     const scalar_t* gp = gram.numel() ? gram.data_ptr<scalar_t>() : nullptr;
     const scalar_t* vp = V.data_ptr<scalar_t>();
     const scalar_t* cp = corr.data_ptr<scalar_t>();
-    const scalar_t* yp = Y.data_ptr<scalar_t>();
-    for_each_vector(N, [&](int64_t n) { codes[n] = omp_code(gp, vp, K, C, cp + n * K, yp + n * C, n_nonzero); });
+    for_each_vector(N, [&](int64_t n) { codes[n] = omp_code(gp, vp, K, C, cp + n * K, n_nonzero); });
   });
   auto [idx, val, gap, iters] = pack(codes, V.options());
   return {idx, val, iters};

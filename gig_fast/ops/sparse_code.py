@@ -13,12 +13,14 @@ Every backend solves the *Gram form* (see :mod:`gig_fast.ops.reference`): correl
 the solvers then touch only the few concepts that matter:
 
 * ``torch``  — batched FISTA over all K (the reference; slow, obviously right) and batched OMP;
-* ``cpp``    — per vector (OpenMP over vectors): working-set covariance-update coordinate descent,
-  the working set grown from the largest KKT violators, stopped by the duality gap, with Newton
-  (feature-sign search) steps on the support whenever the sweeps stall: coordinate descent alone
-  crawls between near-duplicate concepts (K = 8·C concepts in C = 32 dimensions have cosines up to
-  0.99998) and left 7.6% of the demo's layer1.1 rows at the iteration cap; OMP with an incremental
-  Cholesky factor (``csrc/sparse_code``);
+* ``cpp``    — per vector (OpenMP over vectors): the Lasso by homotopy (LARS with the Lasso
+  modification, SPAMS's algorithm) on a growing Cholesky factor that keeps ``Q = G[:, S] L⁻ᵀ``, so a step
+  costs one new column of Q (16-lane float32 for float inputs); the codes are then recomputed from the
+  support's normal equations in float64 and checked by their duality gap. Vectors the homotopy cannot
+  finish (near-duplicate concepts — K = 8·C concepts in C = 32 dimensions have cosines up to 0.99998 —
+  or a gap above tol) are solved again in float64 by working-set covariance-update coordinate descent
+  with Newton (feature-sign search) steps on the support. OMP on the same growing factor
+  (``csrc/sparse_code``);
 * ``triton`` — the same working-set scheme batched on the GPU: the full residual correlations
   ``q = c − G u`` are a ``sparse_reconstruct`` of the codes on ``G`` (G is symmetric), violators are a
   top-k, and one Triton kernel runs the coordinate descent on every vector's working set
@@ -36,7 +38,7 @@ import warnings
 import torch
 
 from . import checks as v
-from .common import accumulation_dtype, dense_to_padded
+from .common import accumulation_dtype, cpu_matmul_nt, dense_to_padded
 from .reference import lasso_gram_ref, omp_gram_ref
 from .registry import OpSpec, register, resolve
 
@@ -78,8 +80,9 @@ class SparseCodeInfo:
         gap: Lasso duality gap ``P − D ≥ 0`` (an upper bound of the objective's distance to the optimum);
             for OMP the squared residual norm ``‖y − Vᵀu‖²``.
         rel_gap: ``gap / ‖y‖²`` (0 for a zero vector).
-        iterations: FISTA steps (torch) or coordinate-descent sweeps over a working set (cpp: full and
-            non-zero-only sweeps both count; triton); OMP: atoms chosen.
+        iterations: FISTA steps (torch), homotopy steps plus any coordinate-descent sweeps (cpp: full and
+            non-zero-only sweeps both count), coordinate-descent sweeps over a working set (triton); OMP:
+            atoms chosen.
         converged: every row reached ``tol`` (always True for OMP).
         n_unconverged: rows that hit ``max_iter`` first.
         tol, max_iter: the settings used.
@@ -151,7 +154,7 @@ def _gram(V: torch.Tensor, backend: str) -> torch.Tensor | None:
     limit = SPEC.defaults["cpu_gram_limit_bytes"]  # read per call: tests lower it to force the Gram-less path
     if backend in GRAMLESS and V.device.type == "cpu" and K * K * V.element_size() > limit:
         return None
-    return V @ V.T
+    return cpu_matmul_nt(V)  # our AVX-512 Gram where it applies (a quarter to a third of torch's time, fp32)
 
 
 def _lambda(c: torch.Tensor, lam: float, relative: bool, positive: bool) -> torch.Tensor:
@@ -173,42 +176,41 @@ def _solve(Y: torch.Tensor, V: torch.Tensor, lam: float, relative: bool, method:
     """Chunked driver: ``Y [N, C]`` centred rows in the compute dtype → padded codes + diagnostics."""
     N, K = Y.shape[0], V.shape[0]
     G = _gram(V, backend)
+    # The cpp Lasso checks (and where needed finishes) in float64 what its homotopy found in the input's
+    # precision: the exact problem is this float64 copy of the rows and concepts.
+    exact = backend == "cpp" and method == "lasso"
+    V64 = V.double() if exact else V
     chunk = max(1, CHUNK_ELEMENTS // max(K, 1))
     codes, lams, gaps, iters = [], [], [], []
     for n0 in range(0, N, chunk):
         y = Y[n0:n0 + chunk]
-        c = y @ V.T
-        y2 = (y * y).sum(1)
+        c = cpu_matmul_nt(y, V)
+        y64 = y.double() if exact else y
+        y2 = (y64 * y64).sum(1)
         if method == "lasso":
-            lam_vec = _lambda(c, lam, relative, positive)
-            idx, val, gap, it = LASSO_IMPLS[backend](c.contiguous(), G, y.contiguous(), V, y2, lam_vec,
+            lam_vec = _lambda(c, lam, relative, positive).to(y2.dtype)
+            idx, val, gap, it = LASSO_IMPLS[backend](c.contiguous(), G, y64.contiguous(), V64, y2, lam_vec,
                                                       positive, max_iter, tol)
         else:
             lam_vec = torch.zeros_like(y2)
             idx, val, it = OMP_IMPLS[backend](c.contiguous(), G, y.contiguous(), V, n_nonzero)
-            gap = _omp_residual(c, G, V, y2, idx, val)
+            gap = _omp_residual(c, y2, idx, val)
         codes.append((idx, val))
         lams.append(lam_vec)
-        gaps.append(gap.to(y2.dtype))
+        gaps.append(gap.to(Y.dtype))
         iters.append(it.to(torch.int64))
     idx, val = _pad_cat(codes) if codes else (Y.new_zeros(0, 0, dtype=torch.int64), Y.new_zeros(0, 0))
     cat = lambda xs, dt: torch.cat(xs) if xs else torch.zeros(0, dtype=dt, device=Y.device)  # noqa: E731
     return idx, val, cat(lams, Y.dtype), cat(gaps, Y.dtype), cat(iters, torch.int64)
 
 
-def _omp_residual(c, G, V, y2, idx, val):
-    """``‖y − Vᵀu‖² = ‖y‖² − 2cᵀu + uᵀGu`` from the padded code (OMP's reported error)."""
-    ok = idx >= 0
-    safe = idx.clamp_min(0)
-    w = torch.where(ok, val.to(c.dtype), 0)
-    cu = (c.gather(1, safe) * w).sum(1)
-    if G is not None:
-        Gss = G[safe[:, :, None], safe[:, None, :]]
-        uGu = torch.einsum("ns,nst,nt->n", w, Gss, w)
-    else:
-        r = torch.einsum("ns,nsc->nc", w, V[safe])
-        uGu = (r * r).sum(1)
-    return (y2 - 2 * cu + uGu).clamp_min(0)
+def _omp_residual(c, y2, idx, val):
+    """``‖y − Vᵀu‖² = ‖y‖² − cᵀu`` (OMP's reported error; float64 sums): u is the least-squares fit on
+    its support, so the residual r is orthogonal to the support's concepts and ‖r‖² = yᵀr = ‖y‖² − cᵀu.
+    (Forming uᵀGu from a gather of G_SS per row took 9–16 ms of a 2,000-row call.)"""
+    w = torch.where(idx >= 0, val.double(), 0)
+    cu = (c.gather(1, idx.clamp_min(0)).double() * w).sum(1)
+    return (y2.double() - cu).clamp_min(0).to(y2.dtype)
 
 
 @torch.library.custom_op("gig_fast::sparse_code", mutates_args=())
@@ -288,8 +290,9 @@ def sparse_code(X: torch.Tensor, V: torch.Tensor, *, lam: float | None = None, m
     least-squares coefficients (scikit-learn's ``orthogonal_mp_gram`` rules).
 
     Args:
-        X: ``[..., C]`` vectors (PFVs); leading dims are flattened into N. fp32/fp64/fp16/bf16 (the
-            ``cpp`` backend solves every dtype in fp64, the others the half types in fp32).
+        X: ``[..., C]`` vectors (PFVs); leading dims are flattened into N. fp32/fp64/fp16/bf16 (half types
+            are solved in fp32; the ``cpp`` Lasso solves in fp64 arithmetic on the input-precision Gram
+            matrix and correlations, and in fp64 throughout for rows that need it).
         V: ``[K, C]`` concepts (rows), X's dtype. Need not be normalised; duplicates and K < C are fine.
         lam: λ (Lasso only). ``lam_mode="relative"`` (default): the fraction of λ_max,
             ``λ = lam·‖V(x − β)‖_∞`` per row (``lam ≥ 1`` gives empty codes); ``"absolute"``: λ itself.
@@ -297,8 +300,9 @@ def sparse_code(X: torch.Tensor, V: torch.Tensor, *, lam: float | None = None, m
         method: ``"lasso"`` or ``"omp"``.
         bias: ``[C]`` β subtracted from every row first (the BN shift), or None.
         positive: constrain the Lasso codes to ``u ≥ 0``.
-        max_iter: iteration cap (FISTA steps for ``torch``, coordinate-descent sweeps for ``cpp`` and
-            ``triton``); rows that hit it before ``tol`` raise a :class:`SparseCodeConvergenceWarning`.
+        max_iter: iteration cap (FISTA steps for ``torch``, homotopy steps plus coordinate-descent sweeps
+            for ``cpp``, sweeps for ``triton``); rows that hit it before ``tol`` raise a
+            :class:`SparseCodeConvergenceWarning`.
         tol: stop a row when its duality gap ``≤ tol·‖x − β‖²``.
         n_nonzero: OMP atoms per row (default ``max(1, K // 100)``).
         backend: force ``"torch"``, ``"cpp"`` or ``"triton"`` (default: the fastest for the device).
@@ -318,15 +322,13 @@ def sparse_code(X: torch.Tensor, V: torch.Tensor, *, lam: float | None = None, m
         n_nonzero = max(1, K // 100)
     _check_args(X, V, bias, lam, method, lam_mode, positive, max_iter, tol, n_nonzero)
     name = resolve("sparse_code", IMPLEMENTED, PREFERENCE, V.device, backend)
-    # The C++ solver keeps its state in double; its inputs (the correlations c = V y and the Gram
-    # G = V Vᵀ) are formed in double too. From float32 ones, rows on near-duplicate concepts (cosines up
-    # to 0.99998 at K = 8·C) see a duality-gap floor above tol·‖y‖² — the float32 rounding of G and c —
-    # and stopped at max_iter: 24 of the demo's 19,600 layer1.0 PFVs at λ_rel = 0.05, none in double
-    # (≤ 211 sweeps), at 0.65–1.7× the time side by side (faster where rows ran to the cap; docs/lambda_rule.md).
-    # OMP has no such floor (a fixed number of greedy steps; its Cholesky factor is still kept in double)
-    # and takes float32 inputs: 1.2–1.4× faster on one thread (K = 2048, C = 256 and K = 4096, C = 512, unit
-    # concepts: the float64 Gram alone was 55% of the call at K = 4096), same supports as in float64.
-    compute = torch.float64 if name == "cpp" and method == "lasso" else accumulation_dtype(X.dtype)
+    # Every backend works in the input's precision (half types in float32). The cpp Lasso's homotopy
+    # runs on float32 correlations and Gram matrix for float32 inputs (16 lanes per AVX-512 instruction);
+    # each code is then recomputed and its duality gap checked in float64 on the float64 copy of the
+    # rows and concepts, and rows that miss tol there are solved by coordinate descent in float64
+    # (from float32 G and c alone, rows on near-duplicate concepts — cosines up to 0.99998 at K = 8·C —
+    # met a duality-gap floor above tol·‖y‖²: 24 of the demo's 19,600 layer1.0 PFVs at λ_rel = 0.05).
+    compute = accumulation_dtype(X.dtype)
     lead = X.shape[:-1]
     if X.shape[-1] == 0:  # C = 0: every centred vector is zero, its code empty
         return _empty_codes(lead, X, method, name, float(tol), int(max_iter), return_info)
@@ -339,7 +341,8 @@ def sparse_code(X: torch.Tensor, V: torch.Tensor, *, lam: float | None = None, m
     val = val.to(X.dtype)
     y2 = (Y * Y).sum(1)
     rel_gap = torch.where(y2 > 0, gap / y2.clamp_min(torch.finfo(y2.dtype).tiny), torch.zeros_like(gap))
-    unconverged = int((rel_gap > tol).sum()) if method == "lasso" else 0
+    # the solvers test gap ≤ tol·‖y‖² before gap and ‖y‖² are rounded to the compute dtype: allow that rounding
+    unconverged = int((rel_gap > tol * (1 + 4 * torch.finfo(gap.dtype).eps)).sum()) if method == "lasso" else 0
     if unconverged:
         warnings.warn(
             f"sparse_code: {unconverged} of {Y.shape[0]} vectors reached max_iter={max_iter} before the duality "
