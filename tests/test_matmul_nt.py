@@ -77,6 +77,22 @@ def test_gram_is_the_exactly_symmetric_product(M, C, threads, path, seed):
         assert torch.equal(torch.triu(G), torch.triu(full))
 
 
+@pytest.mark.parametrize("gram", [False, True], ids=["product", "gram"])
+def test_out_is_written_and_returned(gram, path, seed):
+    """``out=``: every entry of a reused buffer (filled with NaN first) is overwritten with the product the
+    fresh call returns, bit for bit; a buffer of the wrong shape, dtype or layout is refused."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(97, 129, generator=g), torch.randn(70, 129, generator=g)
+    other = a if gram else b
+    out = torch.full((97, other.shape[0]), float("nan"))
+    got = cpu_matmul_nt(a, None if gram else b, out=out)
+    assert got is out and torch.equal(out, cpu_matmul_nt(a, None if gram else b))
+    for bad in (torch.empty(97, other.shape[0] + 1), torch.empty(97, other.shape[0], dtype=torch.float64),
+                torch.empty(other.shape[0], 97).T):
+        with pytest.raises(ValueError, match="out must be"):
+            cpu_matmul_nt(a, None if gram else b, out=bad)
+
+
 def test_threads_give_identical_results(seed):
     """Each entry is one FMA chain whichever thread computes it: 1 and 2 threads agree bit for bit."""
     g = torch.Generator().manual_seed(seed)

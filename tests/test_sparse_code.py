@@ -90,6 +90,19 @@ def test_omp_reports_its_squared_residual(backend):
     torch.testing.assert_close(info.gap, residual, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+def test_kept_gram_buffer_does_not_leak_between_dictionaries(backend):
+    """The CPU Gram buffer a thread keeps between calls: coding on one dictionary, then on another of the
+    same size, then on the first again gives the first codes bit for bit."""
+    X, V1 = random_problem(9, 12, 40)
+    V2 = torch.randn_like(V1)
+    for method in ("lasso", "omp"):
+        first = sparse_code(X, V1, method=method, n_nonzero=4, backend=backend)
+        sparse_code(X, V2, method=method, n_nonzero=4, backend=backend)
+        again = sparse_code(X, V1, method=method, n_nonzero=4, backend=backend)
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
 def test_cpp_omp_in_float32_matches_float64():
     """The cpp OMP codes float32 inputs from a float32 Gram and correlations (the Lasso stays in float64):
     the supports of the float64 run on ≥ 99% of rows (a near-tie may flip one), and on those rows the

@@ -64,24 +64,30 @@ bool cpu_has_avx512() {
 #endif
 }
 
-// One vector's Lasso code, on the build this CPU runs best: the homotopy on the fast problem (G: its
-// stored Gram matrix in T, or nullptr with T = double) checked against the exact one (V64, y in double;
-// G64 where the fast problem is the exact one).
+// One vector's Lasso code by the homotopy, on the build this CPU runs best (G: the stored Gram matrix
+// or nullptr); `done` false where the vector needs lasso_exact_code.
 template <typename T>
-Code lasso_code(const T* G, const double* G64, const double* V64, int64_t K, int64_t C, const T* c,
-                const double* c64, const double* y, double y2, double lam, bool positive, int64_t max_iter,
-                double tol, bool fallback) {
-  const T* Vt = std::is_same_v<T, double> ? reinterpret_cast<const T*>(V64) : nullptr;
+Code lasso_homotopy_code(const T* G, const T* V, int64_t K, int64_t C, const T* c, const T* y, double y2, double lam,
+                         bool positive, int64_t max_iter, double tol, bool& done) {
 #if GIG_SPARSE_CODE_SIMD
   if (cpu_has_avx512())
-    return avx512::lasso_active_set<T>(avx512::Gram<T>{G, Vt, K, C}, c, avx512::Gram<double>{G64, V64, K, C}, c64,
-                                       y, y2, lam, positive, max_iter, tol, fallback);
+    return avx512::lasso_homotopy<T>(avx512::Gram<T>{G, V, K, C}, c, y, y2, lam, positive, max_iter, tol, done);
   if (cpu_has_avx2())
-    return avx2::lasso_active_set<T>(avx2::Gram<T>{G, Vt, K, C}, c, avx2::Gram<double>{G64, V64, K, C}, c64, y,
-                                     y2, lam, positive, max_iter, tol, fallback);
+    return avx2::lasso_homotopy<T>(avx2::Gram<T>{G, V, K, C}, c, y, y2, lam, positive, max_iter, tol, done);
 #endif
-  return base::lasso_active_set<T>(base::Gram<T>{G, Vt, K, C}, c, base::Gram<double>{G64, V64, K, C}, c64, y, y2,
-                                   lam, positive, max_iter, tol, fallback);
+  return base::lasso_homotopy<T>(base::Gram<T>{G, V, K, C}, c, y, y2, lam, positive, max_iter, tol, done);
+}
+
+// The same vector by coordinate descent on the exact problem (V64, y in double).
+Code lasso_exact_code(const double* V64, int64_t K, int64_t C, const double* y, double y2, double lam, bool positive,
+                      int64_t max_iter, double tol, int64_t steps) {
+#if GIG_SPARSE_CODE_SIMD
+  if (cpu_has_avx512())
+    return avx512::lasso_exact(avx512::Gram<double>{nullptr, V64, K, C}, y, y2, lam, positive, max_iter, tol, steps);
+  if (cpu_has_avx2())
+    return avx2::lasso_exact(avx2::Gram<double>{nullptr, V64, K, C}, y, y2, lam, positive, max_iter, tol, steps);
+#endif
+  return base::lasso_exact(base::Gram<double>{nullptr, V64, K, C}, y, y2, lam, positive, max_iter, tol, steps);
 }
 
 template <typename T>
@@ -145,45 +151,44 @@ void for_each_vector(int64_t N, F&& f) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_code_lasso_cpu(
     const at::Tensor& corr, const at::Tensor& gram, const at::Tensor& Y, const at::Tensor& V, const at::Tensor& y2,
     const at::Tensor& lam, bool positive, int64_t max_iter, double tol) {
-  for (const at::Tensor* t : {&corr, &gram, &Y, &V}) {
-    GIG_CHECK_CPU((*t));
-    GIG_CHECK_CONTIGUOUS((*t));
-  }
-  TORCH_CHECK(Y.scalar_type() == at::kDouble && V.scalar_type() == at::kDouble,
-              "sparse_code_lasso: Y and V (the exact problem) must be float64");
-  TORCH_CHECK(corr.scalar_type() == at::kFloat || corr.scalar_type() == at::kDouble,
-              "sparse_code_lasso: corr must be float32 or float64");
-  TORCH_CHECK(gram.scalar_type() == corr.scalar_type(), "sparse_code_lasso: gram must share corr's dtype");
-  TORCH_CHECK(gram.numel() > 0 || corr.scalar_type() == at::kDouble,
-              "sparse_code_lasso: without a Gram matrix the correlations must be float64");
-  TORCH_CHECK(V.dim() == 2 && corr.dim() == 2 && Y.dim() == 2, "sparse_code: V [K, C], corr [N, K], Y [N, C]");
+  check_inputs(corr, gram, Y, V);
   const int64_t N = corr.size(0), K = V.size(0), C = V.size(1);
-  TORCH_CHECK(corr.size(1) == K && Y.size(0) == N && Y.size(1) == C, "sparse_code: corr [N, K] and Y [N, C]");
-  TORCH_CHECK(gram.numel() == 0 || (gram.dim() == 2 && gram.size(0) == K && gram.size(1) == K),
-              "sparse_code: gram must be [K, K] or empty");
   TORCH_CHECK(y2.numel() == N && lam.numel() == N, "sparse_code: y2 and lam must be [N]");
   auto y2d = y2.to(at::kDouble).contiguous();
   auto lamd = lam.to(at::kDouble).contiguous();
+  const double* y2p = y2d.data_ptr<double>();
+  const double* lp = lamd.data_ptr<double>();
   // GIG_FAST_LASSO_FALLBACK=0 (read per call; for tests): the homotopy alone, no coordinate descent
   const char* fb = std::getenv("GIG_FAST_LASSO_FALLBACK");
   const bool fallback = !(fb && std::string_view(fb) == "0");
   std::vector<Code> codes(N);
-  const double* vp = V.data_ptr<double>();
-  const double* yp = Y.data_ptr<double>();
-  const double* y2p = y2d.data_ptr<double>();
-  const double* lp = lamd.data_ptr<double>();
-  AT_DISPATCH_FLOATING_TYPES(corr.scalar_type(), "sparse_code_lasso_cpu", [&] {
-    constexpr bool exact = std::is_same_v<scalar_t, double>;  // the fast problem is the exact one
+  std::vector<char> done(N);
+  AT_DISPATCH_FLOATING_TYPES(V.scalar_type(), "sparse_code_lasso_cpu", [&] {
     const scalar_t* gp = gram.numel() ? gram.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* vp = V.data_ptr<scalar_t>();
     const scalar_t* cp = corr.data_ptr<scalar_t>();
-    const double* g64 = exact ? reinterpret_cast<const double*>(gp) : nullptr;
+    const scalar_t* yp = Y.data_ptr<scalar_t>();
     for_each_vector(N, [&](int64_t n) {
-      const double* c64 = exact ? reinterpret_cast<const double*>(cp + n * K) : nullptr;
-      codes[n] = lasso_code(gp, g64, vp, K, C, cp + n * K, c64, yp + n * C, y2p[n], lp[n], positive, max_iter, tol,
-                            fallback);
+      bool ok;
+      codes[n] = lasso_homotopy_code(gp, vp, K, C, cp + n * K, yp + n * C, y2p[n], lp[n], positive, max_iter, tol, ok);
+      done[n] = ok;
+    });
+    std::vector<int64_t> left;
+    for (int64_t n = 0; n < N; ++n)
+      if (!done[n]) left.push_back(n);
+    if (!fallback || left.empty()) return;
+    // the exact problem, formed only when some vector needs it (a float64 copy of V: 16 MiB at K = 4,096,
+    // C = 512, 6 ms of page faults per call)
+    const at::Tensor V64 = V.to(at::kDouble).contiguous();
+    const double* v64 = V64.data_ptr<double>();
+    for_each_vector(static_cast<int64_t>(left.size()), [&](int64_t i) {
+      const int64_t n = left[i];
+      static thread_local std::vector<double> y;
+      y.assign(yp + n * C, yp + (n + 1) * C);
+      codes[n] = lasso_exact_code(v64, K, C, y.data(), y2p[n], lp[n], positive, max_iter, tol, codes[n].iterations);
     });
   });
-  return pack(codes, Y.options());
+  return pack(codes, V.options());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_code_omp_cpu(const at::Tensor& corr, const at::Tensor& gram,

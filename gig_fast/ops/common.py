@@ -48,7 +48,7 @@ def scale_extreme_rows(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def cpu_matmul_nt(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+def cpu_matmul_nt(a: torch.Tensor, b: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``a @ bᵀ`` ``[M, N]`` for ``a [M, C]`` and ``b [N, C]`` (one floating dtype); ``b=None``: the Gram
     ``a @ aᵀ`` ``[M, M]``, exactly symmetric (its upper triangle computed, the lower one a copy).
 
@@ -58,7 +58,9 @@ def cpu_matmul_nt(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tenso
     ``a @ bᵀ`` and 0.65-0.68 times numpy's at the sparse coder's shapes; the Gram, which computes only
     the tiles on and above the diagonal, 0.25-0.37 times torch's); else ``at::mm``. Elsewhere (a GPU, no extension, inputs that need gradients) it
     is torch's ``a @ bᵀ``. Each entry is accumulated in the inputs' dtype (fp32 for fp32).
-    ``GIG_FAST_MATMUL_ISA=blas`` keeps the extension on ``at::mm``.
+    ``GIG_FAST_MATMUL_ISA=blas`` keeps the extension on ``at::mm``. ``out``: a contiguous ``[M, N]`` tensor
+    of a's dtype and device to write into (returned): a buffer kept between calls spares the page faults
+    of a fresh one (22 ms of a 4,096 × 4,096 Gram's 68 on one thread).
 
     Raises:
         ValueError: an input that is not a 2-D floating tensor, dtypes or devices that differ, or a
@@ -82,12 +84,19 @@ def cpu_matmul_nt(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tenso
         raise ValueError(f"cpu_matmul_nt: a is [M, C] = {list(a.shape)} and b is [N, C] = {list(b.shape)}: "
                          "their C (dim 1) differ")
     needs_grad = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
+    if out is not None and (out.shape != (a.shape[0], b.shape[0]) or out.dtype != a.dtype
+                            or out.device != a.device or not out.is_contiguous()):
+        raise ValueError(f"cpu_matmul_nt: out must be a contiguous [{a.shape[0]}, {b.shape[0]}] {a.dtype} tensor on "
+                         f"{a.device}, got {list(out.shape)} {out.dtype} on {out.device}")
     if a.device.type == "cpu" and not needs_grad and ext.has_cpp_extension():
-        return torch.ops.gig_fast_cpp.matmul_nt(a, b, gram)
-    out = a @ b.T
+        if out is None:
+            return torch.ops.gig_fast_cpp.matmul_nt(a, b, gram)
+        torch.ops.gig_fast_cpp.matmul_nt_out(a, b, gram, out)
+        return out
+    result = a @ b.T
     if gram:  # BLAS may round out[i, j] and out[j, i] differently: the upper triangle, copied down
-        out = torch.triu(out) + torch.triu(out, 1).T
-    return out
+        result = torch.triu(result) + torch.triu(result, 1).T
+    return result if out is None else out.copy_(result)
 
 
 def dense_to_padded(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
