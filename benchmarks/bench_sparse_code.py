@@ -28,7 +28,7 @@ supports (scikit-learn's on the CPU, our torch OMP's on the GPU) on ≥ 95% of t
 Data: ``random`` (Gaussian), ``pfv`` (PFV-like, ``gig_fast.testing.pfv_like``) and ``demo`` (real PFVs of
 the shipped demo network's layer4.1 coded on their own K = 2048 concepts), ``unit`` (PFV-like on unit-norm
 concepts). Sizes: CPU C = 256, K = 2048 with N = 30 (quick) or 300 (full), and at the full size ``unit``
-2,000 × 256 on 2,048 concepts and 500 × 512 on 4,096; GPU the layer1/3/4 shapes (C, K) = (256, 2048), (1024, 8192),
+2,000 × 256 on 2,048 concepts, 500 × 512 on 4,096 and 200 × 1,024 on 8,192; GPU the layer1/3/4 shapes (C, K) = (256, 2048), (1024, 8192),
 (2048, 16384) at N = 1,000, and layer3 at N = 12,544 (a 64-image batch).
 
 ``python benchmarks/bench_sparse_code.py --calibrate`` (from the root, with gig_fast importable) prints the
@@ -74,7 +74,7 @@ def cases(size: str, device: str) -> list[Case]:
     # "unit": PFV-like vectors on unit-norm concepts (what the pipeline's concepts are, and what SPAMS's
     # OMP assumes); 2,000 vectors on 2,048 concepts, then the pipeline's K = 8·C at C = 512
     return [Case(data, 300, 256, 2048) for data in ("pfv", "random", "demo")] + \
-        [Case("unit", 2000, 256, 2048), Case("unit", 500, 512, 4096)]
+        [Case("unit", 2000, 256, 2048), Case("unit", 500, 512, 4096), Case("unit", 200, 1024, 8192)]
 
 
 def pytest_generate_tests(metafunc):
