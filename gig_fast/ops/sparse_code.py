@@ -150,10 +150,10 @@ GRAMLESS = {"cpp"}
 
 
 # ------------------------------------------------------------------------------------ the driver
-# Each thread keeps its last CPU Gram buffer of at most this size between calls: the pipeline codes chunk
-# after chunk on one dictionary, and a fresh K × K buffer's first-touch page faults were a third of the
-# Gram's time (22 of 68 ms at K = 4,096, fp32, one thread).
-GRAM_BUFFER_LIMIT_BYTES = 128 * 2**20
+# Each thread keeps its last CPU Gram buffer of at most this size between calls (K ≤ 8,192 in fp32): the
+# pipeline codes chunk after chunk on one dictionary, and a fresh K × K buffer's first-touch page faults
+# were a third of the Gram's time (22 of 68 ms at K = 4,096; ~100 of 450 ms at K = 8,192; fp32, one thread).
+GRAM_BUFFER_LIMIT_BYTES = 256 * 2**20
 _gram_buffer = threading.local()
 
 
