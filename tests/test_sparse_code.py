@@ -276,10 +276,17 @@ def test_cpp_fallback_finishes_what_the_homotopy_cannot(monkeypatch):
     X, V = _near_duplicate_problem()
     monkeypatch.setenv("GIG_FAST_LASSO_FALLBACK", "0")
     with pytest.warns(SparseCodeConvergenceWarning):
-        _, _, alone = sparse_code(X, V, lam=0.05, backend="cpp", return_info=True)
+        idx, _, alone = sparse_code(X, V, lam=0.05, backend="cpp", return_info=True)
     monkeypatch.delenv("GIG_FAST_LASSO_FALLBACK")
     _, _, info = sparse_code(X, V, lam=0.05, backend="cpp", return_info=True)
     assert alone.n_unconverged > 0 and info.n_unconverged == 0
+    # where the path stopped short the code is empty and its gap the empty code's: ½‖y‖²(1 − s)², s = λ/‖c‖∞
+    empty = (idx < 0).all(1)
+    assert bool(empty.any())
+    y = X[empty].double()
+    y2, cmax = (y * y).sum(1), (y @ V.double().T).abs().amax(1)
+    s = torch.clamp(alone.lam[empty].double() / cmax, max=1.0)
+    torch.testing.assert_close(alone.gap[empty].double(), 0.5 * y2 * (1 - s) ** 2, rtol=1e-4, atol=1e-9)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
