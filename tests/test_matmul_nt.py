@@ -88,7 +88,7 @@ def test_out_is_written_and_returned(gram, path, seed):
     got = cpu_matmul_nt(a, None if gram else b, out=out)
     assert got is out and torch.equal(out, cpu_matmul_nt(a, None if gram else b))
     for bad in (torch.empty(97, other.shape[0] + 1), torch.empty(97, other.shape[0], dtype=torch.float64),
-                torch.empty(other.shape[0], 97).T):
+                torch.empty(other.shape[0], 97).T, [[0.0] * other.shape[0]] * 97):
         with pytest.raises(ValueError, match="out must be"):
             cpu_matmul_nt(a, None if gram else b, out=bad)
 

@@ -94,7 +94,7 @@ def test_omp_reports_its_squared_residual(backend):
 def test_kept_gram_buffer_does_not_leak_between_dictionaries(backend):
     """The CPU Gram buffer a thread keeps between calls: coding on one dictionary, then on another of the
     same size, then on the first again gives the first codes bit for bit."""
-    X, V1 = random_problem(9, 12, 40)
+    X, V1 = random_problem(9, 12, 40, dtype=torch.float32)  # float32: the AVX-512 kernel writes the buffer
     V2 = torch.randn_like(V1)
     for method in ("lasso", "omp"):
         first = sparse_code(X, V1, method=method, n_nonzero=4, backend=backend)
@@ -104,7 +104,7 @@ def test_kept_gram_buffer_does_not_leak_between_dictionaries(backend):
 
 
 def test_cpp_omp_in_float32_matches_float64():
-    """The cpp OMP codes float32 inputs from a float32 Gram and correlations (the Lasso stays in float64):
+    """The cpp OMP codes float32 inputs from a float32 Gram and correlations:
     the supports of the float64 run on ≥ 99% of rows (a near-tie may flip one), and on those rows the
     least-squares coefficients to float32 rounding of the Gram (≈ 1e-7 relative, times the conditioning)."""
     if "cpp" not in BACKENDS:
@@ -137,17 +137,22 @@ def test_backends_match_reference_low_precision(backend):
         np.testing.assert_allclose(ours, ref, rtol=rtol, err_msg=str(dtype))
 
 
-def test_cpp_without_gram_matches_with_gram(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpp_without_gram_matches_with_gram(monkeypatch, dtype):
+    """Without a stored Gram matrix (entries from V, in float64 sums) the same supports and codes: to float64
+    rounding for float64, to the float32 Gram's rounding (~1e-7, times the conditioning) for float32."""
     if "cpp" not in BACKENDS:
         pytest.skip("cpp extension not built")
-    X, V = random_problem(11, 20, 50)
+    X, V = random_problem(11, 20, 50, dtype=dtype)
+    rtol, atol = (1e-6, 1e-8) if dtype == torch.float64 else (1e-4, 1e-5)
     for method in ("lasso", "omp"):
-        a = sparse_code(X, V, lam=0.1, method=method, n_nonzero=6, tol=1e-10, max_iter=50_000, backend="cpp")
+        tol = 1e-10 if dtype == torch.float64 else 1e-7
+        a = sparse_code(X, V, lam=0.1, method=method, n_nonzero=6, tol=tol, max_iter=50_000, backend="cpp")
         monkeypatch.setitem(ops.spec("sparse_code").defaults, "cpu_gram_limit_bytes", 0)
-        b = sparse_code(X, V, lam=0.1, method=method, n_nonzero=6, tol=1e-10, max_iter=50_000, backend="cpp")
+        b = sparse_code(X, V, lam=0.1, method=method, n_nonzero=6, tol=tol, max_iter=50_000, backend="cpp")
         monkeypatch.undo()
         assert torch.equal(a[0], b[0])
-        torch.testing.assert_close(a[1], b[1], rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(a[1], b[1], rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -216,8 +221,9 @@ def test_cpp_converges_on_near_duplicate_concepts():
 
 def test_cpp_converges_on_the_demo_networks_pfvs():
     """Real PFVs: the shipped demo network's layer1.0 (C = 32) coded on K = 8·C concepts of its own PFVs.
-    With G and V y formed in float32, dozens of rows stopped at the 5,000-sweep cap (a duality-gap floor
-    of float32 rounding above tol·‖y‖²); formed in double, every row converges, in a few hundred sweeps."""
+    With coordinate descent alone on G and V y formed in float32, dozens of rows stopped at the 5,000-sweep
+    cap (a duality-gap floor of float32 rounding above tol·‖y‖²). Now the homotopy runs on those float32
+    products and the rows it cannot finish go to coordinate descent in float64: every row converges."""
     if "cpp" not in BACKENDS:
         pytest.skip("cpp backend not built")
     from gig_fast.concepts import bisecting_spherical_kmeans
@@ -287,6 +293,44 @@ def test_cpp_fallback_finishes_what_the_homotopy_cannot(monkeypatch):
     y2, cmax = (y * y).sum(1), (y @ V.double().T).abs().amax(1)
     s = torch.clamp(alone.lam[empty].double() / cmax, max=1.0)
     torch.testing.assert_close(alone.gap[empty].double(), 0.5 * y2 * (1 - s) ** 2, rtol=1e-4, atol=1e-9)
+
+
+def _exact_gaps(X, V, idx, val, lam, positive=False):
+    """Each row's duality gap for its float64 problem (the formula of csrc/sparse_code/sparse_code.h)."""
+    Y, Vd = X.double(), V.double()
+    U = dense_codes(idx, val.double(), V.shape[0])
+    r = Y - U @ Vd
+    q = r @ Vd.T
+    qmax = q.amax(1).clamp_min(0) if positive else q.abs().amax(1)
+    lam = lam.double()
+    s = torch.where(qmax > lam, lam / qmax.clamp_min(1e-300), torch.ones_like(qmax))
+    r2, ytr = (r * r).sum(1), (Y * r).sum(1)
+    return 0.5 * r2 + lam * U.abs().sum(1) - (s * ytr - 0.5 * s * s * r2)
+
+
+@pytest.mark.parametrize("positive", [False, True])
+def test_cpp_float32_reported_gap_bounds_the_exact_one(positive):
+    """float32 inputs: the homotopy runs on float32 G and c, whose rounding moves the rounded problem's gap
+    away from the true one (on near-duplicate concepts a row reported 1.8e-7·‖y‖² against a true 1.76e-6).
+    The reported gap must bound each row's gap computed here in float64 from X, V and the codes (up to the
+    codes' own rounding to float32), and a row reported within tol must be within tol."""
+    if "cpp" not in BACKENDS:
+        pytest.skip("cpp extension not built")
+    X, V = _near_duplicate_problem(N=300)
+    if positive:
+        X = X + 0.05
+    for lam in (0.02, 0.05):
+        idx, val, info = sparse_code(X, V, lam=lam, positive=positive, backend="cpp", return_info=True)
+        exact = _exact_gaps(X, V, idx, val, info.lam, positive)
+        y2 = (X.double() ** 2).sum(1)
+        # the codes come back rounded to float32 (relative 2⁻²⁴): to first order that moves P and D by at most
+        # 2⁻²⁴·(λ‖u‖₁ + ‖y‖·Σ|u_j|‖v_j‖) each
+        U = dense_codes(idx, val.double(), V.shape[0]).abs()
+        spread = info.lam.double() * U.sum(1) + y2.sqrt() * (U @ V.double().norm(dim=1))
+        slack = 4 * 2.0 ** -24 * spread + 1e-9 * y2
+        assert bool((info.gap.double() >= exact - slack).all()), float((exact - info.gap.double()).max())
+        # and every row, its float32 codes included, within tol (from float32 G and c alone: 1.76e-6)
+        assert info.converged and bool((exact <= info.tol * y2 * (1 + 1e-9)).all()), float((exact / y2).max())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

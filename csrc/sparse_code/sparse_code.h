@@ -12,7 +12,11 @@
 // reaches 0 leaves) one event per step, on a growing Cholesky factor of G_SS that also keeps
 // Q = G[:, S] L⁻ᵀ, so each step costs K·|S| (the new column of Q) in 16-lane float32. At λ the codes are
 // recomputed from the support's normal equations in double, G_SS u = c_S − λ s_S, and the vector's
-// duality gap (q accumulated in double) decides: ≤ tol·‖y‖² is the answer. Vectors the homotopy cannot
+// duality gap decides: ≤ tol·‖y‖² is the answer. The gap is that of y and V themselves — for float32 G
+// and c the residual, its norm and the support's correlations in double from V and y, and every other
+// concept's correlation from q = c − G u plus the float32 products' worst-case rounding bound (only those
+// that bound cannot keep within λ recomputed in double) — so it bounds the codes' distance to the optimum
+// (active_set_solvers.inc, certified_gap). Vectors the homotopy cannot
 // finish — a joining concept numerically in the span of the support (near-duplicate concepts), the step
 // cap, or a gap above tol (float32 rounding on a nearly singular G_SS) — are solved again by coordinate
 // descent on the exact problem (Y and V in double, G entries from V): covariance-update coordinate
@@ -30,9 +34,9 @@
 //
 // gram may be empty (a dictionary too large for K×K): the solvers then take G entries as dot products
 // of V rows and q = V (y − V^T u) from Y. Shapes: corr [N, K], gram [K, K] or [0], Y [N, C], V [K, C],
-// y2 [N] (‖y‖²), lam [N] (absolute). OMP: all one float dtype (fp32 or fp64). Lasso: corr and gram in
-// fp32 or fp64 (fp64 without gram), Y and V in fp64 (the exact problem). Returns padded codes idx [N, s]
-// int64 (−1 padding, sorted increasingly), val [N, s] (0 at padding; Y's dtype for the Lasso), and per
+// y2 [N] (‖y‖², fp64), lam [N] (absolute); corr, gram, Y and V in one float dtype (fp32 or fp64; the
+// Lasso's fallback forms its fp64 copy of V itself, when a row needs it). Returns padded codes idx [N, s]
+// int64 (−1 padding, sorted increasingly), val [N, s] (0 at padding, V's dtype), and per
 // vector the duality gap and homotopy steps plus CD sweeps (Lasso) or atoms chosen (OMP).
 // GIG_FAST_LASSO_FALLBACK=0 (read per call, for tests) runs the homotopy alone.
 #pragma once

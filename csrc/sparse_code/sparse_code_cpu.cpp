@@ -1,5 +1,7 @@
 // CPU solvers of sparse_code (algorithms and formulas in sparse_code.h). One vector per task, OpenMP
-// dynamic scheduling over vectors (their costs differ a lot); all per-vector state is in double.
+// dynamic scheduling over vectors (their costs differ a lot). The active-set solvers keep their
+// per-concept vectors (Q, q, a) in the input dtype and every small solve in double; coordinate descent
+// keeps all its state in double.
 #include "sparse_code/sparse_code.h"
 
 #include <ATen/Parallel.h>
@@ -67,15 +69,18 @@ bool cpu_has_avx512() {
 // One vector's Lasso code by the homotopy, on the build this CPU runs best (G: the stored Gram matrix
 // or nullptr); `done` false where the vector needs lasso_exact_code.
 template <typename T>
-Code lasso_homotopy_code(const T* G, const T* V, int64_t K, int64_t C, const T* c, const T* y, double y2, double lam,
-                         bool positive, int64_t max_iter, double tol, bool& done) {
+Code lasso_homotopy_code(const T* G, const T* V, const double* vnorm, int64_t K, int64_t C, const T* c, const T* y,
+                         double y2, double lam, bool positive, int64_t max_iter, double tol, bool& done) {
 #if GIG_SPARSE_CODE_SIMD
   if (cpu_has_avx512())
-    return avx512::lasso_homotopy<T>(avx512::Gram<T>{G, V, K, C}, c, y, y2, lam, positive, max_iter, tol, done);
+    return avx512::lasso_homotopy<T>(avx512::Gram<T>{G, V, K, C}, vnorm, c, y, y2, lam, positive, max_iter, tol,
+                                  done);
   if (cpu_has_avx2())
-    return avx2::lasso_homotopy<T>(avx2::Gram<T>{G, V, K, C}, c, y, y2, lam, positive, max_iter, tol, done);
+    return avx2::lasso_homotopy<T>(avx2::Gram<T>{G, V, K, C}, vnorm, c, y, y2, lam, positive, max_iter, tol,
+                                  done);
 #endif
-  return base::lasso_homotopy<T>(base::Gram<T>{G, V, K, C}, c, y, y2, lam, positive, max_iter, tol, done);
+  return base::lasso_homotopy<T>(base::Gram<T>{G, V, K, C}, vnorm, c, y, y2, lam, positive, max_iter, tol,
+                                  done);
 }
 
 // The same vector by coordinate descent on the exact problem (V64, y in double).
@@ -168,9 +173,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_code_lasso_cpu
     const scalar_t* vp = V.data_ptr<scalar_t>();
     const scalar_t* cp = corr.data_ptr<scalar_t>();
     const scalar_t* yp = Y.data_ptr<scalar_t>();
+    // float32 G and c: the concepts' norms, for the gap's bound on their rounding (certified_gap)
+    std::vector<double> vnorm;
+    if (gp && !std::is_same_v<scalar_t, double>) {
+      vnorm.resize(K);
+      at::parallel_for(0, K, 256, [&](int64_t k0, int64_t k1) {
+        for (int64_t k = k0; k < k1; ++k) {
+          const scalar_t* v = vp + k * C;
+          double s = 0;
+          for (int64_t t = 0; t < C; ++t) s += static_cast<double>(v[t]) * static_cast<double>(v[t]);
+          vnorm[k] = std::sqrt(s);
+        }
+      });
+    }
+    const double* np = vnorm.empty() ? nullptr : vnorm.data();
     for_each_vector(N, [&](int64_t n) {
       bool ok;
-      codes[n] = lasso_homotopy_code(gp, vp, K, C, cp + n * K, yp + n * C, y2p[n], lp[n], positive, max_iter, tol, ok);
+      codes[n] = lasso_homotopy_code(gp, vp, np, K, C, cp + n * K, yp + n * C, y2p[n], lp[n], positive, max_iter,
+                                     tol, ok);
       done[n] = ok;
     });
     std::vector<int64_t> left;

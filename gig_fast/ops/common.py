@@ -84,10 +84,13 @@ def cpu_matmul_nt(a: torch.Tensor, b: torch.Tensor | None = None, out: torch.Ten
         raise ValueError(f"cpu_matmul_nt: a is [M, C] = {list(a.shape)} and b is [N, C] = {list(b.shape)}: "
                          "their C (dim 1) differ")
     needs_grad = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
-    if out is not None and (out.shape != (a.shape[0], b.shape[0]) or out.dtype != a.dtype
-                            or out.device != a.device or not out.is_contiguous()):
-        raise ValueError(f"cpu_matmul_nt: out must be a contiguous [{a.shape[0]}, {b.shape[0]}] {a.dtype} tensor on "
-                         f"{a.device}, got {list(out.shape)} {out.dtype} on {out.device}")
+    if out is not None:
+        got = (f"{list(out.shape)} {out.dtype} on {out.device}" if isinstance(out, torch.Tensor)
+               else type(out).__name__)
+        if not isinstance(out, torch.Tensor) or out.shape != (a.shape[0], b.shape[0]) or out.dtype != a.dtype \
+                or out.device != a.device or not out.is_contiguous():
+            raise ValueError(f"cpu_matmul_nt: out must be a contiguous [{a.shape[0]}, {b.shape[0]}] {a.dtype} tensor "
+                             f"on {a.device}, got {got}")
     if a.device.type == "cpu" and not needs_grad and ext.has_cpp_extension():
         if out is None:
             return torch.ops.gig_fast_cpp.matmul_nt(a, b, gram)

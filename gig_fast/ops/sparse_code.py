@@ -162,11 +162,13 @@ def _gram(V: torch.Tensor, backend: str) -> torch.Tensor | None:
     limit = SPEC.defaults["cpu_gram_limit_bytes"]  # read per call: tests lower it to force the Gram-less path
     if backend in GRAMLESS and V.device.type == "cpu" and K * K * V.element_size() > limit:
         return None
-    if V.device.type != "cpu" or K * K * V.element_size() > GRAM_BUFFER_LIMIT_BYTES:
+    if V.device.type != "cpu":
+        return V @ V.T  # the GPU solvers need no exactly symmetric copy
+    if K * K * V.element_size() > GRAM_BUFFER_LIMIT_BYTES:
         return cpu_matmul_nt(V)
     buf = getattr(_gram_buffer, "tensor", None)
     if buf is None or buf.shape != (K, K) or buf.dtype != V.dtype:
-        buf = _gram_buffer.tensor = torch.empty(K, K, dtype=V.dtype)
+        buf = _gram_buffer.tensor = torch.empty(K, K, dtype=V.dtype, device=V.device)
     # our AVX-512 Gram where it applies (a quarter to a third of torch's time, fp32); the buffer is only
     # read by this call's solver
     return cpu_matmul_nt(V, out=buf)
@@ -302,8 +304,8 @@ def sparse_code(X: torch.Tensor, V: torch.Tensor, *, lam: float | None = None, m
 
     Args:
         X: ``[..., C]`` vectors (PFVs); leading dims are flattened into N. fp32/fp64/fp16/bf16 (half types
-            are solved in fp32; the ``cpp`` Lasso solves in fp64 arithmetic on the input-precision Gram
-            matrix and correlations, and in fp64 throughout for rows that need it).
+            are solved in fp32; the ``cpp`` Lasso follows its path in the input's precision, solves its
+            codes and bounds their duality gap in fp64, and finishes in fp64 what misses ``tol``).
         V: ``[K, C]`` concepts (rows), X's dtype. Need not be normalised; duplicates and K < C are fine.
         lam: λ (Lasso only). ``lam_mode="relative"`` (default): the fraction of λ_max,
             ``λ = lam·‖V(x − β)‖_∞`` per row (``lam ≥ 1`` gives empty codes); ``"absolute"``: λ itself.
@@ -335,10 +337,11 @@ def sparse_code(X: torch.Tensor, V: torch.Tensor, *, lam: float | None = None, m
     name = resolve("sparse_code", IMPLEMENTED, PREFERENCE, V.device, backend)
     # Every backend works in the input's precision (half types in float32). The cpp Lasso's homotopy
     # runs on float32 correlations and Gram matrix for float32 inputs (16 lanes per AVX-512 instruction);
-    # each code is then recomputed and its duality gap checked in float64 on the float64 copy of the
-    # rows and concepts, and rows that miss tol there are solved by coordinate descent in float64
-    # (from float32 G and c alone, rows on near-duplicate concepts — cosines up to 0.99998 at K = 8·C —
-    # met a duality-gap floor above tol·‖y‖²: 24 of the demo's 19,600 layer1.0 PFVs at λ_rel = 0.05).
+    # each code is then recomputed in float64 from the support's normal equations, and its duality gap —
+    # for the rows and concepts themselves, the float32 rounding of G and c bounded (csrc/sparse_code) —
+    # decides; rows above tol are solved by coordinate descent on a float64 copy (from float32 G and c
+    # alone, rows on near-duplicate concepts — cosines up to 0.99998 at K = 8·C — met a duality-gap floor
+    # above tol·‖y‖²: 24 of the demo's 19,600 layer1.0 PFVs at λ_rel = 0.05).
     compute = accumulation_dtype(X.dtype)
     lead = X.shape[:-1]
     if X.shape[-1] == 0:  # C = 0: every centred vector is zero, its code empty
