@@ -26,26 +26,6 @@ using fused_argmax512::kMr;
 using fused_argmax512::kNr;
 using fused_argmax512::kTileCols;
 
-// Panels q0..q1 of the pack of src [count, C] (pack_panels' layout, width kNr, zero past count) into
-// `out`, the pack of all its panels: the threads pack disjoint panel ranges of one pack.
-inline void pack_panel_range(const float* src, int64_t count, int64_t C, int64_t q0, int64_t q1, float* out) {
-  const int64_t panels = (count + kNr - 1) / kNr;
-  for (int64_t q = q0; q < q1; ++q)
-    for (int64_t c0 = 0; c0 < C; c0 += kKc) {
-      const int64_t kc = std::min(kKc, C - c0);
-      float* o = out + fused_argmax512::panel_offset(q, c0, C, panels, kNr);
-      for (int64_t j = 0; j < kNr; ++j) {
-        const int64_t n = q * kNr + j;
-        if (n < count) {
-          const float* row = src + n * C + c0;
-          for (int64_t c = 0; c < kc; ++c) o[c * kNr + j] = row[c];
-        } else {
-          for (int64_t c = 0; c < kc; ++c) o[c * kNr + j] = 0.f;
-        }
-      }
-    }
-}
-
 // Rows r0..r0+rows (rows ≤ kBlockRows) of a [M, C] packed into `ap` (96·C floats at most), for block().
 inline void pack_rows(const float* a, int64_t r0, int64_t rows, int64_t C, float* ap) {
   fused_argmax512::pack_panels(a + r0 * C, rows, C, kMr, ap);
@@ -59,7 +39,7 @@ inline uint32_t lanes(int64_t lo, int64_t hi) {
 }
 
 // out[r0.., n0..] = the block of `rows` packed rows `ap` (pack_rows) times the columns n0..n0+cols of
-// the column pack `bp` (pack_panel_range, `all_panels` panels; n0 a multiple of kNr, cols ≤ kTileCols),
+// the column pack `bp` (fused_argmax512::pack_panel_range, `all_panels` panels; n0 a multiple of kNr, cols ≤ kTileCols),
 // out row-major with row stride ldo. `partial`: kBlockRows·kTileCols floats where C > kKc, else null.
 //
 // symmetric (a @ aᵀ, out [M, M]): only the 12×32 tiles that hold an entry on or above the diagonal are

@@ -70,7 +70,7 @@ void matmul_nt_avx512(const float* a, int64_t M, const float* b, int64_t N, int6
   const int64_t panels = (N + k::kNr - 1) / k::kNr;
   auto bp = aligned_floats(static_cast<size_t>(panels * k::kNr * C));
   at::parallel_for(0, panels, std::max<int64_t>(1, (int64_t(1) << 16) / (k::kNr * C)),
-                   [&](int64_t q0, int64_t q1) { k::pack_panel_range(b, N, C, q0, q1, bp.get()); });
+                   [&](int64_t q0, int64_t q1) { fused_argmax512::pack_panel_range(b, N, C, k::kNr, q0, q1, bp.get()); });
   const int64_t row_blocks = (M + k::kBlockRows - 1) / k::kBlockRows, tiles = (N + k::kTileCols - 1) / k::kTileCols;
   std::vector<int64_t> items;  // row block · tiles + column tile, row-block-major: a thread's run shares blocks
   items.reserve(static_cast<size_t>(row_blocks * tiles));

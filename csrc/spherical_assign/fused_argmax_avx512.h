@@ -31,15 +31,21 @@ constexpr int64_t kMr = 12;   // rows per micro-tile (12 × 2 accumulators + 2 l
 constexpr int64_t kNr = 32;   // centroids per micro-tile (two zmm)
 constexpr int64_t kKc = 128;  // C chunk (see the header comment)
 
-// Pack `count` rows src [count, C] (row-major fp32) into panels of `width` rows, zero past count,
-// chunk-major: out[chunk c0][panel q][c − c0][j] = src[q·width + j][c].
-inline void pack_panels(const float* src, int64_t count, int64_t C, int64_t width, float* out) {
+// Start of panel q's chunk at c0 in a pack of `panels` panels of `width` (pack_panels).
+inline int64_t panel_offset(int64_t q, int64_t c0, int64_t C, int64_t panels, int64_t width) {
+  return c0 * panels * width + q * std::min(kKc, C - c0) * width;
+}
+
+// Panels q0..q1 of the pack of `count` rows src [count, C] (row-major fp32) in panels of `width` rows, zero
+// past count, chunk-major: out[chunk c0][panel q][c − c0][j] = src[q·width + j][c]. Threads may pack
+// disjoint panel ranges of one pack (matmul_nt).
+inline void pack_panel_range(const float* src, int64_t count, int64_t C, int64_t width, int64_t q0, int64_t q1,
+                             float* out) {
   const int64_t panels = (count + width - 1) / width;
-  for (int64_t c0 = 0; c0 < C; c0 += kKc) {
-    const int64_t kc = std::min(kKc, C - c0);
-    float* chunk = out + c0 * panels * width;
-    for (int64_t q = 0; q < panels; ++q) {
-      float* o = chunk + q * kc * width;
+  for (int64_t q = q0; q < q1; ++q)
+    for (int64_t c0 = 0; c0 < C; c0 += kKc) {
+      const int64_t kc = std::min(kKc, C - c0);
+      float* o = out + panel_offset(q, c0, C, panels, width);
       for (int64_t j = 0; j < width; ++j) {
         const int64_t n = q * width + j;
         if (n < count) {
@@ -50,13 +56,13 @@ inline void pack_panels(const float* src, int64_t count, int64_t C, int64_t widt
         }
       }
     }
-  }
 }
 
-// Start of panel q's chunk at c0 in a pack of `panels` panels of `width` (pack_panels).
-inline int64_t panel_offset(int64_t q, int64_t c0, int64_t C, int64_t panels, int64_t width) {
-  return c0 * panels * width + q * std::min(kKc, C - c0) * width;
+// The whole pack of `count` rows (pack_panel_range's layout).
+inline void pack_panels(const float* src, int64_t count, int64_t C, int64_t width, float* out) {
+  pack_panel_range(src, count, C, width, 0, (count + width - 1) / width, out);
 }
+
 
 // The running best of one row: 16 lanes of (score, centroid index), merged at the end.
 struct LaneBest {
