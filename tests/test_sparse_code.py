@@ -274,6 +274,37 @@ def test_cpp_homotopy_alone_reaches_tol(monkeypatch, dtype, positive):
         assert bool((info.iterations <= 3 * nnz + 4).all()), (info.iterations, nnz)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("positive", [False, True])
+def test_cpp_screened_homotopy_alone_reaches_tol(monkeypatch, dtype, positive):
+    """Above 2,048 concepts the homotopy runs on a working set (the 128 largest |c_k|, then each round's
+    KKT violators) until no concept outside it violates. PFV-like rows on unit concepts (K = 2,304 in
+    C = 64) need concepts outside their first set; with coordinate descent switched off every row must
+    still meet tol, by its duality gap computed here in float64 from Y, V and the codes."""
+    if "cpp" not in BACKENDS:
+        pytest.skip("cpp extension not built")
+    monkeypatch.setenv("GIG_FAST_LASSO_FALLBACK", "0")
+    X, V, beta = pfv_like(16, 64, 2304, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    V = V / V.norm(dim=1, keepdim=True)
+    Y = X - beta
+    if positive:  # every other row negated: its codes on the concepts that built it would be negative
+        Y[::2] = -Y[::2]
+    Y, V = Y.to(dtype), V.to(dtype)
+    tol = 1e-10 if dtype == torch.float64 else 1e-6
+    idx, val, info = sparse_code(Y, V, lam=0.1, positive=positive, tol=tol, backend="cpp", return_info=True)
+    assert info.converged, info.max_rel_gap
+    exact = _exact_gaps(Y, V, idx, val, info.lam, positive)
+    y2 = (Y.double() ** 2).sum(1)
+    # float32: the codes come back rounded to float32, a relative 2⁻²⁴ of the objective's scale
+    slack = (1e-12 if dtype == torch.float64 else 1e-7) * y2
+    assert bool((exact <= tol * y2 + slack).all()), float((exact / y2).max())
+    if positive:
+        assert bool((val >= 0).all())
+    # the first working set alone does not hold the codes: some row needed a second round
+    nnz = (idx >= 0).sum(1)
+    assert bool((info.iterations > 2 * nnz).any()), (info.iterations, nnz)
+
+
 def test_cpp_fallback_finishes_what_the_homotopy_cannot(monkeypatch):
     """Near-duplicate concepts in float32: the homotopy alone leaves rows above tol (joining twins are
     numerically dependent in float32); with the coordinate-descent fallback every row converges."""
