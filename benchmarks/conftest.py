@@ -163,6 +163,8 @@ class Bench:
                 meta[key] = value
         if self.device.startswith("cuda"):
             meta["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            meta["cpu"] = harness.cpu_id()
         return meta
 
     def __call__(self, fn, *, op: str, impl: str, case: str, shape: dict, role: str = "ours",

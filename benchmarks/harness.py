@@ -50,6 +50,28 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_id() -> str:
+    """The CPU's model name with its family and model numbers (``AMD EPYC, family 25 model 17``): hosts
+    with one model name differ in kind (AMD's family 25 is Zen 3/4, whose AVX-512 runs on 256-bit units;
+    26 is Zen 5, with 512-bit FMA units), and a CPU row's ratios depend on it."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model") and key not in fields:
+                    fields[key] = value.strip()
+                if not line.strip() and fields:
+                    break
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        name += f", family {fields['cpu family']} model {fields['model']}"
+    return name
+
+
 def device_name(device: str) -> str:
     """The name rows carry: the GPU's, or ``CPU <arch> x<threads> threads`` (the results file's form)."""
     if device.startswith("cuda") and torch.cuda.is_available():
