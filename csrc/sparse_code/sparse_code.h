@@ -16,7 +16,12 @@
 // and c the residual, its norm and the support's correlations in double from V and y, and every other
 // concept's correlation from q = c − G u plus the float32 products' worst-case rounding bound (only those
 // that bound cannot keep within λ recomputed in double) — so it bounds the codes' distance to the optimum
-// (active_set_solvers.inc, certified_gap). Vectors the homotopy cannot
+// (active_set_solvers.inc, certified_gap). Above K = 2,048 concepts the homotopy is screened: it runs on
+// a working set W — the 128 concepts of largest |c_k|, then the largest KKT violators of each round's
+// codes (|q_k| > lam outside W, q in double over all K, at least 128 and |W|/2 added) — until no concept
+// outside W violates, so a step costs |W|·|S|. A concept already past ±lam joins at once, and a final
+// support that misses a violator gains it (with its correlation's sign; up to 4) before the fallback.
+// Vectors the homotopy cannot
 // finish — a joining concept numerically in the span of the support (near-duplicate concepts), the step
 // cap, or a gap above tol (float32 rounding on a nearly singular G_SS) — are solved again by coordinate
 // descent on the exact problem (Y and V in double, G entries from V): covariance-update coordinate

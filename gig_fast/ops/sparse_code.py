@@ -16,7 +16,8 @@ the solvers then touch only the few concepts that matter:
 * ``cpp``    — per vector (OpenMP over vectors): the Lasso by homotopy (LARS with the Lasso
   modification, SPAMS's algorithm) on a growing Cholesky factor that keeps ``Q = G[:, S] L⁻ᵀ``, so a step
   costs one new column of Q (16-lane float32 for float inputs); the codes are then recomputed from the
-  support's normal equations in float64 and checked by their duality gap. Vectors the homotopy cannot
+  support's normal equations in float64 and checked by their duality gap; above K = 2,048 the path runs
+  on a working set of concepts grown by each round's KKT violators. Vectors the homotopy cannot
   finish (near-duplicate concepts — K = 8·C concepts in C = 32 dimensions have cosines up to 0.99998 —
   or a gap above tol) are solved again in float64 by working-set covariance-update coordinate descent
   with Newton (feature-sign search) steps on the support. OMP on the same growing factor
