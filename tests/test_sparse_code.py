@@ -5,6 +5,8 @@ supports, and the ``torch`` backend (the reference) for the other backends. Trit
 interpreter on the CPU, so its problems are tiny.
 """
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -153,6 +155,25 @@ def test_cpp_without_gram_matches_with_gram(monkeypatch, dtype):
         monkeypatch.undo()
         assert torch.equal(a[0], b[0])
         torch.testing.assert_close(a[1], b[1], rtol=rtol, atol=atol)
+
+
+def test_cpp_small_lasso_calls_skip_the_gram():
+    """A Lasso call of fewer than K / 512 rows is coded without the K × K Gram matrix (the screened
+    homotopy takes what it needs from V); OMP, and a call of more rows, form it. The rows' codes are those
+    the same rows get inside a larger call that formed it."""
+    if "cpp" not in BACKENDS:
+        pytest.skip("cpp extension not built")
+    sc = sys.modules["gig_fast.ops.sparse_code"]
+    X, V, beta = pfv_like(12, 64, 2304, dtype=torch.float32, generator=torch.Generator().manual_seed(3))
+    V = V / V.norm(dim=1, keepdim=True)
+    assert sc._gram(V, "cpp", "lasso", 4) is None  # 4 · 512 < 2,304
+    assert sc._gram(V, "cpp", "lasso", 5) is not None and sc._gram(V, "cpp", "omp", 4) is not None
+    few = sparse_code(X[:4], V, bias=beta, lam=0.1, backend="cpp", return_info=True)
+    many = sparse_code(X, V, bias=beta, lam=0.1, backend="cpp", return_info=True)
+    assert few[2].converged and many[2].converged
+    assert torch.equal(few[0], many[0][:4, :few[0].shape[1]]) and bool((many[0][:4, few[0].shape[1]:] < 0).all())
+    # the same supports; values to the float32 Gram's rounding of the larger call
+    torch.testing.assert_close(few[1], many[1][:4, :few[1].shape[1]], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -37,7 +37,8 @@
 // u_S = L⁻ᵀ z at the end. A vector stops early like scikit-learn's orthogonal_mp_gram when q_k² < eps or
 // the new pivot ≤ eps. Q and q in T, L and z in double.
 //
-// gram may be empty (a dictionary too large for K×K): the solvers then take G entries as dot products
+// gram may be empty (a dictionary too large for K×K, or a Lasso call of fewer than K/512 vectors, where the
+// screened homotopy needs few entries): the solvers then take G entries as dot products
 // of V rows and q = V (y − V^T u) from Y. Shapes: corr [N, K], gram [K, K] or [0], Y [N, C], V [K, C],
 // y2 [N] (‖y‖², fp64), lam [N] (absolute); corr, gram, Y and V in one float dtype (fp32 or fp64; the
 // Lasso's fallback forms its fp64 copy of V itself, when a row needs it). Returns padded codes idx [N, s]

@@ -61,9 +61,18 @@ DEFAULT_MAX_ITER = 5000
 IMPLEMENTED = ("torch", "cpp", "triton")
 PREFERENCE = {"cpu": ("cpp", "torch"), "cuda": ("triton", "torch")}
 
-# Gram matrices larger than this are not formed on the CPU (K = 16384 in fp32 would be 1 GiB);
-# the C++ solver then computes the few entries it needs from V.
-CPU_GRAM_LIMIT_BYTES = 512 * 2**20
+# Gram matrices larger than this are not formed on the CPU (K = 32,768 in fp32 would be 4 GiB); the C++
+# solver then computes the few entries it needs from V. (It was 512 MiB, which sent K = 16,384 in fp32 —
+# ResNet-50's layer4 at K = 8·C — down the Gram-less route at any row count: 216 ms a row there against a
+# 6.96 s Gram, one thread.)
+CPU_GRAM_LIMIT_BYTES = 2 * 2**30
+# A cpp Lasso call with fewer rows than K / 512 skips the K × K Gram matrix as well: the screened homotopy
+# takes G[W, j] and each round's residual correlations from V, a few passes over V per row, where the Gram
+# costs K²·C/2 once. Measured (PFV-like rows on unit concepts, K = 8·C, one thread), the Gram's time
+# against a row's without it, and the row count where they meet: 31 / 3.1 ms at K = 2,048 (10 rows),
+# 116 / 3.4 ms at 4,096 (34), 936 / 19.1 ms at 8,192 (49), 6,960 / 216 ms at 16,384 (32); K / 512 stays
+# below each. OMP keeps the Gram: without it a row costs K·C per atom.
+GRAMLESS_LASSO_CONCEPTS_PER_ROW = 512
 # Rows of X per solver chunk: bounds the [chunk, K] correlation buffer.
 CHUNK_ELEMENTS = 2**24
 
@@ -158,10 +167,13 @@ GRAM_BUFFER_LIMIT_BYTES = 256 * 2**20
 _gram_buffer = threading.local()
 
 
-def _gram(V: torch.Tensor, backend: str) -> torch.Tensor | None:
+def _gram(V: torch.Tensor, backend: str, method: str, rows: int) -> torch.Tensor | None:
+    """``G = V Vᵀ`` for a call coding ``rows`` vectors, or None where the backend does better without it
+    (over the memory limit, or a small Lasso call: ``GRAMLESS_LASSO_CONCEPTS_PER_ROW``)."""
     K = V.shape[0]
     limit = SPEC.defaults["cpu_gram_limit_bytes"]  # read per call: tests lower it to force the Gram-less path
-    if backend in GRAMLESS and V.device.type == "cpu" and K * K * V.element_size() > limit:
+    few_rows = method == "lasso" and rows * GRAMLESS_LASSO_CONCEPTS_PER_ROW < K
+    if backend in GRAMLESS and V.device.type == "cpu" and (K * K * V.element_size() > limit or few_rows):
         return None
     if V.device.type != "cpu":
         return V @ V.T  # the GPU solvers need no exactly symmetric copy
@@ -193,7 +205,7 @@ def _solve(Y: torch.Tensor, V: torch.Tensor, lam: float, relative: bool, method:
            max_iter: int, tol: float, n_nonzero: int, backend: str):
     """Chunked driver: ``Y [N, C]`` centred rows in the compute dtype → padded codes + diagnostics."""
     N, K = Y.shape[0], V.shape[0]
-    G = _gram(V, backend)
+    G = _gram(V, backend, method, N)
     chunk = max(1, CHUNK_ELEMENTS // max(K, 1))
     codes, lams, gaps, iters = [], [], [], []
     for n0 in range(0, N, chunk):
