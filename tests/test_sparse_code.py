@@ -5,15 +5,13 @@ supports, and the ``torch`` backend (the reference) for the other backends. Trit
 interpreter on the CPU, so its problems are tiny.
 """
 
-import sys
-
 import numpy as np
 import pytest
 import torch
 
 from gig_fast import ops
 from gig_fast.ops import available_backends, sparse_code
-from gig_fast.ops.sparse_code import SparseCodeConvergenceWarning
+from gig_fast.ops.sparse_code import SparseCodeConvergenceWarning, forms_gram
 from gig_fast.testing import (dense_codes, lasso_objective, pfv_like, random_problem,
                                           sklearn_lasso_objective, sklearn_omp_supports)
 
@@ -163,11 +161,10 @@ def test_cpp_small_lasso_calls_skip_the_gram():
     the same rows get inside a larger call that formed it."""
     if "cpp" not in BACKENDS:
         pytest.skip("cpp extension not built")
-    sc = sys.modules["gig_fast.ops.sparse_code"]
     X, V, beta = pfv_like(12, 64, 2304, dtype=torch.float32, generator=torch.Generator().manual_seed(3))
     V = V / V.norm(dim=1, keepdim=True)
-    assert sc._gram(V, "cpp", "lasso", 4) is None  # 4 · 512 < 2,304
-    assert sc._gram(V, "cpp", "lasso", 5) is not None and sc._gram(V, "cpp", "omp", 4) is not None
+    assert not forms_gram(V, "lasso", 4, "cpp")  # 4 · 512 < 2,304
+    assert forms_gram(V, "lasso", 5, "cpp") and forms_gram(V, "omp", 4, "cpp") and forms_gram(V, "lasso", 4, "torch")
     few = sparse_code(X[:4], V, bias=beta, lam=0.1, backend="cpp", return_info=True)
     many = sparse_code(X, V, bias=beta, lam=0.1, backend="cpp", return_info=True)
     assert few[2].converged and many[2].converged

@@ -44,7 +44,7 @@ from .common import accumulation_dtype, cpu_matmul_nt, dense_to_padded
 from .reference import lasso_gram_ref, omp_gram_ref
 from .registry import OpSpec, register, resolve
 
-__all__ = ["sparse_code", "SparseCodeInfo", "SparseCodeConvergenceWarning", "DEFAULT_LAM_REL"]
+__all__ = ["sparse_code", "SparseCodeInfo", "SparseCodeConvergenceWarning", "DEFAULT_LAM_REL", "forms_gram"]
 
 # Chosen on the demo network's 16 layers at K = 8·C (benchmarks/lambda_rule.py, docs/lambda_rule.md;
 # 100 images, every position, λ_rel ∈ {0.02 … 0.5}). λ_rel = 0.1 is the smallest value of that grid
@@ -167,13 +167,22 @@ GRAM_BUFFER_LIMIT_BYTES = 256 * 2**20
 _gram_buffer = threading.local()
 
 
-def _gram(V: torch.Tensor, backend: str, method: str, rows: int) -> torch.Tensor | None:
-    """``G = V Vᵀ`` for a call coding ``rows`` vectors, or None where the backend does better without it
-    (over the memory limit, or a small Lasso call: ``GRAMLESS_LASSO_CONCEPTS_PER_ROW``)."""
+def forms_gram(V: torch.Tensor, method: str, rows: int, backend: str) -> bool:
+    """Whether a ``sparse_code`` call coding ``rows`` vectors on ``V [K, C]`` by ``method`` on ``backend``
+    forms the ``K × K`` Gram matrix (``K²`` elements of V's dtype). The cpp backend on the CPU does without
+    it over ``cpu_gram_limit_bytes`` (2 GiB) and for a Lasso call of fewer than K / 512 rows, taking the
+    few entries it needs from V."""
     K = V.shape[0]
     limit = SPEC.defaults["cpu_gram_limit_bytes"]  # read per call: tests lower it to force the Gram-less path
     few_rows = method == "lasso" and rows * GRAMLESS_LASSO_CONCEPTS_PER_ROW < K
-    if backend in GRAMLESS and V.device.type == "cpu" and (K * K * V.element_size() > limit or few_rows):
+    return not (backend in GRAMLESS and V.device.type == "cpu" and (K * K * V.element_size() > limit or few_rows))
+
+
+def _gram(V: torch.Tensor, backend: str, method: str, rows: int) -> torch.Tensor | None:
+    """``G = V Vᵀ`` for a call coding ``rows`` vectors, or None where the backend does better without it
+    (:func:`forms_gram`)."""
+    K = V.shape[0]
+    if not forms_gram(V, method, rows, backend):
         return None
     if V.device.type != "cpu":
         return V @ V.T  # the GPU solvers need no exactly symmetric copy
