@@ -72,9 +72,11 @@ def cases(size: str, device: str) -> list[Case]:
     if size == "quick":
         return [Case(data, 30, 256, 2048) for data in ("pfv", "random", "demo")] + [Case("unit", 30, 256, 2048)]
     # "unit": PFV-like vectors on unit-norm concepts (what the pipeline's concepts are, and what SPAMS's
-    # OMP assumes); 2,000 vectors on 2,048 concepts, then the pipeline's K = 8·C at C = 512
+    # OMP assumes); 2,000 vectors on 2,048 concepts, then the pipeline's K = 8·C at C = 512, 1,024 and
+    # 2,048 (ResNet-50's layer4: 64 vectors, enough that our Lasso forms the 1 GiB Gram matrix too)
     return [Case(data, 300, 256, 2048) for data in ("pfv", "random", "demo")] + \
-        [Case("unit", 2000, 256, 2048), Case("unit", 500, 512, 4096), Case("unit", 200, 1024, 8192)]
+        [Case("unit", 2000, 256, 2048), Case("unit", 500, 512, 4096), Case("unit", 200, 1024, 8192),
+         Case("unit", 64, 2048, 16384)]
 
 
 def pytest_generate_tests(metafunc):
