@@ -9,9 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdio>
 #include <cstdlib>
-#include <functional>
 #include <limits>
 #include <type_traits>
 #include <utility>
