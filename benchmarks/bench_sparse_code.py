@@ -15,7 +15,8 @@ alpha by n_features internally). Routes on the same vectors ``Y [N, C]`` (centre
   baselines: ``sklearn omp`` (``sparse_encode``, warm, same ``n_jobs``) and our ``torch omp``.
 * SPAMS (``spams-bin``, optional; rows skip with the reason where it is missing), on the CPU, float64 and
   float32 (it takes both), our thread count (``numThreads``), inputs in its column-major layout prepared
-  outside the timing: ``spams lasso`` (LARS, the same objective; checked like every Lasso route) and
+  outside the timing: ``spams lasso`` (LARS, the same objective; a dtype whose objective is more than 1e-4
+  above the reference's is skipped as not the same result, with the figure) and
   ``spams omp`` (unit-norm atoms only — it assumes them; a route whose residual is more than 1% above
   scikit-learn's OMP is skipped as not the same result, with the figure).
 
@@ -286,8 +287,13 @@ def bench_lasso(bench, problem, impl, gig_size):
         if p.device != "cpu":
             pytest.skip("SPAMS codes on the CPU: compared on CPU devices")
         dtype = np.float64 if impl.endswith("fp64") else np.float32
-        bench(spams_lasso(p, dtype), role="baseline", check=p.check_lasso(impl), dtype=np.dtype(dtype).name,
-              **common)
+        run = spams_lasso(p, dtype)
+        # its float32 LARS drifts at large K (3.4e-3 above the reference's objective at 64 × 2,048 on 16,384,
+        # Intel Ice Lake): not the same result, so no speed to compare — as with its OMP below
+        reached = p.check_lasso(impl, must_reach=False)(run())
+        if not reached["reached_objective"]:
+            pytest.skip(f"{impl}: objective {reached['objective_rel_diff']:.2e} above the reference's (not an equal result)")
+        bench(run, role="baseline", check=p.check_lasso(impl), dtype=np.dtype(dtype).name, **common)
     elif impl.startswith("dense FISTA"):
         bench.gpu_only(impl)
         tf32 = impl.endswith("tf32")

@@ -15,6 +15,7 @@ from ..ops.common import accumulation_dtype
 from .adaptive import ADAPTIVE_MAX, START_NODES, adaptive_rule, check_refinement, completeness_bar
 from .evaluation import Pass, accumulate, region, target_values, tf32_allowed, through_f_ab
 from .rules import ADAPTIVE, quadrature
+from .tail import TailAdjoints, split_affine_tail
 from .targets import ClassTarget, ConceptTarget, Target, check_target
 
 @dataclass
@@ -187,8 +188,10 @@ def gig(f_ab: Callable[[torch.Tensor], torch.Tensor], codes: tuple[torch.Tensor,
     acc = accumulation_dtype(V.dtype)
     low_precision = (torch.autocast(V.device.type, dtype=autocast) if autocast is not None
                      else contextlib.nullcontext())
+    split = split_affine_tail(f_ab) if all(isinstance(t, ConceptTarget) for t in targets) else None
     run = Pass(f_ab, H, W, V, beta, targets, backend, batch_size, low_precision, acc,
-                kernel("gig_accumulate", V.device, backend)[1])
+                kernel("gig_accumulate", V.device, backend)[1],
+                None if split is None else TailAdjoints(split, [t.unit for t in targets], V.dtype))
     # the adaptive rule reports its starting grid (each image's own nodes are not kept)
     nodes64, weights64 = quadrature("trapezoid" if rule == ADAPTIVE else rule, steps)
     with tf32_allowed(tf32):

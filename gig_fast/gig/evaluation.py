@@ -10,7 +10,8 @@ from typing import Callable
 
 import torch
 
-from .targets import ConceptTarget, evaluate_target, output_gradient
+from .tail import TailAdjoints
+from .targets import ConceptTarget, check_concept_output, evaluate_target, output_gradient
 
 # Named regions of a gig() call in a torch.profiler trace (benchmarks/profile_gig.py sums them); a
 # record_function costs about a microsecond without a profiler, against milliseconds per F_ab pass.
@@ -44,6 +45,8 @@ class Pass:
     acc: torch.dtype       # accumulation dtype of the attributions and targets
     # gig_accumulate's bare kernel: the inputs were validated once per call (see accumulate)
     accumulate: Callable[..., torch.Tensor]
+    # concept targets through an F_ab with an affine tail: the backwards start before it (gig_fast.gig.tail)
+    tail: TailAdjoints | None = None
 
 
 def accumulate(run: Pass, grads: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, val: torch.Tensor
@@ -68,7 +71,9 @@ def through_f_ab(run: Pass, path: torch.Tensor, image: torch.Tensor, n_grad: int
     96 px, B = 2, T = 5, the 16-node rule: 1.35× faster apart at layer3.5 → layer4.0, 1.01× at
     layer1.2 → layer2.0; with the refinement 1.13× and 1.06×); with one target the extra small forward
     costs more than it saves (0.85× at layer3.5 → logits), so they ride along. F_ab gets the path as a channels-last view (no copy), so
-    its gradient comes back in ``gig_accumulate``'s layout.
+    its gradient comes back in ``gig_accumulate``'s layout. With concept targets and an F_ab whose last
+    layers are affine (``run.tail``), the backwards start at those layers' inputs with each target's
+    gradient there, computed once per call (:mod:`gig_fast.gig.tail`).
     """
     n, P, C = path.shape
     leaf = path.reshape(n, run.H, run.W, C).permute(0, 3, 1, 2)
@@ -86,14 +91,24 @@ def through_f_ab(run: Pass, path: torch.Tensor, image: torch.Tensor, n_grad: int
     grads = torch.empty(T, n_grad, P, C, dtype=leaf.dtype, device=leaf.device) if T > 1 else None
     with torch.enable_grad():
         with run.low_precision, region("gig.forward"):
-            out = run.f_ab(leaf)
+            if run.tail is None:
+                out = run.f_ab(leaf)
+            else:  # the tail's graph is not kept: no backward goes through it
+                boundary = run.tail.split.head(leaf)
+                with torch.no_grad():
+                    out = run.tail.split.tail(*boundary)
         out = out.to(leaf.dtype)  # targets in full precision (a no-op without autocast)
         for t, tgt in enumerate(run.targets):
             with region("gig.targets"):
-                # a concept: T is linear, the backward starts at the output with its gradient there; a
-                # class: through its softmax
-                seed = output_gradient(tgt, out, image[:n_graph])
-                value = out if seed is not None else evaluate_target(tgt, out, image[:n_graph]).sum()
+                # a concept: T is linear, the backward starts at the tail's boundary with its gradient
+                # there, or at the output with the unit concept at every position; a class: through its
+                # softmax
+                if run.tail is not None:
+                    check_concept_output(tgt, out)
+                    value, seed = boundary, run.tail.seeds(t, boundary, image[:n_graph])
+                else:
+                    seed = output_gradient(tgt, out, image[:n_graph])
+                    value = out if seed is not None else evaluate_target(tgt, out, image[:n_graph]).sum()
             with region("gig.backward"):
                 (grad,) = torch.autograd.grad(value, leaf, seed, retain_graph=t < T - 1)
                 grad = grad[:n_grad].permute(0, 2, 3, 1).reshape(n_grad, P, C)

@@ -43,9 +43,17 @@ class _CheckedClass(ClassTarget):
     top: int = -1
 
 
+@dataclass(frozen=True)
+class _CheckedConcept(ConceptTarget):
+    """A validated :class:`ConceptTarget` with its unit vector(s) ``unit`` (``[C_b]`` or ``[B, C_b]``),
+    normalised once per call instead of at every evaluation."""
+    unit: torch.Tensor | None = None
+
+
 def check_target(target, B: int, device: torch.device) -> Target:
     """``target`` checked for ``B`` images and moved to ``device`` (a :class:`ClassTarget` comes back as a
-    :class:`_CheckedClass`, which :func:`evaluate_target` needs); a named ValueError for a bad one."""
+    :class:`_CheckedClass`, which :func:`evaluate_target` needs, a :class:`ConceptTarget` as a
+    :class:`_CheckedConcept`); a named ValueError for a bad one."""
     if isinstance(target, ConceptTarget):
         vec = target.vector
         if not isinstance(vec, torch.Tensor) or vec.dim() not in (1, 2) or (vec.dim() == 2 and vec.shape[0] != B):
@@ -54,7 +62,8 @@ def check_target(target, B: int, device: torch.device) -> Target:
         if not vec.is_floating_point() or vec.numel() and any(torch.stack(  # one read-back for both
                 [~torch.isfinite(vec).all(), (vec.norm(dim=-1) == 0).any() & (B > 0)]).tolist()):
             raise ValueError("ConceptTarget.vector must be finite, non-zero float vector(s)")
-        return ConceptTarget(vec.to(device))
+        vec = vec.to(device)
+        return _CheckedConcept(vec, vec / vec.norm(dim=-1, keepdim=True))
     if isinstance(target, ClassTarget):
         index = target.index
         if isinstance(index, torch.Tensor):
@@ -77,7 +86,7 @@ def evaluate_target(target: Target, out: torch.Tensor, image: torch.Tensor,
     image each row belongs to (for per-image class indices). ``position_sums [n, C_b]``: ``out`` summed over
     its positions, when the caller has it (one sum for all concept targets). Returns ``[n]``."""
     if isinstance(target, ConceptTarget):
-        _check_concept_output(target, out)
+        check_concept_output(target, out)
         if position_sums is None:
             position_sums = out.reshape(out.shape[0], out.shape[1], -1).sum(2)
         # T is linear: Σ_i ⟨Ω_i, u⟩ = ⟨Σ_i Ω_i, u⟩, one sum over the positions for every target
@@ -99,12 +108,13 @@ def output_gradient(target: Target, out: torch.Tensor, image: torch.Tensor) -> t
     goes through autograd)."""
     if not isinstance(target, ConceptTarget):
         return None
-    _check_concept_output(target, out)
+    check_concept_output(target, out)
     rows = _unit_rows(target, out, image)                                   # [n, C_b]
     return rows.reshape(*rows.shape, *([1] * (out.dim() - 2))).expand(out.shape)
 
 
-def _check_concept_output(target: ConceptTarget, out: torch.Tensor) -> None:
+def check_concept_output(target: ConceptTarget, out: torch.Tensor) -> None:
+    """A named ValueError unless F_ab's output ``out`` has the target's ``C_b`` channels on dim 1."""
     if out.dim() < 2 or out.shape[1] != target.vector.shape[-1]:
         raise ValueError(f"ConceptTarget.vector has C_b={target.vector.shape[-1]} entries but F_ab's output has "
                          f"shape {tuple(out.shape)} (channels on dim 1)")
@@ -113,5 +123,5 @@ def _check_concept_output(target: ConceptTarget, out: torch.Tensor) -> None:
 def _unit_rows(target: ConceptTarget, out: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
     """``[n, C_b]`` the unit concept of each row of ``out`` (row i belongs to image ``image[i]``)."""
     vec = target.vector
-    unit = (vec / vec.norm(dim=-1, keepdim=True)).to(out.dtype)
+    unit = (target.unit if isinstance(target, _CheckedConcept) else vec / vec.norm(dim=-1, keepdim=True)).to(out.dtype)
     return unit.expand(out.shape[0], -1) if unit.dim() == 1 else unit[image]
