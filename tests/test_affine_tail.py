@@ -106,7 +106,7 @@ def test_boundary_gradients_are_autograds(a, b, layers, bns):
     per_image = torch.randn(3, C_b, generator=g, dtype=torch.float64)
     per_image = torch.cat([per_image, per_image[:1]])  # two images share a target: computed once
     vectors = [per_image, torch.randn(C_b, generator=g, dtype=torch.float64)]
-    adjoints = TailAdjoints(split, vectors, torch.float64)
+    adjoints = TailAdjoints(split, [v / v.norm(dim=-1, keepdim=True) for v in vectors], torch.float64)
     image = torch.tensor([0, 3, 1, 2])  # row i belongs to image image[i]
     for t, vec in enumerate(vectors):
         unit = vec / vec.norm(dim=-1, keepdim=True)

@@ -106,17 +106,17 @@ def _split(gm: fx.GraphModule) -> AffineTail | None:
 class TailAdjoints:
     """Each concept target's gradient at the boundary of :class:`AffineTail`, for the rows of a batch.
 
-    ``vectors``: the targets' concept vectors, each ``[C_b]`` or ``[B, C_b]`` (any norm). The gradient of
+    ``units``: the targets' unit concept vectors, each ``[C_b]`` or ``[B, C_b]``. The gradient of
     ``Σ_positions ⟨Ω, u⟩`` (u the unit vector) at the boundary is the tail's transposed Jacobian applied
     to u at every position; the tail is affine, so it is computed once, on zeros, for every distinct
     vector. A boundary tensor whose gradient is the same at every position (behind a 1×1 convolution
     of stride 1) keeps one position and is expanded per row (no copy)."""
 
-    def __init__(self, split: AffineTail, vectors: list, dtype: torch.dtype):
+    def __init__(self, split: AffineTail, units: list, dtype: torch.dtype):
         self.split, self.dtype = split, dtype
         self.units, self.owner = [], []  # per target: distinct unit vectors [U, C_b], each image's one [B] or None
-        for vec in vectors:
-            unit = (vec / vec.norm(dim=-1, keepdim=True)).to(dtype)
+        for unit in units:
+            unit = unit.to(dtype)
             if unit.dim() == 1:
                 self.units.append(unit[None])
                 self.owner.append(None)
