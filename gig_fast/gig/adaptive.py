@@ -190,10 +190,15 @@ def _evaluate_nodes(run: Pass, UV, idx, val, nodes, grids, projs) -> list:
         image, n = image_all[r0:r1], r1 - r0
         with region("gig.path"):
             path = torch.addcmul(run.beta, alpha_all[r0:r1, None, None], UV[image])  # [n, P, C]
-        out, grads = through_f_ab(run, path, image, n_grad=n)
+        proj = torch.empty(T, n, P, s, dtype=run.acc, device=V.device)
+        codes = idx[image], val[image]                                                  # [n, P, s]
+
+        def project(grads, a, b):  # rows a:b of the batch, [T, b − a, P, C] → proj[:, a:b]
+            proj[:, a:b] = accumulate(run, grads.reshape(T, 1, (b - a) * P, C), one, codes[0][a:b].reshape(-1, s),
+                                      codes[1][a:b].reshape(-1, s)).reshape(T, b - a, P, s)
+
+        out = through_f_ab(run, path, image, n, project)
         values = target_values(run, out, image, slice(0, n))                           # [T, n]
-        proj = accumulate(run, grads.reshape(T, 1, n * P, C), one, idx[image].reshape(n * P, s),
-                          val[image].reshape(n * P, s)).reshape(T, n, P, s)
         projs.append(proj)
         # the few numbers the rounds decide on, in one read-back per batch: [3, T, n]
         host.append(torch.stack([values, proj.sum((2, 3)), proj.abs().sum((2, 3))]).to(torch.float64).cpu().numpy())

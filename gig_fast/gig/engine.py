@@ -3,6 +3,7 @@ images × nodes, and the adaptive rule for the images a fixed rule leaves incomp
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence, Union
@@ -14,6 +15,7 @@ from ..ops import checks, kernel
 from ..ops.common import accumulation_dtype
 from .adaptive import ADAPTIVE_MAX, START_NODES, adaptive_rule, check_refinement, completeness_bar
 from .evaluation import Pass, accumulate, region, target_values, tf32_allowed, through_f_ab
+from .head import BatchedHead
 from .rules import ADAPTIVE, quadrature
 from .tail import TailAdjoints, split_affine_tail
 from .targets import ClassTarget, ConceptTarget, Target, check_target
@@ -191,7 +193,9 @@ def gig(f_ab: Callable[[torch.Tensor], torch.Tensor], codes: tuple[torch.Tensor,
     split = split_affine_tail(f_ab) if all(isinstance(t, ConceptTarget) for t in targets) else None
     run = Pass(f_ab, H, W, V, beta, targets, backend, batch_size, low_precision, acc,
                 kernel("gig_accumulate", V.device, backend)[1],
-                None if split is None else TailAdjoints(split, [t.unit for t in targets], V.dtype))
+                None if split is None else TailAdjoints(split, [t.unit for t in targets], V.dtype),
+                # under autocast the backwards stay autograd's (its casts of the saved tensors)
+                None if split is None or autocast is not None else BatchedHead.build(split.head))
     # the adaptive rule reports its starting grid (each image's own nodes are not kept)
     nodes64, weights64 = quadrature("trapezoid" if rule == ADAPTIVE else rule, steps)
     with tf32_allowed(tf32):
@@ -298,11 +302,27 @@ def _integrate(run: Pass, UV, idx, val, nodes64, weights64):
             path = torch.addcmul(run.beta, nodes[k0:k1, None, None, None], UV[b0:b1]).reshape(mk * nb, P, C)  # rows (k, b)
             image = torch.arange(b0, b1, device=V.device).repeat(mk)
         mg = max(0, min(k1, m) - k0)  # the chunk's nodes with a weight (the endpoints come last)
-        out, grads = through_f_ab(run, path, image, n_grad=mg * nb)
+        project = functools.partial(_project_rows, run, attr, weights[k0:k0 + mg], idx, val, b0, b1)
+        out = through_f_ab(run, path, image, mg * nb, project, align=nb)
         for k in range(max(k0, m), k1):  # the endpoint nodes of this chunk
             ends[:, k - m, b0:b1] = target_values(run, out, image, slice((k - k0) * nb, (k - k0 + 1) * nb))
-        if grads is not None:
-            part = accumulate(run, grads.reshape(T, mg, nb * P, C), weights[k0:k0 + mg],
-                              idx[b0:b1].reshape(nb * P, s), val[b0:b1].reshape(nb * P, s))
-            attr[:, b0:b1] += part.reshape(T, nb, P, s)
     return attr, ends[:, 0], ends[:, 1]
+
+
+def _project_rows(run: Pass, attr, weights, idx, val, b0: int, b1: int, grads, r0: int, r1: int) -> None:
+    """Rows r0:r1 of a chunk of images b0:b1 (rows node-major: row = node·nb + image − b0) projected with
+    their nodes' ``weights`` and added to ``attr [T, B, P, s]``: whole nodes in one weighted call, or a
+    piece of one node's images (:func:`through_f_ab` never hands rows that straddle two nodes otherwise)."""
+    nb = b1 - b0
+    T, _, P, C = grads.shape
+    s = idx.shape[2]
+    if r0 % nb == 0 and r1 % nb == 0:
+        part = accumulate(run, grads.reshape(T, (r1 - r0) // nb, nb * P, C), weights[r0 // nb:r1 // nb],
+                          idx[b0:b1].reshape(nb * P, s), val[b0:b1].reshape(nb * P, s))
+        attr[:, b0:b1] += part.reshape(T, nb, P, s)
+        return
+    node, i0 = divmod(r0, nb)
+    i1 = i0 + r1 - r0
+    part = accumulate(run, grads.reshape(T, 1, (r1 - r0) * P, C), weights[node:node + 1],
+                      idx[b0 + i0:b0 + i1].reshape(-1, s), val[b0 + i0:b0 + i1].reshape(-1, s))
+    attr[:, b0 + i0:b0 + i1] += part.reshape(T, r1 - r0, P, s)

@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from .head import BatchedHead, Unsupported
 from .tail import TailAdjoints
 from .targets import ConceptTarget, check_concept_output, evaluate_target, output_gradient
 
@@ -47,6 +48,8 @@ class Pass:
     accumulate: Callable[..., torch.Tensor]
     # concept targets through an F_ab with an affine tail: the backwards start before it (gig_fast.gig.tail)
     tail: TailAdjoints | None = None
+    # the head before the tail with its T backwards as one (gig_fast.gig.head); None: autograd's
+    batched: BatchedHead | None = None
 
 
 def accumulate(run: Pass, grads: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, val: torch.Tensor
@@ -58,13 +61,16 @@ def accumulate(run: Pass, grads: torch.Tensor, weights: torch.Tensor, idx: torch
         return run.accumulate(grads.contiguous(), weights.contiguous(), idx.contiguous(), val.contiguous(), run.V)
 
 
-def through_f_ab(run: Pass, path: torch.Tensor, image: torch.Tensor, n_grad: int):
+def through_f_ab(run: Pass, path: torch.Tensor, image: torch.Tensor, n_grad: int, consume: Callable,
+                 align: int = 1) -> torch.Tensor:
     """F_ab on path rows ``path [n, P, C]`` (row i belongs to image ``image[i]``, for per-image classes);
     the first ``n_grad`` rows need the targets' gradients, the rest only F_ab's output.
 
-    Returns F_ab's output ``[n, ...]`` (detached, in the path's dtype) and ``[T, n_grad, P, C]`` the
-    gradient of each target (summed over rows) with respect to the first ``n_grad`` rows (None if 0):
-    one forward for every target, then one backward per target through the kept graph — the targets
+    Returns F_ab's output ``[n, ...]`` (detached, in the path's dtype). The gradient of each target
+    (summed over rows) with respect to the first ``n_grad`` rows goes to ``consume(grads, r0, r1)``,
+    ``grads [T, r1 − r0, P, C]`` for rows r0:r1: all rows at once, or with the batched head in blocks
+    (not straddling a multiple of ``align`` rows unless whole multiples; :meth:`BatchedHead.backward`).
+    One forward for every target, then one backward per target through the kept graph — the targets
     share the path, so replicating it T times would redo T−1 identical forwards. With several targets
     the rows without a gradient (the path's ends, the refinement's subinterval boundaries) run in a
     forward of their own without a graph, else each of the T backwards carries them too (ResNet-50,
@@ -77,13 +83,18 @@ def through_f_ab(run: Pass, path: torch.Tensor, image: torch.Tensor, n_grad: int
     """
     n, P, C = path.shape
     leaf = path.reshape(n, run.H, run.W, C).permute(0, 3, 1, 2)
+    if run.batched is not None:
+        try:
+            return _through_batched_head(run, leaf, image, n_grad, consume, align)
+        except Unsupported:  # an operation seen only at run time (a broadcasting sum): autograd from now on
+            run.batched = None
     T = len(run.targets)
     apart = n_grad < n and (n_grad == 0 or T > 1)  # the rows without a gradient in a forward of their own
     if apart:
         with torch.no_grad(), run.low_precision, region("gig.forward"):
             rest = run.f_ab(leaf[n_grad:]).to(leaf.dtype)
         if n_grad == 0:
-            return rest, None
+            return rest
     n_graph = n_grad if apart else n
     leaf = leaf[:n_graph].detach().requires_grad_(True)
     # one target: its gradient is the result as it is (channels-last from the convolutions, so the view
@@ -116,8 +127,26 @@ def through_f_ab(run: Pass, path: torch.Tensor, image: torch.Tensor, n_grad: int
                     grads = grad[None]
                 else:
                     grads[t] = grad
+    consume(grads, 0, n_grad)
     out = out.detach()
-    return (torch.cat([out, rest]) if apart else out), grads
+    return torch.cat([out, rest]) if apart else out
+
+
+def _through_batched_head(run: Pass, leaf: torch.Tensor, image: torch.Tensor, n_grad: int, consume: Callable,
+                          align: int) -> torch.Tensor:
+    """:func:`through_f_ab` with the head's T backwards as one (:class:`BatchedHead`): the forward without
+    autograd (all rows at once, the tail after it), then the T gradients of the first ``n_grad`` rows."""
+    with region("gig.forward"):
+        boundary, saved = run.batched.forward(leaf)
+        with torch.no_grad():
+            out = run.tail.split.tail(*boundary)
+    for tgt in run.targets:
+        check_concept_output(tgt, out)
+    if n_grad > 0:
+        with region("gig.backward"):
+            run.batched.backward(saved, lambda r0, r1: run.tail.stacked_seeds(boundary, image[r0:r1]),
+                                 len(run.targets), n_grad, consume, align)
+    return out
 
 
 def target_values(run: Pass, out: torch.Tensor, image: torch.Tensor, rows: slice) -> torch.Tensor:

@@ -152,9 +152,25 @@ class TailAdjoints:
         image ``image[i]``), in the boundary's dtypes."""
         if self.fields is None:
             self._compute(boundary)
-        n = boundary[0].shape[0]
+        return [self._rows(t, j, image).expand(h.shape).to(h.dtype) for j, h in enumerate(boundary)]
+
+    def stacked_seeds(self, boundary: tuple, image: torch.Tensor) -> list:
+        """Every target's gradient at each boundary tensor (of ``boundary``'s shapes past the rows) for rows
+        of images ``image [m]``: one ``[T, m, ...]`` per boundary tensor, expanded where the field is
+        shared by rows or positions (no copy then)."""
+        if self.fields is None:
+            self._compute(boundary)
+        m, T = image.shape[0], len(self.fields)
         seeds = []
-        for field, h in zip(self.fields[t], boundary):
-            rows = field.expand(n, *field.shape[1:]) if self.owner[t] is None else field[self.owner[t][image]]
-            seeds.append(rows.expand(h.shape).to(h.dtype))
+        for j, h in enumerate(boundary):
+            rows = [self._rows(t, j, image) for t in range(T)]  # each [1 or m, C, h or 1, w or 1]
+            if any(r.shape[0] != 1 for r in rows):
+                rows = [r.expand(m, *r.shape[1:]) for r in rows]
+            seeds.append(torch.stack(rows).expand(T, m, *h.shape[1:]).to(h.dtype))
         return seeds
+
+    def _rows(self, t: int, j: int, image: torch.Tensor) -> torch.Tensor:
+        """Target ``t``'s field at boundary tensor ``j``: ``[1, ...]`` if every image shares it, else one
+        row per image of ``image``."""
+        field = self.fields[t][j]
+        return field if self.owner[t] is None else field[self.owner[t][image]]
