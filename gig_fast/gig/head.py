@@ -12,9 +12,9 @@ never formed. The operations are the ones autograd calls (``threshold_backward``
 ``convolution_backward``), so the gradients equal autograd's to float rounding.
 
 Measured on the demo network (Intel Xeon, 2 threads, the same nodes): 1.2–1.5× per ``gig()`` call where
-calls are small or T is large (20 shared targets, 8 nodes, 50 images: 0.39 → 0.26 s), no change on the
-largest calls (400 rows of 5 targets), and stage 4 of ``gig-fast demo`` 1.19× (medians of four runs
-each, alternated). Heads built of other operations (attention, normalisation over positions,
+calls are small or T is large (20 shared targets, 8 nodes, 50 images: 0.29 / 0.32 → 0.21 / 0.27 s in two
+pairs), no change on the largest calls (400 rows of 5 targets), and stage 4 of ``gig-fast demo`` 1.19×
+(medians of four runs each, alternated). Heads built of other operations (attention, normalisation over positions,
 max-pooling) keep autograd: :meth:`BatchedHead.build` returns None for them, and ``gig()`` under
 ``autocast`` keeps autograd's casts.
 """
@@ -34,8 +34,8 @@ _PASS_METHODS = {"clone", "contiguous"}
 # the most bytes of one cotangent of a block of rows on the CPU: larger blocks ran slower per row, not
 # faster (the demo network's 1×1 convolution 32 → 8 channels at 14 × 14, input gradient: 1.1 µs per row
 # at 400–800 rows, 6.5 µs at 1,600 and more, where the result passes 32 MB, the size above which glibc
-# serves every allocation from freshly mapped pages); on a GPU the caching allocator reuses its blocks, so the bound there only
-# caps the memory that T·m rows of cotangents take
+# serves every allocation from freshly mapped pages); on a GPU the caching allocator reuses its blocks,
+# so the bound there only caps the memory that T·m rows of cotangents take
 BLOCK_BYTES = 16 << 20
 GPU_BLOCK_BYTES = 1 << 30
 
@@ -186,7 +186,8 @@ def _step(head: fx.GraphModule, node: fx.Node, position: dict) -> _Step | None:
     tensors = [a for a in node.args if isinstance(a, fx.Node)]
     # keyword arguments change what an operation does (a sum's alpha, an in-place ReLU), except F.relu's
     # default inplace=False, which FX records
-    if any(a not in position for a in tensors) or dict(node.kwargs) not in ({}, {"inplace": False}):
+    relu_default = node.target is torch.nn.functional.relu and dict(node.kwargs) == {"inplace": False}
+    if any(a not in position for a in tensors) or (node.kwargs and not relu_default):
         return None
     args = tuple(position[a] for a in tensors)
     if node.op == "placeholder":
@@ -205,8 +206,6 @@ def _step(head: fx.GraphModule, node: fx.Node, position: dict) -> _Step | None:
             return _Step("pass", args)
         return None
     single = len(node.args) == 1 and len(args) == 1
-    if node.kwargs and not (node.op == "call_function" and node.target is torch.nn.functional.relu):
-        return None
     if node.op == "call_function" and node.target in _RELU and single:
         return _Step("relu", args)
     if node.op == "call_method" and node.target == "relu" and single:
@@ -215,9 +214,9 @@ def _step(head: fx.GraphModule, node: fx.Node, position: dict) -> _Step | None:
         return _Step("pass", args)
     is_add = (node.op == "call_function" and node.target in _ADD) or (node.op == "call_method" and node.target == "add")
     if is_add and len(node.args) == 2:
+        constant = next((a for a in node.args if not isinstance(a, fx.Node)), None)
         if len(args) == 2:
             return _Step("add", args)
-        constant = next(a for a in node.args if not isinstance(a, fx.Node))
         if len(args) == 1 and isinstance(constant, (int, float)):
             return _Step("add_constant", args, constant=constant)
     return None
