@@ -179,8 +179,10 @@ def _gig_pair(f, C, H, W, generator, **options):
     codes = random_codes((3, H * W), 3, K, dtype=torch.float64, pad_frac=0.25, scale=0.5, generator=generator)
     beta = torch.randn(C, dtype=torch.float64, generator=generator) * 0.1
     C_b = f(torch.zeros(1, C, H, W, dtype=torch.float64)).shape[1]
+    # per-image, shared and per-image again: each target's seeds are picked from its own fields
     targets = [ConceptTarget(torch.randn(3, C_b, dtype=torch.float64, generator=generator)),
-               ConceptTarget(torch.randn(C_b, dtype=torch.float64, generator=generator))]
+               ConceptTarget(torch.randn(C_b, dtype=torch.float64, generator=generator)),
+               ConceptTarget(torch.randn(3, C_b, dtype=torch.float64, generator=generator))]
     options = dict(spatial=(H, W), **options)
     return gig(f, codes, V, beta, targets, **options), gig(lambda t: f(t), codes, V, beta, targets, **options)
 

@@ -44,42 +44,73 @@ def completeness_bar(attr, value_1, value_0, tolerance, eps):
 
 
 @dataclass
-class _Grid:
-    """One image's nodes in the adaptive rule, sorted by ``alpha [n]``, and per node (host numpy, float64:
-    the rounds' bookkeeping is a few small operations per image and round, far cheaper in numpy than at
-    torch's per-operation cost) the targets ``value [n, T]`` = T(X(α)), their α-derivatives ``slope
-    [n, T]`` = ⟨∇T, U V⟩, ``size [n, T]`` = Σ|attributions of the node| and ``row [n]``: the node's row
-    among every row the call evaluated (its attributions at weight 1 stay on the device)."""
+class _Grids:
+    """Every image's nodes in the adaptive rule, one row per image, each row sorted by ``alpha [n, N]``
+    with its ``count [n]`` nodes first (the rest padding: α = +inf, zeros, row −1), and per node the
+    targets ``value [n, N, T]`` = T(X(α)), their α-derivatives ``slope [n, N, T]`` = ⟨∇T, U V⟩, ``size
+    [n, N, T]`` = Σ|attributions of the node| and ``row [n, N]``: the node's row among every row the call
+    evaluated (its attributions at weight 1 stay on the device). Host numpy, float64: a round's
+    bookkeeping is a few whole-array operations for all images (one image at a time, at numpy's
+    per-call cost, it took ~10 % of the demo's stage 4)."""
     alpha: np.ndarray
     value: np.ndarray
     slope: np.ndarray
     size: np.ndarray
     row: np.ndarray
+    count: np.ndarray
 
     @staticmethod
-    def empty(T: int) -> "_Grid":
-        return _Grid(np.zeros(0), np.zeros((0, T)), np.zeros((0, T)), np.zeros((0, T)), np.zeros(0, dtype=np.int64))
+    def empty(n: int, T: int, width: int) -> "_Grids":
+        return _Grids(np.full((n, width), np.inf), np.zeros((n, width, T)), np.zeros((n, width, T)),
+                      np.zeros((n, width, T)), np.full((n, width), -1, dtype=np.int64), np.zeros(n, dtype=np.int64))
 
-    def add(self, alpha, value, slope, size, row) -> None:
-        """New nodes (``alpha [k]``, ``value/slope/size [k, T]``, ``row [k]``), merged in α order."""
-        order = np.argsort(np.concatenate([self.alpha, alpha]), kind="stable")
-        self.alpha = np.concatenate([self.alpha, alpha])[order]
-        self.value = np.concatenate([self.value, value])[order]
-        self.slope = np.concatenate([self.slope, slope])[order]
-        self.size = np.concatenate([self.size, size])[order]
-        self.row = np.concatenate([self.row, row])[order]
+    def add(self, image, alpha, value, slope, size, row) -> None:
+        """New nodes of images ``image [k]`` (this grid's rows, ascending), ``alpha [k]``,
+        ``value/slope/size [k, T]``, ``row [k]``, each image's row re-sorted by α."""
+        touched, first, added = np.unique(image, return_index=True, return_counts=True)
+        slot = self.count[image] + np.arange(len(image)) - np.repeat(first, added)
+        if slot.max() >= self.alpha.shape[1]:  # widen every row to the new most nodes
+            grow = int(slot.max()) + 1 - self.alpha.shape[1]
+            for name, fill in (("alpha", np.inf), ("value", 0.0), ("slope", 0.0), ("size", 0.0), ("row", -1)):
+                a = getattr(self, name)
+                setattr(self, name, np.concatenate([a, np.full((a.shape[0], grow) + a.shape[2:], fill, a.dtype)], 1))
+        self.alpha[image, slot], self.value[image, slot], self.slope[image, slot] = alpha, value, slope
+        self.size[image, slot], self.row[image, slot] = size, row
+        self.count[touched] += added
+        order = np.argsort(self.alpha[touched], axis=1, kind="stable")
+        for name in ("alpha", "value", "slope", "size", "row"):
+            a = getattr(self, name)
+            a[touched] = np.take_along_axis(a[touched], order if a.ndim == 2 else order[:, :, None], 1)
 
-    def weights(self) -> np.ndarray:
-        """Trapezoid weights of the sorted nodes ``[n]`` (float64): half of each neighbouring width."""
-        h = np.diff(self.alpha)
-        w = np.zeros(len(self.alpha))
-        w[1:] += h / 2
-        w[:-1] += h / 2
+    def weights(self, rows) -> np.ndarray:
+        """Trapezoid weights ``[len(rows), N]`` of those rows' sorted nodes (float64, 0 at padding): half
+        of each neighbouring width."""
+        h = self.widths(rows)
+        w = np.zeros(h.shape[:1] + (h.shape[1] + 1,))
+        w[:, 1:] += h / 2
+        w[:, :-1] += h / 2
         return w
 
-    def local_gaps(self) -> np.ndarray:
-        """``[n − 1, T]``: each subinterval's trapezoid sum of the slopes minus T's exact change over it."""
-        return np.diff(self.alpha)[:, None] * (self.slope[1:] + self.slope[:-1]) / 2 - np.diff(self.value, axis=0)
+    def widths(self, rows) -> np.ndarray:
+        """``[len(rows), N − 1]`` each subinterval's width (0 past the last node)."""
+        inside = _inside(self.count[rows], self.alpha.shape[1] - 1)
+        return np.where(inside, np.diff(np.minimum(self.alpha[rows], 1.0), axis=1), 0.0)  # padding: +inf
+
+    def local_gaps(self, rows) -> np.ndarray:
+        """``[len(rows), N − 1, T]``: each subinterval's trapezoid sum of the slopes minus T's exact change
+        over it (0 past the last node)."""
+        h, slope = self.widths(rows), self.slope[rows]
+        gaps = h[:, :, None] * (slope[:, 1:] + slope[:, :-1]) / 2 - np.diff(self.value[rows], axis=1)
+        return np.where(_inside(self.count[rows], h.shape[1])[:, :, None], gaps, 0.0)
+
+    def ends(self, rows) -> tuple[np.ndarray, np.ndarray]:
+        """T(X(1)) and T(X(0)) ``[len(rows), T]`` of those rows."""
+        return self.value[rows, self.count[rows] - 1], self.value[rows, 0]
+
+
+def _inside(count, width) -> np.ndarray:
+    """``[len(count), width]``: which subintervals lie between a row's first and last node."""
+    return np.arange(width) < (count - 1)[:, None]
 
 
 def adaptive_rule(run: Pass, UV, idx, val, images: list, start: int, max_steps: int, tolerance, eps):
@@ -105,88 +136,101 @@ def adaptive_rule(run: Pass, UV, idx, val, images: list, start: int, max_steps: 
     the nodes each used ``[n]`` (numpy int) and ``excess [n]`` (numpy): the worst target's ``|delta|`` over
     its :func:`completeness_bar` (≤ 1: complete).
     """
-    T = len(run.targets)
-    grids = {b: _Grid.empty(T) for b in images}
-    pending = [(b, k / (start - 1)) for b in images for k in range(start)]
+    T, n = len(run.targets), len(images)
+    image_ids = np.asarray(images, dtype=np.int64)
+    grids = _Grids.empty(n, T, start)
+    pending = np.repeat(np.arange(n), start), np.tile(np.arange(start) / (start - 1), n)  # (grid row, α)
     projs = []  # every batch's attributions at weight 1, [T, rows, P, s]
-    excess = {}
+    excess = np.zeros(n)
     for _ in range(_MAX_ROUNDS):
-        if not pending:
+        if len(pending[0]) == 0:
             break
-        touched = _evaluate_nodes(run, UV, idx, val, pending, grids, projs)
-        pending = []
-        for b in touched:
-            grid = grids[b]
-            local = grid.local_gaps()                       # [n − 1, T]
-            v1, v0 = grid.value[-1], grid.value[0]
-            size = grid.weights() @ grid.size
-            bar = np.maximum(tolerance * np.abs(v1 - v0) + 4 * eps * (size + np.abs(v1) + np.abs(v0)), 1e-300)
-            excess[b] = float((np.abs(local.sum(0)) / bar).max())
-            if excess[b] > 1:
-                room = max_steps - len(grid.alpha)
-                pending += [(b, 0.5 * (lo + hi)) for lo, hi in _choose(grid.alpha, local, bar, room)]
-    return _assemble(run, [grids[b] for b in images], projs) + (
-        np.array([len(grids[b].alpha) for b in images]), np.array([excess[b] for b in images]))
+        first_row = sum(p.shape[1] for p in projs)
+        host = _evaluate_nodes(run, UV, idx, val, image_ids[pending[0]], pending[1], projs)  # [3, nodes, T]
+        touched = np.unique(pending[0])
+        grids.add(pending[0], pending[1], host[0], host[1], host[2], first_row + np.arange(len(pending[0])))
+        local = grids.local_gaps(touched)                                                   # [t, N − 1, T]
+        v1, v0 = grids.ends(touched)
+        size = np.einsum("in,int->it", grids.weights(touched), grids.size[touched])
+        bar = np.maximum(tolerance * np.abs(v1 - v0) + 4 * eps * (size + np.abs(v1) + np.abs(v0)), 1e-300)
+        excess[touched] = (np.abs(local.sum(1)) / bar).max(1)
+        keep = excess[touched] > 1
+        refine = touched[keep]
+        pending = _choose(grids, refine, local[keep], bar[keep], max_steps - grids.count[refine])
+    return _assemble(run, grids, projs) + (grids.count.copy(), excess)
 
 
-def _assemble(run: Pass, grids: list, projs: list):
+def _assemble(run: Pass, grids: _Grids, projs: list):
     """Each image's trapezoid sum of its nodes' attributions, one weighted ``index_add`` per batch:
-    ``attr [T, n, P, s]``, ``T(X(1))`` and ``T(X(0))`` ``[T, n]`` for the ``n`` grids in order."""
+    ``attr [T, n, P, s]``, ``T(X(1))`` and ``T(X(0))`` ``[T, n]`` for the ``n`` grid rows in order."""
     T, P, s = projs[0].shape[0], projs[0].shape[2], projs[0].shape[3]
+    n = len(grids.count)
     rows = sum(p.shape[1] for p in projs)
+    everyone = np.arange(n)
+    node = grids.row >= 0
     weight, owner = np.zeros(rows), np.zeros(rows, dtype=np.int64)
-    for j, grid in enumerate(grids):
-        weight[grid.row], owner[grid.row] = grid.weights(), j
+    weight[grids.row[node]] = grids.weights(everyone)[node]
+    owner[grids.row[node]] = np.broadcast_to(everyone[:, None], node.shape)[node]
     device = run.V.device
     weight = torch.from_numpy(weight).to(device=device, dtype=run.acc)
     owner = torch.from_numpy(owner).to(device)
-    attr = torch.zeros(T, len(grids), P, s, dtype=run.acc, device=device)
+    attr = torch.zeros(T, n, P, s, dtype=run.acc, device=device)
     r0 = 0
     for proj in projs:
         r1 = r0 + proj.shape[1]
         attr.index_add_(1, owner[r0:r1], proj * weight[None, r0:r1, None, None])
         r0 = r1
-    ends = torch.from_numpy(np.stack([np.stack([g.value[-1], g.value[0]], 1) for g in grids], 2))  # [T, 2, n]
-    ends = ends.to(device=device, dtype=run.acc)
+    v1, v0 = grids.ends(everyone)                                                          # [n, T]
+    ends = torch.from_numpy(np.stack([v1.T, v0.T], 1)).to(device=device, dtype=run.acc)    # [T, 2, n]
     return attr, ends[:, 0], ends[:, 1]
 
 
-def _choose(alpha, local, bar, room):
-    """The fewest subintervals ``(lo, hi)`` of the sorted nodes ``alpha``, worst first, whose local gaps
-    ``local [n − 1, T]`` leave less than half of ``bar [T]`` for every target if they were closed; at most
-    ``room`` of them (host arrays: no read-backs)."""
-    badness = (np.abs(local) / bar).max(1)
-    rest = np.abs(local).sum(0)
-    chosen = []
-    for i in np.argsort(-badness, kind="stable").tolist():
-        if len(chosen) >= room or bool((rest <= 0.5 * bar).all()):
-            break
-        lo, hi = alpha[i], alpha[i + 1]
-        if hi - lo >= _MIN_WIDTH:
-            chosen.append((lo, hi))
-            rest = rest - np.abs(local[i])
-    return chosen
+def _choose(grids: _Grids, rows, local, bar, room):
+    """For each grid row of ``rows`` the fewest subintervals, worst first, whose local gaps ``local [r, N − 1,
+    T]`` leave less than half of ``bar [r, T]`` for every target if they were closed, at most ``room [r]``
+    of them and none narrower than ``_MIN_WIDTH``. Returns their midpoints as ``(grid row [k],
+    α [k])``, row by row, worst first (host arrays: no read-backs).
+
+    The greedy walk of each row, as whole-array operations: the rows' subintervals sorted by badness
+    (the worst target's gap over its bar), the gaps still open after each pick by a running sum (the
+    same sequence of subtractions as one pick at a time), and each row's walk cut where it would stop."""
+    if len(rows) == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
+    h = grids.widths(rows)                                                               # [r, N − 1]
+    inside = _inside(grids.count[rows], h.shape[1])
+    badness = np.where(inside, (np.abs(local) / bar[:, None, :]).max(2), -np.inf)
+    order = np.argsort(-badness, axis=1, kind="stable")                                # worst first
+    eligible = np.take_along_axis(inside & (h >= _MIN_WIDTH), order, 1)                # [r, N − 1]
+    closed = np.take_along_axis(np.abs(local), order[:, :, None], 1) * eligible[:, :, None]
+    # rest[:, k]: each target's open gap before the k-th subinterval of the walk is considered
+    rest = np.cumsum(np.concatenate([np.abs(local).sum(1)[:, None], -closed], 1), axis=1)[:, :-1]
+    picked_before = np.cumsum(eligible, axis=1) - eligible
+    stop = (picked_before >= room[:, None]) | (rest <= 0.5 * bar[:, None, :]).all(2)
+    walk = np.where(stop.any(1), stop.argmax(1), stop.shape[1])                          # [r] where each stops
+    chosen = eligible & (np.arange(stop.shape[1]) < walk[:, None])
+    which, k = np.nonzero(chosen)
+    i = order[which, k]
+    lo, hi = grids.alpha[rows[which], i], grids.alpha[rows[which], i + 1]
+    return rows[which], 0.5 * (lo + hi)
 
 
-def _evaluate_nodes(run: Pass, UV, idx, val, nodes, grids, projs) -> list:
-    """Every node ``(image, α)`` through F_ab (``batch_size`` rows at most per batch, images mixed): its
-    targets' values, α-derivatives and sizes merged into ``grids[image]``, its attributions at weight 1
-    appended to ``projs`` (one ``[T, rows, P, s]`` per batch). Returns the images that got nodes.
+def _evaluate_nodes(run: Pass, UV, idx, val, image_np, alpha_np, projs) -> np.ndarray:
+    """Every node (image ``image_np[i]``, α ``alpha_np[i]``) through F_ab (``batch_size`` rows at most per
+    batch, images mixed): its attributions at weight 1 appended to ``projs`` (one ``[T, rows, P, s]`` per
+    batch). Returns ``[3, nodes, T]`` (host float64): each node's target values, α-derivatives and sizes.
 
     The attributions of all rows of a batch are one ``gig_accumulate`` call: the rows' positions stacked
     (``[n·P]`` positions, one node of weight 1), each with its own image's codes."""
     V = run.V
     P, C = UV.shape[1:]
     s, T = idx.shape[2], len(run.targets)
-    image_np = np.array([b for b, _ in nodes])
-    alpha_np = np.array([a for _, a in nodes], dtype=np.float64)
     image_all = torch.from_numpy(image_np).to(V.device)
     alpha_all = torch.from_numpy(alpha_np).to(V.device, V.dtype)
     one = torch.ones(1, dtype=run.acc, device=V.device)
-    step = run.batch_size or len(nodes)
-    host, first_row = [], sum(p.shape[1] for p in projs)
-    for r0 in range(0, len(nodes), step):
-        r1 = min(len(nodes), r0 + step)
+    step = run.batch_size or len(image_np)
+    host = []
+    for r0 in range(0, len(image_np), step):
+        r1 = min(len(image_np), r0 + step)
         image, n = image_all[r0:r1], r1 - r0
         with region("gig.path"):
             path = torch.addcmul(run.beta, alpha_all[r0:r1, None, None], UV[image])  # [n, P, C]
@@ -202,9 +246,4 @@ def _evaluate_nodes(run: Pass, UV, idx, val, nodes, grids, projs) -> list:
         projs.append(proj)
         # the few numbers the rounds decide on, in one read-back per batch: [3, T, n]
         host.append(torch.stack([values, proj.sum((2, 3)), proj.abs().sum((2, 3))]).to(torch.float64).cpu().numpy())
-    host = np.concatenate(host, axis=2).transpose(0, 2, 1)                              # [3, nodes, T]
-    order = np.argsort(image_np, kind="stable")
-    touched, bounds = np.unique(image_np[order], return_index=True)
-    for b, sel in zip(touched.tolist(), np.split(order, bounds[1:])):
-        grids[b].add(alpha_np[sel], host[0, sel], host[1, sel], host[2, sel], first_row + sel)
-    return touched.tolist()
+    return np.concatenate(host, axis=2).transpose(0, 2, 1)                              # [3, nodes, T]
