@@ -161,7 +161,8 @@ def adaptive_rule(run: Pass, UV, idx, val, images: list, start: int, max_steps: 
 
 
 def _assemble(run: Pass, grids: _Grids, projs: list):
-    """Each image's trapezoid sum of its nodes' attributions, one weighted ``index_add`` per batch:
+    """Each image's trapezoid sum of its nodes' attributions, one weighted ``index_add`` per batch (the
+    batches' attributions are scaled in place):
     ``attr [T, n, P, s]``, ``T(X(1))`` and ``T(X(0))`` ``[T, n]`` for the ``n`` grid rows in order."""
     T, P, s = projs[0].shape[0], projs[0].shape[2], projs[0].shape[3]
     n = len(grids.count)
@@ -178,7 +179,7 @@ def _assemble(run: Pass, grids: _Grids, projs: list):
     r0 = 0
     for proj in projs:
         r1 = r0 + proj.shape[1]
-        attr.index_add_(1, owner[r0:r1], proj * weight[None, r0:r1, None, None])
+        attr.index_add_(1, owner[r0:r1], proj.mul_(weight[None, r0:r1, None, None]))  # proj is not read again
         r0 = r1
     v1, v0 = grids.ends(everyone)                                                          # [n, T]
     ends = torch.from_numpy(np.stack([v1.T, v0.T], 1)).to(device=device, dtype=run.acc)    # [T, 2, n]
