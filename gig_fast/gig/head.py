@@ -229,8 +229,8 @@ def _conv_input_gradient(conv: nn.Conv2d, g: torch.Tensor, input_size: torch.Siz
     rows = T * m
     if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0) and conv.groups == 1:
         # a 1×1 convolution of stride 1 on channels-last rows is one matrix product [rows·H·W, C_out] @
-        # [C_out, C]: on two cores 1.25–1.9× faster than the convolution's backward at 640 rows (the demo
-        # network's 32 → 8 at 14 × 14 to 256 → 64 at 2 × 2), the same arithmetic
+        # [C_out, C]: 1.25–1.9× faster than the convolution's backward at 640 rows on two cores of an Intel
+        # Xeon (the demo network's 32 → 8 at 14 × 14 to 256 → 64 at 2 × 2), the same arithmetic
         cols = g.expand(T, m, *g.shape[2:]).permute(0, 1, 3, 4, 2).reshape(rows * H * W, -1)
         grad = cols @ conv.weight.reshape(conv.out_channels, C)
         return grad.reshape(T, m, H, W, C).permute(0, 1, 4, 2, 3)
