@@ -49,6 +49,8 @@ SHAPES = [  # (T, m, P, C, K, s): tiny, odd, one-column, single node, larger C
     (2, 5, 33, 19, 11, 3),
     (3, 4, 17, 129, 40, 5),
     (1, 2, 65, 70, 300, 1),
+    (5, 1, 37, 32, 50, 16),  # C a multiple of 16 (the AVX-512 CPU kernel's), one node, one block of 16 concepts
+    (3, 4, 29, 48, 20, 21),  # several nodes, a second block of 5 concepts under a mask
 ]
 
 
@@ -79,6 +81,21 @@ def test_backend_matches_reference(backend, shape, dtype):
     assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert_within_accumulation_error(got, expected, grads, w, idx, val, V)
     assert torch.all(got[:, idx < 0] == 0), "padding entries must be exactly 0"
+
+
+# GIG_FAST_ACCUMULATE_ISA=generic keeps the cpp backend on its generic kernel (read at each call): on an
+# AVX-512 CPU float32 gradients with C a multiple of 16 take the AVX-512 kernel otherwise, so both run here.
+@pytest.mark.parametrize("isa", ["default", "generic"])
+def test_cpp_every_cpu_path(monkeypatch, isa):
+    if "cpp" not in _runnable_backends():
+        pytest.skip("cpp extension not built")
+    if isa == "generic":
+        monkeypatch.setenv("GIG_FAST_ACCUMULATE_ISA", isa)
+    for shape in [(5, 1, 37, 32, 50, 16), (3, 4, 29, 48, 20, 21), (2, 1, 130, 16, 9, 40)]:
+        grads, w, idx, val, V = make_inputs(*shape, torch.float32)
+        got = gig_accumulate(grads, w, idx, val, V, backend="cpp")
+        assert_within_accumulation_error(got, gig_accumulate_ref(grads, w, idx, val, V), grads, w, idx, val, V)
+        assert torch.all(got[:, idx < 0] == 0)
 
 
 @pytest.mark.parametrize("backend", _runnable_backends())

@@ -4,9 +4,24 @@
 #include "gig_accumulate/gig_accumulate.h"
 
 #include <ATen/Parallel.h>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "common.h"
+
+#if GIG_HAVE_AVX2_PATH && defined(__GNUC__) && !defined(__clang__)
+#define GIG_ACCUMULATE_AVX512 1
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma")
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12's own AVX-512 intrinsics (their "undefined" operands)
+#include "gig_accumulate/accumulate_avx512.h"  // its functions only: called where the CPU has AVX-512F
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+#else
+#define GIG_ACCUMULATE_AVX512 0
+#endif
 
 namespace gig_fast {
 namespace {
@@ -46,6 +61,21 @@ void accumulate_rows(const scalar_t* grads, const acc_t<scalar_t>* w, const int6
   });
 }
 
+// The AVX-512 kernel (accumulate_avx512.h) takes fp32 gradients with C a multiple of 16 on CPUs with
+// AVX-512F; GIG_FAST_ACCUMULATE_ISA=generic (read at each call) keeps the generic kernel, so one machine
+// tests both.
+bool use_avx512(at::ScalarType dtype, int64_t C) {
+#if GIG_ACCUMULATE_AVX512
+  static const bool avx512 = __builtin_cpu_supports("avx512f") && cpu_has_avx2();
+  const char* cap = std::getenv("GIG_FAST_ACCUMULATE_ISA");
+  return avx512 && dtype == at::kFloat && C % 16 == 0 && !(cap && std::strcmp(cap, "generic") == 0);
+#else
+  (void)dtype;
+  (void)C;
+  return false;
+#endif
+}
+
 }  // namespace
 
 at::Tensor gig_accumulate_cpu(const at::Tensor& grads, const at::Tensor& weights, const at::Tensor& idx,
@@ -60,6 +90,17 @@ at::Tensor gig_accumulate_cpu(const at::Tensor& grads, const at::Tensor& weights
   auto ix = idx.contiguous();
   auto out = at::empty({T, P, s}, grads.options().dtype(acc_type));
   if (out.numel() == 0) return out;
+#if GIG_ACCUMULATE_AVX512
+  if (use_avx512(g.scalar_type(), C)) {
+    const float *gp = g.data_ptr<float>(), *wp = w.data_ptr<float>(), *vp = vl.data_ptr<float>(), *Vp = Vc.data_ptr<float>();
+    const int64_t* ip = ix.data_ptr<int64_t>();
+    float* op = out.data_ptr<float>();
+    at::parallel_for(0, P, 8, [&](int64_t begin, int64_t end) {
+      accumulate512::accumulate_positions(gp, wp, ip, vp, Vp, op, T, m, P, s, C, begin, end);
+    });
+    return out;
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads.scalar_type(), "gig_accumulate_cpu", [&] {
     using acc = acc_t<scalar_t>;
     accumulate_rows<scalar_t>(g.data_ptr<scalar_t>(), w.data_ptr<acc>(), ix.data_ptr<int64_t>(),
