@@ -7,7 +7,8 @@
 // Here the dots go 16 at a time: 16 accumulator vectors (one per active concept, C / 16 FMAs each,
 // independent chains), then one transpose-and-add tree that turns the 16 vectors into one vector of their
 // 16 sums (45 shuffles and adds instead of 16 reductions), scaled by the codes' values and stored under a
-// mask: 1.5–1.6 ms at that shape (3.5×), 3.4–3.6× at C = 64 and 128 (5 targets), 2.9× at 20 targets. Padding (idx < 0) and the lanes past s read a row of zeros; padding stores an exact 0.
+// mask: 1.5–1.6 ms at that shape (3.5×), 3.4–3.7× at C = 64 and 128 (5 targets), 2.8–2.9× at 20
+// targets. Padding (idx < 0) and the lanes past s read a row of zeros; padding stores an exact 0.
 //
 // Accumulation: each dot is summed in fp32 in another order than the generic kernel's (16-lane partial
 // sums, then the tree), so the two agree to fp32 rounding, not bit for bit.
