@@ -5,6 +5,8 @@ supports, and the ``torch`` backend (the reference) for the other backends. Trit
 interpreter on the CPU, so its problems are tiny.
 """
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -156,21 +158,31 @@ def test_cpp_without_gram_matches_with_gram(monkeypatch, dtype):
 
 
 def test_cpp_small_lasso_calls_skip_the_gram():
-    """A Lasso call of fewer than K / 512 rows is coded without the K × K Gram matrix (the screened
-    homotopy takes what it needs from V); OMP, and a call of more rows, form it. The rows' codes are those
-    the same rows get inside a larger call that formed it."""
+    """A Lasso call of few rows is coded without the K × K Gram matrix: fewer than K / 512 rows up to 2,048
+    concepts (each row takes its entries from V), fewer than K / 32 above (the screened rounds in
+    lockstep); OMP, and a call of more rows, form it. The rows' codes are those the same rows get inside a
+    larger call that formed it."""
     if "cpp" not in BACKENDS:
         pytest.skip("cpp extension not built")
-    X, V, beta = pfv_like(12, 64, 2304, dtype=torch.float32, generator=torch.Generator().manual_seed(3))
+    X, V, beta = pfv_like(80, 64, 2304, dtype=torch.float32, generator=torch.Generator().manual_seed(3))
     V = V / V.norm(dim=1, keepdim=True)
-    assert not forms_gram(V, "lasso", 4, "cpp")  # 4 · 512 < 2,304
-    assert forms_gram(V, "lasso", 5, "cpp") and forms_gram(V, "omp", 4, "cpp") and forms_gram(V, "lasso", 4, "torch")
-    few = sparse_code(X[:4], V, bias=beta, lam=0.1, backend="cpp", return_info=True)
+    assert not forms_gram(V, "lasso", 71, "cpp")  # 71 · 32 < 2,304
+    assert forms_gram(V, "lasso", 72, "cpp") and forms_gram(V, "omp", 4, "cpp") and forms_gram(V, "lasso", 4, "torch")
+    V2048 = V[:2048].contiguous()
+    assert not forms_gram(V2048, "lasso", 3, "cpp") and forms_gram(V2048, "lasso", 4, "cpp")  # 4 · 512 = 2,048
+    few = sparse_code(X[:6], V, bias=beta, lam=0.1, backend="cpp", return_info=True)
     many = sparse_code(X, V, bias=beta, lam=0.1, backend="cpp", return_info=True)
     assert few[2].converged and many[2].converged
-    assert torch.equal(few[0], many[0][:4, :few[0].shape[1]]) and bool((many[0][:4, few[0].shape[1]:] < 0).all())
+    assert torch.equal(few[0], many[0][:6, :few[0].shape[1]]) and bool((many[0][:6, few[0].shape[1]:] < 0).all())
     # the same supports; values to the float32 Gram's rounding of the larger call
-    torch.testing.assert_close(few[1], many[1][:4, :few[1].shape[1]], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(few[1], many[1][:6, :few[1].shape[1]], rtol=1e-4, atol=1e-5)
+
+
+def _force_route(monkeypatch, route):
+    """Send screened cpp Lasso calls down one route whatever their row count: ``"gram"`` (the K × K Gram
+    matrix) or ``"lockstep"`` (the lockstep rounds without it)."""
+    module = importlib.import_module("gig_fast.ops.sparse_code")
+    monkeypatch.setattr(module, "GRAMLESS_SCREENED_CONCEPTS_PER_ROW", 0 if route == "lockstep" else 10**9)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -292,16 +304,19 @@ def test_cpp_homotopy_alone_reaches_tol(monkeypatch, dtype, positive):
         assert bool((info.iterations <= 3 * nnz + 4).all()), (info.iterations, nnz)
 
 
+@pytest.mark.parametrize("route", ["gram", "lockstep"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("positive", [False, True])
-def test_cpp_screened_homotopy_alone_reaches_tol(monkeypatch, dtype, positive):
+def test_cpp_screened_homotopy_alone_reaches_tol(monkeypatch, dtype, positive, route):
     """Above 2,048 concepts the homotopy runs on a working set (the 128 largest |c_k|, then each round's
-    KKT violators) until no concept outside it violates. PFV-like rows on unit concepts (K = 2,304 in
-    C = 64) need concepts outside their first set; with coordinate descent switched off every row must
-    still meet tol, by its duality gap computed here in float64 from Y, V and the codes."""
+    KKT violators) until no concept outside it violates — on the stored Gram matrix, or in lockstep rounds
+    without it. PFV-like rows on unit concepts (K = 2,304 in C = 64) need concepts outside their first
+    set; with coordinate descent switched off every row must still meet tol, by its duality gap computed
+    here in float64 from Y, V and the codes."""
     if "cpp" not in BACKENDS:
         pytest.skip("cpp extension not built")
     monkeypatch.setenv("GIG_FAST_LASSO_FALLBACK", "0")
+    _force_route(monkeypatch, route)
     X, V, beta = pfv_like(16, 64, 2304, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     V = V / V.norm(dim=1, keepdim=True)
     Y = X - beta
@@ -380,6 +395,32 @@ def test_cpp_float32_reported_gap_bounds_the_exact_one(positive):
         assert bool((info.gap.double() >= exact - slack).all()), float((exact - info.gap.double()).max())
         # and every row, its float32 codes included, within tol (from float32 G and c alone: 1.76e-6)
         assert info.converged and bool((exact <= info.tol * y2 * (1 + 1e-9)).all()), float((exact / y2).max())
+
+
+@pytest.mark.parametrize("positive", [False, True])
+def test_cpp_lockstep_rounds_match_the_gram_route_and_bound_their_gap(monkeypatch, positive):
+    """The lockstep rounds (no Gram matrix; every row's residual correlations from one float32 product of
+    its rounded residual) on near-duplicate concepts above 2,048 (K = 2,400 in C = 32): each row's reported
+    gap bounds its gap computed here in float64 (up to the codes' own float32 rounding), every row is
+    within tol, and the objectives are the Gram route's."""
+    if "cpp" not in BACKENDS:
+        pytest.skip("cpp extension not built")
+    X, V = _near_duplicate_problem(N=40, C=32, groups=300, per_group=8, seed=2)
+    if positive:
+        X = X + 0.05
+    found = {}
+    for route in ("lockstep", "gram"):
+        _force_route(monkeypatch, route)
+        idx, val, info = sparse_code(X, V, lam=0.05, positive=positive, backend="cpp", return_info=True)
+        exact = _exact_gaps(X, V, idx, val, info.lam, positive)
+        y2 = (X.double() ** 2).sum(1)
+        U = dense_codes(idx, val.double(), V.shape[0]).abs()
+        spread = info.lam.double() * U.sum(1) + y2.sqrt() * (U @ V.double().norm(dim=1))
+        slack = 4 * 2.0 ** -24 * spread + 1e-9 * y2
+        assert bool((info.gap.double() >= exact - slack).all()), (route, float((exact - info.gap.double()).max()))
+        assert info.converged and bool((exact <= info.tol * y2 * (1 + 1e-9)).all()), (route, float((exact / y2).max()))
+        found[route] = _objectives(X, V, idx, val, info.lam)
+    np.testing.assert_allclose(found["lockstep"], found["gram"], rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

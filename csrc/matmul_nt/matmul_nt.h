@@ -21,4 +21,7 @@ namespace gig_fast {
 
 at::Tensor matmul_nt_cpu(const at::Tensor& a, const at::Tensor& b, bool symmetric);
 
+// The same into `out` [M, N] (contiguous, a's dtype), e.g. a buffer kept between calls.
+void matmul_nt_out_cpu(const at::Tensor& a, const at::Tensor& b, bool symmetric, at::Tensor& out);
+
 }  // namespace gig_fast

@@ -5,6 +5,9 @@
 #include "sparse_code/sparse_code.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -16,6 +19,7 @@
 #include <vector>
 
 #include "common.h"
+#include "matmul_nt/matmul_nt.h"
 
 namespace gig_fast {
 namespace {
@@ -82,6 +86,20 @@ Code lasso_homotopy_code(const T* G, const T* V, const double* vnorm, int64_t K,
 #endif
   return base::lasso_homotopy<T>(base::Gram<T>{G, V, K, C}, vnorm, c, y, y2, lam, positive, max_iter, tol,
                                   done);
+}
+
+// A whole call's Lasso codes by lockstep rounds without a Gram matrix (lasso_lockstep), same build choice.
+template <typename T>
+void lasso_lockstep_codes(const at::Tensor& V, const double* vnorm, const T* corr, const T* Y, const double* y2,
+                          const double* lam, bool positive, int64_t max_iter, double tol, std::vector<Code>& codes,
+                          std::vector<char>& done) {
+#if GIG_SPARSE_CODE_SIMD
+  if (cpu_has_avx512())
+    return avx512::lasso_lockstep<T>(V, vnorm, corr, Y, y2, lam, positive, max_iter, tol, codes, done);
+  if (cpu_has_avx2())
+    return avx2::lasso_lockstep<T>(V, vnorm, corr, Y, y2, lam, positive, max_iter, tol, codes, done);
+#endif
+  base::lasso_lockstep<T>(V, vnorm, corr, Y, y2, lam, positive, max_iter, tol, codes, done);
 }
 
 // The same vector by coordinate descent on the exact problem (V64, y in double).
@@ -174,9 +192,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_code_lasso_cpu
     const scalar_t* vp = V.data_ptr<scalar_t>();
     const scalar_t* cp = corr.data_ptr<scalar_t>();
     const scalar_t* yp = Y.data_ptr<scalar_t>();
-    // float32 G and c: the concepts' norms, for the gap's bound on their rounding (certified_gap)
+    // without a Gram matrix, a screened problem runs in lockstep rounds (lasso_lockstep)
+    const bool lockstep = !gp && K > base::kScreenAbove;
+    // float32 G and c, or the lockstep rounds' float32 correlations: the concepts' norms, for the gap's
+    // bound on their rounding (certified_gap)
     std::vector<double> vnorm;
-    if (gp && !std::is_same_v<scalar_t, double>) {
+    if ((gp && !std::is_same_v<scalar_t, double>) || lockstep) {
       vnorm.resize(K);
       at::parallel_for(0, K, 256, [&](int64_t k0, int64_t k1) {
         for (int64_t k = k0; k < k1; ++k) {
@@ -188,12 +209,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_code_lasso_cpu
       });
     }
     const double* np = vnorm.empty() ? nullptr : vnorm.data();
-    for_each_vector(N, [&](int64_t n) {
-      bool ok;
-      codes[n] = lasso_homotopy_code(gp, vp, np, K, C, cp + n * K, yp + n * C, y2p[n], lp[n], positive, max_iter,
-                                     tol, ok);
-      done[n] = ok;
-    });
+    if (lockstep) {
+      lasso_lockstep_codes<scalar_t>(V, np, cp, yp, y2p, lp, positive, max_iter, tol, codes, done);
+    } else {
+      for_each_vector(N, [&](int64_t n) {
+        bool ok;
+        codes[n] = lasso_homotopy_code(gp, vp, np, K, C, cp + n * K, yp + n * C, y2p[n], lp[n], positive,
+                                       max_iter, tol, ok);
+        done[n] = ok;
+      });
+    }
     std::vector<int64_t> left;
     for (int64_t n = 0; n < N; ++n)
       if (!done[n]) left.push_back(n);

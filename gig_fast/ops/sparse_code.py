@@ -66,13 +66,20 @@ PREFERENCE = {"cpu": ("cpp", "torch"), "cuda": ("triton", "torch")}
 # ResNet-50's layer4 at K = 8·C — down the Gram-less route at any row count: 216 ms a row there against a
 # 6.96 s Gram, one thread.)
 CPU_GRAM_LIMIT_BYTES = 2 * 2**30
-# A cpp Lasso call with fewer rows than K / 512 skips the K × K Gram matrix as well: the screened homotopy
-# takes G[W, j] and each round's residual correlations from V, a few passes over V per row, where the Gram
-# costs K²·C/2 once. Measured (PFV-like rows on unit concepts, K = 8·C, one thread), the Gram's time
-# against a row's without it, and the row count where they meet: 31 / 3.1 ms at K = 2,048 (10 rows),
-# 116 / 3.4 ms at 4,096 (34), 936 / 19.1 ms at 8,192 (49), 6,960 / 216 ms at 16,384 (32); K / 512 stays
-# below each. OMP keeps the Gram: without it a row costs K·C per atom.
+# A cpp Lasso call with few rows skips the K × K Gram matrix as well (it costs K²·C/2 once).
+# Up to SCREENED_ABOVE concepts (the homotopy on every concept) a row then takes its G entries and
+# residual correlations from V alone, a few passes over V per row: fewer than K / 512 rows. Measured
+# (PFV-like rows on unit concepts, K = 8·C, one thread), the Gram's time against a row's without it:
+# 31 / 3.1 ms at K = 2,048 (they meet at 10 rows).
 GRAMLESS_LASSO_CONCEPTS_PER_ROW = 512
+# Above it the screened homotopy runs every row's rounds in lockstep (each row's G_WW from its gathered
+# working set, every row's residual correlations from one product per round): fewer than K / 32 rows.
+# Measured the same way on an AMD Zen 4 host (Gram route / lockstep, one thread): K = 4,096 at 64, 128
+# and 256 rows 119 / 75, 136 / 131, 167 / 260 ms; K = 8,192 at 128, 256 and 400 rows 835 / 392,
+# 938 / 731, 1,058 / 1,123 ms (they meet near K / 32 and K / 22). OMP keeps the Gram: without it a row
+# costs K·C per atom.
+SCREENED_ABOVE = 2048  # the C++ solver's kScreenAbove
+GRAMLESS_SCREENED_CONCEPTS_PER_ROW = 32
 # Rows of X per solver chunk: bounds the [chunk, K] correlation buffer.
 CHUNK_ELEMENTS = 2**24
 
@@ -170,11 +177,12 @@ _gram_buffer = threading.local()
 def forms_gram(V: torch.Tensor, method: str, rows: int, backend: str) -> bool:
     """Whether a ``sparse_code`` call coding ``rows`` vectors on ``V [K, C]`` by ``method`` on ``backend``
     forms the ``K × K`` Gram matrix (``K²`` elements of V's dtype). The cpp backend on the CPU does without
-    it over ``cpu_gram_limit_bytes`` (2 GiB) and for a Lasso call of fewer than K / 512 rows, taking the
-    few entries it needs from V."""
+    it over ``cpu_gram_limit_bytes`` (2 GiB) and for a Lasso call of fewer than K / 512 rows (K / 32 above
+    2,048 concepts, where the screened rounds run in lockstep), taking the entries it needs from V."""
     K = V.shape[0]
     limit = SPEC.defaults["cpu_gram_limit_bytes"]  # read per call: tests lower it to force the Gram-less path
-    few_rows = method == "lasso" and rows * GRAMLESS_LASSO_CONCEPTS_PER_ROW < K
+    per_row = GRAMLESS_SCREENED_CONCEPTS_PER_ROW if K > SCREENED_ABOVE else GRAMLESS_LASSO_CONCEPTS_PER_ROW
+    few_rows = method == "lasso" and rows * per_row < K
     return not (backend in GRAMLESS and V.device.type == "cpu" and (K * K * V.element_size() > limit or few_rows))
 
 
