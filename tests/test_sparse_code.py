@@ -5,8 +5,6 @@ supports, and the ``torch`` backend (the reference) for the other backends. Trit
 interpreter on the CPU, so its problems are tiny.
 """
 
-import importlib
-
 import numpy as np
 import pytest
 import torch
@@ -178,11 +176,13 @@ def test_cpp_small_lasso_calls_skip_the_gram():
     torch.testing.assert_close(few[1], many[1][:6, :few[1].shape[1]], rtol=1e-4, atol=1e-5)
 
 
-def _force_route(monkeypatch, route):
-    """Send screened cpp Lasso calls down one route whatever their row count: ``"gram"`` (the K × K Gram
-    matrix) or ``"lockstep"`` (the lockstep rounds without it)."""
-    module = importlib.import_module("gig_fast.ops.sparse_code")
-    monkeypatch.setattr(module, "GRAMLESS_SCREENED_CONCEPTS_PER_ROW", 0 if route == "lockstep" else 10**9)
+def _take_route(monkeypatch, route, V, rows):
+    """Send a screened cpp Lasso call of ``rows`` rows on ``V`` down ``route``: ``"gram"`` (the K × K Gram
+    matrix: a call of at least K / 32 rows) or ``"lockstep"`` (the lockstep rounds without it: the Gram
+    limit lowered to 0 bytes)."""
+    if route == "lockstep":
+        monkeypatch.setitem(ops.spec("sparse_code").defaults, "cpu_gram_limit_bytes", 0)
+    assert V.shape[0] > 2048 and forms_gram(V, "lasso", rows, "cpp") == (route == "gram")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -316,9 +316,9 @@ def test_cpp_screened_homotopy_alone_reaches_tol(monkeypatch, dtype, positive, r
     if "cpp" not in BACKENDS:
         pytest.skip("cpp extension not built")
     monkeypatch.setenv("GIG_FAST_LASSO_FALLBACK", "0")
-    _force_route(monkeypatch, route)
-    X, V, beta = pfv_like(16, 64, 2304, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    X, V, beta = pfv_like(80, 64, 2304, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     V = V / V.norm(dim=1, keepdim=True)
+    _take_route(monkeypatch, route, V, 80)
     Y = X - beta
     if positive:  # every other row negated: its codes on the concepts that built it would be negative
         Y[::2] = -Y[::2]
@@ -400,17 +400,17 @@ def test_cpp_float32_reported_gap_bounds_the_exact_one(positive):
 @pytest.mark.parametrize("positive", [False, True])
 def test_cpp_lockstep_rounds_match_the_gram_route_and_bound_their_gap(monkeypatch, positive):
     """The lockstep rounds (no Gram matrix; every row's residual correlations from one float32 product of
-    its rounded residual) on near-duplicate concepts above 2,048 (K = 2,400 in C = 32): each row's reported
-    gap bounds its gap computed here in float64 (up to the codes' own float32 rounding), every row is
+    its rounded residual) on near-duplicate concepts above 2,048 (80 rows, K = 2,400 in C = 32): each row's
+    reported gap bounds its gap computed here in float64 (up to the codes' own float32 rounding), every row is
     within tol, and the objectives are the Gram route's."""
     if "cpp" not in BACKENDS:
         pytest.skip("cpp extension not built")
-    X, V = _near_duplicate_problem(N=40, C=32, groups=300, per_group=8, seed=2)
+    X, V = _near_duplicate_problem(N=80, C=32, groups=300, per_group=8, seed=2)
     if positive:
         X = X + 0.05
     found = {}
-    for route in ("lockstep", "gram"):
-        _force_route(monkeypatch, route)
+    for route in ("gram", "lockstep"):
+        _take_route(monkeypatch, route, V, 80)
         idx, val, info = sparse_code(X, V, lam=0.05, positive=positive, backend="cpp", return_info=True)
         exact = _exact_gaps(X, V, idx, val, info.lam, positive)
         y2 = (X.double() ** 2).sum(1)
