@@ -158,14 +158,14 @@ def test_cpp_without_gram_matches_with_gram(monkeypatch, dtype):
 def test_cpp_small_lasso_calls_skip_the_gram():
     """A Lasso call of few rows is coded without the K × K Gram matrix: fewer than K / 512 rows up to 2,048
     concepts (each row takes its entries from V), fewer than K / 32 above (the screened rounds in
-    lockstep); OMP, and a call of more rows, form it. The rows' codes are those the same rows get inside a
+    lockstep); a call of more rows forms it (OMP: test_cpp_omp_lockstep_matches_the_gram_route). The rows' codes are those the same rows get inside a
     larger call that formed it."""
     if "cpp" not in BACKENDS:
         pytest.skip("cpp extension not built")
     X, V, beta = pfv_like(80, 64, 2304, dtype=torch.float32, generator=torch.Generator().manual_seed(3))
     V = V / V.norm(dim=1, keepdim=True)
     assert not forms_gram(V, "lasso", 71, "cpp")  # 71 · 32 < 2,304
-    assert forms_gram(V, "lasso", 72, "cpp") and forms_gram(V, "omp", 4, "cpp") and forms_gram(V, "lasso", 4, "torch")
+    assert forms_gram(V, "lasso", 72, "cpp") and forms_gram(V, "omp", 51, "cpp") and forms_gram(V, "lasso", 4, "torch")
     V2048 = V[:2048].contiguous()
     assert not forms_gram(V2048, "lasso", 3, "cpp") and forms_gram(V2048, "lasso", 4, "cpp")  # 4 · 512 = 2,048
     few = sparse_code(X[:6], V, bias=beta, lam=0.1, backend="cpp", return_info=True)
@@ -174,6 +174,33 @@ def test_cpp_small_lasso_calls_skip_the_gram():
     assert torch.equal(few[0], many[0][:6, :few[0].shape[1]]) and bool((many[0][:6, few[0].shape[1]:] < 0).all())
     # the same supports; values to the float32 Gram's rounding of the larger call
     torch.testing.assert_close(few[1], many[1][:6, :few[1].shape[1]], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("group_bytes", [None, "1"])
+def test_cpp_omp_lockstep_matches_the_gram_route(monkeypatch, dtype, group_bytes):
+    """An OMP call of rows × atoms < K / 2 skips the Gram matrix and runs its rows' steps in lockstep (each
+    step's Gram rows of the new atoms from one product against V): its codes are those the same rows get in
+    a call large enough to form the Gram matrix — the same supports, values to the Gram's rounding — with
+    rows that stop early (a zero row at once, a multiple of one concept after one atom) and, with the
+    groups' budget at one byte, every row in a group of its own."""
+    if "cpp" not in BACKENDS:
+        pytest.skip("cpp extension not built")
+    if group_bytes is not None:
+        monkeypatch.setenv("GIG_FAST_OMP_LOCKSTEP_BYTES", group_bytes)
+    X, V = random_problem(60, 24, 400, dtype=dtype)
+    X[1] = 0
+    X[2] = 3 * V[7]
+    atoms, few = 8, 12
+    assert not forms_gram(V, "omp", few, "cpp", atoms) and forms_gram(V, "omp", len(X), "cpp", atoms)
+    lockstep = sparse_code(X[:few], V, method="omp", n_nonzero=atoms, backend="cpp", return_info=True)
+    gram = sparse_code(X, V, method="omp", n_nonzero=atoms, backend="cpp", return_info=True)
+    assert torch.equal(lockstep[0], gram[0][:few])
+    assert (lockstep[0][1] < 0).all() and lockstep[0][2].tolist() == [7] + [-1] * (atoms - 1)
+    rtol, atol = (1e-9, 1e-12) if dtype == torch.float64 else (1e-4, 1e-5)
+    torch.testing.assert_close(lockstep[1], gram[1][:few], rtol=rtol, atol=atol)
+    assert torch.equal(lockstep[2].iterations, gram[2].iterations[:few])
+    assert lockstep[2].iterations[:3].tolist() == [atoms, 0, 1]
 
 
 def _take_route(monkeypatch, route, V, rows):

@@ -65,12 +65,21 @@ std::unique_ptr<float[], FreeDeleter> aligned_floats(size_t n) {
   return std::unique_ptr<float[], FreeDeleter>(static_cast<float*>(p));
 }
 
-void matmul_nt_avx512(const float* a, int64_t M, const float* b, int64_t N, int64_t C, bool symmetric, float* out) {
+// b [N, C] packed in panels of kNr columns (fused_argmax512::pack_panel_range's layout), in parallel.
+std::unique_ptr<float[], FreeDeleter> pack_columns(const float* b, int64_t N, int64_t C) {
   namespace k = matmul_nt512;
   const int64_t panels = (N + k::kNr - 1) / k::kNr;
   auto bp = aligned_floats(static_cast<size_t>(panels * k::kNr * C));
   at::parallel_for(0, panels, std::max<int64_t>(1, (int64_t(1) << 16) / (k::kNr * C)),
                    [&](int64_t q0, int64_t q1) { fused_argmax512::pack_panel_range(b, N, C, k::kNr, q0, q1, bp.get()); });
+  return bp;
+}
+
+// a [M, C] times the packed b (pack_columns) into out [M, N].
+void matmul_nt_avx512_packed(const float* a, int64_t M, const float* bp, int64_t N, int64_t C, bool symmetric,
+                             float* out) {
+  namespace k = matmul_nt512;
+  const int64_t panels = (N + k::kNr - 1) / k::kNr;
   const int64_t row_blocks = (M + k::kBlockRows - 1) / k::kBlockRows, tiles = (N + k::kTileCols - 1) / k::kTileCols;
   std::vector<int64_t> items;  // row block · tiles + column tile, row-block-major: a thread's run shares blocks
   items.reserve(static_cast<size_t>(row_blocks * tiles));
@@ -89,10 +98,14 @@ void matmul_nt_avx512(const float* a, int64_t M, const float* b, int64_t N, int6
       if (rb != packed) k::pack_rows(a, r0, rows, C, ap.get()), packed = rb;
       const int64_t n0 = t * k::kTileCols;
       const int64_t cols = std::min(k::kTileCols, N - n0);
-      k::block(ap.get(), r0, rows, bp.get(), panels, n0, cols, C, partial.get(), symmetric, out, N);
+      k::block(ap.get(), r0, rows, bp, panels, n0, cols, C, partial.get(), symmetric, out, N);
       if (symmetric) k::mirror_block(out, N, r0, rows, n0, cols);
     }
   });
+}
+
+void matmul_nt_avx512(const float* a, int64_t M, const float* b, int64_t N, int64_t C, bool symmetric, float* out) {
+  matmul_nt_avx512_packed(a, M, pack_columns(b, N, C).get(), N, C, symmetric, out);
 }
 #endif
 
@@ -153,6 +166,37 @@ void matmul_nt_out_cpu(const at::Tensor& a, const at::Tensor& b, bool symmetric,
   if (symmetric && M > 1)
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "matmul_nt_mirror",
                                     [&] { mirror_lower<scalar_t>(out.data_ptr<scalar_t>(), M); });
+}
+
+MatmulNtColumns::MatmulNtColumns(const at::Tensor& b) : b_(b.contiguous()) {
+  TORCH_CHECK_VALUE(b_.device().is_cpu() && b_.dim() == 2 && at::isFloatingType(b_.scalar_type()),
+                    "matmul_nt: b must be a 2-D floating-point CPU tensor [N, C], got ", b_.sizes(), " ",
+                    b_.scalar_type(), " on ", b_.device());
+#if GIG_MATMUL_AVX512
+  if (b_.scalar_type() == at::kFloat && b_.numel() > 0 && use_avx512()) {
+    auto packed = pack_columns(b_.data_ptr<float>(), b_.size(0), b_.size(1));
+    packed_ = std::shared_ptr<float>(packed.release(), FreeDeleter{});
+  }
+#endif
+}
+
+void MatmulNtColumns::multiply(const at::Tensor& a, at::Tensor& out) const {
+  const int64_t M = a.size(0), N = b_.size(0), C = b_.size(1);
+  TORCH_CHECK_VALUE(a.dim() == 2 && a.size(1) == C && a.scalar_type() == b_.scalar_type() && a.device().is_cpu(),
+                    "matmul_nt: a must be a CPU [M, C = ", C, "] tensor of b's dtype, got ", a.sizes(), " ",
+                    a.scalar_type());
+  TORCH_CHECK_VALUE(out.device().is_cpu() && out.scalar_type() == a.scalar_type() && out.dim() == 2 &&
+                        out.size(0) == M && out.size(1) == N && out.is_contiguous(),
+                    "matmul_nt: out must be a contiguous CPU [", M, ", ", N, "] tensor of a's dtype, got ",
+                    out.sizes(), " ", out.scalar_type());
+  if (M == 0 || N == 0) return;
+#if GIG_MATMUL_AVX512
+  if (packed_ && a.is_contiguous()) {
+    matmul_nt_avx512_packed(a.data_ptr<float>(), M, packed_.get(), N, C, /*symmetric=*/false, out.data_ptr<float>());
+    return;
+  }
+#endif
+  at::mm_out(out, a, b_.t());
 }
 
 at::Tensor matmul_nt_cpu(const at::Tensor& a, const at::Tensor& b, bool symmetric) {

@@ -37,16 +37,18 @@
 // u_S = L⁻ᵀ z at the end. A vector stops early like scikit-learn's orthogonal_mp_gram when q_k² < eps or
 // the new pivot ≤ eps. Q and q in T, L and z in double.
 //
-// gram may be empty (a dictionary too large for K×K, or a Lasso call of few vectors: fewer than K/512 up to
-// K = 2,048, K/32 above): above K = 2,048 the Lasso then runs every vector's screened rounds in lockstep
-// (each vector's G_WW from its gathered rows of V, every vector's q from one product per round:
-// active_set_solvers.inc, lasso_lockstep); otherwise the solvers take G entries as dot products of V
-// rows and q = V (y − V^T u) from Y. Shapes: corr [N, K], gram [K, K] or [0], Y [N, C], V [K, C],
+// gram may be empty (a dictionary too large for K×K, or a call of few vectors: a Lasso call of fewer than
+// K/512 up to K = 2,048, K/32 above, an OMP call of vectors × atoms < K/2): above K = 2,048 the Lasso then
+// runs every vector's screened rounds in lockstep (each vector's G_WW from its gathered rows of V, every
+// vector's q from one product per round: active_set_solvers.inc, lasso_lockstep), OMP every vector's steps
+// in lockstep (each step's Gram rows of the new atoms from one product against V packed once:
+// omp_lockstep); otherwise the Lasso takes G entries as dot products of V rows and q = V (y − V^T u) from Y. Shapes: corr [N, K], gram [K, K] or [0], Y [N, C], V [K, C],
 // y2 [N] (‖y‖², fp64), lam [N] (absolute); corr, gram, Y and V in one float dtype (fp32 or fp64; the
 // Lasso's fallback forms its fp64 copy of V itself, when a row needs it). Returns padded codes idx [N, s]
 // int64 (−1 padding, sorted increasingly), val [N, s] (0 at padding, V's dtype), and per
 // vector the duality gap and homotopy steps plus CD sweeps (Lasso) or atoms chosen (OMP).
-// GIG_FAST_LASSO_FALLBACK=0 (read per call, for tests) runs the homotopy alone.
+// GIG_FAST_LASSO_FALLBACK=0 (read per call, for tests) runs the homotopy alone; GIG_FAST_OMP_LOCKSTEP_BYTES
+// (read per call, for tests) sets the OMP lockstep groups' budget of Q columns (256 MiB).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <tuple>

@@ -114,6 +114,19 @@ Code lasso_exact_code(const double* V64, int64_t K, int64_t C, const double* y, 
   return base::lasso_exact(base::Gram<double>{nullptr, V64, K, C}, y, y2, lam, positive, max_iter, tol, steps);
 }
 
+// A whole call's OMP codes without a Gram matrix, in lockstep steps (omp_lockstep), same build choice.
+template <typename T>
+void omp_lockstep_codes(const at::Tensor& V, const T* corr, int64_t n_nonzero, std::vector<Code>& codes) {
+  // GIG_FAST_OMP_LOCKSTEP_BYTES (read per call; for tests): the groups' budget, so that a small call splits
+  const char* env = std::getenv("GIG_FAST_OMP_LOCKSTEP_BYTES");
+  const int64_t bytes = env ? std::max<int64_t>(1, std::atoll(env)) : base::kOmpLockstepBytes;
+#if GIG_SPARSE_CODE_SIMD
+  if (cpu_has_avx512()) return avx512::omp_lockstep<T>(V, corr, n_nonzero, bytes, codes);
+  if (cpu_has_avx2()) return avx2::omp_lockstep<T>(V, corr, n_nonzero, bytes, codes);
+#endif
+  base::omp_lockstep<T>(V, corr, n_nonzero, bytes, codes);
+}
+
 template <typename T>
 Code omp_code(const T* G, const T* V, int64_t K, int64_t C, const T* c, int64_t n_nonzero) {
 #if GIG_SPARSE_CODE_SIMD
@@ -248,7 +261,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_code_omp_cpu(const at::Ten
     const scalar_t* gp = gram.numel() ? gram.data_ptr<scalar_t>() : nullptr;
     const scalar_t* vp = V.data_ptr<scalar_t>();
     const scalar_t* cp = corr.data_ptr<scalar_t>();
-    for_each_vector(N, [&](int64_t n) { codes[n] = omp_code(gp, vp, K, C, cp + n * K, n_nonzero); });
+    if (gp)
+      for_each_vector(N, [&](int64_t n) { codes[n] = omp_code(gp, vp, K, C, cp + n * K, n_nonzero); });
+    else
+      omp_lockstep_codes<scalar_t>(V, cp, n_nonzero, codes);
   });
   auto [idx, val, gap, iters] = pack(codes, V.options());
   return {idx, val, iters};

@@ -76,10 +76,16 @@ GRAMLESS_LASSO_CONCEPTS_PER_ROW = 512
 # working set, every row's residual correlations from one product per round): fewer than K / 32 rows.
 # Measured the same way on an AMD Zen 4 host (Gram route / lockstep, one thread): K = 4,096 at 64, 128
 # and 256 rows 119 / 75, 136 / 131, 167 / 260 ms; K = 8,192 at 128, 256 and 400 rows 835 / 392,
-# 938 / 731, 1,058 / 1,123 ms (they meet near K / 32 and K / 22). OMP keeps the Gram: without it a row
-# costs K·C per atom.
+# 938 / 731, 1,058 / 1,123 ms (they meet near K / 32 and K / 22).
 SCREENED_ABOVE = 2048  # the C++ solver's kScreenAbove
 GRAMLESS_SCREENED_CONCEPTS_PER_ROW = 32
+# A cpp OMP call skips it while rows × atoms < K / 2: its steps then run in lockstep, each step's Gram rows
+# of every row's new atom from one product against V packed once (K·C per row and atom, against K²·C/2 for
+# the Gram matrix). Measured on an AMD Zen 4 host (Gram route / lockstep, PFV-like rows on unit concepts):
+# one thread, K = 8,192 (C = 1,024, 59 atoms) at 25, 50 and 100 rows 919 / 472, 930 / 789, 1,009 /
+# 1,453 ms; K = 16,384 (C = 2,048, 60 atoms) at 32 and 64 rows 6.49 / 1.97 s and 6.59 / 3.85 s; two
+# threads, K = 8,192 at 50 and 70 rows 530 / 431 and 508 / 541 ms, K = 16,384 at 64 rows 3.42 / 2.49 s.
+GRAMLESS_OMP_CONCEPTS_PER_ATOM = 2
 # Rows of X per solver chunk: bounds the [chunk, K] correlation buffer.
 CHUNK_ELEMENTS = 2**24
 
@@ -174,23 +180,34 @@ GRAM_BUFFER_LIMIT_BYTES = 256 * 2**20
 _gram_buffer = threading.local()
 
 
-def forms_gram(V: torch.Tensor, method: str, rows: int, backend: str) -> bool:
+def forms_gram(V: torch.Tensor, method: str, rows: int, backend: str, atoms: int | None = None) -> bool:
     """Whether a ``sparse_code`` call coding ``rows`` vectors on ``V [K, C]`` by ``method`` on ``backend``
-    forms the ``K × K`` Gram matrix (``K²`` elements of V's dtype). The cpp backend on the CPU does without
-    it over ``cpu_gram_limit_bytes`` (2 GiB) and for a Lasso call of fewer than K / 512 rows (K / 32 above
-    2,048 concepts, where the screened rounds run in lockstep), taking the entries it needs from V."""
+    (OMP with ``atoms`` atoms per row, default ``sparse_code``'s) forms the ``K × K`` Gram matrix (``K²``
+    elements of V's dtype). The cpp backend on the CPU does without it over ``cpu_gram_limit_bytes``
+    (2 GiB), for a Lasso call of fewer than K / 512 rows (K / 32 above 2,048 concepts, where the screened
+    rounds run in lockstep) and for an OMP call of rows × atoms below K / 2 (its steps in lockstep),
+    taking the entries it needs from V."""
     K = V.shape[0]
     limit = SPEC.defaults["cpu_gram_limit_bytes"]  # read per call: tests lower it to force the Gram-less path
-    per_row = GRAMLESS_SCREENED_CONCEPTS_PER_ROW if K > SCREENED_ABOVE else GRAMLESS_LASSO_CONCEPTS_PER_ROW
-    few_rows = method == "lasso" and rows * per_row < K
+    if method == "lasso":
+        per_row = GRAMLESS_SCREENED_CONCEPTS_PER_ROW if K > SCREENED_ABOVE else GRAMLESS_LASSO_CONCEPTS_PER_ROW
+        few_rows = rows * per_row < K
+    else:
+        atoms = default_atoms(K) if atoms is None else min(atoms, K)
+        few_rows = rows * atoms * GRAMLESS_OMP_CONCEPTS_PER_ATOM < K
     return not (backend in GRAMLESS and V.device.type == "cpu" and (K * K * V.element_size() > limit or few_rows))
 
 
-def _gram(V: torch.Tensor, backend: str, method: str, rows: int) -> torch.Tensor | None:
-    """``G = V Vᵀ`` for a call coding ``rows`` vectors, or None where the backend does better without it
-    (:func:`forms_gram`)."""
+def default_atoms(K: int) -> int:
+    """OMP's atoms per row when ``n_nonzero`` is not given: 1 % of the K concepts, at least one."""
+    return max(1, K // 100)
+
+
+def _gram(V: torch.Tensor, backend: str, method: str, rows: int, atoms: int) -> torch.Tensor | None:
+    """``G = V Vᵀ`` for a call coding ``rows`` vectors (OMP: ``atoms`` each), or None where the backend does
+    better without it (:func:`forms_gram`)."""
     K = V.shape[0]
-    if not forms_gram(V, method, rows, backend):
+    if not forms_gram(V, method, rows, backend, atoms):
         return None
     if V.device.type != "cpu":
         return V @ V.T  # the GPU solvers need no exactly symmetric copy
@@ -222,7 +239,7 @@ def _solve(Y: torch.Tensor, V: torch.Tensor, lam: float, relative: bool, method:
            max_iter: int, tol: float, n_nonzero: int, backend: str):
     """Chunked driver: ``Y [N, C]`` centred rows in the compute dtype → padded codes + diagnostics."""
     N, K = Y.shape[0], V.shape[0]
-    G = _gram(V, backend, method, N)
+    G = _gram(V, backend, method, N, n_nonzero)
     chunk = max(1, CHUNK_ELEMENTS // max(K, 1))
     codes, lams, gaps, iters = [], [], [], []
     for n0 in range(0, N, chunk):
@@ -362,7 +379,7 @@ def sparse_code(X: torch.Tensor, V: torch.Tensor, *, lam: float | None = None, m
         lam = float(lam)
     K = V.shape[0] if isinstance(V, torch.Tensor) and V.dim() == 2 else 0
     if n_nonzero is None:
-        n_nonzero = max(1, K // 100)
+        n_nonzero = default_atoms(K)
     _check_args(X, V, bias, lam, method, lam_mode, positive, max_iter, tol, n_nonzero)
     name = resolve("sparse_code", IMPLEMENTED, PREFERENCE, V.device, backend)
     # Every backend works in the input's precision (half types in float32). The cpp Lasso's homotopy
