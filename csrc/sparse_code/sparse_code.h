@@ -48,7 +48,7 @@
 // int64 (−1 padding, sorted increasingly), val [N, s] (0 at padding, V's dtype), and per
 // vector the duality gap and homotopy steps plus CD sweeps (Lasso) or atoms chosen (OMP).
 // GIG_FAST_LASSO_FALLBACK=0 (read per call, for tests) runs the homotopy alone; GIG_FAST_OMP_LOCKSTEP_BYTES
-// (read per call, for tests) sets the OMP lockstep groups' budget of Q columns (256 MiB).
+// (read per call, for tests) sets the OMP lockstep groups' budget of Q columns (1 GiB).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <tuple>
