@@ -158,14 +158,15 @@ def test_cpp_without_gram_matches_with_gram(monkeypatch, dtype):
 def test_cpp_small_lasso_calls_skip_the_gram():
     """A Lasso call of few rows is coded without the K × K Gram matrix: fewer than K / 512 rows up to 2,048
     concepts (each row takes its entries from V), fewer than K / 32 above (the screened rounds in
-    lockstep); a call of more rows forms it (OMP: test_cpp_omp_lockstep_matches_the_gram_route). The rows' codes are those the same rows get inside a
-    larger call that formed it."""
+    lockstep); a call of more rows forms it, and an OMP call of rows × atoms ≥ K / 2 (the default atoms:
+    1 % of K). The rows' codes are those the same rows get inside a larger call that formed it."""
     if "cpp" not in BACKENDS:
         pytest.skip("cpp extension not built")
     X, V, beta = pfv_like(80, 64, 2304, dtype=torch.float32, generator=torch.Generator().manual_seed(3))
     V = V / V.norm(dim=1, keepdim=True)
     assert not forms_gram(V, "lasso", 71, "cpp")  # 71 · 32 < 2,304
-    assert forms_gram(V, "lasso", 72, "cpp") and forms_gram(V, "omp", 51, "cpp") and forms_gram(V, "lasso", 4, "torch")
+    assert forms_gram(V, "lasso", 72, "cpp") and forms_gram(V, "lasso", 4, "torch")
+    assert not forms_gram(V, "omp", 50, "cpp") and forms_gram(V, "omp", 51, "cpp")  # 2 · 23 atoms · 50 < 2,304
     V2048 = V[:2048].contiguous()
     assert not forms_gram(V2048, "lasso", 3, "cpp") and forms_gram(V2048, "lasso", 4, "cpp")  # 4 · 512 = 2,048
     few = sparse_code(X[:6], V, bias=beta, lam=0.1, backend="cpp", return_info=True)
