@@ -128,6 +128,14 @@ bool same_tensor(const at::Tensor& a, const at::Tensor& b) {
                           a.scalar_type() == b.scalar_type());
 }
 
+// A named error unless `out` is a contiguous CPU [M, N] tensor of `dtype`.
+void check_out(const at::Tensor& out, int64_t M, int64_t N, at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(out.device().is_cpu() && out.scalar_type() == dtype && out.dim() == 2 && out.size(0) == M &&
+                        out.size(1) == N && out.is_contiguous(),
+                    "matmul_nt: out must be a contiguous CPU [", M, ", ", N, "] tensor of a's dtype, got ",
+                    out.sizes(), " ", out.scalar_type());
+}
+
 }  // namespace
 
 // a @ b.T into `out` [M, N] (contiguous, a's dtype): a caller that keeps its output buffer between
@@ -145,10 +153,7 @@ void matmul_nt_out_cpu(const at::Tensor& a, const at::Tensor& b, bool symmetric,
                     ": their C (dim 1) differ");
   TORCH_CHECK_VALUE(!symmetric || same_tensor(a, b), "matmul_nt: symmetric=True computes a @ a.T: b must be a");
   const int64_t M = a.size(0), N = b.size(0), C = a.size(1);
-  TORCH_CHECK_VALUE(out.device().is_cpu() && out.scalar_type() == a.scalar_type() && out.dim() == 2 &&
-                        out.size(0) == M && out.size(1) == N && out.is_contiguous(),
-                    "matmul_nt: out must be a contiguous CPU [", M, ", ", N, "] tensor of a's dtype, got ",
-                    out.sizes(), " ", out.scalar_type());
+  check_out(out, M, N, a.scalar_type());
   if (M == 0 || N == 0) return;
 #if GIG_MATMUL_AVX512
   if (a.scalar_type() == at::kFloat && a.is_contiguous() && b.is_contiguous() && use_avx512()) {
@@ -181,14 +186,12 @@ MatmulNtColumns::MatmulNtColumns(const at::Tensor& b) : b_(b.contiguous()) {
 }
 
 void MatmulNtColumns::multiply(const at::Tensor& a, at::Tensor& out) const {
-  const int64_t M = a.size(0), N = b_.size(0), C = b_.size(1);
+  const int64_t N = b_.size(0), C = b_.size(1);
   TORCH_CHECK_VALUE(a.dim() == 2 && a.size(1) == C && a.scalar_type() == b_.scalar_type() && a.device().is_cpu(),
                     "matmul_nt: a must be a CPU [M, C = ", C, "] tensor of b's dtype, got ", a.sizes(), " ",
                     a.scalar_type());
-  TORCH_CHECK_VALUE(out.device().is_cpu() && out.scalar_type() == a.scalar_type() && out.dim() == 2 &&
-                        out.size(0) == M && out.size(1) == N && out.is_contiguous(),
-                    "matmul_nt: out must be a contiguous CPU [", M, ", ", N, "] tensor of a's dtype, got ",
-                    out.sizes(), " ", out.scalar_type());
+  const int64_t M = a.size(0);
+  check_out(out, M, N, a.scalar_type());
   if (M == 0 || N == 0) return;
 #if GIG_MATMUL_AVX512
   if (packed_ && a.is_contiguous()) {
