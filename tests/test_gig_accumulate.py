@@ -83,16 +83,23 @@ def test_backend_matches_reference(backend, shape, dtype):
     assert torch.all(got[:, idx < 0] == 0), "padding entries must be exactly 0"
 
 
-# GIG_FAST_ACCUMULATE_ISA=generic keeps the cpp backend on its generic kernel (read at each call): on an
-# AVX-512 CPU float32 gradients with C a multiple of 16 take the AVX-512 kernel otherwise, so both run here.
-@pytest.mark.parametrize("isa", ["default", "generic"])
+# GIG_FAST_ACCUMULATE_ISA caps the cpp backend's kernel for float32 gradients (read at each call):
+# "generic" keeps the generic kernel, "avx2" the AVX2 kernel (C a multiple of 8) on an AVX-512 CPU, which
+# otherwise takes its AVX-512 kernel where C is a multiple of 16; so one machine runs every kernel it has.
+@pytest.mark.parametrize("isa", ["default", "generic", "avx2"])
 def test_cpp_every_cpu_path(monkeypatch, isa):
     if "cpp" not in _runnable_backends():
         pytest.skip("cpp extension not built")
-    if isa == "generic":
+    if isa != "default":
         monkeypatch.setenv("GIG_FAST_ACCUMULATE_ISA", isa)
-    for shape in [(5, 1, 37, 32, 50, 16), (3, 4, 29, 48, 20, 21), (2, 1, 130, 16, 9, 40)]:
+    shapes = [(5, 1, 37, 32, 50, 16),   # whole blocks of 8 and 16 concepts, one node
+              (3, 4, 29, 48, 20, 21),   # several nodes, a last block of 5 concepts under a mask
+              (2, 1, 130, 16, 9, 40),
+              (4, 3, 23, 24, 30, 11),   # C a multiple of 8 but not of 16: the AVX2 kernel on every vector CPU
+              (1, 2, 70, 8, 5, 3)]      # one vector per row, fewer concepts than a block
+    for shape in shapes:
         grads, w, idx, val, V = make_inputs(*shape, torch.float32)
+        val[idx < 0] = 1.5  # padding stores an exact 0 whatever value it holds
         got = gig_accumulate(grads, w, idx, val, V, backend="cpp")
         assert_within_accumulation_error(got, gig_accumulate_ref(grads, w, idx, val, V), grads, w, idx, val, V)
         assert torch.all(got[:, idx < 0] == 0)

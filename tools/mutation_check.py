@@ -15,8 +15,9 @@ extension rebuilds incrementally), each mutant is applied there, tested, and rev
 
 ``--changed-since REF`` keeps the mutants whose file, or one of whose test files, differs from ``REF``
 (committed or not): the check a change needs, in CI's time. ``--time-budget S`` starts no mutant after S
-seconds (those left are listed as not run). Exit status 1 when any mutant survives (or the baseline
-fails). The last full result is kept in ``docs/mutation.md``.
+seconds (those left are listed as not run). A mutant of code that runs only on CPUs with some feature
+(``needs``, e.g. an AVX-512 kernel) is listed as not run on a CPU without it, where no test can reach it.
+Exit status 1 when any mutant survives (or the baseline fails). The last full result is kept in ``docs/mutation.md``.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ class Mutant:
     replace: str       # the bug
     tests: tuple       # pytest arguments (run from the copy's root)
     what: str          # the bug in words
+    needs: str = ""    # a CPU flag the mutated code runs on (e.g. "avx512f"): elsewhere no test reaches it
 
 
 MUTANTS = [
@@ -84,11 +86,11 @@ MUTANTS = [
            ("tests/test_spherical_assign.py", "-k", "cpp"), "the fused AVX2 assignment's ties go to the larger index"),
     Mutant("fused_avx512_assign_ties_to_larger", "csrc/spherical_assign/fused_argmax_avx512.h",
            "_mm512_mask_cmp_ps_mask(valid, v, cur, _CMP_GT_OQ);", "_mm512_mask_cmp_ps_mask(valid, v, cur, _CMP_GE_OQ);",
-           ("tests/test_spherical_assign.py", "-k", "cpp"), "the fused AVX-512 assignment's ties go to the larger index"),
+           ("tests/test_spherical_assign.py", "-k", "cpp"), "the fused AVX-512 assignment's ties go to the larger index", needs="avx512f"),
     Mutant("matmul_nt_gram_skips_diagonal_tiles", "csrc/matmul_nt/matmul_nt_avx512.h",
            "return !symmetric || n0 + p * kNr + kNr - 1 >= r0 + i * kMr;",
            "return !symmetric || n0 + p * kNr >= r0 + i * kMr;",
-           ("tests/test_matmul_nt.py",), "the AVX-512 Gram skips the tiles that straddle the diagonal"),
+           ("tests/test_matmul_nt.py",), "the AVX-512 Gram skips the tiles that straddle the diagonal", needs="avx512f"),
     Mutant("lars_join_sign_flipped", "csrc/sparse_code/active_set_solvers.inc",
            "return positive || p.q[k] > 0 ? 1.0 : -1.0;", "return positive || p.q[k] < 0 ? 1.0 : -1.0;",
            ("tests/test_sparse_code.py", "-k", "homotopy"), "a concept joins the homotopy with the wrong sign"),
@@ -128,7 +130,7 @@ MUTANTS = [
     Mutant("packed_columns_one_channel_short", "csrc/matmul_nt/matmul_nt_cpu.cpp",
            "packed_.get(), N, C, /*symmetric=*/false", "packed_.get(), N, C - 1, /*symmetric=*/false",
            ("tests/test_sparse_code.py", "-k", "lockstep"),
-           "the product against the packed columns reads their panels as if they had one channel fewer"),
+           "the product against the packed columns reads their panels as if they had one channel fewer", needs="avx512f"),
     Mutant("omp_gram_rule_inverted", "gig_fast/ops/sparse_code.py",
            "few_rows = rows * atoms * GRAMLESS_OMP_CONCEPTS_PER_ATOM < K",
            "few_rows = rows * atoms * GRAMLESS_OMP_CONCEPTS_PER_ATOM > K",
@@ -188,13 +190,28 @@ MUTANTS = [
     Mutant("accumulate512_tree_mixes_lanes", "csrc/gig_accumulate/accumulate_avx512.h",
            "return _mm512_add_ps(_mm512_shuffle_f32x4(z0, z1, _MM_SHUFFLE(2, 0, 2, 0)),",
            "return _mm512_add_ps(_mm512_shuffle_f32x4(z0, z0, _MM_SHUFFLE(2, 0, 2, 0)),",
-           ("tests/test_gig_accumulate.py",), "the AVX-512 kernel's last level of sums takes one half twice"),
+           ("tests/test_gig_accumulate.py",), "the AVX-512 kernel's last level of sums takes one half twice", needs="avx512f"),
     Mutant("accumulate512_block_of_15", "csrc/gig_accumulate/accumulate_avx512.h",
            "const int64_t n = std::min<int64_t>(16, s - j0);", "const int64_t n = std::min<int64_t>(15, s - j0);",
-           ("tests/test_gig_accumulate.py",), "the AVX-512 kernel leaves the 16th concept of each block unwritten"),
+           ("tests/test_gig_accumulate.py",), "the AVX-512 kernel leaves the 16th concept of each block unwritten", needs="avx512f"),
     Mutant("accumulate512_node_weight_dropped", "csrc/gig_accumulate/accumulate_avx512.h",
            "float scale = w[0];", "float scale = 1.0f;",
-           ("tests/test_gig_accumulate.py",), "the AVX-512 kernel forgets a single node's weight"),
+           ("tests/test_gig_accumulate.py",), "the AVX-512 kernel forgets a single node's weight", needs="avx512f"),
+    Mutant("matmul_blas_gram_drops_last_row", "csrc/matmul_nt/matmul_nt_cpu.cpp",
+           "const int64_t r1 = std::min(M, r0 + rows);", "const int64_t r1 = std::min(M - 1, r0 + rows);",
+           ("tests/test_matmul_nt.py",), "BLAS's Gram by row blocks leaves the last row out of its last block"),
+    Mutant("accumulate256_tree_mixes_lanes", "csrc/gig_accumulate/accumulate_avx2.h",
+           "_mm256_permute2f128_ps(y[0], y[1], 0x31)", "_mm256_permute2f128_ps(y[0], y[1], 0x21)",
+           ("tests/test_gig_accumulate.py",), "the AVX2 kernel's last level of sums pairs the wrong halves", needs="avx2"),
+    Mutant("accumulate256_group_of_7", "csrc/gig_accumulate/accumulate_avx2.h",
+           "const int64_t n = std::min<int64_t>(8, codes.n[i] - k0);", "const int64_t n = std::min<int64_t>(7, codes.n[i] - k0);",
+           ("tests/test_gig_accumulate.py",), "the AVX2 kernel leaves the 8th active concept of each group unwritten", needs="avx2"),
+    Mutant("accumulate256_slots_in_order", "csrc/gig_accumulate/accumulate_avx2.h",
+           "o[codes.slot[i * s + k0 + j]] = r[j];", "o[k0 + j] = r[j];",
+           ("tests/test_gig_accumulate.py",), "the AVX2 kernel writes the active concepts' results first, not to their slots", needs="avx2"),
+    Mutant("accumulate256_drops_last_node", "csrc/gig_accumulate/accumulate_avx2.h",
+           "for (int64_t k = 0; k < m; ++k) {", "for (int64_t k = 0; k + 1 < m; ++k) {",
+           ("tests/test_gig_accumulate.py",), "the AVX2 kernel's weighted sum over the nodes leaves out the last", needs="avx2"),
     Mutant("centroid_update_drops_last_row", "gig_fast/ops/reference.py",
            "return segment_sum(X.to(acc), labels, K), torch.bincount(labels, minlength=K)",
            "return segment_sum(X[:-1].to(acc), labels[:-1], K), torch.bincount(labels, minlength=K)",
@@ -313,6 +330,16 @@ def _installed_extensions() -> list[Path]:
     return sorted(folder.glob("*.so")) if folder and folder.resolve() != (ROOT / "gig_fast").resolve() else []
 
 
+def cpu_flags() -> set[str] | None:
+    """This CPU's feature flags (``/proc/cpuinfo``), or None where the system does not list them."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    line = next((line for line in text.splitlines() if line.startswith("flags")), None)
+    return set(line.split(":", 1)[1].split()) if line else None
+
+
 def changed_files(ref: str) -> set[str]:
     """Files that differ from ``ref`` in the working tree (committed since or not), and untracked ones."""
     diff = subprocess.run(["git", "diff", "--name-only", ref, "--"], cwd=ROOT, check=True, capture_output=True,
@@ -368,7 +395,12 @@ def check(mutants: list[Mutant], timeout: int, budget: float | None = None) -> l
     _copy_tree(tree)
     results = []
     t0 = time.time()
+    flags = cpu_flags()
     for m in mutants:
+        if m.needs and flags is not None and m.needs not in flags:  # the mutated code never runs on this CPU
+            results.append((m, f"not run (this CPU lacks {m.needs})", 0.0, ""))
+            print(f"{m.name:32s} {results[-1][1]}", flush=True)
+            continue
         if budget is not None and time.time() - t0 > budget:
             results.append((m, "not run (time budget)", 0.0, ""))
             print(f"{m.name:32s} not run (time budget)", flush=True)
@@ -433,7 +465,7 @@ def main(argv=None) -> int:
     results = check(chosen, args.timeout, args.time_budget)
     if args.markdown:
         Path(args.markdown).write_text(markdown(results), encoding="utf-8")
-    return 0 if all(status in ("killed", "not run (time budget)") for _, status, _, _ in results) else 1
+    return 0 if all(status == "killed" or status.startswith("not run (") for _, status, _, _ in results) else 1
 
 
 if __name__ == "__main__":

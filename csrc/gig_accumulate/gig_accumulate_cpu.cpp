@@ -5,13 +5,13 @@
 
 #include <ATen/Parallel.h>
 #include <cstdlib>
-#include <cstring>
+#include <string_view>
 #include <vector>
 
 #include "common.h"
 
 #if GIG_HAVE_AVX2_PATH && defined(__GNUC__) && !defined(__clang__)
-#define GIG_ACCUMULATE_AVX512 1
+#define GIG_ACCUMULATE_VECTOR_KERNELS 1
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx2,fma")
 #pragma GCC diagnostic push
@@ -19,8 +19,12 @@
 #include "gig_accumulate/accumulate_avx512.h"  // its functions only: called where the CPU has AVX-512F
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#include "gig_accumulate/accumulate_avx2.h"  // called where the CPU has AVX2 and FMA
+#pragma GCC pop_options
 #else
-#define GIG_ACCUMULATE_AVX512 0
+#define GIG_ACCUMULATE_VECTOR_KERNELS 0
 #endif
 
 namespace gig_fast {
@@ -61,18 +65,25 @@ void accumulate_rows(const scalar_t* grads, const acc_t<scalar_t>* w, const int6
   });
 }
 
-// The AVX-512 kernel (accumulate_avx512.h) takes fp32 gradients with C a multiple of 16 on CPUs with
-// AVX-512F; GIG_FAST_ACCUMULATE_ISA=generic (read at each call) keeps the generic kernel, so one machine
-// tests both.
-bool use_avx512(at::ScalarType dtype, int64_t C) {
-#if GIG_ACCUMULATE_AVX512
-  static const bool avx512 = __builtin_cpu_supports("avx512f") && cpu_has_avx2();
-  const char* cap = std::getenv("GIG_FAST_ACCUMULATE_ISA");
-  return avx512 && dtype == at::kFloat && C % 16 == 0 && !(cap && std::strcmp(cap, "generic") == 0);
+// The vector kernels take fp32 gradients: accumulate_avx512.h with C a multiple of 16 on CPUs with
+// AVX-512F, else accumulate_avx2.h with C a multiple of 8 on CPUs with AVX2 and FMA. GIG_FAST_ACCUMULATE_ISA
+// (read at each call) caps the choice: "generic" keeps the generic kernel, "avx2" the AVX2 kernel on an
+// AVX-512 CPU, so one machine tests every kernel it can run.
+enum class AccumulateIsa { kGeneric, kAvx2, kAvx512 };
+
+AccumulateIsa accumulate_isa(at::ScalarType dtype, int64_t C) {
+#if GIG_ACCUMULATE_VECTOR_KERNELS
+  static const bool avx2 = cpu_has_avx2() && __builtin_cpu_supports("fma");
+  static const bool avx512 = avx2 && __builtin_cpu_supports("avx512f");
+  const char* cap_env = std::getenv("GIG_FAST_ACCUMULATE_ISA");
+  const std::string_view cap = cap_env ? cap_env : "";
+  if (dtype != at::kFloat || !avx2 || cap == "generic") return AccumulateIsa::kGeneric;
+  if (avx512 && C % 16 == 0 && cap != "avx2") return AccumulateIsa::kAvx512;
+  return C % 8 == 0 ? AccumulateIsa::kAvx2 : AccumulateIsa::kGeneric;
 #else
   (void)dtype;
   (void)C;
-  return false;
+  return AccumulateIsa::kGeneric;
 #endif
 }
 
@@ -90,13 +101,17 @@ at::Tensor gig_accumulate_cpu(const at::Tensor& grads, const at::Tensor& weights
   auto ix = idx.contiguous();
   auto out = at::empty({T, P, s}, grads.options().dtype(acc_type));
   if (out.numel() == 0) return out;
-#if GIG_ACCUMULATE_AVX512
-  if (use_avx512(g.scalar_type(), C)) {
+#if GIG_ACCUMULATE_VECTOR_KERNELS
+  const AccumulateIsa isa = accumulate_isa(g.scalar_type(), C);
+  if (isa != AccumulateIsa::kGeneric) {
     const float *gp = g.data_ptr<float>(), *wp = w.data_ptr<float>(), *vp = vl.data_ptr<float>(), *Vp = Vc.data_ptr<float>();
     const int64_t* ip = ix.data_ptr<int64_t>();
     float* op = out.data_ptr<float>();
     at::parallel_for(0, P, 8, [&](int64_t begin, int64_t end) {
-      accumulate512::accumulate_positions(gp, wp, ip, vp, Vp, op, T, m, P, s, C, begin, end);
+      if (isa == AccumulateIsa::kAvx512)
+        accumulate512::accumulate_positions(gp, wp, ip, vp, Vp, op, T, m, P, s, C, begin, end);
+      else
+        accumulate256::accumulate_positions(gp, wp, ip, vp, Vp, op, T, m, P, s, C, begin, end);
     });
     return out;
   }

@@ -11,7 +11,8 @@
 // same GEMM in 0.54-0.59 times torch's time, the Gram in 0.25-0.37 times (one thread; bench_kmeans.py);
 // the sparse coder's Gram V Vᵀ and correlations Y Vᵀ are such GEMMs.
 // Paths: contiguous fp32 on a CPU with AVX-512F → our kernel (matmul_nt_avx512.h); everything else
-// (fp64, fp16, bf16, non-contiguous, no AVX-512, or GIG_FAST_MATMUL_ISA=blas) → at::mm(a, bᵀ).
+// (fp64, fp16, bf16, non-contiguous, no AVX-512, or GIG_FAST_MATMUL_ISA=blas) → at::mm(a, bᵀ); there a
+// Gram of at least 4,096 rows is computed by row blocks on and above the diagonal (gram_upper_by_blocks).
 #pragma once
 #include <ATen/core/Tensor.h>
 
