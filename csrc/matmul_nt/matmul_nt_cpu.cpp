@@ -130,12 +130,11 @@ bool use_avx512() {
 // blocks): K = 8,192, C = 1,024 1,798 → 1,213 ms on one thread, 924 → 766 ms on two; K = 4,096, C = 512
 // 264 → 206 and 130 → 118 ms; at K = 2,048, C = 256 no gain on one thread and 20 → 23 ms on two, so
 // smaller Grams stay one product.
-constexpr int64_t kGramBlockRows = 256;
 constexpr int64_t kGramBlocksFrom = 4096;  // rows
 
 void gram_upper_by_blocks(const at::Tensor& a, at::Tensor& out) {
   const int64_t M = a.size(0);
-  const int64_t rows = std::max<int64_t>(kGramBlockRows, ((M + 15) / 16 + 63) / 64 * 64);
+  const int64_t rows = ((M + 15) / 16 + 63) / 64 * 64;  // 16 blocks (13 to 16 after rounding to 64 rows)
   for (int64_t r0 = 0; r0 < M; r0 += rows) {
     const int64_t r1 = std::min(M, r0 + rows);
     at::Tensor block = out.narrow(0, r0, r1 - r0).narrow(1, r0, M - r0);
