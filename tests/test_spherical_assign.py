@@ -127,9 +127,10 @@ def test_near_ties_are_resolved_in_float32(device, backend):
     assert torch.equal(labels.cpu()[clear], want[clear]), int((labels.cpu()[clear] != want[clear]).sum())
 
 
-# GIG_FAST_ASSIGN_ISA caps the cpp kernel (read at each call): on an AVX-512 CPU "avx2" reaches the AVX2
-# kernel and "blas" the at::mm + scan path, which the default run would never take there.
-@pytest.mark.parametrize("isa", ["avx2", "blas"])
+# GIG_FAST_ASSIGN_ISA caps the cpp kernel (read at each call): on an AVX-512 BF16 CPU "avx512" reaches the
+# fp32 AVX-512 kernel, on an AVX-512 CPU "avx2" the AVX2 kernel, and "blas" the at::mm + scan path, which
+# the default run would never take there.
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "blas"])
 def test_cpp_every_cpu_path(monkeypatch, isa):
     if "cpp" not in CPU_BACKENDS:
         pytest.skip("cpp extension not built")
@@ -145,6 +146,59 @@ def test_cpp_every_cpu_path(monkeypatch, isa):
     test_ties_go_to_smaller_index("cpu", "cpp", 40)
     test_zero_rows("cpu", "cpp")
     test_fused_centroids_are_scale_free(isa)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return {w for line in f if line.startswith("flags") for w in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
+def _screen_cases(g: torch.Generator):
+    """(name, X, centroids) for the bf16 screen: every shape of the grid, odd C (a half-empty last pair),
+    C past the 256-channel chunk, K past one 512-centroid score tile and past one pass of centroids (953
+    at C = 1,100), near ties bf16 cannot separate, exact duplicates (ties resolved among the candidates),
+    centroids repeated 200 times (more candidates than a row keeps: the fp32 fallback), zero rows, and
+    rows of extreme scale."""
+    cases = [(f"randn {N}x{C} vs {K}", torch.randn(N, C, generator=g), torch.randn(K, C, generator=g) * 3)
+             for N, C, K in _shapes("cpp") + [(300, 1100, 2000), (2000, 256, 2048), (97, 513, 600)]]
+    X, cents = _near_ties(2000, 32, g)
+    cases.append(("near ties", X.float(), cents.float()))
+    base = torch.randn(40, 24, generator=g)
+    X = base[torch.randint(0, 40, (500,), generator=g)] + 0.05 * torch.randn(500, 24, generator=g)
+    cases.append(("each centroid twice", X, torch.cat([base, base])))
+    cases.append(("three centroids 200 times", X, base[:3].repeat(200, 1)))
+    X = torch.randn(400, 64, generator=g)
+    X[::4] = 0
+    X[1::9] *= 1e30
+    X[2::9] *= 1e-38
+    cases.append(("zero and extreme rows", X, torch.randn(300, 64, generator=g)))
+    return cases
+
+
+def test_cpp_bf16_screen_equals_fp32_kernel(monkeypatch):
+    """On AVX-512 BF16 CPUs the default kernel screens in bf16 and re-scores in fp32: its labels and best
+    cosines must be those of the fp32 AVX-512 kernel bit for bit (the screen's bound keeps the fp32
+    winner among the candidates, which are re-scored by the fp32 kernel's own FMA chain)."""
+    if "cpp" not in CPU_BACKENDS:
+        pytest.skip("cpp extension not built")
+    if "avx512_bf16" not in _cpu_flags():
+        pytest.skip("this CPU lacks AVX-512 BF16: the default kernel is the fp32 one")
+    g = torch.Generator().manual_seed(17)
+    for name, X, cents in _screen_cases(g):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            if dtype != torch.float32 and name == "zero and extreme rows":
+                continue  # outside the 16-bit ranges
+            Xd, Cd = X.to(dtype), cents.to(dtype)
+            monkeypatch.delenv("GIG_FAST_ASSIGN_ISA", raising=False)
+            labels, best = spherical_assign(Xd, Cd, backend="cpp")
+            monkeypatch.setenv("GIG_FAST_ASSIGN_ISA", "avx512")
+            want_labels, want_best = spherical_assign(Xd, Cd, backend="cpp")
+            differ = int((labels != want_labels).sum())
+            assert differ == 0, f"{name} {dtype}: {differ} labels differ from the fp32 kernel's"
+            assert torch.equal(best, want_best), f"{name} {dtype}: best cosines differ from the fp32 kernel's"
 
 
 def test_fused_centroids_are_scale_free(isa="default"):

@@ -13,6 +13,9 @@
 //    the registers. One thread, 20,000 x 256 against 2,048 centroids (CPU time, loaded 2-core machine):
 //    91 GFLOP/s against 70 for at::mm + scan (MKL) and 80 for faiss's IndexFlatIP search.
 //    On AVX-512 CPUs the same scheme runs with 512-bit registers (fused_argmax_avx512.h).
+//    On CPUs with AVX-512 BF16 the centroids are screened in bf16 at twice the multiply-adds per
+//    instruction and the few that can still win re-scored in fp32 (screen_argmax_avx512bf16.h): the
+//    same labels and best cosines as the fp32 kernels, bit for bit.
 #include "spherical_assign/spherical_assign.h"
 
 #include <ATen/Parallel.h>
@@ -36,6 +39,10 @@
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx2,fma")
 #include "spherical_assign/fused_argmax_avx512.h"  // its functions only: called where cpu has AVX-512F
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bf16,avx2,fma")
+#include "spherical_assign/screen_argmax_avx512bf16.h"  // its functions only: called where cpu has AVX-512 BF16
 #pragma GCC pop_options
 #else
 #define GIG_FUSED_ARGMAX 0
@@ -75,9 +82,11 @@ acc rescale_if_extreme(acc* r, int64_t C, acc amax, acc sq) {
   return s;
 }
 
-// Row x[0..C) into r in the accumulation dtype (rescaled where extreme); returns 1/|r| (0-safe).
+// Row x[0..C) into r in the accumulation dtype (rescaled where extreme); returns 1/|r| (0-safe). Not
+// inlined: every path then has the same machine code, so the same summation order of |r|², and the
+// bf16-screened kernel re-makes the unit rows the fp32 kernels packed bit for bit.
 template <typename scalar_t>
-acc_t<scalar_t> load_row(const scalar_t* x, int64_t C, acc_t<scalar_t>* r) {
+__attribute__((noinline)) acc_t<scalar_t> load_row(const scalar_t* x, int64_t C, acc_t<scalar_t>* r) {
   using acc = acc_t<scalar_t>;
   acc sq = 0, amax = 0;
 #pragma omp simd reduction(+ : sq) reduction(max : amax)
@@ -185,20 +194,21 @@ constexpr int64_t kSuperBytes = int64_t(4) << 20;
 // in row blocks of kBlockRows), each folded against every pass of pass centroids. Cn: unit centroids fp32
 // [K, C].
 struct FreeDeleter {
-  void operator()(float* p) const { std::free(p); }
+  void operator()(void* p) const { std::free(p); }
 };
-// An uninitialised buffer of n floats (every entry gets written) in 2 MiB-aligned memory marked for
+// An uninitialised buffer of n entries (every entry gets written) in 2 MiB-aligned memory marked for
 // transparent huge pages where the kernel offers them: the centroid pack is 128 MiB at K = 16384,
 // C = 2048, and first-touching it in 4 KiB pages (32,768 faults) cost about half of packing it.
-inline std::unique_ptr<float[], FreeDeleter> huge_page_floats(size_t n) {
+template <typename T = float>
+std::unique_ptr<T[], FreeDeleter> huge_page_buffer(size_t n) {
   constexpr size_t kHuge = size_t(2) << 20;
-  const size_t bytes = (n * sizeof(float) + kHuge - 1) / kHuge * kHuge;
+  const size_t bytes = std::max<size_t>(1, (n * sizeof(T) + kHuge - 1) / kHuge) * kHuge;
   void* p = std::aligned_alloc(kHuge, bytes);
   TORCH_CHECK(p != nullptr, "spherical_assign: out of memory for the packed centroids (", bytes, " bytes)");
 #ifdef MADV_HUGEPAGE
   madvise(p, bytes, MADV_HUGEPAGE);  // advice only: without it the pages are 4 KiB
 #endif
-  return std::unique_ptr<float[], FreeDeleter>(static_cast<float*>(p));
+  return std::unique_ptr<T[], FreeDeleter>(static_cast<T*>(p));
 }
 
 // The centroids `cents` [K, C] as unit rows (each brought into range and normalised as load_row does for a
@@ -232,7 +242,7 @@ void assign_fused(const scalar_t* Xp, int64_t N, int64_t C, const scalar_t* cent
                   float* best) {
   constexpr int64_t B = Kern::kBlockRows, Mr = Kern::kMr, Nr = Kern::kNr;
   const int64_t panels = (K + Nr - 1) / Nr;
-  auto packed = huge_page_floats(static_cast<size_t>(panels * Nr * C));
+  auto packed = huge_page_buffer(static_cast<size_t>(panels * Nr * C));
   pack_unit_centroids<Kern, scalar_t>(cents, K, C, packed.get());
   const int64_t pass = std::max<int64_t>(Nr, kPassBytes / (4 * std::max<int64_t>(C, 1)) / Nr * Nr);
   const int64_t block_floats = (B + Mr - 1) / Mr * Mr * C;  // one packed row block
@@ -262,6 +272,73 @@ void assign_fused(const scalar_t* Xp, int64_t N, int64_t C, const scalar_t* cent
       }
     }
   });
+}
+
+// The bf16-screened path (screen_argmax_avx512bf16.h): the centroids as fp32 unit rows [K, C] (for the
+// re-scoring) and as a bf16 pair pack; each thread's rows in super blocks as for assign_fused, screened
+// against every pass of centroids, then each row's candidates re-scored. Rows whose candidates overflow
+// (labels[r] = -1 meanwhile) are scored afterwards by the fp32 kernel.
+template <typename scalar_t>
+void assign_screened(const scalar_t* Xp, int64_t N, int64_t C, const scalar_t* cents, int64_t K, int64_t* labels,
+                     float* best) {
+  namespace sb = screen_bf16;
+  constexpr int64_t B = sb::kBlockRows, Mr = sb::kMr, Nr = sb::kNr;
+  const int64_t Cp = sb::pairs_of(C), panels = (K + Nr - 1) / Nr;
+  auto packed = huge_page_buffer<uint32_t>(static_cast<size_t>(panels * Nr * Cp));
+  at::parallel_for(0, panels, std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, Nr * C)),
+                   [&](int64_t q0, int64_t q1) {
+    std::vector<float> unit(static_cast<size_t>(Nr * C));
+    for (int64_t q = q0; q < q1; ++q) {
+      unit_block<scalar_t>(cents, q * Nr, std::min(Nr, K - q * Nr), C, unit.data());
+      sb::pack_pair_panels(unit.data(), K, C, Nr, q, q + 1, packed.get());
+    }
+  });
+  // a candidate's unit row, as the fp32 kernels pack it (re-made per candidate: a few per row, where a
+  // table of all K would be K·C floats to write per call, 128 MiB at K = 16384, C = 2048)
+  const auto unit_row = [&](int32_t k, float* out) { unit_block<scalar_t>(cents, k, 1, C, out); };
+  const float margin = 2 * sb::screen_error(C);
+  const int64_t pass = std::max<int64_t>(Nr, kPassBytes / (4 * Cp) / Nr * Nr);
+  const int64_t block_words = (B + Mr - 1) / Mr * Mr * Cp;  // one packed row block
+  const int64_t super = std::max<int64_t>(B, kSuperBytes / (4 * C) / B * B);
+  const int64_t grain = std::max<int64_t>(B, kMinTaskWork / std::max<int64_t>(1, C * K));
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    const int64_t span = std::min(super, end - begin), blocks = (span + B - 1) / B;
+    std::vector<float> rows_buf(static_cast<size_t>(span * C)), tile(static_cast<size_t>(B * sb::kTileCols));
+    std::vector<uint32_t> pack(static_cast<size_t>(blocks * block_words));
+    std::vector<float> partial(Cp > sb::kKp ? B * sb::kTileCols : 0);
+    std::vector<sb::Screen> screens(static_cast<size_t>(span));
+    std::vector<float> scratch(static_cast<size_t>(4 * C));
+    for (int64_t s0 = begin; s0 < end; s0 += super) {
+      const int64_t s1 = std::min(end, s0 + super);
+      for (int64_t r0 = s0; r0 < s1; r0 += B) {
+        const int64_t rows = std::min(B, s1 - r0);
+        float* unit_rows = rows_buf.data() + (r0 - s0) * C;
+        unit_block<scalar_t>(Xp, r0, rows, C, unit_rows);
+        sb::pack_pair_panels(unit_rows, rows, C, Mr, 0, (rows + Mr - 1) / Mr, pack.data() + (r0 - s0) / B * block_words);
+      }
+      sb::reset(screens.data(), s1 - s0);
+      for (int64_t k0 = 0; k0 < K; k0 += pass)
+        for (int64_t r0 = s0; r0 < s1; r0 += B)
+          sb::screen_pass(pack.data() + (r0 - s0) / B * block_words, std::min(B, s1 - r0), packed.get(), panels, k0,
+                          std::min(pass, K - k0), C, margin, partial.empty() ? nullptr : partial.data(), tile.data(),
+                          screens.data() + (r0 - s0));
+      for (int64_t r = s0; r < s1; ++r)
+        if (!sb::finish(screens[r - s0], rows_buf.data() + (r - s0) * C, C, margin, unit_row, scratch.data(), best + r,
+                        labels + r))
+          labels[r] = -1;
+    }
+  });
+  std::vector<int64_t> crowded;  // rows with more than kCandidates centroids within 2e of their best
+  for (int64_t r = 0; r < N; ++r)
+    if (labels[r] < 0) crowded.push_back(r);
+  if (crowded.empty()) return;
+  std::vector<scalar_t> sub(crowded.size() * C);
+  for (size_t i = 0; i < crowded.size(); ++i) std::copy_n(Xp + crowded[i] * C, C, sub.data() + i * C);
+  std::vector<int64_t> sub_labels(crowded.size());
+  std::vector<float> sub_best(crowded.size());
+  assign_fused<Avx512Kernel, scalar_t>(sub.data(), static_cast<int64_t>(crowded.size()), C, cents, K,
+                                       sub_labels.data(), sub_best.data());
+  for (size_t i = 0; i < crowded.size(); ++i) labels[crowded[i]] = sub_labels[i], best[crowded[i]] = sub_best[i];
 }
 #endif
 
@@ -308,16 +385,22 @@ void assign_tiled(const at::Tensor& X, const at::Tensor& Cn, int64_t* labels, ac
 }  // namespace
 
 // The fused path needs FMA as well as AVX2 (every AVX2 CPU has it; checked all the same).
-// GIG_FAST_ASSIGN_ISA (read at each call) caps the kernel: "avx2" keeps AVX-512 CPUs on the AVX2 kernel,
-// "blas" on at::mm + scan; so one machine tests every path.
-enum class FusedIsa { kNone, kAvx2, kAvx512 };
+// GIG_FAST_ASSIGN_ISA (read at each call) caps the kernel: "avx512" keeps AVX-512 BF16 CPUs on the fp32
+// AVX-512 kernel, "avx2" AVX-512 CPUs on the AVX2 kernel, "blas" any CPU on at::mm + scan; so one machine
+// tests every path.
+enum class FusedIsa { kNone, kAvx2, kAvx512, kAvx512Bf16 };
 static FusedIsa fused_isa() {
 #if GIG_FUSED_ARGMAX
-  static const bool fma = __builtin_cpu_supports("fma"), avx512 = __builtin_cpu_supports("avx512f");
-  FusedIsa isa = !(cpu_has_avx2() && fma) ? FusedIsa::kNone : avx512 ? FusedIsa::kAvx512 : FusedIsa::kAvx2;
+  static const bool fma = __builtin_cpu_supports("fma"), avx512 = __builtin_cpu_supports("avx512f"),
+                    bf16 = avx512 && __builtin_cpu_supports("avx512bf16");
+  FusedIsa isa = !(cpu_has_avx2() && fma) ? FusedIsa::kNone
+                 : bf16                   ? FusedIsa::kAvx512Bf16
+                 : avx512                 ? FusedIsa::kAvx512
+                                          : FusedIsa::kAvx2;
   if (const char* cap = std::getenv("GIG_FAST_ASSIGN_ISA")) {
     if (std::strcmp(cap, "blas") == 0) isa = FusedIsa::kNone;
-    else if (std::strcmp(cap, "avx2") == 0 && isa == FusedIsa::kAvx512) isa = FusedIsa::kAvx2;
+    else if (std::strcmp(cap, "avx2") == 0 && isa != FusedIsa::kNone) isa = FusedIsa::kAvx2;
+    else if (std::strcmp(cap, "avx512") == 0 && isa == FusedIsa::kAvx512Bf16) isa = FusedIsa::kAvx512;
   }
   return isa;
 #else
@@ -343,6 +426,11 @@ std::tuple<at::Tensor, at::Tensor> spherical_assign_cpu(const at::Tensor& X_in, 
     using acc = acc_t<scalar_t>;
 #if GIG_FUSED_ARGMAX
     if constexpr (std::is_same_v<acc, float>) {
+      if (isa == FusedIsa::kAvx512Bf16) {
+        assign_screened<scalar_t>(X.data_ptr<scalar_t>(), N, C, centroids.data_ptr<scalar_t>(), K,
+                                  labels.data_ptr<int64_t>(), best.data_ptr<float>());
+        return;
+      }
       if (isa == FusedIsa::kAvx512) {
         assign_fused<Avx512Kernel, scalar_t>(X.data_ptr<scalar_t>(), N, C, centroids.data_ptr<scalar_t>(), K,
                                              labels.data_ptr<int64_t>(), best.data_ptr<float>());
