@@ -10,7 +10,8 @@
 // Exactness: the labels and best cosines are those of the fp32 kernels, bit for bit. For unit rows x and
 // centroids c (the fp32 unit rows every kernel uses), let s be the fp32 kernels' score (one FMA chain
 // over c = 0..C−1) and š the bf16 one. Rounding x and c to bf16 (8 significant bits, round to nearest
-// even) moves each product by at most (2·2⁻⁸ + 2⁻¹⁶)|x_i c_i|; both sums add at most γ_C Σ|x_i c_i|
+// even; denormals flushed, each by less than 2⁻¹²⁶) moves each product by at most (2·2⁻⁸ + 2⁻¹⁶)|x_i c_i|
+// (plus the flushes); both sums add at most γ_C Σ|x_i c_i|
 // (γ_C = C·2⁻²⁴ / (1 − C·2⁻²⁴)); and Σ|x_i c_i| ≤ |x||c| ≤ 1 up to the norms' own rounding. So
 // |š − s| ≤ e (screen_error below: 0.0079 at C = 256, 0.0081 at C = 2,048), and the fp32 winner k*
 // always has š_k* ≥ max š − 2e. Every such centroid (a "candidate") is re-scored by the fp32 kernels'
@@ -58,13 +59,6 @@ inline float screen_error(int64_t C) {
                             4 * (C + 1) * std::ldexp(1.0, -126) + 1e-7);  // 1e-7: the threshold's rounding
 }
 
-// fp32 → bf16 bits, round to nearest even (unit rows are finite and ≤ 1 in magnitude: no NaN/overflow).
-inline uint32_t bf16_bits(float f) {
-  uint32_t b;
-  std::memcpy(&b, &f, 4);
-  return (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
-}
-
 inline int64_t pairs_of(int64_t C) { return (C + 1) / 2; }
 
 // Start (in 32-bit words) of panel q's chunk at pair t0 in a pack of `panels` panels of `width`.
@@ -72,28 +66,43 @@ inline int64_t panel_offset(int64_t q, int64_t t0, int64_t Cp, int64_t panels, i
   return t0 * panels * width + q * std::min(kKp, Cp - t0) * width;
 }
 
-// Panels q0..q1 of the bf16 pair pack of a matrix M of `count` rows [count, C] in panels of `width` rows,
-// zero past count and past C, chunk-major: out[chunk t0][panel q][t − t0][j] = the pair
+// The first n lanes (n ≤ 0: none, n ≥ 16: all).
+inline __mmask16 first_lanes(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+}
+
+// Panels q0..q1 of the bf16 pair pack of a matrix M of `count` rows [count, C] in panels of `width` (≤ kNr)
+// rows, zero past count and past C, chunk-major: out[chunk t0][panel q][t − t0][j] = the pair
 // (M[q·width + j][2t], M[q·width + j][2t + 1]), the even channel in the low half. `src` holds M's rows
 // from q0·width on (fp32, row-major), so threads can pack disjoint panels from their own scratch.
+// Each row's chunk is converted 32 channels at a time (VCVTNE2PS2BF16: round to nearest even, denormal
+// inputs as zero, both inside screen_error's bound) into `words`, then transposed into the panel. (A scalar
+// conversion per channel took ~60 ms of a call at K = 16,384, C = 2,048.)
 inline void pack_pair_panels(const float* src, int64_t count, int64_t C, int64_t width, int64_t q0, int64_t q1,
                              uint32_t* out) {
   const int64_t Cp = pairs_of(C), panels = (count + width - 1) / width;
+  alignas(64) uint32_t words[kNr * kKp];  // one panel's chunk, [width][kKp]
   for (int64_t q = q0; q < q1; ++q)
     for (int64_t t0 = 0; t0 < Cp; t0 += kKp) {
       const int64_t kp = std::min(kKp, Cp - t0);
-      uint32_t* o = out + panel_offset(q, t0, Cp, panels, width);
       for (int64_t j = 0; j < width; ++j) {
+        uint32_t* w = words + j * kKp;
         const int64_t n = q * width + j;
-        for (int64_t t = 0; t < kp; ++t) {
-          const int64_t c = 2 * (t0 + t);
-          const bool live = n < count;
-          const float* row = src + (n - q0 * width) * C;
-          const uint32_t lo = live ? bf16_bits(row[c]) : 0;
-          const uint32_t hi = live && c + 1 < C ? bf16_bits(row[c + 1]) : 0;
-          o[t * width + j] = lo | (hi << 16);
+        if (n >= count) {
+          std::fill(w, w + kp, 0u);
+          continue;
+        }
+        const float* row = src + (n - q0 * width) * C;
+        for (int64_t t = 0; t < kp; t += 16) {
+          const int64_t c = 2 * (t0 + t);  // this block's 32 channels start here
+          const __m512 lo = _mm512_maskz_loadu_ps(first_lanes(C - c), row + c);
+          const __m512 hi = _mm512_maskz_loadu_ps(first_lanes(C - c - 16), row + c + 16);
+          _mm512_mask_storeu_epi32(w + t, first_lanes(kp - t), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
         }
       }
+      uint32_t* o = out + panel_offset(q, t0, Cp, panels, width);
+      for (int64_t t = 0; t < kp; ++t)
+        for (int64_t j = 0; j < width; ++j) o[t * width + j] = words[j * kKp + t];
     }
 }
 
@@ -161,7 +170,7 @@ inline void scan_row(Screen& s, const float* scores, int64_t cols, int32_t base,
   if (s.overflow) return;
   __m512 m = _mm512_set1_ps(s.top);
   for (int64_t j = 0; j < cols; j += 16) {
-    const __mmask16 live = cols - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (cols - j)) - 1);
+    const __mmask16 live = first_lanes(cols - j);
     m = _mm512_mask_max_ps(m, live, m, _mm512_maskz_loadu_ps(live, scores + j));
   }
   alignas(64) float lanes[16];
@@ -172,7 +181,7 @@ inline void scan_row(Screen& s, const float* scores, int64_t cols, int32_t base,
   s.top = top;
   const __m512 thr = _mm512_set1_ps(threshold);
   for (int64_t j = 0; j < cols; j += 16) {
-    const __mmask16 live = cols - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (cols - j)) - 1);
+    const __mmask16 live = first_lanes(cols - j);
     uint32_t hits = _mm512_mask_cmp_ps_mask(live, _mm512_maskz_loadu_ps(live, scores + j), thr, _CMP_GE_OQ);
     while (hits) {
       const int l = __builtin_ctz(hits);

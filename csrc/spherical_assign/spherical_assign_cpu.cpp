@@ -274,9 +274,9 @@ void assign_fused(const scalar_t* Xp, int64_t N, int64_t C, const scalar_t* cent
   });
 }
 
-// The bf16-screened path (screen_argmax_avx512bf16.h): the centroids as fp32 unit rows [K, C] (for the
-// re-scoring) and as a bf16 pair pack; each thread's rows in super blocks as for assign_fused, screened
-// against every pass of centroids, then each row's candidates re-scored. Rows whose candidates overflow
+// The bf16-screened path (screen_argmax_avx512bf16.h): the centroids' unit rows packed as bf16 pairs once;
+// each thread's rows in super blocks as for assign_fused, screened against every pass of centroids, then
+// each row's candidates re-scored from their fp32 unit rows. Rows whose candidates overflow
 // (labels[r] = -1 meanwhile) are scored afterwards by the fp32 kernel.
 template <typename scalar_t>
 void assign_screened(const scalar_t* Xp, int64_t N, int64_t C, const scalar_t* cents, int64_t K, int64_t* labels,
