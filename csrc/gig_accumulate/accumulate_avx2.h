@@ -20,6 +20,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "gig_accumulate/active_codes.h"
+
 namespace gig_fast {
 namespace accumulate256 {
 
@@ -36,49 +38,13 @@ inline __m256 sums_of_8(const __m256* a) {
   return _mm256_add_ps(_mm256_permute2f128_ps(y[0], y[1], 0x20), _mm256_permute2f128_ps(y[0], y[1], 0x31));
 }
 
-// A block of positions' active codes, padding left out: position i's entries are n[i] slots of the
-// codes' rows (j), their concepts' rows of V and their values, each padded to whole groups of 8 with a
-// row of zeros. Stage 4's codes are mostly padding (the demo's Lasso codes: s = 13–29, 4–8 active), and
-// a kernel over every slot did 3–4× the dots of the generic kernel, which skips padding.
-struct ActiveCodes {
-  std::vector<int64_t> slot;  // [block, s]: the j of each active entry, in order
-  std::vector<const float*> row;  // [block, s rounded up to 8]
-  std::vector<float> value;  // [block, s rounded up to 8]
-  std::vector<int64_t> n;  // [block]
-  int64_t width = 0;
-
-  ActiveCodes(int64_t block, int64_t s)
-      : slot(block * s), row(block * ((s + 7) / 8 * 8)), value(row.size()), n(block), width((s + 7) / 8 * 8) {}
-
-  void gather(const int64_t* idx, const float* val, const float* V, const float* zero, int64_t C, int64_t s,
-              int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t i = p - p0;
-      int64_t k = 0;
-      for (int64_t j = 0; j < s; ++j) {
-        const int64_t q = idx[p * s + j];
-        if (q < 0) continue;
-        slot[i * s + k] = j;
-        row[i * width + k] = V + q * C;
-        value[i * width + k] = val[p * s + j];
-        ++k;
-      }
-      n[i] = k;
-      for (int64_t r = k; r < (k + 7) / 8 * 8; ++r) {
-        row[i * width + r] = zero;
-        value[i * width + r] = 0.0f;
-      }
-    }
-  }
-};
-
 // out[t, p, :] for positions [begin, end): grads [T, m, P, C], w [m], idx/val [P, s], V [K, C], out [T, P, s].
 inline void accumulate_positions(const float* grads, const float* w, const int64_t* idx, const float* val,
                                  const float* V, float* out, int64_t T, int64_t m, int64_t P, int64_t s,
                                  int64_t C, int64_t begin, int64_t end) {
   std::vector<float> zero(C, 0.0f), weighted(C);
   constexpr int64_t kBlock = 64;  // positions per block, every target in each (as the AVX-512 kernel)
-  ActiveCodes codes(kBlock, s);
+  ActiveCodes codes(kBlock, s);  // active_codes.h
   for (int64_t p0 = begin; p0 < end; p0 += kBlock) {
     const int64_t p1 = std::min(end, p0 + kBlock);
     codes.gather(idx, val, V, zero.data(), C, s, p0, p1);

@@ -13,15 +13,15 @@
 #if GIG_HAVE_AVX2_PATH && defined(__GNUC__) && !defined(__clang__)
 #define GIG_ACCUMULATE_VECTOR_KERNELS 1
 #pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#include "gig_accumulate/accumulate_avx2.h"  // called where the CPU has AVX2 and FMA
+#pragma GCC pop_options
+#pragma GCC push_options
 #pragma GCC target("avx512f,avx2,fma")
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12's own AVX-512 intrinsics (their "undefined" operands)
 #include "gig_accumulate/accumulate_avx512.h"  // its functions only: called where the CPU has AVX-512F
 #pragma GCC diagnostic pop
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#include "gig_accumulate/accumulate_avx2.h"  // called where the CPU has AVX2 and FMA
 #pragma GCC pop_options
 #else
 #define GIG_ACCUMULATE_VECTOR_KERNELS 0
