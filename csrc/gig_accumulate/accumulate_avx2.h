@@ -43,47 +43,38 @@ inline void accumulate_positions(const float* grads, const float* w, const int64
                                  const float* V, float* out, int64_t T, int64_t m, int64_t P, int64_t s,
                                  int64_t C, int64_t begin, int64_t end) {
   std::vector<float> zero(C, 0.0f), weighted(C);
-  constexpr int64_t kBlock = 64;  // positions per block, every target in each (as the AVX-512 kernel)
-  ActiveCodes codes(kBlock, s);  // active_codes.h
-  for (int64_t p0 = begin; p0 < end; p0 += kBlock) {
-    const int64_t p1 = std::min(end, p0 + kBlock);
-    codes.gather(idx, val, V, zero.data(), C, s, p0, p1);
-    for (int64_t t = 0; t < T; ++t) {
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t i = p - p0;
-        float* o = out + (t * P + p) * s;
-        std::fill(o, o + s, 0.0f);  // padding: an exact 0
-        const float* g = grads + (t * m * P + p) * C;  // one node: its gradient as it is, its weight at the end
-        float scale = w[0];
-        if (m > 1) {  // the weighted sum over the nodes, as the generic kernel forms it
-          std::fill(weighted.begin(), weighted.end(), 0.0f);
-          for (int64_t k = 0; k < m; ++k) {
-            const __m256 wk = _mm256_set1_ps(w[k]);
-            const float* src = grads + ((t * m + k) * P + p) * C;
-            for (int64_t c = 0; c < C; c += 8)
-              _mm256_storeu_ps(&weighted[c], _mm256_fmadd_ps(wk, _mm256_loadu_ps(src + c), _mm256_loadu_ps(&weighted[c])));
-          }
-          g = weighted.data();
-          scale = 1.0f;
-        }
-        for (int64_t k0 = 0; k0 < codes.n[i]; k0 += 8) {
-          const float* const* rows = &codes.row[i * codes.width + k0];
-          __m256 acc[8];
-          for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
-          for (int64_t c = 0; c < C; c += 8) {
-            const __m256 gc = _mm256_loadu_ps(g + c);
-#pragma GCC unroll 8
-            for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(gc, _mm256_loadu_ps(rows[j] + c), acc[j]);
-          }
-          const __m256 v = _mm256_loadu_ps(&codes.value[i * codes.width + k0]);
-          alignas(32) float r[8];
-          _mm256_store_ps(r, _mm256_mul_ps(_mm256_mul_ps(sums_of_8(acc), _mm256_set1_ps(scale)), v));
-          const int64_t n = std::min<int64_t>(8, codes.n[i] - k0);
-          for (int64_t j = 0; j < n; ++j) o[codes.slot[i * s + k0 + j]] = r[j];
-        }
+  ActiveCodes codes(kPositionBlock, s);  // active_codes.h
+  for_each_position(idx, val, V, zero.data(), out, T, P, s, C, begin, end, codes,
+                    [&](int64_t t, int64_t p, int64_t i, float* o) {
+    const float* g = grads + (t * m * P + p) * C;  // one node: its gradient as it is, its weight at the end
+    float scale = w[0];
+    if (m > 1) {  // the weighted sum over the nodes, as the generic kernel forms it
+      std::fill(weighted.begin(), weighted.end(), 0.0f);
+      for (int64_t k = 0; k < m; ++k) {
+        const __m256 wk = _mm256_set1_ps(w[k]);
+        const float* src = grads + ((t * m + k) * P + p) * C;
+        for (int64_t c = 0; c < C; c += 8)
+          _mm256_storeu_ps(&weighted[c], _mm256_fmadd_ps(wk, _mm256_loadu_ps(src + c), _mm256_loadu_ps(&weighted[c])));
       }
+      g = weighted.data();
+      scale = 1.0f;
     }
-  }
+    for (int64_t k0 = 0; k0 < codes.n[i]; k0 += 8) {
+      const float* const* rows = &codes.row[i * codes.width + k0];
+      __m256 acc[8];
+      for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+      for (int64_t c = 0; c < C; c += 8) {
+        const __m256 gc = _mm256_loadu_ps(g + c);
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(gc, _mm256_loadu_ps(rows[j] + c), acc[j]);
+      }
+      const __m256 v = _mm256_loadu_ps(&codes.value[i * codes.width + k0]);
+      alignas(32) float r[8];
+      _mm256_store_ps(r, _mm256_mul_ps(_mm256_mul_ps(sums_of_8(acc), _mm256_set1_ps(scale)), v));
+      const int64_t n = std::min<int64_t>(8, codes.n[i] - k0);
+      for (int64_t j = 0; j < n; ++j) o[codes.slot[i * s + k0 + j]] = r[j];
+    }
+  });
 }
 
 }  // namespace accumulate256
