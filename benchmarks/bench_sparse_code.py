@@ -264,7 +264,7 @@ def spams_omp(p, dtype):
     ``eps`` and ``lambda1`` are passed as 0 (their documented defaults): left out, spams-bin 2.6.14 returned
     all-zero codes, in a third of the time, in about half of the processes (2,000 × 256 on 2,048 unit
     concepts, AMD Zen 4; the same process gave the same outcome on every call) — a row the residual check
-    then skipped. Given, every process returns the codes."""
+    then skipped. Given, each of six processes tried returned the codes."""
     spams = import_spams()
     norms = p.V.double().norm(dim=1)
     if float((norms - 1).abs().max()) > 1e-3:
