@@ -11,7 +11,7 @@ import torch
 
 from gig_fast import ops
 from gig_fast.ops import available_backends, sparse_code
-from gig_fast.ops.sparse_code import SparseCodeConvergenceWarning, forms_gram
+from gig_fast.ops.sparse_code import SparseCodeConvergenceWarning, forms_gram, omp_screened
 from gig_fast.testing import (dense_codes, lasso_objective, pfv_like, random_problem,
                                           sklearn_lasso_objective, sklearn_omp_supports)
 
@@ -155,7 +155,7 @@ def test_cpp_without_gram_matches_with_gram(monkeypatch, dtype):
         torch.testing.assert_close(a[1], b[1], rtol=rtol, atol=atol)
 
 
-def test_cpp_small_lasso_calls_skip_the_gram():
+def test_cpp_small_lasso_calls_skip_the_gram(monkeypatch):
     """A Lasso call of few rows is coded without the K × K Gram matrix: fewer than K / 512 rows up to 2,048
     concepts (each row takes its entries from V), fewer than K / 32 above (the screened rounds in
     lockstep); a call of more rows forms it, and an OMP call of rows × atoms ≥ K / 2 (the default atoms:
@@ -166,7 +166,12 @@ def test_cpp_small_lasso_calls_skip_the_gram():
     V = V / V.norm(dim=1, keepdim=True)
     assert not forms_gram(V, "lasso", 71, "cpp")  # 71 · 32 < 2,304
     assert forms_gram(V, "lasso", 72, "cpp") and forms_gram(V, "lasso", 4, "torch")
+    monkeypatch.setenv("GIG_FAST_OMP_SCREEN", "0")  # the float32 lockstep steps: rows × atoms < K / 2
     assert not forms_gram(V, "omp", 50, "cpp") and forms_gram(V, "omp", 51, "cpp")  # 2 · 23 atoms · 50 < 2,304
+    monkeypatch.setenv("GIG_FAST_OMP_SCREEN", "1")
+    if omp_screened(V):  # steps screened in bf16: rows × atoms < K
+        assert not forms_gram(V, "omp", 100, "cpp") and forms_gram(V, "omp", 101, "cpp")  # 23 · 100 < 2,304
+    monkeypatch.delenv("GIG_FAST_OMP_SCREEN")
     V2048 = V[:2048].contiguous()
     assert not forms_gram(V2048, "lasso", 3, "cpp") and forms_gram(V2048, "lasso", 4, "cpp")  # 4 · 512 = 2,048
     few = sparse_code(X[:6], V, bias=beta, lam=0.1, backend="cpp", return_info=True)
@@ -187,16 +192,29 @@ def test_cpp_small_lasso_calls_skip_the_gram():
         assert err <= bound, f"row {r}: codes differ by {err:.3g}, over the conditioning bound {bound:.3g}"
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("group_bytes", [None, "1"])
-def test_cpp_omp_lockstep_matches_the_gram_route(monkeypatch, dtype, group_bytes):
-    """An OMP call of rows × atoms < K / 2 skips the Gram matrix and runs its rows' steps in lockstep (each
-    step's Gram rows of the new atoms from one product against V): its codes are those the same rows get in
-    a call large enough to form the Gram matrix — the same supports, values to the Gram's rounding — with
-    rows that stop early (a zero row at once, a multiple of one concept after one atom) and, with the
-    groups' budget at one byte, every row in a group of its own."""
+# The OMP routes without a Gram matrix: float64, the float32 lockstep steps (every CPU without AVX-512 BF16;
+# GIG_FAST_OMP_SCREEN=0 elsewhere) and the bf16-screened residual steps (float32 on AVX-512 BF16 CPUs).
+GRAMLESS_OMP_ROUTES = [(torch.float64, "0"), (torch.float32, "0"), (torch.float32, "1")]
+
+
+def _omp_route(monkeypatch, dtype, screen):
+    """Set GIG_FAST_OMP_SCREEN to ``screen``; skip the screened route where this CPU lacks it."""
     if "cpp" not in BACKENDS:
         pytest.skip("cpp extension not built")
+    monkeypatch.setenv("GIG_FAST_OMP_SCREEN", screen)
+    if screen == "1" and not omp_screened(torch.zeros(1, 1, dtype=dtype)):
+        pytest.skip("the bf16-screened OMP needs float32 on a CPU with AVX-512 BF16")
+
+
+@pytest.mark.parametrize("dtype,screen", GRAMLESS_OMP_ROUTES, ids=["float64", "float32", "float32-screened"])
+@pytest.mark.parametrize("group_bytes", [None, "1"])
+def test_cpp_omp_lockstep_matches_the_gram_route(monkeypatch, dtype, screen, group_bytes):
+    """An OMP call of rows × atoms < K / 2 skips the Gram matrix and runs its rows' steps in lockstep (each
+    step's Gram rows of the new atoms from one product against V, or its residual correlations screened in
+    bf16): its codes are those the same rows get in a call large enough to form the Gram matrix — the same
+    supports, values to the Gram's rounding — with rows that stop early (a zero row at once, a multiple of
+    one concept after one atom) and, with the groups' budget at one byte, every row in a group of its own."""
+    _omp_route(monkeypatch, dtype, screen)
     if group_bytes is not None:
         monkeypatch.setenv("GIG_FAST_OMP_LOCKSTEP_BYTES", group_bytes)
     X, V = random_problem(60, 24, 400, dtype=dtype)
@@ -212,6 +230,57 @@ def test_cpp_omp_lockstep_matches_the_gram_route(monkeypatch, dtype, group_bytes
     torch.testing.assert_close(lockstep[1], gram[1][:few], rtol=rtol, atol=atol)
     assert torch.equal(lockstep[2].iterations, gram[2].iterations[:few])
     assert lockstep[2].iterations[:3].tolist() == [atoms, 0, 1]
+
+
+@pytest.mark.parametrize("case", ["unit concepts", "PFV-like concepts", "over a thousand rows"])
+def test_cpp_screened_omp_picks_the_float64_atoms(monkeypatch, case):
+    """The bf16-screened route re-scores in float64 every concept its screen cannot rule out, and rebuilds
+    the residual in float64 each step, so on float32 data it makes the choices of OMP run in float64 on
+    the same numbers (the torch reference on float64 copies): every support equal, in the same order of
+    concepts, codes to float64 rounding. Random unit concepts in few dimensions have many runners-up
+    within the bf16 rounding of the best (a screen without its bound picks wrong ones); PFV-like concepts
+    have unequal norms; over 1,024 rows spans lockstep groups and row blocks. One and two threads agree
+    bit for bit (the screen splits the concepts between threads)."""
+    _omp_route(monkeypatch, torch.float32, "1")
+    seed = {"unit concepts": 11, "PFV-like concepts": 12, "over a thousand rows": 13}[case]
+    g = torch.Generator().manual_seed(seed)
+    if case == "unit concepts":
+        (X, V), atoms = random_problem(40, 48, 600, dtype=torch.float32, generator=g), 12
+    elif case == "PFV-like concepts":
+        X, V, beta = pfv_like(30, 40, 500, generator=g)
+        X, atoms = X - beta, 12
+    else:
+        (X, V), atoms = random_problem(1100, 16, 2400, dtype=torch.float32, generator=g), 2
+    assert not forms_gram(V, "omp", len(X), "cpp", atoms), f"seed {seed}: the case must skip the Gram matrix"
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = sparse_code(X, V, method="omp", n_nonzero=atoms, backend="cpp")
+        torch.set_num_threads(2)
+        two = sparse_code(X, V, method="omp", n_nonzero=atoms, backend="cpp")
+    finally:
+        torch.set_num_threads(threads)
+    ref = sparse_code(X.double(), V.double(), method="omp", n_nonzero=atoms, backend="torch")
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1]), f"seed {seed}: threads disagree"
+    wrong = (one[0] != ref[0]).any(1).nonzero().flatten().tolist()
+    assert not wrong, f"seed {seed}: rows {wrong[:10]} chose other atoms than float64 OMP"
+    torch.testing.assert_close(one[1].double(), ref[1], rtol=1e-6, atol=1e-7,
+                               msg=lambda m: f"seed {seed}: {m}")
+
+
+def test_cpp_screened_omp_scores_crowded_rows_exactly(monkeypatch):
+    """A row with more concepts within the screen's bound of its best than the screen keeps (200 copies of
+    the concept its second step takes; the first step reads the given correlations) is scored exactly
+    over all K at that step: it takes the first copy, never a second one, and its codes are float64 OMP's."""
+    _omp_route(monkeypatch, torch.float32, "1")
+    X, V = random_problem(6, 24, 900, dtype=torch.float32, generator=torch.Generator().manual_seed(5))
+    V[100:300] = V[40]
+    X = X * 0.1 + V[40] + 3 * V[500]
+    idx, val = sparse_code(X, V, method="omp", n_nonzero=5, backend="cpp")
+    ref = sparse_code(X.double(), V.double(), method="omp", n_nonzero=5, backend="torch")
+    assert torch.equal(idx, ref[0]) and (idx == 40).any(1).all() and (idx == 500).any(1).all()
+    assert not ((idx >= 100) & (idx < 300)).any()
+    torch.testing.assert_close(val.double(), ref[1], rtol=1e-6, atol=1e-7)
 
 
 def _take_route(monkeypatch, route, V, rows):

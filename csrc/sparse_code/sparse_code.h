@@ -42,13 +42,16 @@
 // runs every vector's screened rounds in lockstep (each vector's G_WW from its gathered rows of V, every
 // vector's q from one product per round: active_set_solvers.inc, lasso_lockstep), OMP every vector's steps
 // in lockstep (each step's Gram rows of the new atoms from one product against V packed once:
-// omp_lockstep); otherwise the Lasso takes G entries as dot products of V rows and q = V (y − V^T u) from Y. Shapes: corr [N, K], gram [K, K] or [0], Y [N, C], V [K, C],
+// omp_lockstep; for float32 on CPUs with AVX-512 BF16 in residual form instead, each step's atoms from a
+// bf16 screen of q = V r re-scored in double: omp_screened.inc, an OMP call of vectors × atoms < K);
+// otherwise the Lasso takes G entries as dot products of V rows and q = V (y − V^T u) from Y. Shapes: corr [N, K], gram [K, K] or [0], Y [N, C], V [K, C],
 // y2 [N] (‖y‖², fp64), lam [N] (absolute); corr, gram, Y and V in one float dtype (fp32 or fp64; the
 // Lasso's fallback forms its fp64 copy of V itself, when a row needs it). Returns padded codes idx [N, s]
 // int64 (−1 padding, sorted increasingly), val [N, s] (0 at padding, V's dtype), and per
 // vector the duality gap and homotopy steps plus CD sweeps (Lasso) or atoms chosen (OMP).
 // GIG_FAST_LASSO_FALLBACK=0 (read per call, for tests) runs the homotopy alone; GIG_FAST_OMP_LOCKSTEP_BYTES
-// (read per call, for tests) sets the OMP lockstep groups' budget of Q columns (1 GiB).
+// (read per call, for tests) sets the OMP lockstep groups' budget of Q columns (1 GiB); GIG_FAST_OMP_SCREEN=0
+// (read per call) keeps float32 OMP on the lockstep route where the bf16-screened one would run.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <tuple>

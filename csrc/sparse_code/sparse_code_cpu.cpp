@@ -13,13 +13,23 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
+#include <memory>
+#include <string_view>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "common.h"
 #include "matmul_nt/matmul_nt.h"
+
+#if GIG_HAVE_AVX2_PATH && defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bf16,avx512vl,avx512dq,avx2,fma")
+#include "spherical_assign/screen_argmax_avx512bf16.h"  // its functions only: called where cpu has AVX-512 BF16
+#pragma GCC pop_options
+#endif
 
 namespace gig_fast {
 namespace {
@@ -57,6 +67,13 @@ namespace avx512 {
 #include "sparse_code/active_set_solvers.inc"
 }  // namespace avx512
 #pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bf16,avx512vl,avx512dq,avx2,fma,prefer-vector-width=512")
+namespace bf16 {
+using avx512::first_argmax;
+#include "sparse_code/omp_screened.inc"
+}  // namespace bf16
+#pragma GCC pop_options
 #else
 #define GIG_SPARSE_CODE_SIMD 0
 #endif
@@ -66,6 +83,19 @@ bool cpu_has_avx512() {
   static const bool has = cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
                           __builtin_cpu_supports("avx512dq");
   return has;
+#else
+  return false;
+#endif
+}
+
+// Whether a float32 OMP call without a Gram matrix runs the bf16-screened residual route (omp_screened.inc):
+// on CPUs with AVX-512 BF16, unless GIG_FAST_OMP_SCREEN=0 (read per call; for tests and comparisons),
+// which keeps the float32 lockstep route every other CPU runs.
+bool omp_screened_route() {
+#if GIG_SPARSE_CODE_SIMD
+  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+  const char* env = std::getenv("GIG_FAST_OMP_SCREEN");
+  return has && !(env && std::string_view(env) == "0");
 #else
   return false;
 #endif
@@ -261,10 +291,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_code_omp_cpu(const at::Ten
     const scalar_t* gp = gram.numel() ? gram.data_ptr<scalar_t>() : nullptr;
     const scalar_t* vp = V.data_ptr<scalar_t>();
     const scalar_t* cp = corr.data_ptr<scalar_t>();
-    if (gp)
+    if (gp) {
       for_each_vector(N, [&](int64_t n) { codes[n] = omp_code(gp, vp, K, C, cp + n * K, n_nonzero); });
-    else
-      omp_lockstep_codes<scalar_t>(V, cp, n_nonzero, codes);
+      return;
+    }
+#if GIG_SPARSE_CODE_SIMD
+    // (a dispatch lambda is no template: both branches of `if constexpr` compile, hence the casts)
+    if (std::is_same_v<scalar_t, float> && omp_screened_route()) {
+      bf16::omp_screened(reinterpret_cast<const float*>(vp), K, C, Y.data_ptr<float>(),
+                         reinterpret_cast<const float*>(cp), N, n_nonzero, at::get_num_threads(), codes);
+      return;
+    }
+#endif
+    omp_lockstep_codes<scalar_t>(V, cp, n_nonzero, codes);
   });
   auto [idx, val, gap, iters] = pack(codes, V.options());
   return {idx, val, iters};
@@ -276,6 +315,9 @@ TORCH_LIBRARY_FRAGMENT(gig_fast_cpp, m) {
         &sparse_code_lasso_cpu);
   m.def("sparse_code_omp(Tensor corr, Tensor gram, Tensor Y, Tensor V, int n_nonzero) -> (Tensor, Tensor, Tensor)",
         &sparse_code_omp_cpu);
+  // whether a float32 OMP call without a Gram matrix takes the bf16-screened route here (the Python side's
+  // choice of route depends on it: sparse_code.py, forms_gram)
+  m.def("sparse_code_omp_screened() -> bool", [] { return omp_screened_route(); });
 }
 
 }  // namespace gig_fast

@@ -200,7 +200,9 @@ inline void scan_row(Screen& s, const float* scores, int64_t cols, int32_t base,
 // Screen `rows` (≤ kBlockRows) packed rows `ap` (pack_pair_panels, width kMr) against the `count`
 // centroids k0..k0+count (k0 a multiple of kNr) of the pack `bp` (width kNr, `all_panels` panels), in
 // tiles of kTileCols centroids: each finished tile's scores go to `tile` ([kBlockRows][kTileCols]) and are
-// scanned into the rows' screens. `partial`: kBlockRows·kTileCols floats (C > 2·kKp only).
+// scanned into the rows' screens. `partial`: kBlockRows·kTileCols floats (C > 2·kKp only). ABS screens
+// |score| instead (OMP's rule: the largest |correlation|; ||š| − |s|| ≤ |š − s|, so the same bound holds).
+template <bool ABS = false>
 inline void screen_pass(const uint32_t* ap, int64_t rows, const uint32_t* bp, int64_t all_panels, int64_t k0,
                         int64_t count, int64_t C, float margin, float* partial, float* tile, Screen* screens) {
   const int64_t Cp = pairs_of(C), row_panels = (rows + kMr - 1) / kMr, q0 = k0 / kNr;
@@ -218,6 +220,7 @@ inline void screen_pass(const uint32_t* ap, int64_t rows, const uint32_t* bp, in
           micro_tile(a, b, kp, part, first, last, [&](int r, __m512 v0, __m512 v1) __attribute__((always_inline)) {
             if (r >= rows - i * kMr) return;
             float* o = tile + (i * kMr + r) * kTileCols + (p - p0) * kNr;
+            if constexpr (ABS) v0 = _mm512_abs_ps(v0), v1 = _mm512_abs_ps(v1);
             _mm512_storeu_ps(o, v0), _mm512_storeu_ps(o + 16, v1);
           });
         }

@@ -21,7 +21,9 @@ the solvers then touch only the few concepts that matter:
   finish (near-duplicate concepts — K = 8·C concepts in C = 32 dimensions have cosines up to 0.99998 —
   or a gap above tol) are solved again in float64 by working-set covariance-update coordinate descent
   with Newton (feature-sign search) steps on the support. OMP on the same growing factor
-  (``csrc/sparse_code``);
+  (``csrc/sparse_code``); a float32 OMP call without the Gram matrix on a CPU with AVX-512 BF16 instead
+  runs in residual form, each step's atoms found by a bf16 screen of ``q = V r`` whose few possible
+  winners are re-scored in float64;
 * ``triton`` — the same working-set scheme batched on the GPU: the full residual correlations
   ``q = c − G u`` are a ``sparse_reconstruct`` of the codes on ``G`` (G is symmetric), violators are a
   top-k, and one Triton kernel runs the coordinate descent on every vector's working set
@@ -39,12 +41,14 @@ import warnings
 
 import torch
 
+from .._extensions import has_cpp_extension
 from . import checks as v
 from .common import accumulation_dtype, cpu_matmul_nt, dense_to_padded
 from .reference import lasso_gram_ref, omp_gram_ref
 from .registry import OpSpec, register, resolve
 
-__all__ = ["sparse_code", "SparseCodeInfo", "SparseCodeConvergenceWarning", "DEFAULT_LAM_REL", "forms_gram"]
+__all__ = ["sparse_code", "SparseCodeInfo", "SparseCodeConvergenceWarning", "DEFAULT_LAM_REL", "forms_gram",
+           "omp_screened"]
 
 # Chosen on the demo network's 16 layers at K = 8·C (benchmarks/lambda_rule.py, docs/lambda_rule.md;
 # 100 images, every position, λ_rel ∈ {0.02 … 0.5}). λ_rel = 0.1 is the smallest value of that grid
@@ -86,6 +90,13 @@ GRAMLESS_SCREENED_CONCEPTS_PER_ROW = 32
 # 1,453 ms; K = 16,384 (C = 2,048, 60 atoms) at 32 and 64 rows 6.49 / 1.97 s and 6.59 / 3.85 s; two
 # threads, K = 8,192 at 50 and 70 rows 530 / 431 and 508 / 541 ms, K = 16,384 at 64 rows 3.42 / 2.49 s.
 GRAMLESS_OMP_CONCEPTS_PER_ATOM = 2
+# On CPUs with AVX-512 BF16 a float32 call's lockstep steps find their atoms by a bf16 screen of q = V r
+# instead (sparse_code/omp_screened.inc: half the products' time, no Q columns), so the route pays up to
+# rows × atoms < K. Measured on an AMD Zen 4 host (Gram route / screened, PFV-like rows on unit concepts):
+# one thread, K = 4,096 (C = 512, 35 atoms) at 60, 120 and 180 rows 123 / 64, 135 / 128, 149 / 201 ms;
+# K = 8,192 (59 atoms) at 100, 140 and 200 rows 828 / 684, 871 / 898, 997 / 1,331 ms; two threads at K =
+# 8,192 488 / 400, 478 / 519, 522 / 735 ms.
+GRAMLESS_SCREENED_OMP_CONCEPTS_PER_ATOM = 1
 # Rows of X per solver chunk: bounds the [chunk, K] correlation buffer.
 CHUNK_ELEMENTS = 2**24
 
@@ -185,8 +196,8 @@ def forms_gram(V: torch.Tensor, method: str, rows: int, backend: str, atoms: int
     (OMP with ``atoms`` atoms per row, default ``sparse_code``'s) forms the ``K × K`` Gram matrix (``K²``
     elements of V's dtype). The cpp backend on the CPU does without it over ``cpu_gram_limit_bytes``
     (2 GiB), for a Lasso call of fewer than K / 512 rows (K / 32 above 2,048 concepts, where the screened
-    rounds run in lockstep) and for an OMP call of rows × atoms below K / 2 (its steps in lockstep),
-    taking the entries it needs from V."""
+    rounds run in lockstep) and for an OMP call of rows × atoms below K / 2 (its steps in lockstep; below K
+    where they are screened in bf16, :func:`omp_screened`), taking the entries it needs from V."""
     K = V.shape[0]
     limit = SPEC.defaults["cpu_gram_limit_bytes"]  # read per call: tests lower it to force the Gram-less path
     if method == "lasso":
@@ -194,8 +205,17 @@ def forms_gram(V: torch.Tensor, method: str, rows: int, backend: str, atoms: int
         few_rows = rows * per_row < K
     else:
         atoms = default_atoms(K) if atoms is None else min(atoms, K)
-        few_rows = rows * atoms * GRAMLESS_OMP_CONCEPTS_PER_ATOM < K
+        screened = backend == "cpp" and omp_screened(V)
+        few_rows = rows * atoms * (GRAMLESS_SCREENED_OMP_CONCEPTS_PER_ATOM if screened else
+                                   GRAMLESS_OMP_CONCEPTS_PER_ATOM) < K
     return not (backend in GRAMLESS and V.device.type == "cpu" and (K * K * V.element_size() > limit or few_rows))
+
+
+def omp_screened(V: torch.Tensor) -> bool:
+    """Whether the cpp backend codes OMP on ``V`` without a Gram matrix by the bf16-screened route: float32
+    concepts on a CPU with AVX-512 BF16 (unless ``GIG_FAST_OMP_SCREEN=0``)."""
+    return (V.dtype == torch.float32 and V.device.type == "cpu" and has_cpp_extension()
+            and bool(torch.ops.gig_fast_cpp.sparse_code_omp_screened()))
 
 
 def default_atoms(K: int) -> int:
