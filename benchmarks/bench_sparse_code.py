@@ -171,9 +171,14 @@ class Problem:
         self.lam = float(DEFAULT_LAM_REL * (Y @ V.T).abs().amax(1).mean())
         self.shape = {"data": case.data, "N": case.N, "C": case.C, "K": case.K, **({"layer": case.layer} if case.layer else {})}
         self.Yn, self.Vn = Y.double().numpy(), V.double().numpy()
+        # the untimed references get the K × K float64 Gram from torch where it is large: numpy's bundled
+        # OpenBLAS computing it (sparse_encode's np.dot) crashed with a segmentation fault at K = 16,384 on two
+        # threads
+        large = reference == "sklearn" and case.K ** 2 * 8 > 2**30
+        gram = {"gram": (self.V.double() @ self.V.double().T).numpy()} if large else {}
         if reference == "sklearn":  # float64, its default tol
             U = torch.from_numpy(_sklearn_encode(self.Yn, self.Vn, algorithm="lasso_cd", alpha=self.lam,
-                                                 max_iter=1000))
+                                                 max_iter=1000, **gram))
             self.reference = "sklearn lasso_cd"
         else:  # the reference: FISTA run long (scikit-learn at these sizes would take hours)
             self.L = float(torch.linalg.matrix_norm(self.V.double(), ord=2) ** 2) * 1.0001
@@ -182,12 +187,13 @@ class Problem:
         self.objective = objective(self.Y, self.V, U, self.lam)
         self.atoms = max(1, int(round(float((U != 0).sum()) / case.N)))
         if reference == "sklearn":
-            omp = _sklearn_encode(self.Yn, self.Vn, algorithm="omp", n_nonzero_coefs=self.atoms)
+            omp = _sklearn_encode(self.Yn, self.Vn, algorithm="omp", n_nonzero_coefs=self.atoms, **gram)
             self.supports = [set(np.flatnonzero(row).tolist()) for row in omp]
             self.omp_residual = residual(self.Y, self.V, torch.from_numpy(omp))
         else:
             idx, _ = sparse_code(self.Y, self.V, method="omp", n_nonzero=self.atoms, backend="torch")
             self.supports = [set(r[r >= 0].tolist()) for r in idx.cpu()]
+        del gram  # 2 GiB at K = 16,384
 
     def check_lasso(self, name: str, must_reach: bool = True):
         def check(codes):
