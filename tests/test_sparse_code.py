@@ -239,15 +239,16 @@ def test_cpp_screened_omp_picks_the_float64_atoms(monkeypatch, case):
     the same numbers (the torch reference on float64 copies): every support equal, in the same order of
     concepts, codes to float64 rounding. Random unit concepts in few dimensions have many runners-up
     within the bf16 rounding of the best (a screen without its bound picks wrong ones); PFV-like concepts
-    have unequal norms (and an odd channel count here); over 1,024 rows spans lockstep groups and row blocks. One and two threads agree
+    have unequal norms (and an odd channel count here); over 1,024 rows spans lockstep groups and row blocks.
+    The row counts leave 5, 9 and 8 rows in the last 12-row panel (the screen's shorter tiles). One and two threads agree
     bit for bit (the screen splits the concepts between threads)."""
     _omp_route(monkeypatch, torch.float32, "1")
     seed = {"unit concepts": 11, "PFV-like concepts": 12, "over a thousand rows": 13}[case]
     g = torch.Generator().manual_seed(seed)
     if case == "unit concepts":
-        (X, V), atoms = random_problem(40, 48, 600, dtype=torch.float32, generator=g), 12
+        (X, V), atoms = random_problem(41, 48, 600, dtype=torch.float32, generator=g), 12  # 41 = 3·12 + 5 rows
     elif case == "PFV-like concepts":
-        X, V, beta = pfv_like(30, 41, 500, generator=g)  # an odd C: the bf16 pairs' padding
+        X, V, beta = pfv_like(33, 41, 500, generator=g)  # 33 = 2·12 + 9 rows; an odd C: the bf16 pairs' padding
         X, atoms = X - beta, 12
     else:
         (X, V), atoms = random_problem(1100, 16, 2400, dtype=torch.float32, generator=g), 2

@@ -108,15 +108,16 @@ inline void pack_pair_panels(const float* src, int64_t count, int64_t C, int64_t
     }
 }
 
-// One 12×32 tile of bf16 scores over a chunk of kp pairs: a (row panel chunk, stride 12 words), b
-// (centroid panel chunk, stride 32 words). `partial` ([12][32] floats, or null when the chunk is the whole
-// of C) carries the fp32 sums between chunks. On the last chunk the tile goes to epilogue(r, v0, v1).
-template <typename Epilogue>
+// One R×32 tile of bf16 scores (R ≤ 12: the first R rows of the panel) over a chunk of kp pairs: a (row
+// panel chunk, stride 12 words), b (centroid panel chunk, stride 32 words). `partial` ([12][32] floats, or
+// null when the chunk is the whole of C) carries the fp32 sums between chunks. On the last chunk the tile
+// goes to epilogue(r, v0, v1).
+template <int R = kMr, typename Epilogue>
 __attribute__((always_inline)) inline void micro_tile(const uint32_t* a, const uint32_t* b, int64_t kp,
                                                       float* partial, bool first, bool last, Epilogue&& epilogue) {
-  __m512 acc[kMr][2];
+  __m512 acc[R][2];
 #pragma GCC unroll 12
-  for (int r = 0; r < kMr; ++r) {
+  for (int r = 0; r < R; ++r) {
     if (first) {
       acc[r][0] = _mm512_setzero_ps(), acc[r][1] = _mm512_setzero_ps();
     } else {
@@ -127,7 +128,7 @@ __attribute__((always_inline)) inline void micro_tile(const uint32_t* a, const u
   for (int64_t t = 0; t < kp; ++t, a += kMr, b += kNr) {
     const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b), b1 = (__m512bh)_mm512_loadu_si512(b + 16);
 #pragma GCC unroll 12
-    for (int r = 0; r < kMr; ++r) {
+    for (int r = 0; r < R; ++r) {
       const __m512bh x = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[r]));
       acc[r][0] = _mm512_dpbf16_ps(acc[r][0], x, b0);
       acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, b1);
@@ -135,12 +136,12 @@ __attribute__((always_inline)) inline void micro_tile(const uint32_t* a, const u
   }
   if (!last) {
 #pragma GCC unroll 12
-    for (int r = 0; r < kMr; ++r)
+    for (int r = 0; r < R; ++r)
       _mm512_storeu_ps(partial + r * 32, acc[r][0]), _mm512_storeu_ps(partial + r * 32 + 16, acc[r][1]);
     return;
   }
 #pragma GCC unroll 12
-  for (int r = 0; r < kMr; ++r) epilogue(r, acc[r][0], acc[r][1]);
+  for (int r = 0; r < R; ++r) epilogue(r, acc[r][0], acc[r][1]);
 }
 
 // A row's screening state across all passes: its best bf16 score so far and the candidates (index,
@@ -217,12 +218,20 @@ inline void screen_pass(const uint32_t* ap, int64_t rows, const uint32_t* bp, in
         for (int64_t i = 0; i < row_panels; ++i) {
           const uint32_t* a = ap + panel_offset(i, t0, Cp, row_panels, kMr);
           float* part = partial ? partial + ((p - p0) * row_panels + i) * kMr * kNr : nullptr;
-          micro_tile(a, b, kp, part, first, last, [&](int r, __m512 v0, __m512 v1) __attribute__((always_inline)) {
+          const auto store = [&](int r, __m512 v0, __m512 v1) __attribute__((always_inline)) {
             if (r >= rows - i * kMr) return;
             float* o = tile + (i * kMr + r) * kTileCols + (p - p0) * kNr;
             if constexpr (ABS) v0 = _mm512_abs_ps(v0), v1 = _mm512_abs_ps(v1);
             _mm512_storeu_ps(o, v0), _mm512_storeu_ps(o + 16, v1);
-          });
+          };
+          // a last panel of 4 or 8 rows skips the padding rows' products (64 rows: 72 → 64 of them)
+          const int64_t left = rows - i * kMr;
+          if (left <= 4)
+            micro_tile<4>(a, b, kp, part, first, last, store);
+          else if (left <= 8)
+            micro_tile<8>(a, b, kp, part, first, last, store);
+          else
+            micro_tile(a, b, kp, part, first, last, store);
         }
       }
     }
