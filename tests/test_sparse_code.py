@@ -269,6 +269,26 @@ def test_cpp_screened_omp_picks_the_float64_atoms(monkeypatch, case):
                                msg=lambda m: f"seed {seed}: {m}")
 
 
+@pytest.mark.parametrize("rows", [19, 23])
+def test_cpp_screened_omp_rows_that_stop_shift_the_panels(monkeypatch, rows):
+    """Rows that stop move the later rows up a place in the next step's screen. Of 19 rows, 18 code at the
+    second step (a last 12-row panel of 6 rows), 17 at the third (of 5: a row made of two concepts is
+    fitted exactly after two atoms), 16 at the fourth (of 4); of 23 rows the last panels hold 10, 9 and 8
+    rows. Every row's choices stay float64 OMP's — a row must never be ranked by scores left over from the
+    row that sat in its place before (the screen's shorter tiles write only the rows they have)."""
+    _omp_route(monkeypatch, torch.float32, "1")
+    X, V = random_problem(rows, 32, 700, dtype=torch.float32, generator=torch.Generator().manual_seed(6))
+    X[0] = 0  # stops at once
+    X[3] = 3 * V[7] + 2 * V[11]  # stops after two atoms
+    X[5] = 3 * V[20] + 2 * V[30] + 1.5 * V[40]  # after three
+    idx, val = sparse_code(X, V, method="omp", n_nonzero=10, backend="cpp")
+    ref = sparse_code(X.double(), V.double(), method="omp", n_nonzero=10, backend="torch")
+    assert set(idx[3][idx[3] >= 0].tolist()) == {7, 11} and set(idx[5][idx[5] >= 0].tolist()) == {20, 30, 40}
+    keep = [r for r in range(len(X)) if r not in (3, 5)]  # the exact fits: float64 may add atoms to a 1e-16 residual
+    assert torch.equal(idx[keep], ref[0][keep][:, :idx.shape[1]]) and bool((ref[0][keep][:, idx.shape[1]:] < 0).all())
+    torch.testing.assert_close(val[keep].double(), ref[1][keep][:, :idx.shape[1]], rtol=1e-6, atol=1e-7)
+
+
 def test_cpp_screened_omp_scores_crowded_rows_exactly(monkeypatch):
     """A row with more concepts within the screen's bound of its best than the screen keeps (200 copies of
     the concept its second step takes; the first step reads the given correlations) is scored exactly
