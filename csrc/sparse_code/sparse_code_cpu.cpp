@@ -70,7 +70,9 @@ namespace avx512 {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bf16,avx512vl,avx512dq,avx2,fma,prefer-vector-width=512")
 namespace bf16 {
+using avx512::back_substitute;
 using avx512::first_argmax;
+using avx512::forward_entry;
 #include "sparse_code/omp_screened.inc"
 }  // namespace bf16
 #pragma GCC pop_options
