@@ -9,6 +9,8 @@ the size of an entry, about √C times the bound's scale. The random seed of a f
 
 Paths: by default contiguous fp32 runs our AVX-512 kernel on a CPU that has AVX-512F, and at::mm
 elsewhere; ``GIG_FAST_MATMUL_ISA=blas`` (read at each call) forces at::mm, so both run on one machine.
+Our kernel packs b whole where a has more rows than b (or there are fewer 512-column tiles than
+threads) and tile by tile otherwise; SHAPES has both on one and on two threads.
 """
 import pytest
 import torch
@@ -93,6 +95,21 @@ def test_out_is_written_and_returned(gram, path, seed):
                 torch.empty(other.shape[0], 97).T, [[0.0] * other.shape[0]] * 97):
         with pytest.raises(ValueError, match="out must be"):
             cpu_matmul_nt(a, None if gram else b, out=bad)
+
+
+@pytest.mark.parametrize("M,C,N", [(13, 129, 1100), (97, 300, 1030), (200, 64, 2049)], ids=lambda v: str(v))
+def test_tiles_and_whole_pack_give_the_same_bits(M, C, N, threads, seed):
+    """``a @ bᵀ`` with a the shorter side goes tile by tile (b packed per 512 columns by the thread that
+    takes them), ``b @ aᵀ`` packs a whole: each entry is the same FMA chain either way (fma(x, y, s) =
+    fma(y, x, s)), so one is the other's transpose bit for bit — a tile packed from the wrong columns or
+    stored at the wrong offset, a skipped row block, is off by whole entries."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512" or not HAS_CPP:
+        pytest.skip("our AVX-512 kernel runs only on a CPU with AVX-512F (at::mm elsewhere)")
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(M, C, generator=g), torch.randn(N, C, generator=g)
+    by_tiles = cpu_matmul_nt(a, b)
+    _check(by_tiles, a, b)
+    assert torch.equal(by_tiles, cpu_matmul_nt(b, a).T)
 
 
 def test_threads_give_identical_results(seed):

@@ -10,7 +10,8 @@
 // on one thread), the 512-bit register tile of the fused assignment (fused_argmax_avx512.h) does the
 // same GEMM in 0.54-0.59 times torch's time, the Gram in 0.25-0.37 times (one thread; bench_kmeans.py);
 // the sparse coder's Gram V Vᵀ and correlations Y Vᵀ are such GEMMs.
-// Paths: contiguous fp32 on a CPU with AVX-512F → our kernel (matmul_nt_avx512.h); everything else
+// Paths: contiguous fp32 on a CPU with AVX-512F → our kernel (matmul_nt_avx512.h; b packed whole, or tile
+// by tile where a has at most as many rows: matmul_nt_cpu.cpp); everything else
 // (fp64, fp16, bf16, non-contiguous, no AVX-512, or GIG_FAST_MATMUL_ISA=blas) → at::mm(a, bᵀ); there a
 // Gram of at least 4,096 rows is computed by row blocks on and above the diagonal (gram_upper_by_blocks).
 #pragma once
@@ -29,7 +30,8 @@ void matmul_nt_out_cpu(const at::Tensor& a, const at::Tensor& b, bool symmetric,
 
 // b [N, C] made ready once for many products a @ bᵀ with the same b (a lockstep solver's step after step
 // on one dictionary): on the AVX-512 path its panels are packed here, where each matmul_nt call packs b
-// anew — at 64 rows against 16,384 × 2,048 concepts a packing call ran at 16 GFMA/s (133 ms; at::mm 28),
+// anew — at 64 rows against 16,384 × 2,048 concepts a call packing the whole of b ran at 16 GFMA/s (133
+// ms; at::mm 28; the figures below are against that path, before calls went tile by tile),
 // and OMP's lockstep steps (64 rows × 60 atoms, one Zen 4 core) took 9.7 s packing at every product,
 // 4.9 s with at::mm and 3.85 s against b packed once; elsewhere multiply() is at::mm. Keeps a reference to b (and
 // an N·C-float copy on the AVX-512 path); copies share the packed panels.
