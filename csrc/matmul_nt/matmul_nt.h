@@ -30,8 +30,8 @@ void matmul_nt_out_cpu(const at::Tensor& a, const at::Tensor& b, bool symmetric,
 
 // b [N, C] made ready once for many products a @ bᵀ with the same b (a lockstep solver's step after step
 // on one dictionary): on the AVX-512 path its panels are packed here, where each matmul_nt call packs b
-// anew — at 64 rows against 16,384 × 2,048 concepts a call packing the whole of b ran at 16 GFMA/s (133
-// ms; at::mm 28; the figures below are against that path, before calls went tile by tile),
+// anew (these figures are from before calls went tile by tile: each packed the whole of b) — at 64 rows
+// against 16,384 × 2,048 concepts such a call ran at 16 GFMA/s (133 ms; at::mm at 28 GFMA/s),
 // and OMP's lockstep steps (64 rows × 60 atoms, one Zen 4 core) took 9.7 s packing at every product,
 // 4.9 s with at::mm and 3.85 s against b packed once; elsewhere multiply() is at::mm. Keeps a reference to b (and
 // an N·C-float copy on the AVX-512 path); copies share the packed panels.
